@@ -1,0 +1,229 @@
+// Framed stream transport: length-prefixed envelopes over Unix-domain stream sockets,
+// with request/reply correlation, peer credentials and file-descriptor passing.
+#pragma once
+
+#include "uipc/core/error.hpp"
+#include "uipc/core/unique_fd.hpp"
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/async_result.hpp>
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace boost::asio {
+class io_context;
+}
+
+namespace uipc {
+
+namespace detail {
+struct connection_access;
+}
+
+/// Who is on the other end, as the kernel says (SO_PEERCRED) when the connection
+/// was made: it cannot be forged by the peer.
+struct peer_credentials {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+
+/// An error as it travels to the peer: category name, value, readable message.
+struct wire_error {
+  std::string category;
+  int value = 0;
+  std::string message;
+};
+
+enum class frame_kind : std::uint8_t {
+  request,  ///< expects a reply with the same correlation id
+  reply,    ///< answers a request
+  notice,   ///< one-way
+};
+
+/// One message on a connection: the decoded envelope plus the descriptors that
+/// travelled with it.
+struct frame {
+  frame_kind kind = frame_kind::notice;
+  std::uint64_t correlation_id = 0;  ///< set by async_call; copy it into the reply
+  std::uint32_t type = 0;            ///< what the payload is, numbered by each module
+  std::string payload;               ///< usually a serialized protobuf message of the module
+  std::optional<wire_error> error;   ///< a reply that reports a failure
+  std::vector<unique_fd> fds;        ///< passed with SCM_RIGHTS
+};
+
+/// A reply to `request` carrying `payload`.
+frame make_reply(const frame& request, std::uint32_t type, std::string payload);
+/// A reply to `request` reporting `ec`.
+frame make_error_reply(const frame& request, error_code ec);
+/// The wire form of `ec`.
+wire_error to_wire_error(error_code ec);
+
+/// Limits and timeouts of one connection.
+struct connection_options {
+  /// Largest envelope accepted or sent, in bytes (the 4-byte prefix not counted).
+  std::size_t max_frame_size = 1 << 20;
+  /// Most descriptors in one frame.
+  std::size_t max_fds_per_frame = 16;
+  /// Received requests and notices waiting for async_receive; at this many the
+  /// connection stops reading, so a peer that sends faster than it is served
+  /// is slowed down by its own socket buffer instead of growing our memory.
+  std::size_t max_queued_frames = 256;
+  /// Bytes waiting to be written; above this the connection also stops reading,
+  /// so a peer that sends requests and never reads the replies is throttled.
+  std::size_t max_queued_send_bytes = 4 << 20;
+  /// A peer that has not sent one whole frame this long after connecting is
+  /// dropped with errc::timed_out (zero: wait forever).
+  std::chrono::milliseconds first_frame_timeout{0};
+  /// A frame begun must be finished within this (zero: no limit).
+  std::chrono::milliseconds partial_frame_timeout{0};
+  /// Categories whose codes a reply's error is decoded into; core's is always known.
+  std::vector<const boost::system::error_category*> error_categories;
+};
+
+/// Statistics of one connection.
+struct connection_stats {
+  std::uint64_t frames_sent = 0;
+  std::uint64_t frames_received = 0;
+  std::uint64_t replies_dropped = 0;  ///< replies to no call in flight (late or bogus)
+  std::size_t queued_frames = 0;      ///< received, waiting for async_receive
+  std::size_t queued_send_bytes = 0;  ///< accepted by async_send, not yet written
+  std::size_t calls_in_flight = 0;
+};
+
+/// A framed connection over a Unix-domain stream socket. Many frames may be in
+/// flight both ways; async_call matches replies to requests by correlation id.
+///
+/// Threading: every member may be called from any thread; the connection's
+/// state lives on its own strand. Completion handlers run on their associated
+/// executor (by default the connection's strand), never inside the initiating
+/// call. Lifetime: held by shared_ptr; pending operations keep it alive. It
+/// closes itself on a protocol error or when the peer goes, and on close().
+class connection : public std::enable_shared_from_this<connection> {
+ public:
+  using pointer = std::shared_ptr<connection>;
+  using send_handler = boost::asio::any_completion_handler<void(error_code)>;
+  using frame_handler = boost::asio::any_completion_handler<void(error_code, frame)>;
+
+  /// Connects to a listener's socket path.
+  static result<pointer> connect(boost::asio::io_context& ctx, const std::string& path,
+                                 connection_options options = {});
+  /// Takes over a connected Unix stream socket.
+  static result<pointer> adopt(boost::asio::io_context& ctx, unique_fd socket,
+                               connection_options options = {});
+  /// Two connected ends (socketpair), e.g. for a child process or a test.
+  static result<std::pair<pointer, pointer>> pair(boost::asio::io_context& ctx,
+                                                  connection_options options = {});
+
+  ~connection();
+  connection(const connection&) = delete;
+  connection& operator=(const connection&) = delete;
+
+  /// Sends `f` as it is (kind, correlation id and all). Completes with no error
+  /// once the frame is in the kernel's hands; errc::frame_too_large (nothing
+  /// sent, connection stays open) or the close reason otherwise.
+  template <class Token>
+  auto async_send(frame f, Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code)>(
+        [this](auto handler, frame f) { start_send(std::move(f), send_handler(std::move(handler))); },
+        token, std::move(f));
+  }
+
+  /// Sends `request` as a request with a fresh correlation id and completes with
+  /// the peer's reply. A reply carrying an error completes with that error (decoded
+  /// through connection_options::error_categories, else errc::remote_error) and
+  /// the reply frame. If the connection closes first: the close reason.
+  template <class Token>
+  auto async_call(frame request, Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code, frame)>(
+        [this](auto handler, frame f) { start_call(std::move(f), frame_handler(std::move(handler))); },
+        token, std::move(request));
+  }
+
+  /// Completes with the next request or notice from the peer. Frames received
+  /// before the connection closed are still delivered; after them, the close reason.
+  template <class Token>
+  auto async_receive(Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code, frame)>(
+        [this](auto handler) { start_receive(frame_handler(std::move(handler))); }, token);
+  }
+
+  /// Closes the socket; pending sends, calls and receives complete with
+  /// boost::asio::error::operation_aborted. Idempotent.
+  void close();
+
+  /// The peer, as the kernel reported it at connect time.
+  const peer_credentials& peer() const noexcept;
+  /// Why the connection closed (empty while open).
+  error_code close_reason() const;
+  bool is_open() const;
+  connection_stats stats() const;
+
+  struct impl;
+
+ private:
+  friend struct detail::connection_access;
+  explicit connection(std::unique_ptr<impl> p);
+  void start();
+  void start_send(frame f, send_handler handler);
+  void start_call(frame f, frame_handler handler);
+  void start_receive(frame_handler handler);
+
+  std::unique_ptr<impl> impl_;
+};
+
+/// Options of a listener.
+struct listener_options {
+  connection_options connection;  ///< for every accepted connection
+  int backlog = 128;
+  /// Permission bits of the socket file, e.g. 0600 for the owner only.
+  unsigned mode = 0600;
+};
+
+/// Listens on a Unix-domain socket path. A socket file left by a dead server is
+/// reclaimed; a live listener on the path is never displaced (errc::address_in_use).
+///
+/// Threading: not thread-safe; call it from the loop (or one strand). Lifetime:
+/// the socket file is removed by close() or the destructor, unless another
+/// listener has taken the path since; an accept still pending then completes
+/// with operation_aborted.
+class listener {
+ public:
+  using accept_handler = boost::asio::any_completion_handler<void(error_code, connection::pointer)>;
+
+  static result<std::unique_ptr<listener>> bind(boost::asio::io_context& ctx, const std::string& path,
+                                                listener_options options = {});
+  ~listener();
+  listener(const listener&) = delete;
+  listener& operator=(const listener&) = delete;
+
+  /// Completes with the next connection (its credentials read), or
+  /// operation_aborted after close().
+  template <class Token>
+  auto async_accept(Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code, connection::pointer)>(
+        [this](auto handler) { start_accept(accept_handler(std::move(handler))); }, token);
+  }
+
+  /// Stops listening and removes the socket file. Idempotent.
+  void close();
+  const std::string& path() const noexcept;
+
+  struct impl;
+
+ private:
+  explicit listener(std::unique_ptr<impl> p);
+  void start_accept(accept_handler handler);
+
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace uipc

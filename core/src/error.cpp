@@ -1,0 +1,41 @@
+// The "uipc.core" error category.
+#include "uipc/core/error.hpp"
+
+#include <string>
+
+namespace uipc {
+namespace {
+
+class core_category_impl final : public boost::system::error_category {
+ public:
+  const char* name() const noexcept override { return "uipc.core"; }
+
+  std::string message(int value) const override {
+    switch (static_cast<errc>(value)) {
+      case errc::frame_too_large: return "frame larger than the maximum frame size";
+      case errc::short_frame: return "connection closed in the middle of a frame";
+      case errc::bad_frame: return "frame is not a valid envelope";
+      case errc::peer_closed: return "peer closed the connection";
+      case errc::shutting_down: return "shutting down";
+      case errc::address_in_use: return "a live listener already serves this socket path";
+      case errc::not_a_socket: return "path exists and is not a socket";
+      case errc::timed_out: return "peer did not send a complete frame in time";
+      case errc::too_many_fds: return "too many file descriptors in one frame";
+      case errc::bad_segment: return "shared-memory segment has a foreign or stale header";
+      case errc::pool_exhausted: return "no buffer is free in the pool";
+      case errc::not_held: return "holder has no reference to release";
+      case errc::unsafe_directory: return "runtime directory is not owned by the user or is open to others";
+      case errc::remote_error: return "peer reported an error of an unknown category";
+    }
+    return "unknown uipc.core error " + std::to_string(value);
+  }
+};
+
+}  // namespace
+
+const boost::system::error_category& core_category() noexcept {
+  static const core_category_impl instance;
+  return instance;
+}
+
+}  // namespace uipc

@@ -1,0 +1,167 @@
+// listener: binds a Unix socket path safely and accepts framed connections.
+//
+// Taking a path: a lock file beside the socket (path + ".lock") is held with
+// flock() for the listener's whole life. Whoever holds it owns the path, so a
+// second listener is refused at once, and a server that died (even by SIGKILL)
+// released it with its last descriptor: its socket file is then stale and is
+// replaced. A socket file without a lock holder is probed with connect() before
+// it is removed, in case a program outside uipc serves it.
+#include "uipc/core/framed.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/append.hpp>
+#include <boost/asio/dispatch.hpp>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace uipc {
+
+namespace asio = boost::asio;
+using stream_protocol = asio::local::stream_protocol;
+
+namespace {
+
+error_code last_error() { return {errno, boost::system::system_category()}; }
+
+result<sockaddr_un> address_of(const std::string& path) {
+  sockaddr_un addr{};
+  if (path.empty() || path.size() >= sizeof addr.sun_path) return error_code(ENAMETOOLONG, boost::system::system_category());
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  return addr;
+}
+
+// Takes the path's lock file; errc::address_in_use when a live listener holds it.
+result<unique_fd> lock_path(const std::string& path) {
+  const std::string lock_path = path + ".lock";
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    unique_fd fd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
+    if (!fd) return last_error();
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+      if (errno == EWOULDBLOCK) return make_error_code(errc::address_in_use);
+      return last_error();
+    }
+    // The previous owner may have unlinked the file between our open and our
+    // lock: then we hold a lock on a dead inode and must start over.
+    struct stat held {};
+    struct stat named {};
+    if (::fstat(fd.get(), &held) == 0 && ::stat(lock_path.c_str(), &named) == 0 && held.st_ino == named.st_ino &&
+        held.st_dev == named.st_dev) {
+      return fd;
+    }
+  }
+  return make_error_code(errc::address_in_use);
+}
+
+// With the lock held: removes a stale socket file, refuses anything else.
+error_code clear_path(const std::string& path, const sockaddr_un& addr) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return errno == ENOENT ? error_code{} : last_error();
+  if (!S_ISSOCK(st.st_mode)) return make_error_code(errc::not_a_socket);
+  unique_fd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!probe) return last_error();
+  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {  // NOLINT: sockets API
+    return make_error_code(errc::address_in_use);
+  }
+  if (errno != ECONNREFUSED && errno != ENOENT) return last_error();
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return last_error();
+  return {};
+}
+
+}  // namespace
+
+struct listener::impl {
+  impl(asio::io_context& c, std::string p, listener_options o, unique_fd lock)
+      : ctx(c), path(std::move(p)), options(std::move(o)), lock_fd(std::move(lock)), acceptor(c) {}
+
+  asio::io_context& ctx;
+  std::string path;
+  listener_options options;
+  unique_fd lock_fd;
+  stream_protocol::acceptor acceptor;
+  ino_t socket_inode = 0;
+  bool closed = false;
+};
+
+result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const std::string& path,
+                                                 listener_options options) {
+  auto addr = address_of(path);
+  if (!addr) return addr.error();
+  auto lock = lock_path(path);
+  if (!lock) return lock.error();
+  if (auto ec = clear_path(path, *addr)) return ec;
+
+  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return last_error();
+  // The socket file is created by bind() with the umask applied; fchmod on a
+  // socket does not reach the file, so narrow the umask around bind instead.
+  const mode_t old_mask = ::umask(static_cast<mode_t>(~options.mode & 0777));
+  const int rc = ::bind(fd.get(), reinterpret_cast<const sockaddr*>(&*addr), sizeof *addr);  // NOLINT: sockets API
+  ::umask(old_mask);
+  if (rc != 0) return last_error();
+  if (::chmod(path.c_str(), options.mode) != 0 || ::listen(fd.get(), options.backlog) != 0) {
+    auto ec = last_error();
+    ::unlink(path.c_str());
+    return ec;
+  }
+  struct stat st {};
+  ::lstat(path.c_str(), &st);
+
+  auto p = std::make_unique<impl>(ctx, path, std::move(options), std::move(*lock));
+  p->socket_inode = st.st_ino;
+  boost::system::error_code ec;
+  p->acceptor.assign(stream_protocol(), fd.get(), ec);
+  if (ec) {
+    ::unlink(path.c_str());
+    return ec;
+  }
+  fd.release();
+  return std::unique_ptr<listener>(new listener(std::move(p)));
+}
+
+listener::listener(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+
+listener::~listener() { close(); }
+
+void listener::start_accept(accept_handler handler) {
+  // Runs after the listener may be gone (close() aborts the accept): touches
+  // `this` only on success, when the listener is necessarily alive.
+  impl_->acceptor.async_accept([this, handler = std::move(handler)](error_code ec, stream_protocol::socket s) mutable {
+    connection::pointer accepted;
+    if (!ec) {
+      unique_fd fd(s.release(ec));
+      if (!ec) {
+        auto c = connection::adopt(impl_->ctx, std::move(fd), impl_->options.connection);
+        if (c) accepted = std::move(*c);
+        else ec = c.error();
+      }
+    }
+    asio::dispatch(s.get_executor(), asio::append(std::move(handler), ec, std::move(accepted)));
+  });
+}
+
+void listener::close() {
+  if (impl_->closed) return;
+  impl_->closed = true;
+  boost::system::error_code ignored;
+  impl_->acceptor.close(ignored);
+  // Remove the socket file only if it is still ours, then the lock file while
+  // we still hold the lock (lock_path() re-checks the inode after locking).
+  struct stat st {};
+  if (::lstat(impl_->path.c_str(), &st) == 0 && st.st_ino == impl_->socket_inode) ::unlink(impl_->path.c_str());
+  ::unlink((impl_->path + ".lock").c_str());
+  impl_->lock_fd.reset();
+}
+
+const std::string& listener::path() const noexcept { return impl_->path; }
+
+}  // namespace uipc

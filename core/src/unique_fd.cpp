@@ -1,0 +1,13 @@
+// unique_fd: closing the descriptor.
+#include "uipc/core/unique_fd.hpp"
+
+#include <unistd.h>
+
+namespace uipc {
+
+void unique_fd::reset(int fd) noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = fd;
+}
+
+}  // namespace uipc

@@ -1,0 +1,261 @@
+// The framed transport against peers that misbehave: each gets a clear error,
+// its connection is closed, and other connections carry on.
+#include "test_support.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
+
+#include <boost/asio/io_context.hpp>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+
+namespace uipc {
+namespace {
+
+using test::run_until;
+
+std::string prefix(std::uint32_t length) {
+  std::string p(4, '\0');
+  std::memcpy(p.data(), &length, 4);  // little-endian on every platform we build for
+  return p;
+}
+
+std::string envelope_bytes(const proto::Envelope& env) {
+  std::string body = env.SerializeAsString();
+  return prefix(static_cast<std::uint32_t>(body.size())) + body;
+}
+
+// A connection whose other end is a raw socket the test writes bytes to.
+struct raw_peer {
+  connection::pointer conn;
+  unique_fd raw;
+};
+
+raw_peer make_raw_peer(boost::asio::io_context& ctx, connection_options options = {}) {
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) std::abort();
+  auto c = connection::adopt(ctx, unique_fd(fds[0]), std::move(options));
+  if (!c) std::abort();
+  return {*c, unique_fd(fds[1])};
+}
+
+void write_all(int fd, const std::string& bytes) {
+  ASSERT_EQ(::write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+}
+
+// Reads what the connection told the raw peer before closing: one error notice.
+std::optional<proto::Envelope> read_notice(int fd) {
+  std::string buf(4096, '\0');
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, 2000) != 1) return std::nullopt;
+  const ssize_t n = ::read(fd, buf.data(), buf.size());
+  if (n < 4) return std::nullopt;
+  std::uint32_t length = 0;
+  std::memcpy(&length, buf.data(), 4);
+  if (n < static_cast<ssize_t>(4 + length)) return std::nullopt;
+  proto::Envelope env;
+  if (!env.ParseFromArray(buf.data() + 4, static_cast<int>(length))) return std::nullopt;
+  return env;
+}
+
+class FramedBadInputTest : public ::testing::Test {
+ protected:
+  boost::asio::io_context ctx_;
+
+  // Waits until `c` closes; returns why.
+  error_code wait_closed(const connection::pointer& c) {
+    bool done = false;
+    error_code reason;
+    c->async_receive([&](error_code ec, frame) {
+      reason = ec;
+      done = true;
+    });
+    run_until(ctx_, [&] { return done; });
+    return reason;
+  }
+
+  // A healthy pair still works on the same loop.
+  void expect_others_carry_on() {
+    auto pair = connection::pair(ctx_);
+    ASSERT_TRUE(pair);
+    auto [a, b] = *pair;
+    b->async_receive([b](error_code ec, frame f) {
+      if (!ec) b->async_send(make_reply(f, 0, "pong"), [](error_code) {});
+    });
+    bool ok = false;
+    frame ping;
+    ping.payload = "ping";
+    a->async_call(std::move(ping), [&](error_code ec, frame f) { ok = !ec && f.payload == "pong"; });
+    ASSERT_TRUE(run_until(ctx_, [&] { return ok; }));
+    a->close();
+    b->close();
+  }
+};
+
+TEST_F(FramedBadInputTest, LengthAboveTheMaximumClosesWithFrameTooLarge) {
+  connection_options options;
+  options.max_frame_size = 1024;
+  auto peer = make_raw_peer(ctx_, options);
+  write_all(peer.raw.get(), prefix(1u << 30));
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::frame_too_large));
+  auto notice = read_notice(peer.raw.get());
+  ASSERT_TRUE(notice) << "the peer should be told why";
+  EXPECT_EQ(notice->error().category(), "uipc.core");
+  EXPECT_EQ(notice->error().value(), static_cast<int>(errc::frame_too_large));
+  expect_others_carry_on();
+}
+
+TEST_F(FramedBadInputTest, FrameCutShortByThePeerClosingIsShortFrame) {
+  auto peer = make_raw_peer(ctx_);
+  proto::Envelope env;
+  env.set_kind(proto::Envelope::NOTICE);
+  env.set_payload(std::string(100, 'x'));
+  std::string bytes = envelope_bytes(env);
+  write_all(peer.raw.get(), bytes.substr(0, bytes.size() / 2));
+  peer.raw.reset();
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::short_frame));
+  EXPECT_EQ(peer.conn->stats().frames_received, 0u) << "nothing acted upon";
+  expect_others_carry_on();
+}
+
+TEST_F(FramedBadInputTest, GarbageIsBadFrame) {
+  auto peer = make_raw_peer(ctx_);
+  write_all(peer.raw.get(), prefix(8) + std::string("\xff\xff\xff\xff\xff\xff\xff\xff", 8));
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::bad_frame));
+  EXPECT_TRUE(read_notice(peer.raw.get()));
+  expect_others_carry_on();
+}
+
+TEST_F(FramedBadInputTest, UnknownKindIsBadFrame) {
+  auto peer = make_raw_peer(ctx_);
+  proto::Envelope env;
+  env.set_kind(static_cast<proto::Envelope::Kind>(42));
+  env.set_correlation_id(1);
+  write_all(peer.raw.get(), envelope_bytes(env));
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::bad_frame));
+}
+
+TEST_F(FramedBadInputTest, RequestWithoutCorrelationIdIsBadFrame) {
+  auto peer = make_raw_peer(ctx_);
+  proto::Envelope env;
+  env.set_kind(proto::Envelope::REQUEST);
+  env.set_payload("x");
+  write_all(peer.raw.get(), envelope_bytes(env));
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::bad_frame));
+}
+
+TEST_F(FramedBadInputTest, ZeroLengthFrameIsBadFrame) {
+  auto peer = make_raw_peer(ctx_);
+  write_all(peer.raw.get(), prefix(0));
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::bad_frame));
+}
+
+TEST_F(FramedBadInputTest, DescriptorsAnnouncedButNotSentIsBadFrame) {
+  auto peer = make_raw_peer(ctx_);
+  proto::Envelope env;
+  env.set_kind(proto::Envelope::NOTICE);
+  env.set_fd_count(2);
+  write_all(peer.raw.get(), envelope_bytes(env));
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::bad_frame));
+}
+
+TEST_F(FramedBadInputTest, TooManyDescriptorsIsRefusedAndTheyAreClosed) {
+  connection_options options;
+  options.max_fds_per_frame = 2;
+  auto peer = make_raw_peer(ctx_, options);
+  const std::size_t fds_before = test::open_fd_count();
+  proto::Envelope env;
+  env.set_kind(proto::Envelope::NOTICE);
+  env.set_fd_count(3);
+  std::string bytes = envelope_bytes(env);
+  int passed[3];
+  for (int& fd : passed) fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  char control[CMSG_SPACE(sizeof passed)] = {};
+  iovec iov{bytes.data(), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof passed);
+  std::memcpy(CMSG_DATA(c), passed, sizeof passed);
+  ASSERT_EQ(::sendmsg(peer.raw.get(), &msg, 0), static_cast<ssize_t>(bytes.size()));
+  for (int fd : passed) ::close(fd);
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::too_many_fds));
+  EXPECT_LE(test::open_fd_count(), fds_before) << "received descriptors leaked";
+}
+
+TEST_F(FramedBadInputTest, SilentPeerIsDroppedAfterTheFirstFrameTimeout) {
+  connection_options options;
+  options.first_frame_timeout = std::chrono::milliseconds(100);
+  auto peer = make_raw_peer(ctx_, options);
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::timed_out));
+  expect_others_carry_on();
+}
+
+TEST_F(FramedBadInputTest, StalledFrameIsDroppedAfterThePartialFrameTimeout) {
+  connection_options options;
+  options.partial_frame_timeout = std::chrono::milliseconds(100);
+  auto peer = make_raw_peer(ctx_, options);
+  write_all(peer.raw.get(), prefix(100) + "only a little");
+  EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::timed_out));
+}
+
+TEST_F(FramedBadInputTest, PeerThatSendsFasterThanItReadsIsThrottled) {
+  connection_options options;
+  options.max_queued_frames = 8;
+  options.max_queued_send_bytes = 64 * 1024;
+  auto peer = make_raw_peer(ctx_, options);
+  ASSERT_EQ(::fcntl(peer.raw.get(), F_SETFL, O_NONBLOCK), 0);
+  // The server answers every request with 4 KiB; the peer never reads.
+  std::function<void()> serve = [&] {
+    peer.conn->async_receive([&](error_code ec, frame f) {
+      if (ec) return;
+      peer.conn->async_send(make_reply(f, 0, std::string(4096, 'r')), [](error_code) {});
+      serve();
+    });
+  };
+  serve();
+  proto::Envelope env;
+  env.set_kind(proto::Envelope::REQUEST);
+  env.set_payload(std::string(200, 'q'));
+  std::size_t written = 0;
+  for (std::uint64_t id = 1; id <= 20000; ++id) {
+    env.set_correlation_id(id);
+    const std::string bytes = envelope_bytes(env);
+    const ssize_t n = ::write(peer.raw.get(), bytes.data(), bytes.size());
+    if (n != static_cast<ssize_t>(bytes.size())) break;  // our socket buffer is full: throttled
+    ++written;
+    if (id % 64 == 0) ctx_.poll();
+  }
+  ctx_.run_for(std::chrono::milliseconds(100));
+  EXPECT_LT(written, 20000u) << "the sender was never slowed down";
+  const auto stats = peer.conn->stats();
+  // Bounded: the send limit plus the replies to frames already queued when reading paused.
+  EXPECT_LE(stats.queued_send_bytes, options.max_queued_send_bytes + (options.max_queued_frames + 1) * 4200);
+  EXPECT_LE(stats.queued_frames, options.max_queued_frames);
+  EXPECT_TRUE(peer.conn->is_open());
+  expect_others_carry_on();
+  peer.conn->close();
+}
+
+TEST_F(FramedBadInputTest, LateReplyToNoCallIsCountedAndDropped) {
+  auto peer = make_raw_peer(ctx_);
+  proto::Envelope env;
+  env.set_kind(proto::Envelope::REPLY);
+  env.set_correlation_id(12345);
+  write_all(peer.raw.get(), envelope_bytes(env));
+  ASSERT_TRUE(run_until(ctx_, [&] { return peer.conn->stats().replies_dropped == 1; }));
+  EXPECT_TRUE(peer.conn->is_open());
+  peer.conn->close();
+}
+
+}  // namespace
+}  // namespace uipc

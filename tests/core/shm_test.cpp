@@ -1,0 +1,132 @@
+// Shared-memory segments: header checks, anonymous segments by descriptor, cleanup.
+#include "uipc/core/shm.hpp"
+
+#include <gtest/gtest.h>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <string>
+
+namespace uipc {
+namespace {
+
+constexpr segment_identity test_id{0x7465737473686d31ull, 3};
+
+std::string unique_name(const char* what) {
+  return std::string("uipc-test-") + what + "-" + std::to_string(::getpid());
+}
+
+bool name_exists(const std::string& name) { return ::access(("/dev/shm/" + name).c_str(), F_OK) == 0; }
+
+TEST(ShmTest, CreatedSegmentIsSeenByAnOpener) {
+  const auto name = unique_name("seen");
+  auto created = shm_segment::create(name, 4096, test_id);
+  ASSERT_TRUE(created) << created.error().message();
+  std::strcpy(static_cast<char*>(created->data()), "hello");
+  auto opened = shm_segment::open(name, test_id);
+  ASSERT_TRUE(opened) << opened.error().message();
+  EXPECT_STREQ(static_cast<const char*>(opened->data()), "hello");
+  EXPECT_EQ(opened->size(), 4096u);
+  EXPECT_EQ(opened->creator_pid(), ::getpid());
+  EXPECT_FALSE(opened->owns_name());
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(created->data()) % 64, 0u);
+}
+
+TEST(ShmTest, WrongMagicOrVersionIsRefused) {
+  const auto name = unique_name("foreign");
+  auto created = shm_segment::create(name, 128, test_id);
+  ASSERT_TRUE(created);
+  EXPECT_EQ(shm_segment::open(name, {test_id.magic + 1, test_id.version}).error(),
+            make_error_code(errc::bad_segment));
+  EXPECT_EQ(shm_segment::open(name, {test_id.magic, test_id.version + 1}).error(),
+            make_error_code(errc::bad_segment));
+}
+
+TEST(ShmTest, SegmentWithoutAHeaderIsRefused) {
+  const auto name = unique_name("raw");
+  int fd = ::shm_open(("/" + name).c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, 16), 0);
+  ::close(fd);
+  EXPECT_EQ(shm_segment::open(name, test_id).error(), make_error_code(errc::bad_segment));
+  EXPECT_FALSE(shm_segment::remove(name));
+  EXPECT_FALSE(name_exists(name));
+}
+
+TEST(ShmTest, CreatingAnExistingNameFails) {
+  const auto name = unique_name("twice");
+  auto first = shm_segment::create(name, 128, test_id);
+  ASSERT_TRUE(first);
+  auto second = shm_segment::create(name, 128, test_id);
+  ASSERT_FALSE(second);
+  EXPECT_EQ(second.error(), boost::system::errc::file_exists);
+  EXPECT_TRUE(name_exists(name)) << "the failed create must not remove the first one's name";
+}
+
+TEST(ShmTest, BadNamesAreRefused) {
+  for (const char* bad : {"", "a/b", "..", "with space", "nul\x01"}) {
+    EXPECT_EQ(shm_segment::create(bad, 64, test_id).error(), boost::system::errc::invalid_argument) << bad;
+  }
+}
+
+TEST(ShmTest, DestructorRemovesTheName) {
+  const auto name = unique_name("dtor");
+  {
+    auto s = shm_segment::create(name, 64, test_id);
+    ASSERT_TRUE(s);
+    EXPECT_TRUE(name_exists(name));
+    EXPECT_EQ(::access(("/dev/shm/" + name).c_str(), R_OK), 0);
+  }
+  EXPECT_FALSE(name_exists(name));
+}
+
+TEST(ShmTest, NormalExitWithoutDestructorRemovesTheName) {
+  const auto name = unique_name("exit");
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto s = shm_segment::create(name, 64, test_id);
+    if (!s || !name_exists(name)) ::_exit(3);
+    std::exit(0);  // skips the destructor of `s`
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  ASSERT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_FALSE(name_exists(name));
+}
+
+TEST(ShmTest, SegmentIsPrivateToItsOwner) {
+  const auto name = unique_name("mode");
+  auto s = shm_segment::create(name, 64, test_id);
+  ASSERT_TRUE(s);
+  struct stat st {};
+  ASSERT_EQ(::stat(("/dev/shm/" + name).c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+}
+
+TEST(ShmTest, AnonymousSegmentTravelsAsADescriptor) {
+  auto created = shm_segment::create_anonymous(1 << 16, test_id);
+  ASSERT_TRUE(created);
+  std::strcpy(static_cast<char*>(created->data()), "by descriptor");
+  auto opened = shm_segment::open_fd(unique_fd(::dup(created->fd())), test_id);
+  ASSERT_TRUE(opened) << opened.error().message();
+  EXPECT_STREQ(static_cast<const char*>(opened->data()), "by descriptor");
+  EXPECT_EQ(opened->size(), 1u << 16);
+  EXPECT_EQ(::ftruncate(created->fd(), 10), -1) << "sealed against shrinking";
+}
+
+TEST(ShmTest, UnsealedDescriptorIsRefused) {
+  int fd = ::memfd_create("not-ours", MFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, 4096), 0);
+  EXPECT_EQ(shm_segment::open_fd(unique_fd(fd), test_id).error(), make_error_code(errc::bad_segment));
+}
+
+}  // namespace
+}  // namespace uipc
