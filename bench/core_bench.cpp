@@ -1,0 +1,174 @@
+// bench_core: the core's hot paths, each next to what a user would use instead.
+//   BM_FramedRoundTrip/64 vs BM_RawUdsRoundTrip/64  — a request and reply between two threads
+//   BM_FrameEncode / BM_FrameDecode                 — the envelope codec alone
+//   BM_BufferPool_AcquireRelease vs BM_Malloc_Free  — a receive buffer
+//   BM_RefPtr_Copy vs BM_SharedPtr_Copy             — sharing an object
+#include "uipc/core/buffer_pool.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/core/ref.hpp"
+#include "uipc/proto/envelope.pb.h"
+#include "wire.hpp"
+
+#include <benchmark/benchmark.h>
+#include <boost/asio/io_context.hpp>
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <memory>
+#include <thread>
+
+namespace {
+
+using namespace uipc;
+
+// Both round-trip benchmarks: the server is a second thread, the client the
+// benchmark thread; each iteration is one request of `size` bytes and its reply.
+
+void BM_RawUdsRoundTrip(benchmark::State& state) {
+  const auto size = static_cast<std::size_t>(state.range(0));
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  std::jthread server([fd = fds[1], size] {
+    std::string buf(size, '\0');
+    for (;;) {
+      std::size_t got = 0;
+      while (got < size) {
+        const ssize_t n = ::read(fd, buf.data() + got, size - got);
+        if (n <= 0) return;
+        got += static_cast<std::size_t>(n);
+      }
+      if (::write(fd, buf.data(), size) != static_cast<ssize_t>(size)) return;
+    }
+  });
+  std::string msg(size, 'x');
+  std::string reply(size, '\0');
+  for (auto _ : state) {
+    if (::write(fds[0], msg.data(), size) != static_cast<ssize_t>(size)) return state.SkipWithError("write");
+    std::size_t got = 0;
+    while (got < size) {
+      const ssize_t n = ::read(fds[0], reply.data() + got, size - got);
+      if (n <= 0) return state.SkipWithError("read");
+      got += static_cast<std::size_t>(n);
+    }
+  }
+  ::shutdown(fds[0], SHUT_RDWR);
+  server.join();
+  ::close(fds[0]);
+  ::close(fds[1]);
+}
+BENCHMARK(BM_RawUdsRoundTrip)->Arg(64)->UseRealTime();
+
+void echo(const connection::pointer& c) {
+  c->async_receive([c](error_code ec, frame f) {
+    if (ec) return;
+    frame reply = make_reply(f, f.type, std::move(f.payload));
+    c->async_send(std::move(reply), [](error_code) {});
+    echo(c);
+  });
+}
+
+void BM_FramedRoundTrip(benchmark::State& state) {
+  const auto size = static_cast<std::size_t>(state.range(0));
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  boost::asio::io_context server_ctx(1);
+  auto server = connection::adopt(server_ctx, unique_fd(fds[1]));
+  echo(*server);
+  std::jthread server_thread([&] { server_ctx.run(); });
+
+  boost::asio::io_context client_ctx(1);
+  auto client = connection::adopt(client_ctx, unique_fd(fds[0]));
+  const std::string payload(size, 'x');
+  for (auto _ : state) {
+    frame request;
+    request.payload = payload;
+    bool done = false;
+    (*client)->async_call(std::move(request), [&](error_code ec, frame reply) {
+      if (ec || reply.payload.size() != size) state.SkipWithError("bad reply");
+      done = true;
+    });
+    while (!done) client_ctx.run_one();
+  }
+  (*client)->close();
+  client_ctx.run();
+  server_thread.join();
+}
+BENCHMARK(BM_FramedRoundTrip)->Arg(64)->UseRealTime();
+
+void BM_FrameEncode(benchmark::State& state) {
+  const std::string payload(static_cast<std::size_t>(state.range(0)), 'x');
+  for (auto _ : state) {
+    frame f;
+    f.kind = frame_kind::request;
+    f.correlation_id = 12345;
+    f.type = 3;
+    f.payload = payload;
+    auto bytes = detail::encode_frame(f, 1 << 20);
+    benchmark::DoNotOptimize(bytes);
+  }
+}
+BENCHMARK(BM_FrameEncode)->Arg(64)->Arg(4096);
+
+void BM_FrameDecode(benchmark::State& state) {
+  frame f;
+  f.kind = frame_kind::request;
+  f.correlation_id = 12345;
+  f.type = 3;
+  f.payload = std::string(static_cast<std::size_t>(state.range(0)), 'x');
+  const std::string bytes = *detail::encode_frame(f, 1 << 20);
+  proto::Envelope scratch;
+  std::deque<unique_fd> no_fds;
+  for (auto _ : state) {
+    auto decoded = detail::decode_frame(scratch, bytes.data() + 4, bytes.size() - 4, no_fds, 16);
+    benchmark::DoNotOptimize(decoded);
+  }
+}
+BENCHMARK(BM_FrameDecode)->Arg(64)->Arg(4096);
+
+void BM_BufferPool_AcquireRelease(benchmark::State& state) {
+  boost::asio::io_context ctx;
+  buffer_pool pool(ctx.get_executor(), static_cast<std::size_t>(state.range(0)), 64);
+  for (auto _ : state) {
+    auto b = pool.try_acquire();
+    benchmark::DoNotOptimize(b.data());
+  }
+}
+BENCHMARK(BM_BufferPool_AcquireRelease)->Arg(2048)->Arg(65536);
+
+void BM_Malloc_Free(benchmark::State& state) {
+  const auto size = static_cast<std::size_t>(state.range(0));
+  for (auto _ : state) {
+    void* p = std::malloc(size);  // NOLINT(cppcoreguidelines-no-malloc): the peer being measured
+    benchmark::DoNotOptimize(p);
+    std::free(p);  // NOLINT(cppcoreguidelines-no-malloc)
+  }
+}
+BENCHMARK(BM_Malloc_Free)->Arg(2048)->Arg(65536);
+
+struct counted : ref_counted<counted> {
+  int value = 0;
+};
+
+void BM_RefPtr_Copy(benchmark::State& state) {
+  auto original = make_ref<counted>();
+  for (auto _ : state) {
+    ref_ptr<counted> copy = original;
+    benchmark::DoNotOptimize(copy.get());
+  }
+}
+BENCHMARK(BM_RefPtr_Copy);
+
+void BM_SharedPtr_Copy(benchmark::State& state) {
+  auto original = std::make_shared<int>(0);
+  for (auto _ : state) {
+    std::shared_ptr<int> copy = original;
+    benchmark::DoNotOptimize(copy.get());
+  }
+}
+BENCHMARK(BM_SharedPtr_Copy);
+
+}  // namespace
+
+BENCHMARK_MAIN();

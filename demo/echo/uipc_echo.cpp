@@ -1,0 +1,174 @@
+// uipc-echo: a framed echo server and client over a Unix socket, printing round trips per second.
+//
+//   uipc-echo                 serve and ping in two processes for a few seconds (the demo)
+//   uipc-echo serve [--socket PATH]
+//   uipc-echo ping  [--socket PATH] [--seconds N] [--size BYTES] [--inflight N]
+#include "uipc/core/event_loop.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/core/runtime_dir.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+
+namespace {
+
+using namespace uipc;
+using clock_type = std::chrono::steady_clock;
+
+struct settings {
+  std::string socket;
+  int seconds = 3;
+  std::size_t size = 64;
+  int inflight = 1;
+};
+
+void echo(const connection::pointer& c) {
+  c->async_receive([c](error_code ec, frame f) {
+    if (ec) return;
+    c->async_send(make_reply(f, f.type, std::move(f.payload)), [](error_code) {});
+    echo(c);
+  });
+}
+
+void accept_loop(listener& l) {
+  l.async_accept([&l](error_code ec, connection::pointer c) {
+    if (ec == boost::asio::error::operation_aborted) return;
+    if (!ec) echo(c);
+    accept_loop(l);
+  });
+}
+
+int serve(const settings& s, bool quiet = false) {
+  event_loop loop(1, /*catch_signals=*/true);
+  auto l = listener::bind(loop.context(), s.socket);
+  if (!l) {
+    std::fprintf(stderr, "uipc-echo: cannot listen on %s: %s\n", s.socket.c_str(), l.error().message().c_str());
+    return 1;
+  }
+  accept_loop(**l);
+  loop.on_stop([&] { (*l)->close(); });
+  if (!quiet) std::printf("uipc-echo: serving on %s (Ctrl-C stops)\n", s.socket.c_str());
+  std::fflush(stdout);
+  loop.run();
+  if (!quiet) std::printf("uipc-echo: stopped\n");
+  return 0;
+}
+
+// Keeps `inflight` calls going and prints the rate once a second.
+int ping(const settings& s) {
+  boost::asio::io_context ctx(1);
+  result<connection::pointer> c = make_error_code(errc::peer_closed);
+  for (int attempt = 0; attempt < 100; ++attempt) {  // the server may still be starting
+    c = connection::connect(ctx, s.socket);
+    if (c) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (!c) {
+    std::fprintf(stderr, "uipc-echo: cannot connect to %s: %s\n", s.socket.c_str(), c.error().message().c_str());
+    return 1;
+  }
+  auto conn = *c;
+  std::printf("uipc-echo: connected to %s (server pid %d), %zu-byte frames, %d in flight\n", s.socket.c_str(),
+              static_cast<int>(conn->peer().pid), s.size, s.inflight);
+  const std::string payload(s.size, 'e');
+  std::uint64_t done = 0;
+  std::uint64_t in_second = 0;
+  bool failed = false;
+  const auto start = clock_type::now();
+  auto next_report = start + std::chrono::seconds(1);
+  const auto end = start + std::chrono::seconds(s.seconds);
+  std::function<void()> issue = [&] {
+    frame f;
+    f.payload = payload;
+    conn->async_call(std::move(f), [&](error_code ec, frame reply) {
+      if (ec || reply.payload != payload) {
+        if (!failed) std::fprintf(stderr, "uipc-echo: call failed: %s\n", ec.message().c_str());
+        failed = true;
+        return;
+      }
+      ++done;
+      ++in_second;
+      if (clock_type::now() < end) issue();
+    });
+  };
+  for (int i = 0; i < s.inflight; ++i) issue();
+  while (!failed && clock_type::now() < end + std::chrono::milliseconds(200)) {
+    ctx.run_one_for(std::chrono::milliseconds(50));
+    if (clock_type::now() >= next_report) {
+      std::printf("  %8llu round trips/s\n", static_cast<unsigned long long>(in_second));
+      std::fflush(stdout);
+      in_second = 0;
+      next_report += std::chrono::seconds(1);
+    }
+  }
+  const double secs = std::chrono::duration<double>(clock_type::now() - start).count();
+  std::printf("uipc-echo: %llu round trips in %.2f s: %.0f round trips/s, %.1f us each\n",
+              static_cast<unsigned long long>(done), secs, static_cast<double>(done) / secs,
+              done ? secs * 1e6 / static_cast<double>(done) * s.inflight : 0.0);
+  conn->close();
+  ctx.run_for(std::chrono::milliseconds(10));
+  return failed || done == 0 ? 1 : 0;
+}
+
+int demo(const settings& s) {
+  const pid_t server = ::fork();
+  if (server < 0) return 1;
+  if (server == 0) ::_exit(serve(s, /*quiet=*/true));
+  std::printf("uipc-echo: server pid %d on %s\n", static_cast<int>(server), s.socket.c_str());
+  const int rc = ping(s);
+  ::kill(server, SIGTERM);
+  int status = 0;
+  ::waitpid(server, &status, 0);
+  const bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  std::printf("uipc-echo: server stopped %s\n", clean ? "cleanly" : "with an error");
+  return rc != 0 || !clean ? 1 : 0;
+}
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: uipc-echo [serve|ping|demo] [--socket PATH] [--seconds N] [--size BYTES] [--inflight N]\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string mode = "demo";
+  settings s;
+  int i = 1;
+  if (i < argc && argv[i][0] != '-') mode = argv[i++];
+  for (; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (i + 1 >= argc) return usage();
+    const char* value = argv[++i];
+    if (arg == "--socket") s.socket = value;
+    else if (arg == "--seconds") s.seconds = std::atoi(value);
+    else if (arg == "--size") s.size = static_cast<std::size_t>(std::atol(value));
+    else if (arg == "--inflight") s.inflight = std::atoi(value);
+    else return usage();
+  }
+  if (s.seconds <= 0 || s.inflight <= 0 || s.size > (1u << 20) - 64) return usage();
+  if (s.socket.empty()) {
+    auto dir = runtime_directory();
+    if (!dir) {
+      std::fprintf(stderr, "uipc-echo: no runtime directory: %s\n", dir.error().message().c_str());
+      return 1;
+    }
+    s.socket = *dir + "/echo.sock";
+  }
+  if (mode == "serve") return serve(s);
+  if (mode == "ping") return ping(s);
+  if (mode == "demo") return demo(s);
+  return usage();
+}
