@@ -7,8 +7,13 @@ if(rc)
   message(FATAL_ERROR "install failed: ${rc}")
 endif()
 string(REPLACE "," ";" module_list "${MODULES}")
+# A sanitized build installs instrumented libraries: the program links the runtime too.
+set(flags "")
+if(SANITIZE)
+  set(flags "-DCMAKE_CXX_FLAGS=-fsanitize=${SANITIZE}" "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=${SANITIZE}")
+endif()
 execute_process(COMMAND ${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/build -G Ninja
-                        -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix "-DUIPC_MODULES=${module_list}"
+                        -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix "-DUIPC_MODULES=${module_list}" ${flags}
                 RESULT_VARIABLE rc)
 if(rc)
   message(FATAL_ERROR "configuring the outside project failed: ${rc}")
