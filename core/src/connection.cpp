@@ -79,7 +79,8 @@ struct connection::impl {
   bool read_waiting = false;  // an async_wait(wait_read) is pending
   bool in_read = false;
   bool any_frame_received = false;
-  bool timer_armed = false;
+  enum class timer_use { none, first_frame, partial_frame };
+  timer_use timer_armed_for = timer_use::none;
 
   std::deque<frame> inbox;
   std::deque<frame_handler> receivers;
@@ -251,6 +252,7 @@ class engine {
     s_.socket.shutdown(stream_socket::shutdown_both, ignored);
     s_.socket.close(ignored);
     s_.timer.cancel();
+    s_.timer_armed_for = connection::impl::timer_use::none;
     for (auto& [id, handler] : s_.calls) post_completion(std::move(handler), s_.strand, ec, frame{});
     s_.calls.clear();
     for (auto& f : s_.outbox) {
@@ -341,7 +343,11 @@ class engine {
   void wait_readable() {
     s_.read_waiting = true;
     s_.socket.async_wait(stream_socket::wait_read,
-                         asio::bind_executor(s_.strand, [self = self_](error_code ec) {
+                         // Weak: a connection nobody holds any more is destroyed
+                         // (and closed) instead of waiting for its peer forever.
+                         asio::bind_executor(s_.strand, [weak = std::weak_ptr(self_)](error_code ec) {
+                           auto self = weak.lock();
+                           if (!self) return;
                            auto& s = *detail::connection_access::state(*self);
                            s.read_waiting = false;
                            if (ec || !s.open) return;
@@ -352,6 +358,7 @@ class engine {
   void wait_writable() {
     s_.write_waiting = true;
     s_.socket.async_wait(stream_socket::wait_write,
+                         // Strong: unsent frames keep the connection until written.
                          asio::bind_executor(s_.strand, [self = self_](error_code ec) {
                            auto& s = *detail::connection_access::state(*self);
                            s.write_waiting = false;
@@ -363,27 +370,30 @@ class engine {
   // One timer serves both limits: the first frame after connecting, and the
   // rest of a frame once it has begun.
   void arm_timer() {
+    using use = connection::impl::timer_use;
     if (!s_.open) return;
-    std::optional<std::chrono::steady_clock::time_point> deadline;
-    const bool partial = s_.read_end > s_.read_begin;
+    use wanted = use::none;
+    auto deadline = std::chrono::steady_clock::time_point::max();
     if (!s_.any_frame_received && s_.options.first_frame_timeout.count() > 0) {
+      wanted = use::first_frame;
       deadline = s_.opened_at + s_.options.first_frame_timeout;
-    } else if (partial && s_.options.partial_frame_timeout.count() > 0) {
-      if (s_.timer_armed) return;  // keep the deadline of the frame that began first
+    } else if (s_.read_end > s_.read_begin && s_.options.partial_frame_timeout.count() > 0) {
+      wanted = use::partial_frame;
       deadline = std::chrono::steady_clock::now() + s_.options.partial_frame_timeout;
     }
-    if (!deadline) {
-      if (s_.timer_armed) s_.timer.cancel();
-      s_.timer_armed = false;
+    if (wanted == s_.timer_armed_for) return;  // keeps the deadline of the frame that began first
+    s_.timer_armed_for = wanted;
+    if (wanted == use::none) {
+      s_.timer.cancel();
       return;
     }
-    if (s_.timer_armed && s_.timer.expiry() == *deadline) return;
-    s_.timer_armed = true;
-    s_.timer.expires_at(*deadline);
-    s_.timer.async_wait([self = self_](error_code ec) {
+    s_.timer.expires_at(deadline);
+    s_.timer.async_wait([weak = std::weak_ptr(self_)](error_code ec) {
+      auto self = weak.lock();
+      if (ec || !self) return;  // re-armed, cancelled, or the connection is gone
       auto& s = *detail::connection_access::state(*self);
-      if (ec) return;  // re-armed or cancelled
-      s.timer_armed = false;
+      s.timer_armed_for = use::none;
+      // Re-check: the frame may have completed after the timer expired.
       const bool waiting_first = !s.any_frame_received && s.options.first_frame_timeout.count() > 0;
       const bool partial = s.read_end > s.read_begin && s.options.partial_frame_timeout.count() > 0;
       if (waiting_first || partial) engine(s, self).fail(make_error_code(errc::timed_out), true);
@@ -400,7 +410,11 @@ class engine {
 
 connection::connection(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 
-connection::~connection() = default;
+connection::~connection() {
+  // The last reference went while the connection was open: nothing can wait
+  // on it any more, but handlers it holds (calls in flight) still complete.
+  engine(*impl_, nullptr).fail(asio::error::operation_aborted);
+}
 
 void connection::start() {
   ucred cred{};

@@ -255,6 +255,38 @@ TEST_F(FramedTest, CloseFailsPendingCallsAndTheServerSeesPeerClosed) {
   server->close();
 }
 
+TEST_F(FramedTest, DroppingTheLastReferenceClosesTheConnection) {
+  auto pair = connection::pair(ctx_);
+  ASSERT_TRUE(pair);
+  auto [client, server] = *pair;
+  error_code server_ec;
+  bool server_done = false;
+  server->async_receive([&](error_code ec, frame) {
+    server_ec = ec;
+    server_done = true;
+  });
+  error_code call_ec;
+  bool call_done = false;
+  client->async_call(request(1, "abandoned"), [&](error_code ec, frame) {
+    call_ec = ec;
+    call_done = true;
+  });
+  ctx_.poll();
+  client.reset();  // nobody holds the client any more
+  pair->first.reset();
+  ASSERT_TRUE(run_until(ctx_, [&] { return call_done; }));
+  EXPECT_EQ(call_ec, boost::asio::error::operation_aborted);
+  ASSERT_TRUE(server_done);  // the request itself arrived first
+  server->async_receive([&](error_code ec, frame) {
+    server_ec = ec;
+    server_done = true;
+  });
+  server_done = false;
+  ASSERT_TRUE(run_until(ctx_, [&] { return server_done; }));
+  EXPECT_EQ(server_ec, make_error_code(errc::peer_closed));
+  server->close();
+}
+
 TEST_F(FramedTest, PeerCredentialsAreTheKernels) {
   auto pair = connection::pair(ctx_);
   ASSERT_TRUE(pair);
