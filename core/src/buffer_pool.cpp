@@ -6,6 +6,8 @@
 #include <boost/asio/post.hpp>
 
 #include <cassert>
+#include <limits>
+#include <stdexcept>
 
 namespace uipc {
 
@@ -40,13 +42,20 @@ namespace {
 constexpr std::size_t slab_alignment = 64;
 
 std::size_t round_up(std::size_t n) { return (n + slab_alignment - 1) / slab_alignment * slab_alignment; }
+
+// The slab's size; std::length_error (as std::vector would) when it overflows.
+std::size_t slab_bytes(std::size_t buffer_size, std::uint32_t count) {
+  const std::size_t limit = (std::numeric_limits<std::size_t>::max() - 2 * slab_alignment) / (count == 0 ? 1 : count);
+  if (buffer_size > limit) throw std::length_error("buffer_pool: buffer_size * count overflows");
+  return round_up(buffer_size) * count + slab_alignment;
+}
 }  // namespace
 
 buffer_pool::buffer_pool(asio::any_io_executor executor, std::size_t buffer_size, std::uint32_t count)
     : executor_(std::move(executor)),
       buffer_size_(buffer_size),
       count_(count),
-      storage_(new std::byte[round_up(buffer_size) * count + slab_alignment]),
+      storage_(new std::byte[slab_bytes(buffer_size, count)]),  // NOLINT(cppcoreguidelines-owning-memory): unique_ptr owns it
       next_(new std::atomic<std::uint32_t>[count]),
       head_(count == 0 ? empty_ : 0) {
   for (std::uint32_t i = 0; i < count; ++i) next_[i].store(i + 1 == count ? empty_ : i + 1);

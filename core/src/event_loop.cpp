@@ -7,6 +7,8 @@
 #include <boost/asio/signal_set.hpp>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <mutex>
 #include <optional>
@@ -29,6 +31,15 @@ struct event_loop::impl {
   std::mutex hooks_mutex;
   std::vector<std::function<void()>> hooks;
 
+  // run()'s work guard: released by stop() after the hooks, so run() returns
+  // once everything the hooks started has finished, however many hops it takes.
+  std::mutex run_mutex;
+  std::condition_variable run_done;
+  bool running = false;
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work;
+  std::chrono::milliseconds grace{2000};
+  std::jthread watchdog;  // declared last: joined first when the loop goes
+
   void watch_signals() {
     signals->async_wait([this](const boost::system::error_code& ec, int signo) {
       if (ec) return;
@@ -47,9 +58,14 @@ struct event_loop::impl {
       }
       for (auto it = to_run.rbegin(); it != to_run.rend(); ++it) (*it)();
       if (signals) signals->cancel();
-      // Completions the hooks caused (cancelled reads, closes) are already queued;
-      // stopping from a handler posted behind them lets them run first.
-      asio::post(context, [this] { context.stop(); });
+      std::unique_lock lock(run_mutex);
+      work.reset();
+      // Whatever the hooks did not close (a connection someone still holds)
+      // would keep run() forever: after the grace period, stop hard.
+      watchdog = std::jthread([this] {
+        std::unique_lock lock(run_mutex);
+        if (!run_done.wait_for(lock, grace, [this] { return !running; })) context.stop();
+      });
     });
   }
 };
@@ -69,17 +85,33 @@ unsigned event_loop::threads() const noexcept { return impl_->threads; }
 void event_loop::run() {
   auto& ctx = impl_->context;
   if (ctx.stopped()) ctx.restart();
-  auto work = asio::make_work_guard(ctx);
+  {
+    std::lock_guard lock(impl_->run_mutex);
+    impl_->work.emplace(ctx.get_executor());
+    impl_->running = true;
+  }
   if (impl_->signals) impl_->watch_signals();
   std::vector<std::jthread> extra;
   extra.reserve(impl_->threads - 1);
   for (unsigned i = 1; i < impl_->threads; ++i) extra.emplace_back([&ctx] { ctx.run(); });
   ctx.run();
   extra.clear();  // joins
+  {
+    std::lock_guard lock(impl_->run_mutex);
+    impl_->running = false;
+    impl_->work.reset();
+  }
+  impl_->run_done.notify_all();
+  if (impl_->watchdog.joinable()) impl_->watchdog.join();
   impl_->stopping.store(false);
 }
 
 void event_loop::stop() { impl_->begin_stop(); }
+
+void event_loop::set_stop_grace(std::chrono::milliseconds grace) {
+  std::lock_guard lock(impl_->run_mutex);
+  impl_->grace = grace;
+}
 
 void event_loop::on_stop(std::function<void()> hook) {
   std::lock_guard lock(impl_->hooks_mutex);

@@ -89,6 +89,7 @@ struct listener::impl {
   unique_fd lock_fd;
   stream_protocol::acceptor acceptor;
   ino_t socket_inode = 0;
+  dev_t socket_device = 0;
   bool closed = false;
 };
 
@@ -98,26 +99,36 @@ result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const st
   if (!addr) return addr.error();
   auto lock = lock_path(path);
   if (!lock) return lock.error();
+  // Every failure from here on gives the path back: no lock file left behind.
+  bool bound = false;
+  struct give_back {
+    const std::string& path;
+    bool& bound;
+    ~give_back() {
+      if (bound) return;
+      ::unlink((path + ".lock").c_str());
+    }
+  } guard{path, bound};
   if (auto ec = clear_path(path, *addr)) return ec;
 
   unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd) return last_error();
-  // The socket file is created by bind() with the umask applied; fchmod on a
-  // socket does not reach the file, so narrow the umask around bind instead.
-  const mode_t old_mask = ::umask(static_cast<mode_t>(~options.mode & 0777));
-  const int rc = ::bind(fd.get(), reinterpret_cast<const sockaddr*>(&*addr), sizeof *addr);  // NOLINT: sockets API
-  ::umask(old_mask);
-  if (rc != 0) return last_error();
-  if (::chmod(path.c_str(), options.mode) != 0 || ::listen(fd.get(), options.backlog) != 0) {
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&*addr), sizeof *addr) != 0) {  // NOLINT: sockets API
+    return last_error();
+  }
+  // Nobody can connect before listen(), so setting the mode between the two
+  // leaves no window; AT_SYMLINK_NOFOLLOW refuses a symlink swapped in meanwhile.
+  struct stat st {};
+  if (::fchmodat(AT_FDCWD, path.c_str(), options.mode & 0777, AT_SYMLINK_NOFOLLOW) != 0 ||
+      ::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode) || ::listen(fd.get(), options.backlog) != 0) {
     auto ec = last_error();
     ::unlink(path.c_str());
-    return ec;
+    return ec ? ec : make_error_code(errc::not_a_socket);
   }
-  struct stat st {};
-  ::lstat(path.c_str(), &st);
 
   auto p = std::make_unique<impl>(ctx, path, std::move(options), std::move(*lock));
   p->socket_inode = st.st_ino;
+  p->socket_device = st.st_dev;
   boost::system::error_code ec;
   p->acceptor.assign(stream_protocol(), fd.get(), ec);
   if (ec) {
@@ -125,7 +136,8 @@ result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const st
     return ec;
   }
   fd.release();
-  return std::unique_ptr<listener>(new listener(std::move(p)));
+  bound = true;
+  return std::unique_ptr<listener>(new listener(std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
 }
 
 listener::listener(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -133,14 +145,15 @@ listener::listener(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 listener::~listener() { close(); }
 
 void listener::start_accept(accept_handler handler) {
-  // Runs after the listener may be gone (close() aborts the accept): touches
-  // `this` only on success, when the listener is necessarily alive.
-  impl_->acceptor.async_accept([this, handler = std::move(handler)](error_code ec, stream_protocol::socket s) mutable {
+  // The handler may run after the listener is gone (an accept that completed
+  // just before close()), so it holds what it needs itself, not `this`.
+  impl_->acceptor.async_accept([&ctx = impl_->ctx, options = impl_->options.connection,
+                                handler = std::move(handler)](error_code ec, stream_protocol::socket s) mutable {
     connection::pointer accepted;
     if (!ec) {
       unique_fd fd(s.release(ec));
       if (!ec) {
-        auto c = connection::adopt(impl_->ctx, std::move(fd), impl_->options.connection);
+        auto c = connection::adopt(ctx, std::move(fd), std::move(options));
         if (c) accepted = std::move(*c);
         else ec = c.error();
       }
@@ -157,7 +170,10 @@ void listener::close() {
   // Remove the socket file only if it is still ours, then the lock file while
   // we still hold the lock (lock_path() re-checks the inode after locking).
   struct stat st {};
-  if (::lstat(impl_->path.c_str(), &st) == 0 && st.st_ino == impl_->socket_inode) ::unlink(impl_->path.c_str());
+  if (::lstat(impl_->path.c_str(), &st) == 0 && st.st_ino == impl_->socket_inode &&
+      st.st_dev == impl_->socket_device) {
+    ::unlink(impl_->path.c_str());
+  }
   ::unlink((impl_->path + ".lock").c_str());
   impl_->lock_fd.reset();
 }

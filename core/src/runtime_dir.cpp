@@ -22,11 +22,15 @@ result<std::string> checked_private_directory(const std::string& path) {
 }
 
 result<std::string> runtime_directory() {
-  if (const char* xdg = std::getenv("XDG_RUNTIME_DIR"); xdg != nullptr && *xdg == '/') {
+  // Set but unsafe is an error, not a reason to look elsewhere: a client and a
+  // daemon with different environments would otherwise never meet.
+  if (const char* xdg = std::getenv("XDG_RUNTIME_DIR"); xdg != nullptr && *xdg != '\0') {
     struct stat st {};
-    if (::stat(xdg, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == ::geteuid() && (st.st_mode & 0077) == 0) {
-      return std::string(xdg);
+    if (*xdg != '/' || ::stat(xdg, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() ||
+        (st.st_mode & 0077) != 0) {
+      return make_error_code(errc::unsafe_directory);
     }
+    return std::string(xdg);
   }
   return checked_private_directory("/tmp/uipc-" + std::to_string(::geteuid()));
 }

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <optional>
@@ -23,6 +24,7 @@ namespace bip = boost::interprocess;
 namespace {
 
 constexpr std::size_t header_size = 64;
+constexpr std::size_t max_segment_size = std::size_t{1} << 40;
 
 // The first 64 bytes of every segment. `magic` is stored last, with release
 // order, so a reader that sees the magic sees the whole header.
@@ -58,6 +60,7 @@ error_code from_interprocess(const bip::interprocess_exception& e) {
 struct owned_names {
   std::mutex mutex;
   std::set<std::string> names;
+  pid_t owner_pid = ::getpid();
 
   static owned_names& get() {
     static owned_names* instance = [] {
@@ -65,7 +68,10 @@ struct owned_names {
       std::atexit([] {
         auto& self = get();
         std::lock_guard lock(self.mutex);
-        for (const auto& n : self.names) bip::shared_memory_object::remove(n.c_str());
+        // A forked child inherits the list but owns none of it.
+        if (self.owner_pid == ::getpid()) {
+          for (const auto& n : self.names) bip::shared_memory_object::remove(n.c_str());
+        }
         self.names.clear();
       });
       return r;
@@ -74,6 +80,10 @@ struct owned_names {
   }
   void add(const std::string& n) {
     std::lock_guard lock(mutex);
+    if (owner_pid != ::getpid()) {  // first segment made in a forked child
+      names.clear();
+      owner_pid = ::getpid();
+    }
     names.insert(n);
   }
   void erase(const std::string& n) {
@@ -128,6 +138,7 @@ shm_segment::~shm_segment() = default;
 result<shm_segment> shm_segment::create(const std::string& name, std::size_t size, segment_identity id,
                                         unsigned mode) {
   if (!valid_name(name)) return system_error(EINVAL);
+  if (size > max_segment_size) return system_error(EFBIG);
   const std::size_t total = header_size + size;
   auto p = std::make_unique<impl>();
   p->name = name;
@@ -149,6 +160,7 @@ result<shm_segment> shm_segment::create(const std::string& name, std::size_t siz
 }
 
 result<shm_segment> shm_segment::create_anonymous(std::size_t size, segment_identity id) {
+  if (size > max_segment_size) return system_error(EFBIG);
   const std::size_t total = header_size + size;
   unique_fd fd(::memfd_create("uipc-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!fd) return system_error(errno);
@@ -171,6 +183,13 @@ result<shm_segment> shm_segment::open(const std::string& name, segment_identity 
   p->name = name;
   try {
     bip::shared_memory_object object(bip::open_only, name.c_str(), bip::read_write);
+    // A segment someone else made (squatting on a known name) or that others
+    // may write is not ours to trust.
+    struct stat st {};
+    if (::fstat(object.get_mapping_handle().handle, &st) != 0 || st.st_uid != ::geteuid() ||
+        (st.st_mode & 0022) != 0) {
+      return make_error_code(errc::bad_segment);
+    }
     bip::offset_t size = 0;
     if (!object.get_size(size) || size < static_cast<bip::offset_t>(header_size)) {
       return make_error_code(errc::bad_segment);
@@ -185,11 +204,13 @@ result<shm_segment> shm_segment::open(const std::string& name, segment_identity 
   return shm_segment(std::move(p));
 }
 
-result<shm_segment> shm_segment::open_fd(unique_fd fd, segment_identity id) {
+result<shm_segment> shm_segment::open_fd(unique_fd fd, segment_identity id, std::size_t max_size) {
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return system_error(errno);
   const auto total = static_cast<std::size_t>(st.st_size);
-  if (total < header_size) return make_error_code(errc::bad_segment);
+  if (total < header_size || total - header_size > std::min(max_size, max_segment_size)) {
+    return make_error_code(errc::bad_segment);
+  }
   // Refuse a segment whose owner could still shrink it under us.
   const int seals = ::fcntl(fd.get(), F_GET_SEALS);
   if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) return make_error_code(errc::bad_segment);

@@ -6,7 +6,7 @@
 namespace uipc {
 
 void unique_fd::reset(int fd) noexcept {
-  if (fd_ >= 0) ::close(fd_);
+  if (fd_ >= 0 && fd_ != fd) ::close(fd_);
   fd_ = fd;
 }
 

@@ -1,6 +1,7 @@
 // The event loop every module runs on: one io_context, N threads, orderly stop.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 
@@ -35,9 +36,14 @@ class event_loop {
   /// returns once every thread has left the loop. May be called again after.
   void run();
 
-  /// Orderly stop: runs the stop hooks (newest first) on the loop, lets the
-  /// completions they cause run, then makes run() return. Idempotent.
+  /// Orderly stop: runs the stop hooks (newest first) on the loop, then lets
+  /// run() return as soon as the work they ended has finished (every completion
+  /// they caused has run), or after the grace period if something still waits.
+  /// Idempotent.
   void stop();
+
+  /// How long stop() waits for outstanding work before it stops hard (default 2 s).
+  void set_stop_grace(std::chrono::milliseconds grace);
 
   /// Registers a hook that stop() runs on the loop, e.g. to close an acceptor.
   void on_stop(std::function<void()> hook);

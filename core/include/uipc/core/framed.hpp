@@ -76,9 +76,12 @@ struct connection_options {
   /// Received requests and notices waiting for async_receive; at this many the
   /// connection stops reading, so a peer that sends faster than it is served
   /// is slowed down by its own socket buffer instead of growing our memory.
+  /// (Replies then wait too: a side that makes calls keeps a receive pending.)
   std::size_t max_queued_frames = 256;
-  /// Bytes waiting to be written; above this the connection also stops reading,
-  /// so a peer that sends requests and never reads the replies is throttled.
+  /// Reply bytes waiting to be written; above this the connection also stops
+  /// reading, so a peer that sends requests and never reads the replies is
+  /// throttled. Our own requests and notices do not count (two peers streaming
+  /// at each other must not both stop reading).
   std::size_t max_queued_send_bytes = 4 << 20;
   /// A peer that has not sent one whole frame this long after connecting is
   /// dropped with errc::timed_out (zero: wait forever).
@@ -105,18 +108,28 @@ struct connection_stats {
 /// Threading: every member may be called from any thread; the connection's
 /// state lives on its own strand. Completion handlers run on their associated
 /// executor (by default the connection's strand), never inside the initiating
-/// call. Lifetime: held by shared_ptr; pending operations keep it alive. It
-/// closes itself on a protocol error or when the peer goes, and on close().
+/// call, and count as outstanding work on it while pending. async_call and
+/// async_receive honour per-operation cancellation (bind_cancellation_slot,
+/// awaitable operator||): the operation completes with operation_aborted and
+/// the connection stays open.
+///
+/// Lifetime: held by shared_ptr. It lives while someone holds it (a handler
+/// that captures it counts) or while it still has frames to write. Dropping
+/// the last reference closes it: calls in flight complete with
+/// operation_aborted. It also closes itself on a protocol error or when the
+/// peer goes, and on close(), which is abortive (unsent frames are dropped).
 class connection : public std::enable_shared_from_this<connection> {
  public:
   using pointer = std::shared_ptr<connection>;
   using send_handler = boost::asio::any_completion_handler<void(error_code)>;
   using frame_handler = boost::asio::any_completion_handler<void(error_code, frame)>;
 
-  /// Connects to a listener's socket path.
+  /// Connects to a listener's socket path. Never blocks: a listener whose
+  /// backlog is full gives EAGAIN (resource_unavailable_try_again).
   static result<pointer> connect(boost::asio::io_context& ctx, const std::string& path,
                                  connection_options options = {});
-  /// Takes over a connected Unix stream socket.
+  /// Takes over a connected Unix stream socket (made close-on-exec). Anything
+  /// else, or a socket whose peer credentials cannot be read, is refused.
   static result<pointer> adopt(boost::asio::io_context& ctx, unique_fd socket,
                                connection_options options = {});
   /// Two connected ends (socketpair), e.g. for a child process or a test.
@@ -128,8 +141,10 @@ class connection : public std::enable_shared_from_this<connection> {
   connection& operator=(const connection&) = delete;
 
   /// Sends `f` as it is (kind, correlation id and all). Completes with no error
-  /// once the frame is in the kernel's hands; errc::frame_too_large (nothing
-  /// sent, connection stays open) or the close reason otherwise.
+  /// once the frame is in the kernel's hands. Fails alone, nothing sent and the
+  /// connection open: errc::frame_too_large, errc::too_many_fds (over
+  /// max_fds_per_frame or 64), bad_file_descriptor (an empty unique_fd).
+  /// Otherwise the close reason.
   template <class Token>
   auto async_send(frame f, Token&& token) {
     return boost::asio::async_initiate<Token, void(error_code)>(

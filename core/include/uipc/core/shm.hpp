@@ -35,10 +35,12 @@ class shm_segment {
                                     unsigned mode = 0600);
   /// Creates an anonymous segment backed by a memfd; share it with fd().
   static result<shm_segment> create_anonymous(std::size_t size, segment_identity id);
-  /// Maps an existing named segment; errc::bad_segment if its header does not match `id`.
+  /// Maps an existing named segment; errc::bad_segment if its header does not
+  /// match `id`, or if it belongs to another user or is writable by others.
   static result<shm_segment> open(const std::string& name, segment_identity id);
-  /// Maps a segment received as a descriptor; errc::bad_segment as for open().
-  static result<shm_segment> open_fd(unique_fd fd, segment_identity id);
+  /// Maps a segment received as a descriptor; errc::bad_segment as for open(),
+  /// and for one that is not sealed against shrinking or is over `max_size`.
+  static result<shm_segment> open_fd(unique_fd fd, segment_identity id, std::size_t max_size = std::size_t{1} << 32);
   /// Removes a named segment (e.g. one left by a killed owner). No error if absent.
   static error_code remove(const std::string& name);
 

@@ -1,0 +1,121 @@
+// The state of one framed connection, shared by its engine and its public face.
+#pragma once
+
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
+
+#include <boost/asio/any_completion_executor.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/prefer.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+
+#include <atomic>
+#include <deque>
+#include <optional>
+#include <list>
+#include <mutex>
+#include <unordered_map>
+
+namespace uipc {
+
+using connection_strand = boost::asio::strand<boost::asio::io_context::executor_type>;
+
+/// A stored completion handler plus outstanding work on its executor, as Asio's
+/// own operations keep it: a run() on that executor does not return while the
+/// operation is pending.
+template <class Handler>
+struct pending_handler {
+  pending_handler(Handler h, const connection_strand& fallback)
+      : work(boost::asio::prefer(boost::asio::get_associated_executor(h, fallback),
+                                 boost::asio::execution::outstanding_work.tracked)),
+        handler(std::move(h)) {}
+
+  boost::asio::any_completion_executor work;
+  Handler handler;
+};
+
+struct outgoing_frame {
+  std::string bytes;  // prefix + envelope
+  std::size_t offset = 0;
+  std::vector<unique_fd> fds;  // sent with the frame's first byte
+  std::optional<pending_handler<connection::send_handler>> done;
+  bool is_reply = false;
+};
+
+struct connection::impl {
+  impl(boost::asio::io_context& ctx, boost::asio::local::stream_protocol::socket s, connection_options o)
+      : strand(boost::asio::make_strand(ctx)), socket(std::move(s)), options(std::move(o)), timer(strand) {
+    read_buffer.resize(initial_read_buffer);
+  }
+
+  static constexpr std::size_t initial_read_buffer = 64 * 1024;
+
+  connection_strand strand;
+  boost::asio::local::stream_protocol::socket socket;
+  connection_options options;
+  peer_credentials peer;
+  boost::asio::steady_timer timer;
+  std::chrono::steady_clock::time_point opened_at = std::chrono::steady_clock::now();
+  std::atomic<std::uint64_t> next_correlation_id{1};
+
+  // Published for other threads: stats() and close_reason().
+  mutable std::mutex published_mutex;
+  error_code published_reason;
+  connection_stats published;
+
+  // Everything below is touched on the strand only.
+  bool open = true;
+  error_code reason;
+  connection_stats counters;
+
+  std::vector<char> read_buffer;
+  std::size_t read_begin = 0;        // first unparsed byte
+  std::size_t read_end = 0;          // one past the last received byte
+  std::uint64_t consumed_total = 0;  // stream offset of read_begin
+  std::deque<unique_fd> received_fds;
+  bool read_waiting = false;  // an async_wait(wait_read) is pending
+  bool in_read = false;
+  bool any_frame_received = false;
+
+  // The frame timer: which stream offset it guards (or none / the first frame),
+  // and a generation so that a stale expiry is recognised.
+  static constexpr std::uint64_t timer_none = UINT64_MAX;
+  static constexpr std::uint64_t timer_first_frame = UINT64_MAX - 1;
+  std::uint64_t timer_key = timer_none;
+  std::uint64_t timer_generation = 0;
+
+  std::deque<frame> inbox;
+  std::list<std::pair<std::uint64_t, pending_handler<frame_handler>>> receivers;
+  std::atomic<std::uint64_t> next_receiver_id{1};
+  std::unordered_map<std::uint64_t, pending_handler<frame_handler>> calls;
+
+  std::deque<outgoing_frame> outbox;
+  std::size_t outbox_bytes = 0;
+  std::size_t outbox_reply_bytes = 0;
+  bool write_waiting = false;
+
+  proto::Envelope decode_scratch;
+
+  // Reading stops while the application is behind: too many received frames
+  // not taken, or too many of our replies not yet written (a peer that sends
+  // requests and never reads). Our own requests do not count: two peers
+  // streaming at each other must not both stop reading.
+  bool read_paused() const {
+    return inbox.size() >= options.max_queued_frames || outbox_reply_bytes > options.max_queued_send_bytes;
+  }
+
+  void publish() {
+    counters.queued_frames = inbox.size();
+    counters.queued_send_bytes = outbox_bytes;
+    counters.calls_in_flight = calls.size();
+    std::lock_guard lock(published_mutex);
+    published = counters;
+    published_reason = reason;
+  }
+};
+
+}  // namespace uipc
