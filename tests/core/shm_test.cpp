@@ -101,6 +101,42 @@ TEST(ShmTest, NormalExitWithoutDestructorRemovesTheName) {
   EXPECT_FALSE(name_exists(name));
 }
 
+TEST(ShmTest, ForkedChildExitingDoesNotRemoveTheParentsSegment) {
+  const auto name = unique_name("forked");
+  auto s = shm_segment::create(name, 64, test_id);
+  ASSERT_TRUE(s);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) std::exit(0);  // runs the atexit cleanup in the child
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(name_exists(name)) << "the child removed a segment it does not own";
+}
+
+TEST(ShmTest, SegmentOfAnotherUserIsRefused) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to give a segment away";
+  const auto name = unique_name("foreign-owner");
+  auto s = shm_segment::create(name, 64, test_id);
+  ASSERT_TRUE(s);
+  ASSERT_EQ(::chown(("/dev/shm/" + name).c_str(), 65534, 65534), 0);
+  EXPECT_EQ(shm_segment::open(name, test_id).error(), make_error_code(errc::bad_segment));
+}
+
+TEST(ShmTest, SegmentWritableByOthersIsRefused) {
+  const auto name = unique_name("open-mode");
+  auto s = shm_segment::create(name, 64, test_id, 0666);
+  ASSERT_TRUE(s);
+  ASSERT_EQ(::chmod(("/dev/shm/" + name).c_str(), 0666), 0);
+  EXPECT_EQ(shm_segment::open(name, test_id).error(), make_error_code(errc::bad_segment));
+}
+
+TEST(ShmTest, OversizedDescriptorIsRefused) {
+  auto created = shm_segment::create_anonymous(1 << 20, test_id);
+  ASSERT_TRUE(created);
+  auto opened = shm_segment::open_fd(unique_fd(::dup(created->fd())), test_id, /*max_size=*/4096);
+  EXPECT_EQ(opened.error(), make_error_code(errc::bad_segment));
+}
+
 TEST(ShmTest, SegmentIsPrivateToItsOwner) {
   const auto name = unique_name("mode");
   auto s = shm_segment::create(name, 64, test_id);
