@@ -2,9 +2,12 @@
 //   BM_FramedRoundTrip/64 vs BM_RawUdsRoundTrip/64  — a request and reply between two threads
 //   BM_FrameEncode / BM_FrameDecode                 — the envelope codec alone
 //   BM_BufferPool_AcquireRelease vs BM_Malloc_Free  — a receive buffer
+//   BM_FramedPipelined vs BM_RawUdsPipelined        — 16 requests of 4 KiB in flight
+//   BM_Ledger_AcquireRelease vs BM_MutexMap_...     — per-holder reference counts
 //   BM_RefPtr_Copy vs BM_SharedPtr_Copy             — sharing an object
 #include "uipc/core/buffer_pool.hpp"
 #include "uipc/core/framed.hpp"
+#include "uipc/core/ledger.hpp"
 #include "uipc/core/ref.hpp"
 #include "uipc/proto/envelope.pb.h"
 #include "wire.hpp"
@@ -16,6 +19,9 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <unordered_map>
 #include <memory>
 #include <thread>
 
@@ -97,6 +103,83 @@ void BM_FramedRoundTrip(benchmark::State& state) {
 }
 BENCHMARK(BM_FramedRoundTrip)->Arg(64)->UseRealTime();
 
+// Throughput: `depth` requests of `size` bytes kept in flight, per request.
+void BM_RawUdsPipelined(benchmark::State& state) {
+  const auto size = static_cast<std::size_t>(state.range(0));
+  const auto depth = static_cast<int>(state.range(1));
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  std::jthread server([fd = fds[1], size] {
+    std::string buf(size, '\0');
+    for (;;) {
+      std::size_t got = 0;
+      while (got < size) {
+        const ssize_t n = ::read(fd, buf.data() + got, size - got);
+        if (n <= 0) return;
+        got += static_cast<std::size_t>(n);
+      }
+      if (::write(fd, buf.data(), size) != static_cast<ssize_t>(size)) return;
+    }
+  });
+  const std::string msg(size, 'x');
+  std::string reply(size, '\0');
+  auto read_one = [&] {
+    std::size_t got = 0;
+    while (got < size) {
+      const ssize_t n = ::read(fds[0], reply.data() + got, size - got);
+      if (n <= 0) return false;
+      got += static_cast<std::size_t>(n);
+    }
+    return true;
+  };
+  for (int i = 0; i < depth; ++i) (void)::write(fds[0], msg.data(), size);
+  for (auto _ : state) {
+    if (!read_one()) return state.SkipWithError("read");
+    if (::write(fds[0], msg.data(), size) != static_cast<ssize_t>(size)) return state.SkipWithError("write");
+  }
+  for (int i = 0; i < depth; ++i) (void)read_one();
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * size * 2));
+  ::shutdown(fds[0], SHUT_RDWR);
+  server.join();
+  ::close(fds[0]);
+  ::close(fds[1]);
+}
+BENCHMARK(BM_RawUdsPipelined)->Args({4096, 16})->UseRealTime();
+
+void BM_FramedPipelined(benchmark::State& state) {
+  const auto size = static_cast<std::size_t>(state.range(0));
+  const auto depth = static_cast<int>(state.range(1));
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  boost::asio::io_context server_ctx(1);
+  auto server = connection::adopt(server_ctx, unique_fd(fds[1]));
+  echo(*server);
+  std::jthread server_thread([&] { server_ctx.run(); });
+  boost::asio::io_context client_ctx(1);
+  auto client = connection::adopt(client_ctx, unique_fd(fds[0]));
+  const std::string payload(size, 'x');
+  std::int64_t completed = 0;
+  std::function<void()> issue = [&] {
+    frame request;
+    request.payload = payload;
+    (*client)->async_call(std::move(request), [&](error_code ec, frame) {
+      if (ec) return;
+      ++completed;
+      issue();
+    });
+  };
+  for (int i = 0; i < depth; ++i) issue();
+  for (auto _ : state) {
+    const std::int64_t target = completed + 1;
+    while (completed < target) client_ctx.run_one();
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * size * 2));
+  (*client)->close();
+  client_ctx.run();
+  server_thread.join();
+}
+BENCHMARK(BM_FramedPipelined)->Args({4096, 16})->UseRealTime();
+
 void BM_FrameEncode(benchmark::State& state) {
   const std::string payload(static_cast<std::size_t>(state.range(0)), 'x');
   for (auto _ : state) {
@@ -146,6 +229,39 @@ void BM_Malloc_Free(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_Malloc_Free)->Arg(2048)->Arg(65536);
+
+// The handle daemon's bookkeeping per open and close: one holder, a few objects.
+void BM_Ledger_AcquireRelease(benchmark::State& state) {
+  ledger<std::uint64_t, std::uint32_t> l;
+  for (std::uint32_t k = 0; k < 64; ++k) l.acquire(1, k);
+  std::uint32_t key = 0;
+  for (auto _ : state) {
+    l.acquire(1, key);
+    benchmark::DoNotOptimize(l.release(1, key));
+    key = (key + 1) % 64;
+  }
+}
+BENCHMARK(BM_Ledger_AcquireRelease);
+
+// What one would write by hand: a map of counts under a mutex.
+void BM_MutexMap_AcquireRelease(benchmark::State& state) {
+  std::mutex m;
+  std::unordered_map<std::uint32_t, std::uint32_t> counts;
+  for (std::uint32_t k = 0; k < 64; ++k) counts[k] = 1;
+  std::uint32_t key = 0;
+  for (auto _ : state) {
+    {
+      std::lock_guard lock(m);
+      ++counts[key];
+    }
+    {
+      std::lock_guard lock(m);
+      benchmark::DoNotOptimize(--counts[key]);
+    }
+    key = (key + 1) % 64;
+  }
+}
+BENCHMARK(BM_MutexMap_AcquireRelease);
 
 struct counted : ref_counted<counted> {
   int value = 0;

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <string>
 
 namespace uipc {
@@ -22,6 +23,25 @@ std::string unique_name(const char* what) {
 }
 
 bool name_exists(const std::string& name) { return ::access(("/dev/shm/" + name).c_str(), F_OK) == 0; }
+
+// Every test leaves /dev/shm as it found it.
+class ShmLeakCheck : public ::testing::EmptyTestEventListener {
+  void OnTestEnd(const ::testing::TestInfo& info) override {
+    if (std::string(info.test_suite_name()) != "ShmTest") return;
+    const std::string mine = "-" + std::to_string(::getpid());
+    for (const auto& e : std::filesystem::directory_iterator("/dev/shm")) {
+      const std::string n = e.path().filename().string();
+      if (n.starts_with("uipc-test-") && n.ends_with(mine)) {
+        ADD_FAILURE() << info.name() << " left " << n;
+        ::shm_unlink(("/" + n).c_str());
+      }
+    }
+  }
+};
+const bool leak_check_installed = [] {
+  ::testing::UnitTest::GetInstance()->listeners().Append(new ShmLeakCheck);  // NOLINT(cppcoreguidelines-owning-memory): gtest owns listeners
+  return true;
+}();
 
 TEST(ShmTest, CreatedSegmentIsSeenByAnOpener) {
   const auto name = unique_name("seen");
