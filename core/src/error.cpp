@@ -29,6 +29,19 @@ class core_category_impl final : public boost::system::error_category {
     }
     return "unknown uipc.core error " + std::to_string(value);
   }
+
+  // Lets portable code test the obvious ones: ec == boost::system::errc::timed_out.
+  boost::system::error_condition default_error_condition(int value) const noexcept override {
+    using generic = boost::system::errc::errc_t;
+    switch (static_cast<errc>(value)) {
+      case errc::frame_too_large: return boost::system::errc::make_error_condition(generic::message_size);
+      case errc::timed_out: return boost::system::errc::make_error_condition(generic::timed_out);
+      case errc::address_in_use: return boost::system::errc::make_error_condition(generic::address_in_use);
+      case errc::not_a_socket: return boost::system::errc::make_error_condition(generic::not_a_socket);
+      case errc::peer_closed: return boost::system::errc::make_error_condition(generic::connection_reset);
+      default: return {value, *this};
+    }
+  }
 };
 
 }  // namespace

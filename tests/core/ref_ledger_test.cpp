@@ -1,4 +1,5 @@
 // ref_ptr counting and the per-holder ledger.
+#include "uipc/core/error.hpp"
 #include "uipc/core/ledger.hpp"
 #include "uipc/core/ref.hpp"
 
@@ -47,6 +48,14 @@ TEST(RefTest, CopiesOnManyThreadsBalance) {
   EXPECT_EQ(use_count(shared), 1u);
   shared.reset();
   EXPECT_EQ(destroyed, 1);
+}
+
+TEST(CoreErrorTest, CodesHaveMessagesAndPortableConditions) {
+  EXPECT_EQ(make_error_code(errc::bad_frame).category().name(), std::string("uipc.core"));
+  EXPECT_EQ(make_error_code(errc::bad_frame).message(), "frame is not a valid envelope");
+  EXPECT_TRUE(make_error_code(errc::timed_out) == boost::system::errc::timed_out);
+  EXPECT_TRUE(make_error_code(errc::peer_closed) == boost::system::errc::connection_reset);
+  EXPECT_FALSE(make_error_code(errc::shutting_down) == boost::system::errc::operation_canceled);
 }
 
 TEST(LedgerTest, CountsPerHolderAndPerObject) {
