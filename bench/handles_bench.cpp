@@ -1,0 +1,371 @@
+// bench_handles: the handle daemon's hot paths against the floors and the peer a
+// user would otherwise pick, in one run.
+//  - BM_EventPingPong/<spin us>: two processes bouncing between two auto-reset
+//    events (per round trip), against BM_FutexPingPong (raw futexes in shared
+//    memory, always sleeping: the floor), BM_SpinPingPong/<spin us> (raw shared
+//    memory, spin then futex: the floor when the waiter is already waiting) and
+//    BM_PosixSemPingPong (named POSIX semaphores: the peer).
+//  - BM_CreateClose (create an event through the daemon, drop it) against
+//    BM_RawUdsRoundTrip/64 (one 64-byte round trip on a Unix socket).
+// The peer process of the event benchmark is this program again, run with --peer.
+//
+// Where the processes run decides the numbers on a small VM: across CPUs a
+// futex wake costs tens of microseconds, on one CPU a context switch costs
+// about one. UIPC_BENCH_PLACEMENT=split pins this process to CPU 0 and every
+// peer (and the daemon) to CPU 1; =same pins all to CPU 0; unset leaves the
+// scheduler free.
+#include <benchmark/benchmark.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <thread>
+
+#include "uipc/handles/client.hpp"
+
+namespace {
+
+using namespace uipc::handles;
+using steady = std::chrono::steady_clock;
+
+enum class placement { free, split, same };
+
+placement chosen_placement() {
+  const char* p = std::getenv("UIPC_BENCH_PLACEMENT");
+  if (p == nullptr) return placement::free;
+  if (std::strcmp(p, "split") == 0) return placement::split;
+  if (std::strcmp(p, "same") == 0) return placement::same;
+  return placement::free;
+}
+
+void pin_to(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  ::sched_setaffinity(0, sizeof set, &set);
+}
+
+// In a peer (child) process: where the placement puts peers.
+void place_peer() {
+  if (chosen_placement() == placement::split) pin_to(1);
+}
+
+// Runs `f` (which may start a daemon: it inherits our affinity) placed as a peer.
+template <class F>
+auto as_peer(F f) {
+  if (chosen_placement() != placement::split) return f();
+  pin_to(1);
+  auto r = f();
+  pin_to(0);
+  return r;
+}
+
+// ---- raw shared memory and futexes ---------------------------------------------------
+
+struct alignas(64) flag {
+  std::atomic<std::uint32_t> word{0};
+  std::atomic<std::uint32_t> sleepers{0};
+};
+
+struct shared_pair {
+  flag ping;
+  flag pong;
+  std::atomic<std::uint32_t> stop{0};
+};
+
+void futex_wait(std::atomic<std::uint32_t>& w, std::uint32_t expected) {
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&w), FUTEX_WAIT, expected, nullptr, nullptr,
+            0);
+}
+void futex_wake(std::atomic<std::uint32_t>& w) {
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&w), FUTEX_WAKE, 1, nullptr, nullptr, 0);
+}
+
+// Takes the flag: spins up to `spin`, then sleeps on the futex.
+void take(flag& f, std::chrono::nanoseconds spin) {
+  if (spin.count() > 0) {
+    const auto until = steady::now() + spin;
+    for (unsigned i = 0;; ++i) {
+      // Read first, write only when it can succeed: the same discipline as the
+      // handle wait, so the floor is fair.
+      std::uint32_t one = 1;
+      if (f.word.load(std::memory_order_relaxed) == 1 && f.word.compare_exchange_strong(one, 0))
+        return;
+      __builtin_ia32_pause();
+      if ((i & 63) == 0 && steady::now() >= until) break;
+    }
+  }
+  f.sleepers.fetch_add(1);
+  for (;;) {
+    std::uint32_t one = 1;
+    if (f.word.compare_exchange_strong(one, 0)) break;
+    futex_wait(f.word, 0);
+  }
+  f.sleepers.fetch_sub(1);
+}
+
+void give(flag& f, bool always_wake) {
+  f.word.store(1);
+  if (always_wake || f.sleepers.load() != 0) futex_wake(f.word);
+}
+
+// The always-sleeping floor: the waiter goes straight to the futex.
+void take_sleeping(flag& f) {
+  for (;;) {
+    std::uint32_t one = 1;
+    if (f.word.compare_exchange_strong(one, 0)) return;
+    futex_wait(f.word, 0);
+  }
+}
+
+template <class Take, class Give>
+void raw_ping_pong(benchmark::State& state, Take take_fn, Give give_fn) {
+  void* mem = ::mmap(nullptr, sizeof(shared_pair), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  auto* pair = new (mem) shared_pair;
+  const pid_t child = ::fork();
+  if (child == 0) {
+    place_peer();
+    for (;;) {
+      take_fn(pair->ping);
+      if (pair->stop.load()) ::_exit(0);
+      give_fn(pair->pong);
+    }
+  }
+  for (auto _ : state) {
+    give_fn(pair->ping);
+    take_fn(pair->pong);
+  }
+  pair->stop.store(1);
+  give_fn(pair->ping);
+  ::waitpid(child, nullptr, 0);
+  ::munmap(mem, sizeof(shared_pair));
+}
+
+void BM_FutexPingPong(benchmark::State& state) {
+  raw_ping_pong(
+      state, [](flag& f) { take_sleeping(f); }, [](flag& f) { give(f, true); });
+}
+BENCHMARK(BM_FutexPingPong)->UseRealTime();
+
+void BM_SpinPingPong(benchmark::State& state) {
+  const std::chrono::microseconds spin(state.range(0));
+  raw_ping_pong(
+      state, [spin](flag& f) { take(f, spin); }, [](flag& f) { give(f, false); });
+}
+BENCHMARK(BM_SpinPingPong)->Arg(50)->UseRealTime();
+
+void BM_PosixSemPingPong(benchmark::State& state) {
+  const std::string ping_name = "/uipc-bench-ping-" + std::to_string(::getpid());
+  const std::string pong_name = "/uipc-bench-pong-" + std::to_string(::getpid());
+  sem_t* ping = ::sem_open(ping_name.c_str(), O_CREAT | O_EXCL, 0600, 0);
+  sem_t* pong = ::sem_open(pong_name.c_str(), O_CREAT | O_EXCL, 0600, 0);
+  ::sem_unlink(ping_name.c_str());
+  ::sem_unlink(pong_name.c_str());
+  void* mem = ::mmap(nullptr, sizeof(std::atomic<int>), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  auto* stop = new (mem) std::atomic<int>(0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    place_peer();
+    for (;;) {
+      while (::sem_wait(ping) != 0) {
+      }
+      if (stop->load()) ::_exit(0);
+      ::sem_post(pong);
+    }
+  }
+  for (auto _ : state) {
+    ::sem_post(ping);
+    while (::sem_wait(pong) != 0) {
+    }
+  }
+  stop->store(1);
+  ::sem_post(ping);
+  ::waitpid(child, nullptr, 0);
+  ::sem_close(ping);
+  ::sem_close(pong);
+  ::munmap(mem, sizeof(std::atomic<int>));
+}
+BENCHMARK(BM_PosixSemPingPong)->UseRealTime();
+
+// ---- through the handle daemon ---------------------------------------------------------
+
+// A private directory for this run's daemon (the peer is told it with --peer).
+std::string peer_directory;  // set in the peer: the parent's directory
+
+std::string& bench_directory() {
+  static std::string dir;
+  if (!peer_directory.empty()) return peer_directory;
+  if (dir.empty()) {
+    std::string pattern = (std::filesystem::temp_directory_path() / "uipc-bench-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) std::abort();
+    dir = pattern;
+  }
+  return dir;
+}
+
+client_options bench_options(std::chrono::nanoseconds spin) {
+  client_options o;
+  o.where.directory = bench_directory();
+  o.where.name = "bench";
+  o.daemon_path = UIPC_BENCH_HANDLED_PATH;
+  o.daemon_linger = std::chrono::milliseconds(0);
+  o.spin = spin;
+  return o;
+}
+
+// The stop flag lives in a scratch block of the daemon's segment: the peer
+// checks it with one load per round, no system call.
+std::atomic_ref<std::uint32_t> stop_flag(client& c, std::uint64_t offset) {
+  return std::atomic_ref<std::uint32_t>(
+      *reinterpret_cast<std::uint32_t*>(c.scratch_area().data() + offset));
+}
+
+// The peer: opens the two events, then bounces until the stop flag is set.
+int run_peer(int argc, char** argv) {
+  if (argc != 7) return 64;
+  peer_directory = argv[6];
+  const std::chrono::microseconds spin(std::atoi(argv[2]));
+  auto c = client::connect(bench_options(spin));
+  if (!c) return 1;
+  auto ping = c->open_event(argv[3]);
+  auto pong = c->open_event(argv[4]);
+  if (!ping || !pong) return 2;
+  auto stop = stop_flag(*c, std::strtoull(argv[5], nullptr, 10));
+  std::printf("ready\n");
+  std::fflush(stdout);
+  for (;;) {
+    if (!ping->wait()) return 3;
+    if (stop.load() != 0) return 0;
+    if (pong->signal()) return 4;
+  }
+}
+
+void BM_EventPingPong(benchmark::State& state) {
+  const std::chrono::microseconds spin(state.range(0));
+  auto c = as_peer([&] { return client::connect(bench_options(spin)); });
+  if (!c) {
+    state.SkipWithError(("connect: " + c.error().message()).c_str());
+    return;
+  }
+  static int round = 0;
+  const std::string ping_name = "ping-" + std::to_string(++round);
+  const std::string pong_name = "pong-" + std::to_string(round);
+  auto ping = c->create_event(event_reset::automatic, false, ping_name);
+  auto pong = c->create_event(event_reset::automatic, false, pong_name);
+  auto block = c->store_scratch(sizeof(std::uint32_t));
+  if (!ping || !pong || !block) {
+    state.SkipWithError("create");
+    return;
+  }
+  int out[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) std::abort();
+  std::string args[] = {"/proc/self/exe", "--peer",  std::to_string(state.range(0)),
+                        ping_name,        pong_name, std::to_string(block->offset()),
+                        bench_directory()};
+  char* argv[] = {args[0].data(), args[1].data(), args[2].data(), args[3].data(),
+                  args[4].data(), args[5].data(), args[6].data(), nullptr};
+  const pid_t child = ::fork();
+  if (child == 0) {
+    place_peer();
+    ::dup2(out[1], 1);
+    ::execv(argv[0], argv);
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  char ready[6] = {};
+  if (::read(out[0], ready, 6) != 6) {
+    state.SkipWithError("peer did not start");
+    ::kill(child, SIGKILL);
+    ::waitpid(child, nullptr, 0);
+    ::close(out[0]);
+    return;
+  }
+  for (auto _ : state) {
+    ping->signal();
+    pong->wait();
+  }
+  stop_flag(*c, block->offset()).store(1);
+  ping->signal();
+  ::waitpid(child, nullptr, 0);
+  ::close(out[0]);
+}
+BENCHMARK(BM_EventPingPong)->Arg(0)->Arg(50)->UseRealTime();
+
+void BM_CreateClose(benchmark::State& state) {
+  auto c = as_peer([] { return client::connect(bench_options(std::chrono::microseconds(50))); });
+  if (!c) {
+    state.SkipWithError(("connect: " + c.error().message()).c_str());
+    return;
+  }
+  for (auto _ : state) {
+    auto e = c->create_event(event_reset::automatic);
+    benchmark::DoNotOptimize(e);
+  }
+}
+BENCHMARK(BM_CreateClose)->UseRealTime();
+
+void BM_RawUdsRoundTrip(benchmark::State& state) {
+  const auto size = static_cast<std::size_t>(state.range(0));
+  int sv[2];
+  ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    place_peer();
+    ::close(sv[0]);
+    std::string buf(size, '\0');
+    for (;;) {
+      std::size_t got = 0;
+      while (got < size) {
+        const ssize_t n = ::read(sv[1], buf.data() + got, size - got);
+        if (n <= 0) ::_exit(0);
+        got += static_cast<std::size_t>(n);
+      }
+      if (::write(sv[1], buf.data(), size) != static_cast<ssize_t>(size)) ::_exit(1);
+    }
+  }
+  ::close(sv[1]);
+  std::string buf(size, 'x');
+  for (auto _ : state) {
+    if (::write(sv[0], buf.data(), size) != static_cast<ssize_t>(size)) break;
+    std::size_t got = 0;
+    while (got < size) {
+      const ssize_t n = ::read(sv[0], buf.data() + got, size - got);
+      if (n <= 0) break;
+      got += static_cast<std::size_t>(n);
+    }
+  }
+  ::close(sv[0]);
+  ::waitpid(child, nullptr, 0);
+}
+BENCHMARK(BM_RawUdsRoundTrip)->Arg(64)->UseRealTime();
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc >= 2 && std::strcmp(argv[1], "--peer") == 0) return run_peer(argc, argv);
+  ::signal(SIGPIPE, SIG_IGN);
+  if (chosen_placement() != placement::free) pin_to(0);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  std::error_code ignored;
+  std::filesystem::remove_all(bench_directory(), ignored);
+  return 0;
+}

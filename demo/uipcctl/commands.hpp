@@ -1,0 +1,19 @@
+// uipcctl's subcommands: each lives in its own file and is listed in main.cpp.
+#pragma once
+
+#include <span>
+
+namespace uipcctl {
+
+/// One subcommand: `uipcctl <name> args...`. `run` gets the arguments after the
+/// name and returns the process's exit status.
+struct command {
+  const char* name;
+  const char* summary;
+  int (*run)(std::span<char* const> args);
+};
+
+/// `uipcctl handles ...`: the handle daemon (handles_command.cpp).
+int run_handles(std::span<char* const> args);
+
+}  // namespace uipcctl

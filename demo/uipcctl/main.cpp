@@ -1,0 +1,31 @@
+// uipcctl: the command-line client of uipc's daemons. Dispatches to one
+// subcommand per module; each is a separate file (see commands.hpp).
+#include <array>
+#include <cstdio>
+#include <cstring>
+
+#include "commands.hpp"
+
+namespace {
+
+constexpr std::array commands{
+    uipcctl::command{"handles", "named events, mutexes and semaphores of the handle daemon",
+                     uipcctl::run_handles},
+};
+
+int usage() {
+  std::fprintf(stderr, "usage: uipcctl <command> [args...]\n\ncommands:\n");
+  for (const auto& c : commands) std::fprintf(stderr, "  %-10s %s\n", c.name, c.summary);
+  return 64;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return usage();
+  for (const auto& c : commands) {
+    if (std::strcmp(argv[1], c.name) == 0)
+      return c.run(std::span<char* const>(argv + 2, argv + argc));
+  }
+  return usage();
+}

@@ -1,0 +1,248 @@
+// The client facade of the handle daemon: named events, mutexes and semaphores
+// shared between processes, as RAII objects.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "uipc/core/error.hpp"
+#include "uipc/handles/daemon.hpp"
+#include "uipc/handles/error.hpp"
+#include "uipc/handles/types.hpp"
+
+namespace uipc::handles {
+
+namespace detail {
+struct session;
+struct slot;
+}  // namespace detail
+
+/// A timeout that never passes.
+inline constexpr std::chrono::nanoseconds infinite{-1};
+
+/// How a client finds (and, if need be, starts) its daemon.
+struct client_options {
+  location where;
+  /// Start a daemon when none serves the location.
+  bool autostart = true;
+  /// The daemon program; empty: $UIPC_HANDLED_PATH, else "uipc-handled" on $PATH.
+  /// A started daemon's standard streams go to /dev/null (stderr is kept when
+  /// $UIPC_HANDLED_STDERR is set).
+  std::string daemon_path;
+  /// Options passed to a daemon this client starts.
+  std::chrono::milliseconds daemon_linger{1000};
+  std::uint32_t daemon_capacity = 1024;
+  std::size_t daemon_scratch_size = 256 * 1024;
+  /// How long connect() may take, starting a daemon included.
+  std::chrono::milliseconds start_timeout{10000};
+  /// How long a wait spins on shared memory before it sleeps on a futex.
+  std::chrono::nanoseconds spin{std::chrono::microseconds(50)};
+};
+
+/// One entry of client::list().
+struct handle_info {
+  handle_id handle;
+  object_type type = object_type::none;
+  std::uint32_t refcount = 0;
+  std::string name;
+  std::uint32_t value = 0;  ///< event: signalled 0/1; semaphore: count; mutex: owner tid (0: free)
+};
+
+/// A reference to a kernel object. Move-only; the destructor closes the reference
+/// (a round trip to the daemon), and the object dies with its last reference in
+/// any process. Threading: one object may be used from several threads at once
+/// (waits, signals), but not moved or closed concurrently with that.
+class object {
+ public:
+  object() = default;
+  object(object&&) noexcept;
+  object& operator=(object&&) noexcept;
+  object(const object&) = delete;
+  object& operator=(const object&) = delete;
+  ~object();
+
+  handle_id handle() const noexcept { return handle_; }
+  object_type type() const noexcept { return type_; }
+  /// create_*() found an object of that name and opened it instead.
+  bool existed() const noexcept { return existed_; }
+  explicit operator bool() const noexcept { return session_ != nullptr; }
+
+  /// Waits until the object is signalled and takes it (an auto-reset event is
+  /// reset, a semaphore's count drops by one, a mutex becomes the calling
+  /// thread's). Runs in shared memory: no daemon round trip. Returns
+  /// wait_status::abandoned for a mutex whose previous owner died holding it.
+  /// Errors: errc::daemon_lost, errc::stale_handle, errc::invalid_handle (empty object).
+  result<wait_status> wait(std::chrono::nanoseconds timeout = infinite) const;
+
+  /// Drops this reference now (one round trip); afterwards the object is empty.
+  /// errc::not_held / stale_handle if the daemon no longer counts it;
+  /// daemon_lost after a restart. The destructor drops it too, but without
+  /// waiting for the daemon's answer (requests are served in order, so the
+  /// client's next request already sees it closed).
+  error_code close();
+
+  /// Gives the reference up without closing it: it stays counted for the client
+  /// until client::close(handle) or the client's disconnect. The object is empty.
+  handle_id detach() noexcept;
+
+ protected:
+  friend class client;
+  friend struct wait_access;
+  object(std::shared_ptr<detail::session> s, handle_id h, object_type t, bool existed);
+  result<detail::slot*> checked(object_type expected) const;
+
+  std::shared_ptr<detail::session> session_;
+  handle_id handle_;
+  object_type type_ = object_type::none;
+  bool existed_ = false;
+};
+
+/// A manual- or auto-reset event.
+class event : public object {
+ public:
+  event() = default;
+  /// Sets the event; wakes every waiter (manual) or one (auto). No round trip.
+  error_code signal() const;
+  /// Clears the event. No round trip.
+  error_code reset() const;
+
+ private:
+  friend class client;
+  explicit event(object&& o) : object(std::move(o)) {}
+};
+
+/// An owned, recursive mutex. wait() takes it (again, for the owner).
+class mutex : public object {
+ public:
+  mutex() = default;
+  /// Releases one level of ownership; errc::not_owner unless the calling thread owns it.
+  error_code release() const;
+
+ private:
+  friend class client;
+  explicit mutex(object&& o) : object(std::move(o)) {}
+};
+
+/// A counting semaphore with a maximum.
+class semaphore : public object {
+ public:
+  semaphore() = default;
+  /// Adds `count`; returns the count before. errc::semaphore_limit above the maximum.
+  result<std::uint32_t> release(std::uint32_t count = 1) const;
+
+ private:
+  friend class client;
+  explicit semaphore(object&& o) : object(std::move(o)) {}
+};
+
+/// A block of the segment's scratch area (zeroed when allocated), visible to every
+/// client at the same offset. Move-only; the destructor frees it.
+class scratch_block {
+ public:
+  scratch_block() = default;
+  scratch_block(scratch_block&&) noexcept;
+  scratch_block& operator=(scratch_block&&) noexcept;
+  ~scratch_block();
+
+  std::uint64_t offset() const noexcept { return offset_; }
+  std::span<std::byte> data() const noexcept { return data_; }
+  /// Frees the block now; errc::bad_scratch_offset if the daemon disagrees.
+  error_code free();
+
+ private:
+  friend class client;
+  std::shared_ptr<detail::session> session_;
+  std::uint64_t offset_ = 0;
+  std::span<std::byte> data_;
+};
+
+/// Kinds of event.
+enum class event_reset { manual, automatic };
+
+/// A connection to the handle daemon of a location, started if none serves.
+///
+/// Threading: every member may be called from any thread; calls that talk to
+/// the daemon block for one round trip, run on the calling thread (the client
+/// has no thread of its own; concurrent calls are serialized). If the daemon
+/// dies, every wait on its objects fails with errc::daemon_lost (in every
+/// process, within about a second even when it was killed with SIGKILL), and so
+/// does every later call; connect() again (which starts a fresh daemon) to go on.
+/// Lifetime: objects keep what they need alive, so they may outlive the client.
+class client {
+ public:
+  /// Connects, starting a daemon if none serves and options.autostart is set.
+  /// Of several clients racing, exactly one starts it. Errors:
+  /// errc::daemon_unavailable, daemon_failed_to_start, daemon_start_timeout.
+  static result<client> connect(client_options options = {});
+
+  client(client&&) noexcept;
+  client& operator=(client&&) noexcept;
+  ~client();
+
+  /// Creates an event, or opens the one already named `name` (existed() tells).
+  result<event> create_event(event_reset reset, bool initially_signalled = false,
+                             std::string_view name = {});
+  /// Creates a mutex, owned by the calling thread if `initially_owned`.
+  result<mutex> create_mutex(bool initially_owned = false, std::string_view name = {});
+  result<semaphore> create_semaphore(std::uint32_t initial, std::uint32_t maximum,
+                                     std::string_view name = {});
+
+  result<event> open_event(std::string_view name);
+  result<mutex> open_mutex(std::string_view name);
+  result<semaphore> open_semaphore(std::string_view name);
+  /// Opens any object by name or by handle (e.g. one passed from another process).
+  result<object> open(std::string_view name);
+  result<object> open(handle_id handle);
+  /// Typed views of an opened object; errc::wrong_type otherwise.
+  static result<event> as_event(object&& o);
+  static result<mutex> as_mutex(object&& o);
+  static result<semaphore> as_semaphore(object&& o);
+
+  /// Drops one reference the client holds on `handle` (e.g. a detached one).
+  /// errc::not_held when it holds none: a reference belongs to the client that
+  /// took it, and nobody else can drop it.
+  error_code close(handle_id handle);
+
+  /// Allocates a zeroed block of at least `bytes` in the scratch area.
+  result<scratch_block> store_scratch(std::size_t bytes);
+  /// The whole scratch area (to read a block another process names by offset).
+  std::span<std::byte> scratch_area() const;
+
+  /// Waits until any one of `objects` is signalled and takes that one (the
+  /// lowest position when several are). All objects must come from this client.
+  result<wait_result> wait_any(std::span<const object* const> objects,
+                               std::chrono::nanoseconds timeout = infinite);
+  result<wait_result> wait_any(std::initializer_list<const object*> objects,
+                               std::chrono::nanoseconds timeout = infinite);
+  /// Waits until every one of `objects` is signalled and takes them all at once:
+  /// nothing is taken until all can be. Duplicates are errc::invalid_argument.
+  result<wait_result> wait_all(std::span<const object* const> objects,
+                               std::chrono::nanoseconds timeout = infinite);
+  result<wait_result> wait_all(std::initializer_list<const object*> objects,
+                               std::chrono::nanoseconds timeout = infinite);
+
+  result<std::vector<handle_info>> list();
+  result<daemon_stats> stats();
+
+  /// The daemon's pid; whether it is still there.
+  std::int32_t daemon_pid() const noexcept;
+  bool connected() const noexcept;
+
+ private:
+  explicit client(std::shared_ptr<detail::session> s);
+  result<object> create(object_type type, std::string_view name, bool initial, std::uint32_t count,
+                        std::uint32_t maximum);
+  result<wait_result> wait_many(std::span<const object* const> objects, bool all,
+                                std::chrono::nanoseconds timeout);
+
+  std::shared_ptr<detail::session> session_;
+};
+
+}  // namespace uipc::handles

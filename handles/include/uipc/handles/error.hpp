@@ -1,0 +1,44 @@
+// Errors of the handle daemon and its clients: the "uipc.handles" category.
+#pragma once
+
+#include <type_traits>
+
+#include "uipc/core/error.hpp"
+
+namespace uipc::handles {
+
+/// Handle-daemon error conditions. Values are stable: they travel on the wire.
+enum class errc {
+  invalid_handle = 1,      ///< index out of the table's range, or the null handle
+  stale_handle,            ///< the slot was closed (and maybe reused) since the handle was issued
+  wrong_type,              ///< the handle names an object of another type
+  not_held,                ///< close without a reference held by this client
+  name_too_long,           ///< names are at most 63 bytes
+  name_in_use,             ///< the name belongs to an object of another type
+  name_not_found,          ///< no object has this name
+  table_full,              ///< every slot of the handle table is in use
+  scratch_exhausted,       ///< no free scratch block is large enough
+  bad_scratch_offset,      ///< not the start of a scratch block this client allocated
+  bad_request,             ///< a request that does not decode or has invalid fields
+  unknown_request,         ///< a frame type the daemon does not know
+  not_owner,               ///< mutex release by a thread that does not own it
+  semaphore_limit,         ///< release would raise the count above the maximum
+  invalid_argument,        ///< bad arguments to a local call (empty or duplicate wait set, ...)
+  daemon_unavailable,      ///< no daemon serves and none could be started
+  daemon_failed_to_start,  ///< the started daemon died at startup
+  daemon_start_timeout,    ///< the started daemon did not report "running" in time
+  daemon_lost,             ///< the daemon went away; this client's handles are gone
+  permission_denied,       ///< the peer runs as another user
+};
+
+/// The category of errc, named "uipc.handles".
+const boost::system::error_category& handles_category() noexcept;
+
+inline error_code make_error_code(errc e) noexcept {
+  return {static_cast<int>(e), handles_category()};
+}
+
+}  // namespace uipc::handles
+
+template <>
+struct boost::system::is_error_code_enum<uipc::handles::errc> : std::true_type {};

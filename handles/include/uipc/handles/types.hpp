@@ -1,0 +1,79 @@
+// Value types shared by the handle daemon and its clients.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "uipc/core/error.hpp"
+
+namespace uipc::handles {
+
+/// What a handle names.
+enum class object_type : std::uint32_t {
+  none = 0,
+  manual_event = 1,  ///< stays signalled until reset; a signal wakes every waiter
+  auto_event = 2,    ///< a successful wait resets it; a signal wakes one waiter
+  mutex = 3,         ///< owned by a thread, recursive, abandoned when its owner dies
+  semaphore = 4,     ///< a count between 0 and a maximum; a wait takes one
+};
+
+/// "manual_event", "auto_event", "mutex", "semaphore" or "none".
+const char* to_string(object_type t) noexcept;
+
+/// A slot of the daemon's table and the generation it had when the handle was
+/// issued: a slot closed and reused gets a new generation, so an old handle is
+/// refused (errc::stale_handle) instead of reaching the new object.
+struct handle_id {
+  std::uint32_t index = 0;
+  std::uint32_t generation = 0;
+  friend bool operator==(const handle_id&, const handle_id&) = default;
+};
+
+/// "index:generation".
+std::string to_string(handle_id h);
+/// Parses "index:generation"; errc::invalid_argument otherwise.
+result<handle_id> parse_handle_id(const std::string& text);
+
+/// How a wait ended (errors are reported through result<> instead).
+enum class wait_status {
+  signalled,  ///< the object(s) were signalled and, where that consumes, taken
+  abandoned,  ///< a mutex was taken whose previous owner died holding it
+  timed_out,  ///< the timeout passed first; nothing was taken
+};
+
+/// The outcome of a wait on several objects.
+struct wait_result {
+  wait_status status = wait_status::timed_out;
+  /// wait_any: which object (position in the wait set). wait_all: with status
+  /// abandoned, the first abandoned mutex; else 0.
+  std::size_t index = 0;
+};
+
+/// Where one handle daemon lives. Clients and the daemon derive the socket path,
+/// the start lock and the segment name from it, so both must be given the same.
+struct location {
+  /// Private directory for the socket; empty: uipc::runtime_directory().
+  std::string directory;
+  /// Names the daemon instance: socket "<directory>/uipc-<name>.sock",
+  /// segment "uipc-<name>-<uid>-<hash of directory>". Letters, digits, '_', '-'.
+  std::string name = "handles";
+};
+
+/// The resolved paths of a location.
+struct resolved_location {
+  std::string directory;
+  std::string socket_path;
+  std::string start_lock_path;
+  std::string segment_name;
+};
+
+/// Resolves `where` (creating and checking the directory as runtime_directory() does).
+result<resolved_location> resolve(const location& where);
+
+/// Longest object name, in bytes.
+inline constexpr std::size_t max_name_length = 63;
+/// Most objects in one wait_any / wait_all.
+inline constexpr std::size_t max_wait_objects = 64;
+
+}  // namespace uipc::handles

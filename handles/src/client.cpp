@@ -1,0 +1,533 @@
+// The client facade: connecting (and starting a daemon), the control round trips,
+// and object operations that run in the shared segment.
+#include "uipc/handles/client.hpp"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <optional>
+#include <thread>
+
+#include "session.hpp"
+#include "uipc/proto/handles.pb.h"
+
+namespace uipc::handles {
+
+namespace pb = uipc::proto::handles;
+using detail::request_type;
+using steady = std::chrono::steady_clock;
+
+namespace detail {
+
+session::~session() {
+  if (!conn) return;
+  std::lock_guard lock(call_mutex);
+  conn->close();
+  // Let the close (dispatched to the connection's strand) and the sends still
+  // queued run, so the daemon sees our socket close now.
+  ctx.restart();
+  ctx.poll();
+  conn.reset();
+}
+
+result<frame> session::call(request_type type, std::string payload) {
+  if (map->lost.load()) return make_error_code(errc::daemon_lost);
+  frame request;
+  request.kind = frame_kind::request;
+  request.type = static_cast<std::uint32_t>(type);
+  request.payload = std::move(payload);
+  std::lock_guard lock(call_mutex);
+  std::optional<std::pair<error_code, frame>> reply;
+  conn->async_call(std::move(request),
+                   [&reply](error_code ec, frame f) { reply.emplace(ec, std::move(f)); });
+  ctx.restart();
+  for (int idle = 0; !reply;) {
+    // Only this thread runs ctx (under call_mutex), so the handler that fills
+    // `reply` runs here; the connection's pending reads keep run_one waiting.
+    // A loop with nothing left to run and no reply cannot produce one.
+    if (ctx.run_one() != 0) {
+      idle = 0;
+      continue;
+    }
+    if (++idle == 3) {
+      map->lost.store(true);
+      return make_error_code(errc::daemon_lost);
+    }
+    ctx.restart();
+  }
+  auto& [ec, f] = *reply;
+  if (ec) {
+    if (ec.category() == handles_category()) return ec;
+    map->lost.store(true);
+    return make_error_code(errc::daemon_lost);
+  }
+  return std::move(f);
+}
+
+void session::post(request_type type, std::string payload) {
+  if (map->lost.load()) return;
+  frame request;
+  request.kind = frame_kind::request;
+  request.type = static_cast<std::uint32_t>(type);
+  request.payload = std::move(payload);
+  std::lock_guard lock(call_mutex);
+  // A call whose reply nobody awaits: the reply is read (and dropped) by the
+  // next call's run of the loop. Requests on a connection are served in
+  // order, so every later request sees this one done.
+  conn->async_call(std::move(request), [](error_code, frame) {});
+  ctx.restart();
+  ctx.poll();
+}
+
+namespace {
+
+bool retryable(error_code ec) {
+  return ec == errc::daemon_lost || ec == errc::daemon_unavailable ||
+         ec == uipc::errc::bad_segment || ec == uipc::errc::peer_closed ||
+         ec == boost::system::errc::no_such_file_or_directory ||
+         ec == boost::system::errc::connection_refused;
+}
+
+}  // namespace
+
+result<std::shared_ptr<session>> open_session(const client_options& options,
+                                              const resolved_location& where) {
+  auto s = std::make_shared<session>();
+  s->options = options;
+  s->map = std::make_shared<mapping>();
+  connection_options co;
+  co.error_categories = {&handles_category()};
+  co.max_frame_size = 16 << 20;
+  auto c = connection::connect(s->ctx, where.socket_path, co);
+  if (!c) return c.error();
+  s->conn = *c;
+  if (s->conn->peer().uid != ::geteuid()) return make_error_code(errc::permission_denied);
+  auto hello = s->call(request_type::hello, pb::HelloRequest{}.SerializeAsString());
+  if (!hello) return hello.error();
+  pb::HelloReply info;
+  if (!info.ParseFromString(hello->payload)) return make_error_code(errc::bad_request);
+  auto seg = shm_segment::open(info.segment_name(), identity);
+  if (!seg) return seg.error();
+  auto view = attach_segment(seg->data(), seg->size());
+  if (!view) return view.error();
+  if (view->header->daemon_pid.load() != info.daemon_pid() || !view->running()) {
+    return make_error_code(errc::daemon_lost);
+  }
+  s->map->segment.emplace(std::move(*seg));
+  s->map->view = *view;
+  s->map->daemon_pid = info.daemon_pid();
+  return s;
+}
+
+}  // namespace detail
+
+// ---- client ---------------------------------------------------------------------
+
+result<client> client::connect(client_options options) {
+  auto where = resolve(options.where);
+  if (!where) return where.error();
+  const auto deadline = steady::now() + options.start_timeout;
+  error_code last;
+  for (int round = 0; steady::now() < deadline; ++round) {
+    auto s = detail::open_session(options, *where);
+    if (s) return client(std::move(*s));
+    last = s.error();
+    if (!detail::retryable(last)) return last;
+    if (!options.autostart) return make_error_code(errc::daemon_unavailable);
+    if (round >= 4) break;
+    // One starter at a time: the others wait here, then find the daemon it started.
+    unique_fd lock(
+        ::open(where->start_lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
+    if (!lock) return error_code(errno, boost::system::system_category());
+    while (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0) {
+      if (steady::now() >= deadline) return make_error_code(errc::daemon_start_timeout);
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    s = detail::open_session(options, *where);
+    if (s) return client(std::move(*s));
+    if (auto ec = detail::start_daemon(options, *where, deadline)) {
+      // Ours may have lost the location to a daemon started some other way.
+      s = detail::open_session(options, *where);
+      if (s) return client(std::move(*s));
+      return ec;
+    }
+  }
+  if (steady::now() >= deadline) return make_error_code(errc::daemon_start_timeout);
+  return make_error_code(errc::daemon_unavailable);
+}
+
+client::client(std::shared_ptr<detail::session> s) : session_(std::move(s)) {}
+client::client(client&&) noexcept = default;
+client& client::operator=(client&&) noexcept = default;
+client::~client() = default;
+
+std::int32_t client::daemon_pid() const noexcept {
+  return session_ ? session_->map->daemon_pid : 0;
+}
+bool client::connected() const noexcept { return session_ && session_->usable(); }
+
+result<object> client::create(object_type type, std::string_view name, bool initial,
+                              std::uint32_t count, std::uint32_t maximum) {
+  if (!session_) return make_error_code(errc::daemon_lost);
+  if (name.size() > max_name_length) return make_error_code(errc::name_too_long);
+  pb::CreateRequest in;
+  in.set_type(static_cast<pb::ObjectType>(type));
+  in.set_name(std::string(name));
+  in.set_initial_state(initial);
+  in.set_initial_count(count);
+  in.set_max_count(maximum);
+  if (type == object_type::mutex && initial) in.set_owner_tid(detail::self().tid);
+  auto reply = session_->call(request_type::create, in.SerializeAsString());
+  if (!reply) return reply.error();
+  pb::HandleReply out;
+  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  return object(session_, {out.handle().index(), out.handle().generation()},
+                static_cast<object_type>(out.type()), out.existed());
+}
+
+result<event> client::create_event(event_reset reset, bool initially_signalled,
+                                   std::string_view name) {
+  auto o =
+      create(reset == event_reset::manual ? object_type::manual_event : object_type::auto_event,
+             name, initially_signalled, 0, 0);
+  if (!o) return o.error();
+  return as_event(std::move(*o));
+}
+
+result<mutex> client::create_mutex(bool initially_owned, std::string_view name) {
+  auto o = create(object_type::mutex, name, initially_owned, 0, 0);
+  if (!o) return o.error();
+  return as_mutex(std::move(*o));
+}
+
+result<semaphore> client::create_semaphore(std::uint32_t initial, std::uint32_t maximum,
+                                           std::string_view name) {
+  if (maximum == 0 || initial > maximum) return make_error_code(errc::invalid_argument);
+  auto o = create(object_type::semaphore, name, false, initial, maximum);
+  if (!o) return o.error();
+  return as_semaphore(std::move(*o));
+}
+
+result<object> client::open(std::string_view name) {
+  if (!session_) return make_error_code(errc::daemon_lost);
+  if (name.empty()) return make_error_code(errc::invalid_argument);
+  if (name.size() > max_name_length) return make_error_code(errc::name_too_long);
+  pb::OpenRequest in;
+  in.set_name(std::string(name));
+  auto reply = session_->call(request_type::open, in.SerializeAsString());
+  if (!reply) return reply.error();
+  pb::HandleReply out;
+  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  return object(session_, {out.handle().index(), out.handle().generation()},
+                static_cast<object_type>(out.type()), true);
+}
+
+result<object> client::open(handle_id handle) {
+  if (!session_) return make_error_code(errc::daemon_lost);
+  pb::OpenRequest in;
+  in.mutable_handle()->set_index(handle.index);
+  in.mutable_handle()->set_generation(handle.generation);
+  auto reply = session_->call(request_type::open, in.SerializeAsString());
+  if (!reply) return reply.error();
+  pb::HandleReply out;
+  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  return object(session_, handle, static_cast<object_type>(out.type()), true);
+}
+
+error_code client::close(handle_id handle) {
+  if (!session_) return make_error_code(errc::daemon_lost);
+  pb::CloseRequest in;
+  in.mutable_handle()->set_index(handle.index);
+  in.mutable_handle()->set_generation(handle.generation);
+  auto reply = session_->call(request_type::close, in.SerializeAsString());
+  return reply ? error_code{} : reply.error();
+}
+
+result<event> client::open_event(std::string_view name) {
+  auto o = open(name);
+  if (!o) return o.error();
+  return as_event(std::move(*o));
+}
+result<mutex> client::open_mutex(std::string_view name) {
+  auto o = open(name);
+  if (!o) return o.error();
+  return as_mutex(std::move(*o));
+}
+result<semaphore> client::open_semaphore(std::string_view name) {
+  auto o = open(name);
+  if (!o) return o.error();
+  return as_semaphore(std::move(*o));
+}
+
+// A wrong type gives the reference back at once (the object's destructor closes it).
+result<event> client::as_event(object&& o) {
+  if (o.type() != object_type::manual_event && o.type() != object_type::auto_event) {
+    object dropped(std::move(o));
+    return make_error_code(errc::wrong_type);
+  }
+  return event(std::move(o));
+}
+result<mutex> client::as_mutex(object&& o) {
+  if (o.type() != object_type::mutex) {
+    object dropped(std::move(o));
+    return make_error_code(errc::wrong_type);
+  }
+  return mutex(std::move(o));
+}
+result<semaphore> client::as_semaphore(object&& o) {
+  if (o.type() != object_type::semaphore) {
+    object dropped(std::move(o));
+    return make_error_code(errc::wrong_type);
+  }
+  return semaphore(std::move(o));
+}
+
+result<scratch_block> client::store_scratch(std::size_t bytes) {
+  if (!session_) return make_error_code(errc::daemon_lost);
+  pb::ScratchStoreRequest in;
+  in.set_size(bytes);
+  auto reply = session_->call(request_type::scratch_store, in.SerializeAsString());
+  if (!reply) return reply.error();
+  pb::ScratchStoreReply out;
+  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  const auto& v = session_->map->view;
+  if (out.offset() + out.size() > v.header->scratch_size) return make_error_code(errc::bad_request);
+  scratch_block b;
+  b.session_ = session_;
+  b.offset_ = out.offset();
+  b.data_ = std::span<std::byte>(v.scratch + out.offset(), out.size());
+  return b;
+}
+
+std::span<std::byte> client::scratch_area() const {
+  if (!session_) return {};
+  const auto& v = session_->map->view;
+  return {v.scratch, v.header->scratch_size};
+}
+
+result<wait_result> client::wait_many(std::span<const object* const> objects, bool all,
+                                      std::chrono::nanoseconds timeout) {
+  if (!session_) return make_error_code(errc::daemon_lost);
+  if (objects.empty() || objects.size() > max_wait_objects)
+    return make_error_code(errc::invalid_argument);
+  std::vector<detail::wait_target> targets;
+  std::vector<std::size_t> position;  // target i is objects[position[i]]
+  targets.reserve(objects.size());
+  for (std::size_t i = 0; i < objects.size(); ++i) {
+    const object* o = objects[i];
+    if (o == nullptr || !*o) return make_error_code(errc::invalid_handle);
+    if (o->session_ != session_) return make_error_code(errc::invalid_argument);
+    auto s = o->checked(object_type::none);
+    if (!s) return s.error();
+    targets.push_back({*s, o->type(), o->handle().generation});
+    position.push_back(i);
+  }
+  if (all) {
+    // One lock order for every wait-all (by slot), so two of them never deadlock.
+    std::vector<std::size_t> order(targets.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::sort(order.begin(), order.end(),
+              [&](std::size_t a, std::size_t b) { return targets[a].s < targets[b].s; });
+    std::vector<detail::wait_target> sorted;
+    std::vector<std::size_t> sorted_position;
+    for (std::size_t i : order) {
+      if (!sorted.empty() && sorted.back().s == targets[i].s)
+        return make_error_code(errc::invalid_argument);
+      sorted.push_back(targets[i]);
+      sorted_position.push_back(position[i]);
+    }
+    targets = std::move(sorted);
+    position = std::move(sorted_position);
+  }
+  auto r = detail::wait(session_->map->view, targets, all, timeout, session_->options.spin);
+  if (!r) return r.error();
+  if (r->status != wait_status::timed_out) r->index = position[r->index];
+  return r;
+}
+
+result<wait_result> client::wait_any(std::span<const object* const> objects,
+                                     std::chrono::nanoseconds timeout) {
+  return wait_many(objects, false, timeout);
+}
+result<wait_result> client::wait_any(std::initializer_list<const object*> objects,
+                                     std::chrono::nanoseconds timeout) {
+  return wait_many(std::span<const object* const>(objects.begin(), objects.size()), false, timeout);
+}
+result<wait_result> client::wait_all(std::span<const object* const> objects,
+                                     std::chrono::nanoseconds timeout) {
+  return wait_many(objects, true, timeout);
+}
+result<wait_result> client::wait_all(std::initializer_list<const object*> objects,
+                                     std::chrono::nanoseconds timeout) {
+  return wait_many(std::span<const object* const>(objects.begin(), objects.size()), true, timeout);
+}
+
+result<std::vector<handle_info>> client::list() {
+  if (!session_) return make_error_code(errc::daemon_lost);
+  auto reply = session_->call(request_type::list, pb::ListRequest{}.SerializeAsString());
+  if (!reply) return reply.error();
+  pb::ListReply out;
+  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  std::vector<handle_info> entries;
+  for (const auto& e : out.entries()) {
+    entries.push_back({{e.handle().index(), e.handle().generation()},
+                       static_cast<object_type>(e.type()),
+                       e.refcount(),
+                       e.name(),
+                       e.value()});
+  }
+  return entries;
+}
+
+result<daemon_stats> client::stats() {
+  if (!session_) return make_error_code(errc::daemon_lost);
+  auto reply = session_->call(request_type::stats, pb::StatsRequest{}.SerializeAsString());
+  if (!reply) return reply.error();
+  pb::StatsReply out;
+  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  daemon_stats s;
+  s.capacity = out.capacity();
+  s.handles_in_use = out.handles_in_use();
+  s.clients = out.clients();
+  s.scratch_size = out.scratch_size();
+  s.scratch_in_use = out.scratch_in_use();
+  s.scratch_blocks = out.scratch_blocks();
+  s.requests = out.requests();
+  s.errors = out.errors();
+  s.mutexes_abandoned = out.mutexes_abandoned();
+  s.daemon_pid = out.daemon_pid();
+  return s;
+}
+
+// ---- objects ----------------------------------------------------------------------
+
+object::object(std::shared_ptr<detail::session> s, handle_id h, object_type t, bool existed)
+    : session_(std::move(s)), handle_(h), type_(t), existed_(existed) {}
+
+object::object(object&& other) noexcept
+    : session_(std::move(other.session_)),
+      handle_(other.handle_),
+      type_(other.type_),
+      existed_(other.existed_) {
+  other.session_.reset();
+}
+
+object& object::operator=(object&& other) noexcept {
+  if (this != &other) {
+    close();
+    session_ = std::move(other.session_);
+    other.session_.reset();
+    handle_ = other.handle_;
+    type_ = other.type_;
+    existed_ = other.existed_;
+  }
+  return *this;
+}
+
+object::~object() {
+  if (session_ && session_->usable()) {
+    pb::CloseRequest in;
+    in.mutable_handle()->set_index(handle_.index);
+    in.mutable_handle()->set_generation(handle_.generation);
+    session_->post(request_type::close, in.SerializeAsString());
+  }
+}
+
+error_code object::close() {
+  if (!session_) return {};
+  auto s = std::move(session_);
+  session_.reset();
+  if (!s->usable()) return make_error_code(errc::daemon_lost);
+  pb::CloseRequest in;
+  in.mutable_handle()->set_index(handle_.index);
+  in.mutable_handle()->set_generation(handle_.generation);
+  auto reply = s->call(request_type::close, in.SerializeAsString());
+  return reply ? error_code{} : reply.error();
+}
+
+handle_id object::detach() noexcept {
+  session_.reset();
+  return handle_;
+}
+
+result<detail::slot*> object::checked(object_type expected) const {
+  if (!session_) return make_error_code(errc::invalid_handle);
+  if (!session_->usable()) return make_error_code(errc::daemon_lost);
+  return detail::checked_slot(session_->map->view, handle_, expected);
+}
+
+result<wait_status> object::wait(std::chrono::nanoseconds timeout) const {
+  auto s = checked(type_);
+  if (!s) return s.error();
+  const detail::wait_target target{*s, type_, handle_.generation};
+  auto r = detail::wait(session_->map->view, std::span(&target, 1), false, timeout,
+                        session_->options.spin);
+  if (!r) return r.error();
+  return r->status;
+}
+
+error_code event::signal() const {
+  auto s = checked(type_);
+  if (!s) return s.error();
+  return detail::signal_event(**s);
+}
+
+error_code event::reset() const {
+  auto s = checked(type_);
+  if (!s) return s.error();
+  return detail::reset_event(**s);
+}
+
+error_code mutex::release() const {
+  auto s = checked(object_type::mutex);
+  if (!s) return s.error();
+  return detail::release_mutex(**s);
+}
+
+result<std::uint32_t> semaphore::release(std::uint32_t count) const {
+  auto s = checked(object_type::semaphore);
+  if (!s) return s.error();
+  return detail::release_semaphore(**s, count);
+}
+
+// ---- scratch ------------------------------------------------------------------------
+
+scratch_block::scratch_block(scratch_block&& other) noexcept
+    : session_(std::move(other.session_)), offset_(other.offset_), data_(other.data_) {
+  other.session_.reset();
+}
+
+scratch_block& scratch_block::operator=(scratch_block&& other) noexcept {
+  if (this != &other) {
+    free();
+    session_ = std::move(other.session_);
+    other.session_.reset();
+    offset_ = other.offset_;
+    data_ = other.data_;
+  }
+  return *this;
+}
+
+scratch_block::~scratch_block() {
+  if (session_ && session_->usable()) {
+    pb::ScratchFreeRequest in;
+    in.set_offset(offset_);
+    session_->post(request_type::scratch_free, in.SerializeAsString());
+  }
+}
+
+error_code scratch_block::free() {
+  if (!session_) return {};
+  auto s = std::move(session_);
+  session_.reset();
+  data_ = {};
+  if (!s->usable()) return make_error_code(errc::daemon_lost);
+  pb::ScratchFreeRequest in;
+  in.set_offset(offset_);
+  auto reply = s->call(request_type::scratch_free, in.SerializeAsString());
+  return reply ? error_code{} : reply.error();
+}
+
+}  // namespace uipc::handles

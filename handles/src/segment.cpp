@@ -1,0 +1,593 @@
+// Operations on the handle segment: object state transitions, futex waits, and
+// the daemon's repairs. See segment.hpp for who may write which field.
+#include "segment.hpp"
+
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <new>
+#include <optional>
+
+namespace uipc::handles::detail {
+
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+constexpr std::uint64_t make_state(std::uint32_t locker, std::uint32_t value) noexcept {
+  return (static_cast<std::uint64_t>(locker) << 32) | value;
+}
+constexpr std::uint32_t value_of(std::uint64_t s) noexcept { return static_cast<std::uint32_t>(s); }
+constexpr std::uint32_t locker_of(std::uint64_t s) noexcept {
+  return static_cast<std::uint32_t>(s >> 32);
+}
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// FUTEX_WAIT / FUTEX_WAKE deliberately without FUTEX_PRIVATE_FLAG: the word is
+// in a MAP_SHARED mapping and waiter and waker are different processes.
+long futex_wait(std::atomic<std::uint32_t>* word, std::uint32_t expected,
+                const timespec* relative) {
+  return ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(word), FUTEX_WAIT, expected,
+                   relative, nullptr, 0);
+}
+void futex_wake(std::atomic<std::uint32_t>* word, int count) {
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(word), FUTEX_WAKE, count, nullptr, nullptr,
+            0);
+}
+long sys_futex_waitv(struct futex_waitv* waiters, unsigned count,
+                     const timespec* absolute_monotonic) {
+  return ::syscall(SYS_futex_waitv, waiters, count, 0, absolute_monotonic, CLOCK_MONOTONIC);
+}
+
+timespec to_timespec(std::chrono::nanoseconds d) {
+  if (d.count() < 0) d = std::chrono::nanoseconds(0);
+  timespec ts{};
+  ts.tv_sec = static_cast<time_t>(d.count() / 1'000'000'000);
+  ts.tv_nsec = static_cast<long>(d.count() % 1'000'000'000);
+  return ts;
+}
+
+// Zombies count as gone: a killed client stays one until its parent reaps it,
+// and the daemon must not wait on that.
+bool process_is_gone(std::uint32_t pid) { return !process_alive(static_cast<std::int32_t>(pid)); }
+
+// Returns the slot's state once no transaction lock is held. Locks are held for
+// a few instructions, so a lock that stays is one whose holder died: the daemon
+// repairs it when the holder's socket closes, and whoever spins here (a peer,
+// or the daemon repairing another dead client) undoes it as soon as it sees
+// the holder gone. Restoring the value stored beside the lock is the undo:
+// a transaction writes its new value only when it unlocks.
+std::uint64_t await_unlocked(std::atomic<std::uint64_t>& state) noexcept {
+  for (unsigned spins = 0;; ++spins) {
+    std::uint64_t s = state.load(std::memory_order_seq_cst);
+    if (locker_of(s) == 0) return s;
+    if (spins < 256) {
+      cpu_relax();
+      continue;
+    }
+    ::sched_yield();
+    if (spins % 1024 == 0 && process_is_gone(locker_of(s))) {
+      state.compare_exchange_strong(s, make_state(0, value_of(s)));
+    }
+    if (spins > 4096) {
+      timespec pause{0, 200'000};
+      ::nanosleep(&pause, nullptr);
+    }
+  }
+}
+
+// After a change that may satisfy waiters: bump the futex word and wake only if
+// someone sleeps (see wait() for why the seq_cst order makes this safe).
+void notify(slot& s, int count) noexcept {
+  s.seq.fetch_add(1, std::memory_order_seq_cst);
+  if (s.waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&s.seq, count);
+}
+
+// pid and tid cached per thread; a fork gives the child a new identity.
+std::atomic<std::uint32_t> fork_generation{0};
+struct cached_self {
+  std::uint32_t generation = UINT32_MAX;
+  self_id id{};
+};
+thread_local cached_self this_thread;
+
+// Takes one unit of a single object. Sets `abandoned` for a mutex whose last
+// owner died.
+bool try_take(slot& s, object_type type, const self_id& me, bool& abandoned) noexcept {
+  switch (type) {
+    case object_type::manual_event:
+      return value_of(await_unlocked(s.state)) != 0;
+    case object_type::auto_event:
+      for (;;) {
+        std::uint64_t st = await_unlocked(s.state);
+        if (value_of(st) == 0) return false;
+        if (s.state.compare_exchange_weak(st, make_state(0, 0))) return true;
+      }
+    case object_type::semaphore:
+      for (;;) {
+        std::uint64_t st = await_unlocked(s.state);
+        const std::uint32_t count = value_of(st);
+        if (count == 0) return false;
+        if (s.state.compare_exchange_weak(st, make_state(0, count - 1))) return true;
+      }
+    case object_type::mutex:
+      for (;;) {
+        std::uint64_t st = await_unlocked(s.state);
+        const std::uint32_t owner = value_of(st);
+        if (owner == me.tid) {  // recursion: only the owner touches the count
+          s.recursion.fetch_add(1);
+          return true;
+        }
+        if (owner != 0) return false;
+        if (!s.state.compare_exchange_weak(st, make_state(static_cast<std::uint32_t>(me.pid), 0)))
+          continue;
+        abandoned = s.abandoned.exchange(0) != 0;
+        s.owner_pid.store(me.pid);
+        s.recursion.store(1);
+        s.state.store(make_state(0, me.tid));
+        return true;
+      }
+    case object_type::none:
+      break;
+  }
+  return false;
+}
+
+bool available(object_type type, std::uint32_t value, const self_id& me) noexcept {
+  switch (type) {
+    case object_type::manual_event:
+    case object_type::auto_event:
+    case object_type::semaphore:
+      return value != 0;
+    case object_type::mutex:
+      return value == 0 || value == me.tid;
+    case object_type::none:
+      break;
+  }
+  return false;
+}
+
+// Wait-all: locks every slot (in the caller's index order, so two wait-alls never
+// deadlock), takes all of them only if all are available, and unlocks. Nothing
+// is consumed, and no other process sees a partial take, unless all can be taken.
+std::optional<wait_result> try_take_all(std::span<const wait_target> targets,
+                                        const self_id& me) noexcept {
+  std::array<std::uint32_t, max_wait_objects> before{};
+  const auto locker = static_cast<std::uint32_t>(me.pid);
+  for (std::size_t i = 0; i < targets.size(); ++i) {
+    auto& st = targets[i].s->state;
+    for (;;) {
+      std::uint64_t s = await_unlocked(st);
+      if (st.compare_exchange_weak(s, make_state(locker, value_of(s)))) {
+        before[i] = value_of(s);
+        break;
+      }
+    }
+  }
+  bool all = true;
+  for (std::size_t i = 0; i < targets.size() && all; ++i)
+    all = available(targets[i].type, before[i], me);
+  if (!all) {
+    for (std::size_t i = 0; i < targets.size(); ++i)
+      targets[i].s->state.store(make_state(0, before[i]));
+    return std::nullopt;
+  }
+  wait_result r{wait_status::signalled, 0};
+  for (std::size_t i = 0; i < targets.size(); ++i) {
+    slot& s = *targets[i].s;
+    std::uint32_t after = before[i];
+    switch (targets[i].type) {
+      case object_type::auto_event:
+        after = 0;
+        break;
+      case object_type::semaphore:
+        after = before[i] - 1;
+        break;
+      case object_type::mutex:
+        if (before[i] == me.tid) {
+          s.recursion.fetch_add(1);
+        } else {
+          if (s.abandoned.exchange(0) != 0 && r.status != wait_status::abandoned)
+            r = {wait_status::abandoned, i};
+          s.owner_pid.store(me.pid);
+          s.recursion.store(1);
+          after = me.tid;
+        }
+        break;
+      default:
+        break;
+    }
+    s.state.store(make_state(0, after));
+  }
+  return r;
+}
+
+// The calling thread's adaptive spin budget (see wait()).
+struct spin_state {
+  std::int64_t budget_ns = -1;  // -1: not yet adapted, use the configured spin
+  std::uint32_t waits_without_spin = 0;
+};
+thread_local spin_state this_thread_spin;
+
+constexpr std::int64_t probe_spin_ns = 4'000;
+constexpr std::int64_t smallest_spin_ns = 500;
+
+std::chrono::nanoseconds spin_budget(std::chrono::nanoseconds configured) {
+  auto& st = this_thread_spin;
+  const std::int64_t max = configured.count();
+  if (max <= 0) return std::chrono::nanoseconds(0);
+  if (st.budget_ns < 0 || st.budget_ns > max) st.budget_ns = max;
+  if (st.budget_ns > 0) return std::chrono::nanoseconds(st.budget_ns);
+  if (++st.waits_without_spin % 256 == 0)
+    return std::chrono::nanoseconds(std::min(max, probe_spin_ns));
+  return std::chrono::nanoseconds(0);
+}
+
+void spin_paid(std::chrono::nanoseconds configured, bool paid) {
+  auto& st = this_thread_spin;
+  const std::int64_t max = configured.count();
+  if (paid) {
+    st.budget_ns = std::min(max, std::max<std::int64_t>(st.budget_ns * 2, smallest_spin_ns * 2));
+  } else {
+    st.budget_ns /= 2;
+    if (st.budget_ns < smallest_spin_ns) st.budget_ns = 0;
+  }
+}
+
+// A slot closed under a waiter is reported, never taken under its new identity.
+bool still_valid(const wait_target& t) noexcept {
+  return t.s->generation.load(std::memory_order_acquire) == t.generation &&
+         t.s->type.load(std::memory_order_acquire) == static_cast<std::uint32_t>(t.type);
+}
+
+}  // namespace
+
+std::size_t segment_bytes(std::uint32_t capacity, std::size_t scratch_size) {
+  return sizeof(segment_header) + static_cast<std::size_t>(capacity) * sizeof(slot) +
+         ((scratch_size + 63) & ~63ULL);
+}
+
+segment_view format_segment(void* data, std::size_t size, std::uint32_t capacity,
+                            std::size_t scratch_size, std::uint64_t epoch) {
+  (void)size;
+  auto* base = static_cast<std::byte*>(data);
+  auto* h = new (base) segment_header{};
+  h->capacity = capacity;
+  h->slot_size = sizeof(slot);
+  h->table_offset = sizeof(segment_header);
+  h->scratch_offset = sizeof(segment_header) + static_cast<std::uint64_t>(capacity) * sizeof(slot);
+  h->scratch_size = scratch_size;
+  auto* slots = reinterpret_cast<slot*>(base + h->table_offset);
+  for (std::uint32_t i = 0; i < capacity; ++i) new (&slots[i]) slot{};
+  h->daemon_pid.store(static_cast<std::int32_t>(::getpid()));
+  h->epoch.store(epoch);
+  h->state.store(static_cast<std::uint32_t>(daemon_state::starting), std::memory_order_release);
+  return {h, slots, base + h->scratch_offset};
+}
+
+result<segment_view> attach_segment(void* data, std::size_t size) {
+  auto* base = static_cast<std::byte*>(data);
+  if (size < sizeof(segment_header)) return make_error_code(uipc::errc::bad_segment);
+  auto* h = reinterpret_cast<segment_header*>(base);
+  if (h->slot_size != sizeof(slot) || h->table_offset != sizeof(segment_header) ||
+      h->scratch_offset !=
+          h->table_offset + static_cast<std::uint64_t>(h->capacity) * sizeof(slot) ||
+      h->scratch_offset + h->scratch_size > size) {
+    return make_error_code(uipc::errc::bad_segment);
+  }
+  return segment_view{h, reinterpret_cast<slot*>(base + h->table_offset), base + h->scratch_offset};
+}
+
+self_id self() noexcept {
+  static const bool registered = [] {
+    ::pthread_atfork(nullptr, nullptr, [] { fork_generation.fetch_add(1); });
+    return true;
+  }();
+  (void)registered;
+  const std::uint32_t gen = fork_generation.load(std::memory_order_relaxed);
+  if (this_thread.generation != gen) {
+    this_thread.id = {static_cast<std::int32_t>(::getpid()),
+                      static_cast<std::uint32_t>(::gettid())};
+    this_thread.generation = gen;
+  }
+  return this_thread.id;
+}
+
+result<slot*> checked_slot(segment_view v, handle_id h, object_type expected) {
+  if (h.index >= v.capacity() || h.generation == 0) return make_error_code(errc::invalid_handle);
+  slot& s = v.at(h.index);
+  const auto type = static_cast<object_type>(s.type.load(std::memory_order_acquire));
+  if (s.generation.load(std::memory_order_acquire) != h.generation || type == object_type::none) {
+    return make_error_code(errc::stale_handle);
+  }
+  if (expected != object_type::none && type != expected) return make_error_code(errc::wrong_type);
+  return &s;
+}
+
+error_code signal_event(slot& s) {
+  const auto type = static_cast<object_type>(s.type.load(std::memory_order_acquire));
+  if (type != object_type::manual_event && type != object_type::auto_event)
+    return make_error_code(errc::wrong_type);
+  for (;;) {
+    std::uint64_t st = await_unlocked(s.state);
+    if (value_of(st) != 0) return {};  // already signalled: nothing to wake
+    if (s.state.compare_exchange_weak(st, make_state(0, 1))) break;
+  }
+  notify(s, type == object_type::manual_event ? INT_MAX : 1);
+  return {};
+}
+
+error_code reset_event(slot& s) {
+  const auto type = static_cast<object_type>(s.type.load(std::memory_order_acquire));
+  if (type != object_type::manual_event && type != object_type::auto_event)
+    return make_error_code(errc::wrong_type);
+  for (;;) {
+    std::uint64_t st = await_unlocked(s.state);
+    if (value_of(st) == 0) return {};
+    if (s.state.compare_exchange_weak(st, make_state(0, 0))) return {};
+  }
+}
+
+result<std::uint32_t> release_semaphore(slot& s, std::uint32_t count) {
+  if (static_cast<object_type>(s.type.load(std::memory_order_acquire)) != object_type::semaphore) {
+    return make_error_code(errc::wrong_type);
+  }
+  if (count == 0) return make_error_code(errc::invalid_argument);
+  const std::uint32_t max = s.max_count.load(std::memory_order_relaxed);
+  std::uint32_t previous = 0;
+  for (;;) {
+    std::uint64_t st = await_unlocked(s.state);
+    previous = value_of(st);
+    if (count > max || previous > max - count) return make_error_code(errc::semaphore_limit);
+    if (s.state.compare_exchange_weak(st, make_state(0, previous + count))) break;
+  }
+  notify(s, count > INT_MAX ? INT_MAX : static_cast<int>(count));
+  return previous;
+}
+
+error_code release_mutex(slot& s) {
+  if (static_cast<object_type>(s.type.load(std::memory_order_acquire)) != object_type::mutex) {
+    return make_error_code(errc::wrong_type);
+  }
+  const self_id me = self();
+  if (value_of(await_unlocked(s.state)) != me.tid) return make_error_code(errc::not_owner);
+  const std::uint32_t depth = s.recursion.load();
+  if (depth > 1) {
+    s.recursion.store(depth - 1);
+    return {};
+  }
+  s.recursion.store(0);
+  s.owner_pid.store(0);
+  for (;;) {
+    std::uint64_t st = await_unlocked(s.state);
+    if (s.state.compare_exchange_weak(st, make_state(0, 0))) break;
+  }
+  notify(s, 1);
+  return {};
+}
+
+result<wait_result> wait(segment_view v, std::span<const wait_target> targets, bool all,
+                         std::chrono::nanoseconds timeout, std::chrono::nanoseconds spin) {
+  if (targets.empty() || targets.size() > max_wait_objects)
+    return make_error_code(errc::invalid_argument);
+  const self_id me = self();
+  const bool forever = timeout.count() < 0;
+
+  std::optional<error_code> failure;
+  auto attempt = [&]() -> std::optional<wait_result> {
+    for (const auto& t : targets) {
+      if (!still_valid(t)) {
+        failure = make_error_code(errc::stale_handle);
+        return std::nullopt;
+      }
+    }
+    if (all) return try_take_all(targets, me);
+    for (std::size_t i = 0; i < targets.size(); ++i) {
+      bool abandoned = false;
+      if (try_take(*targets[i].s, targets[i].type, me, abandoned)) {
+        return wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, i};
+      }
+    }
+    return std::nullopt;
+  };
+
+  if (auto r = attempt()) return *r;
+  if (failure) return *failure;
+  if (!v.running()) return make_error_code(errc::daemon_lost);
+  if (!forever && timeout.count() == 0) return wait_result{wait_status::timed_out, 0};
+  const auto start = steady::now();  // only now: the fast path needs no clock
+  const auto deadline = forever ? steady::time_point::max() : start + timeout;
+
+  // Spin first: a cross-core futex wake costs tens of microseconds on a VM,
+  // while a peer spinning on the shared word sees a change in well under one.
+  // But a spin only pays when the signaller runs on another CPU meanwhile; when
+  // both share one, the spin just delays it. So each thread adapts its budget
+  // (at most `spin`): a spin that ends in sleep halves it, one that succeeds
+  // doubles it, and a thread whose budget fell to nothing probes now and then.
+  const std::chrono::nanoseconds budget = spin_budget(spin);
+  if (budget.count() > 0) {
+    const auto spin_until = std::min(deadline, start + budget);
+    for (unsigned round = 0;; ++round) {
+      for (int i = 0; i < 16; ++i) cpu_relax();
+      if (auto r = attempt()) {
+        spin_paid(spin, true);
+        return *r;
+      }
+      if (failure) return *failure;
+      if ((round & 15) == 0 && steady::now() >= spin_until) break;
+    }
+    if (spin_until < deadline) spin_paid(spin, false);
+  }
+
+  // Registered as a sleeper before reading seq and retrying: a waker changes the
+  // state, bumps seq and then reads `waiters` (all seq_cst). If it saw no sleeper,
+  // our registration came later in the total order, so our retry sees its change;
+  // if it saw us, it wakes us, or our futex_wait finds seq moved on.
+  for (const auto& t : targets) t.s->waiters.fetch_add(1, std::memory_order_seq_cst);
+  // Filled per entry below: zeroing all 64 entries on every wait shows in the
+  // ping-pong benchmark.
+  std::array<struct futex_waitv, max_wait_objects>
+      vec;  // NOLINT(cppcoreguidelines-pro-type-member-init)
+  result<wait_result> outcome = wait_result{wait_status::timed_out, 0};
+  auto next_liveness_check = steady::now() + std::chrono::seconds(1);
+  for (;;) {
+    for (std::size_t i = 0; i < targets.size(); ++i) {
+      vec[i].val = targets[i].s->seq.load(std::memory_order_seq_cst);
+      vec[i].uaddr = reinterpret_cast<std::uintptr_t>(&targets[i].s->seq);
+      vec[i].flags = FUTEX_32;  // shared, not FUTEX_PRIVATE_FLAG
+      vec[i].__reserved = 0;
+    }
+    if (auto r = attempt()) {
+      outcome = *r;
+      break;
+    }
+    if (failure) {
+      outcome = *failure;
+      break;
+    }
+    if (!v.running()) {
+      outcome = make_error_code(errc::daemon_lost);
+      break;
+    }
+    const auto now = steady::now();
+    if (now >= deadline) break;
+    if (now >= next_liveness_check) {
+      // A daemon killed before it could say so: whoever notices first tells
+      // every process waiting in this segment.
+      next_liveness_check = now + std::chrono::seconds(1);
+      if (!process_alive(v.header->daemon_pid.load())) {
+        publish_state(v, daemon_state::stopped);
+        outcome = make_error_code(errc::daemon_lost);
+        break;
+      }
+    }
+    if (targets.size() == 1) {
+      // Sleep in slices of at most a second: a daemon that vanished without
+      // waking us (kill -9 before any client noticed) is seen on the next turn.
+      const auto slice =
+          std::min<std::chrono::nanoseconds>(deadline - now, std::chrono::seconds(1));
+      const timespec rel = to_timespec(slice);
+      futex_wait(&targets[0].s->seq, static_cast<std::uint32_t>(vec[0].val), &rel);
+    } else {
+      timespec abs{};
+      ::clock_gettime(CLOCK_MONOTONIC, &abs);
+      const auto slice =
+          std::min<std::chrono::nanoseconds>(deadline - now, std::chrono::seconds(1));
+      const auto until =
+          std::chrono::seconds(abs.tv_sec) + std::chrono::nanoseconds(abs.tv_nsec) + slice;
+      abs = to_timespec(until);
+      sys_futex_waitv(vec.data(), static_cast<unsigned>(targets.size()), &abs);
+    }
+  }
+  for (const auto& t : targets) t.s->waiters.fetch_sub(1, std::memory_order_seq_cst);
+  return outcome;
+}
+
+void publish_slot(segment_view v, std::uint32_t index, std::uint32_t generation,
+                  const object_init& init) {
+  slot& s = v.at(index);
+  const std::size_t n = std::min(init.name.size(), max_name_length);
+  std::memset(s.name, 0, sizeof s.name);
+  if (n > 0) std::memcpy(s.name, init.name.data(), n);
+  s.name_length = static_cast<std::uint32_t>(n);
+  s.max_count.store(init.max_count);
+  s.owner_pid.store(init.owner_pid);
+  s.recursion.store(init.type == object_type::mutex && init.value != 0 ? 1 : 0);
+  s.abandoned.store(0);
+  s.state.store(make_state(0, init.value));
+  s.refcount.store(1);
+  s.generation.store(generation, std::memory_order_release);
+  s.type.store(static_cast<std::uint32_t>(init.type), std::memory_order_release);
+}
+
+void set_refcount(segment_view v, std::uint32_t index, std::uint32_t refs) {
+  v.at(index).refcount.store(refs, std::memory_order_release);
+}
+
+void retire_slot(segment_view v, std::uint32_t index, std::uint32_t next_generation) {
+  slot& s = v.at(index);
+  s.type.store(static_cast<std::uint32_t>(object_type::none), std::memory_order_release);
+  s.generation.store(next_generation, std::memory_order_release);
+  s.refcount.store(0);
+  s.state.store(make_state(0, 0));
+  s.owner_pid.store(0);
+  s.recursion.store(0);
+  s.abandoned.store(0);
+  s.name_length = 0;
+  std::memset(s.name, 0, sizeof s.name);
+  notify(s, INT_MAX);  // a waiter on a closed slot learns it is stale
+}
+
+std::uint32_t repair_dead_process(segment_view v, std::int32_t pid) {
+  std::uint32_t abandoned = 0;
+  const auto dead = static_cast<std::uint32_t>(pid);
+  const auto daemon = static_cast<std::uint32_t>(::getpid());
+  for (std::uint32_t i = 0; i < v.capacity(); ++i) {
+    slot& s = v.at(i);
+    const auto type = static_cast<object_type>(s.type.load(std::memory_order_acquire));
+    if (type == object_type::none) continue;
+    // A transaction the dead process left half done is undone: the value it
+    // stored before locking is the value before the transaction.
+    std::uint64_t st = s.state.load();
+    while (locker_of(st) == dead) {
+      if (s.state.compare_exchange_weak(st, make_state(0, value_of(st)))) {
+        notify(s, INT_MAX);
+        break;
+      }
+    }
+    if (type != object_type::mutex) continue;
+    for (;;) {
+      st = await_unlocked(s.state);
+      if (value_of(st) == 0 || s.owner_pid.load() != pid) break;
+      if (!s.state.compare_exchange_weak(st, make_state(daemon, value_of(st)))) continue;
+      s.abandoned.store(1);
+      s.recursion.store(0);
+      s.owner_pid.store(0);
+      s.state.store(make_state(0, 0));
+      notify(s, INT_MAX);
+      ++abandoned;
+      break;
+    }
+  }
+  return abandoned;
+}
+
+void publish_state(segment_view v, daemon_state state) {
+  v.header->state.store(static_cast<std::uint32_t>(state), std::memory_order_seq_cst);
+  futex_wake(&v.header->state, INT_MAX);
+  if (state == daemon_state::stopped) {
+    for (std::uint32_t i = 0; i < v.capacity(); ++i) {
+      slot& s = v.at(i);
+      s.seq.fetch_add(1, std::memory_order_seq_cst);
+      futex_wake(&s.seq, INT_MAX);
+    }
+  }
+}
+
+std::uint32_t slot_value(const slot& s) noexcept { return value_of(s.state.load()); }
+
+void wait_while_starting(segment_view v, std::chrono::milliseconds timeout) {
+  const std::uint32_t starting = static_cast<std::uint32_t>(daemon_state::starting);
+  if (v.header->state.load() != starting) return;
+  const timespec rel = to_timespec(timeout);
+  futex_wait(&v.header->state, starting, &rel);
+}
+
+}  // namespace uipc::handles::detail

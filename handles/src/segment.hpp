@@ -1,0 +1,170 @@
+// The handle daemon's shared segment: layout, and every operation that runs on it.
+//
+// Who writes what (the rules that keep the table consistent when any process dies
+// at any instruction):
+//  - The daemon alone writes the header and each slot's lifetime fields (type,
+//    generation, refcount, max_count, name). It keeps its own private copy of them
+//    and never trusts what it reads back from shared memory.
+//  - Object state is one 64-bit atomic word per slot: the low half is the value
+//    (event: 0/1, semaphore: count, mutex: owner tid), the high half the pid of a
+//    process that holds the slot's transaction lock (0: none). Simple operations
+//    are one CAS on an unlocked word. Operations that must change more than one
+//    word (taking a mutex, wait-all) lock the word, write the side fields, and
+//    unlock by storing the new value. A process that dies holding a lock is found
+//    by its pid: the daemon (told of every client's death by its socket) or a
+//    spinning peer (kill(pid, 0) == ESRCH) restores the old value.
+//  - Each slot has a 32-bit futex word `seq`, bumped after every change that may
+//    satisfy a waiter, and a `waiters` count so that a wake costs no system call
+//    when nobody sleeps. Waits use FUTEX_WAIT / futex_waitv without the private
+//    flag: waiter and waker are different processes.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include "uipc/core/shm.hpp"
+#include "uipc/handles/error.hpp"
+#include "uipc/handles/types.hpp"
+
+namespace uipc::handles::detail {
+
+/// Magic "uipchdl1" and layout version of the segment.
+inline constexpr segment_identity identity{0x75697063'68646c31ULL, 1};
+
+/// The daemon's life, published in the header (a futex word clients wait on).
+enum class daemon_state : std::uint32_t {
+  starting = 0,
+  running = 1,
+  died_at_startup = 2,
+  stopped = 3,  ///< exited in order, or found gone by a client
+};
+
+struct alignas(64) segment_header {
+  std::atomic<std::uint32_t> state;
+  std::atomic<std::int32_t> daemon_pid;
+  std::atomic<std::uint64_t> epoch;
+  std::uint32_t capacity;
+  std::uint32_t slot_size;
+  std::uint64_t table_offset;
+  std::uint64_t scratch_offset;
+  std::uint64_t scratch_size;
+};
+
+struct alignas(64) slot {
+  // Lifetime fields: the daemon's alone.
+  std::atomic<std::uint32_t> type;
+  std::atomic<std::uint32_t> generation;
+  std::atomic<std::uint32_t> refcount;
+  std::atomic<std::uint32_t> max_count;
+  // Object state: every process.
+  std::atomic<std::uint64_t> state;
+  std::atomic<std::uint32_t> seq;
+  std::atomic<std::uint32_t> waiters;
+  std::atomic<std::int32_t> owner_pid;   ///< mutex: the owner's process, written under the lock
+  std::atomic<std::uint32_t> recursion;  ///< mutex: written by the owner (or under the lock)
+  std::atomic<std::uint32_t> abandoned;  ///< mutex: the daemon sets it, the next owner clears it
+  std::uint32_t name_length;
+  char name[max_name_length + 1];
+};
+
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free &&
+              sizeof(std::atomic<std::uint32_t>) == 4);
+
+/// Bytes of segment needed for `capacity` slots and `scratch_size` bytes of scratch.
+std::size_t segment_bytes(std::uint32_t capacity, std::size_t scratch_size);
+
+/// A mapped segment, seen through its layout. Cheap to copy; does not own the mapping.
+struct segment_view {
+  segment_header* header = nullptr;
+  slot* slots = nullptr;
+  std::byte* scratch = nullptr;
+
+  std::uint32_t capacity() const noexcept { return header->capacity; }
+  slot& at(std::uint32_t index) const noexcept { return slots[index]; }
+  bool running() const noexcept {
+    return header->state.load(std::memory_order_acquire) ==
+           static_cast<std::uint32_t>(daemon_state::running);
+  }
+};
+
+/// Lays out a fresh (zeroed) segment and publishes state "starting".
+segment_view format_segment(void* data, std::size_t size, std::uint32_t capacity,
+                            std::size_t scratch_size, std::uint64_t epoch);
+/// Checks a mapped segment's layout; errc::bad_segment (core) when it does not fit.
+result<segment_view> attach_segment(void* data, std::size_t size);
+
+/// This thread's identity as mutexes record it (cached; correct after fork).
+struct self_id {
+  std::int32_t pid;
+  std::uint32_t tid;
+};
+self_id self() noexcept;
+
+// ---- client side: object operations, no daemon round trip -------------------
+
+/// Finds the slot of `h`: errc::invalid_handle, stale_handle or wrong_type
+/// (`expected` none accepts every live type).
+result<slot*> checked_slot(segment_view v, handle_id h, object_type expected);
+
+error_code signal_event(slot& s);
+error_code reset_event(slot& s);
+/// Returns the count before the release.
+result<std::uint32_t> release_semaphore(slot& s, std::uint32_t count);
+error_code release_mutex(slot& s);
+
+/// One object of a wait set.
+struct wait_target {
+  slot* s;
+  object_type type;
+  std::uint32_t generation;
+};
+
+/// Waits until one (all=false) or every (all=true) target is signalled, then takes
+/// it (them): a wait-all takes nothing until every object can be taken at once.
+/// timeout < 0: forever. Spins up to `spin` before sleeping on futexes.
+/// Errors: errc::daemon_lost when the daemon stops meanwhile, stale_handle if a
+/// target's slot was closed under the wait.
+result<wait_result> wait(segment_view v, std::span<const wait_target> targets, bool all,
+                         std::chrono::nanoseconds timeout, std::chrono::nanoseconds spin);
+
+// ---- daemon side --------------------------------------------------------------
+
+/// Initial state of a new object.
+struct object_init {
+  object_type type = object_type::none;
+  std::uint32_t value = 0;      ///< event 0/1, semaphore count, mutex owner tid (0: free)
+  std::int32_t owner_pid = 0;   ///< mutex created owned
+  std::uint32_t max_count = 0;  ///< semaphore
+  std::string_view name;
+};
+
+/// Publishes a new object in a free slot; its type is stored last (release).
+void publish_slot(segment_view v, std::uint32_t index, std::uint32_t generation,
+                  const object_init& init);
+/// Mirrors a refcount into the slot (informational for clients).
+void set_refcount(segment_view v, std::uint32_t index, std::uint32_t refs);
+/// Retires a slot: type none, the next generation, state cleared, waiters woken.
+void retire_slot(segment_view v, std::uint32_t index, std::uint32_t next_generation);
+/// Repairs what the dead process `pid` left: transaction locks it held are undone,
+/// mutexes it owned are abandoned and their waiters woken. Returns mutexes abandoned.
+std::uint32_t repair_dead_process(segment_view v, std::int32_t pid);
+/// Publishes the daemon's state and wakes everyone waiting on it; for `stopped`
+/// also every object's waiters, who then fail with errc::daemon_lost.
+void publish_state(segment_view v, daemon_state state);
+/// The value half of a slot's state (for list).
+std::uint32_t slot_value(const slot& s) noexcept;
+
+/// Whether `pid` names a live process (not a zombie).
+bool process_alive(std::int32_t pid);
+
+/// Waits (futex, with timeout) while the header's state is `starting`.
+void wait_while_starting(segment_view v, std::chrono::milliseconds timeout);
+
+}  // namespace uipc::handles::detail

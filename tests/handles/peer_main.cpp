@@ -1,0 +1,110 @@
+// A scripted client of the handle daemon, exec'd by the multi-process tests.
+// usage: handles_peer DIR NAME DAEMON_PATH COMMAND [ARGS...]
+// It reports on stdout, one line per fact, and holds what it has until stdin
+// closes (or it is killed). Exit status of waits: 0 signalled, 1 abandoned,
+// 2 timed out, 3 daemon lost, 4 other error.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "uipc/handles/client.hpp"
+
+using namespace uipc::handles;
+
+namespace {
+
+void say(const std::string& line) {
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+}
+
+void hold_until_stdin_closes() {
+  char c;
+  while (::read(0, &c, 1) > 0) {
+  }
+}
+
+int wait_status_code(const uipc::result<wait_status>& r) {
+  if (!r) return r.error() == errc::daemon_lost ? 3 : 4;
+  switch (*r) {
+    case wait_status::signalled:
+      return 0;
+    case wait_status::abandoned:
+      return 1;
+    case wait_status::timed_out:
+      return 2;
+  }
+  return 4;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 5) return 64;
+  client_options options;
+  options.where.directory = argv[1];
+  options.where.name = argv[2];
+  options.daemon_path = argv[3];
+  options.daemon_linger = std::chrono::milliseconds(0);
+  const std::string command = argv[4];
+  std::vector<std::string> args(argv + 5, argv + argc);
+
+  auto c = client::connect(options);
+  if (!c) {
+    say("error " + c.error().message());
+    return 5;
+  }
+  say("daemon " + std::to_string(c->daemon_pid()));
+
+  if (command == "connect") {
+    hold_until_stdin_closes();
+    return 0;
+  }
+  if (command == "hold" && args.size() == 1) {
+    // N events (one named, so a second peer can open it) and a scratch block.
+    std::vector<event> held;
+    for (int i = 0; i < std::atoi(args[0].c_str()); ++i) {
+      auto e = c->create_event(event_reset::manual, false, i == 0 ? "held-0" : "");
+      if (!e) return 4;
+      held.push_back(std::move(*e));
+    }
+    auto block = c->store_scratch(100);
+    if (!block) return 4;
+    say("ready");
+    hold_until_stdin_closes();
+    return 0;
+  }
+  if (command == "own-mutex" && args.size() == 1) {
+    auto m = c->create_mutex(false, args[0]);
+    if (!m) return 4;
+    auto r = m->wait();
+    if (!r) return 4;
+    say("owned");
+    hold_until_stdin_closes();
+    return 0;
+  }
+  if ((command == "wait-event" || command == "wait-mutex") && args.size() == 2) {
+    auto o = c->open(args[0]);
+    if (!o) {
+      say("error " + o.error().message());
+      return 4;
+    }
+    say("waiting");
+    return wait_status_code(o->wait(std::chrono::milliseconds(std::atoi(args[1].c_str()))));
+  }
+  if (command == "wait-any" && args.size() == 3) {
+    // Exit 10 + the position of the object taken, 2 on timeout.
+    auto a = c->open(args[0]);
+    auto b = c->open(args[1]);
+    if (!a || !b) return 4;
+    say("waiting");
+    auto r = c->wait_any({&*a, &*b}, std::chrono::milliseconds(std::atoi(args[2].c_str())));
+    if (!r) return r.error() == errc::daemon_lost ? 3 : 4;
+    if (r->status == wait_status::timed_out) return 2;
+    return 10 + static_cast<int>(r->index);
+  }
+  return 64;
+}

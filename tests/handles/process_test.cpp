@@ -1,0 +1,361 @@
+// Multi-process lifetime of the handle daemon: autostart (and its race), clients
+// killed with SIGKILL holding references, owning a mutex or waiting, the daemon
+// killed and restarted under live clients, linger and SIGTERM cleanup, startup
+// failures that must not hang, and another uid refused.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <set>
+
+#include "handles_support.hpp"
+
+namespace uipc::handles {
+namespace {
+
+using namespace std::chrono_literals;
+using test::child_process;
+using test::peer_args;
+using test::private_location;
+
+std::int32_t daemon_pid_from(child_process& p) {
+  auto line = p.read_line();
+  if (!line || line->rfind("daemon ", 0) != 0) {
+    ADD_FAILURE() << "peer said: " << line.value_or("<nothing>");
+    return 0;
+  }
+  return std::stoi(line->substr(7));
+}
+
+// Every test has a location of its own and must leave nothing there: no
+// daemon (it exits with the last client), no socket, no segment.
+class ProcessTest : public ::testing::Test {
+ protected:
+  void TearDown() override { EXPECT_TRUE(loc.wait_until_clean()) << "a daemon, socket or segment was left"; }
+  private_location loc;
+};
+
+TEST_F(ProcessTest, FirstClientStartsTheDaemonWhichLeavesWithTheLast) {
+  EXPECT_FALSE(loc.socket_exists());
+  std::int32_t pid = 0;
+  {
+    auto c = client::connect(loc.options());
+    ASSERT_TRUE(c) << c.error().message();
+    pid = c->daemon_pid();
+    EXPECT_NE(pid, ::getpid());
+    EXPECT_TRUE(loc.socket_exists());
+    EXPECT_TRUE(loc.segment_exists());
+    auto e = c->create_event(event_reset::manual, true, "x");
+    ASSERT_TRUE(e);
+  }
+  EXPECT_TRUE(test::wait_process_gone(pid));
+  EXPECT_TRUE(loc.wait_until_clean());
+}
+
+TEST_F(ProcessTest, WithoutAutostartNoDaemonIsUnavailable) {
+  auto o = loc.options();
+  o.autostart = false;
+  EXPECT_EQ(client::connect(o).error(), make_error_code(errc::daemon_unavailable));
+}
+
+TEST_F(ProcessTest, EightRacingClientsStartExactlyOneDaemon) {
+  std::vector<std::unique_ptr<child_process>> peers;
+  for (int i = 0; i < 8; ++i)
+    peers.push_back(std::make_unique<child_process>(peer_args(loc, {"connect"})));
+  std::set<std::int32_t> daemons;
+  for (auto& p : peers) daemons.insert(daemon_pid_from(*p));
+  EXPECT_EQ(daemons.size(), 1u);
+  EXPECT_EQ(daemons.count(0), 0u);
+  for (auto& p : peers) p->close_stdin();
+  for (auto& p : peers) EXPECT_EQ(p->wait_exit(), 0);
+  EXPECT_TRUE(test::wait_process_gone(*daemons.begin()));
+  EXPECT_TRUE(loc.wait_until_clean());
+}
+
+TEST_F(ProcessTest, KilledClientsReferencesAndScratchAreReleased) {
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  child_process holder(peer_args(loc, {"hold", "5"}));
+  ASSERT_EQ(daemon_pid_from(holder), c->daemon_pid());
+  ASSERT_EQ(holder.read_line(), "ready");
+  // We share one of its objects: it must survive the holder's death.
+  auto shared = c->open_event("held-0");
+  ASSERT_TRUE(shared);
+  auto s = c->stats();
+  EXPECT_EQ(s->handles_in_use, 5u);
+  EXPECT_EQ(s->scratch_blocks, 1u);
+  holder.kill(SIGKILL);
+  ASSERT_TRUE(holder.wait_exit());
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  while (c->stats()->handles_in_use != 1 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(2ms);
+  s = c->stats();
+  EXPECT_EQ(s->handles_in_use, 1u);
+  EXPECT_EQ(s->scratch_blocks, 0u);
+  EXPECT_EQ(s->scratch_in_use, 0u);
+  EXPECT_EQ(s->clients, 1u);
+  auto list = c->list();
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].refcount, 1u);
+  EXPECT_FALSE(shared->signal());
+  ASSERT_FALSE(shared->close());
+  EXPECT_EQ(c->stats()->handles_in_use, 0u);
+  const auto pid = c->daemon_pid();
+  c = make_error_code(errc::daemon_lost);  // drop the client
+  EXPECT_TRUE(test::wait_process_gone(pid));
+  EXPECT_TRUE(loc.wait_until_clean());
+}
+
+TEST_F(ProcessTest, MutexOfAKilledOwnerIsAbandonedToTheNextWaiter) {
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  child_process owner(peer_args(loc, {"own-mutex", "m"}));
+  daemon_pid_from(owner);
+  ASSERT_EQ(owner.read_line(), "owned");
+  auto m = c->open_mutex("m");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(*m->wait(0ns), wait_status::timed_out);
+  std::optional<result<wait_status>> got;
+  error_code released;
+  std::thread waiter([&] {
+    got = m->wait(20s);
+    released = m->release();  // the waiting thread owns it now
+  });
+  std::this_thread::sleep_for(50ms);  // asleep on the futex by now (or still spinning: either way)
+  owner.kill(SIGKILL);
+  waiter.join();
+  ASSERT_TRUE(got && *got);
+  EXPECT_EQ(**got, wait_status::abandoned);
+  EXPECT_FALSE(released);
+  // No longer abandoned for the next owner.
+  std::thread next([&] {
+    EXPECT_EQ(*m->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(m->release());
+  });
+  next.join();
+  EXPECT_EQ(c->stats()->mutexes_abandoned, 1u);
+}
+
+TEST_F(ProcessTest, ClientKilledWhileWaitingLeavesTheObjectWorking) {
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  auto e = c->create_event(event_reset::automatic, false, "ev");
+  ASSERT_TRUE(e);
+  child_process waiter(peer_args(loc, {"wait-event", "ev", "60000"}));
+  daemon_pid_from(waiter);
+  ASSERT_EQ(waiter.read_line(), "waiting");
+  std::this_thread::sleep_for(50ms);
+  waiter.kill(SIGKILL);
+  ASSERT_TRUE(waiter.wait_exit());
+  // A second waiter still gets the signal; the dead one took nothing.
+  child_process second(peer_args(loc, {"wait-event", "ev", "20000"}));
+  daemon_pid_from(second);
+  ASSERT_EQ(second.read_line(), "waiting");
+  EXPECT_FALSE(e->signal());
+  EXPECT_EQ(second.wait_exit(), 0);
+  EXPECT_EQ(*e->wait(0ns), wait_status::timed_out);
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  while (c->stats()->clients != 1 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(2ms);
+  EXPECT_EQ(c->list()->at(0).refcount, 1u);
+}
+
+TEST_F(ProcessTest, CrossProcessWaitTimesOutAndIsSignalled) {
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  auto e = c->create_event(event_reset::manual, false, "ev");
+  ASSERT_TRUE(e);
+  child_process timed(peer_args(loc, {"wait-event", "ev", "50"}));
+  EXPECT_EQ(timed.wait_exit(), 2);
+  child_process signalled(peer_args(loc, {"wait-event", "ev", "20000"}));
+  daemon_pid_from(signalled);
+  ASSERT_EQ(signalled.read_line(), "waiting");
+  EXPECT_FALSE(e->signal());
+  EXPECT_EQ(signalled.wait_exit(), 0);
+}
+
+TEST_F(ProcessTest, CrossProcessWaitAnyWakesOnTheSignalledObject) {
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  auto a = c->create_event(event_reset::automatic, false, "a");
+  auto b = c->create_semaphore(0, 3, "b");
+  ASSERT_TRUE(a && b);
+  child_process waiter(peer_args(loc, {"wait-any", "a", "b", "20000"}));
+  daemon_pid_from(waiter);
+  ASSERT_EQ(waiter.read_line(), "waiting");
+  std::this_thread::sleep_for(50ms);  // asleep in futex_waitv by now
+  ASSERT_TRUE(b->release(1));
+  EXPECT_EQ(waiter.wait_exit(), 11);
+  EXPECT_EQ(*b->wait(0ns), wait_status::timed_out);  // the peer took it
+  EXPECT_EQ(*a->wait(0ns), wait_status::timed_out);  // and nothing else
+}
+
+TEST_F(ProcessTest, TableAndScratchAreEmptyAfterEveryClientLeft) {
+  // Clients leave in every way — cleanly, by SIGKILL, by SIGTERM — while one
+  // observer stays; then the table and scratch area are empty again.
+  auto observer = client::connect(loc.options());
+  ASSERT_TRUE(observer);
+  std::vector<std::unique_ptr<child_process>> holders;
+  for (int i = 0; i < 3; ++i) {
+    holders.push_back(std::make_unique<child_process>(peer_args(loc, {"hold", "4"})));
+    daemon_pid_from(*holders.back());
+    ASSERT_EQ(holders.back()->read_line(), "ready");
+  }
+  auto s = observer->stats();
+  EXPECT_EQ(s->handles_in_use, 10u);  // "held-0" is shared by all three
+  EXPECT_EQ(s->scratch_blocks, 3u);
+  holders[0]->close_stdin();
+  holders[1]->kill(SIGKILL);
+  holders[2]->kill(SIGTERM);
+  for (auto& h : holders) ASSERT_TRUE(h->wait_exit());
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  while (observer->stats()->clients != 1 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(2ms);
+  }
+  s = observer->stats();
+  EXPECT_EQ(s->handles_in_use, 0u);
+  EXPECT_EQ(s->scratch_blocks, 0u);
+  EXPECT_EQ(s->scratch_in_use, 0u);
+  EXPECT_TRUE(observer->list()->empty());
+}
+
+TEST_F(ProcessTest, DaemonKilledUnderLiveClientsIsReplacedAndReclaimed) {
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  const auto old_pid = c->daemon_pid();
+  auto e = c->create_event(event_reset::manual, false, "ev");
+  ASSERT_TRUE(e);
+  // A waiter in another process and one here: both must wake with "daemon lost".
+  child_process remote(peer_args(loc, {"wait-event", "ev", "60000"}));
+  daemon_pid_from(remote);
+  ASSERT_EQ(remote.read_line(), "waiting");
+  std::optional<result<wait_status>> got;
+  std::thread waiter([&] { got = e->wait(60s); });
+  std::this_thread::sleep_for(50ms);
+  const auto killed_at = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(old_pid, SIGKILL), 0);
+  waiter.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - killed_at, 10s);
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->error(), make_error_code(errc::daemon_lost));
+  EXPECT_EQ(remote.wait_exit(), 3);
+  EXPECT_EQ(e->signal(), make_error_code(errc::daemon_lost));
+  EXPECT_FALSE(c->connected());
+  // The kill left its socket and segment; the next client starts a fresh
+  // daemon that takes both over.
+  EXPECT_TRUE(loc.socket_exists());
+  EXPECT_TRUE(loc.segment_exists());
+  auto fresh = client::connect(loc.options());
+  ASSERT_TRUE(fresh) << fresh.error().message();
+  EXPECT_NE(fresh->daemon_pid(), old_pid);
+  EXPECT_EQ(fresh->stats()->handles_in_use, 0u);
+  auto e2 = fresh->create_event(event_reset::manual, false, "ev");
+  ASSERT_TRUE(e2);
+  EXPECT_FALSE(e2->existed());
+  EXPECT_FALSE(e2->signal());
+  const auto new_pid = fresh->daemon_pid();
+  e = event{};
+  e2 = event{};
+  c = make_error_code(errc::daemon_lost);
+  fresh = make_error_code(errc::daemon_lost);
+  EXPECT_TRUE(test::wait_process_gone(new_pid));
+  EXPECT_TRUE(loc.wait_until_clean());
+}
+
+TEST_F(ProcessTest, SigtermStopsTheDaemonInOrder) {
+  auto c = client::connect(loc.options(60s));
+  ASSERT_TRUE(c);
+  auto e = c->create_event(event_reset::manual);
+  ASSERT_TRUE(e);
+  std::optional<result<wait_status>> got;
+  std::thread waiter([&] { got = e->wait(60s); });
+  std::this_thread::sleep_for(30ms);
+  ASSERT_EQ(::kill(c->daemon_pid(), SIGTERM), 0);
+  waiter.join();
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->error(), make_error_code(errc::daemon_lost));
+  EXPECT_TRUE(test::wait_process_gone(c->daemon_pid()));
+  EXPECT_TRUE(loc.wait_until_clean(1s));
+}
+
+TEST_F(ProcessTest, DaemonLingersForItsConfiguredTime) {
+  std::int32_t pid = 0;
+  {
+    auto c = client::connect(loc.options(600ms));
+    ASSERT_TRUE(c);
+    pid = c->daemon_pid();
+  }
+  const auto left = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(200ms);
+  EXPECT_FALSE(test::process_gone(pid));
+  // A client within the linger finds the same daemon.
+  {
+    auto c = client::connect(loc.options(600ms));
+    ASSERT_TRUE(c);
+    EXPECT_EQ(c->daemon_pid(), pid);
+  }
+  EXPECT_TRUE(test::wait_process_gone(pid));
+  EXPECT_GE(std::chrono::steady_clock::now() - left, 600ms);
+  EXPECT_TRUE(loc.wait_until_clean());
+}
+
+TEST_F(ProcessTest, DaemonThatDiesAtStartupIsReportedNotWaitedFor) {
+  // A regular file where the socket belongs: the daemon cannot bind and says so.
+  {
+    std::FILE* f = std::fopen(loc.resolved().socket_path.c_str(), "w");
+    std::fclose(f);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  auto c = client::connect(loc.options());
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.error(), make_error_code(errc::daemon_failed_to_start));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  std::filesystem::remove(loc.resolved().socket_path);
+  EXPECT_TRUE(loc.wait_until_clean());
+
+  // A daemon program that does not exist fails as fast.
+  auto o = loc.options();
+  o.daemon_path = loc.dir.file("no-such-daemon");
+  auto missing = client::connect(o);
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error(), make_error_code(errc::daemon_failed_to_start));
+}
+
+TEST_F(ProcessTest, AnotherUserCannotConnectOrMap) {
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  const auto r = loc.resolved();
+  struct stat st {};
+  ASSERT_EQ(::stat(r.socket_path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  ASSERT_EQ(::stat(("/dev/shm/" + r.segment_name).c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_EQ(st.st_uid, ::geteuid());
+  ASSERT_EQ(::stat(r.directory.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0077, 0u);
+  if (::geteuid() != 0) GTEST_SKIP() << "modes checked; a second uid needs root";
+
+  // As nobody: neither the socket nor the segment opens. Exit code = bit mask of
+  // what (wrongly) succeeded.
+  const pid_t child = ::fork();
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(100);
+    int leaks = 0;
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, r.socket_path.c_str(), r.socket_path.size());
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) leaks |= 1;
+    if (::shm_open(("/" + r.segment_name).c_str(), O_RDWR, 0) >= 0) leaks |= 2;
+    if (::shm_open(("/" + r.segment_name).c_str(), O_RDONLY, 0) >= 0) leaks |= 4;
+    ::_exit(leaks);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+}  // namespace
+}  // namespace uipc::handles

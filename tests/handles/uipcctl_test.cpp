@@ -1,0 +1,96 @@
+// uipcctl's handles subcommand, run as a program against a daemon it starts.
+#include <gtest/gtest.h>
+
+#include "handles_support.hpp"
+
+#ifdef UIPC_TEST_UIPCCTL_PATH
+
+namespace uipc::handles {
+namespace {
+
+using namespace std::chrono_literals;
+using test::child_process;
+using test::private_location;
+
+std::vector<std::string> ctl(const private_location& loc, std::vector<std::string> action) {
+  std::vector<std::string> argv{UIPC_TEST_UIPCCTL_PATH,
+                                "handles",
+                                "--dir",
+                                loc.where.directory,
+                                "--name",
+                                loc.where.name,
+                                "--daemon",
+                                UIPC_TEST_HANDLED_PATH,
+                                "--linger",
+                                "0"};
+  argv.insert(argv.end(), action.begin(), action.end());
+  return argv;
+}
+
+int run(const private_location& loc, std::vector<std::string> action, std::string* out = nullptr) {
+  child_process p(ctl(loc, std::move(action)));
+  if (out != nullptr) {
+    while (auto line = p.read_line(10s)) *out += *line + "\n";
+  }
+  return p.wait_exit().value_or(-1);
+}
+
+// Every test has a location of its own and must leave nothing there: no
+// daemon (it exits with the last client), no socket, no segment.
+class UipcctlTest : public ::testing::Test {
+ protected:
+  void TearDown() override { EXPECT_TRUE(loc.wait_until_clean()) << "a daemon, socket or segment was left"; }
+  private_location loc;
+};
+
+TEST_F(UipcctlTest, HandlesSubcommandDrivesAnObjectEndToEnd) {
+  child_process holder(ctl(loc, {"create", "auto-event", "door", "--hold", "20000"}));
+  auto created = holder.read_line();
+  ASSERT_TRUE(created);
+  ASSERT_EQ(created->rfind("created ", 0), 0u) << *created;
+  const std::string handle = created->substr(8, created->find(' ', 8) - 8);
+
+  EXPECT_EQ(run(loc, {"wait", "door", "--timeout", "50"}), 2);
+  EXPECT_EQ(run(loc, {"signal", "door"}), 0);
+  EXPECT_EQ(run(loc, {"wait", handle, "--timeout", "5000"}),
+            0);  // by handle, and it consumed the signal
+  EXPECT_EQ(run(loc, {"wait", "door", "--timeout", "0"}), 2);
+  EXPECT_EQ(run(loc, {"signal", "door"}), 0);
+  EXPECT_EQ(run(loc, {"reset", "door"}), 0);
+  EXPECT_EQ(run(loc, {"wait", "door", "--timeout", "0"}), 2);
+
+  std::string listing;
+  EXPECT_EQ(run(loc, {"list"}, &listing), 0);
+  EXPECT_NE(listing.find("auto_event"), std::string::npos) << listing;
+  EXPECT_NE(listing.find("door"), std::string::npos) << listing;
+  std::string stats;
+  EXPECT_EQ(run(loc, {"stats"}, &stats), 0);
+  EXPECT_NE(stats.find("handles            1 in use"), std::string::npos) << stats;
+
+  // The reference belongs to the holder: another process cannot close it.
+  EXPECT_EQ(run(loc, {"close", handle}), 3);
+  EXPECT_EQ(run(loc, {"signal", "door"}), 0);
+  // Errors and usage.
+  EXPECT_EQ(run(loc, {"signal", "nobody"}), 3);
+  EXPECT_EQ(run(loc, {"frobnicate"}), 64);
+  EXPECT_EQ(run(loc, {"create", "semaphore", "sem", "--initial", "0", "--max", "2"}), 0);
+
+  holder.kill(SIGKILL);
+  holder.wait_exit();
+  EXPECT_TRUE(loc.wait_until_clean());
+}
+
+TEST_F(UipcctlTest, WaitReportsAnAbandonedMutex) {
+  child_process owner(ctl(loc, {"create", "mutex", "m", "--owned", "--hold", "20000"}));
+  ASSERT_TRUE(owner.read_line());
+  child_process waiter(ctl(loc, {"wait", "m", "--timeout", "20000"}));
+  std::this_thread::sleep_for(100ms);
+  owner.kill(SIGKILL);
+  EXPECT_EQ(waiter.wait_exit(), 1);
+  EXPECT_TRUE(loc.wait_until_clean());
+}
+
+}  // namespace
+}  // namespace uipc::handles
+
+#endif
