@@ -172,7 +172,9 @@ class connection : public std::enable_shared_from_this<connection> {
   }
 
   /// Closes the socket; pending sends, calls and receives complete with
-  /// boost::asio::error::operation_aborted. Idempotent.
+  /// boost::asio::error::operation_aborted. Idempotent. The close runs on the
+  /// connection's strand: called from outside the loop, it takes effect when
+  /// the loop next runs (or at once if the caller is on the strand).
   void close();
 
   /// The peer, as the kernel reported it at connect time.
