@@ -1,0 +1,191 @@
+// Microbenchmarks of the UDP dispatcher: ID allocation, event dispatch to a
+// listener (next to a plain recvmmsg loop, the floor), and full transactions.
+#include <benchmark/benchmark.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <array>
+#include <boost/asio/io_context.hpp>
+#include <vector>
+
+#include "uipc/dispatch/dispatcher.hpp"
+
+namespace {
+
+namespace asio = boost::asio;
+using namespace uipc;
+using namespace uipc::dispatch;
+
+const udp::endpoint loopback_any(asio::ip::make_address("127.0.0.1"), 0);
+constexpr int batch = 32;
+
+/// 32 12-byte DNS-style queries, sent with one sendmmsg.
+class query_burst {
+ public:
+  explicit query_burst(const udp::endpoint& to) : to_(to) {
+    fd_ = ::socket(AF_INET, SOCK_DGRAM, 0);
+    for (int i = 0; i < batch; ++i) {
+      messages_[i].fill(std::byte{0});
+      messages_[i][1] = static_cast<std::byte>(i);
+      iov_[i] = {messages_[i].data(), messages_[i].size()};
+      headers_[i].msg_hdr = {};
+      headers_[i].msg_hdr.msg_name = to_.data();
+      headers_[i].msg_hdr.msg_namelen = static_cast<socklen_t>(to_.size());
+      headers_[i].msg_hdr.msg_iov = &iov_[i];
+      headers_[i].msg_hdr.msg_iovlen = 1;
+    }
+  }
+  ~query_burst() { ::close(fd_); }
+  void send() { ::sendmmsg(fd_, headers_.data(), batch, 0); }
+
+ private:
+  udp::endpoint to_;
+  int fd_;
+  std::array<std::array<std::byte, 12>, batch> messages_{};
+  std::array<iovec, batch> iov_{};
+  std::array<mmsghdr, batch> headers_{};
+};
+
+void BM_Dispatcher_AddResponse(benchmark::State& state) {
+  asio::io_context ctx;
+  auto d = dispatcher::create(ctx, loopback_any);
+  const udp::endpoint peer(asio::ip::make_address("127.0.0.1"), 53);
+  std::vector<response> live;
+  for (int64_t i = 0; i < state.range(0); ++i) live.push_back(std::move(*(*d)->add_response(peer)));
+  for (auto _ : state) {
+    auto r = (*d)->add_response(peer);
+    benchmark::DoNotOptimize(r->id());
+  }
+  state.SetItemsProcessed(state.iterations());
+  live.clear();
+  d->reset();
+  ctx.poll();
+}
+BENCHMARK(BM_Dispatcher_AddResponse)->Arg(0)->Arg(1024)->Arg(49152);
+
+/// Re-arms its listener after each query and counts them.
+struct counting_sink {
+  listener* l;
+  int* got;
+  void operator()(error_code ec, event ev) const {
+    if (ec) return;
+    ++*got;
+    ev.release();
+    l->async_receive(*this);
+  }
+};
+
+void BM_Dispatcher_ListenerEvent(benchmark::State& state) {
+  asio::io_context ctx;
+  auto d = dispatcher::create(ctx, loopback_any);
+  auto l = (*d)->add_listener();
+  int got = 0;
+  l->async_receive(counting_sink{&*l, &got});
+  query_burst burst((*d)->local_endpoint());
+  for (auto _ : state) {
+    got = 0;
+    burst.send();
+    while (got < batch) ctx.run_one();
+  }
+  state.SetItemsProcessed(state.iterations() * batch);
+  l->detach();
+  d->reset();
+  ctx.restart();
+  ctx.poll();
+}
+BENCHMARK(BM_Dispatcher_ListenerEvent);
+
+// The floor for the one above: the same bursts read with plain recvmmsg.
+void BM_PlainSocket_RecvmmsgEvent(benchmark::State& state) {
+  const int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
+  udp::endpoint local = loopback_any;
+  ::bind(fd, local.data(), static_cast<socklen_t>(local.size()));
+  socklen_t len = static_cast<socklen_t>(local.capacity());
+  ::getsockname(fd, local.data(), &len);
+  query_burst burst(local);
+  std::vector<std::array<std::byte, 4096>> buffers(batch);
+  std::array<mmsghdr, batch> headers{};
+  std::array<iovec, batch> iov{};
+  std::array<sockaddr_storage, batch> from{};
+  for (auto _ : state) {
+    burst.send();
+    int got = 0;
+    while (got < batch) {
+      for (int i = 0; i < batch; ++i) {
+        iov[i] = {buffers[i].data(), buffers[i].size()};
+        headers[i].msg_hdr = {};
+        headers[i].msg_hdr.msg_name = &from[i];
+        headers[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage);
+        headers[i].msg_hdr.msg_iov = &iov[i];
+        headers[i].msg_hdr.msg_iovlen = 1;
+      }
+      const int n = ::recvmmsg(fd, headers.data(), batch - got, MSG_WAITFORONE, nullptr);
+      if (n > 0) got += n;
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * batch);
+  ::close(fd);
+}
+BENCHMARK(BM_PlainSocket_RecvmmsgEvent);
+
+/// Answers each query in place (QR set) and re-arms.
+struct echo_sink {
+  listener* l;
+  void operator()(error_code ec, event ev) const {
+    if (ec) return;
+    auto data = ev.data();
+    data[2] |= std::byte{0x80};
+    (void)l->reply(std::move(ev), data);
+    l->async_receive(*this);
+  }
+};
+
+/// Keeps 32 transactions in flight from one dispatcher to another, in one loop.
+void BM_Dispatcher_Transaction(benchmark::State& state) {
+  asio::io_context ctx;
+  auto server = dispatcher::create(ctx, loopback_any);
+  auto client = dispatcher::create(ctx, loopback_any);
+  auto l = (*server)->add_listener();
+  l->async_receive(echo_sink{&*l});
+  const udp::endpoint to = (*server)->local_endpoint();
+  std::array<response, batch> slots;
+  std::int64_t done = 0;
+  std::int64_t target = 0;
+  struct starter {
+    ref_ptr<dispatcher> d;
+    udp::endpoint to;
+    std::array<response, batch>* slots;
+    std::int64_t* done;
+    void start(std::size_t i) const {
+      auto r = d->add_response(to);
+      std::array<std::byte, 12> q{};
+      d->frame().write_id(q, r->id());
+      (void)r->send(q);
+      (*slots)[i] = std::move(*r);
+      (*slots)[i].async_receive([s = *this, i](error_code ec, event ev) {
+        if (ec == asio::error::operation_aborted) return;
+        ev.release();
+        ++*s.done;
+        s.start(i);
+      });
+    }
+  } go{*client, to, &slots, &done};
+  for (std::size_t i = 0; i < batch; ++i) go.start(i);
+  for (auto _ : state) {
+    target += 256;
+    while (done < target) ctx.run_one();
+  }
+  state.SetItemsProcessed(state.iterations() * 256);
+  for (auto& s : slots) s.detach();
+  l->detach();
+  go.d.reset();
+  client->reset();
+  server->reset();
+  ctx.restart();
+  ctx.poll();
+}
+BENCHMARK(BM_Dispatcher_Transaction);
+
+}  // namespace
+
+BENCHMARK_MAIN();

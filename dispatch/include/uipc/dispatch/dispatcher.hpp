@@ -1,0 +1,324 @@
+// The UDP dispatcher: one socket (or a SO_REUSEPORT group) shared by responses and listeners.
+#pragma once
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/associated_allocator.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/bind_allocator.hpp>
+#include <boost/asio/ip/udp.hpp>
+#include <boost/asio/recycling_allocator.hpp>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "uipc/core/buffer_pool.hpp"
+#include "uipc/core/error.hpp"
+#include "uipc/core/ref.hpp"
+#include "uipc/dispatch/error.hpp"
+#include "uipc/dispatch/framing.hpp"
+
+namespace boost::asio {
+class io_context;
+}
+
+namespace uipc::dispatch {
+
+using udp = boost::asio::ip::udp;
+
+class dispatcher;
+namespace detail {
+class engine;
+class party;
+}  // namespace detail
+
+/// What an event tells its receiver.
+enum class event_kind : std::uint8_t {
+  message,     ///< a datagram: a reply (responses) or a query (listeners)
+  timed_out,   ///< the response's timeout passed (the response stays attached)
+  no_buffers,  ///< listeners only: the pool ran dry while queued queries held every buffer
+  shutdown,    ///< the dispatcher stopped; reason() says why. Exactly one per attached party
+};
+
+/// One delivery to a response or listener; move-only. A message event lends its
+/// receive buffer without a copy: data() is the datagram, writable in place.
+/// Destroying the event (or release()) returns it: the buffer goes back to the
+/// pool and the next queued event of the same response or listener can be
+/// delivered. While a response or listener holds an event, later events queue
+/// for it (bounded), in arrival order. Any thread may return an event.
+class event {
+ public:
+  event() noexcept = default;
+  event(event&& other) noexcept;
+  event& operator=(event&& other) noexcept;
+  event(const event&) = delete;
+  event& operator=(const event&) = delete;
+  ~event() { release(); }
+
+  /// False for the empty event that accompanies an error-only completion.
+  explicit operator bool() const noexcept { return party_ != nullptr; }
+  event_kind kind() const noexcept { return kind_; }
+  /// The datagram (message events); empty otherwise.
+  std::span<std::byte> data() const noexcept { return {buffer_.data(), size_}; }
+  /// Bytes the lent buffer can hold: room for an answer built in place.
+  std::size_t capacity() const noexcept { return buffer_.size(); }
+  /// The sender of the datagram; for other kinds, the response's peer (or unspecified).
+  const udp::endpoint& peer() const noexcept { return peer_; }
+  /// The message ID of the datagram.
+  std::uint16_t id() const noexcept { return id_; }
+  /// For shutdown events: the socket error that stopped the dispatcher.
+  error_code reason() const noexcept { return reason_; }
+  /// Returns the event now (see the class comment); idempotent.
+  void release() noexcept;
+
+ private:
+  friend class detail::engine;
+  detail::party* party_ = nullptr;  // a counted reference on the receiving party
+  pooled_buffer buffer_;
+  std::size_t size_ = 0;
+  udp::endpoint peer_;
+  error_code reason_;
+  std::uint16_t id_ = 0;
+  std::uint8_t socket_ = 0;
+  event_kind kind_ = event_kind::message;
+};
+
+/// Signature of every receive completion: (error, event). ec is empty with a
+/// message event; errc::timed_out, errc::no_buffers or errc::shutting_down with
+/// an event of that kind; operation_aborted (cancel or detach), errc::detached or
+/// errc::shutting_down (after the shutdown event was delivered) with an empty one.
+using receive_signature = void(error_code, event);
+/// Signature of every send completion.
+using send_signature = void(error_code);
+
+namespace detail {
+/// Handlers without an allocator of their own get asio's recycling allocator:
+/// the type-erased handler is allocated once per operation, on the hot path.
+template <class Handler>
+auto recycled(Handler&& handler) {
+  using allocator = boost::asio::associated_allocator_t<std::decay_t<Handler>>;
+  if constexpr (std::is_same_v<allocator, std::allocator<void>>) {
+    return boost::asio::bind_allocator(boost::asio::recycling_allocator<void>(),
+                                       std::forward<Handler>(handler));
+  } else {
+    return std::decay_t<Handler>(std::forward<Handler>(handler));
+  }
+}
+using receive_handler = boost::asio::any_completion_handler<receive_signature>;
+using send_handler = boost::asio::any_completion_handler<send_signature>;
+void start_receive(party* p, receive_handler handler);
+void start_send(party* p, const udp::endpoint* to, std::span<const std::byte> message,
+                send_handler handler);
+}  // namespace detail
+
+/// Per-response settings.
+struct response_options {
+  /// 0: none. Otherwise a timed_out event is delivered once this passes.
+  std::chrono::milliseconds timeout{0};
+};
+
+/// An outgoing transaction: a message ID, unique among the live responses to
+/// its peer, and the queue of replies that match (ID, peer address, peer port).
+/// Move-only; destroying it (or detach()) frees the ID, drops queued replies,
+/// aborts a pending receive and releases its reference on the dispatcher.
+///
+/// Threading: one handle is used by one thread at a time; completions run on
+/// the handler's associated executor (the loop's by default).
+class response {
+ public:
+  response() noexcept = default;
+  response(response&& other) noexcept : party_(std::exchange(other.party_, nullptr)) {}
+  response& operator=(response&& other) noexcept;
+  response(const response&) = delete;
+  response& operator=(const response&) = delete;
+  ~response() { detach(); }
+
+  explicit operator bool() const noexcept { return party_ != nullptr; }
+  /// The message ID to write into the query (framing::write_id).
+  std::uint16_t id() const noexcept;
+  /// The peer the query goes to and the reply must come from.
+  const udp::endpoint& peer() const noexcept;
+
+  /// Waits for the next event: a reply, the timeout, or the shutdown event.
+  /// One receive at a time (a second one completes with already_started). On
+  /// an empty handle it completes at once, inline, with errc::detached.
+  template <class Token>
+  auto async_receive(Token&& token) {
+    return boost::asio::async_initiate<Token, receive_signature>(
+        [p = party_](auto handler) {
+          detail::start_receive(p, detail::receive_handler(detail::recycled(std::move(handler))));
+        },
+        token);
+  }
+
+  /// Sends `message` to the peer without copying it: it must stay valid until
+  /// the completion. Sends are batched (sendmmsg).
+  template <class Token>
+  auto async_send(std::span<const std::byte> message, Token&& token) {
+    return boost::asio::async_initiate<Token, send_signature>(
+        [p = party_, message](auto handler) {
+          detail::start_send(p, nullptr, message,
+                             detail::send_handler(detail::recycled(std::move(handler))));
+        },
+        token);
+  }
+
+  /// Sends a copy of `message` (into a pool buffer) to the peer, with no
+  /// completion. Errors: shutting_down, detached, message_too_large, core
+  /// pool_exhausted. A later socket error shuts the dispatcher down.
+  result<void> send(std::span<const std::byte> message);
+
+  /// Aborts a pending async_receive (operation_aborted) and stops the timeout.
+  /// The response stays attached: replies keep queueing for it.
+  void cancel() noexcept;
+
+  /// Detaches now (see the class comment). Idempotent.
+  void detach() noexcept;
+
+ private:
+  friend class detail::engine;
+  explicit response(detail::party* p) noexcept : party_(p) {}
+  detail::party* party_ = nullptr;  // one counted reference
+};
+
+/// A listener for incoming queries (the seed's "request"). Queries go to an
+/// attached listener that waits in async_receive and holds no event; otherwise
+/// they wait in the dispatcher's query queue (bounded, shared by all listeners,
+/// first come first served). With no listener attached, queries are dropped.
+/// Move-only; destroying it detaches it.
+class listener {
+ public:
+  listener() noexcept = default;
+  listener(listener&& other) noexcept : party_(std::exchange(other.party_, nullptr)) {}
+  listener& operator=(listener&& other) noexcept;
+  listener(const listener&) = delete;
+  listener& operator=(const listener&) = delete;
+  ~listener() { detach(); }
+
+  explicit operator bool() const noexcept { return party_ != nullptr; }
+
+  /// Waits for the next query (or a no_buffers or shutdown event).
+  template <class Token>
+  auto async_receive(Token&& token) {
+    return boost::asio::async_initiate<Token, receive_signature>(
+        [p = party_](auto handler) {
+          detail::start_receive(p, detail::receive_handler(detail::recycled(std::move(handler))));
+        },
+        token);
+  }
+
+  /// Answers a query to its sender and returns the event. `answer` may be the
+  /// event's own buffer (built in place: no copy) or any bytes that fit in
+  /// ev.capacity() (copied into it). No completion; the buffer goes back to the
+  /// pool once sent. Errors: detached, shutting_down, message_too_large (the
+  /// event is returned all the same).
+  result<void> reply(event&& ev, std::span<const std::byte> answer);
+
+  /// Sends `message` to `to` without copying it; it must stay valid until the completion.
+  template <class Token>
+  auto async_send_to(std::span<const std::byte> message, const udp::endpoint& to, Token&& token) {
+    return boost::asio::async_initiate<Token, send_signature>(
+        [p = party_, message, to](auto handler) {
+          detail::start_send(p, &to, message,
+                             detail::send_handler(detail::recycled(std::move(handler))));
+        },
+        token);
+  }
+
+  /// Aborts a pending async_receive (operation_aborted). Stays attached.
+  void cancel() noexcept;
+
+  /// Detaches now. When it was the last listener, queued queries are dropped.
+  void detach() noexcept;
+
+ private:
+  friend class detail::engine;
+  explicit listener(detail::party* p) noexcept : party_(p) {}
+  detail::party* party_ = nullptr;  // one counted reference
+};
+
+/// Dispatcher settings.
+struct dispatcher_options {
+  framing frame = dns_framing();
+  std::size_t buffer_size = 4096;        ///< bytes per receive buffer (largest datagram kept whole)
+  std::uint32_t buffers = 1024;          ///< receive buffers in the pool
+  std::uint32_t max_receives = 32;       ///< receives in flight per socket (one recvmmsg batch)
+  std::size_t max_queued_queries = 256;  ///< the shared query queue
+  std::size_t max_queued_per_response = 16;
+  unsigned sockets = 1;         ///< > 1: that many sockets on one port with SO_REUSEPORT
+  int socket_buffer_bytes = 0;  ///< SO_RCVBUF and SO_SNDBUF; 0 keeps the system's
+};
+
+/// Counters since creation, and the current state.
+struct dispatcher_stats {
+  std::uint64_t received = 0;             ///< datagrams read from the socket(s)
+  std::uint64_t sent = 0;                 ///< datagrams sent
+  std::uint64_t dropped_short = 0;        ///< shorter than the framing's header
+  std::uint64_t dropped_no_listener = 0;  ///< queries while no listener was attached
+  std::uint64_t dropped_unmatched =
+      0;  ///< replies to an ID not in use, or from another address/port
+  std::uint64_t dropped_queue_full = 0;  ///< a query or reply queue at its limit
+  std::uint64_t no_buffer_events = 0;    ///< no_buffers events given to listeners
+  std::uint64_t timeouts = 0;            ///< responses that timed out
+  std::uint64_t send_errors = 0;         ///< datagrams the kernel refused
+  std::uint32_t buffers_in_use = 0;      ///< pool buffers not free
+  std::uint32_t buffers_lent = 0;        ///< buffers held by the application or waiting to be sent
+  std::size_t queued_queries = 0;
+  std::size_t responses = 0;       ///< attached responses
+  std::size_t listeners = 0;       ///< attached listeners
+  unsigned receiving_sockets = 0;  ///< sockets with a receive running or armed
+  bool shutting_down = false;
+};
+
+/// The dispatcher. Refcounted: the creator's ref_ptr and every attached response
+/// and listener (and every event they hold) keep it alive; the last reference
+/// frees every queued event and buffer and closes the socket(s).
+///
+/// Threading: every member may be called from any thread; the loop may run on
+/// several threads. User handlers are never called with an internal lock held;
+/// a completion never runs inside the call that started it.
+///
+/// Failure: a receive or send error that is not a cancellation starts the
+/// failsafe shutdown: receiving stops, each attached response and listener gets
+/// one shutdown event (after its queued events), adds fail with shutting_down.
+class dispatcher : public ref_counted<dispatcher> {
+ public:
+  /// Binds `local` (IPv4 or IPv6; port 0 picks one). Errors: bad_options, or the
+  /// system's socket/bind error.
+  static result<ref_ptr<dispatcher>> create(boost::asio::io_context& context,
+                                            const udp::endpoint& local,
+                                            const dispatcher_options& options = {});
+  ~dispatcher();
+  dispatcher(const dispatcher&) = delete;
+  dispatcher& operator=(const dispatcher&) = delete;
+
+  /// Attaches a response to `peer` with a fresh, unpredictable ID unique among
+  /// the live responses to that peer. Errors: shutting_down, no_free_id.
+  result<response> add_response(const udp::endpoint& peer, const response_options& options = {});
+
+  /// Attaches a listener; it takes a waiting query at its first receive.
+  /// Errors: shutting_down.
+  result<listener> add_listener();
+
+  /// The bound address and port.
+  udp::endpoint local_endpoint() const;
+  /// The sockets' descriptors, for socket options and diagnostics; still owned by the dispatcher.
+  std::vector<int> native_handles() const;
+  const framing& frame() const noexcept;
+  dispatcher_stats stats() const;
+
+  /// Starts the same shutdown as a socket error, with reason operation_aborted:
+  /// receiving stops, each attached party gets its one shutdown event, adds
+  /// fail. For an orderly stop (e.g. from an event_loop stop hook): once every
+  /// party has detached, the dispatcher leaves no work on the loop. Idempotent.
+  void shutdown();
+
+ private:
+  friend class detail::engine;
+  explicit dispatcher(std::shared_ptr<detail::engine> engine) noexcept;
+  std::shared_ptr<detail::engine> engine_;
+};
+
+}  // namespace uipc::dispatch

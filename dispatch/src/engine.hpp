@@ -1,0 +1,231 @@
+// The dispatcher's internals: sockets, parties, queues, ID allocation, batching.
+#pragma once
+
+#include <sys/socket.h>
+
+#include <array>
+#include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include "uipc/core/buffer_pool.hpp"
+#include "uipc/dispatch/dispatcher.hpp"
+
+namespace uipc::dispatch::detail {
+
+class party;
+
+/// An address and port in a fixed form, for hashing.
+struct peer_key {
+  std::array<std::uint8_t, 16> address{};
+  std::uint16_t port = 0;
+  bool v6 = false;
+  bool operator==(const peer_key&) const = default;
+  static peer_key of(const udp::endpoint& ep) noexcept;
+};
+
+/// A live response's identity: (peer, ID).
+struct id_key {
+  peer_key peer;
+  std::uint16_t id = 0;
+  bool operator==(const id_key&) const = default;
+};
+
+struct peer_key_hash {
+  std::size_t operator()(const peer_key& k) const noexcept;
+};
+struct id_key_hash {
+  std::size_t operator()(const id_key& k) const noexcept;
+};
+
+/// A received datagram that waits in a queue; it becomes an event when delivered.
+struct queued_message {
+  pooled_buffer buffer;
+  std::size_t size = 0;
+  udp::endpoint peer;
+  std::uint16_t id = 0;
+  std::uint8_t socket = 0;
+};
+
+/// The responses that share one timeout duration, by deadline: since they were
+/// linked in time order, the head is always the first to expire.
+struct timeout_list {
+  std::chrono::steady_clock::duration duration{};
+  party* head = nullptr;
+  party* tail = nullptr;
+};
+
+/// A response or a listener: what the handle, and each event it holds, refer to.
+/// Fields below `refs_` are guarded by the engine's mutex.
+class party {
+ public:
+  enum class role : std::uint8_t { response, listener };
+  party(engine& e, ref_ptr<dispatcher> owner, role r) noexcept
+      : engine_(&e), owner_(std::move(owner)), role_(r) {}
+
+  std::atomic<std::uint32_t> refs_{1};
+  engine* engine_;
+  ref_ptr<dispatcher> owner_;  // the party's reference on the dispatcher
+  role role_;
+  bool attached_ = true;
+  bool lent_ = false;  // an event is out with the application
+  bool shutdown_delivered_ = false;
+  bool idle_ = false;       // listed in engine::idle_listeners_
+  receive_handler waiter_;  // a pending async_receive
+  error_code pending_;      // timed_out (responses) or no_buffers (listeners), not yet delivered
+  std::vector<queued_message>
+      queue_;  // responses: replies waiting (short: bounded, and no allocation when empty)
+  // Responses only:
+  udp::endpoint peer_;
+  id_key key_;
+  std::uint64_t serial_ = 0;
+  // The response's place in its timeout_list, while its timeout runs.
+  std::chrono::steady_clock::time_point deadline_;
+  timeout_list* timeouts_ = nullptr;
+  party* earlier_ = nullptr;
+  party* later_ = nullptr;
+};
+
+void add_ref(party* p) noexcept;
+void release(party* p) noexcept;
+
+/// A finished receive, to be completed outside the lock.
+struct completion {
+  receive_handler handler;
+  error_code ec;
+  event ev;
+};
+
+/// A datagram waiting to be sent.
+struct outgoing {
+  udp::endpoint to;
+  const std::byte* data = nullptr;
+  std::size_t size = 0;
+  pooled_buffer buffer;  // owned bytes (reply, send copy), returned after sending
+  send_handler handler;  // async sends only
+};
+
+class engine;
+
+/// One socket of the group, its batch arrays and its send queue. Every use of
+/// the asio socket object and of the send queue is under io_mutex.
+struct socket_state {
+  explicit socket_state(boost::asio::io_context& ctx) : socket(ctx) {}
+  udp::socket socket;
+  int fd = -1;
+  std::uint8_t index = 0;
+  const engine* owner = nullptr;
+  std::mutex io_mutex;
+  bool closed = false;
+  bool write_wait = false;
+  bool flush_posted = false;
+  std::deque<outgoing> send_queue;
+  // Receive side: touched only by the one receive running on this socket.
+  std::vector<pooled_buffer> buffers;
+  std::vector<mmsghdr> headers;
+  std::vector<iovec> vectors;
+  std::vector<sockaddr_storage> addresses;
+  std::vector<completion> delivered;  // a batch's completions (kept: its capacity is reused)
+  // Send side, under io_mutex.
+  std::vector<mmsghdr> send_headers;
+  std::vector<iovec> send_vectors;
+  bool receiving = false;  // guarded by the engine's mutex
+};
+
+class engine : public std::enable_shared_from_this<engine> {
+ public:
+  engine(boost::asio::io_context& ctx, const dispatcher_options& options);
+  ~engine();
+
+  result<void> open(const udp::endpoint& local);
+  void close() noexcept;
+
+  result<response> add_response(dispatcher& owner, const udp::endpoint& peer,
+                                const response_options& options);
+  result<listener> add_listener(dispatcher& owner);
+  void detach(party* p) noexcept;
+  void cancel(party* p) noexcept;
+
+  void start_receive(party* p, receive_handler handler);
+  void start_send(party* p, const udp::endpoint& to, std::span<const std::byte> message,
+                  send_handler handler);
+  result<void> send_copy(party* p, std::span<const std::byte> message);
+  result<void> reply(party* p, event&& ev, std::span<const std::byte> answer);
+  void return_event(event& ev) noexcept;
+
+  udp::endpoint local_endpoint() const;
+  std::vector<int> native_handles() const;
+  const framing& frame() const noexcept { return options_.frame; }
+  dispatcher_stats stats() const;
+  /// The failsafe shutdown (see dispatcher); idempotent. `from_loop`: called
+  /// from one of our completions, where handlers may run at once.
+  void fail(error_code reason, bool from_loop);
+
+ private:
+  using completions = std::vector<completion>;
+
+  // All *_locked members run with mutex_ held.
+  bool deliverable_locked(const party& p) const noexcept;
+  void collect_locked(party& p, completions& out);
+  void make_ready_locked(party& p, completions& out);
+  void restart_locked(std::vector<socket_state*>& to_arm, completions& out);
+  std::uint16_t next_random_locked();
+  result<std::uint16_t> allocate_id_locked(const peer_key& peer);
+  void classify_locked(socket_state& s, int count, completions& out);
+  void fail_locked(error_code reason, completions& out);
+
+  void run_completions(completions& batch);
+  void post_completions(completions& batch);
+  void arm(socket_state& s);
+  void on_readable(socket_state& s, error_code ec);
+  void restart_if_needed(bool from_loop);
+  void restart(bool from_loop);
+  socket_state& send_socket() noexcept;
+  void enqueue(socket_state& s, outgoing&& out);
+  void flush(socket_state& s);
+  void link_timeout_locked(party& p, std::chrono::steady_clock::duration timeout);
+  void unlink_timeout_locked(party& p) noexcept;
+  void arm_timer_locked();
+  void on_timer();
+  void invoke(completion& c);
+  void buffers_returned() noexcept;
+
+  boost::asio::io_context& ctx_;
+  dispatcher_options options_;
+  buffer_pool pool_;
+  std::vector<std::unique_ptr<socket_state>> sockets_;
+  udp::endpoint local_;
+
+  mutable std::mutex mutex_;
+  bool closed_ = false;
+  bool shutting_down_ = false;
+  error_code reason_;
+  std::unordered_map<id_key, party*, id_key_hash> responses_;
+  std::unordered_map<peer_key, std::uint32_t, peer_key_hash> per_peer_;
+  std::vector<party*> listeners_;
+  std::deque<party*> idle_listeners_;
+  std::deque<queued_message> queries_;
+  std::uint32_t lent_buffers_ = 0;
+  std::uint64_t next_serial_ = 1;
+  std::size_t error_event_turn_ = 0;
+  std::array<std::uint16_t, 1024> random_{};
+  std::size_t random_left_ = 0;
+  // Every response timeout runs on this one timer, armed for the earliest deadline.
+  boost::asio::steady_timer timer_;
+  std::chrono::steady_clock::time_point armed_for_ = std::chrono::steady_clock::time_point::max();
+  std::vector<std::unique_ptr<timeout_list>> timeout_lists_;
+  std::atomic<unsigned> idle_sockets_{0};  // sockets with no receive armed (restart hint)
+  std::atomic<bool> stopping_{false};      // shutting_down_, readable without the lock
+
+  std::atomic<std::uint64_t> received_{0}, sent_{0}, dropped_short_{0}, dropped_no_listener_{0},
+      dropped_unmatched_{0}, dropped_queue_full_{0}, no_buffer_events_{0}, timeouts_{0},
+      send_errors_{0};
+};
+
+}  // namespace uipc::dispatch::detail

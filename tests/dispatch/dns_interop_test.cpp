@@ -1,0 +1,292 @@
+// Interop with real DNS tools: uipc-dns-query against unbound, dig against uipc-dns-responder.
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/udp.hpp>
+#include <chrono>
+#include <fstream>
+#include <optional>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "test_support.hpp"
+
+extern char** environ;
+
+namespace uipc::dispatch {
+namespace {
+
+using namespace std::chrono_literals;
+
+std::optional<std::string> find_program(const std::string& name) {
+  for (const char* dir :
+       {"/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin", "/usr/local/sbin"}) {
+    const std::string path = std::string(dir) + "/" + name;
+    if (::access(path.c_str(), X_OK) == 0) return path;
+  }
+  return std::nullopt;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+/// A child process with stdout and stderr in files; killed (and reaped) when the object goes.
+class child {
+ public:
+  child(std::vector<std::string> argv, const std::string& out, const std::string& err) {
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    std::vector<char*> args;
+    for (auto& a : argv) args.push_back(a.data());
+    args.push_back(nullptr);
+    if (::posix_spawn(&pid_, args[0], &fa, nullptr, args.data(), environ) != 0) pid_ = -1;
+    posix_spawn_file_actions_destroy(&fa);
+  }
+  ~child() {
+    if (pid_ > 0 && !status_) {
+      ::kill(pid_, SIGKILL);
+      int st = 0;
+      ::waitpid(pid_, &st, 0);
+    }
+  }
+  child(const child&) = delete;
+  child& operator=(const child&) = delete;
+
+  bool started() const { return pid_ > 0; }
+  void signal(int sig) const {
+    if (pid_ > 0 && !status_) ::kill(pid_, sig);
+  }
+  /// The exit status once it ended within `deadline`, else nullopt.
+  std::optional<int> wait(std::chrono::milliseconds deadline) {
+    const auto until = std::chrono::steady_clock::now() + deadline;
+    while (!status_) {
+      int st = 0;
+      const pid_t r = ::waitpid(pid_, &st, WNOHANG);
+      if (r == pid_) {
+        status_ = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        break;
+      }
+      if (std::chrono::steady_clock::now() > until) return std::nullopt;
+      std::this_thread::sleep_for(5ms);
+    }
+    return status_;
+  }
+  bool running() { return !wait(0ms).has_value(); }
+
+ private:
+  pid_t pid_ = -1;
+  std::optional<int> status_;
+};
+
+/// Runs a program to its end (at most `deadline`); its stdout, or nullopt on timeout.
+std::optional<std::string> run(const test::temp_dir& dir, std::vector<std::string> argv,
+                               std::chrono::milliseconds deadline = 20s, int* exit_code = nullptr) {
+  static int n = 0;
+  const std::string out = dir.file("run" + std::to_string(++n) + ".out");
+  child c(std::move(argv), out, dir.file("run" + std::to_string(n) + ".err"));
+  if (!c.started()) return std::nullopt;
+  auto status = c.wait(deadline);
+  if (!status) return std::nullopt;
+  if (exit_code) *exit_code = *status;
+  return read_file(out);
+}
+
+/// A UDP port that was free a moment ago (for servers that cannot report theirs).
+unsigned short free_udp_port() {
+  boost::asio::io_context ctx;
+  boost::asio::ip::udp::socket s(
+      ctx, boost::asio::ip::udp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));
+  return s.local_endpoint().port();
+}
+
+struct query_counts {
+  long completed = -1, timed_out = -1, mismatched = -1, errors = -1, nxdomain = -1;
+};
+
+query_counts parse_counts(const std::string& out) {
+  query_counts c;
+  std::smatch m;
+  static const std::regex line(
+      R"(completed (\d+) timed_out (\d+) mismatched (\d+) errors (\d+) nxdomain (\d+))");
+  if (std::regex_search(out, m, line)) {
+    c.completed = std::stol(m[1]);
+    c.timed_out = std::stol(m[2]);
+    c.mismatched = std::stol(m[3]);
+    c.errors = std::stol(m[4]);
+    c.nxdomain = std::stol(m[5]);
+  }
+  return c;
+}
+
+class DnsInteropTest : public ::testing::Test {
+ protected:
+  test::temp_dir dir_;
+};
+
+TEST_F(DnsInteropTest, QueryToolResolvesNamesServedByUnbound) {
+  auto unbound = find_program("unbound");
+  if (!unbound) GTEST_SKIP() << "unbound is not installed (Debian package 'unbound')";
+  const unsigned short port = free_udp_port();
+  const std::string conf = dir_.file("unbound.conf");
+  {
+    std::ofstream c(conf);
+    c << "server:\n"
+      << "  interface: 127.0.0.1\n  port: " << port << "\n"
+      << "  do-ip6: no\n  do-daemonize: no\n  chroot: \"\"\n  username: \"\"\n"
+      << "  directory: \"" << dir_.path()
+      << "\"\n  pidfile: \"\"\n  logfile: \"\"\n  use-syslog: no\n"
+      << "  verbosity: 0\n  num-threads: 1\n  access-control: 127.0.0.0/8 allow\n"
+      << "  local-zone: \"uipc.test.\" static\n"
+      << "  local-data: \"a.uipc.test. 300 IN A 127.0.0.1\"\n"
+      << "  local-data: \"www.uipc.test. 300 IN A 192.0.2.10\"\n"
+      << "  local-data: \"www.uipc.test. 300 IN A 192.0.2.11\"\n"
+      << "  local-data: \"txt.uipc.test. 300 IN TXT \\\"uipc\\\"\"\n"
+      << "remote-control:\n  control-enable: no\n";
+  }
+  child server({*unbound, "-d", "-c", conf}, dir_.file("unbound.out"), dir_.file("unbound.err"));
+  ASSERT_TRUE(server.started());
+  const std::string names = dir_.file("names.txt");
+  {
+    std::ofstream n(names);
+    n << "a.uipc.test A\nwww.uipc.test\ntxt.uipc.test TXT\nmissing.uipc.test A\n";
+  }
+  const std::string at = "127.0.0.1:" + std::to_string(port);
+  // Wait until unbound answers (it takes a moment to start).
+  bool up = false;
+  for (auto until = std::chrono::steady_clock::now() + 10s;
+       !up && std::chrono::steady_clock::now() < until;) {
+    ASSERT_TRUE(server.running()) << "unbound exited: " << read_file(dir_.file("unbound.err"));
+    auto out = run(dir_, {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "1",
+                          "--timeout", "200"});
+    up = out && parse_counts(*out).completed == 1;
+  }
+  ASSERT_TRUE(up) << "unbound did not answer: " << read_file(dir_.file("unbound.err"));
+
+  auto verbose = run(dir_, {UIPC_DNS_QUERY, "--server", at, "--names", names, "--verbose"});
+  ASSERT_TRUE(verbose);
+  EXPECT_NE(verbose->find("answer a.uipc.test rcode 0 answers 1"), std::string::npos) << *verbose;
+  EXPECT_NE(verbose->find("answer www.uipc.test rcode 0 answers 2"), std::string::npos) << *verbose;
+  EXPECT_NE(verbose->find("answer txt.uipc.test rcode 0 answers 1"), std::string::npos) << *verbose;
+  EXPECT_NE(verbose->find("answer missing.uipc.test rcode 3 answers 0"), std::string::npos)
+      << *verbose;
+
+  int code = -1;
+  auto out = run(dir_,
+                 {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "2000", "--inflight",
+                  "32", "--timeout", "3000"},
+                 30s, &code);
+  ASSERT_TRUE(out);
+  const auto c = parse_counts(*out);
+  EXPECT_EQ(c.completed, 2000) << *out;
+  EXPECT_EQ(c.timed_out, 0);
+  EXPECT_EQ(c.mismatched, 0);
+  EXPECT_EQ(c.errors, 0);
+  EXPECT_EQ(c.nxdomain, 500);
+  EXPECT_EQ(code, 0);
+}
+
+TEST_F(DnsInteropTest, QueryToolCountsTimeoutsWhenNoServerAnswers) {
+  const std::string names = dir_.file("names.txt");
+  std::ofstream(names) << "a.uipc.test\n";
+  // A bound socket that never answers: every query times out.
+  boost::asio::io_context ctx;
+  boost::asio::ip::udp::socket silent(ctx, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  const std::string at = "127.0.0.1:" + std::to_string(silent.local_endpoint().port());
+  auto out = run(dir_, {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "5",
+                        "--inflight", "5", "--timeout", "100"});
+  ASSERT_TRUE(out);
+  const auto c = parse_counts(*out);
+  EXPECT_EQ(c.completed, 0) << *out;
+  EXPECT_EQ(c.timed_out, 5) << *out;
+}
+
+/// Starts uipc-dns-responder on a port it picks and returns "ADDR" and port.
+struct responder {
+  responder(const test::temp_dir& dir, const std::string& listen, const std::string& threads)
+      : out(dir.file("responder.out")),
+        proc({UIPC_DNS_RESPONDER, "--listen", listen, "--threads", threads}, out,
+             dir.file("responder.err")) {
+    static const std::regex ready(R"(listening on (.*):(\d+))");
+    for (auto until = std::chrono::steady_clock::now() + 10s;
+         std::chrono::steady_clock::now() < until;) {
+      std::smatch m;
+      const std::string text = read_file(out);
+      if (std::regex_search(text, m, ready)) {
+        port = m[2];
+        return;
+      }
+      if (!proc.running()) return;
+      std::this_thread::sleep_for(5ms);
+    }
+  }
+  std::string out;
+  child proc;
+  std::string port;
+};
+
+TEST_F(DnsInteropTest, DigGetsCorrectAnswersFromTheResponder) {
+  auto dig = find_program("dig");
+  if (!dig) GTEST_SKIP() << "dig is not installed (Debian package 'dnsutils')";
+  for (const char* threads : {"1", "2"}) {
+    SCOPED_TRACE(std::string("threads ") + threads);
+    responder r(dir_, "127.0.0.1:0", threads);
+    ASSERT_FALSE(r.port.empty()) << read_file(dir_.file("responder.err"));
+    auto ask = [&](const std::string& name, const std::string& type) {
+      auto out = run(dir_, {*dig, "@127.0.0.1", "-p", r.port, name, type, "+tries=2", "+time=2",
+                            "+norecurse"});
+      return out.value_or("");
+    };
+    const std::string www = ask("www.uipc.test", "A");
+    EXPECT_NE(www.find("status: NOERROR"), std::string::npos) << www;
+    EXPECT_NE(www.find("flags: qr aa"), std::string::npos) << www;
+    EXPECT_TRUE(
+        std::regex_search(www, std::regex(R"(www\.uipc\.test\.\s+300\s+IN\s+A\s+192\.0\.2\.10)")))
+        << www;
+    EXPECT_TRUE(
+        std::regex_search(www, std::regex(R"(www\.uipc\.test\.\s+300\s+IN\s+A\s+192\.0\.2\.11)")))
+        << www;
+    const std::string aaaa = ask("WWW.Uipc.Test", "AAAA");
+    EXPECT_TRUE(std::regex_search(aaaa, std::regex(R"(IN\s+AAAA\s+2001:db8::10)"))) << aaaa;
+    const std::string txt = ask("txt.uipc.test", "TXT");
+    EXPECT_TRUE(std::regex_search(txt, std::regex(R"(IN\s+TXT\s+"uipc")"))) << txt;
+    const std::string nodata = ask("mail.uipc.test", "AAAA");
+    EXPECT_NE(nodata.find("status: NOERROR"), std::string::npos) << nodata;
+    EXPECT_NE(nodata.find("ANSWER: 0"), std::string::npos) << nodata;
+    const std::string nx = ask("nothing.example", "A");
+    EXPECT_NE(nx.find("status: NXDOMAIN"), std::string::npos) << nx;
+    r.proc.signal(SIGTERM);
+    EXPECT_EQ(r.proc.wait(10s), std::optional<int>(0)) << read_file(dir_.file("responder.err"));
+  }
+}
+
+TEST_F(DnsInteropTest, QueryToolAndResponderTalkOverIpv6) {
+  responder r(dir_, "[::1]:0", "1");
+  if (r.port.empty()) GTEST_SKIP() << "no IPv6 loopback: " << read_file(dir_.file("responder.err"));
+  const std::string names = dir_.file("names.txt");
+  std::ofstream(names) << "www.uipc.test AAAA\nnope.uipc.test\n";
+  auto out = run(dir_, {UIPC_DNS_QUERY, "--server", "[::1]:" + r.port, "--names", names, "--count",
+                        "1000", "--inflight", "16"});
+  ASSERT_TRUE(out);
+  const auto c = parse_counts(*out);
+  EXPECT_EQ(c.completed, 1000) << *out;
+  EXPECT_EQ(c.nxdomain, 500);
+  r.proc.signal(SIGTERM);
+  EXPECT_EQ(r.proc.wait(10s), std::optional<int>(0));
+}
+
+}  // namespace
+}  // namespace uipc::dispatch

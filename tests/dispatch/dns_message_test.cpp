@@ -1,0 +1,86 @@
+// The DNS helpers of the programs: answers from the zone, and no read or write
+// out of bounds on any input (a small randomized fuzz, run under ASan too).
+#include "dns_message.hpp"
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <random>
+#include <vector>
+
+namespace uipc::dns {
+namespace {
+
+std::vector<std::byte> query(std::uint16_t id, const char* name, std::uint16_t type) {
+  std::vector<std::byte> q(512);
+  q.resize(build_query(q, id, name, type));
+  return q;
+}
+
+TEST(DnsMessageTest, KnownNameGetsItsRecordsAuthoritatively) {
+  auto q = query(0x1234, "WWW.uipc.test.", type_a);
+  ASSERT_FALSE(q.empty());
+  std::array<std::byte, 512> buf{};
+  std::copy(q.begin(), q.end(), buf.begin());
+  const std::size_t n = answer_in_place(buf, q.size());
+  ASSERT_GT(n, q.size());
+  const std::span<const std::byte> a(buf.data(), n);
+  EXPECT_EQ(std::to_integer<int>(a[0]), 0x12);
+  EXPECT_EQ(std::to_integer<int>(a[2]) & 0x84, 0x84);  // QR, AA
+  EXPECT_EQ(rcode(a), rcode_noerror);
+  EXPECT_EQ(answer_count(a), 2);
+  EXPECT_TRUE(reply_matches(a, "www.uipc.test", type_a));
+  EXPECT_FALSE(reply_matches(a, "www.uipc.test", type_aaaa));
+}
+
+TEST(DnsMessageTest, UnknownNameIsNxdomainAndKnownNameWithoutTheTypeIsNodata) {
+  std::array<std::byte, 512> buf{};
+  auto nx = query(1, "nope.example", type_a);
+  std::copy(nx.begin(), nx.end(), buf.begin());
+  std::size_t n = answer_in_place(buf, nx.size());
+  EXPECT_EQ(rcode({buf.data(), n}), rcode_nxdomain);
+  auto nodata = query(2, "mail.uipc.test", type_txt);
+  std::copy(nodata.begin(), nodata.end(), buf.begin());
+  n = answer_in_place(buf, nodata.size());
+  EXPECT_EQ(rcode({buf.data(), n}), rcode_noerror);
+  EXPECT_EQ(answer_count({buf.data(), n}), 0);
+}
+
+TEST(DnsMessageTest, ResponsesAreNeverAnsweredAndBadQueriesGetFormerr) {
+  std::array<std::byte, 512> buf{};
+  auto q = query(3, "a.uipc.test", type_a);
+  std::copy(q.begin(), q.end(), buf.begin());
+  buf[2] |= std::byte{0x80};
+  EXPECT_EQ(answer_in_place(buf, q.size()), 0u);
+  std::copy(q.begin(), q.end(), buf.begin());
+  buf[12] = std::byte{0xc0};  // a compression pointer in the question
+  const std::size_t n = answer_in_place(buf, q.size());
+  ASSERT_EQ(n, 12u);
+  EXPECT_EQ(rcode({buf.data(), n}), rcode_formerr);
+  EXPECT_EQ(build_query(buf, 1, std::string(64, 'a') + ".test", type_a), 0u);  // label too long
+}
+
+TEST(DnsMessageTest, RandomAndTruncatedInputsStayInBounds) {
+  std::mt19937 rng(12345);
+  const auto good = query(7, "www.uipc.test", type_aaaa);
+  for (int i = 0; i < 100000; ++i) {
+    // A buffer exactly as large as the input: any write past it is caught by ASan.
+    const std::size_t room = 12 + rng() % 120;
+    std::vector<std::byte> buf(room);
+    std::size_t len = rng() % (room + 1);
+    if (i % 2 == 0) {
+      len = std::min(len, good.size());
+      std::copy_n(good.begin(), len, buf.begin());
+      if (len > 0 && i % 4 == 0) buf[rng() % len] = static_cast<std::byte>(rng());
+    } else {
+      for (std::size_t j = 0; j < len; ++j) buf[j] = static_cast<std::byte>(rng());
+    }
+    const std::size_t n = answer_in_place(buf, len);
+    ASSERT_LE(n, room);
+    (void)parse_question({buf.data(), len});
+    if (n >= 12) (void)reply_matches({buf.data(), n}, "www.uipc.test", type_aaaa);
+  }
+}
+
+}  // namespace
+}  // namespace uipc::dns
