@@ -159,7 +159,10 @@ int wait(client& c, std::span<char* const> args) {
     if (std::strcmp(args[i], "--timeout") == 0 && i + 1 < args.size()) {
       auto ms = number<long long>(args[++i]);
       if (!ms) return usage();
-      timeout = std::chrono::milliseconds(*ms);
+      // Saturated: ms beyond what nanoseconds hold would wrap to a short wait.
+      constexpr long long max_ms = std::chrono::nanoseconds::max().count() / 1'000'000;
+      timeout = *ms > max_ms ? std::chrono::nanoseconds::max()
+                             : std::chrono::nanoseconds(std::chrono::milliseconds(*ms));
     } else {
       return usage();
     }

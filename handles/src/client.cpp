@@ -3,10 +3,15 @@
 #include "uipc/handles/client.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/file.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <optional>
 #include <thread>
 
@@ -32,32 +37,82 @@ session::~session() {
   conn.reset();
 }
 
-result<frame> session::call(request_type type, std::string payload) {
+bool mapping::daemon_gone() noexcept {
+  timespec now{};
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+  const std::int64_t ns = static_cast<std::int64_t>(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
+  if (ns < next_check_ns.load(std::memory_order_relaxed)) return false;
+  next_check_ns.store(ns + 10'000'000, std::memory_order_relaxed);
+  bool gone = false;
+  if (daemon_pidfd) {
+    pollfd p{daemon_pidfd.get(), POLLIN, 0};
+    gone = ::poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)) != 0;
+  } else {
+    gone = !process_alive(daemon_pid);
+  }
+  if (gone) lost.store(true);
+  return gone;
+}
+
+namespace {
+// The state of one call, shared with its completion handler: a call given up
+// at its deadline returns while the handler may still run later.
+struct call_state {
+  std::optional<std::pair<error_code, frame>> reply;
+  boost::asio::cancellation_signal cancel;
+};
+}  // namespace
+
+result<frame> session::call(request_type type, std::string payload,
+                            std::optional<steady::time_point> deadline) {
   if (map->lost.load()) return make_error_code(errc::daemon_lost);
   frame request;
   request.kind = frame_kind::request;
   request.type = static_cast<std::uint32_t>(type);
   request.payload = std::move(payload);
   std::lock_guard lock(call_mutex);
-  std::optional<std::pair<error_code, frame>> reply;
-  conn->async_call(std::move(request),
-                   [&reply](error_code ec, frame f) { reply.emplace(ec, std::move(f)); });
+  auto until = deadline ? *deadline : steady::now() + options.call_timeout;
+  auto state = std::make_shared<call_state>();
+  conn->async_call(std::move(request), boost::asio::bind_cancellation_slot(
+                                           state->cancel.slot(), [state](error_code ec, frame f) {
+                                             state->reply.emplace(ec, std::move(f));
+                                           }));
   ctx.restart();
-  for (int idle = 0; !reply;) {
+  bool timed_out = false;
+  for (int idle = 0; !state->reply;) {
+    const auto now = steady::now();
+    if (now >= until) {
+      if (timed_out) {
+        // The cancellation did not complete the call: give up on the
+        // connection rather than wait on.
+        map->lost.store(true);
+        conn->close();
+        return make_error_code(errc::daemon_timeout);
+      }
+      // A daemon that does not answer (stopped, stuck): cancel our call and
+      // let its handler run, then report the timeout.
+      timed_out = true;
+      state->cancel.emit(boost::asio::cancellation_type::all);
+      until = now + std::chrono::seconds(1);
+      continue;
+    }
     // Only this thread runs ctx (under call_mutex), so the handler that fills
     // `reply` runs here; the connection's pending reads keep run_one waiting.
     // A loop with nothing left to run and no reply cannot produce one.
-    if (ctx.run_one() != 0) {
+    if (ctx.run_one_for(until - now) != 0) {
       idle = 0;
       continue;
     }
+    if (!ctx.stopped()) continue;  // the time ran out
     if (++idle == 3) {
       map->lost.store(true);
       return make_error_code(errc::daemon_lost);
     }
     ctx.restart();
   }
-  auto& [ec, f] = *reply;
+  auto& [ec, f] = *state->reply;
+  if (timed_out && ec == boost::asio::error::operation_aborted)
+    return make_error_code(errc::daemon_timeout);
   if (ec) {
     if (ec.category() == handles_category()) return ec;
     map->lost.store(true);
@@ -93,7 +148,8 @@ bool retryable(error_code ec) {
 }  // namespace
 
 result<std::shared_ptr<session>> open_session(const client_options& options,
-                                              const resolved_location& where) {
+                                              const resolved_location& where,
+                                              steady::time_point deadline) {
   auto s = std::make_shared<session>();
   s->options = options;
   s->map = std::make_shared<mapping>();
@@ -104,17 +160,31 @@ result<std::shared_ptr<session>> open_session(const client_options& options,
   if (!c) return c.error();
   s->conn = *c;
   if (s->conn->peer().uid != ::geteuid()) return make_error_code(errc::permission_denied);
-  auto hello = s->call(request_type::hello, pb::HelloRequest{}.SerializeAsString());
+  auto hello = s->call(request_type::hello, pb::HelloRequest{}.SerializeAsString(),
+                       std::min(deadline, steady::now() + options.call_timeout));
   if (!hello) return hello.error();
   pb::HelloReply info;
   if (!info.ParseFromString(hello->payload)) return make_error_code(errc::bad_request);
-  auto seg = shm_segment::open(info.segment_name(), identity);
+  // The segment is the daemon's memfd, passed with the reply; its size must be
+  // the layout the daemon announced.
+  if (hello->fds.size() != 1 || info.capacity() < 2 || info.capacity() > (1u << 24) ||
+      info.scratch_size() > (std::uint64_t{1} << 32)) {
+    return make_error_code(errc::bad_request);
+  }
+  auto seg = shm_segment::open_fd(std::move(hello->fds[0]), identity,
+                                  segment_bytes(info.capacity(), info.scratch_size()) + 65536);
   if (!seg) return seg.error();
-  auto view = attach_segment(seg->data(), seg->size());
+  // The layout is the daemon's word (its hello), checked against the mapping;
+  // what the header says later does not move it.
+  auto view = attach_segment(seg->data(), seg->size(), info.capacity(), info.scratch_size());
   if (!view) return view.error();
   if (view->header->daemon_pid.load() != info.daemon_pid() || !view->running()) {
     return make_error_code(errc::daemon_lost);
   }
+  s->map->daemon_pidfd.reset(
+      static_cast<int>(::syscall(SYS_pidfd_open, static_cast<pid_t>(info.daemon_pid()), 0)));
+  if (!s->map->daemon_pidfd && !process_alive(info.daemon_pid()))
+    return make_error_code(errc::daemon_lost);
   s->map->segment.emplace(std::move(*seg));
   s->map->view = *view;
   s->map->daemon_pid = info.daemon_pid();
@@ -131,7 +201,7 @@ result<client> client::connect(client_options options) {
   const auto deadline = steady::now() + options.start_timeout;
   error_code last;
   for (int round = 0; steady::now() < deadline; ++round) {
-    auto s = detail::open_session(options, *where);
+    auto s = detail::open_session(options, *where, deadline);
     if (s) return client(std::move(*s));
     last = s.error();
     if (!detail::retryable(last)) return last;
@@ -145,14 +215,15 @@ result<client> client::connect(client_options options) {
       if (steady::now() >= deadline) return make_error_code(errc::daemon_start_timeout);
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
-    s = detail::open_session(options, *where);
+    s = detail::open_session(options, *where, deadline);
     if (s) return client(std::move(*s));
-    if (auto ec = detail::start_daemon(options, *where, deadline)) {
-      // Ours may have lost the location to a daemon started some other way.
-      s = detail::open_session(options, *where);
-      if (s) return client(std::move(*s));
-      return ec;
-    }
+    if (!detail::retryable(s.error())) return s.error();
+    auto started = detail::start_daemon(options, *where, deadline);
+    if (started) return client(std::move(*started));
+    // Ours may have lost the location to a daemon started some other way.
+    s = detail::open_session(options, *where, deadline);
+    if (s) return client(std::move(*s));
+    return started.error();
   }
   if (steady::now() >= deadline) return make_error_code(errc::daemon_start_timeout);
   return make_error_code(errc::daemon_unavailable);
@@ -293,7 +364,8 @@ result<scratch_block> client::store_scratch(std::size_t bytes) {
   pb::ScratchStoreReply out;
   if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
   const auto& v = session_->map->view;
-  if (out.offset() + out.size() > v.header->scratch_size) return make_error_code(errc::bad_request);
+  if (out.offset() > v.scratch_size() || out.size() > v.scratch_size() - out.offset())
+    return make_error_code(errc::bad_request);
   scratch_block b;
   b.session_ = session_;
   b.offset_ = out.offset();
@@ -304,7 +376,7 @@ result<scratch_block> client::store_scratch(std::size_t bytes) {
 std::span<std::byte> client::scratch_area() const {
   if (!session_) return {};
   const auto& v = session_->map->view;
-  return {v.scratch, v.header->scratch_size};
+  return {v.scratch, v.scratch_size()};
 }
 
 result<wait_result> client::wait_many(std::span<const object* const> objects, bool all,
@@ -366,17 +438,26 @@ result<wait_result> client::wait_all(std::initializer_list<const object*> object
 
 result<std::vector<handle_info>> client::list() {
   if (!session_) return make_error_code(errc::daemon_lost);
-  auto reply = session_->call(request_type::list, pb::ListRequest{}.SerializeAsString());
-  if (!reply) return reply.error();
-  pb::ListReply out;
-  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
   std::vector<handle_info> entries;
-  for (const auto& e : out.entries()) {
-    entries.push_back({{e.handle().index(), e.handle().generation()},
-                       static_cast<object_type>(e.type()),
-                       e.refcount(),
-                       e.name(),
-                       e.value()});
+  // Page by page (see ListRequest); each page is a consistent snapshot of its
+  // slots, the whole list is not.
+  for (std::uint32_t start = 0;;) {
+    pb::ListRequest in;
+    in.set_start_index(start);
+    auto reply = session_->call(request_type::list, in.SerializeAsString());
+    if (!reply) return reply.error();
+    pb::ListReply out;
+    if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+    for (const auto& e : out.entries()) {
+      entries.push_back({{e.handle().index(), e.handle().generation()},
+                         static_cast<object_type>(e.type()),
+                         e.refcount(),
+                         e.name(),
+                         e.value()});
+    }
+    if (out.next_index() == 0) break;
+    if (out.next_index() <= start) return make_error_code(errc::bad_request);  // no progress
+    start = out.next_index();
   }
   return entries;
 }

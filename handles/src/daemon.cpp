@@ -10,6 +10,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <cstdio>
@@ -68,7 +69,12 @@ frame reply_with(const frame& request, const Message& m) {
 
 struct handle_daemon::impl : std::enable_shared_from_this<impl> {
   impl(asio::io_context& c, daemon_options o)
-      : ctx(c), options(std::move(o)), idle_timer(c), scratch(0) {}
+      : ctx(c),
+        options(std::move(o)),
+        idle_timer(c),
+        repair_timer(c),
+        accept_timer(c),
+        scratch(0) {}
 
   asio::io_context& ctx;
   daemon_options options;
@@ -82,8 +88,17 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
   std::unique_ptr<listener> accept_socket;
   asio::steady_timer idle_timer;
   std::uint64_t idle_epoch = 0;
+  // Repairs of dead processes that met a slot locked by a live process: retried
+  // on this timer rather than waited for under the mutex.
+  asio::steady_timer repair_timer;
+  std::vector<std::int32_t> pending_repairs;
+  bool repair_timer_armed = false;
+  // Accept failures (EMFILE, ENFILE, ENOMEM) are retried after a pause, not at once.
+  asio::steady_timer accept_timer;
+  std::uint64_t accept_failures = 0;
 
   std::vector<slot_record> records;
+  std::vector<object_type> record_types;  // records[i].type, contiguous for repairs
   std::deque<std::uint32_t> free_slots;
   std::unordered_map<std::string, std::uint32_t> names;
   detail::scratch_allocator scratch;
@@ -120,10 +135,11 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
 
-    shm_segment::remove(where.segment_name);  // stale, from a killed daemon
-    auto seg = shm_segment::create(where.segment_name,
-                                   detail::segment_bytes(options.capacity, options.scratch_size),
-                                   detail::identity, 0600);
+    // Anonymous (a sealed memfd), handed to each client in the hello reply: no
+    // name another uid could take first, no size another process could change
+    // under our mappings (the seals forbid it), nothing left behind by a kill.
+    auto seg = shm_segment::create_anonymous(
+        detail::segment_bytes(options.capacity, options.scratch_size), detail::identity);
     if (!seg) return seg.error();
     segment.emplace(std::move(*seg));
     std::random_device entropy;
@@ -132,6 +148,7 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
                                   options.scratch_size, epoch);
 
     records.assign(options.capacity, slot_record{});
+    record_types.assign(options.capacity, object_type::none);
     for (std::uint32_t i = 1; i < options.capacity; ++i) {
       free_slots.push_back(i);
       view.at(i).generation.store(1);
@@ -144,10 +161,8 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
     lo.connection.partial_frame_timeout = std::chrono::seconds(5);
     auto bound = listener::bind(ctx, where.socket_path, lo);
     if (!bound) {
-      // Tell a client waiting on the header, and give it a moment to look
-      // before the segment goes with us.
+      // The starting client sees our process go.
       detail::publish_state(view, detail::daemon_state::died_at_startup);
-      std::this_thread::sleep_for(std::chrono::milliseconds(300));
       segment.reset();
       return bound.error();
     }
@@ -162,8 +177,27 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
     accept_socket->async_accept([self = shared_from_this()](error_code ec, connection::pointer c) {
       if (ec) {
         if (ec == asio::error::operation_aborted) return;
+        // EMFILE and friends persist until something closes: accepting again
+        // at once would spin. Pause, growing to a second while it lasts.
         std::lock_guard lock(self->mutex);
-        if (!self->stopped) self->accept_next();
+        if (self->stopped) return;
+        const bool out_of_resources = ec == boost::system::errc::too_many_files_open ||
+                                      ec == boost::system::errc::too_many_files_open_in_system ||
+                                      ec == boost::system::errc::no_buffer_space ||
+                                      ec == boost::system::errc::not_enough_memory;
+        if (!out_of_resources) {  // one bad connection: go on at once
+          self->accept_next();
+          return;
+        }
+        ++self->accept_failures;
+        const auto pause = std::chrono::milliseconds(std::min<std::uint64_t>(
+            1000, 10u << std::min<std::uint64_t>(self->accept_failures, 7)));
+        self->accept_timer.expires_after(pause);
+        self->accept_timer.async_wait([self](error_code timer_ec) {
+          if (timer_ec) return;
+          std::lock_guard relock(self->mutex);
+          if (!self->stopped) self->accept_next();
+        });
         return;
       }
       std::lock_guard lock(self->mutex);
@@ -171,6 +205,7 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
         c->close();
         return;
       }
+      self->accept_failures = 0;
       // The directory is private and the socket 0600, so this only matters for
       // root-owned peers of another uid: they get nothing either.
       if (c->peer().uid != ::geteuid()) {
@@ -206,7 +241,14 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
         reply = self->serve(id, f);
         if (reply.error) ++self->errors;
       }
-      c->async_send(std::move(reply), [](error_code) {});
+      // A reply over the frame limit is not sent; the client must still get
+      // an answer, or it waits for one until its deadline.
+      c->async_send(std::move(reply),
+                    [c, fallback = make_error_reply(f, make_error_code(errc::reply_too_large))](
+                        error_code send_ec) mutable {
+                      if (send_ec == uipc::errc::frame_too_large)
+                        c->async_send(std::move(fallback), [](error_code) {});
+                    });
       self->receive(id, c);
     });
   }
@@ -223,7 +265,7 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
       if (stopped) return;
       bool process_still_connected = false;
       for (const auto& [other, s] : sessions) process_still_connected |= s.peer.pid == pid;
-      if (!process_still_connected) abandoned_total += detail::repair_dead_process(view, pid);
+      if (!process_still_connected) repair_locked(pid);
       for (const auto& [index, count] : handle_refs.release_all(id)) drop_refs(index, count);
       for (const auto& [offset, count] : scratch_refs.release_all(id)) {
         (void)count;
@@ -231,6 +273,36 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
       }
       if (sessions.empty()) arm_idle_timer(options.linger);
     }
+  }
+
+  // Never waits for a slot lock: a live process holding one (stopped, say)
+  // would hold the daemon too. What is left is retried on a timer.
+  void repair_locked(std::int32_t pid) {
+    const auto r = detail::repair_dead_process(view, pid, record_types);
+    abandoned_total += r.abandoned;
+    if (!r.incomplete) return;
+    if (std::find(pending_repairs.begin(), pending_repairs.end(), pid) == pending_repairs.end())
+      pending_repairs.push_back(pid);
+    arm_repair_timer();
+  }
+
+  void arm_repair_timer() {
+    if (repair_timer_armed || stopped) return;
+    repair_timer_armed = true;
+    repair_timer.expires_after(std::chrono::milliseconds(50));
+    repair_timer.async_wait([self = shared_from_this()](error_code ec) {
+      std::lock_guard lock(self->mutex);
+      self->repair_timer_armed = false;
+      if (ec || self->stopped) return;
+      auto pids = std::move(self->pending_repairs);
+      self->pending_repairs.clear();
+      for (const std::int32_t pid : pids) {
+        // A process that connected again under a reused pid is not dead.
+        bool connected = false;
+        for (const auto& [other, s] : self->sessions) connected |= s.peer.pid == pid;
+        if (!connected) self->repair_locked(pid);
+      }
+    });
   }
 
   void arm_idle_timer(std::chrono::milliseconds delay) {
@@ -262,6 +334,7 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
     }
     if (!r.name.empty()) names.erase(r.name);
     r = slot_record{object_type::none, r.generation + 1 == 0 ? 1 : r.generation + 1, 0, {}};
+    record_types[index] = object_type::none;
     detail::retire_slot(view, index, r.generation);
     free_slots.push_back(index);
   }
@@ -324,12 +397,15 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
     pb::HelloRequest in;
     if (!parse(f, in)) return make_error_reply(f, make_error_code(errc::bad_request));
     pb::HelloReply out;
-    out.set_segment_name(where.segment_name);
     out.set_daemon_pid(static_cast<std::int32_t>(::getpid()));
     out.set_epoch(view.header->epoch.load());
     out.set_capacity(options.capacity);
     out.set_scratch_size(options.scratch_size);
-    return reply_with(f, out);
+    frame reply = reply_with(f, out);
+    unique_fd memfd(::fcntl(segment->fd(), F_DUPFD_CLOEXEC, 0));
+    if (!memfd) return make_error_reply(f, system_error(errno));
+    reply.fds.push_back(std::move(memfd));
+    return reply;
   }
 
   frame on_create(std::uint64_t id, const frame& f) {
@@ -377,6 +453,7 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
     free_slots.pop_front();
     slot_record& r = records[index];
     r.type = type;
+    record_types[index] = type;
     r.refs = 0;
     r.name = in.name();
     init.name = r.name;
@@ -452,9 +529,15 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
     pb::ListRequest in;
     if (!parse(f, in)) return make_error_reply(f, make_error_code(errc::bad_request));
     pb::ListReply out;
-    for (std::uint32_t i = 1; i < records.size(); ++i) {
+    // Paged: a whole table of long names would not fit in one frame.
+    constexpr int page_entries = 256;  // at most ~100 bytes each: well under 64 KiB
+    for (std::uint32_t i = std::max<std::uint32_t>(1, in.start_index()); i < records.size(); ++i) {
       const slot_record& r = records[i];
       if (r.type == object_type::none) continue;
+      if (out.entries_size() == page_entries) {
+        out.set_next_index(i);
+        break;
+      }
       auto* e = out.add_entries();
       e->mutable_handle()->set_index(i);
       e->mutable_handle()->set_generation(r.generation);
@@ -508,11 +591,13 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
     if (stopped) return;
     stopped = true;
     idle_timer.cancel();
+    repair_timer.cancel();
+    accept_timer.cancel();
     if (segment) detail::publish_state(view, detail::daemon_state::stopped);
     for (auto& [id, s] : sessions) s.conn->close();
     sessions.clear();
-    // The segment's name goes before the socket and the lock: a successor can
-    // take the location only after our name is gone, so we never remove its.
+    // Unmapped before the socket and the lock go: a successor never shares
+    // anything with us (the segment is anonymous; clients keep their mappings).
     segment.reset();
     view = {};
     if (accept_socket) accept_socket->close();

@@ -52,6 +52,10 @@ class handles_category_impl final : public boost::system::error_category {
         return "handle daemon went away";
       case errc::permission_denied:
         return "peer runs as another user";
+      case errc::daemon_timeout:
+        return "handle daemon did not answer in time";
+      case errc::reply_too_large:
+        return "handle daemon's reply would exceed its frame limit";
     }
     return "unknown uipc.handles error " + std::to_string(value);
   }

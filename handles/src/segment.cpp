@@ -95,10 +95,22 @@ std::uint64_t await_unlocked(std::atomic<std::uint64_t>& state) noexcept {
 
 // After a change that may satisfy waiters: bump the futex word and wake only if
 // someone sleeps (see wait() for why the seq_cst order makes this safe).
+// A wake-one may pick a sleeper that waits on several objects and then takes
+// nothing (a wait-all missing another object) or another object (a wait-any):
+// the wake would be lost to a single-object sleeper, who would sleep on to the
+// end of its slice. So while a multi-object sleeper is registered, wake all.
 void notify(slot& s, int count) noexcept {
   s.seq.fetch_add(1, std::memory_order_seq_cst);
-  if (s.waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&s.seq, count);
+  if (s.waiters.load(std::memory_order_seq_cst) != 0) {
+    if (s.multi_waiters.load(std::memory_order_seq_cst) != 0) count = INT_MAX;
+    futex_wake(&s.seq, count);
+  }
 }
+
+// futex_waitv needs Linux 5.16 (and a seccomp filter may refuse it): the first
+// failure other than a wake, a timeout or a changed word switches every later
+// multi-object wait to sliced single-futex sleeps.
+std::atomic<bool> waitv_unusable{false};
 
 // pid and tid cached per thread; a fork gives the child a new identity.
 std::atomic<std::uint32_t> fork_generation{0};
@@ -279,20 +291,26 @@ segment_view format_segment(void* data, std::size_t size, std::uint32_t capacity
   h->daemon_pid.store(static_cast<std::int32_t>(::getpid()));
   h->epoch.store(epoch);
   h->state.store(static_cast<std::uint32_t>(daemon_state::starting), std::memory_order_release);
-  return {h, slots, base + h->scratch_offset};
+  return {h, slots, base + h->scratch_offset, capacity, scratch_size};
 }
 
-result<segment_view> attach_segment(void* data, std::size_t size) {
+result<segment_view> attach_segment(void* data, std::size_t size, std::uint32_t capacity,
+                                    std::uint64_t scratch_size) {
   auto* base = static_cast<std::byte*>(data);
-  if (size < sizeof(segment_header)) return make_error_code(uipc::errc::bad_segment);
+  if (size < sizeof(segment_header) || capacity == 0)
+    return make_error_code(uipc::errc::bad_segment);
   auto* h = reinterpret_cast<segment_header*>(base);
-  if (h->slot_size != sizeof(slot) || h->table_offset != sizeof(segment_header) ||
-      h->scratch_offset !=
-          h->table_offset + static_cast<std::uint64_t>(h->capacity) * sizeof(slot) ||
-      h->scratch_offset + h->scratch_size > size) {
+  // Our own numbers decide the layout; the header must agree, and the mapping
+  // must hold it.
+  const std::uint64_t table = sizeof(segment_header);
+  const std::uint64_t scratch_at = table + static_cast<std::uint64_t>(capacity) * sizeof(slot);
+  if (h->slot_size != sizeof(slot) || h->table_offset != table || h->capacity != capacity ||
+      h->scratch_offset != scratch_at || h->scratch_size != scratch_size || scratch_size > size ||
+      scratch_at > size - scratch_size) {
     return make_error_code(uipc::errc::bad_segment);
   }
-  return segment_view{h, reinterpret_cast<slot*>(base + h->table_offset), base + h->scratch_offset};
+  return segment_view{h, reinterpret_cast<slot*>(base + table), base + scratch_at, capacity,
+                      scratch_size};
 }
 
 self_id self() noexcept {
@@ -373,12 +391,17 @@ error_code release_mutex(slot& s) {
     s.recursion.store(depth - 1);
     return {};
   }
+  // owner_pid stays: it names the owner for the daemon's repair until the
+  // value is 0, so a death at any step here still abandons (or has freed) the
+  // mutex. A stale owner_pid beside value 0 means nothing, and the next owner
+  // overwrites it under the lock before it commits its tid.
   s.recursion.store(0);
-  s.owner_pid.store(0);
+  if (auto hook = release_step_hook) hook(1);
   for (;;) {
     std::uint64_t st = await_unlocked(s.state);
     if (s.state.compare_exchange_weak(st, make_state(0, 0))) break;
   }
+  if (auto hook = release_step_hook) hook(2);
   notify(s, 1);
   return {};
 }
@@ -413,7 +436,10 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
   if (!v.running()) return make_error_code(errc::daemon_lost);
   if (!forever && timeout.count() == 0) return wait_result{wait_status::timed_out, 0};
   const auto start = steady::now();  // only now: the fast path needs no clock
-  const auto deadline = forever ? steady::time_point::max() : start + timeout;
+  // Saturated: start + a huge timeout would overflow into the past.
+  const auto deadline = forever || timeout >= steady::time_point::max() - start
+                            ? steady::time_point::max()
+                            : start + timeout;
 
   // Spin first: a cross-core futex wake costs tens of microseconds on a VM,
   // while a peer spinning on the shared word sees a change in well under one.
@@ -440,13 +466,18 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
   // state, bumps seq and then reads `waiters` (all seq_cst). If it saw no sleeper,
   // our registration came later in the total order, so our retry sees its change;
   // if it saw us, it wakes us, or our futex_wait finds seq moved on.
-  for (const auto& t : targets) t.s->waiters.fetch_add(1, std::memory_order_seq_cst);
+  const bool multi = targets.size() > 1;
+  for (const auto& t : targets) {
+    if (multi) t.s->multi_waiters.fetch_add(1, std::memory_order_seq_cst);
+    t.s->waiters.fetch_add(1, std::memory_order_seq_cst);
+  }
   // Filled per entry below: zeroing all 64 entries on every wait shows in the
   // ping-pong benchmark.
   std::array<struct futex_waitv, max_wait_objects>
       vec;  // NOLINT(cppcoreguidelines-pro-type-member-init)
   result<wait_result> outcome = wait_result{wait_status::timed_out, 0};
   auto next_liveness_check = steady::now() + std::chrono::seconds(1);
+  std::size_t fallback_turn = 0;
   for (;;) {
     for (std::size_t i = 0; i < targets.size(); ++i) {
       vec[i].val = targets[i].s->seq.load(std::memory_order_seq_cst);
@@ -485,7 +516,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
           std::min<std::chrono::nanoseconds>(deadline - now, std::chrono::seconds(1));
       const timespec rel = to_timespec(slice);
       futex_wait(&targets[0].s->seq, static_cast<std::uint32_t>(vec[0].val), &rel);
-    } else {
+    } else if (!waitv_unusable.load(std::memory_order_relaxed)) {
       timespec abs{};
       ::clock_gettime(CLOCK_MONOTONIC, &abs);
       const auto slice =
@@ -493,10 +524,26 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
       const auto until =
           std::chrono::seconds(abs.tv_sec) + std::chrono::nanoseconds(abs.tv_nsec) + slice;
       abs = to_timespec(until);
-      sys_futex_waitv(vec.data(), static_cast<unsigned>(targets.size()), &abs);
+      if (sys_futex_waitv(vec.data(), static_cast<unsigned>(targets.size()), &abs) < 0 &&
+          errno != EAGAIN && errno != ETIMEDOUT && errno != EINTR) {
+        // ENOSYS (before 5.16), EPERM (seccomp), ...: never again, or every
+        // multi-object wait would spin on the failing call.
+        waitv_unusable.store(true, std::memory_order_relaxed);
+      }
+    } else {
+      // No futex_waitv: sleep on one object at a time, in short slices, turn
+      // by turn; a change on another is seen within one slice.
+      const std::size_t turn = fallback_turn++ % targets.size();
+      const auto slice =
+          std::min<std::chrono::nanoseconds>(deadline - now, std::chrono::milliseconds(2));
+      const timespec rel = to_timespec(slice);
+      futex_wait(&targets[turn].s->seq, static_cast<std::uint32_t>(vec[turn].val), &rel);
     }
   }
-  for (const auto& t : targets) t.s->waiters.fetch_sub(1, std::memory_order_seq_cst);
+  for (const auto& t : targets) {
+    t.s->waiters.fetch_sub(1, std::memory_order_seq_cst);
+    if (multi) t.s->multi_waiters.fetch_sub(1, std::memory_order_seq_cst);
+  }
   return outcome;
 }
 
@@ -535,38 +582,55 @@ void retire_slot(segment_view v, std::uint32_t index, std::uint32_t next_generat
   notify(s, INT_MAX);  // a waiter on a closed slot learns it is stale
 }
 
-std::uint32_t repair_dead_process(segment_view v, std::int32_t pid) {
-  std::uint32_t abandoned = 0;
+repair_result repair_dead_process(segment_view v, std::int32_t pid,
+                                  std::span<const object_type> types) {
+  repair_result out;
   const auto dead = static_cast<std::uint32_t>(pid);
   const auto daemon = static_cast<std::uint32_t>(::getpid());
-  for (std::uint32_t i = 0; i < v.capacity(); ++i) {
+  const std::uint32_t count =
+      std::min<std::uint32_t>(v.capacity(), static_cast<std::uint32_t>(types.size()));
+  for (std::uint32_t i = 0; i < count; ++i) {
     slot& s = v.at(i);
-    const auto type = static_cast<object_type>(s.type.load(std::memory_order_acquire));
+    const object_type type = types[i];  // the daemon's record, not the segment's
     if (type == object_type::none) continue;
-    // A transaction the dead process left half done is undone: the value it
-    // stored before locking is the value before the transaction.
+    // One look, never a wait: a lock held by a live process (stopped, or one
+    // writing garbage into the word) must not hold the daemon. A lock of the
+    // dead process, or of another dead one, is undone: the value it stored
+    // before locking is the value before the transaction.
     std::uint64_t st = s.state.load();
-    while (locker_of(st) == dead) {
-      if (s.state.compare_exchange_weak(st, make_state(0, value_of(st)))) {
+    for (;;) {
+      const std::uint32_t locker = locker_of(st);
+      if (locker == 0) break;
+      if (locker != dead && locker != daemon && !process_is_gone(locker)) {
+        out.incomplete = true;
+        break;
+      }
+      if (s.state.compare_exchange_strong(st, make_state(0, value_of(st)))) {
+        st = make_state(0, value_of(st));
         notify(s, INT_MAX);
         break;
       }
     }
-    if (type != object_type::mutex) continue;
-    for (;;) {
-      st = await_unlocked(s.state);
+    if (type != object_type::mutex || locker_of(st) != 0) continue;
+    for (int tries = 0; tries < 64; ++tries) {
       if (value_of(st) == 0 || s.owner_pid.load() != pid) break;
-      if (!s.state.compare_exchange_weak(st, make_state(daemon, value_of(st)))) continue;
+      if (!s.state.compare_exchange_strong(st, make_state(daemon, value_of(st)))) {
+        if (locker_of(st) != 0) {  // someone else locked it meanwhile: later
+          out.incomplete = true;
+          break;
+        }
+        continue;
+      }
       s.abandoned.store(1);
       s.recursion.store(0);
       s.owner_pid.store(0);
       s.state.store(make_state(0, 0));
       notify(s, INT_MAX);
-      ++abandoned;
+      ++out.abandoned;
       break;
     }
   }
-  return abandoned;
+  return out;
 }
 
 void publish_state(segment_view v, daemon_state state) {
@@ -580,6 +644,10 @@ void publish_state(segment_view v, daemon_state state) {
     }
   }
 }
+
+void (*release_step_hook)(int step) = nullptr;
+
+void force_waitv_fallback(bool on) noexcept { waitv_unusable.store(on); }
 
 std::uint32_t slot_value(const slot& s) noexcept { return value_of(s.state.load()); }
 

@@ -35,7 +35,7 @@
 namespace uipc::handles::detail {
 
 /// Magic "uipchdl1" and layout version of the segment.
-inline constexpr segment_identity identity{0x75697063'68646c31ULL, 1};
+inline constexpr segment_identity identity{0x75697063'68646c31ULL, 2};
 
 /// The daemon's life, published in the header (a futex word clients wait on).
 enum class daemon_state : std::uint32_t {
@@ -66,6 +66,10 @@ struct alignas(64) slot {
   std::atomic<std::uint64_t> state;
   std::atomic<std::uint32_t> seq;
   std::atomic<std::uint32_t> waiters;
+  /// Of `waiters`, those asleep on several objects (wait-any/wait-all of more
+  /// than one): a wake-one could pick one of them that then takes nothing (or
+  /// another object), so while any sleeps a wake-one wakes every sleeper.
+  std::atomic<std::uint32_t> multi_waiters;
   std::atomic<std::int32_t> owner_pid;   ///< mutex: the owner's process, written under the lock
   std::atomic<std::uint32_t> recursion;  ///< mutex: written by the owner (or under the lock)
   std::atomic<std::uint32_t> abandoned;  ///< mutex: the daemon sets it, the next owner clears it
@@ -81,12 +85,18 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free &&
 std::size_t segment_bytes(std::uint32_t capacity, std::size_t scratch_size);
 
 /// A mapped segment, seen through its layout. Cheap to copy; does not own the mapping.
+/// Capacity and scratch size are this process's own copies, checked against the
+/// mapping once: what the header says later (any process of the user can write
+/// it) never sends a loop past the table.
 struct segment_view {
   segment_header* header = nullptr;
   slot* slots = nullptr;
   std::byte* scratch = nullptr;
+  std::uint32_t slot_count = 0;
+  std::uint64_t scratch_bytes = 0;
 
-  std::uint32_t capacity() const noexcept { return header->capacity; }
+  std::uint32_t capacity() const noexcept { return slot_count; }
+  std::uint64_t scratch_size() const noexcept { return scratch_bytes; }
   slot& at(std::uint32_t index) const noexcept { return slots[index]; }
   bool running() const noexcept {
     return header->state.load(std::memory_order_acquire) ==
@@ -97,8 +107,11 @@ struct segment_view {
 /// Lays out a fresh (zeroed) segment and publishes state "starting".
 segment_view format_segment(void* data, std::size_t size, std::uint32_t capacity,
                             std::size_t scratch_size, std::uint64_t epoch);
-/// Checks a mapped segment's layout; errc::bad_segment (core) when it does not fit.
-result<segment_view> attach_segment(void* data, std::size_t size);
+/// Checks a mapped segment's layout against the mapping's size and the capacity
+/// and scratch size the daemon announced; errc::bad_segment (core) when it does
+/// not fit.
+result<segment_view> attach_segment(void* data, std::size_t size, std::uint32_t capacity,
+                                    std::uint64_t scratch_size);
 
 /// This thread's identity as mutexes record it (cached; correct after fork).
 struct self_id {
@@ -152,14 +165,32 @@ void publish_slot(segment_view v, std::uint32_t index, std::uint32_t generation,
 void set_refcount(segment_view v, std::uint32_t index, std::uint32_t refs);
 /// Retires a slot: type none, the next generation, state cleared, waiters woken.
 void retire_slot(segment_view v, std::uint32_t index, std::uint32_t next_generation);
+/// What one repair pass did.
+struct repair_result {
+  std::uint32_t abandoned = 0;  ///< mutexes abandoned
+  /// A slot was transaction-locked by a live process, so the pass could not
+  /// finish there; run it again later (it never waits for a lock).
+  bool incomplete = false;
+};
 /// Repairs what the dead process `pid` left: transaction locks it held are undone,
-/// mutexes it owned are abandoned and their waiters woken. Returns mutexes abandoned.
-std::uint32_t repair_dead_process(segment_view v, std::int32_t pid);
+/// mutexes it owned are abandoned and their waiters woken. `types` is the
+/// daemon's own record of each slot's type (index i: slot i; what the segment
+/// says is not trusted). Never spins on a lock another live process holds:
+/// such a slot is skipped and the result says so. Idempotent.
+repair_result repair_dead_process(segment_view v, std::int32_t pid,
+                                  std::span<const object_type> types);
 /// Publishes the daemon's state and wakes everyone waiting on it; for `stopped`
 /// also every object's waiters, who then fail with errc::daemon_lost.
 void publish_state(segment_view v, daemon_state state);
 /// The value half of a slot's state (for list).
 std::uint32_t slot_value(const slot& s) noexcept;
+
+/// Test hooks (null in production). `release_step` is called between the steps
+/// of release_mutex, so a test can kill the process there.
+extern void (*release_step_hook)(int step);
+/// Makes waits on several objects use the fallback for kernels without
+/// futex_waitv (tests; also chosen at run time when futex_waitv fails).
+void force_waitv_fallback(bool on) noexcept;
 
 /// Whether `pid` names a live process (not a zombie).
 bool process_alive(std::int32_t pid);

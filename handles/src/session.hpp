@@ -22,6 +22,16 @@ struct mapping {
   segment_view view;
   std::int32_t daemon_pid = 0;
   std::atomic<bool> lost{false};
+  /// Readable once the daemon's process is gone (empty where pidfd_open is
+  /// missing: then kill(pid, 0) is asked instead).
+  unique_fd daemon_pidfd;
+  /// CLOCK_MONOTONIC_COARSE ns before which daemon_gone() does not ask again.
+  std::atomic<std::int64_t> next_check_ns{0};
+
+  /// Whether the daemon's process has gone (a kill -9 publishes nothing).
+  /// Asks the kernel at most every 10 ms, so object operations stay free of
+  /// system calls; marks the mapping lost when it has.
+  bool daemon_gone() noexcept;
 };
 
 /// Threading: call() may be called from any thread; calls are serialized, and
@@ -34,11 +44,16 @@ struct session {
 
   /// Sends one request and blocks for its reply. Errors of the daemon come back
   /// as they are; a broken connection is errc::daemon_lost.
-  result<frame> call(request_type type, std::string payload);
+  /// Gives up at `deadline` (default: now + options.call_timeout) with
+  /// errc::daemon_timeout; the connection stays open (a late reply is dropped).
+  result<frame> call(request_type type, std::string payload,
+                     std::optional<std::chrono::steady_clock::time_point> deadline = {});
   /// Sends one request without waiting for its reply (a close from a destructor).
   void post(request_type type, std::string payload);
 
-  bool usable() const noexcept { return !map->lost.load() && map->view.running(); }
+  bool usable() const noexcept {
+    return !map->lost.load() && map->view.running() && !map->daemon_gone();
+  }
 
   client_options options;
   boost::asio::io_context ctx{1};  // declared before conn: outlives it
@@ -48,12 +63,17 @@ struct session {
 };
 
 /// Connects to the daemon at `where` (no autostart): hello, map, check.
+/// The hello's answer is awaited until `deadline` at most.
 result<std::shared_ptr<session>> open_session(const client_options& options,
-                                              const resolved_location& where);
+                                              const resolved_location& where,
+                                              std::chrono::steady_clock::time_point deadline);
 
-/// Starts a daemon for `where` and waits until it reports running; the caller
-/// holds the start lock. Errors: daemon_failed_to_start, daemon_start_timeout.
-error_code start_daemon(const client_options& options, const resolved_location& where,
-                        std::chrono::steady_clock::time_point deadline);
+/// Starts a daemon for `where` and waits until it answers a hello; returns that
+/// session (a session of a daemon that took the location meanwhile will do).
+/// The caller holds the start lock. Errors: daemon_failed_to_start,
+/// daemon_start_timeout.
+result<std::shared_ptr<session>> start_daemon(const client_options& options,
+                                              const resolved_location& where,
+                                              std::chrono::steady_clock::time_point deadline);
 
 }  // namespace uipc::handles::detail

@@ -57,8 +57,9 @@ bool process_alive(std::int32_t pid) {
   return paren == std::string::npos || paren + 2 >= line.size() || line[paren + 2] != 'Z';
 }
 
-error_code start_daemon(const client_options& options, const resolved_location& where,
-                        std::chrono::steady_clock::time_point deadline) {
+result<std::shared_ptr<session>> start_daemon(const client_options& options,
+                                              const resolved_location& where,
+                                              std::chrono::steady_clock::time_point deadline) {
   std::string path = options.daemon_path;
   if (path.empty()) {
     const char* env = std::getenv("UIPC_HANDLED_PATH");
@@ -113,25 +114,13 @@ error_code start_daemon(const client_options& options, const resolved_location& 
   }
   if (daemon_pid <= 0) return make_error_code(errc::daemon_unavailable);
 
-  // Wait on the header of the segment this daemon creates (a stale one of a
-  // killed daemon names another pid), never past the deadline, never on a
-  // daemon that is gone.
+  // Wait until a daemon answers (a socket left by a killed one refuses
+  // connections until ours binds it), never past the deadline, never on a
+  // daemon that is gone: one that cannot start exits, and we see that.
   while (std::chrono::steady_clock::now() < deadline) {
-    auto seg = shm_segment::open(where.segment_name, identity);
-    if (seg) {
-      auto view = attach_segment(seg->data(), seg->size());
-      if (view && view->header->daemon_pid.load() == daemon_pid) {
-        for (;;) {
-          const auto state = static_cast<daemon_state>(view->header->state.load());
-          if (state == daemon_state::running) return {};
-          if (state != daemon_state::starting) return make_error_code(errc::daemon_failed_to_start);
-          if (std::chrono::steady_clock::now() >= deadline)
-            return make_error_code(errc::daemon_start_timeout);
-          if (!process_alive(daemon_pid)) return make_error_code(errc::daemon_failed_to_start);
-          wait_while_starting(*view, std::chrono::milliseconds(10));
-        }
-      }
-    }
+    auto s = open_session(options, where, deadline);
+    if (s) return s;
+    if (s.error() == errc::daemon_timeout || s.error() == errc::permission_denied) return s.error();
     if (!process_alive(daemon_pid)) return make_error_code(errc::daemon_failed_to_start);
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }

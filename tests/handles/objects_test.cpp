@@ -2,8 +2,14 @@
 // running in this process: events, mutexes, semaphores, wait-any and wait-all,
 // names, stale handles, the scratch area, and a daemon that stops under a wait.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #include <atomic>
+#include <cstring>
+#include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -410,6 +416,81 @@ TEST_F(ObjectsTest, WaitSpinsThenSleepsAcrossThreads) {
     ASSERT_EQ(*pong->wait(10s), wait_status::signalled);
   }
   other.join();
+}
+
+TEST(ObjectsListTest, ATableOfLongNamesIsListedWholeInPages) {
+  // 1000 names of 63 bytes: ~90 KiB of entries, over the daemon's 64 KiB frames.
+  private_location loc;
+  in_process_daemon daemon(loc.where, 1024, 4096);
+  ASSERT_TRUE(static_cast<bool>(daemon));
+  {
+    auto o = loc.options();
+    o.call_timeout = 10s;
+    auto c = client::connect(o);
+    ASSERT_TRUE(c) << c.error().message();
+    std::vector<event> events;
+    for (int i = 0; i < 1000; ++i) {
+      std::string name = std::to_string(i);
+      name.resize(max_name_length, 'x');
+      auto e = c->create_event(event_reset::manual, false, name);
+      ASSERT_TRUE(e) << e.error().message();
+      events.push_back(std::move(*e));
+    }
+    auto entries = c->list();
+    ASSERT_TRUE(entries) << entries.error().message();
+    ASSERT_EQ(entries->size(), 1000u);
+    std::set<std::string> names;
+    for (const auto& e : *entries) names.insert(e.name);
+    EXPECT_EQ(names.size(), 1000u);
+    EXPECT_TRUE(c->stats());  // the connection is fine afterwards
+  }
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (daemon->stats().clients != 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(daemon->stats().handles_in_use, 0u);
+  daemon.shutdown();
+}
+
+TEST(DaemonAcceptTest, OutOfDescriptorsBacksOffInsteadOfSpinning) {
+  private_location loc;
+  in_process_daemon daemon(loc.where, 8, 4096);
+  ASSERT_TRUE(static_cast<bool>(daemon));
+  const std::string path = loc.resolved().socket_path;
+  int peer = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(peer, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  // No descriptor left for the daemon's accept (this process's lowest free one
+  // is the limit); the connection waits in the backlog.
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  const int lowest_free = ::dup(0);
+  ASSERT_GE(lowest_free, 0);
+  ::close(lowest_free);
+  rlimit tight = saved;
+  tight.rlim_cur = static_cast<rlim_t>(lowest_free);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &tight), 0);
+  const int connected = ::connect(peer, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  rusage before{};
+  ::getrusage(RUSAGE_SELF, &before);
+  std::this_thread::sleep_for(300ms);
+  rusage after{};
+  ::getrusage(RUSAGE_SELF, &after);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  ASSERT_EQ(connected, 0);
+  auto cpu_ms = [](const rusage& r) {
+    return (r.ru_utime.tv_sec + r.ru_stime.tv_sec) * 1e3 +
+           (r.ru_utime.tv_usec + r.ru_stime.tv_usec) / 1e3;
+  };
+  EXPECT_LT(cpu_ms(after) - cpu_ms(before), 100.0) << "the daemon spun on its accept error";
+  // Descriptors back: the waiting connection is taken in after the pause.
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (daemon->stats().clients == 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(5ms);
+  EXPECT_EQ(daemon->stats().clients, 1u);
+  ::close(peer);
+  daemon.shutdown();
 }
 
 }  // namespace

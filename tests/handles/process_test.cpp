@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <fstream>
 #include <set>
 
 #include "handles_support.hpp"
@@ -45,7 +46,7 @@ TEST_F(ProcessTest, FirstClientStartsTheDaemonWhichLeavesWithTheLast) {
     pid = c->daemon_pid();
     EXPECT_NE(pid, ::getpid());
     EXPECT_TRUE(loc.socket_exists());
-    EXPECT_TRUE(loc.segment_exists());
+    EXPECT_FALSE(loc.segment_exists());  // anonymous: a memfd passed in the hello
     auto e = c->create_event(event_reset::manual, true, "x");
     ASSERT_TRUE(e);
   }
@@ -60,9 +61,23 @@ TEST_F(ProcessTest, WithoutAutostartNoDaemonIsUnavailable) {
 }
 
 TEST_F(ProcessTest, EightRacingClientsStartExactlyOneDaemon) {
+  // The peers start the daemon through a wrapper that notes every start: with
+  // a broken start lock, a second daemon that lost the location would be
+  // started (and exit) unseen by the pid check below.
+  const std::string starts = loc.dir.file("starts");
+  const std::string wrapper = loc.dir.file("counting-handled");
+  {
+    std::ofstream script(wrapper);
+    script << "#!/bin/sh\necho $$ >> '" << starts << "'\nexec '" << UIPC_TEST_HANDLED_PATH
+           << "' \"$@\"\n";
+  }
+  ASSERT_EQ(::chmod(wrapper.c_str(), 0700), 0);
   std::vector<std::unique_ptr<child_process>> peers;
-  for (int i = 0; i < 8; ++i)
-    peers.push_back(std::make_unique<child_process>(peer_args(loc, {"connect"})));
+  for (int i = 0; i < 8; ++i) {
+    auto args = peer_args(loc, {"connect"});
+    args[3] = wrapper;
+    peers.push_back(std::make_unique<child_process>(args));
+  }
   std::set<std::int32_t> daemons;
   for (auto& p : peers) daemons.insert(daemon_pid_from(*p));
   EXPECT_EQ(daemons.size(), 1u);
@@ -71,6 +86,10 @@ TEST_F(ProcessTest, EightRacingClientsStartExactlyOneDaemon) {
   for (auto& p : peers) EXPECT_EQ(p->wait_exit(), 0);
   EXPECT_TRUE(test::wait_process_gone(*daemons.begin()));
   EXPECT_TRUE(loc.wait_until_clean());
+  std::ifstream started(starts);
+  int lines = 0;
+  for (std::string line; std::getline(started, line);) ++lines;
+  EXPECT_EQ(lines, 1) << "daemons started";
 }
 
 TEST_F(ProcessTest, KilledClientsReferencesAndScratchAreReleased) {
@@ -242,10 +261,10 @@ TEST_F(ProcessTest, DaemonKilledUnderLiveClientsIsReplacedAndReclaimed) {
   EXPECT_EQ(remote.wait_exit(), 3);
   EXPECT_EQ(e->signal(), make_error_code(errc::daemon_lost));
   EXPECT_FALSE(c->connected());
-  // The kill left its socket and segment; the next client starts a fresh
-  // daemon that takes both over.
+  // The kill left its socket (the segment is anonymous: it went with the last
+  // mapping); the next client starts a fresh daemon that takes it over.
   EXPECT_TRUE(loc.socket_exists());
-  EXPECT_TRUE(loc.segment_exists());
+  EXPECT_FALSE(loc.segment_exists());
   auto fresh = client::connect(loc.options());
   ASSERT_TRUE(fresh) << fresh.error().message();
   EXPECT_NE(fresh->daemon_pid(), old_pid);
@@ -329,9 +348,7 @@ TEST_F(ProcessTest, AnotherUserCannotConnectOrMap) {
   struct stat st {};
   ASSERT_EQ(::stat(r.socket_path.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u);
-  ASSERT_EQ(::stat(("/dev/shm/" + r.segment_name).c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 0777, 0600u);
-  EXPECT_EQ(st.st_uid, ::geteuid());
+  EXPECT_FALSE(loc.segment_exists());  // no name to open: the segment is a passed memfd
   ASSERT_EQ(::stat(r.directory.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0077, 0u);
   if (::geteuid() != 0) GTEST_SKIP() << "modes checked; a second uid needs root";
@@ -355,6 +372,99 @@ TEST_F(ProcessTest, AnotherUserCannotConnectOrMap) {
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+TEST_F(ProcessTest, StoppedDaemonTimesCallsAndConnectOutInsteadOfHanging) {
+  auto o = loc.options();
+  o.call_timeout = 300ms;
+  auto c = client::connect(o);
+  ASSERT_TRUE(c) << c.error().message();
+  const auto pid = c->daemon_pid();
+  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  auto start = std::chrono::steady_clock::now();
+  auto s = c->stats();
+  EXPECT_EQ(s.error(), make_error_code(errc::daemon_timeout));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  // connect()'s hello is bounded too (by start_timeout here).
+  auto o2 = o;
+  o2.call_timeout = 60s;
+  o2.start_timeout = 500ms;
+  start = std::chrono::steady_clock::now();
+  auto late = client::connect(o2);
+  EXPECT_FALSE(late);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  ASSERT_EQ(::kill(pid, SIGCONT), 0);
+  // Still connected: the late reply is dropped, the next call answered.
+  s = c->stats();
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_EQ(s->daemon_pid, pid);
+  c = make_error_code(errc::daemon_lost);
+  EXPECT_TRUE(test::wait_process_gone(pid));
+}
+
+TEST_F(ProcessTest, DaemonKilledWithNoWaiterIsSeenBySignalAndConnected) {
+  // Nobody waits, so nobody publishes "stopped": the client itself must see
+  // the daemon gone.
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  const auto old_pid = c->daemon_pid();
+  auto e = c->create_event(event_reset::manual, false, "ev");
+  ASSERT_TRUE(e);
+  EXPECT_TRUE(c->connected());
+  ASSERT_EQ(::kill(old_pid, SIGKILL), 0);
+  ASSERT_TRUE(test::wait_process_gone(old_pid));
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (!e->signal() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(2ms);
+  EXPECT_EQ(e->signal(), make_error_code(errc::daemon_lost));
+  EXPECT_EQ(e->reset(), make_error_code(errc::daemon_lost));
+  EXPECT_FALSE(c->connected());
+  // Take the location over, so the test leaves it clean.
+  auto fresh = client::connect(loc.options());
+  ASSERT_TRUE(fresh) << fresh.error().message();
+  const auto new_pid = fresh->daemon_pid();
+  e = event{};
+  c = make_error_code(errc::daemon_lost);
+  fresh = make_error_code(errc::daemon_lost);
+  EXPECT_TRUE(test::wait_process_gone(new_pid));
+}
+
+TEST_F(ProcessTest, ASegmentNameTakenByAnotherUserDoesNotStopTheDaemon) {
+  // The segment has no name, so a file another uid put where the old named
+  // segment went (in sticky /dev/shm: not removable by us) changes nothing.
+  const std::string squatted = "/dev/shm/" + loc.resolved().segment_name;
+  if (::geteuid() == 0) {
+    const pid_t child = ::fork();
+    if (child == 0) {
+      if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(100);
+      const int fd = ::open(squatted.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+      ::_exit(fd >= 0 ? 0 : 101);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status));
+    ASSERT_EQ(WEXITSTATUS(status), 0);
+  } else {
+    std::FILE* f = std::fopen(squatted.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    std::fclose(f);
+  }
+  std::int32_t pid = 0;
+  {
+    auto c = client::connect(loc.options());
+    ASSERT_TRUE(c) << c.error().message();
+    pid = c->daemon_pid();
+    auto e = c->create_event(event_reset::manual, false, "x");
+    ASSERT_TRUE(e);
+    EXPECT_FALSE(e->signal());
+    auto w = e->wait(0ns);
+    ASSERT_TRUE(w);
+    EXPECT_EQ(*w, wait_status::signalled);
+  }
+  EXPECT_TRUE(test::wait_process_gone(pid));
+  // Untouched: not ours, not used.
+  struct stat st {};
+  EXPECT_EQ(::stat(squatted.c_str(), &st), 0);
+  std::filesystem::remove(squatted);
 }
 
 }  // namespace

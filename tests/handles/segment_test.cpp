@@ -4,11 +4,14 @@
 #include "segment.hpp"
 
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <chrono>
 #include <cstdlib>
+#include <future>
 #include <memory>
 #include <thread>
 
@@ -38,7 +41,7 @@ class SegmentTest : public ::testing::Test {
     std::memset(memory_.get(), 0, bytes_);
     view_ = format_segment(memory_.get(), bytes_, capacity, 256, 1);
     publish_state(view_, daemon_state::running);
-    auto attached = attach_segment(memory_.get(), bytes_);
+    auto attached = attach_segment(memory_.get(), bytes_, capacity, 256);
     ASSERT_TRUE(attached);
     EXPECT_EQ(attached->slots, view_.slots);
   }
@@ -50,6 +53,7 @@ class SegmentTest : public ::testing::Test {
     init.value = value;
     init.max_count = max;
     publish_slot(view_, index, 1, init);
+    types_[index] = type;
     return view_.at(index);
   }
 
@@ -61,6 +65,9 @@ class SegmentTest : public ::testing::Test {
   struct free_deleter {
     void operator()(std::byte* p) const { std::free(p); }
   };
+  repair_result repair(std::int32_t pid) { return repair_dead_process(view_, pid, types_); }
+
+  std::array<object_type, capacity> types_{};  // the daemon's own record of each slot
   std::size_t bytes_ = 0;
   std::unique_ptr<std::byte, free_deleter> memory_;
   segment_view view_;
@@ -68,8 +75,8 @@ class SegmentTest : public ::testing::Test {
 
 TEST_F(SegmentTest, ForeignLayoutIsRefused) {
   view_.header->slot_size = 7;
-  EXPECT_FALSE(attach_segment(memory_.get(), bytes_));
-  EXPECT_FALSE(attach_segment(memory_.get(), 16));
+  EXPECT_FALSE(attach_segment(memory_.get(), bytes_, capacity, 256));
+  EXPECT_FALSE(attach_segment(memory_.get(), 16, capacity, 256));
 }
 
 TEST_F(SegmentTest, LockOfADeadProcessIsUndoneByTheNextUser) {
@@ -85,7 +92,7 @@ TEST_F(SegmentTest, DaemonRepairUndoesTheDeadProcessesLock) {
   const auto pid = dead_pid();
   slot& s = make(1, object_type::semaphore, 2, 5);
   s.state.store(locked_by(pid, 2));
-  EXPECT_EQ(repair_dead_process(view_, pid), 0u);
+  EXPECT_EQ(repair(pid).abandoned, 0u);
   EXPECT_EQ(s.state.load(), 2u);  // unlocked, value as before the transaction
 }
 
@@ -98,7 +105,7 @@ TEST_F(SegmentTest, MutexOfADeadOwnerIsAbandonedAndItsWaiterWoken) {
   std::optional<result<wait_result>> got;
   std::thread waiter([&] { got = wait_one(m, object_type::mutex, 10s); });
   std::this_thread::sleep_for(20ms);
-  EXPECT_EQ(repair_dead_process(view_, pid), 1u);
+  EXPECT_EQ(repair(pid).abandoned, 1u);
   waiter.join();
   ASSERT_TRUE(got && *got);
   EXPECT_EQ((*got)->status, wait_status::abandoned);
@@ -113,7 +120,7 @@ TEST_F(SegmentTest, MutexTakeInterruptedBeforeCommitIsNotAbandoned) {
   slot& m = make(1, object_type::mutex);
   m.state.store(locked_by(pid, 0));
   m.owner_pid.store(pid);
-  EXPECT_EQ(repair_dead_process(view_, pid), 0u);
+  EXPECT_EQ(repair(pid).abandoned, 0u);
   auto r = wait_one(m, object_type::mutex, 0ns);
   ASSERT_TRUE(r);
   EXPECT_EQ(r->status, wait_status::signalled);
@@ -127,7 +134,7 @@ TEST_F(SegmentTest, WaitAllOfADeadProcessLeavesNothingLocked) {
   slot& b = make(2, object_type::semaphore, 1, 1);
   a.state.store(locked_by(pid, 1));
   b.state.store(locked_by(pid, 1));
-  repair_dead_process(view_, pid);
+  repair(pid).abandoned;
   const wait_target both[] = {{&a, object_type::auto_event, 1}, {&b, object_type::semaphore, 1}};
   auto r = wait(view_, both, true, 0ns, 0ns);
   ASSERT_TRUE(r);
@@ -157,6 +164,200 @@ TEST_F(SegmentTest, DeadDaemonIsNoticedByASleepingWaiter) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
   EXPECT_EQ(r.error(), make_error_code(errc::daemon_lost));
   EXPECT_FALSE(view_.running());
+}
+
+// The process dies at each step of a mutex release (the test hook _exits there):
+// whichever step, the daemon's repair leaves the mutex free or abandoned, never
+// owned by a tid nobody will release.
+int release_death_step = 0;
+void die_at_release_step(int step) {
+  if (step == release_death_step) ::_exit(0);
+}
+
+TEST(SegmentDeathTest, DeathAtAnyStepOfAReleaseLeavesTheMutexUsable) {
+  constexpr std::uint32_t slots = 2;
+  const std::size_t bytes = segment_bytes(slots, 64);
+  void* memory = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(memory, MAP_FAILED);
+  segment_view v = format_segment(memory, bytes, slots, 64, 1);
+  publish_state(v, daemon_state::running);
+  std::array<object_type, slots> types{object_type::none, object_type::mutex};
+  for (int step = 1; step <= 2; ++step) {
+    object_init init;
+    init.type = object_type::mutex;
+    publish_slot(v, 1, 1, init);
+    slot& m = v.at(1);
+    release_death_step = step;
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      const wait_target t{&m, object_type::mutex, 1};
+      auto taken = wait(v, std::span(&t, 1), false, 0ns, 0ns);
+      if (!taken || taken->status != wait_status::signalled) ::_exit(2);
+      release_step_hook = &die_at_release_step;
+      (void)release_mutex(m);
+      ::_exit(3);  // the hook did not fire
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status));
+    ASSERT_EQ(WEXITSTATUS(status), 0) << "step " << step;
+    const auto repaired = repair_dead_process(v, child, types);
+    EXPECT_FALSE(repaired.incomplete);
+    const wait_target t{&m, object_type::mutex, 1};
+    auto r = wait(v, std::span(&t, 1), false, 0ns, 0ns);
+    ASSERT_TRUE(r);
+    EXPECT_NE(r->status, wait_status::timed_out) << "died at step " << step << ": mutex stuck";
+    if (r->status != wait_status::timed_out) {
+      EXPECT_FALSE(release_mutex(m));
+    }
+  }
+  ::munmap(memory, bytes);
+}
+
+TEST_F(SegmentTest, AutoEventSignalReachesTheSingleWaiterBesideAWaitAll) {
+  // The wait-all sleeps first (so a wake-one would pick it), needs a second
+  // object that stays unsignalled, and so takes nothing: the wake must still
+  // reach the single waiter at once, not at the end of its 1 s slice.
+  slot& e = make(1, object_type::auto_event);
+  slot& gate = make(2, object_type::manual_event);
+  const wait_target both[] = {{&e, object_type::auto_event, 1},
+                              {&gate, object_type::manual_event, 1}};
+  std::optional<result<wait_result>> all_got;
+  std::thread all_waiter([&] { all_got = wait(view_, both, true, 20s, 0ns); });
+  std::this_thread::sleep_for(50ms);
+  std::optional<result<wait_result>> one_got;
+  std::chrono::steady_clock::time_point woke;
+  std::thread one_waiter([&] {
+    one_got = wait_one(e, object_type::auto_event, 20s);
+    woke = std::chrono::steady_clock::now();
+  });
+  std::this_thread::sleep_for(50ms);
+  const auto signalled_at = std::chrono::steady_clock::now();
+  EXPECT_FALSE(signal_event(e));
+  one_waiter.join();
+  ASSERT_TRUE(one_got && *one_got);
+  EXPECT_EQ((*one_got)->status, wait_status::signalled);
+  EXPECT_LT(woke - signalled_at, 300ms);
+  EXPECT_FALSE(signal_event(gate));
+  EXPECT_FALSE(signal_event(e));
+  all_waiter.join();
+  ASSERT_TRUE(all_got && *all_got);
+  EXPECT_EQ((*all_got)->status, wait_status::signalled);
+}
+
+TEST_F(SegmentTest, MutexReleaseReachesTheSingleWaiterBesideAWaitAll) {
+  slot& m = make(1, object_type::mutex);
+  slot& gate = make(2, object_type::manual_event);
+  auto taken = wait_one(m, object_type::mutex, 0ns);
+  ASSERT_TRUE(taken && taken->status == wait_status::signalled);
+  const wait_target both[] = {{&m, object_type::mutex, 1}, {&gate, object_type::manual_event, 1}};
+  std::optional<result<wait_result>> all_got;
+  std::thread all_waiter([&] {
+    all_got = wait(view_, both, true, 20s, 0ns);
+    if (all_got && *all_got) (void)release_mutex(m);
+  });
+  std::this_thread::sleep_for(50ms);
+  std::optional<result<wait_result>> one_got;
+  std::chrono::steady_clock::time_point woke;
+  std::thread one_waiter([&] {
+    one_got = wait_one(m, object_type::mutex, 20s);
+    woke = std::chrono::steady_clock::now();
+    if (one_got && *one_got) (void)release_mutex(m);
+  });
+  std::this_thread::sleep_for(50ms);
+  const auto released_at = std::chrono::steady_clock::now();
+  EXPECT_FALSE(release_mutex(m));
+  one_waiter.join();
+  ASSERT_TRUE(one_got && *one_got);
+  EXPECT_LT(woke - released_at, 300ms);
+  EXPECT_FALSE(signal_event(gate));
+  all_waiter.join();
+  ASSERT_TRUE(all_got && *all_got);
+}
+
+TEST_F(SegmentTest, HugeTimeoutIsForeverNotAnOverflowIntoThePast) {
+  slot& e = make(1, object_type::auto_event);
+  std::thread signaller([&] {
+    std::this_thread::sleep_for(50ms);
+    (void)signal_event(e);
+  });
+  auto r = wait_one(e, object_type::auto_event, std::chrono::nanoseconds::max());
+  signaller.join();
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, wait_status::signalled);
+}
+
+TEST_F(SegmentTest, RepairNeverWaitsForALockALiveProcessHolds) {
+  const auto dead = dead_pid();
+  slot& m = make(1, object_type::mutex);
+  m.owner_pid.store(dead);
+  // Owned by the dead process's thread 777, and locked by a live process
+  // (stopped, say, or scribbling): the repair must not wait for it.
+  const std::int32_t live = ::getppid();
+  m.state.store(locked_by(live, 777));
+  auto pass = std::async(std::launch::async, [&] { return repair(dead); });
+  if (pass.wait_for(5s) != std::future_status::ready) {
+    m.state.store(777);  // let it finish, then fail
+    pass.wait();
+    FAIL() << "the repair waited for a live process's lock";
+  }
+  const auto first = pass.get();
+  EXPECT_TRUE(first.incomplete);
+  EXPECT_EQ(first.abandoned, 0u);
+  EXPECT_EQ(m.state.load(), locked_by(live, 777));  // not touched
+  m.state.store(777);                               // the live process unlocks
+  const auto second = repair(dead);
+  EXPECT_FALSE(second.incomplete);
+  EXPECT_EQ(second.abandoned, 1u);
+}
+
+TEST_F(SegmentTest, RepairUsesTheDaemonsCapacityAndTypesNotTheSegments) {
+  const auto dead = dead_pid();
+  slot& m = make(1, object_type::mutex);
+  m.state.store(4242);
+  m.owner_pid.store(dead);
+  // Scribbled by some process of the user: a huge capacity, a wrong type.
+  view_.header->capacity = 1u << 30;
+  m.type.store(static_cast<std::uint32_t>(object_type::none));
+  EXPECT_EQ(repair(dead).abandoned, 1u);  // still abandoned, and no walk off the table
+  EXPECT_EQ(view_.capacity(), capacity);
+  publish_state(view_, daemon_state::running);  // loops over the view's own capacity too
+  // A client attaching with the daemon's numbers refuses the scribbled header.
+  EXPECT_FALSE(attach_segment(memory_.get(), bytes_, capacity, 256));
+  view_.header->capacity = capacity;
+  EXPECT_TRUE(attach_segment(memory_.get(), bytes_, capacity, 256));
+  EXPECT_FALSE(attach_segment(memory_.get(), bytes_, capacity + 1, 256));  // bigger than the map
+}
+
+TEST_F(SegmentTest, MultiObjectWaitsWorkWithoutFutexWaitv) {
+  force_waitv_fallback(true);
+  slot& a = make(1, object_type::auto_event);
+  slot& b = make(2, object_type::auto_event);
+  const wait_target both[] = {{&a, object_type::auto_event, 1}, {&b, object_type::auto_event, 1}};
+  std::thread signaller([&] {
+    std::this_thread::sleep_for(50ms);
+    (void)signal_event(b);
+  });
+  const auto start = std::chrono::steady_clock::now();
+  auto r = wait(view_, both, false, 10s, 0ns);
+  const auto took = std::chrono::steady_clock::now() - start;
+  signaller.join();
+  // And a timed-out one sleeps rather than spins: its CPU time stays small.
+  timespec cpu0{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu0);
+  auto none = wait(view_, both, false, 200ms, 0ns);
+  timespec cpu1{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu1);
+  force_waitv_fallback(false);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, wait_status::signalled);
+  EXPECT_EQ(r->index, 1u);
+  EXPECT_LT(took, 1s);
+  ASSERT_TRUE(none);
+  EXPECT_EQ(none->status, wait_status::timed_out);
+  const double cpu_ms = (cpu1.tv_sec - cpu0.tv_sec) * 1e3 + (cpu1.tv_nsec - cpu0.tv_nsec) / 1e6;
+  EXPECT_LT(cpu_ms, 100.0);
 }
 
 }  // namespace

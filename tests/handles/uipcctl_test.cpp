@@ -84,9 +84,35 @@ TEST_F(UipcctlTest, WaitReportsAnAbandonedMutex) {
   child_process owner(ctl(loc, {"create", "mutex", "m", "--owned", "--hold", "20000"}));
   ASSERT_TRUE(owner.read_line());
   child_process waiter(ctl(loc, {"wait", "m", "--timeout", "20000"}));
-  std::this_thread::sleep_for(100ms);
+  {
+    // The owner dies only once the waiter holds its reference (refcount 2),
+    // or the mutex would die with the owner and the open fail.
+    auto observer = client::connect(loc.options());
+    ASSERT_TRUE(observer) << observer.error().message();
+    const auto until = std::chrono::steady_clock::now() + 20s;
+    for (bool opened = false; !opened;) {
+      auto entries = observer->list();
+      ASSERT_TRUE(entries) << entries.error().message();
+      for (const auto& e : *entries) opened |= e.name == "m" && e.refcount == 2;
+      ASSERT_LT(std::chrono::steady_clock::now(), until) << "the waiter never opened the mutex";
+      if (!opened) std::this_thread::sleep_for(2ms);
+    }
+  }
   owner.kill(SIGKILL);
   EXPECT_EQ(waiter.wait_exit(), 1);
+  EXPECT_TRUE(loc.wait_until_clean());
+}
+
+TEST_F(UipcctlTest, HugeWaitTimeoutSaturatesInsteadOfWrapping) {
+  child_process holder(ctl(loc, {"create", "auto-event", "door", "--hold", "20000"}));
+  ASSERT_TRUE(holder.read_line());
+  // 18446744073710 ms is 2^64 ns and a little: wrapped, a wait of 448 us.
+  child_process waiter(ctl(loc, {"wait", "door", "--timeout", "18446744073710"}));
+  EXPECT_FALSE(waiter.wait_exit(300ms)) << "the wait ended at once";
+  EXPECT_EQ(run(loc, {"signal", "door"}), 0);
+  EXPECT_EQ(waiter.wait_exit(), 0);
+  holder.kill(SIGKILL);
+  holder.wait_exit();
   EXPECT_TRUE(loc.wait_until_clean());
 }
 

@@ -40,8 +40,12 @@ struct client_options {
   std::chrono::milliseconds daemon_linger{1000};
   std::uint32_t daemon_capacity = 1024;
   std::size_t daemon_scratch_size = 256 * 1024;
-  /// How long connect() may take, starting a daemon included.
+  /// How long connect() may take, starting a daemon included (the hello to a
+  /// daemon that does not answer, e.g. a stopped one, included).
   std::chrono::milliseconds start_timeout{10000};
+  /// How long a control call (create, open, close, list, ...) waits for the
+  /// daemon's reply before it fails with errc::daemon_timeout.
+  std::chrono::milliseconds call_timeout{5000};
   /// How long a wait spins on shared memory before it sleeps on a futex.
   std::chrono::nanoseconds spin{std::chrono::microseconds(50)};
 };
@@ -179,7 +183,8 @@ class client {
  public:
   /// Connects, starting a daemon if none serves and options.autostart is set.
   /// Of several clients racing, exactly one starts it. Errors:
-  /// errc::daemon_unavailable, daemon_failed_to_start, daemon_start_timeout.
+  /// errc::daemon_unavailable, daemon_failed_to_start, daemon_start_timeout,
+  /// daemon_timeout (a daemon serves but does not answer, e.g. a stopped one).
   static result<client> connect(client_options options = {});
 
   client(client&&) noexcept;
@@ -228,10 +233,14 @@ class client {
   result<wait_result> wait_all(std::initializer_list<const object*> objects,
                                std::chrono::nanoseconds timeout = infinite);
 
+  /// Every object, fetched page by page (each page a snapshot of its slots).
+  /// Like every control call: errc::daemon_timeout after options.call_timeout.
   result<std::vector<handle_info>> list();
   result<daemon_stats> stats();
 
-  /// The daemon's pid; whether it is still there.
+  /// The daemon's pid; whether it is still there (false once its process is
+  /// gone, even killed with SIGKILL and with nobody waiting: checked through a
+  /// pidfd, at most every 10 ms).
   std::int32_t daemon_pid() const noexcept;
   bool connected() const noexcept;
 

@@ -29,6 +29,8 @@ enum class errc {
   daemon_start_timeout,    ///< the started daemon did not report "running" in time
   daemon_lost,             ///< the daemon went away; this client's handles are gone
   permission_denied,       ///< the peer runs as another user
+  daemon_timeout,          ///< the daemon did not answer a request in time (stopped or stuck)
+  reply_too_large,         ///< the daemon's reply would exceed its frame limit
 };
 
 /// The category of errc, named "uipc.handles".
