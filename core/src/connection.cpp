@@ -60,7 +60,9 @@ void complete_now(Handler h, const connection_strand& strand, Args... args) {
 // from the destructor, which never starts a wait.
 class engine {
  public:
-  engine(connection::impl& s, std::shared_ptr<connection> self) : s_(s), self_(std::move(self)) {}
+  // `self` is the caller's reference: it outlives the engine, which is a
+  // temporary on the stack, so holding it costs no reference count.
+  engine(connection::impl& s, const std::shared_ptr<connection>& self) : s_(s), self_(self) {}
 
   void read() {
     if (!s_.open || s_.read_waiting || s_.in_read) return;
@@ -396,7 +398,7 @@ class engine {
   }
 
   connection::impl& s_;
-  std::shared_ptr<connection> self_;
+  const std::shared_ptr<connection>& self_;
 };
 
 // Local checks before a frame is queued: it fails alone, the connection stays.
@@ -488,7 +490,7 @@ void connection::start_send(frame f, send_handler handler) {
   error_code ec = check_outgoing(f, impl_->options);
   const bool is_reply = f.kind == frame_kind::reply;
   result<std::string> encoded = ec ? result<std::string>(ec) : detail::encode_frame(f, impl_->options.max_frame_size);
-  pending_handler<send_handler> pending(std::move(handler), impl_->strand);
+  pending_handler<send_handler> pending(std::move(handler));
   asio::dispatch(impl_->strand, [self = shared_from_this(), encoded = std::move(encoded), fds = std::move(f.fds),
                                  pending = std::move(pending), is_reply]() mutable {
     auto& s = *self->impl_;
@@ -525,7 +527,7 @@ void connection::start_call(frame f, frame_handler handler) {
   }
   error_code ec = check_outgoing(f, impl_->options);
   result<std::string> encoded = ec ? result<std::string>(ec) : detail::encode_frame(f, impl_->options.max_frame_size);
-  pending_handler<frame_handler> pending(std::move(handler), impl_->strand);
+  pending_handler<frame_handler> pending(std::move(handler));
   asio::dispatch(impl_->strand, [self = shared_from_this(), id = f.correlation_id, encoded = std::move(encoded),
                                  fds = std::move(f.fds), pending = std::move(pending)]() mutable {
     auto& s = *self->impl_;
@@ -555,7 +557,7 @@ void connection::start_receive(frame_handler handler) {
       });
     });
   }
-  pending_handler<frame_handler> pending(std::move(handler), impl_->strand);
+  pending_handler<frame_handler> pending(std::move(handler));
   asio::dispatch(impl_->strand, [self = shared_from_this(), pending = std::move(pending), id]() mutable {
     auto& s = *self->impl_;
     if (!s.inbox.empty()) {

@@ -12,6 +12,9 @@
 #include <boost/asio/prefer.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/system_executor.hpp>
+
+#include <typeinfo>
 
 #include <atomic>
 #include <deque>
@@ -26,16 +29,20 @@ using connection_strand = boost::asio::strand<boost::asio::io_context::executor_
 
 /// A stored completion handler plus outstanding work on its executor, as Asio's
 /// own operations keep it: a run() on that executor does not return while the
-/// operation is pending.
+/// operation is pending. A handler with no executor of its own runs on the
+/// connection's strand, whose context the connection's own socket wait already
+/// keeps busy: it needs no guard, and the hot path skips the executor copies.
 template <class Handler>
 struct pending_handler {
-  pending_handler(Handler h, const connection_strand& fallback)
-      : work(boost::asio::prefer(boost::asio::get_associated_executor(h, fallback),
-                                 boost::asio::execution::outstanding_work.tracked)),
-        handler(std::move(h)) {}
+  explicit pending_handler(Handler h) : handler(std::move(h)) {
+    auto own = boost::asio::get_associated_executor(handler, boost::asio::system_executor());
+    if (own.target_type() != typeid(boost::asio::system_executor)) {
+      work.emplace(boost::asio::prefer(own, boost::asio::execution::outstanding_work.tracked));
+    }
+  }
 
-  boost::asio::any_completion_executor work;
   Handler handler;
+  std::optional<boost::asio::any_completion_executor> work;
 };
 
 struct outgoing_frame {
