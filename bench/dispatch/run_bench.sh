@@ -133,7 +133,7 @@ perf_server() {
   after=$(ticks "$server_pid")
   answered=$(echo "$out" | sed -n 's/^ *Queries completed: *\([0-9]*\).*/\1/p')
   qps=$(echo "$out" | sed -n 's/^ *Queries per second: *\([0-9.]*\).*/\1/p')
-  echo "$qps $(awk -v t=$((after - before)) -v hz="$hz" -v n="$answered" 'BEGIN{printf "%.3f", t * 1e6 / hz / n}') $answered"
+  echo "$qps $(awk -v t=$((after - before)) -v hz="$hz" -v n="${answered:-0}" 'BEGIN{if (n + 0 > 0) printf "%.3f", t * 1e6 / hz / n; else printf "n/a"}') $answered"
 }
 
 stop_server() { kill "$server_pid"; wait "$server_pid" 2> /dev/null || true; }
@@ -150,14 +150,15 @@ median_ratio() {  # array-name name-a name-b
   local -n values=$1
   local r
   for r in $(seq "$rounds"); do
-    awk -v x="${values[$2-$r]}" -v y="${values[$3-$r]}" 'BEGIN{printf "%.3f\n", x / y}'
-  done | sort -n | awk '{v[NR]=$1} END{printf "%.3f", NR % 2 ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'
+    # A round with no figure (n/a, 0) gives no ratio.
+    awk -v x="${values[$2-$r]}" -v y="${values[$3-$r]}" 'BEGIN{if (y + 0 > 0 && x ~ /^[0-9.]+$/) printf "%.3f\n", x / y}'
+  done | sort -n | awk '{v[NR]=$1} END{if (NR == 0) printf "n/a"; else printf "%.3f", NR % 2 ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'
 }
 per_round() {  # array-name name-a name-b
   local -n values=$1
   local r out=""
   for r in $(seq "$rounds"); do
-    out+=$(awk -v x="${values[$2-$r]}" -v y="${values[$3-$r]}" 'BEGIN{printf "%.3f ", x / y}')
+    out+=$(awk -v x="${values[$2-$r]}" -v y="${values[$3-$r]}" 'BEGIN{if (y + 0 > 0 && x ~ /^[0-9.]+$/) printf "%.3f ", x / y; else printf "n/a "}')
   done
   echo "$out"
 }
@@ -192,7 +193,8 @@ for round in $(seq "$rounds"); do
     qps=$(echo "$line" | sed -n 's/.* qps \([0-9.]*\).*/\1/p')
     cpu=$(echo "$line" | sed -n 's/.* cpu_s \([0-9.]*\).*/\1/p')
     completed=$(echo "$line" | sed -n 's/^completed \([0-9]*\).*/\1/p')
-    per=$(awk -v c="$cpu" -v n="$completed" 'BEGIN{printf "%.3f", c * 1e6 / n}')
+    # Nothing completed (server down, every query timed out): no per-query figure.
+    per=$(awk -v c="$cpu" -v n="${completed:-0}" 'BEGIN{if (n + 0 > 0) printf "%.3f", c * 1e6 / n; else printf "n/a"}')
     printf '  round %d %-8s %s  cpu/query %s us\n' "$round" "$client" "$line" "$per"
     record "query-$client" "$round" "$qps" "$per"
   done

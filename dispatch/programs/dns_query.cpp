@@ -93,7 +93,9 @@ class query_run {
 
   void next(slot& s) {
     s.r.detach();
-    if (issued_ == count_) return;
+    // After stop() (d_ reset), a completion that was already on its way must
+    // not start another query.
+    if (!d_ || issued_ == count_) return;
     const std::size_t index = issued_++ % names_.size();
     auto r = d_->add_response(server_, response_options{timeout_});
     if (!r) {

@@ -32,6 +32,9 @@ class answer_loop {
   void start() {
     listener_.async_receive([this](error_code ec, event ev) { on_event(ec, std::move(ev)); });
   }
+  /// Detaches the listener; a pending receive completes (operation_aborted)
+  /// on the loop and still uses this object.
+  void stop() noexcept { listener_.detach(); }
 
  private:
   void on_event(error_code ec, event ev) {
@@ -127,10 +130,12 @@ int main(int argc, char** argv) {
       static_cast<unsigned long long>(st.received), static_cast<unsigned long long>(st.sent),
       static_cast<unsigned long long>(st.dropped_short),
       static_cast<unsigned long long>(st.dropped_queue_full));
-  loops.clear();  // detach the listeners before the loop goes
+  for (auto& l : loops) l.stop();  // detach the listeners before the loop goes
   d->reset();
-  // Let the cancelled socket operations complete, so nothing outlives the loop.
+  // Let the cancelled operations complete (their handlers use the answer
+  // loops), so nothing outlives the loop; only then are the loops destroyed.
   loop.context().restart();
   loop.context().poll();
+  loops.clear();
   return 0;
 }

@@ -14,6 +14,9 @@
 #include <cerrno>
 #include <cstdlib>  // arc4random_buf (glibc 2.36)
 #include <cstring>
+#include <new>
+#include <optional>
+#include <stdexcept>
 
 #include "engine.hpp"
 
@@ -112,7 +115,11 @@ void listener::detach() noexcept {
 
 namespace detail {
 
-void start_receive(party* p, receive_handler handler) {
+// `ref` was taken when the operation was initiated; it keeps the party (and so
+// the dispatcher) alive until here, even when the handle detached in between:
+// the engine then refuses with errc::detached. Released on return.
+void start_receive(party_ref ref, receive_handler handler) {
+  party* const p = ref.get();
   if (p == nullptr) {
     // An empty handle has no loop to post to: the one completion that runs inline.
     std::move(handler)(make_error_code(errc::detached), event{});
@@ -121,8 +128,9 @@ void start_receive(party* p, receive_handler handler) {
   p->engine_->start_receive(p, std::move(handler));
 }
 
-void start_send(party* p, const udp::endpoint* to, std::span<const std::byte> message,
+void start_send(party_ref ref, const udp::endpoint* to, std::span<const std::byte> message,
                 send_handler handler) {
+  party* const p = ref.get();
   if (p == nullptr) {
     std::move(handler)(make_error_code(errc::detached));
     return;
@@ -151,8 +159,10 @@ peer_key peer_key::of(const udp::endpoint& ep) noexcept {
     std::copy(b.begin(), b.end(), k.address.begin());
   } else {
     k.v6 = true;
-    const auto b = ep.address().to_v6().to_bytes();
+    const auto v6 = ep.address().to_v6();
+    const auto b = v6.to_bytes();
     std::copy(b.begin(), b.end(), k.address.begin());
+    k.scope = static_cast<std::uint32_t>(v6.scope_id());
   }
   return k;
 }
@@ -201,13 +211,13 @@ bool per_destination_error(int e) {
 
 std::size_t peer_key_hash::operator()(const peer_key& k) const noexcept {
   return mix(load64(k.address.data()) ^ (std::uint64_t{k.port} << 1 | k.v6),
-             load64(k.address.data() + 8));
+             load64(k.address.data() + 8) ^ (std::uint64_t{k.scope} << 32));
 }
 
 std::size_t id_key_hash::operator()(const id_key& k) const noexcept {
   return mix(load64(k.peer.address.data()) ^
                  (std::uint64_t{k.peer.port} << 17 | std::uint64_t{k.id} << 1 | k.peer.v6),
-             load64(k.peer.address.data() + 8));
+             load64(k.peer.address.data() + 8) ^ (std::uint64_t{k.peer.scope} << 32));
 }
 
 // ---------------------------------------------------------------- engine setup
@@ -320,6 +330,7 @@ dispatcher_stats engine::stats() const {
   st.no_buffer_events = no_buffer_events_.load(std::memory_order_relaxed);
   st.timeouts = timeouts_.load(std::memory_order_relaxed);
   st.send_errors = send_errors_.load(std::memory_order_relaxed);
+  st.dropped_no_memory = dropped_no_memory_.load(std::memory_order_relaxed);
   st.buffers_in_use = pool_.in_use();
   std::lock_guard lock(mutex_);
   st.buffers_lent = lent_buffers_;
@@ -371,7 +382,9 @@ result<response> engine::add_response(dispatcher& owner, const udp::endpoint& pe
   auto p = std::make_unique<party>(*this, ref_ptr<dispatcher>(&owner), party::role::response);
   p->peer_ = peer;
   std::vector<socket_state*> to_arm;
+  to_arm.reserve(sockets_.size());  // restart_locked below then cannot throw
   completions out;
+  out.reserve(1);
   {
     std::lock_guard lock(mutex_);
     if (shutting_down_) return make_error_code(errc::shutting_down);
@@ -380,9 +393,22 @@ result<response> engine::add_response(dispatcher& owner, const udp::endpoint& pe
     if (!id) return id.error();
     p->key_ = {pk, *id};
     p->serial_ = next_serial_++;
-    responses_.emplace(p->key_, p.get());
-    ++per_peer_[pk];
-    if (options.timeout.count() > 0) link_timeout_locked(*p, options.timeout);
+    // Both maps, or neither: a throw here must not leave either one naming a
+    // party that the unique_ptr is about to free.
+    std::uint32_t& live = per_peer_[pk];  // may throw: nothing else changed yet
+    ++live;
+    try {
+      responses_.emplace(p->key_, p.get());
+      try {
+        if (options.timeout.count() > 0) link_timeout_locked(*p, options.timeout);
+      } catch (...) {
+        responses_.erase(p->key_);
+        throw;
+      }
+    } catch (...) {
+      if (--per_peer_[pk] == 0) per_peer_.erase(pk);
+      throw;
+    }
     restart_locked(to_arm, out);
   }
   for (auto* s : to_arm) arm(*s);
@@ -393,7 +419,9 @@ result<response> engine::add_response(dispatcher& owner, const udp::endpoint& pe
 result<listener> engine::add_listener(dispatcher& owner) {
   auto p = std::make_unique<party>(*this, ref_ptr<dispatcher>(&owner), party::role::listener);
   std::vector<socket_state*> to_arm;
+  to_arm.reserve(sockets_.size());
   completions out;
+  out.reserve(1);  // restart_locked's one possible no_buffers event
   {
     std::lock_guard lock(mutex_);
     if (shutting_down_) return make_error_code(errc::shutting_down);
@@ -419,6 +447,9 @@ bool engine::deliverable_locked(const party& p) const noexcept {
 // listener's no_buffers before the queries that hold the buffers), then shutdown.
 void engine::collect_locked(party& p, completions& out) {
   if (!p.waiter_ || p.lent_ || !p.attached_) return;
+  // The one allocation, before any state changes: on bad_alloc the event stays
+  // where it is, for a later collect.
+  if (out.size() == out.capacity()) out.reserve(out.size() * 2 + 1);
   event ev;
   error_code ec;
   auto take_message = [&](auto& q) {
@@ -501,17 +532,35 @@ void engine::invoke(completion& c) {
 }
 
 void engine::run_completions(completions& batch) {
-  engine* const outer = std::exchange(tl_delivering, this);
-  completions* const outer_batch = std::exchange(tl_batch, &batch);
+  std::size_t i = 0;
+  // Restores the thread's state however the loop ends: a handler run inline
+  // may throw (through io_context::run to the application); the completions
+  // after it are then posted, not lost.
+  struct scope {
+    engine* self;
+    completions& batch;
+    std::size_t& next;
+    engine* outer = std::exchange(tl_delivering, self);
+    completions* outer_batch = std::exchange(tl_batch, &batch);
+    ~scope() {
+      tl_batch = outer_batch;
+      tl_delivering = outer;
+      if (next < batch.size()) {
+        batch.erase(batch.begin(), batch.begin() + static_cast<std::ptrdiff_t>(next));
+        try {
+          self->post_completions(batch);
+        } catch (...) {  // NOLINT(bugprone-empty-catch): nothing better while unwinding
+        }
+      }
+      batch.clear();
+    }
+  } guard{this, batch, i};
   // Handlers may append to `batch` (see make_ready_locked): index, and move
   // each completion out before running it.
-  for (std::size_t i = 0; i < batch.size(); ++i) {
-    completion c(std::move(batch[i]));
+  while (i < batch.size()) {
+    completion c(std::move(batch[i++]));
     invoke(c);
   }
-  batch.clear();
-  tl_batch = outer_batch;
-  tl_delivering = outer;
 }
 
 void engine::post_completions(completions& batch) {
@@ -616,7 +665,9 @@ void engine::detach(party* p) noexcept {
   // restart below may then find the pool no longer dry.
   dropped.clear();
   dropped_queries.clear();
-  restart_if_needed(false);
+  // Decided under the mutex (not from the idle_sockets_ hint): a receive that
+  // stopped on the dry pool since is restarted now.
+  restart(false);
   if (aborted) {
     asio::post(ctx_, asio::append(std::move(aborted), error_code(asio::error::operation_aborted),
                                   event{}));
@@ -659,7 +710,9 @@ void engine::arm_timer_locked() {
     if (l->head && l->head->deadline_ < earliest) earliest = l->head->deadline_;
   }
   armed_for_ = earliest;
-  if (earliest == std::chrono::steady_clock::time_point::max() || closed_) return;
+  // After shutdown, timeouts no longer matter (every party gets its shutdown
+  // event): the timer must not keep the loop busy until an old deadline.
+  if (earliest == std::chrono::steady_clock::time_point::max() || closed_ || shutting_down_) return;
   timer_.expires_at(earliest);  // aborts the wait for an older deadline
   timer_.async_wait([self = shared_from_this()](error_code ec) {
     if (!ec) self->on_timer();
@@ -670,6 +723,9 @@ void engine::on_timer() {
   completions out;
   {
     std::lock_guard lock(mutex_);
+    // A wait that completed before shutdown() cancelled the timer still runs:
+    // nothing may follow the shutdown event, and nothing is re-armed.
+    if (shutting_down_) return;
     const auto now = std::chrono::steady_clock::now();
     // Due responses in deadline order across the lists (a late timer may find
     // several lists due at once).
@@ -702,7 +758,10 @@ void engine::restart_locked(std::vector<socket_state*>& to_arm, completions& out
     if (closed_ || shutting_down_) return;
     if (responses_.empty() && listeners_.empty()) return;  // no one attached
     if (pool_.available() == 0) {
-      if (lent_buffers_ > 0) return;    // wait for a lent buffer to come back
+      if (lent_buffers_ > 0) return;  // wait for a lent buffer to come back
+      // Another socket's batch holds buffers it has not classified yet: they
+      // come back (or get queued) at that batch's end, which restarts us.
+      if (in_batch_.load(std::memory_order_seq_cst) > 0) return;
       if (!responses_.empty()) return;  // replies queued for responses hold them: wait
       // Only listeners, and queued queries hold every buffer: tell one of them.
       party* p = listeners_[error_event_turn_++ % listeners_.size()];
@@ -738,7 +797,9 @@ void engine::restart(bool from_loop) {
 }
 
 void engine::restart_if_needed(bool from_loop) {
-  if (idle_sockets_.load(std::memory_order_relaxed) != 0) restart(from_loop);
+  // The hint only skips the lock on the hot path; a stale "no idle socket"
+  // is harmless there (the socket that stopped restarts itself at its end).
+  if (idle_sockets_.load(std::memory_order_acquire) != 0) restart(from_loop);
 }
 
 // Waits for readability, then on_readable reads with recvmmsg until EAGAIN.
@@ -747,7 +808,10 @@ void engine::restart_if_needed(bool from_loop) {
 // whose edge another thread's epoll_wait took since our last read is reported.
 void engine::arm(socket_state& s) {
   std::lock_guard io(s.io_mutex);
-  if (s.closed) {
+  // stopping_ is set (under mutex_) before fail() cancels the sockets under
+  // io_mutex: checked here under io_mutex, a re-arm either is cancelled by
+  // fail() or sees stopping_ and does not arm.
+  if (s.closed || stopping_.load(std::memory_order_relaxed)) {
     std::lock_guard lock(mutex_);
     s.receiving = false;
     idle_sockets_.fetch_add(1, std::memory_order_relaxed);
@@ -776,7 +840,34 @@ void engine::on_readable(socket_state& s, error_code ec) {
     stop_receiving();
     return;
   }
-  socket_state* const outer = std::exchange(tl_batch_socket, &s);
+  // Restores the thread's batch socket, and on a throw (a handler run inline)
+  // stops this receive and restarts, so the socket is not left "receiving".
+  struct scope {
+    scope(engine* e, socket_state& state) noexcept
+        : self(e), s(state), outer(std::exchange(tl_batch_socket, &state)) {}
+    scope(const scope&) = delete;
+    scope& operator=(const scope&) = delete;
+    engine* self;
+    socket_state& s;
+    socket_state* outer;
+    int exceptions = std::uncaught_exceptions();
+    ~scope() {
+      tl_batch_socket = outer;
+      if (std::uncaught_exceptions() > exceptions) {
+        try {
+          {
+            std::lock_guard lock(self->mutex_);
+            s.receiving = false;
+            self->idle_sockets_.fetch_add(1, std::memory_order_release);
+          }
+          self->restart(false);
+        } catch (...) {  // NOLINT(bugprone-empty-catch): nothing better while unwinding
+        }
+      }
+    }
+  };
+  std::optional<scope> guard;
+  guard.emplace(this, s);
   const std::size_t batch = options_.max_receives;
   bool drained = false;
   // Read until EAGAIN; after a bounded number of batches, yield to the loop
@@ -784,6 +875,9 @@ void engine::on_readable(socket_state& s, error_code ec) {
   for (int round = 0; round < 16 && !drained && !stopping_.load(std::memory_order_relaxed);
        ++round) {
     std::size_t n = 0;
+    // Counted before they are taken: another socket that finds the pool dry
+    // meanwhile knows they are coming back (restart_locked).
+    in_batch_.fetch_add(batch, std::memory_order_seq_cst);
     for (; n < batch; ++n) {
       s.buffers[n] = pool_.try_acquire();
       if (!s.buffers[n]) break;
@@ -796,6 +890,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
       h.msg_iovlen = 1;
       s.headers[n].msg_len = 0;
     }
+    in_batch_.fetch_sub(batch - n, std::memory_order_seq_cst);
     if (n == 0) break;  // the pool ran dry: restart_locked decides below
     int got;
     int err = 0;
@@ -811,28 +906,30 @@ void engine::on_readable(socket_state& s, error_code ec) {
     }
     if (got < 0) {
       for (std::size_t i = 0; i < n; ++i) s.buffers[i].reset();
+      in_batch_.fetch_sub(n, std::memory_order_seq_cst);
       if (err == EAGAIN || err == EWOULDBLOCK) {
         drained = true;
         break;
       }
       if (err == EINTR) continue;
-      tl_batch_socket = outer;
+      guard.reset();
       stop_receiving();
       if (err != ECANCELED) fail(errno_code(err), true);
       return;
     }
     received_.fetch_add(static_cast<std::uint64_t>(got), std::memory_order_relaxed);
     completions& out = s.delivered;  // reused: no allocation per batch
+    for (std::size_t i = static_cast<std::size_t>(got); i < n; ++i) s.buffers[i].reset();
     {
       std::lock_guard lock(mutex_);
       classify_locked(s, got, out);
+      in_batch_.fetch_sub(n, std::memory_order_seq_cst);
     }
-    for (std::size_t i = static_cast<std::size_t>(got); i < n; ++i) s.buffers[i].reset();
     run_completions(out);
     flush(s);
     if (static_cast<std::size_t>(got) < n) drained = true;
   }
-  tl_batch_socket = outer;
+  guard.reset();
   stop_receiving();
   restart(true);
 }
@@ -861,29 +958,50 @@ void engine::classify_locked(socket_state& s, int count, completions& out) {
                 sa->sa_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in));
     const std::uint16_t id = f.read_id(data);
     queued_message m{std::move(buffer), size, from, id, s.index};
+    // The seed's "cannot allocate": free the buffer, count, go on (the receive
+    // restarts at the batch's end). Never leaves the socket stuck "receiving".
+    try {
+      classify_one_locked(m, data, out);
+    } catch (const std::bad_alloc&) {
+      if (m.buffer) {
+        m.buffer.reset();
+        dropped_no_memory_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+  }
+}
+
+void engine::classify_one_locked(queued_message& m, std::span<const std::byte> data,
+                                 completions& out) {
+  const framing& f = options_.frame;
+  {
+    const udp::endpoint& from = m.peer;
+    const std::uint16_t id = m.id;
     if (!f.is_response(data)) {
       if (listeners_.empty()) {
         dropped_no_listener_.fetch_add(1, std::memory_order_relaxed);
-        continue;
+        return;
       }
-      if (queries_.size() >= options_.max_queued_queries) {
+      // A listener waiting idle takes the query even with a zero-length queue
+      // (an idle listener exists only while the queue is empty).
+      if (queries_.size() >= options_.max_queued_queries && idle_listeners_.empty()) {
         dropped_queue_full_.fetch_add(1, std::memory_order_relaxed);
-        continue;
+        return;
       }
       queries_.push_back(std::move(m));
       // Earlier queries first: an idle listener exists only while the queue is empty.
       if (!idle_listeners_.empty()) collect_locked(*idle_listeners_.front(), out);
-      continue;
+      return;
     }
     auto it = responses_.find(id_key{peer_key::of(from), id});
     if (it == responses_.end()) {
       dropped_unmatched_.fetch_add(1, std::memory_order_relaxed);
-      continue;
+      return;
     }
     party& p = *it->second;
     if (p.queue_.size() >= options_.max_queued_per_response) {
       dropped_queue_full_.fetch_add(1, std::memory_order_relaxed);
-      continue;
+      return;
     }
     p.queue_.push_back(std::move(m));
     collect_locked(p, out);
@@ -975,7 +1093,8 @@ result<void> engine::send_copy(party* p, std::span<const std::byte> message) {
   }
   std::memcpy(buffer->data(), message.data(), message.size());
   const std::byte* data = buffer->data();
-  enqueue(send_socket(), outgoing{p->peer_, data, message.size(), std::move(*buffer), {}});
+  if (!enqueue(send_socket(), outgoing{p->peer_, data, message.size(), std::move(*buffer), {}}))
+    return make_error_code(errc::shutting_down);
   return {};
 }
 
@@ -1005,9 +1124,12 @@ result<void> engine::reply(party* p, event&& ev, std::span<const std::byte> answ
   if (refused) {
     held.buffer_.reset();
     restart_if_needed(false);
-  } else {
-    enqueue(s,
-            outgoing{held.peer_, held.buffer_.data(), answer.size(), std::move(held.buffer_), {}});
+  } else if (!enqueue(s, outgoing{held.peer_,
+                                  held.buffer_.data(),
+                                  answer.size(),
+                                  std::move(held.buffer_),
+                                  {}})) {
+    refused = make_error_code(errc::shutting_down);
   }
   if (!ready.empty()) post_completions(ready);
   release(owner);
@@ -1022,7 +1144,7 @@ socket_state& engine::send_socket() noexcept {
                                                                       : *sockets_[0];
 }
 
-void engine::enqueue(socket_state& s, outgoing&& out) {
+bool engine::enqueue(socket_state& s, outgoing&& out) {
   bool post_flush = false;
   {
     std::lock_guard io(s.io_mutex);
@@ -1032,7 +1154,22 @@ void engine::enqueue(socket_state& s, outgoing&& out) {
         asio::post(
             ctx_, asio::append(std::move(out.handler), error_code(asio::error::operation_aborted)));
       }
-      return;
+      return false;
+    }
+    // fail() sets stopping_ before it empties the queue under io_mutex: a send
+    // checked before the shutdown but queued after that would otherwise go out.
+    if (stopping_.load(std::memory_order_relaxed)) {
+      if (out.handler) {
+        asio::post(ctx_,
+                   asio::append(std::move(out.handler), make_error_code(errc::shutting_down)));
+      }
+      const bool had_buffer = static_cast<bool>(out.buffer);
+      out.buffer.reset();
+      if (had_buffer) {
+        std::lock_guard io_unlocked_below(mutex_);  // io_mutex, then mutex_: as in arm()
+        if (!closed_) --lent_buffers_;
+      }
+      return false;
     }
     s.send_queue.push_back(std::move(out));
     // Inside this socket's receive batch the batch end flushes; otherwise one
@@ -1051,6 +1188,7 @@ void engine::enqueue(socket_state& s, outgoing&& out) {
       self->flush(s);
     });
   }
+  return true;
 }
 
 void engine::flush(socket_state& s) {
@@ -1142,10 +1280,21 @@ result<ref_ptr<dispatcher>> dispatcher::create(asio::io_context& context,
       options.buffers == 0 || options.max_receives == 0 || options.max_receives > 1024 ||
       options.sockets > 64 || options.max_queued_per_response == 0)
     return make_error_code(errc::bad_options);
-  auto e = std::make_shared<detail::engine>(context, options);
-  if (auto opened = e->open(local); !opened) return opened.error();
-  return ref_ptr<dispatcher>(
-      new dispatcher(std::move(e)));  // NOLINT(cppcoreguidelines-owning-memory): adopted by the ref
+  // The pool is allocated up front: a size that overflows, or that cannot be
+  // allocated, is a bad option, not an exception out of create().
+  constexpr std::size_t max_pool_bytes = std::size_t{1} << 40;
+  if (options.buffer_size > max_pool_bytes / options.buffers)
+    return make_error_code(errc::bad_options);
+  try {
+    auto e = std::make_shared<detail::engine>(context, options);
+    if (auto opened = e->open(local); !opened) return opened.error();
+    return ref_ptr<dispatcher>(new dispatcher(
+        std::move(e)));  // NOLINT(cppcoreguidelines-owning-memory): adopted by the ref
+  } catch (const std::bad_alloc&) {
+    return make_error_code(errc::bad_options);
+  } catch (const std::length_error&) {
+    return make_error_code(errc::bad_options);
+  }
 }
 
 result<response> dispatcher::add_response(const udp::endpoint& peer,

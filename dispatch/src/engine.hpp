@@ -26,6 +26,7 @@ struct peer_key {
   std::array<std::uint8_t, 16> address{};
   std::uint16_t port = 0;
   bool v6 = false;
+  std::uint32_t scope = 0;  // IPv6 scope id: fe80::1%eth0 and fe80::1%eth1 are different peers
   bool operator==(const peer_key&) const = default;
   static peer_key of(const udp::endpoint& ep) noexcept;
 };
@@ -178,6 +179,7 @@ class engine : public std::enable_shared_from_this<engine> {
   std::uint16_t next_random_locked();
   result<std::uint16_t> allocate_id_locked(const peer_key& peer);
   void classify_locked(socket_state& s, int count, completions& out);
+  void classify_one_locked(queued_message& m, std::span<const std::byte> data, completions& out);
   void fail_locked(error_code reason, completions& out);
 
   void run_completions(completions& batch);
@@ -187,7 +189,9 @@ class engine : public std::enable_shared_from_this<engine> {
   void restart_if_needed(bool from_loop);
   void restart(bool from_loop);
   socket_state& send_socket() noexcept;
-  void enqueue(socket_state& s, outgoing&& out);
+  /// False when refused (socket closed, or shutting down): the completion is
+  /// posted with the reason and an owned buffer goes back.
+  bool enqueue(socket_state& s, outgoing&& out);
   void flush(socket_state& s);
   void link_timeout_locked(party& p, std::chrono::steady_clock::duration timeout);
   void unlink_timeout_locked(party& p) noexcept;
@@ -222,10 +226,13 @@ class engine : public std::enable_shared_from_this<engine> {
   std::vector<std::unique_ptr<timeout_list>> timeout_lists_;
   std::atomic<unsigned> idle_sockets_{0};  // sockets with no receive armed (restart hint)
   std::atomic<bool> stopping_{false};      // shutting_down_, readable without the lock
+  // Buffers taken by receive batches and not yet classified (counted before
+  // they are taken): the pool is not "dry with nothing lent" while any are out.
+  std::atomic<std::size_t> in_batch_{0};
 
   std::atomic<std::uint64_t> received_{0}, sent_{0}, dropped_short_{0}, dropped_no_listener_{0},
       dropped_unmatched_{0}, dropped_queue_full_{0}, no_buffer_events_{0}, timeouts_{0},
-      send_errors_{0};
+      send_errors_{0}, dropped_no_memory_{0};
 };
 
 }  // namespace uipc::dispatch::detail

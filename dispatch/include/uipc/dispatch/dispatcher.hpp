@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "uipc/core/buffer_pool.hpp"
@@ -108,8 +109,33 @@ auto recycled(Handler&& handler) {
 }
 using receive_handler = boost::asio::any_completion_handler<receive_signature>;
 using send_handler = boost::asio::any_completion_handler<send_signature>;
-void start_receive(party* p, receive_handler handler);
-void start_send(party* p, const udp::endpoint* to, std::span<const std::byte> message,
+void add_ref(party* p) noexcept;
+void release(party* p) noexcept;
+
+/// A counted reference on a party, taken when an operation is initiated: with a
+/// deferred token (asio::deferred, ...) the initiation may run after the handle
+/// detached, and must still find the party alive (it then completes with
+/// errc::detached). start_* releases it.
+class party_ref {
+ public:
+  explicit party_ref(party* p) noexcept : p_(p) {
+    if (p_ != nullptr) add_ref(p_);
+  }
+  party_ref(const party_ref& other) noexcept : party_ref(other.p_) {}
+  party_ref(party_ref&& other) noexcept : p_(std::exchange(other.p_, nullptr)) {}
+  party_ref& operator=(const party_ref&) = delete;
+  party_ref& operator=(party_ref&&) = delete;
+  ~party_ref() {
+    if (p_ != nullptr) release(p_);
+  }
+  party* get() const noexcept { return p_; }
+
+ private:
+  party* p_;
+};
+
+void start_receive(party_ref p, receive_handler handler);
+void start_send(party_ref p, const udp::endpoint* to, std::span<const std::byte> message,
                 send_handler handler);
 }  // namespace detail
 
@@ -147,8 +173,9 @@ class response {
   template <class Token>
   auto async_receive(Token&& token) {
     return boost::asio::async_initiate<Token, receive_signature>(
-        [p = party_](auto handler) {
-          detail::start_receive(p, detail::receive_handler(detail::recycled(std::move(handler))));
+        [p = detail::party_ref(party_)](auto handler) mutable {
+          detail::start_receive(std::move(p),
+                                detail::receive_handler(detail::recycled(std::move(handler))));
         },
         token);
   }
@@ -158,8 +185,8 @@ class response {
   template <class Token>
   auto async_send(std::span<const std::byte> message, Token&& token) {
     return boost::asio::async_initiate<Token, send_signature>(
-        [p = party_, message](auto handler) {
-          detail::start_send(p, nullptr, message,
+        [p = detail::party_ref(party_), message](auto handler) mutable {
+          detail::start_send(std::move(p), nullptr, message,
                              detail::send_handler(detail::recycled(std::move(handler))));
         },
         token);
@@ -203,8 +230,9 @@ class listener {
   template <class Token>
   auto async_receive(Token&& token) {
     return boost::asio::async_initiate<Token, receive_signature>(
-        [p = party_](auto handler) {
-          detail::start_receive(p, detail::receive_handler(detail::recycled(std::move(handler))));
+        [p = detail::party_ref(party_)](auto handler) mutable {
+          detail::start_receive(std::move(p),
+                                detail::receive_handler(detail::recycled(std::move(handler))));
         },
         token);
   }
@@ -220,8 +248,8 @@ class listener {
   template <class Token>
   auto async_send_to(std::span<const std::byte> message, const udp::endpoint& to, Token&& token) {
     return boost::asio::async_initiate<Token, send_signature>(
-        [p = party_, message, to](auto handler) {
-          detail::start_send(p, &to, message,
+        [p = detail::party_ref(party_), message, to](auto handler) mutable {
+          detail::start_send(std::move(p), &to, message,
                              detail::send_handler(detail::recycled(std::move(handler))));
         },
         token);
@@ -242,10 +270,11 @@ class listener {
 /// Dispatcher settings.
 struct dispatcher_options {
   framing frame = dns_framing();
-  std::size_t buffer_size = 4096;        ///< bytes per receive buffer (largest datagram kept whole)
-  std::uint32_t buffers = 1024;          ///< receive buffers in the pool
-  std::uint32_t max_receives = 32;       ///< receives in flight per socket (one recvmmsg batch)
-  std::size_t max_queued_queries = 256;  ///< the shared query queue
+  std::size_t buffer_size = 4096;   ///< bytes per receive buffer (largest datagram kept whole)
+  std::uint32_t buffers = 1024;     ///< receive buffers in the pool
+  std::uint32_t max_receives = 32;  ///< receives in flight per socket (one recvmmsg batch)
+  std::size_t max_queued_queries =
+      256;  ///< the shared query queue (0: only straight to an idle listener)
   std::size_t max_queued_per_response = 16;
   unsigned sockets = 1;         ///< > 1: that many sockets on one port with SO_REUSEPORT
   int socket_buffer_bytes = 0;  ///< SO_RCVBUF and SO_SNDBUF; 0 keeps the system's
@@ -263,6 +292,7 @@ struct dispatcher_stats {
   std::uint64_t no_buffer_events = 0;    ///< no_buffers events given to listeners
   std::uint64_t timeouts = 0;            ///< responses that timed out
   std::uint64_t send_errors = 0;         ///< datagrams the kernel refused
+  std::uint64_t dropped_no_memory = 0;   ///< datagrams dropped because a queue could not grow
   std::uint32_t buffers_in_use = 0;      ///< pool buffers not free
   std::uint32_t buffers_lent = 0;        ///< buffers held by the application or waiting to be sent
   std::size_t queued_queries = 0;
