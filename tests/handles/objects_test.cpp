@@ -452,6 +452,13 @@ TEST(ObjectsListTest, ATableOfLongNamesIsListedWholeInPages) {
 }
 
 TEST(DaemonAcceptTest, OutOfDescriptorsBacksOffInsteadOfSpinning) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // The sanitizer runtimes open descriptors of their own (UBSan's vptr check
+  // probes memory through a pipe): at the limit they report errors that are
+  // not there. The plain build runs this test, and its CPU measure is only
+  // meaningful there anyway.
+  GTEST_SKIP() << "needs spare descriptors that sanitizer runtimes take";
+#endif
   private_location loc;
   in_process_daemon daemon(loc.where, 8, 4096);
   ASSERT_TRUE(static_cast<bool>(daemon));
