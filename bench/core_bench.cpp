@@ -32,32 +32,37 @@ using namespace uipc;
 // Both round-trip benchmarks: the server is a second thread, the client the
 // benchmark thread; each iteration is one request of `size` bytes and its reply.
 
+// Reads exactly `size` bytes; false when the peer went away.
+bool read_exact(int fd, char* data, std::size_t size) {
+  std::size_t got = 0;
+  while (got < size) {
+    const ssize_t n = ::read(fd, data + got, size - got);
+    if (n <= 0) return false;
+    got += static_cast<std::size_t>(n);
+  }
+  return true;
+}
+
+// The raw peer: a thread echoing `size`-byte messages on `fd` until it closes.
+std::jthread raw_echo_server(int fd, std::size_t size) {
+  return std::jthread([fd, size] {
+    std::string buf(size, '\0');
+    while (read_exact(fd, buf.data(), size)) {
+      if (::write(fd, buf.data(), size) != static_cast<ssize_t>(size)) return;
+    }
+  });
+}
+
 void BM_RawUdsRoundTrip(benchmark::State& state) {
   const auto size = static_cast<std::size_t>(state.range(0));
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
-  std::jthread server([fd = fds[1], size] {
-    std::string buf(size, '\0');
-    for (;;) {
-      std::size_t got = 0;
-      while (got < size) {
-        const ssize_t n = ::read(fd, buf.data() + got, size - got);
-        if (n <= 0) return;
-        got += static_cast<std::size_t>(n);
-      }
-      if (::write(fd, buf.data(), size) != static_cast<ssize_t>(size)) return;
-    }
-  });
+  std::jthread server = raw_echo_server(fds[1], size);
   std::string msg(size, 'x');
   std::string reply(size, '\0');
   for (auto _ : state) {
     if (::write(fds[0], msg.data(), size) != static_cast<ssize_t>(size)) return state.SkipWithError("write");
-    std::size_t got = 0;
-    while (got < size) {
-      const ssize_t n = ::read(fds[0], reply.data() + got, size - got);
-      if (n <= 0) return state.SkipWithError("read");
-      got += static_cast<std::size_t>(n);
-    }
+    if (!read_exact(fds[0], reply.data(), size)) return state.SkipWithError("read");
   }
   ::shutdown(fds[0], SHUT_RDWR);
   server.join();
@@ -109,29 +114,10 @@ void BM_RawUdsPipelined(benchmark::State& state) {
   const auto depth = static_cast<int>(state.range(1));
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
-  std::jthread server([fd = fds[1], size] {
-    std::string buf(size, '\0');
-    for (;;) {
-      std::size_t got = 0;
-      while (got < size) {
-        const ssize_t n = ::read(fd, buf.data() + got, size - got);
-        if (n <= 0) return;
-        got += static_cast<std::size_t>(n);
-      }
-      if (::write(fd, buf.data(), size) != static_cast<ssize_t>(size)) return;
-    }
-  });
+  std::jthread server = raw_echo_server(fds[1], size);
   const std::string msg(size, 'x');
   std::string reply(size, '\0');
-  auto read_one = [&] {
-    std::size_t got = 0;
-    while (got < size) {
-      const ssize_t n = ::read(fds[0], reply.data() + got, size - got);
-      if (n <= 0) return false;
-      got += static_cast<std::size_t>(n);
-    }
-    return true;
-  };
+  auto read_one = [&] { return read_exact(fds[0], reply.data(), size); };
   for (int i = 0; i < depth; ++i) (void)::write(fds[0], msg.data(), size);
   for (auto _ : state) {
     if (!read_one()) return state.SkipWithError("read");

@@ -1,5 +1,6 @@
 // The framed transport against peers that misbehave: each gets a clear error,
 // its connection is closed, and other connections carry on.
+#include "raw_peer.hpp"
 #include "test_support.hpp"
 #include "uipc/core/framed.hpp"
 #include "uipc/proto/envelope.pb.h"
@@ -18,30 +19,9 @@ namespace {
 
 using test::run_until;
 
-std::string prefix(std::uint32_t length) {
-  std::string p(4, '\0');
-  std::memcpy(p.data(), &length, 4);  // little-endian on every platform we build for
-  return p;
-}
-
-std::string envelope_bytes(const proto::Envelope& env) {
-  std::string body = env.SerializeAsString();
-  return prefix(static_cast<std::uint32_t>(body.size())) + body;
-}
-
-// A connection whose other end is a raw socket the test writes bytes to.
-struct raw_peer {
-  connection::pointer conn;
-  unique_fd raw;
-};
-
-raw_peer make_raw_peer(boost::asio::io_context& ctx, connection_options options = {}) {
-  int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) std::abort();
-  auto c = connection::adopt(ctx, unique_fd(fds[0]), std::move(options));
-  if (!c) std::abort();
-  return {*c, unique_fd(fds[1])};
-}
+using test::envelope_bytes;
+using test::make_raw_peer;
+using test::prefix;
 
 void write_all(int fd, const std::string& bytes) {
   ASSERT_EQ(::write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));

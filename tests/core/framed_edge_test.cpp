@@ -1,5 +1,6 @@
 // The framed transport at its edges: big frames, split prefixes, descriptors in
 // a row, busy peers under timeouts, two-way streaming, cancellation, modes.
+#include "raw_peer.hpp"
 #include "test_support.hpp"
 #include "uipc/core/event_loop.hpp"
 #include "uipc/core/framed.hpp"
@@ -30,13 +31,7 @@ frame notice(std::string payload) {
   return f;
 }
 
-std::string envelope_bytes(const proto::Envelope& env) {
-  std::string body = env.SerializeAsString();
-  const auto length = static_cast<std::uint32_t>(body.size());
-  std::string p(4, '\0');
-  std::memcpy(p.data(), &length, 4);
-  return p + body;
-}
+using test::envelope_bytes;
 
 // What collect() has received, and why it stopped. Shared with the pending
 // handler, so a completion that runs after the test body finds it alive.

@@ -1,0 +1,45 @@
+// Test helpers that speak the frame format by hand: a connection whose other end
+// is a raw socket, and the bytes of a frame.
+#pragma once
+
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
+
+#include <boost/asio/io_context.hpp>
+
+#include <sys/socket.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace uipc::test {
+
+/// The 4-byte length prefix (little-endian on every platform we build for).
+inline std::string prefix(std::uint32_t length) {
+  std::string p(4, '\0');
+  std::memcpy(p.data(), &length, 4);
+  return p;
+}
+
+/// A whole frame: prefix and envelope.
+inline std::string envelope_bytes(const proto::Envelope& env) {
+  std::string body = env.SerializeAsString();
+  return prefix(static_cast<std::uint32_t>(body.size())) + body;
+}
+
+/// A connection whose other end is a raw socket the test reads and writes.
+struct raw_peer {
+  connection::pointer conn;
+  unique_fd raw;
+};
+
+inline raw_peer make_raw_peer(boost::asio::io_context& ctx, connection_options options = {}) {
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) std::abort();
+  auto c = connection::adopt(ctx, unique_fd(fds[0]), std::move(options));
+  if (!c) std::abort();
+  return {*c, unique_fd(fds[1])};
+}
+
+}  // namespace uipc::test
