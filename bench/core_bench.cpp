@@ -80,31 +80,46 @@ void echo(const connection::pointer& c) {
   });
 }
 
+// The framed peer: an echo server on its own thread and loop, and a client
+// connection on a loop the benchmark thread runs. Closing the client ends both.
+struct framed_echo_pair {
+  framed_echo_pair() {
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return;
+    auto server = connection::adopt(server_ctx, unique_fd(fds[1]));
+    auto c = connection::adopt(client_ctx, unique_fd(fds[0]));
+    if (!server || !c) return;
+    echo(*server);
+    server_thread = std::jthread([this] { server_ctx.run(); });
+    client = *c;
+  }
+  ~framed_echo_pair() {
+    if (client) client->close();
+    client_ctx.run();
+  }
+  boost::asio::io_context server_ctx{1};
+  boost::asio::io_context client_ctx{1};
+  std::jthread server_thread;
+  connection::pointer client;
+};
+
 void BM_FramedRoundTrip(benchmark::State& state) {
   const auto size = static_cast<std::size_t>(state.range(0));
-  int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
-  boost::asio::io_context server_ctx(1);
-  auto server = connection::adopt(server_ctx, unique_fd(fds[1]));
-  echo(*server);
-  std::jthread server_thread([&] { server_ctx.run(); });
-
-  boost::asio::io_context client_ctx(1);
-  auto client = connection::adopt(client_ctx, unique_fd(fds[0]));
+  framed_echo_pair pair;
+  if (!pair.client) return state.SkipWithError("socketpair");
+  auto& client_ctx = pair.client_ctx;
+  auto& client = pair.client;
   const std::string payload(size, 'x');
   for (auto _ : state) {
     frame request;
     request.payload = payload;
     bool done = false;
-    (*client)->async_call(std::move(request), [&](error_code ec, frame reply) {
+    client->async_call(std::move(request), [&](error_code ec, frame reply) {
       if (ec || reply.payload.size() != size) state.SkipWithError("bad reply");
       done = true;
     });
     while (!done) client_ctx.run_one();
   }
-  (*client)->close();
-  client_ctx.run();
-  server_thread.join();
 }
 BENCHMARK(BM_FramedRoundTrip)->Arg(64)->UseRealTime();
 
@@ -135,20 +150,16 @@ BENCHMARK(BM_RawUdsPipelined)->Args({4096, 16})->UseRealTime();
 void BM_FramedPipelined(benchmark::State& state) {
   const auto size = static_cast<std::size_t>(state.range(0));
   const auto depth = static_cast<int>(state.range(1));
-  int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
-  boost::asio::io_context server_ctx(1);
-  auto server = connection::adopt(server_ctx, unique_fd(fds[1]));
-  echo(*server);
-  std::jthread server_thread([&] { server_ctx.run(); });
-  boost::asio::io_context client_ctx(1);
-  auto client = connection::adopt(client_ctx, unique_fd(fds[0]));
+  framed_echo_pair pair;
+  if (!pair.client) return state.SkipWithError("socketpair");
+  auto& client_ctx = pair.client_ctx;
+  auto& client = pair.client;
   const std::string payload(size, 'x');
   std::int64_t completed = 0;
   std::function<void()> issue = [&] {
     frame request;
     request.payload = payload;
-    (*client)->async_call(std::move(request), [&](error_code ec, frame) {
+    client->async_call(std::move(request), [&](error_code ec, frame) {
       if (ec) return;
       ++completed;
       issue();
@@ -160,9 +171,9 @@ void BM_FramedPipelined(benchmark::State& state) {
     while (completed < target) client_ctx.run_one();
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * size * 2));
-  (*client)->close();
+  // Drain while `issue` is alive: a reply already received still calls it.
+  client->close();
   client_ctx.run();
-  server_thread.join();
 }
 BENCHMARK(BM_FramedPipelined)->Args({4096, 16})->UseRealTime();
 
