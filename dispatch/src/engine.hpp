@@ -7,6 +7,7 @@
 #include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <cerrno>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -234,5 +235,33 @@ class engine : public std::enable_shared_from_this<engine> {
       dropped_unmatched_{0}, dropped_queue_full_{0}, no_buffer_events_{0}, timeouts_{0},
       send_errors_{0}, dropped_no_memory_{0};
 };
+
+// Shared by the dispatcher's source files (dispatcher, parties, receive, send).
+
+// The engine whose completions this thread runs now, and their batch.
+inline thread_local engine* tl_delivering = nullptr;
+inline thread_local std::vector<completion>* tl_batch = nullptr;
+// The socket whose receive batch this thread runs.
+inline thread_local socket_state* tl_batch_socket = nullptr;
+
+inline error_code errno_code(int e) { return {e, boost::system::system_category()}; }
+
+// Errors about one destination fail that send only; anything else is the socket's.
+inline bool per_destination_error(int e) {
+  switch (e) {
+    case ENETUNREACH:
+    case EHOSTUNREACH:
+    case EAFNOSUPPORT:
+    case EINVAL:
+    case EACCES:
+    case EPERM:
+    case EMSGSIZE:
+    case EDESTADDRREQ:
+    case EADDRNOTAVAIL:
+      return true;
+    default:
+      return false;
+  }
+}
 
 }  // namespace uipc::dispatch::detail

@@ -1,0 +1,488 @@
+// The dispatcher's parties: adding responses and listeners, delivering their events,
+// cancel and detach, response timeouts, and the failsafe shutdown.
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <boost/asio/append.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/error.hpp>
+#include <boost/asio/ip/v6_only.hpp>
+#include <boost/asio/post.hpp>
+#include <cassert>
+#include <cerrno>
+#include <cstdlib>  // arc4random_buf (glibc 2.36)
+#include <cstring>
+#include <new>
+#include <optional>
+#include <stdexcept>
+
+#include "engine.hpp"
+
+namespace uipc::dispatch {
+
+namespace asio = boost::asio;
+
+namespace detail {
+
+// ---------------------------------------------------------------- attach
+
+std::uint16_t engine::next_random_locked() {
+  if (random_left_ == 0) {
+    // A CSPRNG (getrandom-backed), drawn in bulk: IDs an observer cannot predict
+    // from the ones it saw, at the cost of one system call per 1024 IDs.
+    ::arc4random_buf(random_.data(), sizeof random_);
+    random_left_ = random_.size();
+  }
+  return random_[--random_left_];
+}
+
+result<std::uint16_t> engine::allocate_id_locked(const peer_key& peer) {
+  auto it = per_peer_.find(peer);
+  const std::uint32_t live = it == per_peer_.end() ? 0 : it->second;
+  if (live >= 65536) return make_error_code(errc::no_free_id);
+  id_key key{peer, 0};
+  // Random probes while at most 3/4 of the IDs are taken (expected < 4 probes);
+  // beyond that, a scan from a random start ends for sure.
+  if (live < 49152) {
+    for (int tries = 0; tries < 64; ++tries) {
+      key.id = next_random_locked();
+      if (!responses_.contains(key)) return key.id;
+    }
+  }
+  const std::uint16_t start = next_random_locked();
+  for (std::uint32_t i = 0; i < 65536; ++i) {
+    key.id = static_cast<std::uint16_t>(start + i);
+    if (!responses_.contains(key)) return key.id;
+  }
+  return make_error_code(errc::no_free_id);
+}
+
+result<response> engine::add_response(dispatcher& owner, const udp::endpoint& peer,
+                                      const response_options& options) {
+  if (peer.address().is_v6() != local_.address().is_v6())
+    return make_error_code(asio::error::address_family_not_supported);
+  auto p = std::make_unique<party>(*this, ref_ptr<dispatcher>(&owner), party::role::response);
+  p->peer_ = peer;
+  std::vector<socket_state*> to_arm;
+  to_arm.reserve(sockets_.size());  // restart_locked below then cannot throw
+  completions out;
+  out.reserve(1);
+  {
+    std::lock_guard lock(mutex_);
+    if (shutting_down_) return make_error_code(errc::shutting_down);
+    const peer_key pk = peer_key::of(peer);
+    auto id = allocate_id_locked(pk);
+    if (!id) return id.error();
+    p->key_ = {pk, *id};
+    p->serial_ = next_serial_++;
+    // Both maps, or neither: a throw here must not leave either one naming a
+    // party that the unique_ptr is about to free.
+    std::uint32_t& live = per_peer_[pk];  // may throw: nothing else changed yet
+    ++live;
+    try {
+      responses_.emplace(p->key_, p.get());
+      try {
+        if (options.timeout.count() > 0) link_timeout_locked(*p, options.timeout);
+      } catch (...) {
+        responses_.erase(p->key_);
+        throw;
+      }
+    } catch (...) {
+      if (--per_peer_[pk] == 0) per_peer_.erase(pk);
+      throw;
+    }
+    restart_locked(to_arm, out);
+  }
+  for (auto* s : to_arm) arm(*s);
+  post_completions(out);
+  return response(p.release());
+}
+
+result<listener> engine::add_listener(dispatcher& owner) {
+  auto p = std::make_unique<party>(*this, ref_ptr<dispatcher>(&owner), party::role::listener);
+  std::vector<socket_state*> to_arm;
+  to_arm.reserve(sockets_.size());
+  completions out;
+  out.reserve(1);  // restart_locked's one possible no_buffers event
+  {
+    std::lock_guard lock(mutex_);
+    if (shutting_down_) return make_error_code(errc::shutting_down);
+    listeners_.push_back(p.get());
+    restart_locked(to_arm, out);
+  }
+  for (auto* s : to_arm) arm(*s);
+  post_completions(out);
+  return listener(p.release());
+}
+
+// ---------------------------------------------------------------- delivery
+
+bool engine::deliverable_locked(const party& p) const noexcept {
+  if (!p.attached_) return false;
+  if (p.pending_) return true;
+  if (p.role_ == party::role::response ? !p.queue_.empty() : !queries_.empty()) return true;
+  return shutting_down_ && !p.shutdown_delivered_;
+}
+
+// Hands the party its next event, if it waits, holds none, and one is there.
+// Order: queued messages (a response's timeout after its queued replies; a
+// listener's no_buffers before the queries that hold the buffers), then shutdown.
+void engine::collect_locked(party& p, completions& out) {
+  if (!p.waiter_ || p.lent_ || !p.attached_) return;
+  // The one allocation, before any state changes: on bad_alloc the event stays
+  // where it is, for a later collect.
+  if (out.size() == out.capacity()) out.reserve(out.size() * 2 + 1);
+  event ev;
+  error_code ec;
+  auto take_message = [&](auto& q) {
+    queued_message& m = q.front();
+    ev.buffer_ = std::move(m.buffer);
+    ev.size_ = m.size;
+    ev.peer_ = m.peer;
+    ev.id_ = m.id;
+    ev.socket_ = m.socket;
+    ev.kind_ = event_kind::message;
+    if constexpr (requires { q.pop_front(); }) {
+      q.pop_front();
+    } else {
+      q.erase(q.begin());
+    }
+    ++lent_buffers_;
+  };
+  if (p.role_ == party::role::listener && p.pending_) {
+    ec = std::exchange(p.pending_, {});
+    ev.kind_ = event_kind::no_buffers;
+  } else if (p.role_ == party::role::listener && !queries_.empty()) {
+    take_message(queries_);
+  } else if (p.role_ == party::role::response && !p.queue_.empty()) {
+    take_message(p.queue_);
+  } else if (p.pending_) {
+    ec = std::exchange(p.pending_, {});
+    ev.kind_ = event_kind::timed_out;
+    ev.peer_ = p.peer_;
+    ev.id_ = p.key_.id;
+  } else if (shutting_down_ && !p.shutdown_delivered_) {
+    // The failsafe event: made from state the party already has (the event
+    // needs no allocation, and the receive it completes was allocated when
+    // the party asked for it).
+    p.shutdown_delivered_ = true;
+    ec = make_error_code(errc::shutting_down);
+    ev.kind_ = event_kind::shutdown;
+    ev.reason_ = reason_;
+    ev.peer_ = p.peer_;
+    ev.id_ = p.key_.id;
+  } else {
+    return;
+  }
+  if (p.idle_) {
+    idle_listeners_.erase(std::find(idle_listeners_.begin(), idle_listeners_.end(), &p));
+    p.idle_ = false;
+  }
+  p.lent_ = true;
+  add_ref(&p);  // the event's reference
+  ev.party_ = &p;
+  out.push_back({std::move(p.waiter_), ec, std::move(ev)});
+  p.waiter_ = nullptr;
+}
+
+// After the party's state changed (a new waiter, an event returned): deliver
+// its next event, or wait idle for a query. When this thread already runs our
+// completions (the party's handler asked for more from inside one), the event
+// joins that batch: run right after, with no recursion, post or second lock.
+void engine::make_ready_locked(party& p, completions& out) {
+  if (!p.waiter_ || p.lent_ || !p.attached_) return;
+  if (deliverable_locked(p)) {
+    collect_locked(p, tl_delivering == this ? *tl_batch : out);
+  } else if (p.role_ == party::role::listener && !p.idle_) {
+    p.idle_ = true;
+    idle_listeners_.push_back(&p);
+  }
+}
+
+// Runs a completion now when its handler belongs on this thread (the common
+// case: a plain handler, the loop's own executor, called from the loop);
+// otherwise hands it to its executor.
+void engine::invoke(completion& c) {
+  const auto mine = ctx_.get_executor();
+  auto ex = asio::get_associated_executor(c.handler, mine);
+  const auto* target = ex.target<asio::io_context::executor_type>();
+  if (target != nullptr && *target == mine && mine.running_in_this_thread()) {
+    std::move(c.handler)(c.ec, std::move(c.ev));
+  } else {
+    asio::dispatch(ctx_, asio::append(std::move(c.handler), c.ec, std::move(c.ev)));
+  }
+}
+
+void engine::run_completions(completions& batch) {
+  std::size_t i = 0;
+  // Restores the thread's state however the loop ends: a handler run inline
+  // may throw (through io_context::run to the application); the completions
+  // after it are then posted, not lost.
+  struct scope {
+    engine* self;
+    completions& batch;
+    std::size_t& next;
+    engine* outer = std::exchange(tl_delivering, self);
+    completions* outer_batch = std::exchange(tl_batch, &batch);
+    ~scope() {
+      tl_batch = outer_batch;
+      tl_delivering = outer;
+      if (next < batch.size()) {
+        batch.erase(batch.begin(), batch.begin() + static_cast<std::ptrdiff_t>(next));
+        try {
+          self->post_completions(batch);
+        } catch (...) {  // NOLINT(bugprone-empty-catch): nothing better while unwinding
+        }
+      }
+      batch.clear();
+    }
+  } guard{this, batch, i};
+  // Handlers may append to `batch` (see make_ready_locked): index, and move
+  // each completion out before running it.
+  while (i < batch.size()) {
+    completion c(std::move(batch[i++]));
+    invoke(c);
+  }
+}
+
+void engine::post_completions(completions& batch) {
+  for (auto& c : batch) {
+    asio::post(ctx_, asio::append(std::move(c.handler), c.ec, std::move(c.ev)));
+  }
+  batch.clear();
+}
+
+void engine::start_receive(party* p, receive_handler handler) {
+  completions out;
+  error_code refuse;
+  {
+    std::lock_guard lock(mutex_);
+    if (!p->attached_) {
+      refuse = make_error_code(errc::detached);
+    } else if (p->waiter_) {
+      refuse = asio::error::already_started;
+    } else if (p->shutdown_delivered_ && !deliverable_locked(*p)) {
+      refuse = make_error_code(errc::shutting_down);
+    } else {
+      // Not operator=: Boost 1.81's move assignment wraps the handler in itself.
+      p->waiter_.swap(handler);
+      // An initiating function never completes inline: the event joins the
+      // batch this thread is running (after the current handler), or is posted.
+      if (!p->lent_ && deliverable_locked(*p)) {
+        collect_locked(*p, tl_delivering == this ? *tl_batch : out);
+      } else if (!p->lent_ && p->role_ == party::role::listener && !p->idle_) {
+        p->idle_ = true;
+        idle_listeners_.push_back(p);
+      }
+    }
+  }
+  if (refuse) {
+    asio::post(ctx_, asio::append(std::move(handler), refuse, event{}));
+    return;
+  }
+  post_completions(out);
+}
+
+void engine::return_event(event& ev) noexcept {
+  party* p = std::exchange(ev.party_, nullptr);
+  const bool had_buffer = static_cast<bool>(ev.buffer_);
+  ev.buffer_.reset();
+  ev.size_ = 0;
+  completions out;
+  std::vector<socket_state*> to_arm;
+  {
+    std::lock_guard lock(mutex_);
+    if (had_buffer && !closed_) --lent_buffers_;
+    p->lent_ = false;
+    make_ready_locked(*p, out);
+    if (had_buffer) restart_locked(to_arm, out);
+  }
+  for (auto* s : to_arm) arm(*s);
+  if (!out.empty()) post_completions(out);
+  release(p);
+}
+
+void engine::cancel(party* p) noexcept {
+  receive_handler aborted;
+  {
+    std::lock_guard lock(mutex_);
+    aborted.swap(p->waiter_);
+    if (p->idle_) {
+      idle_listeners_.erase(std::find(idle_listeners_.begin(), idle_listeners_.end(), p));
+      p->idle_ = false;
+    }
+    unlink_timeout_locked(*p);
+  }
+  if (aborted) {
+    asio::post(ctx_, asio::append(std::move(aborted), error_code(asio::error::operation_aborted),
+                                  event{}));
+  }
+}
+
+void engine::detach(party* p) noexcept {
+  receive_handler aborted;
+  std::vector<queued_message> dropped;
+  std::deque<queued_message> dropped_queries;
+  {
+    std::lock_guard lock(mutex_);
+    p->attached_ = false;
+    aborted.swap(p->waiter_);
+    dropped.swap(p->queue_);
+    if (p->idle_) {
+      idle_listeners_.erase(std::find(idle_listeners_.begin(), idle_listeners_.end(), p));
+      p->idle_ = false;
+    }
+    if (p->role_ == party::role::response) {
+      unlink_timeout_locked(*p);
+      responses_.erase(p->key_);
+      auto it = per_peer_.find(p->key_.peer);
+      if (it != per_peer_.end() && --it->second == 0) per_peer_.erase(it);
+    } else {
+      listeners_.erase(std::find(listeners_.begin(), listeners_.end(), p));
+      // With no listener left, waiting queries have no one to go to.
+      if (listeners_.empty()) dropped_queries.swap(queries_);
+    }
+  }
+  // The dropped replies and queries give their buffers back first: the
+  // restart below may then find the pool no longer dry.
+  dropped.clear();
+  dropped_queries.clear();
+  // Decided under the mutex (not from the idle_sockets_ hint): a receive that
+  // stopped on the dry pool since is restarted now.
+  restart(false);
+  if (aborted) {
+    asio::post(ctx_, asio::append(std::move(aborted), error_code(asio::error::operation_aborted),
+                                  event{}));
+  }
+  release(p);  // the handle's reference: may destroy the dispatcher
+}
+
+void engine::link_timeout_locked(party& p, std::chrono::steady_clock::duration timeout) {
+  timeout_list* list = nullptr;
+  for (auto& l : timeout_lists_) {
+    if (l->duration == timeout) list = l.get();
+  }
+  if (list == nullptr) {
+    timeout_lists_.push_back(std::make_unique<timeout_list>());
+    list = timeout_lists_.back().get();
+    list->duration = timeout;
+  }
+  p.deadline_ = std::chrono::steady_clock::now() + timeout;
+  p.timeouts_ = list;
+  p.earlier_ = list->tail;
+  p.later_ = nullptr;
+  (list->tail ? list->tail->later_ : list->head) = &p;
+  list->tail = &p;
+  if (p.deadline_ < armed_for_) arm_timer_locked();
+}
+
+void engine::unlink_timeout_locked(party& p) noexcept {
+  timeout_list* list = std::exchange(p.timeouts_, nullptr);
+  if (list == nullptr) return;
+  (p.earlier_ ? p.earlier_->later_ : list->head) = p.later_;
+  (p.later_ ? p.later_->earlier_ : list->tail) = p.earlier_;
+  p.earlier_ = p.later_ = nullptr;
+  // The timer stays armed for a deadline that may be gone: it then fires
+  // early, finds nothing due and re-arms. Cheaper than re-arming on every detach.
+}
+
+void engine::arm_timer_locked() {
+  auto earliest = std::chrono::steady_clock::time_point::max();
+  for (auto& l : timeout_lists_) {
+    if (l->head && l->head->deadline_ < earliest) earliest = l->head->deadline_;
+  }
+  armed_for_ = earliest;
+  // After shutdown, timeouts no longer matter (every party gets its shutdown
+  // event): the timer must not keep the loop busy until an old deadline.
+  if (earliest == std::chrono::steady_clock::time_point::max() || closed_ || shutting_down_) return;
+  timer_.expires_at(earliest);  // aborts the wait for an older deadline
+  timer_.async_wait([self = shared_from_this()](error_code ec) {
+    if (!ec) self->on_timer();
+  });
+}
+
+void engine::on_timer() {
+  completions out;
+  {
+    std::lock_guard lock(mutex_);
+    // A wait that completed before shutdown() cancelled the timer still runs:
+    // nothing may follow the shutdown event, and nothing is re-armed.
+    if (shutting_down_) return;
+    const auto now = std::chrono::steady_clock::now();
+    // Due responses in deadline order across the lists (a late timer may find
+    // several lists due at once).
+    for (;;) {
+      timeout_list* first = nullptr;
+      for (auto& l : timeout_lists_) {
+        if (l->head && l->head->deadline_ <= now &&
+            (!first || l->head->deadline_ < first->head->deadline_))
+          first = l.get();
+      }
+      if (first == nullptr) break;
+      party& p = *first->head;
+      unlink_timeout_locked(p);
+      p.pending_ = make_error_code(errc::timed_out);
+      timeouts_.fetch_add(1, std::memory_order_relaxed);
+      collect_locked(p, out);
+    }
+    arm_timer_locked();
+  }
+  run_completions(out);
+}
+
+// ---------------------------------------------------------------- failsafe shutdown
+
+void engine::fail_locked(error_code reason, completions& out) {
+  if (shutting_down_) return;
+  shutting_down_ = true;
+  stopping_.store(true, std::memory_order_relaxed);
+  reason_ = reason;
+  for (auto& [key, p] : responses_) collect_locked(*p, out);
+  for (party* p : listeners_) collect_locked(*p, out);
+}
+
+void engine::fail(error_code reason, bool from_loop) {
+  completions out;
+  {
+    std::lock_guard lock(mutex_);
+    fail_locked(reason, out);
+    timer_.cancel();  // timeouts no longer matter: every party gets its shutdown event
+  }
+  // Nothing more is read: cancel the armed receives, so that a loop with no
+  // other work can finish.
+  for (auto& s : sockets_) {
+    std::lock_guard io(s->io_mutex);
+    error_code ignored;
+    s->socket.cancel(ignored);
+  }
+  // Sends that had not gone out will not.
+  for (auto& s : sockets_) {
+    std::deque<outgoing> unsent;
+    {
+      std::lock_guard io(s->io_mutex);
+      unsent.swap(s->send_queue);
+    }
+    std::uint32_t returned = 0;
+    for (auto& o : unsent) {
+      if (o.buffer) ++returned;
+      o.buffer.reset();
+      if (o.handler) {
+        asio::post(ctx_, asio::append(std::move(o.handler), make_error_code(errc::shutting_down)));
+      }
+    }
+    if (returned != 0) {
+      std::lock_guard lock(mutex_);
+      if (!closed_) lent_buffers_ -= returned;
+    }
+  }
+  if (from_loop) {
+    run_completions(out);
+  } else {
+    post_completions(out);  // from an application call: never a handler inside it
+  }
+}
+
+}  // namespace detail
+}  // namespace uipc::dispatch

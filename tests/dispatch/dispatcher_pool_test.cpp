@@ -1,0 +1,124 @@
+// The dispatcher when its buffer pool runs dry.
+#include "dispatch_support.hpp"
+
+namespace uipc::dispatch {
+namespace {
+
+// ---------------------------------------------------------------- the pool runs dry
+
+TEST_F(DispatcherTest, DryPoolWithALentBufferWaitsForItToComeBack) {
+  dispatcher_options o;
+  o.buffers = 2;
+  o.max_receives = 2;
+  auto d = make(o);
+  auto l = d->add_listener();
+  ASSERT_TRUE(l);
+  std::optional<received> got;
+  receive_into(*l, got);
+  auto p = peer();
+  for (std::uint8_t i = 0; i < 5; ++i) send(p, message(i, false, i), d->local_endpoint());
+  until_received(d, 2);
+  // Query 0 is lent, query 1 holds the other buffer: the receiver waits.
+  auto st = d->stats();
+  EXPECT_EQ(st.buffers_in_use, 2u);
+  EXPECT_EQ(st.buffers_lent, 1u);
+  EXPECT_EQ(st.receiving_sockets, 0u);
+  EXPECT_EQ(st.received, 2u);
+  EXPECT_EQ(st.no_buffer_events, 0u);
+  std::vector<int> order;
+  for (;;) {
+    ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+    ASSERT_FALSE(got->ec) << got->ec.message();
+    order.push_back(tag_of(got->ev));
+    EXPECT_LE(d->stats().buffers_in_use, 2u);
+    got->ev.release();  // a buffer comes back: receiving restarts
+    if (order.size() == 5) break;
+    receive_into(*l, got);
+  }
+  EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(d->stats().no_buffer_events, 0u);
+  EXPECT_EQ(d->stats().dropped_queue_full, 0u);
+}
+
+TEST_F(DispatcherTest, DryPoolWithNothingLentAndOnlyListenersGivesOneListenerANoBuffersEvent) {
+  dispatcher_options o;
+  o.buffers = 2;
+  o.max_receives = 2;
+  auto d = make(o);
+  auto l = d->add_listener();  // attached but not receiving: queries queue
+  ASSERT_TRUE(l);
+  auto p = peer();
+  for (std::uint8_t i = 0; i < 4; ++i) send(p, message(i, false, i), d->local_endpoint());
+  until_received(d, 2);
+  auto st = d->stats();
+  EXPECT_EQ(st.queued_queries, 2u);
+  EXPECT_EQ(st.buffers_lent, 0u);
+  EXPECT_EQ(st.receiving_sockets, 0u);
+  EXPECT_EQ(st.no_buffer_events, 1u);
+  std::optional<received> got;
+  receive_into(*l, got);
+  ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+  EXPECT_EQ(got->ec, make_error_code(errc::no_buffers));
+  EXPECT_EQ(got->ev.kind(), event_kind::no_buffers);
+  std::vector<int> order;
+  got->ev.release();
+  while (order.size() < 4) {
+    receive_into(*l, got);
+    ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+    ASSERT_FALSE(got->ec) << got->ec.message();
+    order.push_back(tag_of(got->ev));
+    got->ev.release();
+  }
+  EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(d->stats().no_buffer_events, 1u);
+}
+
+TEST_F(DispatcherTest, DryPoolWithNothingLentAndAResponseAttachedJustWaits) {
+  dispatcher_options o;
+  o.buffers = 2;
+  o.max_receives = 2;
+  o.max_queued_per_response = 8;
+  auto d = make(o);
+  auto server = peer();
+  auto r = d->add_response(server.local_endpoint());
+  auto l = d->add_listener();
+  ASSERT_TRUE(r && l);
+  for (std::uint8_t i = 0; i < 4; ++i) send(server, message(r->id(), true, i), d->local_endpoint());
+  until_received(d, 2);
+  auto st = d->stats();
+  EXPECT_EQ(st.buffers_in_use, 2u);
+  EXPECT_EQ(st.buffers_lent, 0u);
+  EXPECT_EQ(st.receiving_sockets, 0u);
+  EXPECT_EQ(st.no_buffer_events, 0u);  // not the listeners' fault: no error event
+  std::vector<int> order;
+  while (order.size() < 4) {
+    std::optional<received> got;
+    receive_into(*r, got);
+    ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+    ASSERT_FALSE(got->ec);
+    order.push_back(tag_of(got->ev));
+  }
+  EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 3}));
+}
+
+TEST_F(DispatcherTest, DetachThatFreesQueuedBuffersRestartsTheReceiver) {
+  dispatcher_options o;
+  o.buffers = 2;
+  o.max_receives = 2;
+  auto d = make(o);
+  auto server = peer();
+  auto r = d->add_response(server.local_endpoint());
+  auto l = d->add_listener();  // not receiving: queries queue and hold the whole pool
+  ASSERT_TRUE(r && l);
+  auto p = peer();
+  for (std::uint8_t i = 0; i < 4; ++i) send(p, message(i, false, i), d->local_endpoint());
+  until_received(d, 2);
+  EXPECT_EQ(d->stats().receiving_sockets, 0u);
+  l->detach();  // drops the two queued queries: the pool has buffers again
+  ASSERT_TRUE(run_until(ctx_, [&] { return d->stats().received == 4; }));
+  EXPECT_EQ(d->stats().dropped_no_listener, 2u);  // the two read after the detach
+  EXPECT_EQ(d->stats().buffers_in_use, 0u);
+}
+
+}  // namespace
+}  // namespace uipc::dispatch

@@ -1,0 +1,147 @@
+// The dispatcher's failsafe shutdown and its lifetime.
+#include "dispatch_support.hpp"
+
+namespace uipc::dispatch {
+namespace {
+
+// ---------------------------------------------------------------- failsafe shutdown
+
+TEST_F(DispatcherTest, SocketErrorShutsDownAndEveryPartyGetsExactlyOneShutdownEvent) {
+  auto d = make();
+  // Injected error: with IP_RECVERR the kernel reports the ICMP port-unreachable
+  // of a datagram to a closed port as ECONNREFUSED on the next receive.
+  int on = 1;
+  ASSERT_EQ(::setsockopt(d->native_handles().front(), IPPROTO_IP, IP_RECVERR, &on, sizeof on), 0);
+  udp::endpoint closed_port;
+  {
+    auto gone = peer();
+    closed_port = gone.local_endpoint();
+  }
+  auto waiting = d->add_response(closed_port);
+  auto idle = d->add_response(closed_port);
+  auto l = d->add_listener();
+  auto busy = d->add_listener();
+  ASSERT_TRUE(waiting && idle && l && busy);
+  // `busy` holds a query when the error comes.
+  std::optional<received> busy_got;
+  receive_into(*busy, busy_got);
+  auto client = peer();
+  send(client, message(1, false, 1), d->local_endpoint());
+  ASSERT_TRUE(run_until(ctx_, [&] { return busy_got.has_value(); }));
+  event busy_held = std::move(busy_got->ev);
+  receive_into(*busy, busy_got);
+  std::optional<received> waiting_got, l_got;
+  receive_into(*waiting, waiting_got);
+  receive_into(*l, l_got);
+  ASSERT_TRUE(waiting->send(message(waiting->id(), false)));
+  ASSERT_TRUE(run_until(ctx_, [&] { return d->stats().shutting_down; }));
+  ASSERT_TRUE(run_until(ctx_, [&] { return waiting_got.has_value() && l_got.has_value(); }));
+  for (auto* got : {&waiting_got, &l_got}) {
+    EXPECT_EQ((*got)->ec, make_error_code(errc::shutting_down));
+    EXPECT_EQ((*got)->ev.kind(), event_kind::shutdown);
+    EXPECT_EQ((*got)->ev.reason(), asio::error::connection_refused)
+        << (*got)->ev.reason().message();
+  }
+  // New work is refused.
+  EXPECT_EQ(d->add_response(closed_port).error(), make_error_code(errc::shutting_down));
+  EXPECT_EQ(d->add_listener().error(), make_error_code(errc::shutting_down));
+  EXPECT_EQ(waiting->send(message(1, false)).error(), make_error_code(errc::shutting_down));
+  // The busy listener gets its shutdown event once it returns what it holds;
+  // the idle response gets it at its first receive.
+  ctx_.poll();
+  EXPECT_FALSE(busy_got.has_value());
+  busy_held.release();
+  ASSERT_TRUE(run_until(ctx_, [&] { return busy_got.has_value(); }));
+  EXPECT_EQ(busy_got->ev.kind(), event_kind::shutdown);
+  std::optional<received> idle_got;
+  receive_into(*idle, idle_got);
+  ASSERT_TRUE(run_until(ctx_, [&] { return idle_got.has_value(); }));
+  EXPECT_EQ(idle_got->ev.kind(), event_kind::shutdown);
+  // Exactly one: the next receive completes with the error and no event.
+  for (auto* got : {&waiting_got, &l_got, &busy_got, &idle_got}) (*got)->ev.release();
+  std::optional<received> again;
+  receive_into(*waiting, again);
+  ASSERT_TRUE(run_until(ctx_, [&] { return again.has_value(); }));
+  EXPECT_EQ(again->ec, make_error_code(errc::shutting_down));
+  EXPECT_FALSE(again->ev);
+  EXPECT_EQ(d->stats().buffers_in_use, 0u);
+}
+
+TEST_F(DispatcherTest, ExplicitShutdownDeliversShutdownEventsAndLeavesNoWorkOnTheLoop) {
+  auto d = make();
+  auto server = peer();
+  auto l = d->add_listener();
+  auto r = d->add_response(server.local_endpoint(), response_options{std::chrono::seconds(30)});
+  ASSERT_TRUE(l && r);
+  std::optional<received> got;
+  receive_into(*l, got);
+  ctx_.poll();
+  EXPECT_EQ(d->stats().receiving_sockets, 1u);
+  d->shutdown();
+  ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+  EXPECT_EQ(got->ev.kind(), event_kind::shutdown);
+  EXPECT_EQ(got->ev.reason(), asio::error::operation_aborted);
+  got.reset();
+  receive_into(*r, got);
+  ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+  EXPECT_EQ(got->ev.kind(), event_kind::shutdown);
+  got.reset();
+  l->detach();
+  r->detach();
+  // The dispatcher still exists, but holds no receive and no timer: run() returns.
+  ctx_.restart();
+  const auto start = std::chrono::steady_clock::now();
+  ctx_.run_for(std::chrono::seconds(5));
+  EXPECT_TRUE(ctx_.stopped());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1));
+  EXPECT_EQ(d->stats().receiving_sockets, 0u);
+}
+
+// ---------------------------------------------------------------- lifetime
+
+TEST_F(DispatcherTest, LastDetachDestroysTheDispatcherAndClosesItsSocket) {
+  auto d = make();
+  const std::size_t with_socket = test::open_fd_count();
+  const auto local = d->local_endpoint();
+  auto l = d->add_listener();
+  ASSERT_TRUE(l);
+  d.reset();  // the listener keeps it alive
+  EXPECT_EQ(test::open_fd_count(), with_socket);
+  std::optional<received> got;
+  receive_into(*l, got);
+  auto p = peer();
+  send(p, message(3, false, 3), local);
+  send(p, message(4, false, 4), local);  // stays queued when the listener goes
+  ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+  event held = std::move(got->ev);
+  l->detach();  // the held event still references the dispatcher
+  EXPECT_EQ(test::open_fd_count(), with_socket + 1 /* peer */);
+  held.release();  // the last reference: socket closed, queue and buffers freed
+  EXPECT_EQ(test::open_fd_count(), with_socket);
+}
+
+TEST_F(DispatcherTest, ReceivingStopsWhenNoOneIsAttached) {
+  auto d = make();
+  auto l = d->add_listener();
+  ASSERT_TRUE(l);
+  ctx_.poll();
+  EXPECT_EQ(d->stats().receiving_sockets, 1u);
+  l->detach();
+  auto p = peer();
+  send(p, message(1, false), d->local_endpoint());
+  ctx_.run_for(std::chrono::milliseconds(20));
+  // The armed receive may read that one datagram (and drop it), then stops.
+  ASSERT_TRUE(run_until(ctx_, [&] { return d->stats().receiving_sockets == 0; }));
+  send(p, message(2, false), d->local_endpoint());
+  ctx_.run_for(std::chrono::milliseconds(20));
+  EXPECT_LE(d->stats().received, 1u);
+  // Attaching starts it again: the waiting datagram is read at once.
+  auto again = d->add_listener();
+  std::optional<received> got;
+  receive_into(*again, got);
+  ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+  EXPECT_EQ(got->ev.id(), 2);
+}
+
+}  // namespace
+}  // namespace uipc::dispatch
