@@ -42,18 +42,9 @@ std::optional<proto::Envelope> read_notice(int fd) {
   return env;
 }
 
-class FramedBadInputTest : public ::testing::Test {
+// Whatever the peer did, every descriptor it sent or we opened is closed (loop_test).
+class FramedBadInputTest : public test::loop_test {
  protected:
-  boost::asio::io_context ctx_;
-  std::size_t fds_before_ = test::descriptors_with_reactor(ctx_);
-
-  // Whatever the peer did, every descriptor it sent or we opened is closed.
-  void TearDown() override {
-    ctx_.restart();
-    ctx_.run_for(std::chrono::milliseconds(20));
-    EXPECT_EQ(test::open_fd_count(), fds_before_);
-  }
-
   // Waits until `c` closes; returns why.
   error_code wait_closed(const connection::pointer& c) {
     bool done = false;

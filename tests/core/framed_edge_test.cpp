@@ -58,17 +58,7 @@ std::shared_ptr<received> collect(const connection::pointer& c) {
   return into;
 }
 
-class FramedEdgeTest : public ::testing::Test {
- protected:
-  boost::asio::io_context ctx_;
-  std::size_t fds_before_ = test::descriptors_with_reactor(ctx_);
-
-  void TearDown() override {
-    ctx_.restart();
-    ctx_.run_for(std::chrono::milliseconds(20));
-    EXPECT_EQ(test::open_fd_count(), fds_before_);
-  }
-};
+class FramedEdgeTest : public test::loop_test {};
 
 TEST_F(FramedEdgeTest, FramesLargerThanTheReadBufferArriveWhole) {
   auto pair = connection::pair(ctx_);
@@ -88,12 +78,8 @@ TEST_F(FramedEdgeTest, FramesLargerThanTheReadBufferArriveWhole) {
 }
 
 TEST_F(FramedEdgeTest, PrefixSplitAcrossReadsIsReassembled) {
-  int fds[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
-  unique_fd raw(fds[1]);
-  auto c = connection::adopt(ctx_, unique_fd(fds[0]));
-  ASSERT_TRUE(c);
-  auto in_got = collect(*c);
+  auto [conn, raw] = test::make_raw_peer(ctx_);
+  auto in_got = collect(conn);
   auto& got = in_got->frames;
   proto::Envelope env;
   env.set_kind(proto::Envelope::NOTICE);
@@ -105,7 +91,7 @@ TEST_F(FramedEdgeTest, PrefixSplitAcrossReadsIsReassembled) {
   }
   ASSERT_TRUE(run_until(ctx_, [&] { return got.size() == 1; }));
   EXPECT_EQ(got[0].payload, "split");
-  (*c)->close();
+  conn->close();
 }
 
 TEST_F(FramedEdgeTest, DescriptorFramesBackToBackKeepTheirOwnDescriptors) {
@@ -147,12 +133,8 @@ TEST_F(FramedEdgeTest, DescriptorFramesBackToBackKeepTheirOwnDescriptors) {
 }
 
 TEST_F(FramedEdgeTest, UnannouncedDescriptorsAreBadFrameAndClosed) {
-  int fds[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
-  unique_fd raw(fds[1]);
-  auto c = connection::adopt(ctx_, unique_fd(fds[0]));
-  ASSERT_TRUE(c);
-  auto in_got = collect(*c);
+  auto [conn, raw] = test::make_raw_peer(ctx_);
+  auto in_got = collect(conn);
   auto& got = in_got->frames;
   auto& end = in_got->end;
   proto::Envelope env;
@@ -179,14 +161,10 @@ TEST_F(FramedEdgeTest, UnannouncedDescriptorsAreBadFrameAndClosed) {
 }
 
 TEST_F(FramedEdgeTest, BusyPeerIsNotTimedOutByThePartialFrameTimeout) {
-  int fds[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
-  unique_fd raw(fds[1]);
   connection_options options;
   options.partial_frame_timeout = std::chrono::milliseconds(150);
-  auto c = connection::adopt(ctx_, unique_fd(fds[0]), options);
-  ASSERT_TRUE(c);
-  auto in_got = collect(*c);
+  auto [conn, raw] = test::make_raw_peer(ctx_, options);
+  auto in_got = collect(conn);
   auto& got = in_got->frames;
   auto& end = in_got->end;
   proto::Envelope env;
@@ -203,8 +181,8 @@ TEST_F(FramedEdgeTest, BusyPeerIsNotTimedOutByThePartialFrameTimeout) {
   }
   ASSERT_TRUE(run_until(ctx_, [&] { return got.size() == 8 || end; }));
   EXPECT_FALSE(end) << end.message();
-  EXPECT_TRUE((*c)->is_open());
-  (*c)->close();
+  EXPECT_TRUE(conn->is_open());
+  conn->close();
 }
 
 TEST_F(FramedEdgeTest, BothSidesStreamingAtOnceDoNotDeadlock) {
