@@ -45,15 +45,11 @@ error_code socket_error(int e) {
 }
 
 // Completes a stored handler on its own executor (default: the strand), never
-// inline; the work guard is released after the handler has run.
+// inline. Its work guard goes with `p` once the post is queued: from then on the
+// post itself keeps the handler's executor busy until the handler has run.
 template <class Handler, class... Args>
 void complete(pending_handler<Handler> p, const connection_strand& strand, Args... args) {
   asio::post(strand, asio::append(std::move(p.handler), std::move(args)...));
-}
-
-template <class Handler, class... Args>
-void complete_now(Handler h, const connection_strand& strand, Args... args) {
-  asio::post(strand, asio::append(std::move(h), std::move(args)...));
 }
 
 // What one connection does on its strand. `self_` is empty only when called
