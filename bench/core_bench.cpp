@@ -5,6 +5,7 @@
 //   BM_FramedPipelined vs BM_RawUdsPipelined        — 16 requests of 4 KiB in flight
 //   BM_Ledger_AcquireRelease vs BM_MutexMap_...     — per-holder reference counts
 //   BM_RefPtr_Copy vs BM_SharedPtr_Copy             — sharing an object
+#include "uipc/core/blocking_connection.hpp"
 #include "uipc/core/buffer_pool.hpp"
 #include "uipc/core/framed.hpp"
 #include "uipc/core/ledger.hpp"
@@ -74,8 +75,7 @@ BENCHMARK(BM_RawUdsRoundTrip)->Arg(64)->UseRealTime();
 void echo(const connection::pointer& c) {
   c->async_receive([c](error_code ec, frame f) {
     if (ec) return;
-    frame reply = make_reply(f, f.type, std::move(f.payload));
-    c->async_send(std::move(reply), [](error_code) {});
+    (void)c->send(make_reply(f, f.type, std::move(f.payload)));
     echo(c);
   });
 }
@@ -122,6 +122,30 @@ void BM_FramedRoundTrip(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_FramedRoundTrip)->Arg(64)->UseRealTime();
+
+// The same echo server, called by a blocking_connection: the client a
+// command-line tool or a synchronous library call would use.
+void BM_BlockingRoundTrip(benchmark::State& state) {
+  const auto size = static_cast<std::size_t>(state.range(0));
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  boost::asio::io_context server_ctx{1};
+  auto server = connection::adopt(server_ctx, unique_fd(fds[1]));
+  auto client = blocking_connection::adopt(unique_fd(fds[0]));
+  if (!server || !client) return state.SkipWithError("adopt");
+  echo(*server);
+  server->reset();
+  std::jthread server_thread([&] { server_ctx.run(); });
+  const std::string payload(size, 'x');
+  for (auto _ : state) {
+    frame request;
+    request.payload = payload;
+    auto reply = client->call(std::move(request), std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    if (!reply || reply->payload.size() != size) return state.SkipWithError("bad reply");
+  }
+  client->close();  // the server's receive ends, and with it its loop
+}
+BENCHMARK(BM_BlockingRoundTrip)->Arg(64)->UseRealTime();
 
 // Throughput: `depth` requests of `size` bytes kept in flight, per request.
 void BM_RawUdsPipelined(benchmark::State& state) {

@@ -36,13 +36,8 @@ struct connection_access {
 namespace {
 
 constexpr std::size_t max_iov = 64;
-constexpr std::size_t max_fds_per_read = 64;
 
-// The peer going away shows up as EOF, EPIPE or ECONNRESET: one code for all.
-error_code socket_error(int e) {
-  if (e == EPIPE || e == ECONNRESET) return make_error_code(errc::peer_closed);
-  return {e, boost::system::system_category()};
-}
+using detail::socket_error;
 
 // Completes a stored handler on its own executor (default: the strand), never
 // inline. Its work guard goes with `p` once the post is queued: from then on the
@@ -52,28 +47,28 @@ void complete(pending_handler<Handler> p, const connection_strand& strand, Args.
   asio::post(strand, asio::append(std::move(p.handler), std::move(args)...));
 }
 
+// Whether an engine runs because the socket became readable (a handler of our
+// own), or inside a call of the application (an initiating function, close).
+enum class context { reactor, application };
+
 // What one connection does on its strand. `self_` is empty only when called
 // from the destructor, which never starts a wait.
 class engine {
  public:
   // `self` is the caller's reference: it outlives the engine, which is a
   // temporary on the stack, so holding it costs no reference count.
-  engine(connection::impl& s, const std::shared_ptr<connection>& self) : s_(s), self_(self) {}
+  engine(connection::impl& s, const std::shared_ptr<connection>& self, context where = context::application)
+      : s_(s), self_(self), inline_ok_(where == context::reactor) {}
 
   void read() {
     if (!s_.open || s_.read_waiting || s_.in_read) return;
     s_.in_read = true;
     parse();  // frames left in the buffer when reading paused come first
     while (s_.open && !s_.read_paused()) {
-      make_room();
-      std::array<char, CMSG_SPACE(sizeof(int) * max_fds_per_read)> control{};
-      iovec iov{s_.read_buffer.data() + s_.read_end, s_.read_buffer.size() - s_.read_end};
-      msghdr msg{};
-      msg.msg_iov = &iov;
-      msg.msg_iovlen = 1;
-      msg.msg_control = control.data();
-      msg.msg_controllen = control.size();
-      const ssize_t n = ::recvmsg(s_.socket.native_handle(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+      bool fds_complete = true;
+      bool drained = false;
+      const ssize_t n = s_.reader.receive(s_.socket.native_handle(), MSG_DONTWAIT, s_.options.max_frame_size,
+                                          fds_complete, drained);
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -83,17 +78,14 @@ class engine {
         fail(socket_error(errno), salvage::yes);
         break;
       }
-      const bool fds_complete = take_fds(msg);
       if (n == 0) {
-        fail(make_error_code(s_.read_end > s_.read_begin ? errc::short_frame : errc::peer_closed), salvage::yes);
+        fail(make_error_code(s_.reader.empty() ? errc::peer_closed : errc::short_frame), salvage::yes);
         break;
       }
       if (!fds_complete) {
         fail(make_error_code(errc::too_many_fds), salvage::no, notify::peer);
         break;
       }
-      const bool drained = static_cast<std::size_t>(n) < iov.iov_len;
-      s_.read_end += static_cast<std::size_t>(n);
       parse();
       // A short read emptied the socket: wait instead of paying for an EAGAIN.
       if (drained && s_.open && !s_.read_paused()) {
@@ -102,7 +94,7 @@ class engine {
       }
     }
     s_.in_read = false;
-    shrink_buffer();
+    s_.reader.shrink();
     arm_timer();
     s_.publish();
   }
@@ -117,22 +109,9 @@ class engine {
         if (count == max_iov || (count > 0 && !f.fds.empty())) break;
         iov[count++] = {f.bytes.data() + f.offset, f.bytes.size() - f.offset};
       }
-      msghdr msg{};
-      msg.msg_iov = iov.data();
-      msg.msg_iovlen = count;
-      std::array<char, CMSG_SPACE(sizeof(int) * max_fds_per_read)> control{};
       auto& first = s_.outbox.front();
-      if (!first.fds.empty()) {
-        msg.msg_control = control.data();
-        msg.msg_controllen = CMSG_SPACE(sizeof(int) * first.fds.size());
-        cmsghdr* c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int) * first.fds.size());
-        auto* out = reinterpret_cast<int*>(CMSG_DATA(c));  // NOLINT: the cmsg layout is the kernel's
-        for (std::size_t i = 0; i < first.fds.size(); ++i) out[i] = first.fds[i].get();
-      }
-      const ssize_t n = ::sendmsg(s_.socket.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+      const ssize_t n = detail::send_with_fds(s_.socket.native_handle(), std::span(iov.data(), count), first.fds,
+                                              MSG_DONTWAIT);
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -158,6 +137,7 @@ class engine {
   // notify::peer first tells the peer why, when that cannot split a frame.
   void fail(error_code ec, salvage keep = salvage::no, notify tell = notify::none) {
     if (!s_.open) return;
+    inline_ok_ = false;  // what fail completes is posted, whoever called it
     if (tell == notify::peer && (s_.outbox.empty() || s_.outbox.front().offset == 0)) {
       const auto notice = detail::encode_error_notice(ec);
       (void)::send(s_.socket.native_handle(), notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -182,7 +162,7 @@ class engine {
     while (!s_.receivers.empty() && !s_.inbox.empty()) deliver_to_receiver();
     for (auto& [id, handler] : s_.receivers) complete(std::move(handler), s_.strand, ec, frame{});
     s_.receivers.clear();
-    s_.received_fds.clear();
+    s_.reader.pending_fds().clear();
     s_.publish();
   }
 
@@ -191,14 +171,28 @@ class engine {
     s_.receivers.pop_front();
     frame f = std::move(s_.inbox.front());
     s_.inbox.pop_front();
-    complete(std::move(handler), s_.strand, error_code{}, std::move(f));
+    finish(std::move(handler), error_code{}, std::move(f));
   }
 
  private:
+  // Completes a handler that received a frame. Read from the socket's own
+  // wake-up, a handler that runs on the strand (no executor of its own) is
+  // called here and now: the application is not inside one of its calls, and
+  // the hop through the scheduler would cost a reactor poll per frame. Its
+  // calls back into the connection find `in_read` set and do not nest a read.
+  template <class Handler, class... Args>
+  void finish(pending_handler<Handler> p, Args... args) {
+    if (inline_ok_ && !p.work) {
+      std::move(p.handler)(std::move(args)...);
+    } else {
+      complete(std::move(p), s_.strand, std::move(args)...);
+    }
+  }
+
   // Whole frames the peer sent before it went: replies answer their calls,
   // the rest wait in the inbox whatever its limit (they are already in memory).
   void salvage_frames() {
-    while (auto f = next_frame()) {
+    while (auto f = s_.reader.next(s_.options)) {
       if (!*f) return;
       frame& got = **f;
       if (got.kind == frame_kind::reply) {
@@ -209,28 +203,9 @@ class engine {
     }
   }
 
-  // The next whole frame in the buffer: nullopt when none is complete, an
-  // error_code inside when the bytes are bad.
-  std::optional<result<frame>> next_frame() {
-    const std::size_t have = s_.read_end - s_.read_begin;
-    if (have < 4) return std::nullopt;
-    const char* base = s_.read_buffer.data() + s_.read_begin;
-    const std::size_t length = detail::read_prefix(base);
-    if (length > s_.options.max_frame_size) return result<frame>(make_error_code(errc::frame_too_large));
-    if (length == 0) return result<frame>(make_error_code(errc::bad_frame));
-    if (have < 4 + length) return std::nullopt;
-    auto f = detail::decode_frame(s_.decode_scratch, base + 4, length, s_.received_fds,
-                                  s_.options.max_fds_per_frame);
-    if (f) {
-      s_.read_begin += 4 + length;
-      s_.consumed_total += 4 + length;
-    }
-    return f;
-  }
-
   void parse() {
     while (s_.open && !s_.read_paused()) {
-      auto f = next_frame();
+      auto f = s_.reader.next(s_.options);
       if (!f) break;
       if (!*f) return fail(f->error(), salvage::no, notify::peer);
       s_.any_frame_received = true;
@@ -241,9 +216,9 @@ class engine {
     // Descriptors are claimed by the frame they came with. Once every whole
     // frame is parsed, only the frame still arriving may have some waiting, and
     // no more than one frame may carry: anything else was sent unannounced.
-    const bool buffer_empty = s_.read_begin == s_.read_end;
-    if (!s_.read_paused() && !s_.received_fds.empty() &&
-        (buffer_empty || s_.received_fds.size() > s_.options.max_fds_per_frame)) {
+    const auto& waiting_fds = s_.reader.pending_fds();
+    if (!s_.read_paused() && !waiting_fds.empty() &&
+        (s_.reader.empty() || waiting_fds.size() > s_.options.max_fds_per_frame)) {
       fail(make_error_code(errc::bad_frame), salvage::no, notify::peer);
     }
   }
@@ -259,7 +234,7 @@ class engine {
       s_.calls.erase(it);
       error_code ec;
       if (f.error) ec = detail::from_wire_error(*f.error, s_.options.error_categories);
-      complete(std::move(handler), s_.strand, ec, std::move(f));
+      finish(std::move(handler), ec, std::move(f));
       return;
     }
     // A notice with an error and no correlation id is the peer saying why it
@@ -269,50 +244,6 @@ class engine {
     }
     s_.inbox.push_back(std::move(f));
     if (!s_.receivers.empty()) deliver_to_receiver();
-  }
-
-  void make_room() {
-    auto& buf = s_.read_buffer;
-    const std::size_t have = s_.read_end - s_.read_begin;
-    if (have == 0) {
-      s_.read_begin = s_.read_end = 0;
-    } else if (s_.read_begin > 0 && buf.size() - s_.read_end < buf.size() / 4) {
-      std::memmove(buf.data(), buf.data() + s_.read_begin, have);
-      s_.read_begin = 0;
-      s_.read_end = have;
-    }
-    if (s_.read_end < buf.size()) return;
-    // Full: a frame larger than the buffer is arriving. Grow as its bytes come
-    // (a bare prefix buys no allocation), never past the frame's own size.
-    std::size_t limit = s_.options.max_frame_size + 4;
-    if (have >= 4) limit = 4 + detail::read_prefix(buf.data() + s_.read_begin);
-    if (s_.read_begin > 0) {
-      std::memmove(buf.data(), buf.data() + s_.read_begin, have);
-      s_.read_begin = 0;
-      s_.read_end = have;
-      return;
-    }
-    buf.resize(std::max(buf.size(), std::min(buf.size() * 2, limit)));
-  }
-
-  void shrink_buffer() {
-    auto& buf = s_.read_buffer;
-    if (s_.read_begin == s_.read_end && buf.size() > 4 * connection::impl::initial_read_buffer) {
-      buf.resize(connection::impl::initial_read_buffer);
-      buf.shrink_to_fit();
-      s_.read_begin = s_.read_end = 0;
-    }
-  }
-
-  // Returns false when the kernel had to drop descriptors (too many in one message).
-  bool take_fds(msghdr& msg) {
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      const std::size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      const auto* in = reinterpret_cast<const int*>(CMSG_DATA(c));  // NOLINT: the cmsg layout is the kernel's
-      for (std::size_t i = 0; i < n; ++i) s_.received_fds.emplace_back(in[i]);
-    }
-    return (msg.msg_flags & MSG_CTRUNC) == 0;
   }
 
   void consume_written(std::size_t n) {
@@ -332,19 +263,26 @@ class engine {
     }
   }
 
+  // Waits for bytes with a peek rather than async_wait(wait_read): Asio
+  // re-arms epoll (EPOLL_CTL_MOD) for every wait that may not read, while a
+  // receive is started speculatively, and after a peek that saw the socket
+  // run dry it goes straight to the edge-triggered wait without a system call.
+  // The peeked bytes stay in the socket for recvmsg (with their descriptors).
   void wait_readable() {
     s_.read_waiting = true;
     // Weak: a connection nobody holds any more is destroyed (and closed)
     // instead of waiting for its peer forever.
-    s_.socket.async_wait(stream_socket::wait_read,
-                         asio::bind_executor(s_.strand, [weak = std::weak_ptr(self_)](error_code ec) {
-                           auto self = weak.lock();
-                           if (!self) return;
-                           auto& s = detail::connection_access::state(*self);
-                           s.read_waiting = false;
-                           if (ec || !s.open) return;
-                           engine(s, self).read();
-                         }));
+    s_.socket.async_receive(
+        asio::buffer(s_.peek_buffer), stream_socket::message_peek,
+        asio::bind_executor(s_.strand, [weak = std::weak_ptr(self_)](error_code ec, std::size_t) {
+          auto self = weak.lock();
+          if (!self) return;
+          auto& s = detail::connection_access::state(*self);
+          s.read_waiting = false;
+          if (ec == asio::error::operation_aborted || !s.open) return;
+          // EOF and socket errors are read() to find, as recvmsg reports them.
+          engine(s, self, context::reactor).read();
+        }));
   }
 
   void wait_writable() {
@@ -371,8 +309,8 @@ class engine {
     if (!s_.any_frame_received && s_.options.first_frame_timeout.count() > 0) {
       key = state::timer_first_frame;
       deadline = s_.opened_at + s_.options.first_frame_timeout;
-    } else if (!s_.read_paused() && s_.read_end > s_.read_begin && s_.options.partial_frame_timeout.count() > 0) {
-      key = s_.consumed_total;
+    } else if (!s_.read_paused() && !s_.reader.empty() && s_.options.partial_frame_timeout.count() > 0) {
+      key = s_.reader.consumed();
       deadline += s_.options.partial_frame_timeout;
     }
     if (key == s_.timer_key) return;  // the same frame: keep its deadline
@@ -395,18 +333,8 @@ class engine {
 
   connection::impl& s_;
   const std::shared_ptr<connection>& self_;
+  bool inline_ok_;
 };
-
-// Local checks before a frame is queued: it fails alone, the connection stays.
-error_code check_outgoing(const frame& f, const connection_options& options) {
-  if (f.fds.size() > options.max_fds_per_frame || f.fds.size() > max_fds_per_read) {
-    return make_error_code(errc::too_many_fds);
-  }
-  for (const auto& fd : f.fds) {
-    if (!fd) return make_error_code(boost::system::errc::bad_file_descriptor);
-  }
-  return {};
-}
 
 }  // namespace
 
@@ -430,9 +358,8 @@ result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd f
   if (::getsockopt(raw, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return socket_error(errno);
   if (domain != AF_UNIX || type != SOCK_STREAM) return make_error_code(boost::system::errc::invalid_argument);
   // Credentials fail closed: without them there is no connection.
-  ucred cred{};
-  len = sizeof cred;
-  if (::getsockopt(raw, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return socket_error(errno);
+  auto cred = detail::read_peer_credentials(raw);
+  if (!cred) return cred.error();
   // Accepted sockets do not inherit close-on-exec: a child must never get them.
   if (::fcntl(raw, F_SETFD, FD_CLOEXEC) != 0) return socket_error(errno);
   options.max_frame_size = std::min<std::size_t>(options.max_frame_size, INT32_MAX - 64);
@@ -445,7 +372,7 @@ result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd f
   socket.non_blocking(true, ec);
   if (ec) return ec;
   auto state = std::make_unique<impl>(ctx, std::move(socket), std::move(options));
-  state->peer = {cred.pid, cred.uid, cred.gid};
+  state->peer = *cred;
   auto c = pointer(new connection(std::move(state)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
   asio::dispatch(c->impl_->strand, [self = c] { engine(*self->impl_, self).read(); });
   return c;
@@ -453,20 +380,11 @@ result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd f
 
 result<connection::pointer> connection::connect(asio::io_context& ctx, const std::string& path,
                                                 connection_options options) {
-  sockaddr_un addr{};
-  if (path.empty() || path.size() >= sizeof addr.sun_path) return socket_error(ENAMETOOLONG);
   // Non-blocking: a listener whose backlog is full answers EAGAIN instead of
   // freezing the caller's loop.
-  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd) return socket_error(errno);
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.data(), path.size());
-  int rc;
-  do {
-    rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr);  // NOLINT: sockets API
-  } while (rc != 0 && errno == EINTR);
-  if (rc != 0) return socket_error(errno);
-  return adopt(ctx, std::move(fd), std::move(options));
+  auto fd = detail::connect_unix(path);
+  if (!fd) return fd.error();
+  return adopt(ctx, std::move(*fd), std::move(options));
 }
 
 result<std::pair<connection::pointer, connection::pointer>> connection::pair(asio::io_context& ctx,
@@ -483,7 +401,7 @@ result<std::pair<connection::pointer, connection::pointer>> connection::pair(asi
 }
 
 void connection::start_send(frame f, send_handler handler) {
-  error_code ec = check_outgoing(f, impl_->options);
+  error_code ec = detail::check_outgoing(f, impl_->options);
   const bool is_reply = f.kind == frame_kind::reply;
   result<std::string> encoded = ec ? result<std::string>(ec) : detail::encode_frame(f, impl_->options.max_frame_size);
   pending_handler<send_handler> pending(std::move(handler));
@@ -492,11 +410,30 @@ void connection::start_send(frame f, send_handler handler) {
     auto& s = *self->impl_;
     if (!encoded) return complete(std::move(pending), s.strand, encoded.error());
     if (!s.open) return complete(std::move(pending), s.strand, s.reason);
-    s.outbox_bytes += encoded->size();
-    if (is_reply) s.outbox_reply_bytes += encoded->size();
-    s.outbox.push_back({std::move(*encoded), 0, std::move(fds), std::move(pending), is_reply});
-    engine(s, self).write();
+    self->enqueue({std::move(*encoded), 0, std::move(fds), std::move(pending), is_reply});
   });
+}
+
+error_code connection::send(frame f) {
+  if (auto ec = detail::check_outgoing(f, impl_->options)) return ec;
+  const bool is_reply = f.kind == frame_kind::reply;
+  auto encoded = detail::encode_frame(f, impl_->options.max_frame_size);
+  if (!encoded) return encoded.error();
+  asio::dispatch(impl_->strand, [self = shared_from_this(), encoded = std::move(*encoded), fds = std::move(f.fds),
+                                 is_reply]() mutable {
+    if (!self->impl_->open) return;
+    self->enqueue({std::move(encoded), 0, std::move(fds), std::nullopt, is_reply});
+  });
+  return {};
+}
+
+// On the strand, the connection open.
+void connection::enqueue(outgoing_frame f) {
+  auto& s = *impl_;
+  s.outbox_bytes += f.bytes.size();
+  if (f.is_reply) s.outbox_reply_bytes += f.bytes.size();
+  s.outbox.push_back(std::move(f));
+  engine(s, shared_from_this()).write();
 }
 
 void connection::start_call(frame f, frame_handler handler) {
@@ -521,7 +458,7 @@ void connection::start_call(frame f, frame_handler handler) {
       });
     });
   }
-  error_code ec = check_outgoing(f, impl_->options);
+  error_code ec = detail::check_outgoing(f, impl_->options);
   result<std::string> encoded = ec ? result<std::string>(ec) : detail::encode_frame(f, impl_->options.max_frame_size);
   pending_handler<frame_handler> pending(std::move(handler));
   asio::dispatch(impl_->strand, [self = shared_from_this(), id = f.correlation_id, encoded = std::move(encoded),
@@ -530,9 +467,7 @@ void connection::start_call(frame f, frame_handler handler) {
     if (!encoded) return complete(std::move(pending), s.strand, encoded.error(), frame{});
     if (!s.open) return complete(std::move(pending), s.strand, s.reason, frame{});
     s.calls.emplace(id, std::move(pending));
-    s.outbox_bytes += encoded->size();
-    s.outbox.push_back({std::move(*encoded), 0, std::move(fds), std::nullopt, false});
-    engine(s, self).write();
+    self->enqueue({std::move(*encoded), 0, std::move(fds), std::nullopt, false});
   });
 }
 

@@ -1,8 +1,8 @@
 // The state of one framed connection, shared by its engine and its public face.
 #pragma once
 
+#include "frame_io.hpp"
 #include "uipc/core/framed.hpp"
-#include "uipc/proto/envelope.pb.h"
 
 #include <boost/asio/any_completion_executor.hpp>
 #include <boost/asio/associated_executor.hpp>
@@ -16,6 +16,7 @@
 
 #include <typeinfo>
 
+#include <array>
 #include <atomic>
 #include <deque>
 #include <optional>
@@ -55,11 +56,7 @@ struct outgoing_frame {
 
 struct connection::impl {
   impl(boost::asio::io_context& ctx, boost::asio::local::stream_protocol::socket s, connection_options o)
-      : strand(boost::asio::make_strand(ctx)), socket(std::move(s)), options(std::move(o)), timer(strand) {
-    read_buffer.resize(initial_read_buffer);
-  }
-
-  static constexpr std::size_t initial_read_buffer = 64 * 1024;
+      : strand(boost::asio::make_strand(ctx)), socket(std::move(s)), options(std::move(o)), timer(strand) {}
 
   connection_strand strand;
   boost::asio::local::stream_protocol::socket socket;
@@ -79,12 +76,9 @@ struct connection::impl {
   error_code reason;
   connection_stats counters;
 
-  std::vector<char> read_buffer;
-  std::size_t read_begin = 0;        // first unparsed byte
-  std::size_t read_end = 0;          // one past the last received byte
-  std::uint64_t consumed_total = 0;  // stream offset of read_begin
-  std::deque<unique_fd> received_fds;
-  bool read_waiting = false;  // an async_wait(wait_read) is pending
+  detail::frame_reader reader;
+  bool read_waiting = false;  // a peek for readability is pending
+  std::array<char, 64> peek_buffer{};  // what the peek copies, never looked at
   bool in_read = false;
   bool any_frame_received = false;
 
@@ -104,8 +98,6 @@ struct connection::impl {
   std::size_t outbox_bytes = 0;
   std::size_t outbox_reply_bytes = 0;
   bool write_waiting = false;
-
-  proto::Envelope decode_scratch;
 
   // Reading stops while the application is behind: too many received frames
   // not taken, or too many of our replies not yet written (a peer that sends

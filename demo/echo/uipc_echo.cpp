@@ -36,7 +36,7 @@ struct settings {
 void echo(const connection::pointer& c) {
   c->async_receive([c](error_code ec, frame f) {
     if (ec) return;
-    c->async_send(make_reply(f, f.type, std::move(f.payload)), [](error_code) {});
+    (void)c->send(make_reply(f, f.type, std::move(f.payload)));
     echo(c);
   });
 }

@@ -10,8 +10,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <boost/asio/bind_cancellation_slot.hpp>
-#include <boost/asio/cancellation_signal.hpp>
 #include <optional>
 #include <thread>
 
@@ -25,17 +23,6 @@ using detail::request_type;
 using steady = std::chrono::steady_clock;
 
 namespace detail {
-
-session::~session() {
-  if (!conn) return;
-  std::lock_guard lock(call_mutex);
-  conn->close();
-  // Let the close (dispatched to the connection's strand) and the sends still
-  // queued run, so the daemon sees our socket close now.
-  ctx.restart();
-  ctx.poll();
-  conn.reset();
-}
 
 bool mapping::daemon_gone() noexcept {
   timespec now{};
@@ -54,86 +41,34 @@ bool mapping::daemon_gone() noexcept {
   return gone;
 }
 
-namespace {
-// The state of one call, shared with its completion handler: a call given up
-// at its deadline returns while the handler may still run later.
-struct call_state {
-  std::optional<std::pair<error_code, frame>> reply;
-  boost::asio::cancellation_signal cancel;
-};
-}  // namespace
-
 result<frame> session::call(request_type type, std::string payload,
                             std::optional<steady::time_point> deadline) {
   if (map->lost.load()) return make_error_code(errc::daemon_lost);
   frame request;
-  request.kind = frame_kind::request;
   request.type = static_cast<std::uint32_t>(type);
   request.payload = std::move(payload);
-  std::lock_guard lock(call_mutex);
-  auto until = deadline ? *deadline : steady::now() + options.call_timeout;
-  auto state = std::make_shared<call_state>();
-  conn->async_call(std::move(request), boost::asio::bind_cancellation_slot(
-                                           state->cancel.slot(), [state](error_code ec, frame f) {
-                                             state->reply.emplace(ec, std::move(f));
-                                           }));
-  ctx.restart();
-  bool timed_out = false;
-  for (int idle = 0; !state->reply;) {
-    const auto now = steady::now();
-    if (now >= until) {
-      if (timed_out) {
-        // The cancellation did not complete the call: give up on the
-        // connection rather than wait on.
-        map->lost.store(true);
-        conn->close();
-        return make_error_code(errc::daemon_timeout);
-      }
-      // A daemon that does not answer (stopped, stuck): cancel our call and
-      // let its handler run, then report the timeout.
-      timed_out = true;
-      state->cancel.emit(boost::asio::cancellation_type::all);
-      until = now + std::chrono::seconds(1);
-      continue;
-    }
-    // Only this thread runs ctx (under call_mutex), so the handler that fills
-    // `reply` runs here; the connection's pending reads keep run_one waiting.
-    // A loop with nothing left to run and no reply cannot produce one.
-    if (ctx.run_one_for(until - now) != 0) {
-      idle = 0;
-      continue;
-    }
-    if (!ctx.stopped()) continue;  // the time ran out
-    if (++idle == 3) {
-      map->lost.store(true);
-      return make_error_code(errc::daemon_lost);
-    }
-    ctx.restart();
+  auto reply = conn->call(std::move(request), deadline ? *deadline : steady::now() + options.call_timeout);
+  if (reply) return reply;
+  const error_code ec = reply.error();
+  if (conn->is_open()) {
+    // A daemon that does not answer (stopped, stuck): the call is given up, a
+    // late reply will be dropped.
+    if (ec == uipc::errc::timed_out) return make_error_code(errc::daemon_timeout);
+    return ec;  // the daemon's answer, or a request refused before it went
   }
-  auto& [ec, f] = *state->reply;
-  if (timed_out && ec == boost::asio::error::operation_aborted)
-    return make_error_code(errc::daemon_timeout);
-  if (ec) {
-    if (ec.category() == handles_category()) return ec;
-    map->lost.store(true);
-    return make_error_code(errc::daemon_lost);
-  }
-  return std::move(f);
+  map->lost.store(true);
+  return make_error_code(errc::daemon_lost);
 }
 
 void session::post(request_type type, std::string payload) {
   if (map->lost.load()) return;
-  frame request;
-  request.kind = frame_kind::request;
-  request.type = static_cast<std::uint32_t>(type);
-  request.payload = std::move(payload);
-  std::lock_guard lock(call_mutex);
-  // A call whose reply nobody awaits: the reply is read (and dropped) by the
-  // next call's run of the loop. Requests on a connection are served in
-  // order, so every later request sees this one done.
-  conn->async_call(std::move(request), [](error_code, frame) {});
-  ctx.restart();
-  ctx.poll();
+  frame notice;
+  notice.kind = frame_kind::notice;
+  notice.type = static_cast<std::uint32_t>(type);
+  notice.payload = std::move(payload);
+  // Notices on a connection are served in order with its requests, so every
+  // later request sees this one done.
+  if (conn->send(std::move(notice), steady::now() + options.call_timeout)) map->lost.store(true);
 }
 
 namespace {
@@ -156,9 +91,9 @@ result<std::shared_ptr<session>> open_session(const client_options& options,
   connection_options co;
   co.error_categories = {&handles_category()};
   co.max_frame_size = 16 << 20;
-  auto c = connection::connect(s->ctx, where.socket_path, co);
+  auto c = blocking_connection::connect(where.socket_path, co);
   if (!c) return c.error();
-  s->conn = *c;
+  s->conn.emplace(std::move(*c));
   if (s->conn->peer().uid != ::geteuid()) return make_error_code(errc::permission_denied);
   auto hello = s->call(request_type::hello, pb::HelloRequest{}.SerializeAsString(),
                        std::min(deadline, steady::now() + options.call_timeout));

@@ -233,8 +233,14 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
         if (self->stopped) return;
         ++self->requests;
         if (f.kind != frame_kind::request) {
-          // A notice expects no reply; the protocol has none.
-          ++self->errors;
+          // A close or scratch free sent as a notice is served without a reply
+          // (the client's destructors: no round trip). Other notices mean nothing.
+          const auto type = static_cast<request_type>(f.type);
+          if (type == request_type::close || type == request_type::scratch_free) {
+            if (self->serve(id, f).error) ++self->errors;
+          } else {
+            ++self->errors;
+          }
           self->receive(id, c);
           return;
         }
@@ -243,12 +249,8 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
       }
       // A reply over the frame limit is not sent; the client must still get
       // an answer, or it waits for one until its deadline.
-      c->async_send(std::move(reply),
-                    [c, fallback = make_error_reply(f, make_error_code(errc::reply_too_large))](
-                        error_code send_ec) mutable {
-                      if (send_ec == uipc::errc::frame_too_large)
-                        c->async_send(std::move(fallback), [](error_code) {});
-                    });
+      if (c->send(std::move(reply)) == uipc::errc::frame_too_large)
+        (void)c->send(make_error_reply(f, make_error_code(errc::reply_too_large)));
       self->receive(id, c);
     });
   }

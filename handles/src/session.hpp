@@ -3,14 +3,12 @@
 #pragma once
 
 #include <atomic>
-#include <boost/asio/io_context.hpp>
-#include <mutex>
 #include <optional>
 #include <string>
 
 #include "protocol.hpp"
 #include "segment.hpp"
-#include "uipc/core/framed.hpp"
+#include "uipc/core/blocking_connection.hpp"
 #include "uipc/core/shm.hpp"
 #include "uipc/handles/client.hpp"
 
@@ -34,21 +32,21 @@ struct mapping {
   bool daemon_gone() noexcept;
 };
 
-/// Threading: call() may be called from any thread; calls are serialized, and
-/// the calling thread runs the connection's io_context until its reply is in.
-/// There is no background thread: nothing is sent unasked either way, and a
-/// wait notices a daemon that died unannounced by itself (see detail::wait).
-/// So a round trip has no handoff between threads and no extra wake-up.
+/// Threading: call() and post() may be called from any thread; they run one at
+/// a time, each on the calling thread's own sendmsg and recvmsg (a
+/// blocking_connection). There is no background thread: nothing is sent
+/// unasked either way, and a wait notices a daemon that died unannounced by
+/// itself (see detail::wait). So a round trip costs the daemon's work and two
+/// system calls here, and no hand-off between threads.
 struct session {
-  ~session();
-
   /// Sends one request and blocks for its reply. Errors of the daemon come back
   /// as they are; a broken connection is errc::daemon_lost.
   /// Gives up at `deadline` (default: now + options.call_timeout) with
   /// errc::daemon_timeout; the connection stays open (a late reply is dropped).
   result<frame> call(request_type type, std::string payload,
                      std::optional<std::chrono::steady_clock::time_point> deadline = {});
-  /// Sends one request without waiting for its reply (a close from a destructor).
+  /// Sends one request as a notice, which the daemon serves without a reply
+  /// (a close from a destructor): no round trip.
   void post(request_type type, std::string payload);
 
   bool usable() const noexcept {
@@ -56,9 +54,7 @@ struct session {
   }
 
   client_options options;
-  boost::asio::io_context ctx{1};  // declared before conn: outlives it
-  std::mutex call_mutex;
-  connection::pointer conn;
+  std::optional<blocking_connection> conn;
   std::shared_ptr<mapping> map;
 };
 

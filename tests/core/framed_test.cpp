@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
 #include <cstring>
 #include <thread>
 #include <memory>
@@ -43,7 +44,7 @@ void serve(const connection::pointer& c) {
     } else {
       reply = make_reply(f, f.type, std::string(f.payload.rbegin(), f.payload.rend()));
     }
-    c->async_send(std::move(reply), [](error_code) {});
+    EXPECT_FALSE(c->send(std::move(reply)));
     serve(c);
   });
 }
@@ -168,6 +169,61 @@ TEST_F(FramedTest, NoticesArriveInOrder) {
   next();
   ASSERT_TRUE(run_until(ctx_, [&] { return got.size() == 100; }));
   for (int i = 0; i < 100; ++i) EXPECT_EQ(got[i], std::to_string(i));
+  a->close();
+  b->close();
+}
+
+TEST_F(FramedTest, SendWithoutAHandlerQueuesInOrderAndRefusesLocally) {
+  connection_options options;
+  options.max_frame_size = 1024;
+  auto pair = connection::pair(ctx_, options);
+  ASSERT_TRUE(pair);
+  auto [a, b] = *pair;
+  EXPECT_EQ(a->send(request(2, std::string(4096, 'x'))), errc::frame_too_large);
+  frame with_empty_fd = request(2, "bad");
+  with_empty_fd.fds.emplace_back();
+  EXPECT_EQ(a->send(std::move(with_empty_fd)), boost::system::errc::bad_file_descriptor);
+  for (int i = 0; i < 50; ++i) EXPECT_FALSE(a->send(request(2, std::to_string(i))));
+  std::vector<std::string> got;
+  std::function<void()> next = [&] {
+    b->async_receive([&](error_code ec, frame f) {
+      if (ec) return;
+      got.push_back(f.payload);
+      next();
+    });
+  };
+  next();
+  ASSERT_TRUE(run_until(ctx_, [&] { return got.size() == 50; }));
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(got[i], std::to_string(i));
+  EXPECT_EQ(a->stats().frames_sent, 50u);
+  a->close();
+  b->close();
+}
+
+// Frames read off the socket may be handed to a waiting receiver at once, but
+// never from inside one of the application's own calls: a handler that takes
+// a lock and then sends or receives must not be re-entered under that lock.
+TEST_F(FramedTest, HandlersAreNeverCalledInsideAnInitiatingCall) {
+  auto pair = connection::pair(ctx_);
+  ASSERT_TRUE(pair);
+  auto [a, b] = *pair;
+  bool inside = false;
+  int handled = 0;
+  std::function<void()> next = [&] {
+    b->async_receive([&](error_code ec, frame f) {
+      if (ec) return;
+      EXPECT_FALSE(inside) << "re-entered from inside a call";
+      inside = true;
+      ++handled;
+      next();  // a receive and a send from inside the handler
+      EXPECT_FALSE(b->send(make_reply(f, f.type, f.payload)));
+      b->async_send(request(3, "and one more"), [](error_code) {});
+      inside = false;
+    });
+  };
+  next();
+  for (int i = 0; i < 20; ++i) EXPECT_FALSE(a->send(request(2, "x")));
+  ASSERT_TRUE(run_until(ctx_, [&] { return handled == 20; }));
   a->close();
   b->close();
 }

@@ -27,6 +27,7 @@ namespace uipc {
 namespace detail {
 struct connection_access;
 }
+struct outgoing_frame;
 
 /// Who is on the other end, as the kernel says (SO_PEERCRED) when the connection
 /// was made: it cannot be forged by the peer.
@@ -108,7 +109,9 @@ struct connection_stats {
 /// Threading: every member may be called from any thread; the connection's
 /// state lives on its own strand. Completion handlers run on their associated
 /// executor (by default the connection's strand), never inside the initiating
-/// call, and count as outstanding work on it while pending. async_call and
+/// call, and count as outstanding work on it while pending. A frame read off
+/// the socket goes to a handler that runs on the strand directly, in the same
+/// turn of the loop (no second trip through the scheduler). async_call and
 /// async_receive honour per-operation cancellation (bind_cancellation_slot,
 /// awaitable operator||): the operation completes with operation_aborted and
 /// the connection stays open.
@@ -152,6 +155,13 @@ class connection : public std::enable_shared_from_this<connection> {
         token, std::move(f));
   }
 
+  /// Sends `f` as it is, with nothing to wait for: the frame is queued and
+  /// written in order with the rest. Local refusals come back at once
+  /// (errc::frame_too_large, errc::too_many_fds, bad_file_descriptor; nothing
+  /// queued); a later failure shows only as the close reason. For replies and
+  /// notices whose sender has nothing to do once they are out.
+  error_code send(frame f);
+
   /// Sends `request` as a request with a fresh correlation id and completes with
   /// the peer's reply. A reply carrying an error completes with that error (decoded
   /// through connection_options::error_categories, else errc::remote_error) and
@@ -191,6 +201,7 @@ class connection : public std::enable_shared_from_this<connection> {
   explicit connection(std::unique_ptr<impl> p);
   void start();
   void start_send(frame f, send_handler handler);
+  void enqueue(outgoing_frame f);
   void start_call(frame f, frame_handler handler);
   void start_receive(frame_handler handler);
 

@@ -1,0 +1,79 @@
+// The socket side of framing, shared by the event-driven `connection` and the
+// `blocking_connection`: a receive buffer that turns bytes and SCM_RIGHTS
+// descriptors into frames, and a sendmsg that carries descriptors.
+#pragma once
+
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <optional>
+#include <span>
+#include <vector>
+
+namespace uipc::detail {
+
+/// The peer going away shows up as EOF, EPIPE or ECONNRESET: one code for all.
+error_code socket_error(int e);
+
+/// Most descriptors one recvmsg accepts, and one sendmsg carries.
+inline constexpr std::size_t max_fds_per_message = 64;
+
+/// Bytes received and not yet parsed, with the descriptors that came with them.
+class frame_reader {
+ public:
+  static constexpr std::size_t initial_size = 64 * 1024;
+
+  frame_reader() { buffer_.resize(initial_size); }
+
+  /// One recvmsg into the free space (made first, growing the buffer only as a
+  /// frame larger than it arrives, up to `max_frame_size`). Returns what
+  /// recvmsg returned; `errno` is set when that is negative. `fds_complete`
+  /// turns false when the kernel had to drop descriptors (MSG_CTRUNC).
+  /// `drained` is set when the read did not fill the space: the socket had no more.
+  ssize_t receive(int fd, int flags, std::size_t max_frame_size, bool& fds_complete, bool& drained);
+
+  /// The next whole frame: nullopt when none is complete, an error inside when
+  /// the bytes are bad (over max_frame_size, empty, or not an envelope).
+  std::optional<result<frame>> next(const connection_options& options);
+
+  bool empty() const noexcept { return begin_ == end_; }
+  /// Stream offset of the first unparsed byte: names the frame now arriving.
+  std::uint64_t consumed() const noexcept { return consumed_; }
+  /// Descriptors received and not yet claimed by a frame.
+  std::deque<unique_fd>& pending_fds() noexcept { return fds_; }
+  /// Gives a buffer grown for a large frame back once it is empty.
+  void shrink();
+
+ private:
+  void make_room(std::size_t max_frame_size);
+
+  std::vector<char> buffer_;
+  std::size_t begin_ = 0;       // first unparsed byte
+  std::size_t end_ = 0;         // one past the last received byte
+  std::uint64_t consumed_ = 0;  // stream offset of begin_
+  std::deque<unique_fd> fds_;
+  proto::Envelope scratch_;
+};
+
+/// Local checks before a frame is sent: it fails alone, the connection stays.
+/// errc::too_many_fds, bad_file_descriptor (an empty unique_fd).
+error_code check_outgoing(const frame& f, const connection_options& options);
+
+/// One sendmsg of `iov`, with `fds` (if any) attached as SCM_RIGHTS to its
+/// first byte. MSG_NOSIGNAL is added to `flags`. Returns what sendmsg returned.
+ssize_t send_with_fds(int fd, std::span<const iovec> iov, std::span<const unique_fd> fds, int flags);
+
+/// The peer credentials of a connected Unix socket (fail closed).
+result<peer_credentials> read_peer_credentials(int fd);
+
+/// Makes a non-blocking connect to the Unix socket at `path`: a listener whose
+/// backlog is full gives EAGAIN instead of blocking.
+result<unique_fd> connect_unix(const std::string& path);
+
+}  // namespace uipc::detail
