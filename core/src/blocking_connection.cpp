@@ -185,7 +185,6 @@ struct blocking_connection::impl {
         fail(make_error_code(errc::too_many_fds), true);
         return closed_reason();
       }
-      reader.shrink();
     }
   }
 };
@@ -277,6 +276,11 @@ void blocking_connection::close() {
   ::shutdown(s.fd.get(), SHUT_RDWR);
   std::lock_guard lock(s.mutex);
   s.fail(boost::asio::error::operation_aborted);
+}
+
+void blocking_connection::release_after_fork() noexcept {
+  impl_->closing.store(true);
+  impl_->fd.reset();  // close(2) only: a shutdown would end the parent's connection too
 }
 
 bool blocking_connection::is_open() const { return !impl_->closed_reason(); }

@@ -69,34 +69,34 @@ class engine {
       bool drained = false;
       const ssize_t n = s_.reader.receive(s_.socket.native_handle(), MSG_DONTWAIT, s_.options.max_frame_size,
                                           fds_complete, drained);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-          wait_readable();
-          break;
-        }
-        fail(socket_error(errno), salvage::yes);
-        break;
-      }
-      if (n == 0) {
-        fail(make_error_code(s_.reader.empty() ? errc::peer_closed : errc::short_frame), salvage::yes);
-        break;
-      }
-      if (!fds_complete) {
-        fail(make_error_code(errc::too_many_fds), salvage::no, notify::peer);
-        break;
-      }
-      parse();
-      // A short read emptied the socket: wait instead of paying for an EAGAIN.
-      if (drained && s_.open && !s_.read_paused()) {
-        wait_readable();
-        break;
-      }
+      if (n < 0 && errno == EINTR) continue;
+      if (!received(n < 0 ? errno : 0, n, fds_complete, drained)) break;
     }
+    finish_read();
+  }
+
+  // The reactor's own receive completed with `n` bytes in the reader's free
+  // space (see wait_readable): file them, then read on as read() does.
+  void read_after(error_code ec, std::size_t n, bool drained) {
+    if (!s_.open || s_.in_read) return;
+    s_.in_read = true;
+    ssize_t got = static_cast<ssize_t>(n);
+    int err = 0;
+    if (ec == asio::error::eof) {
+      got = 0;
+    } else if (ec) {
+      got = -1;
+      err = ec.value();
+    } else {
+      s_.reader.commit(n);
+    }
+    const bool more = received(err, got, true, drained);
     s_.in_read = false;
-    s_.reader.shrink();
-    arm_timer();
-    s_.publish();
+    if (more) {
+      read();
+    } else {
+      finish_read();
+    }
   }
 
   void write() {
@@ -137,6 +137,8 @@ class engine {
   // notify::peer first tells the peer why, when that cannot split a frame.
   void fail(error_code ec, salvage keep = salvage::no, notify tell = notify::none) {
     if (!s_.open) return;
+    // A close reason is never success: receivers would take it for a frame.
+    if (!ec) ec = make_error_code(errc::peer_closed);
     inline_ok_ = false;  // what fail completes is posted, whoever called it
     if (tell == notify::peer && (s_.outbox.empty() || s_.outbox.front().offset == 0)) {
       const auto notice = detail::encode_error_notice(ec);
@@ -187,6 +189,41 @@ class engine {
     } else {
       complete(std::move(p), s_.strand, std::move(args)...);
     }
+  }
+
+  // Files the outcome of one receive (`n` bytes, or -1 with `err`); returns
+  // whether to read on. Waits, fails or stops otherwise.
+  bool received(int err, ssize_t n, bool fds_complete, bool drained) {
+    if (n < 0) {
+      if (err == EAGAIN || err == EWOULDBLOCK) {
+        wait_readable();
+      } else {
+        fail(socket_error(err), salvage::yes);
+      }
+      return false;
+    }
+    if (n == 0) {
+      fail(make_error_code(s_.reader.empty() ? errc::peer_closed : errc::short_frame), salvage::yes);
+      return false;
+    }
+    if (!fds_complete) {
+      fail(make_error_code(errc::too_many_fds), salvage::no, notify::peer);
+      return false;
+    }
+    parse();
+    if (!s_.open || s_.read_paused()) return false;
+    // A short read emptied the socket: wait instead of paying for an EAGAIN.
+    if (drained) {
+      wait_readable();
+      return false;
+    }
+    return true;
+  }
+
+  void finish_read() {
+    s_.in_read = false;
+    arm_timer();
+    s_.publish();
   }
 
   // Whole frames the peer sent before it went: replies answer their calls,
@@ -263,26 +300,45 @@ class engine {
     }
   }
 
-  // Waits for bytes with a peek rather than async_wait(wait_read): Asio
-  // re-arms epoll (EPOLL_CTL_MOD) for every wait that may not read, while a
-  // receive is started speculatively, and after a peek that saw the socket
-  // run dry it goes straight to the edge-triggered wait without a system call.
-  // The peeked bytes stay in the socket for recvmsg (with their descriptors).
+  // Waits for bytes without Asio's async_wait(wait_read), which re-arms epoll
+  // (EPOLL_CTL_MOD) for every wait. A receive is started speculatively instead,
+  // and once one has seen the socket run dry, the next goes straight to the
+  // edge-triggered wait with no system call at all.
+  //  - A peer that may send descriptors: the receive only peeks, so that
+  //    recvmsg can take the bytes with their SCM_RIGHTS.
+  //  - A peer that may not (peer_sends_fds false): the receive reads into
+  //    the reader's free space itself, saving the recvmsg. Descriptors sent
+  //    anyway are dropped by the kernel and the frame announcing them fails.
+  // The free space stays put while the receive is pending: nothing touches
+  // the reader until it completes (read_waiting keeps read() out).
   void wait_readable() {
     s_.read_waiting = true;
     // Weak: a connection nobody holds any more is destroyed (and closed)
     // instead of waiting for its peer forever.
-    s_.socket.async_receive(
-        asio::buffer(s_.peek_buffer), stream_socket::message_peek,
-        asio::bind_executor(s_.strand, [weak = std::weak_ptr(self_)](error_code ec, std::size_t) {
-          auto self = weak.lock();
-          if (!self) return;
-          auto& s = detail::connection_access::state(*self);
-          s.read_waiting = false;
-          if (ec == asio::error::operation_aborted || !s.open) return;
-          // EOF and socket errors are read() to find, as recvmsg reports them.
-          engine(s, self, context::reactor).read();
-        }));
+    auto resume = [weak = std::weak_ptr(self_)](auto&& then) {
+      return [weak, then](error_code ec, std::size_t n) {
+        auto self = weak.lock();
+        if (!self) return;
+        auto& s = detail::connection_access::state(*self);
+        s.read_waiting = false;
+        if (ec == asio::error::operation_aborted || !s.open) return;
+        then(engine(s, self, context::reactor), ec, n);
+      };
+    };
+    if (!s_.options.peer_sends_fds) {
+      const auto room = s_.reader.space(s_.options.max_frame_size);
+      s_.socket.async_receive(asio::buffer(room.data(), room.size()),
+                              asio::bind_executor(s_.strand, resume([size = room.size()](engine e, error_code ec,
+                                                                                         std::size_t n) {
+                                e.read_after(ec, n, n < size);
+                              })));
+      return;
+    }
+    s_.socket.async_receive(asio::buffer(s_.peek_buffer), stream_socket::message_peek,
+                            asio::bind_executor(s_.strand, resume([](engine e, error_code, std::size_t) {
+                              // EOF and socket errors are read() to find, as recvmsg reports them.
+                              e.read();
+                            })));
   }
 
   void wait_writable() {

@@ -18,6 +18,11 @@ error_code socket_error(int e) {
   return {e, boost::system::system_category()};
 }
 
+std::span<char> frame_reader::space(std::size_t max_frame_size) {
+  make_room(max_frame_size);
+  return {buffer_.data() + end_, buffer_.size() - end_};
+}
+
 ssize_t frame_reader::receive(int fd, int flags, std::size_t max_frame_size, bool& fds_complete, bool& drained) {
   make_room(max_frame_size);
   std::array<char, CMSG_SPACE(sizeof(int) * max_fds_per_message)> control{};
@@ -49,7 +54,7 @@ std::optional<result<frame>> frame_reader::next(const connection_options& option
   if (length > options.max_frame_size) return result<frame>(make_error_code(errc::frame_too_large));
   if (length == 0) return result<frame>(make_error_code(errc::bad_frame));
   if (have < 4 + length) return std::nullopt;
-  auto f = decode_frame(scratch_, base + 4, length, fds_, options.max_fds_per_frame);
+  auto f = decode_frame(scratch_, base + 4, length, fds_, options.peer_sends_fds ? options.max_fds_per_frame : 0);
   if (f) {
     begin_ += 4 + length;
     consumed_ += 4 + length;
@@ -58,6 +63,7 @@ std::optional<result<frame>> frame_reader::next(const connection_options& option
 }
 
 void frame_reader::make_room(std::size_t max_frame_size) {
+  shrink();
   const std::size_t have = end_ - begin_;
   if (have == 0) {
     begin_ = end_ = 0;

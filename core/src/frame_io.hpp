@@ -38,6 +38,11 @@ class frame_reader {
   /// `drained` is set when the read did not fill the space: the socket had no more.
   ssize_t receive(int fd, int flags, std::size_t max_frame_size, bool& fds_complete, bool& drained);
 
+  /// The free space after the received bytes, made first as receive() does,
+  /// for a receive done elsewhere; commit() what it wrote.
+  std::span<char> space(std::size_t max_frame_size);
+  void commit(std::size_t n) noexcept { end_ += n; }
+
   /// The next whole frame: nullopt when none is complete, an error inside when
   /// the bytes are bad (over max_frame_size, empty, or not an envelope).
   std::optional<result<frame>> next(const connection_options& options);
@@ -47,10 +52,9 @@ class frame_reader {
   std::uint64_t consumed() const noexcept { return consumed_; }
   /// Descriptors received and not yet claimed by a frame.
   std::deque<unique_fd>& pending_fds() noexcept { return fds_; }
+ private:
   /// Gives a buffer grown for a large frame back once it is empty.
   void shrink();
-
- private:
   void make_room(std::size_t max_frame_size);
 
   std::vector<char> buffer_;

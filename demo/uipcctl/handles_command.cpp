@@ -41,7 +41,9 @@ int usage() {
       "  signal TARGET                 set an event\n"
       "  reset TARGET                  clear an event\n"
       "  release TARGET [COUNT]        add COUNT (1) to a semaphore\n"
-      "  wait TARGET [--timeout MS]    exit 0 signalled, 1 abandoned, 2 timed out\n"
+      "  wait TARGET [--timeout MS] [--hold MS]\n"
+      "                                exit 0 signalled, 1 abandoned, 2 timed out; a mutex\n"
+      "                                won is held for --hold MS, then released\n"
       "  close HANDLE                  drop a reference (only its holder can: else not_held)\n"
       "TARGET is a name or a handle INDEX:GENERATION. Errors exit with 3.\n");
   return exit_usage;
@@ -155,6 +157,7 @@ int create(client& c, std::span<char* const> args) {
 int wait(client& c, std::span<char* const> args) {
   if (args.empty()) return usage();
   std::chrono::nanoseconds timeout = infinite;
+  std::optional<long long> hold_ms;
   for (std::size_t i = 1; i < args.size(); ++i) {
     if (std::strcmp(args[i], "--timeout") == 0 && i + 1 < args.size()) {
       auto ms = number<long long>(args[++i]);
@@ -163,6 +166,9 @@ int wait(client& c, std::span<char* const> args) {
       constexpr long long max_ms = std::chrono::nanoseconds::max().count() / 1'000'000;
       timeout = *ms > max_ms ? std::chrono::nanoseconds::max()
                              : std::chrono::nanoseconds(std::chrono::milliseconds(*ms));
+    } else if (std::strcmp(args[i], "--hold") == 0 && i + 1 < args.size()) {
+      hold_ms = number<long long>(args[++i]);
+      if (!hold_ms) return usage();
     } else {
       return usage();
     }
@@ -171,18 +177,30 @@ int wait(client& c, std::span<char* const> args) {
   if (!o) return fail("open", o.error());
   auto r = o->wait(timeout);
   if (!r) return fail("wait", r.error());
+  int code = exit_error;
   switch (*r) {
     case wait_status::signalled:
       std::printf("signalled\n");
-      return exit_ok;
+      code = exit_ok;
+      break;
     case wait_status::abandoned:
       std::printf("abandoned\n");
-      return exit_abandoned;
+      code = exit_abandoned;
+      break;
     case wait_status::timed_out:
       std::printf("timed out\n");
       return exit_timed_out;
   }
-  return exit_error;
+  std::fflush(stdout);
+  // A mutex won is owned: held for --hold, then released, so that leaving
+  // does not abandon it.
+  if (o->type() == object_type::mutex) {
+    if (hold_ms) std::this_thread::sleep_for(std::chrono::milliseconds(*hold_ms));
+    auto m = client::as_mutex(std::move(*o));
+    if (!m) return fail("release", m.error());
+    if (auto ec = m->release()) return fail("release", ec);
+  }
+  return code;
 }
 
 int signal_or_reset(client& c, std::span<char* const> args, bool set) {

@@ -4,12 +4,14 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/file.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <mutex>
 #include <optional>
 #include <thread>
 
@@ -41,9 +43,57 @@ bool mapping::daemon_gone() noexcept {
   return gone;
 }
 
+// ---- fork ------------------------------------------------------------------------
+//
+// A child made by fork() without exec inherits every client's socket. If it
+// kept them, the daemon would not see the parent die while the child lives,
+// and the parent's references and mutexes would outlive it. So the child
+// closes its copies at once (in the atfork child handler, before fork()
+// returns) and its inherited clients report errc::forked_copy.
+
+namespace {
+
+struct session_registry {
+  std::mutex mutex;
+  std::vector<session*> live;
+};
+
+// Never destroyed: sessions of static clients may go after static destructors ran.
+session_registry& registry() {
+  static auto* r = new session_registry;  // NOLINT(cppcoreguidelines-owning-memory)
+  return *r;
+}
+
+void before_fork() { registry().mutex.lock(); }
+void after_fork_in_parent() { registry().mutex.unlock(); }
+void after_fork_in_child() {
+  auto& r = registry();
+  for (session* s : r.live) {
+    if (!s->map) continue;  // still connecting: it has no connection to give up
+    s->map->forked.store(true);
+    s->map->lost.store(true);
+    if (s->conn) s->conn->release_after_fork();
+  }
+  r.mutex.unlock();  // held by this thread since before_fork
+}
+
+}  // namespace
+
+session::session() {
+  static std::once_flag once;
+  std::call_once(once, [] { ::pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); });
+  std::lock_guard lock(registry().mutex);
+  registry().live.push_back(this);
+}
+
+session::~session() {
+  std::lock_guard lock(registry().mutex);
+  std::erase(registry().live, this);
+}
+
 result<frame> session::call(request_type type, std::string payload,
                             std::optional<steady::time_point> deadline) {
-  if (map->lost.load()) return make_error_code(errc::daemon_lost);
+  if (map->lost.load()) return map->lost_reason();
   frame request;
   request.type = static_cast<std::uint32_t>(type);
   request.payload = std::move(payload);
@@ -455,7 +505,7 @@ error_code object::close() {
   if (!session_) return {};
   auto s = std::move(session_);
   session_.reset();
-  if (!s->usable()) return make_error_code(errc::daemon_lost);
+  if (!s->usable()) return s->map->lost_reason();
   pb::CloseRequest in;
   in.mutable_handle()->set_index(handle_.index);
   in.mutable_handle()->set_generation(handle_.generation);
@@ -470,7 +520,7 @@ handle_id object::detach() noexcept {
 
 result<detail::slot*> object::checked(object_type expected) const {
   if (!session_) return make_error_code(errc::invalid_handle);
-  if (!session_->usable()) return make_error_code(errc::daemon_lost);
+  if (!session_->usable()) return session_->map->lost_reason();
   return detail::checked_slot(session_->map->view, handle_, expected);
 }
 
@@ -539,7 +589,7 @@ error_code scratch_block::free() {
   auto s = std::move(session_);
   session_.reset();
   data_ = {};
-  if (!s->usable()) return make_error_code(errc::daemon_lost);
+  if (!s->usable()) return s->map->lost_reason();
   pb::ScratchFreeRequest in;
   in.set_offset(offset_);
   auto reply = s->call(request_type::scratch_free, in.SerializeAsString());

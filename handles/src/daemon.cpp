@@ -159,6 +159,10 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
     lo.mode = 0600;
     lo.connection.max_frame_size = detail::max_request_frame;
     lo.connection.partial_frame_timeout = std::chrono::seconds(5);
+    // No request carries descriptors: a client that sends one is dropped, and
+    // the connection may read without the control buffer (one system call
+    // less per request).
+    lo.connection.peer_sends_fds = false;
     auto bound = listener::bind(ctx, where.socket_path, lo);
     if (!bound) {
       // The starting client sees our process go.

@@ -56,6 +56,8 @@ class handles_category_impl final : public boost::system::error_category {
         return "handle daemon did not answer in time";
       case errc::reply_too_large:
         return "handle daemon's reply would exceed its frame limit";
+      case errc::forked_copy:
+        return "client inherited through fork(): connect a new one in this process";
     }
     return "unknown uipc.handles error " + std::to_string(value);
   }

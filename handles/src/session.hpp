@@ -20,6 +20,8 @@ struct mapping {
   segment_view view;
   std::int32_t daemon_pid = 0;
   std::atomic<bool> lost{false};
+  /// Set in a child after fork(): the connection is the parent's (lost is set too).
+  std::atomic<bool> forked{false};
   /// Readable once the daemon's process is gone (empty where pidfd_open is
   /// missing: then kill(pid, 0) is asked instead).
   unique_fd daemon_pidfd;
@@ -30,6 +32,11 @@ struct mapping {
   /// Asks the kernel at most every 10 ms, so object operations stay free of
   /// system calls; marks the mapping lost when it has.
   bool daemon_gone() noexcept;
+
+  /// Why an operation cannot go on: errc::forked_copy or errc::daemon_lost.
+  error_code lost_reason() const noexcept {
+    return make_error_code(forked.load() ? errc::forked_copy : errc::daemon_lost);
+  }
 };
 
 /// Threading: call() and post() may be called from any thread; they run one at
@@ -39,6 +46,11 @@ struct mapping {
 /// itself (see detail::wait). So a round trip costs the daemon's work and two
 /// system calls here, and no hand-off between threads.
 struct session {
+  session();
+  ~session();
+  session(const session&) = delete;
+  session& operator=(const session&) = delete;
+
   /// Sends one request and blocks for its reply. Errors of the daemon come back
   /// as they are; a broken connection is errc::daemon_lost.
   /// Gives up at `deadline` (default: now + options.call_timeout) with

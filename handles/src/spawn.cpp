@@ -2,12 +2,14 @@
 // child and no client has to reap it), exec; then wait on the segment header.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -34,6 +36,11 @@ void exec_daemon(int report_fd, const std::vector<char*>& argv) {
   }
   // Nothing of the client leaks into the daemon (the report pipe is CLOEXEC too).
   ::close_range(3, ~0U, CLOSE_RANGE_CLOEXEC);
+  // A daemon outlives the client that started it: it must not pin the client's
+  // working directory (an unmountable file system), nor inherit a umask that
+  // could loosen what it creates.
+  (void)::chdir("/");
+  ::umask(077);
   sigset_t none;
   sigemptyset(&none);
   ::sigprocmask(SIG_SETMASK, &none, nullptr);
@@ -65,9 +72,14 @@ result<std::shared_ptr<session>> start_daemon(const client_options& options,
     const char* env = std::getenv("UIPC_HANDLED_PATH");
     path = env != nullptr ? env : "uipc-handled";
   }
+  // The daemon runs in "/": a relative path (with a slash; a bare name is
+  // looked up in PATH) means the client's directory.
+  std::error_code ignored;
+  if (path.find('/') != std::string::npos) path = std::filesystem::absolute(path, ignored).string();
+  const std::string directory = std::filesystem::absolute(where.directory, ignored).string();
   std::vector<std::string> args{path,
                                 "--directory",
-                                where.directory,
+                                directory,
                                 "--name",
                                 options.where.name,
                                 "--linger-ms",

@@ -228,6 +228,52 @@ TEST_F(FramedTest, HandlersAreNeverCalledInsideAnInitiatingCall) {
   b->close();
 }
 
+// A peer that never passes descriptors is read without a control buffer (the
+// reactor's own receive fills the buffer): frames, a descriptor sent anyway,
+// and the peer's close must all come out as they do on the usual path.
+TEST_F(FramedTest, APeerWithoutDescriptorsIsReadDirectlyAndItsCloseIsSeen) {
+  connection_options plain;
+  plain.peer_sends_fds = false;
+  for (const bool send_a_descriptor : {false, true}) {
+    int fds[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+    auto reader = connection::adopt(ctx_, unique_fd(fds[0]), plain);
+    auto writer = connection::adopt(ctx_, unique_fd(fds[1]));
+    ASSERT_TRUE(reader && writer);
+    std::vector<std::string> got;
+    error_code end;
+    std::function<void()> next = [&] {
+      (*reader)->async_receive([&](error_code ec, frame f) {
+        if (ec) {
+          end = ec;
+          return;
+        }
+        got.push_back(f.payload);
+        next();
+      });
+    };
+    next();
+    ASSERT_TRUE(run_until(ctx_, [&] { return (*reader)->stats().frames_received == 0; }));
+    for (int i = 0; i < 5; ++i) EXPECT_FALSE((*writer)->send(request(2, "f" + std::to_string(i))));
+    ASSERT_TRUE(run_until(ctx_, [&] { return got.size() == 5; }));
+    if (send_a_descriptor) {
+      frame f = request(2, "with a descriptor");
+      f.fds.emplace_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+      EXPECT_FALSE((*writer)->send(std::move(f)));
+      ASSERT_TRUE(run_until(ctx_, [&] { return static_cast<bool>(end); }));
+      EXPECT_EQ(end, errc::too_many_fds);
+    } else {
+      (*writer)->close();
+      ASSERT_TRUE(run_until(ctx_, [&] { return static_cast<bool>(end); }));
+      EXPECT_EQ(end, errc::peer_closed);
+    }
+    for (int i = 0; i < 5; ++i) EXPECT_EQ(got[i], "f" + std::to_string(i));
+    EXPECT_EQ(got.size(), 5u);
+    (*writer)->close();
+    (*reader)->close();
+  }
+}
+
 TEST_F(FramedTest, DescriptorsTravelWithTheirFrame) {
   auto pair = connection::pair(ctx_);
   ASSERT_TRUE(pair);

@@ -103,6 +103,27 @@ TEST_F(UipcctlTest, WaitReportsAnAbandonedMutex) {
   EXPECT_TRUE(loc.wait_until_clean());
 }
 
+TEST_F(UipcctlTest, WaitReleasesAMutexItWonUnlessToldToHoldIt) {
+  child_process keeper(ctl(loc, {"create", "mutex", "m", "--hold", "20000"}));
+  ASSERT_TRUE(keeper.read_line());
+  // Won and released on the way out: the next one wins it cleanly.
+  EXPECT_EQ(run(loc, {"wait", "m", "--timeout", "5000"}), 0);
+  EXPECT_EQ(run(loc, {"wait", "m", "--timeout", "5000"}), 0);
+  // Held while the holder sleeps; then killed holding it: abandoned.
+  child_process holder(ctl(loc, {"wait", "m", "--timeout", "5000", "--hold", "20000"}));
+  EXPECT_EQ(holder.read_line(), "signalled");
+  EXPECT_EQ(run(loc, {"wait", "m", "--timeout", "50"}), 2);
+  holder.kill(SIGKILL);
+  holder.wait_exit();
+  EXPECT_EQ(run(loc, {"wait", "m", "--timeout", "5000"}), 1);
+  std::string stats;
+  EXPECT_EQ(run(loc, {"stats"}, &stats), 0);
+  EXPECT_NE(stats.find("mutexes abandoned  1"), std::string::npos) << stats;
+  keeper.kill(SIGKILL);
+  keeper.wait_exit();
+  EXPECT_TRUE(loc.wait_until_clean());
+}
+
 TEST_F(UipcctlTest, HugeWaitTimeoutSaturatesInsteadOfWrapping) {
   child_process holder(ctl(loc, {"create", "auto-event", "door", "--hold", "20000"}));
   ASSERT_TRUE(holder.read_line());

@@ -55,6 +55,12 @@ class blocking_connection {
 
   /// Shuts the socket down; later operations fail with operation_aborted.
   void close();
+  /// For a child process after fork(), from a pthread_atfork child handler:
+  /// closes the child's copy of the socket and nothing else, so the connection
+  /// stays the parent's and ends when the parent goes. Takes no lock (another
+  /// thread of the parent may have held it at the fork): afterwards the only
+  /// thing to do with this object is to destroy it.
+  void release_after_fork() noexcept;
   bool is_open() const;
   /// Why the connection closed (empty while open).
   error_code close_reason() const;

@@ -74,6 +74,11 @@ struct connection_options {
   std::size_t max_frame_size = 1 << 20;
   /// Most descriptors in one frame.
   std::size_t max_fds_per_frame = 16;
+  /// False when the peer never passes descriptors: a frame from it that
+  /// announces some fails (errc::too_many_fds), and the event-driven
+  /// connection reads without a control buffer, one system call less per
+  /// wake-up. What we send is not affected.
+  bool peer_sends_fds = true;
   /// Received requests and notices waiting for async_receive; at this many the
   /// connection stops reading, so a peer that sends faster than it is served
   /// is slowed down by its own socket buffer instead of growing our memory.
