@@ -7,7 +7,21 @@
 //    BM_PosixSemPingPong (named POSIX semaphores: the peer).
 //  - BM_CreateClose (create an event through the daemon, drop it) against
 //    BM_RawUdsRoundTrip/64 (one 64-byte round trip on a Unix socket).
-// The peer process of the event benchmark is this program again, run with --peer.
+//  - BM_Mutex_Uncontended (take and release, one thread) against
+//    BM_RobustPthreadMutex_Uncontended (process-shared, robust, in shared memory:
+//    what a user would otherwise pick across processes) and
+//    BM_StdMutex_Uncontended (in-process only: the floor).
+//  - BM_Mutex_Contended: this process takes and releases while a peer process
+//    does the same on the same mutex; per take of this process, with the
+//    fraction of takes that came from the other process ("handoffs"). Against
+//    BM_RobustPthreadMutex_Contended.
+//  - BM_Semaphore_ReleaseWait (release 1, wait) against BM_PosixSem_PostWait.
+//  - BM_WaitAll_Semaphores/<n> and BM_WaitAll_Mutexes/<n> (wait_all on n objects
+//    that are all available, then give them back) against taking as many POSIX
+//    semaphores or robust pthread mutexes one by one (BM_PosixSem_OneByOne/<n>,
+//    BM_RobustPthreadMutex_OneByOne/<n>).
+// The peer processes of the event and mutex benchmarks are this program again,
+// run with --peer or --peer-mutex.
 //
 // Where the processes run decides the numbers on a small VM: across CPUs a
 // futex wake costs tens of microseconds, on one CPU a context switch costs
@@ -17,9 +31,10 @@
 #include <benchmark/benchmark.h>
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <signal.h>
-#include <sched.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -32,8 +47,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "uipc/handles/client.hpp"
 
@@ -236,6 +254,37 @@ std::atomic_ref<std::uint32_t> stop_flag(client& c, std::uint64_t offset) {
       *reinterpret_cast<std::uint32_t*>(c.scratch_area().data() + offset));
 }
 
+// A peer: this program run with `args` (after /proc/self/exe), placed as a peer,
+// its stdout on a pipe. Returns the pid once it said "ready", or -1.
+pid_t start_peer(std::vector<std::string> args) {
+  int out[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) std::abort();
+  args.insert(args.begin(), "/proc/self/exe");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    place_peer();
+    ::dup2(out[1], 1);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  char ready[6] = {};
+  const bool started = ::read(out[0], ready, 6) == 6;
+  ::close(out[0]);
+  if (started) return child;
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  return -1;
+}
+
+void say_ready() {
+  std::printf("ready\n");
+  std::fflush(stdout);
+}
+
 // The peer: opens the two events, then bounces until the stop flag is set.
 int run_peer(int argc, char** argv) {
   if (argc != 7) return 64;
@@ -247,8 +296,7 @@ int run_peer(int argc, char** argv) {
   auto pong = c->open_event(argv[4]);
   if (!ping || !pong) return 2;
   auto stop = stop_flag(*c, std::strtoull(argv[5], nullptr, 10));
-  std::printf("ready\n");
-  std::fflush(stdout);
+  say_ready();
   for (;;) {
     if (!ping->wait()) return 3;
     if (stop.load() != 0) return 0;
@@ -273,27 +321,10 @@ void BM_EventPingPong(benchmark::State& state) {
     state.SkipWithError("create");
     return;
   }
-  int out[2];
-  if (::pipe2(out, O_CLOEXEC) != 0) std::abort();
-  std::string args[] = {"/proc/self/exe", "--peer",  std::to_string(state.range(0)),
-                        ping_name,        pong_name, std::to_string(block->offset()),
-                        bench_directory()};
-  char* argv[] = {args[0].data(), args[1].data(), args[2].data(), args[3].data(),
-                  args[4].data(), args[5].data(), args[6].data(), nullptr};
-  const pid_t child = ::fork();
-  if (child == 0) {
-    place_peer();
-    ::dup2(out[1], 1);
-    ::execv(argv[0], argv);
-    ::_exit(127);
-  }
-  ::close(out[1]);
-  char ready[6] = {};
-  if (::read(out[0], ready, 6) != 6) {
+  const pid_t child = start_peer({"--peer", std::to_string(state.range(0)), ping_name, pong_name,
+                                  std::to_string(block->offset()), bench_directory()});
+  if (child < 0) {
     state.SkipWithError("peer did not start");
-    ::kill(child, SIGKILL);
-    ::waitpid(child, nullptr, 0);
-    ::close(out[0]);
     return;
   }
   for (auto _ : state) {
@@ -303,7 +334,6 @@ void BM_EventPingPong(benchmark::State& state) {
   stop_flag(*c, block->offset()).store(1);
   ping->signal();
   ::waitpid(child, nullptr, 0);
-  ::close(out[0]);
 }
 BENCHMARK(BM_EventPingPong)->Arg(0)->Arg(50)->UseRealTime();
 
@@ -355,10 +385,293 @@ void BM_RawUdsRoundTrip(benchmark::State& state) {
 }
 BENCHMARK(BM_RawUdsRoundTrip)->Arg(64)->UseRealTime();
 
+// ---- mutexes, semaphores, wait-all ---------------------------------------------------
+
+// A process-shared robust pthread mutex in shared memory, as a user would set one
+// up between processes.
+struct robust_mutex {
+  pthread_mutex_t m;
+  robust_mutex() {
+    pthread_mutexattr_t a;
+    ::pthread_mutexattr_init(&a);
+    ::pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    ::pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    ::pthread_mutex_init(&m, &a);
+    ::pthread_mutexattr_destroy(&a);
+  }
+  ~robust_mutex() { ::pthread_mutex_destroy(&m); }
+  robust_mutex(const robust_mutex&) = delete;
+  robust_mutex& operator=(const robust_mutex&) = delete;
+  void lock() {
+    if (::pthread_mutex_lock(&m) == EOWNERDEAD) ::pthread_mutex_consistent(&m);
+  }
+  void unlock() { ::pthread_mutex_unlock(&m); }
+};
+
+// Shared memory for `T`s built in place, unmapped (after destruction) at scope end.
+template <class T>
+class shared_objects {
+ public:
+  explicit shared_objects(std::size_t n) : n_(n) {
+    void* mem =
+        ::mmap(nullptr, sizeof(T) * n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) std::abort();
+    objects_ = static_cast<T*>(mem);
+    for (std::size_t i = 0; i < n; ++i) new (&objects_[i]) T;
+  }
+  ~shared_objects() {
+    for (std::size_t i = 0; i < n_; ++i) objects_[i].~T();
+    ::munmap(objects_, sizeof(T) * n_);
+  }
+  shared_objects(const shared_objects&) = delete;
+  shared_objects& operator=(const shared_objects&) = delete;
+  T& operator[](std::size_t i) { return objects_[i]; }
+
+ private:
+  std::size_t n_;
+  T* objects_;
+};
+
+// An unnamed process-shared POSIX semaphore with count 1.
+struct shared_sem {
+  sem_t s;
+  shared_sem() { ::sem_init(&s, 1, 1); }
+  ~shared_sem() { ::sem_destroy(&s); }
+  shared_sem(const shared_sem&) = delete;
+  shared_sem& operator=(const shared_sem&) = delete;
+};
+
+// A connected client for the in-process benchmarks (its daemon placed as a peer).
+std::optional<client> bench_client(benchmark::State& state) {
+  auto c = as_peer([] { return client::connect(bench_options(std::chrono::microseconds(50))); });
+  if (!c) {
+    state.SkipWithError(("connect: " + c.error().message()).c_str());
+    return std::nullopt;
+  }
+  return std::move(*c);
+}
+
+void BM_Mutex_Uncontended(benchmark::State& state) {
+  auto c = bench_client(state);
+  if (!c) return;
+  auto m = c->create_mutex();
+  if (!m) {
+    state.SkipWithError("create");
+    return;
+  }
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(m->wait());
+    benchmark::DoNotOptimize(m->release());
+  }
+}
+BENCHMARK(BM_Mutex_Uncontended);
+
+void BM_RobustPthreadMutex_Uncontended(benchmark::State& state) {
+  shared_objects<robust_mutex> m(1);
+  for (auto _ : state) {
+    m[0].lock();
+    m[0].unlock();
+  }
+}
+BENCHMARK(BM_RobustPthreadMutex_Uncontended);
+
+void BM_StdMutex_Uncontended(benchmark::State& state) {
+  std::mutex m;
+  for (auto _ : state) {
+    m.lock();
+    m.unlock();
+  }
+}
+BENCHMARK(BM_StdMutex_Uncontended);
+
+// Both processes take the mutex, note who held it last, and release, over and
+// over. A take by one process after the other's is a handoff.
+struct contention_record {
+  std::atomic<std::uint32_t> stop{0};
+  std::atomic<std::uint32_t> last_holder{0};  // 1: the benchmark, 2: the peer
+};
+
+template <class Take, class Give>
+void contended_loop(benchmark::State& state, contention_record& record, Take take, Give give) {
+  std::int64_t handoffs = 0;
+  for (auto _ : state) {
+    take();
+    if (record.last_holder.load(std::memory_order_relaxed) != 1) {
+      record.last_holder.store(1, std::memory_order_relaxed);
+      ++handoffs;
+    }
+    give();
+  }
+  state.counters["handoffs"] = benchmark::Counter(
+      static_cast<double>(handoffs) / static_cast<double>(std::max<std::int64_t>(
+                                          1, static_cast<std::int64_t>(state.iterations()))));
+}
+
+template <class Take, class Give>
+void peer_contention_loop(contention_record& record, Take take, Give give) {
+  while (record.stop.load(std::memory_order_relaxed) == 0) {
+    take();
+    record.last_holder.store(2, std::memory_order_relaxed);
+    give();
+  }
+}
+
+// The mutex peer: opens the mutex and contends for it until the stop flag is set.
+int run_mutex_peer(int argc, char** argv) {
+  if (argc != 5) return 64;
+  peer_directory = argv[4];
+  auto c = client::connect(bench_options(std::chrono::microseconds(50)));
+  if (!c) return 1;
+  auto m = c->open_mutex(argv[2]);
+  if (!m) return 2;
+  auto* record = reinterpret_cast<contention_record*>(c->scratch_area().data() +
+                                                      std::strtoull(argv[3], nullptr, 10));
+  say_ready();
+  peer_contention_loop(
+      *record, [&] { (void)m->wait(); }, [&] { (void)m->release(); });
+  return 0;
+}
+
+void BM_Mutex_Contended(benchmark::State& state) {
+  auto c = bench_client(state);
+  if (!c) return;
+  static int round = 0;
+  const std::string name = "contended-" + std::to_string(++round);
+  auto m = c->create_mutex(false, name);
+  auto block = c->store_scratch(sizeof(contention_record));
+  if (!m || !block) {
+    state.SkipWithError("create");
+    return;
+  }
+  auto* record = new (block->data().data()) contention_record;
+  const pid_t child =
+      start_peer({"--peer-mutex", name, std::to_string(block->offset()), bench_directory()});
+  if (child < 0) {
+    state.SkipWithError("peer did not start");
+    return;
+  }
+  contended_loop(
+      state, *record, [&] { (void)m->wait(); }, [&] { (void)m->release(); });
+  record->stop.store(1);
+  ::waitpid(child, nullptr, 0);
+}
+BENCHMARK(BM_Mutex_Contended)->UseRealTime();
+
+void BM_RobustPthreadMutex_Contended(benchmark::State& state) {
+  shared_objects<robust_mutex> m(1);
+  shared_objects<contention_record> record(1);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    place_peer();
+    peer_contention_loop(
+        record[0], [&] { m[0].lock(); }, [&] { m[0].unlock(); });
+    ::_exit(0);
+  }
+  contended_loop(
+      state, record[0], [&] { m[0].lock(); }, [&] { m[0].unlock(); });
+  record[0].stop.store(1);
+  ::waitpid(child, nullptr, 0);
+}
+BENCHMARK(BM_RobustPthreadMutex_Contended)->UseRealTime();
+
+void BM_Semaphore_ReleaseWait(benchmark::State& state) {
+  auto c = bench_client(state);
+  if (!c) return;
+  auto s = c->create_semaphore(0, 1);
+  if (!s) {
+    state.SkipWithError("create");
+    return;
+  }
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(s->release());
+    benchmark::DoNotOptimize(s->wait());
+  }
+}
+BENCHMARK(BM_Semaphore_ReleaseWait);
+
+void BM_PosixSem_PostWait(benchmark::State& state) {
+  shared_objects<shared_sem> s(1);
+  ::sem_wait(&s[0].s);  // from 1 to 0, as the handle semaphore starts
+  for (auto _ : state) {
+    ::sem_post(&s[0].s);
+    while (::sem_wait(&s[0].s) != 0) {
+    }
+  }
+}
+BENCHMARK(BM_PosixSem_PostWait);
+
+void BM_WaitAll_Semaphores(benchmark::State& state) {
+  auto c = bench_client(state);
+  if (!c) return;
+  const auto n = static_cast<std::size_t>(state.range(0));
+  std::vector<semaphore> sems;
+  std::vector<const object*> set;
+  for (std::size_t i = 0; i < n; ++i) {
+    auto s = c->create_semaphore(1, 1);
+    if (!s) {
+      state.SkipWithError("create");
+      return;
+    }
+    sems.push_back(std::move(*s));
+  }
+  for (const auto& s : sems) set.push_back(&s);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(c->wait_all(set));
+    for (const auto& s : sems) benchmark::DoNotOptimize(s.release());
+  }
+}
+BENCHMARK(BM_WaitAll_Semaphores)->DenseRange(2, 4);
+
+void BM_PosixSem_OneByOne(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  shared_objects<shared_sem> s(n);
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < n; ++i) {
+      while (::sem_wait(&s[i].s) != 0) {
+      }
+    }
+    for (std::size_t i = 0; i < n; ++i) ::sem_post(&s[i].s);
+  }
+}
+BENCHMARK(BM_PosixSem_OneByOne)->DenseRange(2, 4);
+
+void BM_WaitAll_Mutexes(benchmark::State& state) {
+  auto c = bench_client(state);
+  if (!c) return;
+  const auto n = static_cast<std::size_t>(state.range(0));
+  std::vector<mutex> mutexes;
+  std::vector<const object*> set;
+  for (std::size_t i = 0; i < n; ++i) {
+    auto m = c->create_mutex();
+    if (!m) {
+      state.SkipWithError("create");
+      return;
+    }
+    mutexes.push_back(std::move(*m));
+  }
+  for (const auto& m : mutexes) set.push_back(&m);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(c->wait_all(set));
+    for (const auto& m : mutexes) benchmark::DoNotOptimize(m.release());
+  }
+}
+BENCHMARK(BM_WaitAll_Mutexes)->DenseRange(2, 4);
+
+void BM_RobustPthreadMutex_OneByOne(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  shared_objects<robust_mutex> m(n);
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < n; ++i) m[i].lock();
+    for (std::size_t i = 0; i < n; ++i) m[i].unlock();
+  }
+}
+BENCHMARK(BM_RobustPthreadMutex_OneByOne)->DenseRange(2, 4);
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc >= 2 && std::strcmp(argv[1], "--peer") == 0) return run_peer(argc, argv);
+  if (argc >= 2 && std::strcmp(argv[1], "--peer-mutex") == 0) return run_mutex_peer(argc, argv);
   ::signal(SIGPIPE, SIG_IGN);
   if (chosen_placement() != placement::free) pin_to(0);
   benchmark::Initialize(&argc, argv);

@@ -34,6 +34,7 @@ int usage() {
       "actions:\n"
       "  list                          every object: handle, type, references, value, name\n"
       "  stats                         the daemon's table, scratch and client counts\n"
+      "  clients                       every connected client: pid, uid, what it holds\n"
       "  create TYPE [NAME] [--signalled] [--owned] [--initial N] [--max N] [--hold MS]\n"
       "                                TYPE: manual-event, auto-event, mutex, semaphore;\n"
       "                                without --hold the object dies when uipcctl exits\n"
@@ -78,6 +79,17 @@ int list(client& c) {
   for (const auto& e : *entries) {
     std::printf("%-12s %-13s %5u %10u  %s\n", to_string(e.handle).c_str(), to_string(e.type),
                 e.refcount, e.value, e.name.c_str());
+  }
+  return exit_ok;
+}
+
+int clients(client& c) {
+  auto all = c.clients();
+  if (!all) return fail("clients", all.error());
+  std::printf("%-8s %8s %6s %8s %8s\n", "SESSION", "PID", "UID", "HANDLES", "SCRATCH");
+  for (const auto& e : *all) {
+    std::printf("%-8llu %8d %6u %8u %8u\n", static_cast<unsigned long long>(e.session), e.pid, e.uid,
+                e.handles, e.scratch_blocks);
   }
   return exit_ok;
 }
@@ -266,13 +278,14 @@ int run_handles(std::span<char* const> args) {
   if (i >= args.size()) return usage();
   const std::string_view action = args[i];
   const auto rest = args.subspan(i + 1);
-  constexpr std::string_view actions[] = {"list",  "stats",   "create", "signal",
-                                          "reset", "release", "wait",   "close"};
+  constexpr std::string_view actions[] = {"list",  "stats",   "clients", "create", "signal",
+                                          "reset", "release", "wait",    "close"};
   if (std::find(std::begin(actions), std::end(actions), action) == std::end(actions))
     return usage();
   auto c = client::connect(options);
   if (!c) return fail("connect", c.error());
   if (action == "list") return list(*c);
+  if (action == "clients") return clients(*c);
   if (action == "stats") return stats(*c);
   if (action == "create") return create(*c, rest);
   if (action == "signal") return signal_or_reset(*c, rest, true);

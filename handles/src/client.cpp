@@ -15,6 +15,7 @@
 #include <optional>
 #include <thread>
 
+#include "owned_mutexes.hpp"
 #include "session.hpp"
 #include "uipc/proto/handles.pb.h"
 
@@ -239,6 +240,9 @@ result<object> client::create(object_type type, std::string_view name, bool init
   if (!reply) return reply.error();
   pb::HandleReply out;
   if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  // A mutex created owned is this thread's from the start: its exit abandons it.
+  if (type == object_type::mutex && initial && !out.existed())
+    detail::note_mutex_owned(session_->map->view, out.handle().index(), detail::self());
   return object(session_, {out.handle().index(), out.handle().generation()},
                 static_cast<object_type>(out.type()), out.existed());
 }
@@ -465,6 +469,20 @@ result<daemon_stats> client::stats() {
   s.mutexes_abandoned = out.mutexes_abandoned();
   s.daemon_pid = out.daemon_pid();
   return s;
+}
+
+result<std::vector<client_info>> client::clients() {
+  if (!session_) return make_error_code(errc::daemon_lost);
+  auto reply = session_->call(request_type::clients, pb::ClientsRequest{}.SerializeAsString());
+  if (!reply) return reply.error();
+  pb::ClientsReply out;
+  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  std::vector<client_info> all;
+  all.reserve(static_cast<std::size_t>(out.clients_size()));
+  for (const auto& e : out.clients()) {
+    all.push_back({e.session(), e.pid(), e.uid(), e.handles(), e.scratch_blocks()});
+  }
+  return all;
 }
 
 // ---- objects ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ enum class request_type : std::uint32_t {
   scratch_free = 6,
   list = 7,
   stats = 8,
+  clients = 9,
 };
 
 inline constexpr std::size_t max_request_frame = 64 * 1024;

@@ -132,6 +132,11 @@ error_code reset_event(slot& s);
 result<std::uint32_t> release_semaphore(slot& s, std::uint32_t count);
 error_code release_mutex(slot& s);
 
+/// Abandons mutex `s` if the thread `owner` holds it (whatever its recursion):
+/// the next owner is told, and a waiter is woken. For a thread that exits
+/// holding it (see owned_mutexes.hpp). Returns whether it did.
+bool abandon_if_owned_by(slot& s, self_id owner) noexcept;
+
 /// One object of a wait set.
 struct wait_target {
   slot* s;
@@ -191,6 +196,10 @@ extern void (*release_step_hook)(int step);
 /// Makes waits on several objects use the fallback for kernels without
 /// futex_waitv (tests; also chosen at run time when futex_waitv fails).
 void force_waitv_fallback(bool on) noexcept;
+/// The longest a wait sleeps before it looks whether the daemon (and, for a
+/// mutex, the owning thread) still lives; 1 s. Tests lengthen it to prove that
+/// a wake comes from the event itself, not from a later look.
+void set_sleep_slice(std::chrono::nanoseconds slice) noexcept;
 
 /// Whether `pid` names a live process (not a zombie).
 bool process_alive(std::int32_t pid);

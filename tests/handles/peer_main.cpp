@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "uipc/handles/client.hpp"
@@ -83,6 +84,21 @@ int main(int argc, char** argv) {
     auto r = m->wait();
     if (!r) return 4;
     say("owned");
+    hold_until_stdin_closes();
+    return 0;
+  }
+  if (command == "thread-own-mutex" && args.size() == 1) {
+    // A thread takes the mutex and exits holding it; the process lives on.
+    auto m = c->create_mutex(false, args[0]);
+    if (!m) return 4;
+    bool taken = false;
+    std::thread owner([&] {
+      auto r = m->wait();
+      taken = r && *r == wait_status::signalled;
+    });
+    owner.join();
+    if (!taken) return 4;
+    say("thread-exited");
     hold_until_stdin_closes();
     return 0;
   }

@@ -1,4 +1,5 @@
 // uipcctl's handles subcommand, run as a program against a daemon it starts.
+#include <algorithm>
 #include <gtest/gtest.h>
 
 #include "handles_support.hpp"
@@ -66,6 +67,11 @@ TEST_F(UipcctlTest, HandlesSubcommandDrivesAnObjectEndToEnd) {
   std::string stats;
   EXPECT_EQ(run(loc, {"stats"}, &stats), 0);
   EXPECT_NE(stats.find("handles            1 in use"), std::string::npos) << stats;
+  // The holder and the asking uipcctl itself.
+  std::string clients;
+  EXPECT_EQ(run(loc, {"clients"}, &clients), 0);
+  EXPECT_NE(clients.find(" " + std::to_string(holder.pid()) + " "), std::string::npos) << clients;
+  EXPECT_EQ(std::count(clients.begin(), clients.end(), '\n'), 3) << clients;  // header + 2
 
   // The reference belongs to the holder: another process cannot close it.
   EXPECT_EQ(run(loc, {"close", handle}), 3);

@@ -59,6 +59,15 @@ struct handle_info {
   std::uint32_t value = 0;  ///< event: signalled 0/1; semaphore: count; mutex: owner tid (0: free)
 };
 
+/// One entry of client::clients(): a connection to the daemon.
+struct client_info {
+  std::uint64_t session = 0;  ///< the daemon's number for the connection
+  std::int32_t pid = 0;       ///< as the kernel reported it at connect time
+  std::uint32_t uid = 0;
+  std::uint32_t handles = 0;  ///< distinct objects it holds references on
+  std::uint32_t scratch_blocks = 0;
+};
+
 /// A reference to a kernel object. Move-only; the destructor closes the reference
 /// (a round trip to the daemon), and the object dies with its last reference in
 /// any process. Threading: one object may be used from several threads at once
@@ -237,6 +246,8 @@ class client {
   /// Like every control call: errc::daemon_timeout after options.call_timeout.
   result<std::vector<handle_info>> list();
   result<daemon_stats> stats();
+  /// Every client connected to the daemon (this one included).
+  result<std::vector<client_info>> clients();
 
   /// The daemon's pid; whether it is still there (false once its process is
   /// gone, even killed with SIGKILL and with nobody waiting: checked through a
