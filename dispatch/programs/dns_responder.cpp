@@ -30,14 +30,14 @@ class answer_loop {
  public:
   explicit answer_loop(dispatch::listener l) : listener_(std::move(l)) {}
   void start() {
-    listener_.async_receive([this](error_code ec, event ev) { on_event(ec, std::move(ev)); });
+    listener_.async_receive([this](error_code ec, event ev) { on_event(ec, ev); });
   }
   /// Detaches the listener; a pending receive completes (operation_aborted)
   /// on the loop and still uses this object.
   void stop() noexcept { listener_.detach(); }
 
  private:
-  void on_event(error_code ec, event ev) {
+  void on_event(error_code ec, event& ev) {  // by reference: no move on the hot path
     if (ec == dispatch::errc::no_buffers) {
       std::fprintf(stderr, "uipc-dns-responder: receive buffers ran out, queries dropped\n");
     } else if (ec) {

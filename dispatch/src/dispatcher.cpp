@@ -120,14 +120,17 @@ namespace detail {
 // `ref` was taken when the operation was initiated; it keeps the party (and so
 // the dispatcher) alive until here, even when the handle detached in between:
 // the engine then refuses with errc::detached. Released on return.
-void start_receive(party_ref ref, receive_handler handler) {
-  party* const p = ref.get();
+void start_receive(party_ref ref, receive_handler handler, bool loop_executor) {
+  start_receive(ref.get(), std::move(handler), loop_executor);
+}
+
+void start_receive(party* p, receive_handler handler, bool loop_executor) {
   if (p == nullptr) {
     // An empty handle has no loop to post to: the one completion that runs inline.
     std::move(handler)(make_error_code(errc::detached), event{});
     return;
   }
-  p->engine_->start_receive(p, std::move(handler));
+  p->engine_->start_receive(p, std::move(handler), loop_executor);
 }
 
 void start_send(party_ref ref, const udp::endpoint* to, std::span<const std::byte> message,
@@ -252,6 +255,7 @@ result<void> engine::open(const udp::endpoint& local) {
     s->addresses.resize(batch);
     s->send_headers.resize(64);
     s->send_vectors.resize(64);
+    s->batch_replies.reserve(batch);
     sockets_.push_back(std::move(s));
   }
   idle_sockets_.store(count);
@@ -259,7 +263,7 @@ result<void> engine::open(const udp::endpoint& local) {
 }
 
 void engine::close() noexcept {
-  std::deque<queued_message> dropped;
+  fifo<queued_message> dropped;
   {
     std::lock_guard lock(mutex_);
     closed_ = true;
@@ -270,7 +274,7 @@ void engine::close() noexcept {
     timer_.cancel();
   }
   for (auto& s : sockets_) {
-    std::deque<outgoing> unsent;
+    fifo<outgoing> unsent;
     {
       std::lock_guard io(s->io_mutex);
       s->closed = true;

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/container/static_vector.hpp>
 #include <cerrno>
 #include <deque>
 #include <memory>
@@ -46,6 +47,48 @@ struct id_key_hash {
   std::size_t operator()(const id_key& k) const noexcept;
 };
 
+/// A first-in first-out queue over one vector: unlike std::deque, which
+/// allocates and frees a block every few elements as it goes round, it
+/// allocates only when it grows past its largest size so far (the hot paths
+/// push and pop one element per datagram).
+template <class T>
+class fifo {
+ public:
+  bool empty() const noexcept { return head_ == items_.size(); }
+  std::size_t size() const noexcept { return items_.size() - head_; }
+  T& front() noexcept { return items_[head_]; }
+  T& operator[](std::size_t i) noexcept { return items_[head_ + i]; }
+  T* begin() noexcept { return items_.data() + head_; }
+  T* end() noexcept { return items_.data() + items_.size(); }
+  /// May throw (bad_alloc) when it must grow; the queue is then unchanged.
+  void push_back(T&& item) {
+    if (items_.size() == items_.capacity() && head_ != 0) compact();
+    items_.push_back(std::move(item));
+  }
+  void pop_front() noexcept {
+    items_[head_++] = T{};  // what the element owns (a buffer) goes back now
+    if (head_ == items_.size()) clear();
+  }
+  void clear() noexcept {
+    items_.clear();
+    head_ = 0;
+  }
+  void swap(fifo& other) noexcept {
+    items_.swap(other.items_);
+    std::swap(head_, other.head_);
+  }
+
+ private:
+  // Moves the live elements to the front: no allocation (the capacity stays).
+  void compact() noexcept {
+    std::move(items_.begin() + static_cast<std::ptrdiff_t>(head_), items_.end(), items_.begin());
+    items_.erase(items_.end() - static_cast<std::ptrdiff_t>(head_), items_.end());
+    head_ = 0;
+  }
+  std::vector<T> items_;
+  std::size_t head_ = 0;
+};
+
 /// A received datagram that waits in a queue; it becomes an event when delivered.
 struct queued_message {
   pooled_buffer buffer;
@@ -78,9 +121,10 @@ class party {
   bool attached_ = true;
   bool lent_ = false;  // an event is out with the application
   bool shutdown_delivered_ = false;
-  bool idle_ = false;       // listed in engine::idle_listeners_
-  receive_handler waiter_;  // a pending async_receive
-  error_code pending_;      // timed_out (responses) or no_buffers (listeners), not yet delivered
+  bool idle_ = false;                  // listed in engine::idle_listeners_
+  receive_handler waiter_;             // a pending async_receive
+  bool waiter_loop_executor_ = false;  // it has no executor of its own (see invoke)
+  error_code pending_;  // timed_out (responses) or no_buffers (listeners), not yet delivered
   std::vector<queued_message>
       queue_;  // responses: replies waiting (short: bounded, and no allocation when empty)
   // Responses only:
@@ -102,10 +146,33 @@ struct completion {
   receive_handler handler;
   error_code ec;
   event ev;
+  bool loop_executor = false;  // the handler has no executor of its own
 };
 
 /// A datagram waiting to be sent.
 struct outgoing {
+  outgoing() = default;
+  outgoing(const udp::endpoint& destination, const std::byte* bytes, std::size_t length,
+           pooled_buffer owned, send_handler completion) noexcept
+      : to(destination), data(bytes), size(length), buffer(std::move(owned)) {
+    handler.swap(completion);
+  }
+  outgoing(outgoing&&) noexcept = default;
+  // By hand: Boost 1.81's any_completion_handler move assignment wraps the
+  // source in a new handler instead of taking it over; swap does take it over.
+  outgoing& operator=(outgoing&& other) noexcept {
+    to = other.to;
+    data = other.data;
+    size = other.size;
+    buffer = std::move(other.buffer);
+    handler = nullptr;
+    handler.swap(other.handler);
+    return *this;
+  }
+  outgoing(const outgoing&) = delete;
+  outgoing& operator=(const outgoing&) = delete;
+  ~outgoing() = default;
+
   udp::endpoint to;
   const std::byte* data = nullptr;
   std::size_t size = 0;
@@ -127,18 +194,39 @@ struct socket_state {
   bool closed = false;
   bool write_wait = false;
   bool flush_posted = false;
-  std::deque<outgoing> send_queue;
+  fifo<outgoing> send_queue;
+  // Replies made inside this socket's receive batch by the thread running it:
+  // no lock per reply; touched only by that thread, whose flush at the batch's
+  // end sends them or hands them to the send queue.
+  std::vector<outgoing> batch_replies;
   // Receive side: touched only by the one receive running on this socket.
   std::vector<pooled_buffer> buffers;
   std::vector<mmsghdr> headers;
   std::vector<iovec> vectors;
   std::vector<sockaddr_storage> addresses;
   std::vector<completion> delivered;  // a batch's completions (kept: its capacity is reused)
+  std::size_t receive_hint = 0;       // buffers for a wake-up's first read (0: max_receives)
   // Send side, under io_mutex.
   std::vector<mmsghdr> send_headers;
   std::vector<iovec> send_vectors;
   bool receiving = false;  // guarded by the engine's mutex
 };
+
+/// What a flush did: completions to post, buffers given back, a socket error.
+struct send_results {
+  struct done_send {
+    send_handler handler;
+    error_code ec;
+  };
+  std::vector<done_send> done;
+  std::uint32_t returned = 0;
+  error_code socket_error;
+};
+
+/// Sockets to arm after a restart decision: at most 64 (dispatcher::create
+/// refuses more), kept on the stack, so that deciding never allocates (a
+/// bad_alloc there would leave a socket marked receiving and never armed).
+using sockets_to_arm = boost::container::static_vector<socket_state*, 64>;
 
 class engine : public std::enable_shared_from_this<engine> {
  public:
@@ -154,7 +242,7 @@ class engine : public std::enable_shared_from_this<engine> {
   void detach(party* p) noexcept;
   void cancel(party* p) noexcept;
 
-  void start_receive(party* p, receive_handler handler);
+  void start_receive(party* p, receive_handler handler, bool loop_executor);
   void start_send(party* p, const udp::endpoint& to, std::span<const std::byte> message,
                   send_handler handler);
   result<void> send_copy(party* p, std::span<const std::byte> message);
@@ -176,7 +264,7 @@ class engine : public std::enable_shared_from_this<engine> {
   bool deliverable_locked(const party& p) const noexcept;
   void collect_locked(party& p, completions& out);
   void make_ready_locked(party& p, completions& out);
-  void restart_locked(std::vector<socket_state*>& to_arm, completions& out);
+  void restart_locked(sockets_to_arm& to_arm, completions& out);
   std::uint16_t next_random_locked();
   result<std::uint16_t> allocate_id_locked(const peer_key& peer);
   void classify_locked(socket_state& s, int count, completions& out);
@@ -188,17 +276,20 @@ class engine : public std::enable_shared_from_this<engine> {
   void arm(socket_state& s);
   void on_readable(socket_state& s, error_code ec);
   void restart_if_needed(bool from_loop);
-  void restart(bool from_loop);
+  void restart(bool from_loop, socket_state* stopped = nullptr);
   socket_state& send_socket() noexcept;
   /// False when refused (socket closed, or shutting down): the completion is
   /// posted with the reason and an owned buffer goes back.
   bool enqueue(socket_state& s, outgoing&& out);
-  void flush(socket_state& s);
+  /// `batch_end`: called by the thread that runs s's receive batch, at its end:
+  /// the batch's replies go too.
+  void flush(socket_state& s, bool batch_end = false);
+  std::size_t send_locked(socket_state& s, outgoing* items, std::size_t count, send_results& r);
   void link_timeout_locked(party& p, std::chrono::steady_clock::duration timeout);
   void unlink_timeout_locked(party& p) noexcept;
   void arm_timer_locked();
   void on_timer();
-  void invoke(completion& c);
+  void invoke(completion& c, bool on_loop);
   void buffers_returned() noexcept;
 
   boost::asio::io_context& ctx_;
@@ -215,7 +306,7 @@ class engine : public std::enable_shared_from_this<engine> {
   std::unordered_map<peer_key, std::uint32_t, peer_key_hash> per_peer_;
   std::vector<party*> listeners_;
   std::deque<party*> idle_listeners_;
-  std::deque<queued_message> queries_;
+  fifo<queued_message> queries_;
   std::uint32_t lent_buffers_ = 0;
   std::uint64_t next_serial_ = 1;
   std::size_t error_event_turn_ = 0;

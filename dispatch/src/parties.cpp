@@ -65,8 +65,7 @@ result<response> engine::add_response(dispatcher& owner, const udp::endpoint& pe
     return make_error_code(asio::error::address_family_not_supported);
   auto p = std::make_unique<party>(*this, ref_ptr<dispatcher>(&owner), party::role::response);
   p->peer_ = peer;
-  std::vector<socket_state*> to_arm;
-  to_arm.reserve(sockets_.size());  // restart_locked below then cannot throw
+  sockets_to_arm to_arm;
   completions out;
   out.reserve(1);
   {
@@ -102,8 +101,7 @@ result<response> engine::add_response(dispatcher& owner, const udp::endpoint& pe
 
 result<listener> engine::add_listener(dispatcher& owner) {
   auto p = std::make_unique<party>(*this, ref_ptr<dispatcher>(&owner), party::role::listener);
-  std::vector<socket_state*> to_arm;
-  to_arm.reserve(sockets_.size());
+  sockets_to_arm to_arm;
   completions out;
   out.reserve(1);  // restart_locked's one possible no_buffers event
   {
@@ -131,50 +129,66 @@ bool engine::deliverable_locked(const party& p) const noexcept {
 // listener's no_buffers before the queries that hold the buffers), then shutdown.
 void engine::collect_locked(party& p, completions& out) {
   if (!p.waiter_ || p.lent_ || !p.attached_) return;
+  enum class source : std::uint8_t { no_buffers, query, reply, timeout, shutdown };
+  source from;
+  if (p.role_ == party::role::listener && p.pending_) {
+    from = source::no_buffers;
+  } else if (p.role_ == party::role::listener && !queries_.empty()) {
+    from = source::query;
+  } else if (p.role_ == party::role::response && !p.queue_.empty()) {
+    from = source::reply;
+  } else if (p.pending_) {
+    from = source::timeout;
+  } else if (shutting_down_ && !p.shutdown_delivered_) {
+    from = source::shutdown;
+  } else {
+    return;
+  }
   // The one allocation, before any state changes: on bad_alloc the event stays
-  // where it is, for a later collect.
+  // where it is, for a later collect. The event is then built in its place in
+  // the batch (it is moved once less on the hot path).
   if (out.size() == out.capacity()) out.reserve(out.size() * 2 + 1);
-  event ev;
-  error_code ec;
-  auto take_message = [&](auto& q) {
-    queued_message& m = q.front();
+  completion& c = out.emplace_back();
+  event& ev = c.ev;
+  auto take_message = [&](queued_message& m) {
     ev.buffer_ = std::move(m.buffer);
     ev.size_ = m.size;
     ev.peer_ = m.peer;
     ev.id_ = m.id;
     ev.socket_ = m.socket;
     ev.kind_ = event_kind::message;
-    if constexpr (requires { q.pop_front(); }) {
-      q.pop_front();
-    } else {
-      q.erase(q.begin());
-    }
     ++lent_buffers_;
   };
-  if (p.role_ == party::role::listener && p.pending_) {
-    ec = std::exchange(p.pending_, {});
-    ev.kind_ = event_kind::no_buffers;
-  } else if (p.role_ == party::role::listener && !queries_.empty()) {
-    take_message(queries_);
-  } else if (p.role_ == party::role::response && !p.queue_.empty()) {
-    take_message(p.queue_);
-  } else if (p.pending_) {
-    ec = std::exchange(p.pending_, {});
-    ev.kind_ = event_kind::timed_out;
-    ev.peer_ = p.peer_;
-    ev.id_ = p.key_.id;
-  } else if (shutting_down_ && !p.shutdown_delivered_) {
-    // The failsafe event: made from state the party already has (the event
-    // needs no allocation, and the receive it completes was allocated when
-    // the party asked for it).
-    p.shutdown_delivered_ = true;
-    ec = make_error_code(errc::shutting_down);
-    ev.kind_ = event_kind::shutdown;
-    ev.reason_ = reason_;
-    ev.peer_ = p.peer_;
-    ev.id_ = p.key_.id;
-  } else {
-    return;
+  switch (from) {
+    case source::no_buffers:
+      c.ec = std::exchange(p.pending_, {});
+      ev.kind_ = event_kind::no_buffers;
+      break;
+    case source::query:
+      take_message(queries_.front());
+      queries_.pop_front();
+      break;
+    case source::reply:
+      take_message(p.queue_.front());
+      p.queue_.erase(p.queue_.begin());
+      break;
+    case source::timeout:
+      c.ec = std::exchange(p.pending_, {});
+      ev.kind_ = event_kind::timed_out;
+      ev.peer_ = p.peer_;
+      ev.id_ = p.key_.id;
+      break;
+    case source::shutdown:
+      // The failsafe event: made from state the party already has (the event
+      // needs no allocation, and the receive it completes was allocated when
+      // the party asked for it).
+      p.shutdown_delivered_ = true;
+      c.ec = make_error_code(errc::shutting_down);
+      ev.kind_ = event_kind::shutdown;
+      ev.reason_ = reason_;
+      ev.peer_ = p.peer_;
+      ev.id_ = p.key_.id;
+      break;
   }
   if (p.idle_) {
     idle_listeners_.erase(std::find(idle_listeners_.begin(), idle_listeners_.end(), &p));
@@ -183,8 +197,8 @@ void engine::collect_locked(party& p, completions& out) {
   p.lent_ = true;
   add_ref(&p);  // the event's reference
   ev.party_ = &p;
-  out.push_back({std::move(p.waiter_), ec, std::move(ev)});
-  p.waiter_ = nullptr;
+  c.handler.swap(p.waiter_);
+  c.loop_executor = p.waiter_loop_executor_;
 }
 
 // After the party's state changed (a new waiter, an event returned): deliver
@@ -203,12 +217,17 @@ void engine::make_ready_locked(party& p, completions& out) {
 
 // Runs a completion now when its handler belongs on this thread (the common
 // case: a plain handler, the loop's own executor, called from the loop);
-// otherwise hands it to its executor.
-void engine::invoke(completion& c) {
+// otherwise hands it to its executor. `on_loop`: this thread runs the loop.
+void engine::invoke(completion& c, bool on_loop) {
+  if (on_loop && c.loop_executor) {
+    // Known when the receive started: no executor of its own to ask for.
+    std::move(c.handler)(c.ec, std::move(c.ev));
+    return;
+  }
   const auto mine = ctx_.get_executor();
   auto ex = asio::get_associated_executor(c.handler, mine);
   const auto* target = ex.target<asio::io_context::executor_type>();
-  if (target != nullptr && *target == mine && mine.running_in_this_thread()) {
+  if (target != nullptr && *target == mine && on_loop) {
     std::move(c.handler)(c.ec, std::move(c.ev));
   } else {
     asio::dispatch(ctx_, asio::append(std::move(c.handler), c.ec, std::move(c.ev)));
@@ -239,12 +258,11 @@ void engine::run_completions(completions& batch) {
       batch.clear();
     }
   } guard{this, batch, i};
-  // Handlers may append to `batch` (see make_ready_locked): index, and move
-  // each completion out before running it.
-  while (i < batch.size()) {
-    completion c(std::move(batch[i++]));
-    invoke(c);
-  }
+  const bool on_loop = ctx_.get_executor().running_in_this_thread();
+  // Handlers may append to `batch` (see make_ready_locked), which may move its
+  // elements: index it, and touch an element only until its handler starts
+  // (invoke moves the handler, code and event into the call before it runs).
+  while (i < batch.size()) invoke(batch[i++], on_loop);
 }
 
 void engine::post_completions(completions& batch) {
@@ -254,7 +272,7 @@ void engine::post_completions(completions& batch) {
   batch.clear();
 }
 
-void engine::start_receive(party* p, receive_handler handler) {
+void engine::start_receive(party* p, receive_handler handler, bool loop_executor) {
   completions out;
   error_code refuse;
   {
@@ -268,6 +286,7 @@ void engine::start_receive(party* p, receive_handler handler) {
     } else {
       // Not operator=: Boost 1.81's move assignment wraps the handler in itself.
       p->waiter_.swap(handler);
+      p->waiter_loop_executor_ = loop_executor;
       // An initiating function never completes inline: the event joins the
       // batch this thread is running (after the current handler), or is posted.
       if (!p->lent_ && deliverable_locked(*p)) {
@@ -291,7 +310,7 @@ void engine::return_event(event& ev) noexcept {
   ev.buffer_.reset();
   ev.size_ = 0;
   completions out;
-  std::vector<socket_state*> to_arm;
+  sockets_to_arm to_arm;
   {
     std::lock_guard lock(mutex_);
     if (had_buffer && !closed_) --lent_buffers_;
@@ -324,7 +343,7 @@ void engine::cancel(party* p) noexcept {
 void engine::detach(party* p) noexcept {
   receive_handler aborted;
   std::vector<queued_message> dropped;
-  std::deque<queued_message> dropped_queries;
+  fifo<queued_message> dropped_queries;
   {
     std::lock_guard lock(mutex_);
     p->attached_ = false;
@@ -459,7 +478,7 @@ void engine::fail(error_code reason, bool from_loop) {
   }
   // Sends that had not gone out will not.
   for (auto& s : sockets_) {
-    std::deque<outgoing> unsent;
+    fifo<outgoing> unsent;
     {
       std::lock_guard io(s->io_mutex);
       unsent.swap(s->send_queue);

@@ -28,7 +28,7 @@ namespace detail {
 // ---------------------------------------------------------------- receive
 
 // The seed's restart flow, for every socket with no receive running.
-void engine::restart_locked(std::vector<socket_state*>& to_arm, completions& out) {
+void engine::restart_locked(sockets_to_arm& to_arm, completions& out) {
   if (idle_sockets_.load(std::memory_order_relaxed) == 0) return;
   for (auto& s : sockets_) {
     if (s->receiving) continue;
@@ -45,7 +45,13 @@ void engine::restart_locked(std::vector<socket_state*>& to_arm, completions& out
       if (!p->pending_) {
         p->pending_ = make_error_code(errc::no_buffers);
         no_buffer_events_.fetch_add(1, std::memory_order_relaxed);
-        collect_locked(*p, out);
+        try {
+          collect_locked(*p, out);
+        } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch)
+          // The event stays pending in the party: it goes with the listener's
+          // next receive or returned event. The sockets decided above must
+          // still be armed, so nothing propagates from here.
+        }
       }
       return;
     }
@@ -57,11 +63,16 @@ void engine::restart_locked(std::vector<socket_state*>& to_arm, completions& out
 
 // `from_loop`: called from one of our completions, where a handler may run at
 // once; otherwise (from an application call) completions are posted.
-void engine::restart(bool from_loop) {
-  std::vector<socket_state*> to_arm;
+// `stopped`: a socket whose receive ends now, marked idle under the same lock.
+void engine::restart(bool from_loop, socket_state* stopped) {
+  sockets_to_arm to_arm;
   completions out;
   {
     std::lock_guard lock(mutex_);
+    if (stopped != nullptr) {
+      stopped->receiving = false;
+      idle_sockets_.fetch_add(1, std::memory_order_relaxed);
+    }
     restart_locked(to_arm, out);
   }
   for (auto* s : to_arm) arm(*s);
@@ -132,6 +143,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
       tl_batch_socket = outer;
       if (std::uncaught_exceptions() > exceptions) {
         try {
+          self->flush(s, true);  // the replies its handlers made before the throw
           {
             std::lock_guard lock(self->mutex_);
             s.receiving = false;
@@ -151,11 +163,17 @@ void engine::on_readable(socket_state& s, error_code ec) {
   // (the re-armed receive completes at once while data remains).
   for (int round = 0; round < 16 && !drained && !stopping_.load(std::memory_order_relaxed);
        ++round) {
+    // The first read of a wake-up takes as many buffers as the last wake-up's
+    // first read suggests, not the whole batch: each buffer taken and given back
+    // unused costs four atomic operations, which at a low rate (a datagram or
+    // two per wake-up) is most of the dispatcher's cost. A read that fills
+    // them all is followed by one with the whole batch.
+    const std::size_t want = round == 0 && s.receive_hint != 0 ? s.receive_hint : batch;
     std::size_t n = 0;
     // Counted before they are taken: another socket that finds the pool dry
     // meanwhile knows they are coming back (restart_locked).
-    in_batch_.fetch_add(batch, std::memory_order_seq_cst);
-    for (; n < batch; ++n) {
+    in_batch_.fetch_add(want, std::memory_order_seq_cst);
+    for (; n < want; ++n) {
       s.buffers[n] = pool_.try_acquire();
       if (!s.buffers[n]) break;
       s.vectors[n] = {s.buffers[n].data(), s.buffers[n].size()};
@@ -167,7 +185,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
       h.msg_iovlen = 1;
       s.headers[n].msg_len = 0;
     }
-    in_batch_.fetch_sub(batch - n, std::memory_order_seq_cst);
+    in_batch_.fetch_sub(want - n, std::memory_order_seq_cst);
     if (n == 0) break;  // the pool ran dry: restart_locked decides below
     int got;
     int err = 0;
@@ -203,12 +221,15 @@ void engine::on_readable(socket_state& s, error_code ec) {
       in_batch_.fetch_sub(n, std::memory_order_seq_cst);
     }
     run_completions(out);
-    flush(s);
+    flush(s, true);
+    if (round == 0) {
+      const auto read = static_cast<std::size_t>(got);
+      s.receive_hint = read == n ? batch : std::min(batch, 2 * read + 2);
+    }
     if (static_cast<std::size_t>(got) < n) drained = true;
   }
   guard.reset();
-  stop_receiving();
-  restart(true);
+  restart(true, &s);
 }
 
 // The seed's receive flow for one batch: short datagrams dropped, queries to

@@ -82,18 +82,33 @@ result<void> engine::reply(party* p, event&& ev, std::span<const std::byte> answ
       refused = make_error_code(errc::detached);
     else if (shutting_down_)
       refused = make_error_code(errc::shutting_down);
-    if (refused) --lent_buffers_;  // the buffer goes back below, not to the send queue
     owner->lent_ = false;
     make_ready_locked(*owner, ready);
+  }
+  if (!refused && tl_batch_socket == &s) {
+    // A reply from a handler of this socket's receive batch, on the thread
+    // that runs it (the usual answer loop): the batch's flush takes it, with
+    // no lock here. A shutdown meanwhile drops it there, as a queued send.
+    try {
+      s.batch_replies.emplace_back(held.peer_, held.buffer_.data(), answer.size(),
+                                   std::move(held.buffer_), send_handler{});
+    } catch (const std::bad_alloc&) {
+      refused = make_error_code(boost::system::errc::not_enough_memory);
+      std::lock_guard lock(mutex_);
+      if (!closed_) --lent_buffers_;
+    }
+  } else if (refused) {
+    std::lock_guard lock(mutex_);
+    if (!closed_) --lent_buffers_;  // the buffer goes back below, not to the send queue
   }
   if (refused) {
     held.buffer_.reset();
     restart_if_needed(false);
-  } else if (!enqueue(s, outgoing{held.peer_,
-                                  held.buffer_.data(),
-                                  answer.size(),
-                                  std::move(held.buffer_),
-                                  {}})) {
+  } else if (held.buffer_ && !enqueue(s, outgoing{held.peer_,
+                                                  held.buffer_.data(),
+                                                  answer.size(),
+                                                  std::move(held.buffer_),
+                                                  {}})) {
     refused = make_error_code(errc::shutting_down);
   }
   if (!ready.empty()) post_completions(ready);
@@ -156,77 +171,111 @@ bool engine::enqueue(socket_state& s, outgoing&& out) {
   return true;
 }
 
-void engine::flush(socket_state& s) {
-  struct done_send {
-    send_handler handler;
-    error_code ec;
-  };
-  std::vector<done_send> done;
-  std::uint32_t returned = 0;
-  error_code socket_error;
-  {
-    std::lock_guard io(s.io_mutex);
-    while (!s.send_queue.empty() && !s.closed && !s.write_wait) {
-      const std::size_t n = std::min(s.send_queue.size(), s.send_headers.size());
-      for (std::size_t i = 0; i < n; ++i) {
-        outgoing& o = s.send_queue[i];
-        s.send_vectors[i] = {const_cast<std::byte*>(o.data),
-                             o.size};  // NOLINT: iovec is not const-correct
-        auto& h = s.send_headers[i].msg_hdr;
-        h = {};
-        h.msg_name = o.to.data();
-        h.msg_namelen = static_cast<socklen_t>(o.to.size());
-        h.msg_iov = &s.send_vectors[i];
-        h.msg_iovlen = 1;
+// Sends items[0, count) with sendmmsg until all are consumed (sent, or failed
+// for their destination), the socket would block (a write wait is then armed)
+// or fails; returns how many were consumed. Each consumed item's buffer goes
+// back and its handler moves to `r`. Under s.io_mutex.
+std::size_t engine::send_locked(socket_state& s, outgoing* items, std::size_t count,
+                                send_results& r) {
+  std::size_t consumed = 0;
+  while (consumed < count && !s.closed && !s.write_wait && !r.socket_error) {
+    const std::size_t n = std::min(count - consumed, s.send_headers.size());
+    for (std::size_t i = 0; i < n; ++i) {
+      outgoing& o = items[consumed + i];
+      s.send_vectors[i] = {const_cast<std::byte*>(o.data),
+                           o.size};  // NOLINT: iovec is not const-correct
+      auto& h = s.send_headers[i].msg_hdr;
+      h = {};
+      h.msg_name = o.to.data();
+      h.msg_namelen = static_cast<socklen_t>(o.to.size());
+      h.msg_iov = &s.send_vectors[i];
+      h.msg_iovlen = 1;
+    }
+    const int sent =
+        ::sendmmsg(s.fd, s.send_headers.data(), static_cast<unsigned>(n), MSG_DONTWAIT);
+    if (sent < 0) {
+      const int err = errno;
+      if (err == EINTR) continue;
+      if (err == EAGAIN || err == EWOULDBLOCK || err == ENOBUFS) {
+        s.write_wait = true;
+        s.socket.async_wait(asio::socket_base::wait_write,
+                            [self = shared_from_this(), &s](error_code ec) {
+                              {
+                                std::lock_guard io(s.io_mutex);
+                                s.write_wait = false;
+                              }
+                              if (!ec) self->flush(s);
+                            });
+        break;
       }
-      const int sent =
-          ::sendmmsg(s.fd, s.send_headers.data(), static_cast<unsigned>(n), MSG_DONTWAIT);
-      if (sent < 0) {
-        const int err = errno;
-        if (err == EINTR) continue;
-        if (err == EAGAIN || err == EWOULDBLOCK || err == ENOBUFS) {
-          s.write_wait = true;
-          s.socket.async_wait(asio::socket_base::wait_write,
-                              [self = shared_from_this(), &s](error_code ec) {
-                                {
-                                  std::lock_guard io(s.io_mutex);
-                                  s.write_wait = false;
-                                }
-                                if (!ec) self->flush(s);
-                              });
-          break;
-        }
-        outgoing& o = s.send_queue.front();
-        send_errors_.fetch_add(1, std::memory_order_relaxed);
-        if (o.handler) done.push_back({std::move(o.handler), errno_code(err)});
-        if (o.buffer) ++returned;
-        s.send_queue.pop_front();
-        if (!per_destination_error(err)) {
-          socket_error = errno_code(err);
-          break;
-        }
-        continue;
-      }
-      sent_.fetch_add(static_cast<std::uint64_t>(sent), std::memory_order_relaxed);
-      for (int i = 0; i < sent; ++i) {
-        outgoing& o = s.send_queue.front();
-        if (o.handler) done.push_back({std::move(o.handler), {}});
-        if (o.buffer) ++returned;
-        s.send_queue.pop_front();  // gives the buffer back to the pool (lock-free)
-      }
+      outgoing& o = items[consumed++];
+      send_errors_.fetch_add(1, std::memory_order_relaxed);
+      if (o.handler) r.done.push_back({std::move(o.handler), errno_code(err)});
+      if (o.buffer) ++r.returned;
+      o.buffer.reset();
+      if (!per_destination_error(err)) r.socket_error = errno_code(err);
+      continue;
+    }
+    sent_.fetch_add(static_cast<std::uint64_t>(sent), std::memory_order_relaxed);
+    for (int i = 0; i < sent; ++i) {
+      outgoing& o = items[consumed++];
+      if (o.handler) r.done.push_back({std::move(o.handler), {}});
+      if (o.buffer) ++r.returned;
+      o.buffer.reset();  // gives the buffer back to the pool (lock-free)
     }
   }
-  if (returned != 0) {
+  return consumed;
+}
+
+void engine::flush(socket_state& s, bool batch_end) {
+  send_results r;
+  {
+    std::lock_guard io(s.io_mutex);
+    // The batch's replies belong to the thread running the batch: only its own
+    // flush takes them (a posted or write-ready flush may run on another thread).
+    if (batch_end && !s.batch_replies.empty()) {
+      std::size_t first_unsent = 0;
+      // Checked under io_mutex, as in enqueue(): fail() sets stopping_ before
+      // it empties the send queue under io_mutex, so a reply made before the
+      // shutdown does not go out after it.
+      if (s.closed || stopping_.load(std::memory_order_relaxed)) {
+        first_unsent = s.batch_replies.size();
+        r.returned += static_cast<std::uint32_t>(first_unsent);
+      } else if (s.send_queue.empty() && !s.write_wait) {
+        // Nothing queued before them: straight from the batch's array.
+        first_unsent = send_locked(s, s.batch_replies.data(), s.batch_replies.size(), r);
+      }
+      // Behind older sends, or the socket would block: they wait in the queue.
+      try {
+        for (std::size_t i = first_unsent; i < s.batch_replies.size(); ++i)
+          s.send_queue.push_back(std::move(s.batch_replies[i]));
+      } catch (const std::bad_alloc&) {
+        // The queue could not grow: the replies not queued are dropped (UDP).
+        for (auto& o : s.batch_replies) {
+          if (o.buffer) {
+            ++r.returned;
+            send_errors_.fetch_add(1, std::memory_order_relaxed);
+          }
+        }
+      }
+      s.batch_replies.clear();  // the dropped ones give their buffers back here
+    }
+    if (!s.send_queue.empty()) {
+      const std::size_t consumed = send_locked(s, s.send_queue.begin(), s.send_queue.size(), r);
+      for (std::size_t i = 0; i < consumed; ++i) s.send_queue.pop_front();
+    }
+  }
+  if (r.returned != 0) {
     {
       std::lock_guard lock(mutex_);
-      if (!closed_) lent_buffers_ -= returned;
+      if (!closed_) lent_buffers_ -= r.returned;
     }
     restart_if_needed(true);
   }
-  for (auto& d : done) {
+  for (auto& d : r.done) {
     asio::post(ctx_, asio::append(std::move(d.handler), d.ec));
   }
-  if (socket_error) fail(socket_error, true);
+  if (r.socket_error) fail(r.socket_error, true);
 }
 
 }  // namespace detail

@@ -3,6 +3,7 @@
 
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/associated_allocator.hpp>
+#include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/bind_allocator.hpp>
 #include <boost/asio/ip/udp.hpp>
@@ -134,9 +135,47 @@ class party_ref {
   party* p_;
 };
 
-void start_receive(party_ref p, receive_handler handler);
+/// A token that is itself the handler (a callback): async_initiate runs the
+/// initiation at once, inside the call, while the handle's own reference keeps
+/// the party alive; no reference is taken for it. Other tokens (deferred,
+/// use_awaitable, ...) may run it later, and take one (party_ref).
+template <class Token>
+inline constexpr bool initiates_at_once =
+    boost::asio::completion_handler_for<std::decay_t<Token>, receive_signature>;
+
+/// The handler has no executor of its own (a plain callback, possibly with an
+/// allocator): it may run directly on a loop thread, without asking its
+/// type-erased executor on each completion.
+struct no_own_executor {};
+template <class Handler>
+inline constexpr bool uses_loop_executor =
+    std::is_same_v<boost::asio::associated_executor_t<std::decay_t<Handler>, no_own_executor>,
+                   no_own_executor>;
+
+void start_receive(party_ref p, receive_handler handler, bool loop_executor);
+/// The same for a token that initiates at once: `p` is kept alive by the caller's handle.
+void start_receive(party* p, receive_handler handler, bool loop_executor);
 void start_send(party_ref p, const udp::endpoint* to, std::span<const std::byte> message,
                 send_handler handler);
+
+template <class Token>
+auto async_receive(party* p, Token&& token) {
+  if constexpr (initiates_at_once<Token>) {
+    return boost::asio::async_initiate<Token, receive_signature>(
+        [p](auto handler) {
+          constexpr bool loop = uses_loop_executor<decltype(handler)>;
+          start_receive(p, receive_handler(recycled(std::move(handler))), loop);
+        },
+        token);
+  } else {
+    return boost::asio::async_initiate<Token, receive_signature>(
+        [ref = party_ref(p)](auto handler) mutable {
+          constexpr bool loop = uses_loop_executor<decltype(handler)>;
+          start_receive(std::move(ref), receive_handler(recycled(std::move(handler))), loop);
+        },
+        token);
+  }
+}
 }  // namespace detail
 
 /// Per-response settings.
@@ -172,12 +211,7 @@ class response {
   /// an empty handle it completes at once, inline, with errc::detached.
   template <class Token>
   auto async_receive(Token&& token) {
-    return boost::asio::async_initiate<Token, receive_signature>(
-        [p = detail::party_ref(party_)](auto handler) mutable {
-          detail::start_receive(std::move(p),
-                                detail::receive_handler(detail::recycled(std::move(handler))));
-        },
-        token);
+    return detail::async_receive(party_, std::forward<Token>(token));
   }
 
   /// Sends `message` to the peer without copying it: it must stay valid until
@@ -229,12 +263,7 @@ class listener {
   /// Waits for the next query (or a no_buffers or shutdown event).
   template <class Token>
   auto async_receive(Token&& token) {
-    return boost::asio::async_initiate<Token, receive_signature>(
-        [p = detail::party_ref(party_)](auto handler) mutable {
-          detail::start_receive(std::move(p),
-                                detail::receive_handler(detail::recycled(std::move(handler))));
-        },
-        token);
+    return detail::async_receive(party_, std::forward<Token>(token));
   }
 
   /// Answers a query to its sender and returns the event. `answer` may be the
