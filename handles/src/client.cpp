@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/container/static_vector.hpp>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -373,38 +374,34 @@ result<wait_result> client::wait_many(std::span<const object* const> objects, bo
   if (!session_) return make_error_code(errc::daemon_lost);
   if (objects.empty() || objects.size() > max_wait_objects)
     return make_error_code(errc::invalid_argument);
-  std::vector<detail::wait_target> targets;
-  std::vector<std::size_t> position;  // target i is objects[position[i]]
-  targets.reserve(objects.size());
+  if (!session_->usable()) return session_->map->lost_reason();
+  // On the stack: a wait allocates nothing. Entry i is objects[position].
+  struct entry {
+    detail::wait_target target;
+    std::size_t position;
+  };
+  boost::container::static_vector<entry, max_wait_objects> set;
   for (std::size_t i = 0; i < objects.size(); ++i) {
     const object* o = objects[i];
     if (o == nullptr || !*o) return make_error_code(errc::invalid_handle);
     if (o->session_ != session_) return make_error_code(errc::invalid_argument);
-    auto s = o->checked(object_type::none);
+    auto s = detail::checked_slot(session_->map->view, o->handle(), object_type::none);
     if (!s) return s.error();
-    targets.push_back({*s, o->type(), o->handle().generation});
-    position.push_back(i);
+    set.push_back({{*s, o->type(), o->handle().generation}, i});
   }
   if (all) {
     // One lock order for every wait-all (by slot), so two of them never deadlock.
-    std::vector<std::size_t> order(targets.size());
-    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::sort(order.begin(), order.end(),
-              [&](std::size_t a, std::size_t b) { return targets[a].s < targets[b].s; });
-    std::vector<detail::wait_target> sorted;
-    std::vector<std::size_t> sorted_position;
-    for (std::size_t i : order) {
-      if (!sorted.empty() && sorted.back().s == targets[i].s)
-        return make_error_code(errc::invalid_argument);
-      sorted.push_back(targets[i]);
-      sorted_position.push_back(position[i]);
+    std::sort(set.begin(), set.end(), [](const entry& a, const entry& b) { return a.target.s < b.target.s; });
+    for (std::size_t i = 1; i < set.size(); ++i) {
+      if (set[i].target.s == set[i - 1].target.s) return make_error_code(errc::invalid_argument);
     }
-    targets = std::move(sorted);
-    position = std::move(sorted_position);
   }
-  auto r = detail::wait(session_->map->view, targets, all, timeout, session_->options.spin);
+  boost::container::static_vector<detail::wait_target, max_wait_objects> targets;
+  for (const auto& e : set) targets.push_back(e.target);
+  auto r = detail::wait(session_->map->view, std::span(targets.data(), targets.size()), all, timeout,
+                        session_->options.spin);
   if (!r) return r.error();
-  if (r->status != wait_status::timed_out) r->index = position[r->index];
+  if (r->status != wait_status::timed_out) r->index = set[r->index].position;
   return r;
 }
 
