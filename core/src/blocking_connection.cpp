@@ -160,10 +160,7 @@ struct blocking_connection::impl {
         take(std::move(**f));
       }
       if (!open) return closed_reason();
-      // Descriptors belong to the frame they came with; once every whole frame
-      // is parsed, only one frame may still be owed some.
-      const auto& waiting_fds = reader.pending_fds();
-      if (!waiting_fds.empty() && (reader.empty() || waiting_fds.size() > options.max_fds_per_frame)) {
+      if (reader.has_unclaimed_fds(options.max_fds_per_frame)) {
         fail(make_error_code(errc::bad_frame), true);
         return closed_reason();
       }
@@ -197,18 +194,10 @@ result<blocking_connection> blocking_connection::connect(const std::string& path
 
 result<blocking_connection> blocking_connection::adopt(unique_fd socket, connection_options options) {
   const int raw = socket.get();
-  int domain = 0;
-  int type = 0;
-  socklen_t len = sizeof domain;
-  if (::getsockopt(raw, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return detail::socket_error(errno);
-  len = sizeof type;
-  if (::getsockopt(raw, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return detail::socket_error(errno);
-  if (domain != AF_UNIX || type != SOCK_STREAM) return make_error_code(boost::system::errc::invalid_argument);
-  auto cred = detail::read_peer_credentials(raw);
+  auto cred = detail::claim_unix_stream(raw);
   if (!cred) return cred.error();
   const int flags = ::fcntl(raw, F_GETFL);
   if (flags < 0 || ::fcntl(raw, F_SETFL, flags & ~O_NONBLOCK) != 0) return detail::socket_error(errno);
-  if (::fcntl(raw, F_SETFD, FD_CLOEXEC) != 0) return detail::socket_error(errno);
   auto state = std::make_unique<impl>();
   state->fd = std::move(socket);
   options.max_frame_size = std::min<std::size_t>(options.max_frame_size, INT32_MAX - 64);

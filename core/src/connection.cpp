@@ -14,7 +14,6 @@
 
 #include <sys/socket.h>
 #include <sys/un.h>
-#include <fcntl.h>
 
 #include <algorithm>
 #include <array>
@@ -250,12 +249,7 @@ class engine {
       deliver(std::move(**f));
     }
     if (!s_.open) return;
-    // Descriptors are claimed by the frame they came with. Once every whole
-    // frame is parsed, only the frame still arriving may have some waiting, and
-    // no more than one frame may carry: anything else was sent unannounced.
-    const auto& waiting_fds = s_.reader.pending_fds();
-    if (!s_.read_paused() && !waiting_fds.empty() &&
-        (s_.reader.empty() || waiting_fds.size() > s_.options.max_fds_per_frame)) {
+    if (!s_.read_paused() && s_.reader.has_unclaimed_fds(s_.options.max_fds_per_frame)) {
       fail(make_error_code(errc::bad_frame), salvage::no, notify::peer);
     }
   }
@@ -406,18 +400,8 @@ connection::~connection() {
 
 result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd fd, connection_options options) {
   const int raw = fd.get();
-  int domain = 0;
-  int type = 0;
-  socklen_t len = sizeof domain;
-  if (::getsockopt(raw, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return socket_error(errno);
-  len = sizeof type;
-  if (::getsockopt(raw, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return socket_error(errno);
-  if (domain != AF_UNIX || type != SOCK_STREAM) return make_error_code(boost::system::errc::invalid_argument);
-  // Credentials fail closed: without them there is no connection.
-  auto cred = detail::read_peer_credentials(raw);
+  auto cred = detail::claim_unix_stream(raw);
   if (!cred) return cred.error();
-  // Accepted sockets do not inherit close-on-exec: a child must never get them.
-  if (::fcntl(raw, F_SETFD, FD_CLOEXEC) != 0) return socket_error(errno);
   options.max_frame_size = std::min<std::size_t>(options.max_frame_size, INT32_MAX - 64);
 
   stream_socket socket(ctx);

@@ -3,6 +3,7 @@
 
 #include "wire.hpp"
 
+#include <fcntl.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -122,9 +123,17 @@ ssize_t send_with_fds(int fd, std::span<const iovec> iov, std::span<const unique
   return ::sendmsg(fd, &msg, flags | MSG_NOSIGNAL);
 }
 
-result<peer_credentials> read_peer_credentials(int fd) {
+result<peer_credentials> claim_unix_stream(int fd) {
+  int domain = 0;
+  int type = 0;
+  socklen_t len = sizeof domain;
+  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return socket_error(errno);
+  len = sizeof type;
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return socket_error(errno);
+  if (domain != AF_UNIX || type != SOCK_STREAM) return make_error_code(boost::system::errc::invalid_argument);
+  if (::fcntl(fd, F_SETFD, FD_CLOEXEC) != 0) return socket_error(errno);
   ucred cred{};
-  socklen_t len = sizeof cred;
+  len = sizeof cred;
   if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return socket_error(errno);
   return peer_credentials{cred.pid, cred.uid, cred.gid};
 }

@@ -48,6 +48,12 @@ class frame_reader {
   std::optional<result<frame>> next(const connection_options& options);
 
   bool empty() const noexcept { return begin_ == end_; }
+  /// Whether descriptors wait that no frame can claim: once every whole frame
+  /// is parsed, only the frame still arriving may be owed some, and no more
+  /// than one frame's worth. Anything else was sent unannounced.
+  bool has_unclaimed_fds(std::size_t max_fds_per_frame) const noexcept {
+    return !fds_.empty() && (empty() || fds_.size() > max_fds_per_frame);
+  }
   /// Stream offset of the first unparsed byte: names the frame now arriving.
   std::uint64_t consumed() const noexcept { return consumed_; }
   /// Descriptors received and not yet claimed by a frame.
@@ -73,8 +79,11 @@ error_code check_outgoing(const frame& f, const connection_options& options);
 /// first byte. MSG_NOSIGNAL is added to `flags`. Returns what sendmsg returned.
 ssize_t send_with_fds(int fd, std::span<const iovec> iov, std::span<const unique_fd> fds, int flags);
 
-/// The peer credentials of a connected Unix socket (fail closed).
-result<peer_credentials> read_peer_credentials(int fd);
+/// Takes `fd` on as a connection: it must be a Unix stream socket; it is made
+/// close-on-exec (accepted sockets do not inherit it, and a child must never
+/// get them); its peer's credentials are read, and without them there is no
+/// connection (fail closed). invalid_argument for any other kind of descriptor.
+result<peer_credentials> claim_unix_stream(int fd);
 
 /// Makes a non-blocking connect to the Unix socket at `path`: a listener whose
 /// backlog is full gives EAGAIN instead of blocking.
