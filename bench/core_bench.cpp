@@ -2,6 +2,8 @@
 //   BM_FramedRoundTrip/64 vs BM_RawUdsRoundTrip/64  — a request and reply between two threads
 //   BM_FrameEncode / BM_FrameDecode                 — the envelope codec alone
 //   BM_BufferPool_AcquireRelease vs BM_Malloc_Free  — a receive buffer
+//   BM_BufferPool_BatchAcquireRelease/32 vs BM_Malloc_FreeBatch/32
+//                                                   — a recvmmsg batch's buffers, taken and given back together
 //   BM_FramedPipelined vs BM_RawUdsPipelined        — 16 requests of 4 KiB in flight
 //   BM_Ledger_AcquireRelease vs BM_MutexMap_...     — per-holder reference counts
 //   BM_RefPtr_Copy vs BM_SharedPtr_Copy             — sharing an object
@@ -24,6 +26,8 @@
 #include <mutex>
 #include <unordered_map>
 #include <memory>
+#include <span>
+#include <vector>
 #include <thread>
 
 namespace {
@@ -250,6 +254,34 @@ void BM_Malloc_Free(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_Malloc_Free)->Arg(2048)->Arg(65536);
+
+// A receive batch: 32 buffers taken together and given back together (one
+// atomic operation each way), per buffer.
+void BM_BufferPool_BatchAcquireRelease(benchmark::State& state) {
+  boost::asio::io_context ctx;
+  const auto n = static_cast<std::size_t>(state.range(0));
+  buffer_pool pool(ctx.get_executor(), 2048, 64);
+  std::vector<pooled_buffer> batch(n);
+  for (auto _ : state) {
+    const std::size_t got = pool.try_acquire(std::span(batch));
+    benchmark::DoNotOptimize(batch[got - 1].data());
+    pool.release(std::span(batch).first(got));
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(n));
+}
+BENCHMARK(BM_BufferPool_BatchAcquireRelease)->Arg(32);
+
+void BM_Malloc_FreeBatch(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  std::vector<void*> batch(n);
+  for (auto _ : state) {
+    for (auto& p : batch) p = std::malloc(2048);  // NOLINT(cppcoreguidelines-no-malloc): the peer
+    benchmark::DoNotOptimize(batch.back());
+    for (auto* p : batch) std::free(p);  // NOLINT(cppcoreguidelines-no-malloc)
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(n));
+}
+BENCHMARK(BM_Malloc_FreeBatch)->Arg(32);
 
 // The handle daemon's bookkeeping per open and close: one holder, a few objects.
 void BM_Ledger_AcquireRelease(benchmark::State& state) {

@@ -5,6 +5,8 @@
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
 
+#include <algorithm>
+#include <array>
 #include <cassert>
 #include <limits>
 #include <stdexcept>
@@ -13,29 +15,10 @@ namespace uipc {
 
 namespace asio = boost::asio;
 
-pooled_buffer::pooled_buffer(pooled_buffer&& other) noexcept
-    : pool_(std::exchange(other.pool_, nullptr)),
-      index_(other.index_),
-      data_(std::exchange(other.data_, nullptr)),
-      size_(std::exchange(other.size_, 0)) {}
-
-pooled_buffer& pooled_buffer::operator=(pooled_buffer&& other) noexcept {
-  if (this != &other) {
-    reset();
-    pool_ = std::exchange(other.pool_, nullptr);
-    index_ = other.index_;
-    data_ = std::exchange(other.data_, nullptr);
-    size_ = std::exchange(other.size_, 0);
-  }
-  return *this;
-}
-
-void pooled_buffer::reset() noexcept {
-  if (pool_ != nullptr) {
-    std::exchange(pool_, nullptr)->release(index_);
-    data_ = nullptr;
-    size_ = 0;
-  }
+void pooled_buffer::give_back() noexcept {
+  std::exchange(pool_, nullptr)->release(index_);
+  data_ = nullptr;
+  size_ = 0;
 }
 
 namespace {
@@ -78,20 +61,42 @@ std::uint32_t buffer_pool::pop() noexcept {
   }
 }
 
-void buffer_pool::push(std::uint32_t index) noexcept {
+std::uint32_t buffer_pool::pop_many(std::uint32_t want, std::uint32_t* out) noexcept {
   std::uint64_t head = head_.load();
   for (;;) {
-    next_[index].store(static_cast<std::uint32_t>(head), std::memory_order_relaxed);
+    // The walk may read a list that changes under it, but every next_ entry
+    // holds a valid index or empty_, and the walk is bounded by `want`; if the
+    // list changed, the tag makes the exchange fail and we walk again.
+    std::uint32_t taken = 0;
+    std::uint32_t index = static_cast<std::uint32_t>(head);
+    while (taken < want && index != empty_) {
+      out[taken++] = index;
+      index = next_[index].load(std::memory_order_relaxed);
+    }
+    if (taken == 0) return 0;
     const std::uint64_t next = ((head >> 32) + 1) << 32 | index;
+    if (head_.compare_exchange_weak(head, next)) return taken;
+  }
+}
+
+void buffer_pool::push_chain(std::uint32_t first, std::uint32_t last) noexcept {
+  std::uint64_t head = head_.load();
+  for (;;) {
+    next_[last].store(static_cast<std::uint32_t>(head), std::memory_order_relaxed);
+    const std::uint64_t next = ((head >> 32) + 1) << 32 | first;
     if (head_.compare_exchange_weak(head, next)) return;
   }
 }
 
-pooled_buffer buffer_pool::lend(std::uint32_t index) noexcept {
-  in_use_.fetch_add(1, std::memory_order_relaxed);
+pooled_buffer buffer_pool::make(std::uint32_t index) noexcept {
   std::byte* base = storage_.get();
   base += (slab_alignment - reinterpret_cast<std::uintptr_t>(base) % slab_alignment) % slab_alignment;
   return {this, index, base + round_up(buffer_size_) * index, buffer_size_};
+}
+
+pooled_buffer buffer_pool::lend(std::uint32_t index) noexcept {
+  in_use_.fetch_add(1, std::memory_order_relaxed);
+  return make(index);
 }
 
 pooled_buffer buffer_pool::try_acquire() noexcept {
@@ -104,12 +109,59 @@ result<pooled_buffer> buffer_pool::acquire() noexcept {
   return make_error_code(errc::pool_exhausted);
 }
 
+std::size_t buffer_pool::try_acquire(std::span<pooled_buffer> buffers) noexcept {
+  std::size_t done = 0;
+  std::array<std::uint32_t, 64> indices;  // taken in steps of 64: no allocation
+  while (done < buffers.size()) {
+    const auto want = static_cast<std::uint32_t>(std::min(buffers.size() - done, indices.size()));
+    const std::uint32_t got = pop_many(want, indices.data());
+    if (got == 0) break;
+    in_use_.fetch_add(got, std::memory_order_relaxed);
+    for (std::uint32_t i = 0; i < got; ++i) {
+      assert(!buffers[done + i] && "try_acquire: the output buffers must be empty");
+      buffers[done + i] = make(indices[i]);
+    }
+    done += got;
+    if (got < want) break;
+  }
+  return done;
+}
+
+void buffer_pool::release(std::span<pooled_buffer> buffers) noexcept {
+  std::uint32_t first = empty_;
+  std::uint32_t last = empty_;
+  std::uint32_t count = 0;
+  for (auto& b : buffers) {
+    if (b.pool_ == nullptr) continue;
+    if (b.pool_ != this) {
+      b.reset();
+      continue;
+    }
+    const std::uint32_t index = b.index_;
+    b.pool_ = nullptr;
+    b.data_ = nullptr;
+    b.size_ = 0;
+    // Linked in order: the chain's last element is the one whose next_ gets the old head.
+    if (last != empty_) next_[last].store(index, std::memory_order_relaxed);
+    if (first == empty_) first = index;
+    last = index;
+    ++count;
+  }
+  if (count == 0) return;
+  in_use_.fetch_sub(count, std::memory_order_relaxed);
+  push_chain(first, last);
+  if (waiting_.load() != 0) serve_waiters();
+}
+
 void buffer_pool::release(std::uint32_t index) noexcept {
   in_use_.fetch_sub(1, std::memory_order_relaxed);
-  push(index);
+  push_chain(index, index);
   // Pairs with start_wait: it raises waiting_ before it tries pop(), we push
   // before we read waiting_, so one of the two sees the other.
-  if (waiting_.load() == 0) return;
+  if (waiting_.load() != 0) serve_waiters();
+}
+
+void buffer_pool::serve_waiters() {
   std::unique_lock lock(waiters_mutex_);
   while (!waiters_.empty()) {
     const std::uint32_t free_index = pop();

@@ -4,8 +4,14 @@
 
 #include <boost/asio/io_context.hpp>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstring>
 #include <functional>
 #include <mutex>
+#include <set>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -151,6 +157,236 @@ TEST(BufferPoolTest, WaitersAndReleasersOnManyThreadsLoseNothing) {
   ctx.run_for(std::chrono::milliseconds(20));
   held.clear();
   EXPECT_EQ(pool.in_use(), 0u);
+}
+
+
+// ---------------------------------------------------------------- bulk acquire and release
+
+/// The distinct data pointers of the non-empty buffers in `buffers`.
+std::set<std::byte*> data_of(std::span<const pooled_buffer> buffers) {
+  std::set<std::byte*> out;
+  for (const auto& b : buffers) {
+    if (b) out.insert(b.data());
+  }
+  return out;
+}
+
+TEST(BufferPoolTest, BulkAcquireFillsAsManyAsAreFreeFromTheFront) {
+  boost::asio::io_context ctx;
+  buffer_pool pool(ctx.get_executor(), 100, 8);
+  auto a = pool.try_acquire();
+  auto b = pool.try_acquire();
+  auto c = pool.try_acquire();
+  ASSERT_TRUE(a && b && c);
+  // Five free, ten asked for: the first five are filled, the rest stay empty.
+  std::vector<pooled_buffer> bulk(10);
+  EXPECT_EQ(pool.try_acquire(bulk), 5u);
+  for (std::size_t i = 0; i < bulk.size(); ++i) EXPECT_EQ(static_cast<bool>(bulk[i]), i < 5) << i;
+  EXPECT_EQ(pool.in_use(), 8u);
+  EXPECT_EQ(pool.available(), 0u);
+  // Eight distinct buffers that do not overlap.
+  std::vector<pooled_buffer*> all = {&a, &b, &c};
+  for (std::size_t i = 0; i < 5; ++i) all.push_back(&bulk[i]);
+  std::set<std::byte*> distinct;
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    EXPECT_EQ(all[i]->size(), 100u);
+    distinct.insert(all[i]->data());
+    std::memset(all[i]->data(), static_cast<int>(i), all[i]->size());
+  }
+  EXPECT_EQ(distinct.size(), 8u);
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    for (std::size_t j = 0; j < 100; ++j) ASSERT_EQ(static_cast<std::size_t>(all[i]->data()[j]), i);
+  }
+  // Dry: nothing taken, the elements stay empty.
+  std::vector<pooled_buffer> more(4);
+  EXPECT_EQ(pool.try_acquire(more), 0u);
+  EXPECT_TRUE(data_of(more).empty());
+  EXPECT_FALSE(pool.try_acquire());
+  // An empty span takes nothing, even from a pool with buffers free.
+  a.reset();
+  EXPECT_EQ(pool.try_acquire(std::span<pooled_buffer>{}), 0u);
+  EXPECT_EQ(pool.in_use(), 7u);
+}
+
+TEST(BufferPoolTest, BulkAcquireOnADryPoolReturnsZero) {
+  boost::asio::io_context ctx;
+  buffer_pool pool(ctx.get_executor(), 64, 2);
+  std::vector<pooled_buffer> first(2);
+  ASSERT_EQ(pool.try_acquire(first), 2u);
+  std::vector<pooled_buffer> second(3);
+  EXPECT_EQ(pool.try_acquire(second), 0u);
+  EXPECT_TRUE(data_of(second).empty());
+  EXPECT_EQ(pool.in_use(), 2u);
+  // An empty pool (no buffers at all) is dry from the start.
+  buffer_pool none(ctx.get_executor(), 64, 0);
+  EXPECT_EQ(none.try_acquire(second), 0u);
+  EXPECT_EQ(none.in_use(), 0u);
+}
+
+// Bulk acquire takes up to 64 indices per step: more than that comes in several
+// steps, still distinct, and stops at the pool's end.
+TEST(BufferPoolTest, BulkAcquireLargerThanOneStepTakesEveryBufferOnce) {
+  boost::asio::io_context ctx;
+  buffer_pool pool(ctx.get_executor(), 16, 200);
+  std::vector<pooled_buffer> first(150);
+  EXPECT_EQ(pool.try_acquire(first), 150u);
+  std::vector<pooled_buffer> second(100);
+  EXPECT_EQ(pool.try_acquire(second), 50u);
+  EXPECT_EQ(pool.in_use(), 200u);
+  auto distinct = data_of(first);
+  const auto rest = data_of(second);
+  distinct.insert(rest.begin(), rest.end());
+  EXPECT_EQ(distinct.size(), 200u);
+  pool.release(first);
+  pool.release(second);
+  EXPECT_EQ(pool.in_use(), 0u);
+  std::vector<pooled_buffer> all(201);
+  EXPECT_EQ(pool.try_acquire(all), 200u);
+  EXPECT_EQ(data_of(all).size(), 200u);
+}
+
+TEST(BufferPoolTest, BulkReleaseGivesEveryBufferBackAndLeavesTheSpanEmpty) {
+  boost::asio::io_context ctx;
+  buffer_pool pool(ctx.get_executor(), 64, 6);
+  buffer_pool other(ctx.get_executor(), 64, 2);
+  std::vector<pooled_buffer> taken(6);
+  ASSERT_EQ(pool.try_acquire(taken), 6u);
+  const auto before = data_of(taken);
+  // Mixed: this pool's buffers (not in the order they were taken), empty
+  // elements and another pool's buffers.
+  std::vector<pooled_buffer> mixed;
+  mixed.push_back(std::move(taken[3]));
+  mixed.emplace_back();
+  mixed.push_back(other.try_acquire());
+  mixed.push_back(std::move(taken[0]));
+  mixed.push_back(std::move(taken[2]));
+  mixed.emplace_back();
+  mixed.push_back(other.try_acquire());
+  mixed.push_back(std::move(taken[1]));
+  EXPECT_EQ(other.in_use(), 2u);
+  pool.release(mixed);
+  for (const auto& b : mixed) {
+    EXPECT_FALSE(b);
+    EXPECT_EQ(b.data(), nullptr);
+    EXPECT_EQ(b.size(), 0u);
+  }
+  EXPECT_EQ(pool.in_use(), 2u);   // taken[4] and taken[5] are still out
+  EXPECT_EQ(other.in_use(), 0u);  // the other pool's went back to it
+  pool.release(taken);            // moved-from elements are skipped
+  EXPECT_EQ(pool.in_use(), 0u);
+  EXPECT_TRUE(data_of(taken).empty());
+  // Every buffer is free again, once: a bulk acquire of the capacity gets them all.
+  std::vector<pooled_buffer> again(7);
+  EXPECT_EQ(pool.try_acquire(again), 6u);
+  EXPECT_EQ(data_of(again), before);
+  EXPECT_FALSE(pool.try_acquire());
+  // Releasing only empty elements, or nothing, changes nothing.
+  std::vector<pooled_buffer> empties(3);
+  pool.release(empties);
+  pool.release(std::span<pooled_buffer>{});
+  EXPECT_EQ(pool.in_use(), 6u);
+  // Single acquire after a bulk release walks the released chain: six distinct buffers.
+  pool.release(again);
+  std::set<std::byte*> singles;
+  std::vector<pooled_buffer> held;
+  for (int i = 0; i < 7; ++i) {  // bounded: a broken free list may loop
+    auto b = pool.try_acquire();
+    if (!b) break;
+    singles.insert(b.data());
+    held.push_back(std::move(b));
+  }
+  EXPECT_EQ(held.size(), 6u);
+  EXPECT_EQ(singles, before);
+}
+
+TEST(BufferPoolTest, BulkReleaseServesWaitersInOrder) {
+  boost::asio::io_context ctx;
+  buffer_pool pool(ctx.get_executor(), 64, 3);
+  std::vector<pooled_buffer> taken(3);
+  ASSERT_EQ(pool.try_acquire(taken), 3u);
+  std::vector<int> order;
+  std::vector<pooled_buffer> got;
+  for (int i = 0; i < 4; ++i) {
+    pool.async_acquire([&, i](error_code ec, pooled_buffer b) {
+      EXPECT_FALSE(ec);
+      EXPECT_TRUE(b);
+      order.push_back(i);
+      got.push_back(std::move(b));
+    });
+  }
+  ctx.poll();
+  EXPECT_TRUE(order.empty());
+  EXPECT_EQ(pool.waiting(), 4u);
+  // Three back at once: the first three waiters, in order; the fourth still waits.
+  pool.release(taken);
+  ASSERT_TRUE(run_until(ctx, [&] { return order.size() == 3; }));
+  ctx.poll();
+  EXPECT_EQ(order, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(pool.waiting(), 1u);
+  EXPECT_EQ(pool.in_use(), 3u);
+  // One more back in bulk (with an empty element beside it): the fourth is served.
+  std::vector<pooled_buffer> one;
+  one.emplace_back();
+  one.push_back(std::move(got[1]));
+  pool.release(one);
+  ASSERT_TRUE(run_until(ctx, [&] { return order.size() == 4; }));
+  EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(pool.waiting(), 0u);
+  pool.release(got);
+  EXPECT_EQ(pool.in_use(), 0u);
+}
+
+// Four threads mix bulk and single acquire and release on a small pool: a
+// buffer is never held by two at once (each writes its id into what it holds
+// and checks it is still there), and the free list ends whole. Run under
+// ThreadSanitizer too.
+TEST(BufferPoolTest, BulkAndSingleAcquireAndReleaseOnManyThreadsNeverShareABuffer) {
+  boost::asio::io_context ctx;
+  constexpr std::uint32_t capacity = 8;
+  buffer_pool pool(ctx.get_executor(), sizeof(int), capacity);
+  std::atomic<int> failures{0};
+  std::atomic<int> overfilled{0};
+  {
+    std::vector<std::jthread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        std::array<pooled_buffer, 5> held;
+        for (int i = 0; i < 20000; ++i) {
+          const auto want = static_cast<std::size_t>(1 + (i + t) % 5);
+          std::size_t got = 0;
+          if (i % 3 == 0) {
+            // One at a time.
+            for (; got < want; ++got) {
+              held[got] = pool.try_acquire();
+              if (!held[got]) break;
+            }
+          } else {
+            got = pool.try_acquire(std::span(held).first(want));
+          }
+          if (got > want) ++overfilled;
+          for (std::size_t k = 0; k < got; ++k) std::memcpy(held[k].data(), &t, sizeof t);
+          std::this_thread::yield();  // give another thread the chance to get the same buffer
+          for (std::size_t k = 0; k < got; ++k) {
+            int back = -1;
+            std::memcpy(&back, held[k].data(), sizeof back);
+            if (back != t) ++failures;
+          }
+          if (i % 2 == 0) {
+            pool.release(held);
+          } else {
+            for (auto& b : held) b.reset();
+          }
+        }
+      });
+    }
+  }
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(overfilled.load(), 0);
+  EXPECT_EQ(pool.in_use(), 0u);
+  // The free list is whole: every buffer once, no more.
+  std::vector<pooled_buffer> all(capacity + 1);
+  EXPECT_EQ(pool.try_acquire(all), capacity);
+  EXPECT_EQ(data_of(all).size(), capacity);
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <span>
+#include <utility>
 
 namespace uipc {
 
@@ -24,8 +25,22 @@ class buffer_pool;
 class pooled_buffer {
  public:
   pooled_buffer() noexcept = default;
-  pooled_buffer(pooled_buffer&& other) noexcept;
-  pooled_buffer& operator=(pooled_buffer&& other) noexcept;
+  // Inline: buffers move several times per datagram on the dispatcher's hot path.
+  pooled_buffer(pooled_buffer&& other) noexcept
+      : pool_(std::exchange(other.pool_, nullptr)),
+        index_(other.index_),
+        data_(std::exchange(other.data_, nullptr)),
+        size_(std::exchange(other.size_, 0)) {}
+  pooled_buffer& operator=(pooled_buffer&& other) noexcept {
+    if (this != &other) {
+      reset();
+      pool_ = std::exchange(other.pool_, nullptr);
+      index_ = other.index_;
+      data_ = std::exchange(other.data_, nullptr);
+      size_ = std::exchange(other.size_, 0);
+    }
+    return *this;
+  }
   pooled_buffer(const pooled_buffer&) = delete;
   pooled_buffer& operator=(const pooled_buffer&) = delete;
   ~pooled_buffer() { reset(); }
@@ -36,12 +51,15 @@ class pooled_buffer {
   std::span<std::byte> span() const noexcept { return {data_, size_}; }
 
   /// Gives the buffer back to its pool now.
-  void reset() noexcept;
+  void reset() noexcept {
+    if (pool_ != nullptr) give_back();
+  }
 
  private:
   friend class buffer_pool;
   pooled_buffer(buffer_pool* pool, std::uint32_t index, std::byte* data, std::size_t size) noexcept
       : pool_(pool), index_(index), data_(data), size_(size) {}
+  void give_back() noexcept;
 
   buffer_pool* pool_ = nullptr;
   std::uint32_t index_ = 0;
@@ -70,6 +88,17 @@ class buffer_pool {
   /// A buffer, or errc::pool_exhausted when none is free.
   result<pooled_buffer> acquire() noexcept;
 
+  /// Fills `out` from its front with free buffers, as many as there are, and
+  /// returns how many: one atomic operation on the free list for the lot, where
+  /// try_acquire() costs one each (a receive batch takes dozens at a time).
+  /// The elements of `out` must be empty. Fails (returns 0) only when dry.
+  std::size_t try_acquire(std::span<pooled_buffer> buffers) noexcept;
+
+  /// Gives back every buffer of `buffers` that this pool lent, at once (one
+  /// atomic operation on the free list); they are left empty. Buffers of
+  /// another pool go back to it one by one; empty ones are skipped.
+  void release(std::span<pooled_buffer> buffers) noexcept;
+
   /// Completes with a buffer as soon as one is free: at once, or when one comes
   /// back. Signature void(error_code, pooled_buffer); cancel() completes every
   /// waiter with boost::asio::error::operation_aborted.
@@ -97,8 +126,14 @@ class buffer_pool {
   static constexpr std::uint32_t empty_ = UINT32_MAX;
 
   std::uint32_t pop() noexcept;
-  void push(std::uint32_t index) noexcept;
+  /// Takes up to `want` buffers off the free list in one step; their indices go to `out`.
+  std::uint32_t pop_many(std::uint32_t want, std::uint32_t* out) noexcept;
+  /// Puts the chain first..last (linked through next_) on the free list in one step.
+  void push_chain(std::uint32_t first, std::uint32_t last) noexcept;
   void release(std::uint32_t index) noexcept;
+  void serve_waiters();
+  /// A pooled_buffer for `index`, which the caller took off the free list and counted in in_use_.
+  pooled_buffer make(std::uint32_t index) noexcept;
   pooled_buffer lend(std::uint32_t index) noexcept;
   void start_wait(handler_type handler);
   void complete(handler_type handler, error_code ec, pooled_buffer buffer);
