@@ -1,26 +1,51 @@
-// The floor for uipc-dns-responder: one thread, one socket, blocking recvmmsg and
+// The floor for uipc-dns-responder: one thread, one socket, recvmmsg and
 // sendmmsg, the same answers (dns::answer_in_place) and nothing else. What a
 // dispatcher costs is what the responder spends per query above this.
+//
+// Two forms:
+//  - blocking (the floor): recvmmsg sleeps until a datagram comes;
+//  - --epoll: what any event loop pays before it does anything: the socket is
+//    non-blocking in an edge-triggered epoll set, read until a short read, and
+//    re-armed with EPOLL_CTL_MOD before each wait (as Asio does). Against the
+//    blocking form it measures the event loop's own cost (an epoll wake-up, and
+//    the kernel's epoll callback on every datagram the socket sends or
+//    receives); uipc's responder over it is what the dispatcher adds.
 #include <netinet/in.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 #include <array>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "dns_message.hpp"
 #include "program_args.hpp"
 
 int main(int argc, char** argv) {
-  if (argc != 3 || std::string_view(argv[1]) != "--listen") {
-    std::fprintf(stderr, "usage: floor-responder --listen ADDR:PORT\n");
+  bool with_epoll = false;
+  std::string_view listen;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--epoll") {
+      with_epoll = true;
+    } else if (arg == "--listen" && i + 1 < argc) {
+      listen = argv[++i];
+    } else {
+      listen = {};
+      break;
+    }
+  }
+  auto local = uipc::dns::parse_endpoint(std::string(listen));
+  if (listen.empty() || !local) {
+    std::fprintf(stderr, "usage: floor-responder --listen ADDR:PORT [--epoll]\n");
     return 2;
   }
-  auto local = uipc::dns::parse_endpoint(argv[2]);
-  if (!local) return 2;
-  const int fd = ::socket(local->address().is_v6() ? AF_INET6 : AF_INET, SOCK_DGRAM, 0);
+  const int fd = ::socket(local->address().is_v6() ? AF_INET6 : AF_INET,
+                          SOCK_DGRAM | (with_epoll ? SOCK_NONBLOCK : 0), 0);
   int size = 4 << 20;
   ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
   ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
@@ -33,6 +58,20 @@ int main(int argc, char** argv) {
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
   uipc::dispatch::udp::endpoint ep;
   std::memcpy(ep.data(), &bound, len);
+  const int poller = with_epoll ? ::epoll_create1(0) : -1;
+  epoll_event interest{};
+  interest.events = EPOLLIN | EPOLLPRI | EPOLLERR | EPOLLHUP | EPOLLET;
+  if (with_epoll && ::epoll_ctl(poller, EPOLL_CTL_ADD, fd, &interest) != 0) {
+    std::perror("floor-responder: epoll_ctl");
+    return 1;
+  }
+  // Re-arms, then sleeps until the socket is readable.
+  auto wait_readable = [&] {
+    ::epoll_ctl(poller, EPOLL_CTL_MOD, fd, &interest);
+    epoll_event ready{};
+    while (::epoll_wait(poller, &ready, 1, -1) < 0 && errno == EINTR) {
+    }
+  };
   std::printf("listening on %s:%u\n", ep.address().to_string().c_str(), ep.port());
   std::fflush(stdout);
 
@@ -53,9 +92,13 @@ int main(int argc, char** argv) {
       in[i].msg_hdr.msg_iov = &in_iov[i];
       in[i].msg_hdr.msg_iovlen = 1;
     }
-    const int got = ::recvmmsg(fd, in.data(), batch, MSG_WAITFORONE, nullptr);
+    const int got = ::recvmmsg(fd, in.data(), batch, with_epoll ? 0 : MSG_WAITFORONE, nullptr);
     if (got < 0) {
       if (errno == EINTR) continue;
+      if (with_epoll && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        wait_readable();
+        continue;
+      }
       std::perror("floor-responder: recvmmsg");
       return 1;
     }
@@ -79,5 +122,7 @@ int main(int argc, char** argv) {
       }
       sent += static_cast<unsigned>(r);
     }
+    // A short read drained the socket: an event loop goes back to epoll here.
+    if (with_epoll && got < static_cast<int>(batch)) wait_readable();
   }
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Compares the dispatcher's DNS programs with their floors, on loopback, in one run:
 #  - server side: dnsperf against uipc-dns-responder --threads 1, the plain
-#    recvmmsg/sendmmsg floor responder and unbound; q/s and server CPU time per
-#    answered query (from /proc/PID/stat), since dnsperf saturates first on 2 cores;
+#    recvmmsg/sendmmsg floor responder (blocking: the floor the goal names), the
+#    same floor in an epoll loop (the cost of being in an event loop at all,
+#    which every event-driven server pays, unbound included) and unbound; q/s and
+#    server CPU time per answered query (from /proc/PID/stat);
 #  - query side: uipc-dns-query and the plain floor client, same names and number
 #    in flight, against one unbound; q/s and client CPU per query.
 #    Servers are compared twice: at one fixed offered rate (dnsperf -Q RATE, the
@@ -168,10 +170,11 @@ for mode in "$rate" 0; do
   [ "$mode" != 0 ] && label="at $mode q/s"
   echo "== server side, $label: dnsperf -l $duration -q 200, $rounds rounds, CPU time per answered query (us)"
   for round in $(seq "$rounds"); do
-    for server in uipc floor unbound; do
+    for server in uipc floor epoll unbound; do
       case $server in
         uipc) start_listening "$responder" --listen 127.0.0.1:0 --threads 1 ;;
         floor) start_listening "$floor_responder" --listen 127.0.0.1:0 ;;
+        epoll) start_listening "$floor_responder" --listen 127.0.0.1:0 --epoll ;;
         unbound) start_unbound ;;
       esac
       read -r qps cpu answered < <(perf_server "$mode")
@@ -210,6 +213,10 @@ for mode in "$rate" 0; do
   printf '  RATIO responder %s cpu/query uipc/unbound = %s (goal < 1)      rounds: %s\n' "$label" \
     "$(median_ratio cpu_of "uipc-$mode" "unbound-$mode")" "$(per_round cpu_of "uipc-$mode" "unbound-$mode")"
   printf '  ratio responder %s q/s uipc/floor         = %s\n' "$label" "$(median_ratio qps_of "uipc-$mode" "floor-$mode")"
+  printf '  ratio responder %s cpu/query epoll/floor  = %s (the event loop'"'"'s own cost)  rounds: %s\n' "$label" \
+    "$(median_ratio cpu_of "epoll-$mode" "floor-$mode")" "$(per_round cpu_of "epoll-$mode" "floor-$mode")"
+  printf '  ratio responder %s cpu/query uipc/epoll   = %s (what the dispatcher adds)  rounds: %s\n' "$label" \
+    "$(median_ratio cpu_of "uipc-$mode" "epoll-$mode")" "$(per_round cpu_of "uipc-$mode" "epoll-$mode")"
 done
 printf '  RATIO query q/s uipc/floor                = %s (goal >= 0.8)   rounds: %s\n' \
   "$(median_ratio qps_of query-uipc query-floor)" "$(per_round qps_of query-uipc query-floor)"

@@ -238,6 +238,7 @@ int main(int argc, char** argv) {
   options.buffers = static_cast<std::uint32_t>(std::max<unsigned long>(256, inflight * 2 + 64));
   options.max_queued_per_response = 2;
   options.socket_buffer_bytes = 4 << 20;
+  options.separate_send_sockets = true;  // no epoll callback per query sent
   const udp::endpoint local(peer->address().is_v6() ? udp::v6() : udp::v4(), 0);
   auto d = dispatcher::create(loop.context(), local, options);
   if (!d) {

@@ -18,10 +18,12 @@ using namespace uipc::dispatch;
 
 void usage() {
   std::fprintf(stderr,
-               "usage: uipc-dns-responder [--listen ADDR:PORT] [--threads N]\n"
+               "usage: uipc-dns-responder [--listen ADDR:PORT] [--threads N] [--no-send-socket]\n"
                "  answers DNS queries for *.uipc.test from a built-in zone, NXDOMAIN otherwise.\n"
                "  --listen   address and port (default 127.0.0.1:5300; port 0 picks one)\n"
                "  --threads  loop threads, and sockets on the port with SO_REUSEPORT (default 1)\n"
+               "  --no-send-socket  answer through the receiving socket, not a separate\n"
+               "             send socket (dispatcher_options::separate_send_sockets)\n"
                "Prints 'listening on ADDR:PORT' once ready; SIGINT/SIGTERM stop it.\n");
 }
 
@@ -64,11 +66,16 @@ class answer_loop {
 int main(int argc, char** argv) {
   std::string listen = "127.0.0.1:5300";
   unsigned long threads = 1;
+  bool send_socket = true;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h") {
       usage();
       return 0;
+    }
+    if (arg == "--no-send-socket") {
+      send_socket = false;
+      continue;
     }
     if (i + 1 >= argc) {
       usage();
@@ -99,6 +106,7 @@ int main(int argc, char** argv) {
   options.buffers = 512 * static_cast<std::uint32_t>(threads);
   options.buffer_size = 1232;  // the usual EDNS UDP size: every query fits, answers stay small
   options.socket_buffer_bytes = 4 << 20;
+  options.separate_send_sockets = send_socket;
   auto d = dispatcher::create(loop.context(), *local, options);
   if (!d) {
     std::fprintf(stderr, "uipc-dns-responder: %s: %s\n", listen.c_str(),

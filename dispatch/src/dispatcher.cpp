@@ -2,10 +2,13 @@
 // over one socket group, with recvmmsg/sendmmsg batching. This file: creation, options,
 // stats, the public handles, keys and engine setup; the flows are in parties.cpp,
 // receive.cpp and send.cpp.
+#include <linux/filter.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/dispatch.hpp>
@@ -30,34 +33,7 @@ using detail::party;
 
 // ---------------------------------------------------------------- event, handles
 
-event::event(event&& other) noexcept
-    : party_(std::exchange(other.party_, nullptr)),
-      buffer_(std::move(other.buffer_)),
-      size_(std::exchange(other.size_, 0)),
-      peer_(std::move(other.peer_)),
-      reason_(std::move(other.reason_)),
-      id_(other.id_),
-      socket_(other.socket_),
-      kind_(other.kind_) {}
-
-event& event::operator=(event&& other) noexcept {
-  if (this != &other) {
-    release();
-    party_ = std::exchange(other.party_, nullptr);
-    buffer_ = std::move(other.buffer_);
-    size_ = std::exchange(other.size_, 0);
-    peer_ = other.peer_;
-    reason_ = other.reason_;
-    id_ = other.id_;
-    socket_ = other.socket_;
-    kind_ = other.kind_;
-  }
-  return *this;
-}
-
-void event::release() noexcept {
-  if (party_ != nullptr) party_->engine_->return_event(*this);
-}
+void event::return_to_party() noexcept { party_->engine_->return_event(*this); }
 
 response& response::operator=(response&& other) noexcept {
   if (this != &other) {
@@ -223,7 +199,7 @@ result<void> engine::open(const udp::endpoint& local) {
     error_code ec;
     s->socket.open(bind_to.protocol(), ec);
     if (ec) return ec;
-    if (count > 1) {
+    if (count > 1 || options_.separate_send_sockets) {
       int one = 1;
       if (::setsockopt(s->socket.native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
         return errno_code(errno);
@@ -255,11 +231,58 @@ result<void> engine::open(const udp::endpoint& local) {
     s->addresses.resize(batch);
     s->send_headers.resize(64);
     s->send_vectors.resize(64);
+    s->spent_buffers.resize(64);
     s->batch_replies.reserve(batch);
     sockets_.push_back(std::move(s));
   }
+  if (options_.separate_send_sockets) {
+    if (auto opened = open_send_sockets(); !opened) return opened;
+  }
   idle_sockets_.store(count);
   return {};
+}
+
+result<void> engine::open_send_sockets() {
+  // First the filter, for the whole SO_REUSEPORT group: a datagram goes to a
+  // receiving socket (they joined the group first, so they are its sockets
+  // 0..count-1), by its message ID when there are several; a datagram too
+  // short to load the ID from goes to socket 0. Sockets that join later (the
+  // send sockets, or another process's) are never chosen.
+  const auto count = static_cast<std::uint32_t>(sockets_.size());
+  std::array<sock_filter, 3> code{};
+  unsigned length = 0;
+  if (count == 1) {
+    code[length++] = BPF_STMT(BPF_RET | BPF_K, 0);
+  } else {
+    code[length++] = BPF_STMT(BPF_LD | BPF_H | BPF_ABS, options_.frame.id_offset);
+    code[length++] = BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, count);
+    code[length++] = BPF_STMT(BPF_RET | BPF_A, 0);
+  }
+  const sock_fprog program{static_cast<unsigned short>(length), code.data()};
+  if (::setsockopt(sockets_[0]->fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &program,
+                   sizeof program) != 0)
+    return errno_code(errno);
+  const bool v6 = local_.address().is_v6();
+  for (auto& s : sockets_) {
+    const int fd = ::socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return errno_code(errno);
+    s->send_fd = fd;  // closed with the socket_state from here on
+    const int one = 1;
+    if (::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
+        (v6 && ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) != 0))
+      return errno_code(errno);
+    if (options_.socket_buffer_bytes > 0) {
+      const int bytes = options_.socket_buffer_bytes;
+      (void)::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);  // smaller is not fatal
+    }
+    if (::bind(fd, local_.data(), static_cast<socklen_t>(local_.size())) != 0)
+      return errno_code(errno);
+  }
+  return {};
+}
+
+socket_state::~socket_state() {
+  if (send_fd >= 0) ::close(send_fd);
 }
 
 void engine::close() noexcept {
@@ -280,6 +303,7 @@ void engine::close() noexcept {
       s->closed = true;
       error_code ignored;
       s->socket.close(ignored);
+      if (s->send_fd >= 0) ::close(std::exchange(s->send_fd, -1));
       unsent.swap(s->send_queue);
     }
     for (auto& o : unsent) {
@@ -312,6 +336,10 @@ dispatcher_stats engine::stats() const {
   st.send_errors = send_errors_.load(std::memory_order_relaxed);
   st.dropped_no_memory = dropped_no_memory_.load(std::memory_order_relaxed);
   st.buffers_in_use = pool_.in_use();
+  for (const auto& s : sockets_) {
+    std::lock_guard io(s->io_mutex);  // before mutex_: io_mutex comes first
+    st.send_sockets += s->send_fd >= 0 ? 1 : 0;
+  }
   std::lock_guard lock(mutex_);
   st.buffers_lent = lent_buffers_;
   st.queued_queries = queries_.size();

@@ -143,6 +143,16 @@ void release(party* p) noexcept;
 
 /// A finished receive, to be completed outside the lock.
 struct completion {
+  completion() = default;
+  completion(completion&&) noexcept = default;
+  // Deleted: Boost 1.81's any_completion_handler move assignment recurses
+  // without end (see outgoing below), so completions are only ever built in
+  // place or moved into new storage.
+  completion& operator=(completion&&) = delete;
+  completion(const completion&) = delete;
+  completion& operator=(const completion&) = delete;
+  ~completion() = default;
+
   receive_handler handler;
   error_code ec;
   event ev;
@@ -186,8 +196,14 @@ class engine;
 /// the asio socket object and of the send queue is under io_mutex.
 struct socket_state {
   explicit socket_state(boost::asio::io_context& ctx) : socket(ctx) {}
+  socket_state(const socket_state&) = delete;
+  socket_state& operator=(const socket_state&) = delete;
+  ~socket_state();
   udp::socket socket;
   int fd = -1;
+  // The separate send socket (dispatcher_options::separate_send_sockets), or
+  // -1: not in any epoll set, so that sending costs no epoll callback. Under io_mutex.
+  int send_fd = -1;
   std::uint8_t index = 0;
   const engine* owner = nullptr;
   std::mutex io_mutex;
@@ -209,6 +225,7 @@ struct socket_state {
   // Send side, under io_mutex.
   std::vector<mmsghdr> send_headers;
   std::vector<iovec> send_vectors;
+  std::vector<pooled_buffer> spent_buffers;  // a sendmmsg's sent buffers, given back together
   bool receiving = false;  // guarded by the engine's mutex
 };
 
@@ -234,6 +251,9 @@ class engine : public std::enable_shared_from_this<engine> {
   ~engine();
 
   result<void> open(const udp::endpoint& local);
+  /// Steers the port's datagrams to the receiving sockets, then opens the
+  /// separate send sockets (dispatcher_options::separate_send_sockets).
+  result<void> open_send_sockets();
   void close() noexcept;
 
   result<response> add_response(dispatcher& owner, const udp::endpoint& peer,
@@ -264,6 +284,9 @@ class engine : public std::enable_shared_from_this<engine> {
   bool deliverable_locked(const party& p) const noexcept;
   void collect_locked(party& p, completions& out);
   void make_ready_locked(party& p, completions& out);
+  /// Marks the return reply() deferred to this thread (tl_returned) done;
+  /// returns the party, whose reference the caller drops once unlocked.
+  party* apply_deferred_return_locked(completions& out);
   void restart_locked(sockets_to_arm& to_arm, completions& out);
   std::uint16_t next_random_locked();
   result<std::uint16_t> allocate_id_locked(const peer_key& peer);
@@ -272,7 +295,8 @@ class engine : public std::enable_shared_from_this<engine> {
   void fail_locked(error_code reason, completions& out);
 
   void run_completions(completions& batch);
-  void post_completions(completions& batch);
+  /// Posts batch[first, end) and empties the batch.
+  void post_completions(completions& batch, std::size_t first = 0);
   void arm(socket_state& s);
   void on_readable(socket_state& s, error_code ec);
   void restart_if_needed(bool from_loop);
@@ -334,6 +358,11 @@ inline thread_local engine* tl_delivering = nullptr;
 inline thread_local std::vector<completion>* tl_batch = nullptr;
 // The socket whose receive batch this thread runs.
 inline thread_local socket_state* tl_batch_socket = nullptr;
+// A party whose event reply() gave back inside the batch this thread runs, not
+// yet marked returned: the next lock this thread takes for that batch (the
+// handler's next async_receive, as a rule) does it, so that answering a query
+// takes one lock, not two. Holds the event's reference on the party.
+inline thread_local party* tl_returned = nullptr;
 
 inline error_code errno_code(int e) { return {e, boost::system::system_category()}; }
 

@@ -215,6 +215,15 @@ void engine::make_ready_locked(party& p, completions& out) {
   }
 }
 
+party* engine::apply_deferred_return_locked(completions& out) {
+  party* p = tl_returned;
+  if (p == nullptr) return nullptr;
+  p->lent_ = false;
+  make_ready_locked(*p, out);  // may throw (bad_alloc): the slot then keeps the party
+  tl_returned = nullptr;
+  return p;
+}
+
 // Runs a completion now when its handler belongs on this thread (the common
 // case: a plain handler, the loop's own executor, called from the loop);
 // otherwise hands it to its executor. `on_loop`: this thread runs the loop.
@@ -238,35 +247,59 @@ void engine::run_completions(completions& batch) {
   std::size_t i = 0;
   // Restores the thread's state however the loop ends: a handler run inline
   // may throw (through io_context::run to the application); the completions
-  // after it are then posted, not lost.
+  // after it are then posted, not lost, and a deferred return is applied.
   struct scope {
     engine* self;
     completions& batch;
     std::size_t& next;
     engine* outer = std::exchange(tl_delivering, self);
     completions* outer_batch = std::exchange(tl_batch, &batch);
+    party* outer_returned = std::exchange(tl_returned, nullptr);
     ~scope() {
-      tl_batch = outer_batch;
-      tl_delivering = outer;
-      if (next < batch.size()) {
-        batch.erase(batch.begin(), batch.begin() + static_cast<std::ptrdiff_t>(next));
+      party* returned = nullptr;
+      if (tl_returned != nullptr) {
         try {
-          self->post_completions(batch);
+          std::lock_guard lock(self->mutex_);
+          returned = self->apply_deferred_return_locked(batch);
         } catch (...) {  // NOLINT(bugprone-empty-catch): nothing better while unwinding
         }
+        if (returned == nullptr) returned = std::exchange(tl_returned, nullptr);
+      }
+      tl_returned = outer_returned;
+      tl_batch = outer_batch;
+      tl_delivering = outer;
+      // Posted from where the loop stopped. Not erased first: that would
+      // move-assign completions, and Boost 1.81's any_completion_handler move
+      // assignment recurses without end (see outgoing in engine.hpp).
+      try {
+        self->post_completions(batch, next);
+      } catch (...) {  // NOLINT(bugprone-empty-catch): nothing better while unwinding
       }
       batch.clear();
+      if (returned != nullptr) release(returned);
     }
   } guard{this, batch, i};
   const bool on_loop = ctx_.get_executor().running_in_this_thread();
   // Handlers may append to `batch` (see make_ready_locked), which may move its
   // elements: index it, and touch an element only until its handler starts
   // (invoke moves the handler, code and event into the call before it runs).
-  while (i < batch.size()) invoke(batch[i++], on_loop);
+  for (;;) {
+    while (i < batch.size()) invoke(batch[i++], on_loop);
+    if (tl_returned == nullptr) break;
+    // The last handler replied without asking for more: its event is returned
+    // now, which may deliver (into this batch) what waited for it.
+    party* returned;
+    {
+      std::lock_guard lock(mutex_);
+      returned = apply_deferred_return_locked(batch);
+    }
+    release(returned);
+  }
 }
 
-void engine::post_completions(completions& batch) {
-  for (auto& c : batch) {
+void engine::post_completions(completions& batch, std::size_t first) {
+  for (std::size_t i = first; i < batch.size(); ++i) {
+    completion& c = batch[i];
     asio::post(ctx_, asio::append(std::move(c.handler), c.ec, std::move(c.ev)));
   }
   batch.clear();
@@ -275,8 +308,12 @@ void engine::post_completions(completions& batch) {
 void engine::start_receive(party* p, receive_handler handler, bool loop_executor) {
   completions out;
   error_code refuse;
+  party* returned = nullptr;
   {
     std::lock_guard lock(mutex_);
+    // Usually the event this handler just answered: returned first, so that
+    // the query waiting for it is delivered below.
+    if (tl_delivering == this) returned = apply_deferred_return_locked(*tl_batch);
     if (!p->attached_) {
       refuse = make_error_code(errc::detached);
     } else if (p->waiter_) {
@@ -297,6 +334,7 @@ void engine::start_receive(party* p, receive_handler handler, bool loop_executor
       }
     }
   }
+  if (returned != nullptr) release(returned);
   if (refuse) {
     asio::post(ctx_, asio::append(std::move(handler), refuse, event{}));
     return;

@@ -138,10 +138,11 @@ void engine::on_readable(socket_state& s, error_code ec) {
     engine* self;
     socket_state& s;
     socket_state* outer;
-    int exceptions = std::uncaught_exceptions();
+    bool unwinding = true;  // cleared on every normal way out (std::uncaught_exceptions
+                            // would cost two thread-local lookups per wake-up)
     ~scope() {
       tl_batch_socket = outer;
-      if (std::uncaught_exceptions() > exceptions) {
+      if (unwinding) {
         try {
           self->flush(s, true);  // the replies its handlers made before the throw
           {
@@ -173,9 +174,8 @@ void engine::on_readable(socket_state& s, error_code ec) {
     // Counted before they are taken: another socket that finds the pool dry
     // meanwhile knows they are coming back (restart_locked).
     in_batch_.fetch_add(want, std::memory_order_seq_cst);
-    for (; n < want; ++n) {
-      s.buffers[n] = pool_.try_acquire();
-      if (!s.buffers[n]) break;
+    const std::size_t taken = pool_.try_acquire(std::span(s.buffers).first(want));
+    for (; n < taken; ++n) {
       s.vectors[n] = {s.buffers[n].data(), s.buffers[n].size()};
       auto& h = s.headers[n].msg_hdr;
       h = {};
@@ -200,13 +200,14 @@ void engine::on_readable(socket_state& s, error_code ec) {
       }
     }
     if (got < 0) {
-      for (std::size_t i = 0; i < n; ++i) s.buffers[i].reset();
+      pool_.release(std::span(s.buffers).first(n));
       in_batch_.fetch_sub(n, std::memory_order_seq_cst);
       if (err == EAGAIN || err == EWOULDBLOCK) {
         drained = true;
         break;
       }
       if (err == EINTR) continue;
+      guard->unwinding = false;
       guard.reset();
       stop_receiving();
       if (err != ECANCELED) fail(errno_code(err), true);
@@ -214,7 +215,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
     }
     received_.fetch_add(static_cast<std::uint64_t>(got), std::memory_order_relaxed);
     completions& out = s.delivered;  // reused: no allocation per batch
-    for (std::size_t i = static_cast<std::size_t>(got); i < n; ++i) s.buffers[i].reset();
+    pool_.release(std::span(s.buffers).first(n).subspan(static_cast<std::size_t>(got)));
     {
       std::lock_guard lock(mutex_);
       classify_locked(s, got, out);
@@ -228,6 +229,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
     }
     if (static_cast<std::size_t>(got) < n) drained = true;
   }
+  guard->unwinding = false;
   guard.reset();
   restart(true, &s);
 }

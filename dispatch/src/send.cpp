@@ -73,6 +73,23 @@ result<void> engine::reply(party* p, event&& ev, std::span<const std::byte> answ
   // The buffer moves on to the send queue (still counted as lent); the event
   // itself is returned now, which lets the next query through.
   socket_state& s = *sockets_[held.socket_ < sockets_.size() ? held.socket_ : 0];
+  // The usual answer loop: a handler of this socket's receive batch replies on
+  // the thread that runs it. No lock here: the reply joins the batch's
+  // sendmmsg, and the event's return is left to this thread's next lock (see
+  // tl_returned). A shutdown meanwhile drops the reply at the flush, as it
+  // drops any queued send. (p needs no check: its handle is attached, or the
+  // call would not have come here.)
+  if (tl_batch_socket == &s && tl_delivering == this && tl_returned == nullptr &&
+      !stopping_.load(std::memory_order_relaxed)) {
+    try {
+      s.batch_replies.emplace_back(held.peer_, held.buffer_.data(), answer.size(),
+                                   std::move(held.buffer_), send_handler{});
+      tl_returned = std::exchange(held.party_, nullptr);
+      return {};
+    } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch)
+      // The buffer is still the event's: refused below, by the locked path.
+    }
+  }
   party* owner = std::exchange(held.party_, nullptr);
   completions ready;
   error_code refused;
@@ -178,6 +195,10 @@ bool engine::enqueue(socket_state& s, outgoing&& out) {
 std::size_t engine::send_locked(socket_state& s, outgoing* items, std::size_t count,
                                 send_results& r) {
   std::size_t consumed = 0;
+  // The separate send socket when there is one; if its buffer is full, the
+  // receiving socket takes over for the rest of this flush (and, when it is
+  // full too, waits for room through the loop).
+  int fd = s.send_fd >= 0 ? s.send_fd : s.fd;
   while (consumed < count && !s.closed && !s.write_wait && !r.socket_error) {
     const std::size_t n = std::min(count - consumed, s.send_headers.size());
     for (std::size_t i = 0; i < n; ++i) {
@@ -191,11 +212,14 @@ std::size_t engine::send_locked(socket_state& s, outgoing* items, std::size_t co
       h.msg_iov = &s.send_vectors[i];
       h.msg_iovlen = 1;
     }
-    const int sent =
-        ::sendmmsg(s.fd, s.send_headers.data(), static_cast<unsigned>(n), MSG_DONTWAIT);
+    const int sent = ::sendmmsg(fd, s.send_headers.data(), static_cast<unsigned>(n), MSG_DONTWAIT);
     if (sent < 0) {
       const int err = errno;
       if (err == EINTR) continue;
+      if ((err == EAGAIN || err == EWOULDBLOCK || err == ENOBUFS) && fd != s.fd) {
+        fd = s.fd;
+        continue;
+      }
       if (err == EAGAIN || err == EWOULDBLOCK || err == ENOBUFS) {
         s.write_wait = true;
         s.socket.async_wait(asio::socket_base::wait_write,
@@ -217,12 +241,15 @@ std::size_t engine::send_locked(socket_state& s, outgoing* items, std::size_t co
       continue;
     }
     sent_.fetch_add(static_cast<std::uint64_t>(sent), std::memory_order_relaxed);
+    std::size_t spent = 0;
     for (int i = 0; i < sent; ++i) {
       outgoing& o = items[consumed++];
       if (o.handler) r.done.push_back({std::move(o.handler), {}});
-      if (o.buffer) ++r.returned;
-      o.buffer.reset();  // gives the buffer back to the pool (lock-free)
+      if (o.buffer) s.spent_buffers[spent++] = std::move(o.buffer);
     }
+    // Back to the pool together: one atomic operation for the lot.
+    r.returned += static_cast<std::uint32_t>(spent);
+    pool_.release(std::span(s.spent_buffers).first(spent));
   }
   return consumed;
 }
