@@ -184,19 +184,32 @@ void BM_FramedPipelined(benchmark::State& state) {
   auto& client = pair.client;
   const std::string payload(size, 'x');
   std::int64_t completed = 0;
+  bool failed = false;
   std::function<void()> issue = [&] {
     frame request;
     request.payload = payload;
-    client->async_call(std::move(request), [&](error_code ec, frame) {
-      if (ec) return;
+    client->async_call(std::move(request), [&](error_code ec, frame reply) {
+      if (ec || reply.payload.size() != size) {
+        failed = true;
+        return;
+      }
       ++completed;
       issue();
     });
   };
   for (int i = 0; i < depth; ++i) issue();
+  // One iteration per reply, as the raw peer reads one per iteration: a
+  // run_one() that reads several replies in one receive banks the extra ones
+  // for the iterations after it (counting run_one() calls instead would time
+  // a whole batch of replies as one request).
+  std::int64_t taken = 0;
   for (auto _ : state) {
-    const std::int64_t target = completed + 1;
-    while (completed < target) client_ctx.run_one();
+    while (completed == taken && !failed) client_ctx.run_one();
+    if (failed) {
+      state.SkipWithError("bad reply");
+      break;  // to the drain below, while `issue` is alive
+    }
+    ++taken;
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * size * 2));
   // Drain while `issue` is alive: a reply already received still calls it.

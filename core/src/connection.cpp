@@ -136,6 +136,12 @@ class engine {
   // notify::peer first tells the peer why, when that cannot split a frame.
   void fail(error_code ec, salvage keep = salvage::no, notify tell = notify::none) {
     if (!s_.open) return;
+    // Frames a handler queued in this read and not yet written: out first,
+    // as they would be had they been written when queued.
+    if (s_.frames_deferred > 0 && self_) {
+      flush_deferred();
+      if (!s_.open) return;
+    }
     // A close reason is never success: receivers would take it for a frame.
     if (!ec) ec = make_error_code(errc::peer_closed);
     inline_ok_ = false;  // what fail completes is posted, whoever called it
@@ -165,6 +171,13 @@ class engine {
     s_.receivers.clear();
     s_.reader.pending_fds().clear();
     s_.publish();
+  }
+
+  // Writes the frames that handlers queued during this read (see enqueue).
+  void flush_deferred() {
+    if (s_.frames_deferred == 0) return;
+    s_.frames_deferred = 0;
+    write();
   }
 
   void deliver_to_receiver() {
@@ -221,6 +234,7 @@ class engine {
 
   void finish_read() {
     s_.in_read = false;
+    flush_deferred();  // parse() has written them; this is only a backstop
     arm_timer();
     s_.publish();
   }
@@ -239,14 +253,27 @@ class engine {
     }
   }
 
+  // Hands every whole frame in the buffer over, then writes what their
+  // handlers queued and enqueue held back: replies to a batch of requests, or
+  // the calls that a batch of replies' handlers make, go out in one sendmsg
+  // (descriptors allowing) instead of one each, which would pay a system call
+  // and, most often, a wake-up of the peer for every frame.
   void parse() {
-    while (s_.open && !s_.read_paused()) {
-      auto f = s_.reader.next(s_.options);
-      if (!f) break;
-      if (!*f) return fail(f->error(), salvage::no, notify::peer);
-      s_.any_frame_received = true;
-      ++s_.counters.frames_received;
-      deliver(std::move(**f));
+    for (;;) {
+      s_.batch_started = false;
+      while (s_.open && !s_.read_paused()) {
+        auto f = s_.reader.next(s_.options);
+        if (!f) break;
+        if (!*f) return fail(f->error(), salvage::no, notify::peer);
+        s_.any_frame_received = true;
+        ++s_.counters.frames_received;
+        deliver(std::move(**f));
+      }
+      const bool held_back = s_.frames_deferred > 0;
+      flush_deferred();
+      // Replies held back may be what paused the batch (max_queued_send_bytes):
+      // written, they no longer hold it up.
+      if (!held_back || !s_.open || s_.read_paused()) break;
     }
     if (!s_.open) return;
     if (!s_.read_paused() && s_.reader.has_unclaimed_fds(s_.options.max_fds_per_frame)) {
@@ -473,6 +500,15 @@ void connection::enqueue(outgoing_frame f) {
   s.outbox_bytes += f.bytes.size();
   if (f.is_reply) s.outbox_reply_bytes += f.bytes.size();
   s.outbox.push_back(std::move(f));
+  // Queued by a handler that a read runs inline (a reply to a frame just
+  // parsed): the first of the parse is written at once, the next ones wait to
+  // go together (see connection::impl::batch_started), at most one sendmsg's
+  // worth of them.
+  if (s.in_read) {
+    if (s.batch_started && ++s.frames_deferred < max_iov) return;
+    s.batch_started = true;
+    s.frames_deferred = 0;
+  }
   engine(s, shared_from_this()).write();
 }
 

@@ -98,6 +98,15 @@ struct connection::impl {
   std::size_t outbox_bytes = 0;
   std::size_t outbox_reply_bytes = 0;
   bool write_waiting = false;
+  // Frames queued by handlers that a read runs inline (replies to the frames
+  // just parsed, calls made by a reply's handler) go out in batches: the
+  // first of a parse at once, so that a peer waiting for it starts waking
+  // while we go on; the rest together, in one sendmsg where descriptors allow,
+  // once they fill one or every whole frame received is handed over (see
+  // engine::parse), or before the connection closes. Their order is the
+  // outbox's, as always.
+  bool batch_started = false;       // this parse has written its first frame
+  std::size_t frames_deferred = 0;  // queued since then, not yet written
 
   // Reading stops while the application is behind: too many received frames
   // not taken, or too many of our replies not yet written (a peer that sends

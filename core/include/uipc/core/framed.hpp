@@ -116,7 +116,9 @@ struct connection_stats {
 /// executor (by default the connection's strand), never inside the initiating
 /// call, and count as outstanding work on it while pending. A frame read off
 /// the socket goes to a handler that runs on the strand directly, in the same
-/// turn of the loop (no second trip through the scheduler). async_call and
+/// turn of the loop (no second trip through the scheduler); what such handlers
+/// send is written together once the frames that one receive brought are all
+/// handed over (the first of them at once), in order as always. async_call and
 /// async_receive honour per-operation cancellation (bind_cancellation_slot,
 /// awaitable operator||): the operation completes with operation_aborted and
 /// the connection stays open.
