@@ -70,8 +70,8 @@ result<void> engine::reply(party* p, event&& ev, std::span<const std::byte> answ
   if (answer.size() > held.buffer_.size()) return make_error_code(errc::message_too_large);
   if (answer.data() != held.buffer_.data())
     std::memmove(held.buffer_.data(), answer.data(), answer.size());
-  // The buffer moves on to the send queue (still counted as lent); the event
-  // itself is returned now, which lets the next query through.
+  // The buffer moves on to be sent (still counted as lent until it is); the
+  // event itself is returned, which lets the next query through.
   socket_state& s = *sockets_[held.socket_ < sockets_.size() ? held.socket_ : 0];
   // The usual answer loop: a handler of this socket's receive batch replies on
   // the thread that runs it. No lock here: the reply joins the batch's
@@ -79,53 +79,44 @@ result<void> engine::reply(party* p, event&& ev, std::span<const std::byte> answ
   // tl_returned). A shutdown meanwhile drops the reply at the flush, as it
   // drops any queued send. (p needs no check: its handle is attached, or the
   // call would not have come here.)
-  if (tl_batch_socket == &s && tl_delivering == this && tl_returned == nullptr &&
+  error_code refused;
+  if (tl_batch_socket == &s && tl_delivering == this &&
       !stopping_.load(std::memory_order_relaxed)) {
+    if (tl_returned != nullptr) {
+      // A second reply from one handler: the first one's return goes now.
+      party* earlier;
+      {
+        std::lock_guard lock(mutex_);
+        earlier = apply_deferred_return_locked(*tl_batch);
+      }
+      release(earlier);
+    }
     try {
       s.batch_replies.emplace_back(held.peer_, held.buffer_.data(), answer.size(),
                                    std::move(held.buffer_), send_handler{});
       tl_returned = std::exchange(held.party_, nullptr);
       return {};
-    } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch)
-      // The buffer is still the event's: refused below, by the locked path.
-    }
-  }
-  party* owner = std::exchange(held.party_, nullptr);
-  completions ready;
-  error_code refused;
-  {
-    std::lock_guard lock(mutex_);
-    if (!p->attached_)
-      refused = make_error_code(errc::detached);
-    else if (shutting_down_)
-      refused = make_error_code(errc::shutting_down);
-    owner->lent_ = false;
-    make_ready_locked(*owner, ready);
-  }
-  if (!refused && tl_batch_socket == &s) {
-    // A reply from a handler of this socket's receive batch, on the thread
-    // that runs it (the usual answer loop): the batch's flush takes it, with
-    // no lock here. A shutdown meanwhile drops it there, as a queued send.
-    try {
-      s.batch_replies.emplace_back(held.peer_, held.buffer_.data(), answer.size(),
-                                   std::move(held.buffer_), send_handler{});
     } catch (const std::bad_alloc&) {
       refused = make_error_code(boost::system::errc::not_enough_memory);
-      std::lock_guard lock(mutex_);
-      if (!closed_) --lent_buffers_;
     }
-  } else if (refused) {
+  }
+  // Otherwise (another thread or socket, a shutdown, no memory): the event is
+  // returned now, and the answer queued for the socket's next flush.
+  party* owner = std::exchange(held.party_, nullptr);
+  completions ready;
+  {
     std::lock_guard lock(mutex_);
-    if (!closed_) --lent_buffers_;  // the buffer goes back below, not to the send queue
+    if (!refused && !p->attached_) refused = make_error_code(errc::detached);
+    if (!refused && shutting_down_) refused = make_error_code(errc::shutting_down);
+    owner->lent_ = false;
+    make_ready_locked(*owner, ready);
+    if (refused && !closed_) --lent_buffers_;  // the buffer goes back below, not to a send queue
   }
   if (refused) {
     held.buffer_.reset();
     restart_if_needed(false);
-  } else if (held.buffer_ && !enqueue(s, outgoing{held.peer_,
-                                                  held.buffer_.data(),
-                                                  answer.size(),
-                                                  std::move(held.buffer_),
-                                                  {}})) {
+  } else if (!enqueue(s, outgoing{held.peer_, held.buffer_.data(), answer.size(),
+                                  std::move(held.buffer_), {}})) {
     refused = make_error_code(errc::shutting_down);
   }
   if (!ready.empty()) post_completions(ready);

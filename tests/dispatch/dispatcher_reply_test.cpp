@@ -54,6 +54,21 @@ class collector {
 
 class DispatcherReplyTest : public DispatcherTest {
  protected:
+  /// Sends three queries; `l`'s handler answers the first and detaches `l`
+  /// inside the handler, without asking for more. Returns once both happened.
+  void answer_first_of_three_then_detach(const ref_ptr<dispatcher>& d, listener& l,
+                                         udp::socket& client, const collector& answers) {
+    bool detached = false;
+    l.async_receive([&](error_code ec, event ev) {
+      ASSERT_FALSE(ec);
+      EXPECT_TRUE(answer(l, std::move(ev)));
+      l.detach();
+      detached = true;
+    });
+    for (std::uint8_t i = 1; i <= 3; ++i) send(client, message(i, false, i), d->local_endpoint());
+    ASSERT_TRUE(run_until(ctx_, [&] { return detached && answers.ids.size() == 1; }));
+  }
+
   /// Runs the loop until `done()`, catching what handlers throw out of it;
   /// returns how many exceptions came out.
   int run_catching(const std::function<bool()>& done,
@@ -384,17 +399,9 @@ TEST_F(DispatcherReplyTest, ReplyThenDetachInTheHandlerLeaksNothing) {
   auto d = make();
   auto l = d->add_listener();
   ASSERT_TRUE(l);
-  bool detached = false;
-  l->async_receive([&](error_code ec, event ev) {
-    ASSERT_FALSE(ec);
-    EXPECT_TRUE(answer(*l, std::move(ev)));
-    l->detach();
-    detached = true;
-  });
   auto client = peer();
   collector answers(client);
-  for (std::uint8_t i = 1; i <= 3; ++i) send(client, message(i, false, i), d->local_endpoint());
-  ASSERT_TRUE(run_until(ctx_, [&] { return detached && answers.ids.size() == 1; }));
+  ASSERT_NO_FATAL_FAILURE(answer_first_of_three_then_detach(d, *l, client, answers));
   EXPECT_EQ(answers.ids, (std::vector<std::uint16_t>{1}));
   ctx_.poll();
   EXPECT_EQ(d->stats().listeners, 0u);
@@ -409,17 +416,9 @@ TEST_F(DispatcherReplyTest, ReplyThenDetachInTheHandlerLeavesTheQueueToAnotherLi
   auto l = d->add_listener();
   auto other = d->add_listener();  // attached, not receiving yet
   ASSERT_TRUE(l && other);
-  bool detached = false;
-  l->async_receive([&](error_code ec, event ev) {
-    ASSERT_FALSE(ec);
-    EXPECT_TRUE(answer(*l, std::move(ev)));
-    l->detach();
-    detached = true;
-  });
   auto client = peer();
   collector answers(client);
-  for (std::uint8_t i = 1; i <= 3; ++i) send(client, message(i, false, i), d->local_endpoint());
-  ASSERT_TRUE(run_until(ctx_, [&] { return detached && answers.ids.size() == 1; }));
+  ASSERT_NO_FATAL_FAILURE(answer_first_of_three_then_detach(d, *l, client, answers));
   until_received(d, 3);
   EXPECT_EQ(d->stats().queued_queries, 2u);
   for (std::uint8_t expected = 2; expected <= 3; ++expected) {
