@@ -26,6 +26,17 @@ class core_category_impl final : public boost::system::error_category {
       case errc::not_held: return "holder has no reference to release";
       case errc::unsafe_directory: return "runtime directory is not owned by the user or is open to others";
       case errc::remote_error: return "peer reported an error of an unknown category";
+      case errc::bad_request: return "request does not parse as its type's message";
+      case errc::unknown_request: return "no handler serves this request type";
+      case errc::permission_denied: return "refused by the server's admission rule";
+      case errc::bad_reply: return "reply does not parse as the expected message";
+      case errc::program_not_found: return "daemon program not found";
+      case errc::program_not_executable: return "daemon program is not executable";
+      case errc::program_exited: return "daemon program exited before it served";
+      case errc::start_timeout: return "daemon did not serve in time";
+      case errc::invalid_name: return "name breaks the rules (characters or length)";
+      case errc::foreign_owner: return "directory or socket is owned by another user";
+      case errc::wrong_server: return "server runs as another user than the one asked for";
     }
     return "unknown uipc.core error " + std::to_string(value);
   }

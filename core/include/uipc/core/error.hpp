@@ -31,6 +31,17 @@ enum class errc {
   not_held,              ///< the holder has no reference to release
   unsafe_directory,      ///< a runtime directory owned by someone else or open to others
   remote_error,          ///< the peer reported an error of a category this side does not know
+  bad_request,           ///< a request whose payload does not parse as its type's message
+  unknown_request,       ///< no handler serves this request type
+  permission_denied,     ///< the server's admission rule refused the peer
+  bad_reply,             ///< a reply that does not parse as the expected message: the peer broke the protocol
+  program_not_found,     ///< a daemon program found nowhere it was looked for
+  program_not_executable,  ///< a daemon program that exists but cannot be executed
+  program_exited,        ///< a started daemon exited before it served
+  start_timeout,         ///< a started daemon did not serve in time
+  invalid_name,          ///< a name that breaks the rules of its kind (characters, length)
+  foreign_owner,         ///< a shared directory or socket owned by another uid
+  wrong_server,          ///< the server reached runs as another uid than the one asked for
 };
 
 /// The category of errc, named "uipc.core".
