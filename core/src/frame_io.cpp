@@ -65,6 +65,7 @@ std::optional<result<frame>> frame_reader::next(const connection_options& option
 
 void frame_reader::make_room(std::size_t max_frame_size) {
   shrink();
+  if (buffer_.empty()) buffer_.resize(initial_size);
   const std::size_t have = end_ - begin_;
   if (have == 0) {
     begin_ = end_ = 0;
@@ -88,7 +89,7 @@ void frame_reader::make_room(std::size_t max_frame_size) {
 }
 
 void frame_reader::shrink() {
-  if (begin_ == end_ && buffer_.size() > 4 * initial_size) {
+  if (begin_ == end_ && buffer_.size() > shrink_above) {
     buffer_.resize(initial_size);
     buffer_.shrink_to_fit();
     begin_ = end_ = 0;

@@ -27,9 +27,14 @@ inline constexpr std::size_t max_fds_per_message = 64;
 /// Bytes received and not yet parsed, with the descriptors that came with them.
 class frame_reader {
  public:
-  static constexpr std::size_t initial_size = 64 * 1024;
+  /// The buffer's size once the first byte is due: an idle connection costs
+  /// no buffer at all (when it waits with a peek), and a small one otherwise.
+  /// It grows with the frames that need more, and goes back to this size when
+  /// it is empty and larger than `shrink_above`.
+  static constexpr std::size_t initial_size = 4 * 1024;
+  static constexpr std::size_t shrink_above = 64 * 1024;
 
-  frame_reader() { buffer_.resize(initial_size); }
+  frame_reader() = default;
 
   /// One recvmsg into the free space (made first, growing the buffer only as a
   /// frame larger than it arrives, up to `max_frame_size`). Returns what

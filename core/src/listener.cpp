@@ -162,6 +162,16 @@ void listener::start_accept(accept_handler handler) {
   });
 }
 
+void listener::start_accept_socket(socket_handler handler) {
+  impl_->acceptor.async_accept([handler = std::move(handler)](error_code ec, stream_protocol::socket s) mutable {
+    unique_fd fd;
+    if (!ec) fd.reset(s.release(ec));
+    if (!ec && ::fcntl(fd.get(), F_SETFD, FD_CLOEXEC) != 0) ec = last_error();
+    if (ec) fd.reset();
+    asio::dispatch(s.get_executor(), asio::append(std::move(handler), ec, std::move(fd)));
+  });
+}
+
 void listener::close() {
   if (impl_->closed) return;
   impl_->closed = true;

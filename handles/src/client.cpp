@@ -47,10 +47,9 @@ result<object> client::create(object_type type, std::string_view name, bool init
   in.set_initial_count(count);
   in.set_max_count(maximum);
   if (type == object_type::mutex && initial) in.set_owner_tid(detail::self().tid);
-  auto reply = session_->call(request_type::create, in.SerializeAsString());
+  auto reply = session_->call<pb::HandleReply>(request_type::create, in);
   if (!reply) return reply.error();
-  pb::HandleReply out;
-  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  const pb::HandleReply& out = *reply;
   // A mutex created owned is this thread's from the start: its exit abandons it.
   if (type == object_type::mutex && initial && !out.existed())
     detail::note_mutex_owned(session_->map->view, out.handle().index(), detail::self());
@@ -87,10 +86,9 @@ result<object> client::open(std::string_view name) {
   if (name.size() > max_name_length) return make_error_code(errc::name_too_long);
   pb::OpenRequest in;
   in.set_name(std::string(name));
-  auto reply = session_->call(request_type::open, in.SerializeAsString());
+  auto reply = session_->call<pb::HandleReply>(request_type::open, in);
   if (!reply) return reply.error();
-  pb::HandleReply out;
-  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  const pb::HandleReply& out = *reply;
   return object(session_, {out.handle().index(), out.handle().generation()},
                 static_cast<object_type>(out.type()), true);
 }
@@ -100,10 +98,9 @@ result<object> client::open(handle_id handle) {
   pb::OpenRequest in;
   in.mutable_handle()->set_index(handle.index);
   in.mutable_handle()->set_generation(handle.generation);
-  auto reply = session_->call(request_type::open, in.SerializeAsString());
+  auto reply = session_->call<pb::HandleReply>(request_type::open, in);
   if (!reply) return reply.error();
-  pb::HandleReply out;
-  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  const pb::HandleReply& out = *reply;
   return object(session_, handle, static_cast<object_type>(out.type()), true);
 }
 
@@ -159,13 +156,12 @@ result<scratch_block> client::store_scratch(std::size_t bytes) {
   if (!session_) return make_error_code(errc::daemon_lost);
   pb::ScratchStoreRequest in;
   in.set_size(bytes);
-  auto reply = session_->call(request_type::scratch_store, in.SerializeAsString());
+  auto reply = session_->call<pb::ScratchStoreReply>(request_type::scratch_store, in);
   if (!reply) return reply.error();
-  pb::ScratchStoreReply out;
-  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  const pb::ScratchStoreReply& out = *reply;
   const auto& v = session_->map->view;
   if (out.offset() > v.scratch_size() || out.size() > v.scratch_size() - out.offset())
-    return make_error_code(errc::bad_request);
+    return make_error_code(uipc::errc::bad_reply);
   scratch_block b;
   b.session_ = session_;
   b.offset_ = out.offset();
@@ -240,10 +236,9 @@ result<std::vector<handle_info>> client::list() {
   for (std::uint32_t start = 0;;) {
     pb::ListRequest in;
     in.set_start_index(start);
-    auto reply = session_->call(request_type::list, in.SerializeAsString());
+    auto reply = session_->call<pb::ListReply>(request_type::list, in);
     if (!reply) return reply.error();
-    pb::ListReply out;
-    if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+    const pb::ListReply& out = *reply;
     for (const auto& e : out.entries()) {
       entries.push_back({{e.handle().index(), e.handle().generation()},
                          static_cast<object_type>(e.type()),
@@ -252,7 +247,7 @@ result<std::vector<handle_info>> client::list() {
                          e.value()});
     }
     if (out.next_index() == 0) break;
-    if (out.next_index() <= start) return make_error_code(errc::bad_request);  // no progress
+    if (out.next_index() <= start) return make_error_code(uipc::errc::bad_reply);  // no progress
     start = out.next_index();
   }
   return entries;
@@ -260,10 +255,9 @@ result<std::vector<handle_info>> client::list() {
 
 result<daemon_stats> client::stats() {
   if (!session_) return make_error_code(errc::daemon_lost);
-  auto reply = session_->call(request_type::stats, pb::StatsRequest{}.SerializeAsString());
+  auto reply = session_->call<pb::StatsReply>(request_type::stats, pb::StatsRequest{});
   if (!reply) return reply.error();
-  pb::StatsReply out;
-  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  const pb::StatsReply& out = *reply;
   daemon_stats s;
   s.capacity = out.capacity();
   s.handles_in_use = out.handles_in_use();
@@ -280,10 +274,9 @@ result<daemon_stats> client::stats() {
 
 result<std::vector<client_info>> client::clients() {
   if (!session_) return make_error_code(errc::daemon_lost);
-  auto reply = session_->call(request_type::clients, pb::ClientsRequest{}.SerializeAsString());
+  auto reply = session_->call<pb::ClientsReply>(request_type::clients, pb::ClientsRequest{});
   if (!reply) return reply.error();
-  pb::ClientsReply out;
-  if (!out.ParseFromString(reply->payload)) return make_error_code(errc::bad_request);
+  const pb::ClientsReply& out = *reply;
   std::vector<client_info> all;
   all.reserve(static_cast<std::size_t>(out.clients_size()));
   for (const auto& e : out.clients()) {

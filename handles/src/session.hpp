@@ -10,6 +10,7 @@
 #include "segment.hpp"
 #include "uipc/core/blocking_connection.hpp"
 #include "uipc/core/shm.hpp"
+#include "uipc/core/typed.hpp"
 #include "uipc/handles/client.hpp"
 
 namespace uipc::handles::detail {
@@ -57,6 +58,14 @@ struct session {
   /// errc::daemon_timeout; the connection stays open (a late reply is dropped).
   result<frame> call(request_type type, std::string payload,
                      std::optional<std::chrono::steady_clock::time_point> deadline = {});
+  /// call() with typed messages; a reply that does not parse is uipc::errc::bad_reply.
+  template <class Reply, class Request>
+  result<Reply> call(request_type type, const Request& request,
+                     std::optional<std::chrono::steady_clock::time_point> deadline = {}) {
+    auto reply = call(type, request.SerializeAsString(), deadline);
+    if (!reply) return reply.error();
+    return parse_reply<Reply>(*reply);
+  }
   /// Sends one request as a notice, which the daemon serves without a reply
   /// (a close from a destructor): no round trip.
   void post(request_type type, std::string payload);

@@ -248,6 +248,18 @@ class listener {
         [this](auto handler) { start_accept(accept_handler(std::move(handler))); }, token);
   }
 
+  using socket_handler = boost::asio::any_completion_handler<void(error_code, unique_fd)>;
+
+  /// Completes with the next accepted socket as it is: nothing read from it,
+  /// no connection made (close-on-exec; blocking mode as accepted). For a
+  /// server that decides from the peer's credentials whether to take it on
+  /// (connection::adopt) before any of its bytes is read.
+  template <class Token>
+  auto async_accept_socket(Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code, unique_fd)>(
+        [this](auto handler) { start_accept_socket(socket_handler(std::move(handler))); }, token);
+  }
+
   /// Stops listening and removes the socket file. Idempotent.
   void close();
   const std::string& path() const noexcept;
@@ -257,6 +269,7 @@ class listener {
  private:
   explicit listener(std::unique_ptr<impl> p);
   void start_accept(accept_handler handler);
+  void start_accept_socket(socket_handler handler);
 
   std::unique_ptr<impl> impl_;
 };

@@ -1,0 +1,305 @@
+// server: the accept loop, the session table and the ordered stop of the server kit.
+//
+// One mutex guards the session table, the listener and the timers; it is never
+// held while user code runs (admission, handlers, session hooks, on_idle).
+// Requests do not take it: a request only bumps atomics, so the kit adds no
+// lock to the hot path. An ordered stop waits for handlers running on other
+// threads through the in-flight count, which a request raises before it looks
+// at `stopped` (both sequentially consistent: either the stop sees the
+// request, or the request sees the stop).
+#include "uipc/core/server.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <malloc.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+namespace uipc {
+
+namespace asio = boost::asio;
+
+namespace {
+
+bool is_protocol_error(error_code ec) {
+  return ec == errc::bad_frame || ec == errc::short_frame || ec == errc::frame_too_large ||
+         ec == errc::too_many_fds || ec == errc::timed_out;
+}
+
+bool out_of_resources(error_code ec) {
+  return ec == boost::system::errc::too_many_files_open ||
+         ec == boost::system::errc::too_many_files_open_in_system ||
+         ec == boost::system::errc::no_buffer_space || ec == boost::system::errc::not_enough_memory;
+}
+
+}  // namespace
+
+struct server::impl : std::enable_shared_from_this<impl> {
+  impl(asio::io_context& c, const request_router& r, server_options o)
+      : ctx(c), router(r), options(std::move(o)), accept_timer(c), idle_timer(c) {}
+
+  asio::io_context& ctx;
+  const request_router& router;
+  server_options options;
+  connection_options session_options;
+  std::string path;
+
+  mutable std::mutex mutex;
+  std::unique_ptr<listener> accept_socket;
+  asio::steady_timer accept_timer;  // the pause after EMFILE and friends
+  asio::steady_timer idle_timer;
+  std::uint64_t idle_epoch = 0;
+  std::uint64_t consecutive_accept_failures = 0;
+  std::unordered_map<std::uint64_t, std::shared_ptr<server_session>> sessions;
+  std::uint64_t next_id = 1;
+  std::size_t high_water = 0;  // most sessions since memory was last given back
+  server_stats counters;       // sessions and requests fields unused: see below
+
+  std::atomic<bool> stopped{false};
+  std::atomic<std::uint64_t> in_flight{0};
+  std::atomic<std::uint64_t> requests{0};
+  std::atomic<std::uint64_t> errors{0};
+
+  // The server whose handler this thread is running, if any: stop() from a
+  // handler must not wait for itself.
+  static thread_local const impl* serving;
+
+  // ---- accepting ---------------------------------------------------------------
+
+  void accept_next() {  // mutex held
+    if (!accept_socket) return;
+    accept_socket->async_accept_socket(
+        [self = shared_from_this()](error_code ec, unique_fd fd) { self->accepted(ec, std::move(fd)); });
+  }
+
+  void accepted(error_code ec, unique_fd fd) {
+    if (ec == asio::error::operation_aborted) return;
+    if (ec) {
+      std::lock_guard lock(mutex);
+      if (stopped || !accept_socket) return;
+      if (!out_of_resources(ec)) {  // one bad connection: go on at once
+        accept_next();
+        return;
+      }
+      // EMFILE persists until something closes: accepting again at once would
+      // spin. Pause, growing to a second while it lasts.
+      ++counters.accept_failures;
+      ++consecutive_accept_failures;
+      const auto pause = std::chrono::milliseconds(
+          std::min<std::uint64_t>(1000, 10u << std::min<std::uint64_t>(consecutive_accept_failures, 7)));
+      accept_timer.expires_after(pause);
+      accept_timer.async_wait([self = shared_from_this()](error_code timer_ec) {
+        if (timer_ec) return;
+        std::lock_guard relock(self->mutex);
+        if (!self->stopped) self->accept_next();
+      });
+      return;
+    }
+    // Who it is, and whether it may come in, before any byte of it is read.
+    error_code refusal;
+    auto identity = read_peer_identity(fd.get());
+    if (!identity) {
+      refusal = identity.error();
+    } else if (options.admit) {
+      refusal = options.admit(*identity);
+    } else if (identity->uid != ::geteuid()) {
+      refusal = make_error_code(errc::permission_denied);
+    }
+
+    std::shared_ptr<server_session> session;
+    {
+      std::lock_guard lock(mutex);
+      if (stopped || !accept_socket) return;  // the descriptor closes unread
+      consecutive_accept_failures = 0;
+      accept_next();
+      if (!refusal && sessions.size() >= options.max_sessions) refusal = make_error_code(errc::shutting_down);
+      if (refusal) {
+        ++counters.refusals;
+        return;
+      }
+      unique_fd pidfd = open_pidfd(fd.get(), identity->pid);
+      auto conn = connection::adopt(ctx, std::move(fd), session_options);
+      if (!conn) {
+        ++counters.refusals;
+        return;
+      }
+      session = std::make_shared<server_session>(next_id++, std::move(*identity), std::move(pidfd), std::move(*conn));
+      sessions.emplace(session->id(), session);
+      high_water = std::max(high_water, sessions.size());
+      ++counters.sessions_total;
+      ++idle_epoch;
+      idle_timer.cancel();
+    }
+    if (options.on_session_start) options.on_session_start(session);
+    receive(session);
+  }
+
+  static unique_fd open_pidfd(int socket_fd, pid_t pid);
+
+  // ---- serving -----------------------------------------------------------------
+
+  void receive(const std::shared_ptr<server_session>& s) {
+    s->conn()->async_receive([self = shared_from_this(), s](error_code ec, frame f) {
+      if (ec) {
+        self->end(*s, ec);
+        return;
+      }
+      if (!self->serve(*s, f)) return;
+      self->receive(s);
+    });
+  }
+
+  // False once the server stops: the session is being ended by stop().
+  bool serve(server_session& s, const frame& f) {
+    in_flight.fetch_add(1);
+    if (stopped.load()) {
+      in_flight.fetch_sub(1);
+      return false;
+    }
+    const impl* outer = serving;
+    serving = this;
+    bool failed = false;
+    std::optional<frame> reply = router.serve(s, f, failed);
+    requests.fetch_add(1, std::memory_order_relaxed);
+    if (failed) errors.fetch_add(1, std::memory_order_relaxed);
+    // A reply over the frame limit is not sent; the client must still get an
+    // answer, or it waits for one until its deadline.
+    if (reply && s.conn()->send(std::move(*reply)) == errc::frame_too_large)
+      (void)s.conn()->send(make_error_reply(f, router.errors().reply_too_large));
+    serving = outer;
+    in_flight.fetch_sub(1);
+    return true;
+  }
+
+  // Ends a session once: whoever takes it out of the table calls the hook.
+  void end(server_session& s, error_code reason) {
+    bool trim = false;
+    {
+      std::lock_guard lock(mutex);
+      auto it = sessions.find(s.id());
+      if (it == sessions.end()) return;
+      sessions.erase(it);
+      if (is_protocol_error(reason)) ++counters.protocol_errors;
+      if (sessions.empty() && !stopped) arm_idle_timer(options.linger);
+      // Many sessions came and went: give their memory back to the system
+      // (freed heap pages in the middle of an arena stay with the process
+      // otherwise). Halving the high-water mark bounds how often this runs.
+      if (high_water >= 64 && sessions.size() <= high_water / 2) {
+        trim = true;
+        high_water = sessions.size();
+      }
+    }
+    s.close();
+    if (options.on_session_end) options.on_session_end(s, reason);
+    if (trim) ::malloc_trim(0);
+  }
+
+  // ---- idle and stop -----------------------------------------------------------
+
+  void arm_idle_timer(std::chrono::milliseconds delay) {  // mutex held
+    if (!options.on_idle) return;
+    const std::uint64_t epoch = ++idle_epoch;
+    idle_timer.expires_after(delay);
+    idle_timer.async_wait([self = shared_from_this(), epoch](error_code ec) {
+      if (ec) return;
+      {
+        // Stops accepting under the lock that admits sessions, so none is
+        // admitted and then dropped: one still in the backlog finds the socket
+        // gone and can start a successor.
+        std::lock_guard lock(self->mutex);
+        if (self->stopped || !self->sessions.empty() || self->idle_epoch != epoch || !self->accept_socket) return;
+        self->accept_socket->close();
+        self->accept_socket.reset();
+      }
+      self->options.on_idle();
+    });
+  }
+
+  void stop() {
+    std::unordered_map<std::uint64_t, std::shared_ptr<server_session>> ending;
+    {
+      std::lock_guard lock(mutex);
+      if (stopped.exchange(true)) return;
+      accept_timer.cancel();
+      idle_timer.cancel();
+      if (accept_socket) accept_socket->close();
+      accept_socket.reset();
+    }
+    // Handlers already running on other threads finish first; new ones see `stopped`.
+    const std::uint64_t own = serving == this ? 1 : 0;
+    for (int spins = 0; in_flight.load() > own; ++spins) {
+      if (spins < 64) std::this_thread::yield();
+      else std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    {
+      std::lock_guard lock(mutex);
+      ending.swap(sessions);
+    }
+    for (auto& [id, s] : ending) {
+      s->close();
+      if (options.on_session_end) options.on_session_end(*s, make_error_code(errc::shutting_down));
+    }
+  }
+};
+
+thread_local const server::impl* server::impl::serving = nullptr;
+
+// SO_PEERPIDFD names the process that connected, even if its pid has been
+// reused since; pidfd_open of the pid is the fallback on kernels before 6.5.
+unique_fd server::impl::open_pidfd(int socket_fd, pid_t pid) {
+  int fd = -1;
+  socklen_t len = sizeof fd;
+  if (::getsockopt(socket_fd, SOL_SOCKET, 77 /* SO_PEERPIDFD */, &fd, &len) == 0 && fd >= 0) return unique_fd(fd);
+  return unique_fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+}
+
+// ---- server -------------------------------------------------------------------
+
+result<std::unique_ptr<server>> server::start(asio::io_context& ctx, const std::string& path,
+                                              const request_router& router, server_options options) {
+  auto p = std::make_shared<impl>(ctx, router, std::move(options));
+  p->session_options = p->options.listen.connection;
+  p->session_options.first_frame_timeout = p->options.first_frame_timeout;
+  auto bound = listener::bind(ctx, path, p->options.listen);
+  if (!bound) return bound.error();
+  p->path = path;
+  {
+    std::lock_guard lock(p->mutex);
+    p->accept_socket = std::move(*bound);
+    p->accept_next();
+    p->arm_idle_timer(std::max(p->options.linger, p->options.startup_grace));
+  }
+  return std::unique_ptr<server>(new server(std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
+}
+
+server::server(std::shared_ptr<impl> p) : impl_(std::move(p)) {}
+server::~server() { stop(); }
+void server::stop() { impl_->stop(); }
+const std::string& server::path() const noexcept { return impl_->path; }
+
+server_stats server::stats() const {
+  std::lock_guard lock(impl_->mutex);
+  server_stats s = impl_->counters;
+  s.sessions = impl_->sessions.size();
+  s.requests = impl_->requests.load(std::memory_order_relaxed);
+  s.errors = impl_->errors.load(std::memory_order_relaxed);
+  return s;
+}
+
+std::vector<std::shared_ptr<server_session>> server::sessions() const {
+  std::lock_guard lock(impl_->mutex);
+  std::vector<std::shared_ptr<server_session>> all;
+  all.reserve(impl_->sessions.size());
+  for (const auto& [id, s] : impl_->sessions) all.push_back(s);
+  return all;
+}
+
+}  // namespace uipc
