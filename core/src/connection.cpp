@@ -346,7 +346,9 @@ class engine {
         then(engine(s, self, context::reactor), ec, n);
       };
     };
-    if (!s_.options.peer_sends_fds) {
+    // A connection that has received nothing yet holds no buffer: its first
+    // wait peeks, so an idle session costs none (see frame_reader::initial_size).
+    if (!s_.options.peer_sends_fds && s_.reader.has_buffer()) {
       const auto room = s_.reader.space(s_.options.max_frame_size);
       s_.socket.async_receive(asio::buffer(room.data(), room.size()),
                               asio::bind_executor(s_.strand, resume([size = room.size()](engine e, error_code ec,

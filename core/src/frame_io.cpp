@@ -25,6 +25,16 @@ std::span<char> frame_reader::space(std::size_t max_frame_size) {
 }
 
 ssize_t frame_reader::receive(int fd, int flags, std::size_t max_frame_size, bool& fds_complete, bool& drained) {
+  if (buffer_.empty()) {
+    // Nothing received yet: allocate only once a byte is there (a connection
+    // that never sends costs no buffer). The peek leaves descriptors queued.
+    char probe = 0;
+    const ssize_t n = ::recv(fd, &probe, 1, (flags & MSG_DONTWAIT) | MSG_PEEK);
+    if (n <= 0) {
+      drained = true;
+      return n;
+    }
+  }
   make_room(max_frame_size);
   std::array<char, CMSG_SPACE(sizeof(int) * max_fds_per_message)> control{};
   iovec iov{buffer_.data() + end_, buffer_.size() - end_};

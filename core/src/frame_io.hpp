@@ -53,6 +53,8 @@ class frame_reader {
   std::optional<result<frame>> next(const connection_options& options);
 
   bool empty() const noexcept { return begin_ == end_; }
+  /// Whether the buffer has been allocated (it is, from the first byte received on).
+  bool has_buffer() const noexcept { return !buffer_.empty(); }
   /// Whether descriptors wait that no frame can claim: once every whole frame
   /// is parsed, only the frame still arriving may be owed some, and no more
   /// than one frame's worth. Anything else was sent unannounced.

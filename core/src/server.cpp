@@ -10,9 +10,11 @@
 #include "uipc/core/server.hpp"
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include <malloc.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -61,6 +63,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
   std::unordered_map<std::uint64_t, std::shared_ptr<server_session>> sessions;
   std::uint64_t next_id = 1;
   std::size_t high_water = 0;  // most sessions since memory was last given back
+  std::size_t ended_since_trim = 0;
   server_stats counters;       // sessions and requests fields unused: see below
 
   std::atomic<bool> stopped{false};
@@ -125,6 +128,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
         ++counters.refusals;
         return;
       }
+      reserve_reactor_states();
       unique_fd pidfd = open_pidfd(fd.get(), identity->pid);
       auto conn = connection::adopt(ctx, std::move(fd), session_options);
       if (!conn) {
@@ -143,6 +147,34 @@ struct server::impl : std::enable_shared_from_this<impl> {
   }
 
   static unique_fd open_pidfd(int socket_fd, pid_t pid);
+
+  // Asio's reactor keeps the state of every descriptor it ever registered in a
+  // pool and never frees it. Allocated one at a time, between the sessions'
+  // own memory, those states would pin a page of the heap per session after
+  // the sessions are gone, and malloc_trim could give nothing back. So the
+  // server grows that pool 64 states at a time, back to back (registering
+  // eventfds and closing them), ahead of its sessions: the states then sit on
+  // a few pages of their own. Mutex held.
+  void reserve_reactor_states() {
+    if (sessions.size() < reserved_states) return;
+    constexpr std::size_t batch_size = 64;
+    std::vector<asio::posix::stream_descriptor> batch;
+    batch.reserve(batch_size);
+    for (std::size_t i = 0; i < batch_size; ++i) {
+      const int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+      if (fd < 0) break;  // out of descriptors: sessions then take states one by one
+      boost::system::error_code ec;
+      batch.emplace_back(ctx);
+      batch.back().assign(fd, ec);
+      if (ec) {
+        ::close(fd);
+        batch.pop_back();
+        break;
+      }
+    }
+    reserved_states += batch.size();
+  }  // closing the batch gives its states to the pool
+  std::size_t reserved_states = 0;
 
   // ---- serving -----------------------------------------------------------------
 
@@ -192,9 +224,11 @@ struct server::impl : std::enable_shared_from_this<impl> {
       // Many sessions came and went: give their memory back to the system
       // (freed heap pages in the middle of an arena stay with the process
       // otherwise). Halving the high-water mark bounds how often this runs.
-      if (high_water >= 64 && sessions.size() <= high_water / 2) {
+      ++ended_since_trim;
+      if (ended_since_trim >= 32 && (sessions.size() <= high_water / 2 || sessions.empty())) {
         trim = true;
         high_water = sessions.size();
+        ended_since_trim = 0;
       }
     }
     s.close();

@@ -1,0 +1,489 @@
+// The server kit through its public face: admission, typed requests, sessions that
+// end exactly once, the first-frame deadline, idle exit, ordered stop, accept
+// under descriptor exhaustion.
+#include "test_support.hpp"
+#include "uipc/core/server.hpp"
+#include "uipc/core/typed.hpp"
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/use_future.hpp>
+#include <google/protobuf/wrappers.pb.h>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <future>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace uipc {
+namespace {
+
+using google::protobuf::StringValue;
+using google::protobuf::UInt32Value;
+using clock_type = std::chrono::steady_clock;
+
+constexpr std::uint32_t echo_type = 1;
+constexpr std::uint32_t count_type = 2;
+constexpr std::uint32_t slow_type = 3;
+
+clock_type::time_point soon() { return clock_type::now() + std::chrono::seconds(5); }
+
+// A blocking-connect raw socket to `path` (the kernel queues it while the
+// server's backlog has room).
+unique_fd raw_connect(const std::string& path) {
+  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) return {};
+  return fd;
+}
+
+// Whether the peer closed `fd` within a few seconds (EOF or reset; an error
+// notice may come first).
+bool closed_by_peer(int fd) {
+  timeval tv{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  char buf[512];
+  for (;;) {
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n == 0) return true;
+    if (n < 0) return errno == ECONNRESET;
+  }
+}
+
+// A server on its own loop thread, with hooks that record what happened.
+class ServerTest : public ::testing::Test {
+ protected:
+  ServerTest() {
+    router_.on<StringValue, StringValue>(echo_type, [this](request_context& ctx, const StringValue& in) {
+      ++handled_;
+      last_peer_pid_ = ctx.session.peer().pid;
+      StringValue out;
+      out.set_value(std::string(in.value().rbegin(), in.value().rend()));
+      return result<StringValue>(out);
+    });
+    router_.on<UInt32Value, UInt32Value>(
+        count_type,
+        [this](request_context& ctx, const UInt32Value& in) -> result<UInt32Value> {
+          ++handled_;
+          if (in.value() == 0) return make_error_code(errc::not_held);
+          std::lock_guard lock(mutex_);
+          held_[ctx.session.id()] += in.value();
+          UInt32Value out;
+          out.set_value(held_[ctx.session.id()]);
+          return out;
+        },
+        request_router::notices::served);
+    router_.on<UInt32Value, UInt32Value>(slow_type, [this](request_context&, const UInt32Value& in) {
+      ++handled_;
+      slow_started_ = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(in.value()));
+      slow_finished_ = true;
+      return result<UInt32Value>(in);
+    });
+  }
+
+  ~ServerTest() override {
+    if (server_) server_->stop();
+    server_.reset();
+    guard_.reset();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  void start(server_options o = {}) {
+    o.on_session_end = [this, user = std::move(o.on_session_end)](server_session& s, error_code reason) {
+      {
+        std::lock_guard lock(mutex_);
+        ++ended_[s.id()];
+        reasons_[s.id()] = reason;
+        released_ += held_[s.id()];
+        held_.erase(s.id());
+      }
+      if (user) user(s, reason);
+    };
+    auto s = server::start(ctx_, path_, router_, std::move(o));
+    ASSERT_TRUE(s) << s.error().message();
+    server_ = std::move(*s);
+    thread_ = std::thread([this] { ctx_.run(); });
+  }
+
+  blocking_connection client() {
+    auto c = blocking_connection::connect(path_);
+    EXPECT_TRUE(c) << c.error().message();
+    return std::move(*c);
+  }
+
+  bool wait_for(const std::function<bool()>& done) {
+    const auto until = clock_type::now() + std::chrono::seconds(10);
+    while (!done()) {
+      if (clock_type::now() > until) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return true;
+  }
+
+  std::size_t sessions_ended() {
+    std::lock_guard lock(mutex_);
+    return ended_.size();
+  }
+
+  test::temp_dir dir_;
+  std::string path_ = dir_.file("server.sock");
+  boost::asio::io_context ctx_;
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard_{ctx_.get_executor()};
+  request_router router_;
+  std::unique_ptr<server> server_;
+  std::thread thread_;
+
+  std::atomic<int> handled_{0};
+  std::atomic<pid_t> last_peer_pid_{0};
+  std::atomic<bool> slow_started_{false};
+  std::atomic<bool> slow_finished_{false};
+  std::mutex mutex_;
+  std::map<std::uint64_t, std::uint32_t> held_;
+  std::map<std::uint64_t, int> ended_;
+  std::map<std::uint64_t, error_code> reasons_;
+  std::uint64_t released_ = 0;
+};
+
+TEST_F(ServerTest, TypedRequestIsServedAndAnswered) {
+  start();
+  auto c = client();
+  StringValue in;
+  in.set_value("abc");
+  auto out = typed_call<StringValue>(c, echo_type, in, soon());
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->value(), "cba");
+  EXPECT_EQ(last_peer_pid_.load(), ::getpid());
+  EXPECT_EQ(server_->stats().requests, 1u);
+  EXPECT_EQ(server_->stats().errors, 0u);
+}
+
+TEST_F(ServerTest, AsyncTypedCallParsesTheReply) {
+  start();
+  boost::asio::io_context client_ctx;
+  auto c = connection::connect(client_ctx, path_);
+  ASSERT_TRUE(c);
+  StringValue in;
+  in.set_value("loop");
+  auto f = async_typed_call<StringValue>(**c, echo_type, in, boost::asio::use_future);
+  test::run_until(client_ctx, [&] { return f.wait_for(std::chrono::seconds(0)) == std::future_status::ready; });
+  EXPECT_EQ(f.get().value(), "pool");
+}
+
+TEST_F(ServerTest, GarbagePayloadIsBadRequestAndReachesNoHandler) {
+  start();
+  auto c = client();
+  frame f;
+  f.type = echo_type;
+  f.payload = "\xff\xff\xff\xff";  // not a protobuf message: a truncated varint tag
+  auto r = c.call(std::move(f), soon());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), errc::bad_request);
+  EXPECT_EQ(handled_.load(), 0);
+  EXPECT_EQ(server_->stats().errors, 1u);
+  // The session goes on.
+  StringValue in;
+  in.set_value("ok");
+  EXPECT_TRUE(typed_call<StringValue>(c, echo_type, in, soon()));
+}
+
+TEST_F(ServerTest, UnknownTypeIsUnknownRequest) {
+  start();
+  auto c = client();
+  auto r = typed_call<StringValue>(c, 77, StringValue{}, soon());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), errc::unknown_request);
+}
+
+TEST_F(ServerTest, HandlerErrorTravelsAsTheReplysError) {
+  start();
+  auto c = client();
+  auto r = typed_call<UInt32Value>(c, count_type, UInt32Value{}, soon());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), errc::not_held);
+}
+
+TEST_F(ServerTest, NoticeIsServedOnlyWhereTheTypeAcceptsNotices) {
+  start();
+  auto c = client();
+  UInt32Value three;
+  three.set_value(3);
+  frame n;
+  n.kind = frame_kind::notice;
+  n.type = count_type;
+  n.payload = three.SerializeAsString();
+  ASSERT_FALSE(c.send(std::move(n), soon()));
+  frame refused;
+  refused.kind = frame_kind::notice;
+  refused.type = echo_type;
+  ASSERT_FALSE(c.send(std::move(refused), soon()));
+  // Served in order: the next call sees the notice's 3.
+  UInt32Value one;
+  one.set_value(1);
+  auto r = typed_call<UInt32Value>(c, count_type, one, soon());
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->value(), 4u);
+  EXPECT_EQ(handled_.load(), 2);
+  EXPECT_EQ(server_->stats().errors, 1u);  // the refused notice
+}
+
+TEST_F(ServerTest, ReplyThatDoesNotParseIsBadReplyNotBadRequest) {
+  // A server that breaks the protocol: every reply carries garbage.
+  auto l = listener::bind(ctx_, path_);
+  ASSERT_TRUE(l);
+  std::shared_ptr<connection> accepted;
+  (*l)->async_accept([&](error_code ec, connection::pointer c) {
+    ASSERT_FALSE(ec);
+    accepted = c;
+    c->async_receive([c](error_code ec2, frame f) {
+      ASSERT_FALSE(ec2);
+      (void)c->send(make_reply(f, f.type, "\xff\xff\xff"));
+    });
+  });
+  thread_ = std::thread([this] { ctx_.run(); });
+  auto c = client();
+  auto r = typed_call<StringValue>(c, echo_type, StringValue{}, soon());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), errc::bad_reply);
+  std::promise<void> closed;
+  boost::asio::post(ctx_, [&] {
+    (*l)->close();
+    if (accepted) accepted->close();
+    closed.set_value();
+  });
+  closed.get_future().wait();
+}
+
+TEST_F(ServerTest, AdmissionSeesTheKernelIdentityAndRefusesBeforeReading) {
+  std::atomic<int> asked{0};
+  peer_identity seen;
+  server_options o;
+  o.admit = [&](const peer_identity& id) {
+    seen = id;
+    ++asked;
+    return make_error_code(errc::permission_denied);
+  };
+  start(std::move(o));
+  auto fd = raw_connect(path_);
+  ASSERT_TRUE(fd);
+  // A whole request is on its way before admission runs; it must never be served.
+  StringValue in;
+  in.set_value("x");
+  auto c = blocking_connection::adopt(std::move(fd));
+  ASSERT_TRUE(c);
+  auto r = typed_call<StringValue>(*c, echo_type, in, soon());
+  EXPECT_FALSE(r);
+  EXPECT_EQ(asked.load(), 1);
+  EXPECT_EQ(handled_.load(), 0);
+  EXPECT_EQ(seen.pid, ::getpid());
+  EXPECT_EQ(seen.uid, ::geteuid());
+  EXPECT_EQ(seen.gid, ::getegid());
+  std::vector<gid_t> mine(static_cast<std::size_t>(::getgroups(0, nullptr)));
+  ::getgroups(static_cast<int>(mine.size()), mine.data());
+  for (gid_t g : mine) EXPECT_TRUE(seen.in_group(g)) << g;
+  EXPECT_EQ(server_->stats().refusals, 1u);
+  EXPECT_EQ(server_->stats().sessions_total, 0u);
+  EXPECT_EQ(sessions_ended(), 0u);  // never started, so never ended
+}
+
+TEST_F(ServerTest, AnotherUserIsRefusedByDefault) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to connect as another uid";
+  start();
+  const pid_t child = ::fork();
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(2);
+    auto c = blocking_connection::connect(path_);
+    if (!c) ::_exit(0);  // the directory may already keep it out
+    auto r = typed_call<StringValue>(*c, echo_type, StringValue{}, soon());
+    ::_exit(r ? 1 : 0);
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_EQ(handled_.load(), 0);
+}
+
+TEST_F(ServerTest, SessionCarriesAPidfdThatSeesThePeerDie) {
+  std::shared_ptr<server_session> session;
+  std::mutex m;
+  server_options o;
+  o.on_session_start = [&](const std::shared_ptr<server_session>& s) {
+    std::lock_guard lock(m);
+    session = s;
+  };
+  start(std::move(o));
+  int go[2];
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    auto c = blocking_connection::connect(path_);
+    char byte;
+    (void)::read(go[0], &byte, 1);
+    ::_exit(c ? 0 : 1);
+  }
+  ASSERT_TRUE(wait_for([&] {
+    std::lock_guard lock(m);
+    return session != nullptr;
+  }));
+  EXPECT_EQ(session->peer().pid, child);
+  EXPECT_GE(session->pidfd(), 0);
+  EXPECT_TRUE(session->peer_alive());
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  EXPECT_FALSE(session->peer_alive());
+  ::close(go[0]);
+  ::close(go[1]);
+  EXPECT_TRUE(wait_for([&] { return sessions_ended() == 1; }));
+}
+
+TEST_F(ServerTest, PeerKilledMidRequestIsReleasedExactlyOnce) {
+  start();
+  const pid_t child = ::fork();
+  if (child == 0) {
+    auto c = blocking_connection::connect(path_);
+    if (!c) ::_exit(1);
+    UInt32Value five;
+    five.set_value(5);
+    if (!typed_call<UInt32Value>(*c, count_type, five, soon())) ::_exit(1);
+    UInt32Value slow;
+    slow.set_value(300);
+    (void)typed_call<UInt32Value>(*c, slow_type, slow, soon());  // killed while this runs
+    ::_exit(0);
+  }
+  ASSERT_TRUE(wait_for([&] { return slow_started_.load(); }));
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  ASSERT_TRUE(wait_for([&] { return sessions_ended() == 1; }));
+  EXPECT_TRUE(slow_finished_.load());  // the handler ran to its end; its reply went nowhere
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::lock_guard lock(mutex_);
+  ASSERT_EQ(ended_.size(), 1u);
+  EXPECT_EQ(ended_.begin()->second, 1);
+  EXPECT_EQ(released_, 5u);
+  EXPECT_EQ(reasons_.begin()->second, errc::peer_closed);
+}
+
+TEST_F(ServerTest, SilentConnectionIsClosedAfterTheFirstFrameDeadline) {
+  server_options o;
+  o.first_frame_timeout = std::chrono::milliseconds(100);
+  start(std::move(o));
+  auto fd = raw_connect(path_);
+  ASSERT_TRUE(fd);
+  EXPECT_TRUE(closed_by_peer(fd.get()));
+  ASSERT_TRUE(wait_for([&] { return sessions_ended() == 1; }));
+  EXPECT_EQ(server_->stats().protocol_errors, 1u);
+  EXPECT_EQ(server_->stats().sessions, 0u);
+  std::lock_guard lock(mutex_);
+  EXPECT_EQ(reasons_.begin()->second, errc::timed_out);
+}
+
+TEST_F(ServerTest, IdleServerStopsAcceptingThenCallsOnIdle) {
+  std::atomic<int> idle{0};
+  server_options o;
+  o.linger = std::chrono::milliseconds(50);
+  o.startup_grace = std::chrono::milliseconds(50);
+  o.on_idle = [&] { ++idle; };
+  start(std::move(o));
+  {
+    auto c = client();
+    ASSERT_TRUE(typed_call<StringValue>(c, echo_type, StringValue{}, soon()));
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    EXPECT_EQ(idle.load(), 0);  // a session is open
+  }
+  ASSERT_TRUE(wait_for([&] { return idle.load() == 1; }));
+  EXPECT_FALSE(blocking_connection::connect(path_));  // the socket is gone
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(idle.load(), 1);
+}
+
+TEST_F(ServerTest, StopWaitsForRunningHandlersThenEndsEverySessionOnce) {
+  start();
+  auto a = client();
+  auto b = client();
+  ASSERT_TRUE(typed_call<StringValue>(b, echo_type, StringValue{}, soon()));
+  std::thread caller([&] {
+    UInt32Value slow;
+    slow.set_value(200);
+    (void)typed_call<UInt32Value>(a, slow_type, slow, soon());
+  });
+  ASSERT_TRUE(wait_for([&] { return slow_started_.load(); }));
+  server_->stop();
+  EXPECT_TRUE(slow_finished_.load());
+  caller.join();
+  {
+    std::lock_guard lock(mutex_);
+    ASSERT_EQ(ended_.size(), 2u);
+    for (const auto& [id, n] : ended_) EXPECT_EQ(n, 1) << id;
+    for (const auto& [id, why] : reasons_) EXPECT_EQ(why, errc::shutting_down) << id;
+  }
+  EXPECT_FALSE(blocking_connection::connect(path_));
+  auto late = typed_call<StringValue>(b, echo_type, StringValue{}, soon());
+  EXPECT_FALSE(late);
+  server_->stop();  // idempotent
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::lock_guard lock(mutex_);
+  for (const auto& [id, n] : ended_) EXPECT_EQ(n, 1) << id;
+}
+
+TEST_F(ServerTest, ReplyOverTheFrameLimitIsAnsweredWithTheRoutersError) {
+  router_.on<StringValue, StringValue>(9, [](request_context&, const StringValue&) {
+    StringValue big;
+    big.set_value(std::string(8192, 'x'));
+    return result<StringValue>(big);
+  });
+  server_options o;
+  o.listen.connection.max_frame_size = 4096;
+  start(std::move(o));
+  auto c = client();
+  auto r = typed_call<StringValue>(c, 9, StringValue{}, soon());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), errc::frame_too_large);
+}
+
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+TEST_F(ServerTest, AcceptBacksOffWhileDescriptorsRunOutThenServes) {
+  start();
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  rlimit low = old;
+  low.rlim_cur = test::open_fd_count() + 8;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  auto fd = raw_connect(path_);  // queued by the kernel, not yet accepted
+  ASSERT_TRUE(fd);
+  unique_fd null_fd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(null_fd);
+  std::vector<unique_fd> filler;
+  for (;;) {
+    unique_fd f(::fcntl(null_fd.get(), F_DUPFD_CLOEXEC, 0));
+    if (!f) break;
+    filler.push_back(std::move(f));
+  }
+  ASSERT_TRUE(wait_for([&] { return server_->stats().accept_failures >= 2; }));
+  filler.clear();
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  auto c = blocking_connection::adopt(std::move(fd));
+  ASSERT_TRUE(c);
+  StringValue in;
+  in.set_value("back");
+  auto r = typed_call<StringValue>(*c, echo_type, in, soon());
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(r->value(), "kcab");
+}
+#endif
+
+}  // namespace
+}  // namespace uipc
