@@ -1,4 +1,5 @@
-// uipc-echo: a framed echo server and client over a Unix socket, printing round trips per second.
+// uipc-echo: an echo server on the server kit and a client making typed calls over a
+// Unix socket, printing round trips per second.
 //
 //   uipc-echo                 serve and ping in two processes for a few seconds (the demo)
 //   uipc-echo serve [--socket PATH]
@@ -6,6 +7,9 @@
 #include "uipc/core/event_loop.hpp"
 #include "uipc/core/framed.hpp"
 #include "uipc/core/runtime_dir.hpp"
+#include "uipc/core/server.hpp"
+#include "uipc/core/typed.hpp"
+#include "uipc/proto/echo.pb.h"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -33,35 +37,28 @@ struct settings {
   int inflight = 1;
 };
 
-void echo(const connection::pointer& c) {
-  c->async_receive([c](error_code ec, frame f) {
-    if (ec) return;
-    (void)c->send(make_reply(f, f.type, std::move(f.payload)));
-    echo(c);
-  });
-}
-
-void accept_loop(listener& l) {
-  l.async_accept([&l](error_code ec, connection::pointer c) {
-    if (ec == boost::asio::error::operation_aborted) return;
-    if (!ec) echo(c);
-    accept_loop(l);
-  });
-}
+constexpr std::uint32_t echo_type = 1;
 
 int serve(const settings& s, bool quiet = false) {
   event_loop loop(1, /*catch_signals=*/true);
-  auto l = listener::bind(loop.context(), s.socket);
-  if (!l) {
-    std::fprintf(stderr, "uipc-echo: cannot listen on %s: %s\n", s.socket.c_str(), l.error().message().c_str());
+  request_router router;
+  router.on<proto::echo::Echo, proto::echo::Echo>(
+      echo_type, [](request_context&, const proto::echo::Echo& in) { return result<proto::echo::Echo>(in); });
+  auto srv = server::start(loop.context(), s.socket, router);
+  if (!srv) {
+    std::fprintf(stderr, "uipc-echo: cannot listen on %s: %s\n", s.socket.c_str(), srv.error().message().c_str());
     return 1;
   }
-  accept_loop(**l);
-  loop.on_stop([&] { (*l)->close(); });
+  loop.on_stop([&] { (*srv)->stop(); });
   if (!quiet) std::printf("uipc-echo: serving on %s (Ctrl-C stops)\n", s.socket.c_str());
   std::fflush(stdout);
   loop.run();
-  if (!quiet) std::printf("uipc-echo: stopped\n");
+  const server_stats st = (*srv)->stats();
+  if (!quiet) {
+    std::printf("uipc-echo: stopped after %llu sessions, %llu requests, %llu errors, %llu refused\n",
+                static_cast<unsigned long long>(st.sessions_total), static_cast<unsigned long long>(st.requests),
+                static_cast<unsigned long long>(st.errors), static_cast<unsigned long long>(st.refusals));
+  }
   return 0;
 }
 
@@ -81,7 +78,8 @@ int ping(const settings& s) {
   auto conn = *c;
   std::printf("uipc-echo: connected to %s (server pid %d), %zu-byte frames, %d in flight\n", s.socket.c_str(),
               static_cast<int>(conn->peer().pid), s.size, s.inflight);
-  const std::string payload(s.size, 'e');
+  proto::echo::Echo request;
+  request.set_payload(std::string(s.size, 'e'));
   std::uint64_t done = 0;
   std::uint64_t in_second = 0;
   bool failed = false;
@@ -89,10 +87,8 @@ int ping(const settings& s) {
   auto next_report = start + std::chrono::seconds(1);
   const auto end = start + std::chrono::seconds(s.seconds);
   std::function<void()> issue = [&] {
-    frame f;
-    f.payload = payload;
-    conn->async_call(std::move(f), [&](error_code ec, frame reply) {
-      if (ec || reply.payload != payload) {
+    async_typed_call<proto::echo::Echo>(*conn, echo_type, request, [&](error_code ec, proto::echo::Echo reply) {
+      if (ec || reply.payload() != request.payload()) {
         if (!failed) std::fprintf(stderr, "uipc-echo: call failed: %s\n", ec.message().c_str());
         failed = true;
         return;
