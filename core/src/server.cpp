@@ -64,6 +64,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
   std::uint64_t next_id = 1;
   std::size_t high_water = 0;  // most sessions since memory was last given back
   std::size_t ended_since_trim = 0;
+  std::size_t starting = 0;  // admitted, start hook running, not yet in `sessions`
   server_stats counters;       // sessions and requests fields unused: see below
 
   std::atomic<bool> stopped{false};
@@ -136,13 +137,30 @@ struct server::impl : std::enable_shared_from_this<impl> {
         return;
       }
       session = std::make_shared<server_session>(next_id++, std::move(*identity), std::move(pidfd), std::move(*conn));
-      sessions.emplace(session->id(), session);
-      high_water = std::max(high_water, sessions.size());
       ++counters.sessions_total;
+      ++starting;
       ++idle_epoch;
       idle_timer.cancel();
     }
+    // The session joins the table only after its start hook, so its end hook
+    // can never run first: until receive() nothing can end it but stop(),
+    // which cannot see it yet — so if the server stopped meanwhile, we end it.
     if (options.on_session_start) options.on_session_start(session);
+    bool joined = false;
+    {
+      std::lock_guard lock(mutex);
+      --starting;
+      joined = !stopped;
+      if (joined) {
+        sessions.emplace(session->id(), session);
+        high_water = std::max(high_water, sessions.size());
+      }
+    }
+    if (!joined) {
+      session->close();
+      if (options.on_session_end) options.on_session_end(*session, make_error_code(errc::shutting_down));
+      return;
+    }
     receive(session);
   }
 
@@ -249,7 +267,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
         // admitted and then dropped: one still in the backlog finds the socket
         // gone and can start a successor.
         std::lock_guard lock(self->mutex);
-        if (self->stopped || !self->sessions.empty() || self->idle_epoch != epoch || !self->accept_socket) return;
+        if (self->stopped || !self->sessions.empty() || self->starting > 0 || self->idle_epoch != epoch ||
+            !self->accept_socket)
+          return;
         self->accept_socket->close();
         self->accept_socket.reset();
       }
