@@ -2,6 +2,7 @@
 // at any instruction of an update — holding a slot's transaction lock, owning
 // a mutex, halfway through taking one — leaves nothing blocked or inconsistent.
 #include "segment.hpp"
+#include "uipc/core/futex.hpp"
 
 #include <gtest/gtest.h>
 #include <sys/mman.h>
@@ -331,7 +332,7 @@ TEST_F(SegmentTest, RepairUsesTheDaemonsCapacityAndTypesNotTheSegments) {
 }
 
 TEST_F(SegmentTest, MultiObjectWaitsWorkWithoutFutexWaitv) {
-  force_waitv_fallback(true);
+  futex::force_fallback(true);
   slot& a = make(1, object_type::auto_event);
   slot& b = make(2, object_type::auto_event);
   const wait_target both[] = {{&a, object_type::auto_event, 1}, {&b, object_type::auto_event, 1}};
@@ -349,7 +350,7 @@ TEST_F(SegmentTest, MultiObjectWaitsWorkWithoutFutexWaitv) {
   auto none = wait(view_, both, false, 200ms, 0ns);
   timespec cpu1{};
   ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu1);
-  force_waitv_fallback(false);
+  futex::force_fallback(false);
   ASSERT_TRUE(r);
   EXPECT_EQ(r->status, wait_status::signalled);
   EXPECT_EQ(r->index, 1u);
