@@ -7,7 +7,6 @@
 #include "segment.hpp"
 
 #include <pthread.h>
-#include <sched.h>
 #include <time.h>
 #include <unistd.h>
 
