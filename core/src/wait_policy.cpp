@@ -3,6 +3,8 @@
 
 #include <sched.h>
 
+#include <algorithm>
+
 namespace uipc {
 
 void yield_cpu() noexcept { ::sched_yield(); }

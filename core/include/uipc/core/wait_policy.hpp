@@ -2,7 +2,6 @@
 // spin, then yield, then sleep, learnt per thread at run time.
 #pragma once
 
-#include <algorithm>
 #include <chrono>
 #include <cstdint>
 
