@@ -7,11 +7,15 @@
 //   BM_FramedPipelined vs BM_RawUdsPipelined        — 16 requests of 4 KiB in flight
 //   BM_Ledger_AcquireRelease vs BM_MutexMap_...     — per-holder reference counts
 //   BM_RefPtr_Copy vs BM_SharedPtr_Copy             — sharing an object
+//   BM_PolicyWaitPingPong/<spin us> vs BM_FutexWaitPingPong
+//                                                   — two threads handing a turn back and forth
 #include "uipc/core/blocking_connection.hpp"
 #include "uipc/core/buffer_pool.hpp"
 #include "uipc/core/framed.hpp"
 #include "uipc/core/ledger.hpp"
 #include "uipc/core/ref.hpp"
+#include "uipc/core/futex.hpp"
+#include "uipc/core/wait_policy.hpp"
 #include "uipc/proto/envelope.pb.h"
 #include "wire.hpp"
 
@@ -21,6 +25,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <functional>
 #include <mutex>
@@ -350,6 +356,81 @@ void BM_SharedPtr_Copy(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_SharedPtr_Copy);
+
+// ---- waiting on a shared word ----------------------------------------------------
+// Two threads hand a turn back and forth through a futex word, per round trip.
+// The floor waits straight on the futex (and always wakes); the policy-driven
+// wait spins and yields as this thread's uipc::wait_policy learns to, and
+// wakes only a registered sleeper, as the handles' objects do.
+
+struct alignas(64) turn_flag {
+  std::atomic<std::uint32_t> word{0};
+  std::atomic<std::uint32_t> sleepers{0};
+};
+
+bool try_take_turn(turn_flag& f) {
+  std::uint32_t one = 1;
+  return f.word.load(std::memory_order_relaxed) == 1 && f.word.compare_exchange_strong(one, 0);
+}
+
+void futex_take(turn_flag& f) {
+  while (!try_take_turn(f)) (void)futex::wait(f.word, 0, std::chrono::nanoseconds(-1));
+}
+void futex_give(turn_flag& f) {
+  f.word.store(1);
+  futex::wake(f.word, 1);
+}
+
+void policy_take(turn_flag& f, std::chrono::nanoseconds spin) {
+  if (try_take_turn(f)) return;
+  auto& policy = wait_policy::this_thread();
+  const auto budget = policy.spin_budget(spin);
+  const auto start = budget.count() > 0 ? std::chrono::steady_clock::now()
+                                        : std::chrono::steady_clock::time_point{};
+  if (policy.spin_then_yield(spin, budget, start, std::chrono::steady_clock::time_point::max(),
+                             [&] { return try_take_turn(f); }))
+    return;
+  f.sleepers.fetch_add(1);
+  while (!try_take_turn(f)) (void)futex::wait(f.word, 0, std::chrono::nanoseconds(-1));
+  f.sleepers.fetch_sub(1);
+}
+void policy_give(turn_flag& f) {
+  f.word.store(1);
+  if (f.sleepers.load() != 0) futex::wake(f.word, 1);
+}
+
+template <class Take, class Give>
+void turn_ping_pong(benchmark::State& state, Take take, Give give) {
+  turn_flag ping;
+  turn_flag pong;
+  std::atomic<bool> stop{false};
+  std::thread peer([&] {
+    for (;;) {
+      take(ping);
+      if (stop.load()) return;
+      give(pong);
+    }
+  });
+  for (auto _ : state) {
+    give(ping);
+    take(pong);
+  }
+  stop.store(true);
+  give(ping);
+  peer.join();
+}
+
+void BM_FutexWaitPingPong(benchmark::State& state) {
+  turn_ping_pong(state, futex_take, futex_give);
+}
+BENCHMARK(BM_FutexWaitPingPong)->UseRealTime()->MinTime(0.2);
+
+void BM_PolicyWaitPingPong(benchmark::State& state) {
+  const std::chrono::microseconds spin(state.range(0));
+  turn_ping_pong(
+      state, [spin](turn_flag& f) { policy_take(f, spin); }, policy_give);
+}
+BENCHMARK(BM_PolicyWaitPingPong)->Arg(0)->Arg(50)->UseRealTime()->MinTime(0.2);
 
 }  // namespace
 

@@ -1,4 +1,7 @@
-// The handle daemon's shared segment: layout, and every operation that runs on it.
+// The handle daemon's shared segment: its layout, and every operation that runs
+// on it (layout and the daemon's writes: segment.cpp; signal, reset, release:
+// slot_ops.cpp; waits: slot_wait.cpp; the daemon's repair of dead processes:
+// repair.cpp; what they share: slot_state.hpp).
 //
 // Who writes what (the rules that keep the table consistent when any process dies
 // at any instruction):
@@ -15,8 +18,9 @@
 //    spinning peer (kill(pid, 0) == ESRCH) restores the old value.
 //  - Each slot has a 32-bit futex word `seq`, bumped after every change that may
 //    satisfy a waiter, and a `waiters` count so that a wake costs no system call
-//    when nobody sleeps. Waits use FUTEX_WAIT / futex_waitv without the private
-//    flag: waiter and waker are different processes.
+//    when nobody sleeps. Waits follow the core's wait policy and sleep with the
+//    core's futex wrappers (uipc/core/wait_policy.hpp, futex.hpp), which never
+//    use the private flag: waiter and waker are different processes.
 #pragma once
 
 #include <sys/types.h>
@@ -37,7 +41,7 @@ namespace uipc::handles::detail {
 /// Magic "uipchdl1" and layout version of the segment.
 inline constexpr segment_identity identity{0x75697063'68646c31ULL, 2};
 
-/// The daemon's life, published in the header (a futex word clients wait on).
+/// The daemon's life, published in the header (a futex word: publish_state wakes it).
 enum class daemon_state : std::uint32_t {
   starting = 0,
   running = 1,
@@ -146,7 +150,9 @@ struct wait_target {
 
 /// Waits until one (all=false) or every (all=true) target is signalled, then takes
 /// it (them): a wait-all takes nothing until every object can be taken at once.
-/// timeout < 0: forever. Spins up to `spin` before sleeping on futexes.
+/// timeout < 0: forever. Spins up to `spin` (this thread's adaptive budget, see
+/// uipc::wait_policy), yields once, then sleeps on the slots' futex words in
+/// slices (set_sleep_slice) with a look at the daemon after each.
 /// Errors: errc::daemon_lost when the daemon stops meanwhile, stale_handle if a
 /// target's slot was closed under the wait.
 result<wait_result> wait(segment_view v, std::span<const wait_target> targets, bool all,
@@ -193,9 +199,6 @@ std::uint32_t slot_value(const slot& s) noexcept;
 /// Test hooks (null in production). `release_step` is called between the steps
 /// of release_mutex, so a test can kill the process there.
 extern void (*release_step_hook)(int step);
-/// Makes waits on several objects use the fallback for kernels without
-/// futex_waitv (tests; also chosen at run time when futex_waitv fails).
-void force_waitv_fallback(bool on) noexcept;
 /// The longest a wait sleeps before it looks whether the daemon (and, for a
 /// mutex, the owning thread) still lives; 1 s. Tests lengthen it to prove that
 /// a wake comes from the event itself, not from a later look.
@@ -203,8 +206,5 @@ void set_sleep_slice(std::chrono::nanoseconds slice) noexcept;
 
 /// Whether `pid` names a live process (not a zombie).
 bool process_alive(std::int32_t pid);
-
-/// Waits (futex, with timeout) while the header's state is `starting`.
-void wait_while_starting(segment_view v, std::chrono::milliseconds timeout);
 
 }  // namespace uipc::handles::detail

@@ -2,6 +2,8 @@
 // at any instruction of an update — holding a slot's transaction lock, owning
 // a mutex, halfway through taking one — leaves nothing blocked or inconsistent.
 #include "segment.hpp"
+#include "uipc/core/futex.hpp"
+#include "uipc/core/wait_policy.hpp"
 
 #include <gtest/gtest.h>
 #include <sys/mman.h>
@@ -331,7 +333,7 @@ TEST_F(SegmentTest, RepairUsesTheDaemonsCapacityAndTypesNotTheSegments) {
 }
 
 TEST_F(SegmentTest, MultiObjectWaitsWorkWithoutFutexWaitv) {
-  force_waitv_fallback(true);
+  futex::force_fallback(true);
   slot& a = make(1, object_type::auto_event);
   slot& b = make(2, object_type::auto_event);
   const wait_target both[] = {{&a, object_type::auto_event, 1}, {&b, object_type::auto_event, 1}};
@@ -349,7 +351,7 @@ TEST_F(SegmentTest, MultiObjectWaitsWorkWithoutFutexWaitv) {
   auto none = wait(view_, both, false, 200ms, 0ns);
   timespec cpu1{};
   ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu1);
-  force_waitv_fallback(false);
+  futex::force_fallback(false);
   ASSERT_TRUE(r);
   EXPECT_EQ(r->status, wait_status::signalled);
   EXPECT_EQ(r->index, 1u);
@@ -358,6 +360,28 @@ TEST_F(SegmentTest, MultiObjectWaitsWorkWithoutFutexWaitv) {
   EXPECT_EQ(none->status, wait_status::timed_out);
   const double cpu_ms = (cpu1.tv_sec - cpu0.tv_sec) * 1e3 + (cpu1.tv_nsec - cpu0.tv_nsec) / 1e6;
   EXPECT_LT(cpu_ms, 100.0);
+}
+
+// The waits learn through the core's policy: a spin that ends asleep halves the
+// waiting thread's budget, one that is answered while spinning doubles it.
+TEST_F(SegmentTest, WaitsTeachTheThreadsSpinBudget) {
+  slot& e = make(1, object_type::auto_event);
+  std::thread waiter([&] {
+    wait_policy& policy = wait_policy::this_thread();
+    auto r = wait_one(e, object_type::auto_event, 0ns);  // no wait: nothing learnt
+    EXPECT_EQ(policy.budget(), -1ns);
+    const wait_target t{&e, object_type::auto_event, 1};
+    r = wait(view_, std::span(&t, 1), false, 100ms, 2ms);  // spins 2 ms, then sleeps
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, wait_status::timed_out);
+    EXPECT_EQ(policy.budget(), 1ms);
+    (void)signal_event(e);
+    // Signalled before the wait: taken at the first look, no spin, nothing learnt.
+    r = wait(view_, std::span(&t, 1), false, 100ms, 2ms);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(policy.budget(), 1ms);
+  });
+  waiter.join();
 }
 
 }  // namespace

@@ -1,0 +1,288 @@
+// Waits on objects in shared memory: take one (wait-any) or all of a set
+// (wait-all), spinning, yielding and then sleeping on the slots' futex words as
+// the core's wait policy says, with a look at the daemon (and at a mutex's
+// owning thread) after every slice of sleep. See segment.hpp for who may write
+// which field.
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <optional>
+
+#include "owned_mutexes.hpp"
+#include "segment.hpp"
+#include "slot_state.hpp"
+#include "uipc/core/futex.hpp"
+#include "uipc/core/wait_policy.hpp"
+
+namespace uipc::handles::detail {
+
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+// Takes one unit of a single object. Sets `abandoned` for a mutex whose last
+// owner died.
+bool try_take(slot& s, object_type type, const self_id& me, bool& abandoned) noexcept {
+  switch (type) {
+    case object_type::manual_event:
+      return value_of(await_unlocked(s.state)) != 0;
+    case object_type::auto_event:
+      for (;;) {
+        std::uint64_t st = await_unlocked(s.state);
+        if (value_of(st) == 0) return false;
+        if (s.state.compare_exchange_weak(st, make_state(0, 0))) return true;
+      }
+    case object_type::semaphore:
+      for (;;) {
+        std::uint64_t st = await_unlocked(s.state);
+        const std::uint32_t count = value_of(st);
+        if (count == 0) return false;
+        if (s.state.compare_exchange_weak(st, make_state(0, count - 1))) return true;
+      }
+    case object_type::mutex:
+      for (;;) {
+        std::uint64_t st = await_unlocked(s.state);
+        const std::uint32_t owner = value_of(st);
+        if (owner == me.tid) {  // recursion: only the owner touches the count
+          s.recursion.fetch_add(1);
+          return true;
+        }
+        if (owner != 0) return false;
+        if (!s.state.compare_exchange_weak(st, make_state(static_cast<std::uint32_t>(me.pid), 0)))
+          continue;
+        abandoned = s.abandoned.exchange(0) != 0;
+        s.owner_pid.store(me.pid);
+        s.recursion.store(1);
+        s.state.store(make_state(0, me.tid));
+        return true;
+      }
+    case object_type::none:
+      break;
+  }
+  return false;
+}
+
+bool available(object_type type, std::uint32_t value, const self_id& me) noexcept {
+  switch (type) {
+    case object_type::manual_event:
+    case object_type::auto_event:
+    case object_type::semaphore:
+      return value != 0;
+    case object_type::mutex:
+      return value == 0 || value == me.tid;
+    case object_type::none:
+      break;
+  }
+  return false;
+}
+
+// Wait-all: locks every slot (in the caller's index order, so two wait-alls never
+// deadlock), takes all of them only if all are available, and unlocks. Nothing
+// is consumed, and no other process sees a partial take, unless all can be taken.
+std::optional<wait_result> try_take_all(std::span<const wait_target> targets,
+                                        const self_id& me) noexcept {
+  std::array<std::uint32_t, max_wait_objects> before{};
+  const auto locker = static_cast<std::uint32_t>(me.pid);
+  for (std::size_t i = 0; i < targets.size(); ++i) {
+    auto& st = targets[i].s->state;
+    for (;;) {
+      std::uint64_t s = await_unlocked(st);
+      if (st.compare_exchange_weak(s, make_state(locker, value_of(s)))) {
+        before[i] = value_of(s);
+        break;
+      }
+    }
+  }
+  bool all = true;
+  for (std::size_t i = 0; i < targets.size() && all; ++i)
+    all = available(targets[i].type, before[i], me);
+  if (!all) {
+    for (std::size_t i = 0; i < targets.size(); ++i)
+      targets[i].s->state.store(make_state(0, before[i]));
+    return std::nullopt;
+  }
+  // The commit unlocks slot by slot. A process killed between its first and its
+  // last store has taken the slots it unlocked and nothing else: the rest are
+  // still locked with their old values, which the repair restores. No live
+  // process can tell that apart from a state it may see anyway: the dead
+  // process could have taken those same slots one by one (wait_any, single
+  // waits) and died, and a death right after a whole wait-all leaves every
+  // unit taken just the same: semaphore units gone, auto-reset events reset,
+  // mutexes owned by a dead thread and so abandoned to their next owner. What
+  // wait-all promises is that a *living* waiter never holds part of its set
+  // while it waits (no deadlock, no starvation of others by a partial take);
+  // a dead one holds nothing, and live processes never see the locked slots'
+  // values until the repair has put them back. So nothing needs undoing.
+  wait_result r{wait_status::signalled, 0};
+  for (std::size_t i = 0; i < targets.size(); ++i) {
+    slot& s = *targets[i].s;
+    std::uint32_t after = before[i];
+    switch (targets[i].type) {
+      case object_type::auto_event:
+        after = 0;
+        break;
+      case object_type::semaphore:
+        after = before[i] - 1;
+        break;
+      case object_type::mutex:
+        if (before[i] == me.tid) {
+          s.recursion.fetch_add(1);
+        } else {
+          if (s.abandoned.exchange(0) != 0 && r.status != wait_status::abandoned)
+            r = {wait_status::abandoned, i};
+          s.owner_pid.store(me.pid);
+          s.recursion.store(1);
+          after = me.tid;
+        }
+        break;
+      default:
+        break;
+    }
+    s.state.store(make_state(0, after));
+  }
+  return r;
+}
+
+// A slot closed under a waiter is reported, never taken under its new identity.
+bool still_valid(const wait_target& t) noexcept {
+  return t.s->generation.load(std::memory_order_acquire) == t.generation &&
+         t.s->type.load(std::memory_order_acquire) == static_cast<std::uint32_t>(t.type);
+}
+
+std::uint32_t index_in(const segment_view& v, const wait_target& t) noexcept {
+  return static_cast<std::uint32_t>(t.s - v.slots);
+}
+
+// How long a sleep lasts before a look at the daemon (set_sleep_slice).
+std::atomic<std::int64_t> sleep_slice_ns{1'000'000'000};
+
+}  // namespace
+
+result<wait_result> wait(segment_view v, std::span<const wait_target> targets, bool all,
+                         std::chrono::nanoseconds timeout, std::chrono::nanoseconds spin) {
+  if (targets.empty() || targets.size() > max_wait_objects)
+    return make_error_code(errc::invalid_argument);
+  const self_id me = self();
+  const bool forever = timeout.count() < 0;
+
+  // The outcome of a try: taken (a wait_result), failed (stale_handle), or not yet.
+  std::optional<result<wait_result>> outcome;
+  auto attempt = [&]() -> bool {
+    for (const auto& t : targets) {
+      if (!still_valid(t)) {
+        outcome = make_error_code(errc::stale_handle);
+        return true;
+      }
+    }
+    if (all) {
+      auto r = try_take_all(targets, me);
+      if (!r) return false;
+      for (const auto& t : targets)
+        if (t.type == object_type::mutex) note_mutex_owned(v, index_in(v, t), me);
+      outcome = *r;
+      return true;
+    }
+    for (std::size_t i = 0; i < targets.size(); ++i) {
+      bool abandoned = false;
+      if (try_take(*targets[i].s, targets[i].type, me, abandoned)) {
+        if (targets[i].type == object_type::mutex) note_mutex_owned(v, index_in(v, targets[i]), me);
+        outcome = wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, i};
+        return true;
+      }
+    }
+    return false;
+  };
+
+  if (attempt()) return *outcome;
+  if (!v.running()) return make_error_code(errc::daemon_lost);
+  if (!forever && timeout.count() == 0) return wait_result{wait_status::timed_out, 0};
+
+  // The clock is read only for a deadline or a spin: a wait forever that does
+  // not spin (one CPU: the budget fell to zero) reads none, and learns that a
+  // second has passed from its sleep timing out instead.
+  wait_policy& policy = wait_policy::this_thread();
+  const std::chrono::nanoseconds budget = policy.spin_budget(spin);
+  steady::time_point start{};
+  steady::time_point deadline = steady::time_point::max();
+  if (!forever || budget.count() > 0) {
+    start = steady::now();
+    // Saturated: start + a huge timeout would overflow into the past.
+    if (!forever && timeout < steady::time_point::max() - start) deadline = start + timeout;
+  }
+
+  // Spin while the signaller may run on another CPU, then give the CPU away
+  // once in case it shares ours (the policy learns which pays on this thread).
+  if (policy.spin_then_yield(spin, budget, start, deadline, attempt)) return *outcome;
+
+  // Registered as a sleeper before reading seq and retrying: a waker changes the
+  // state, bumps seq and then reads `waiters` (all seq_cst). If it saw no sleeper,
+  // our registration came later in the total order, so our retry sees its change;
+  // if it saw us, it wakes us, or our futex sleep finds seq moved on.
+  const bool multi = targets.size() > 1;
+  for (const auto& t : targets) {
+    if (multi) t.s->multi_waiters.fetch_add(1, std::memory_order_seq_cst);
+    t.s->waiters.fetch_add(1, std::memory_order_seq_cst);
+  }
+  // Filled per entry below: zeroing all 64 entries on every wait shows in the
+  // ping-pong benchmark.
+  std::array<futex::watch, max_wait_objects>
+      words;  // NOLINT(cppcoreguidelines-pro-type-member-init)
+  const std::chrono::nanoseconds slice_length(sleep_slice_ns.load(std::memory_order_relaxed));
+  // Sleep that ran out its slice since the last look at the daemon; a look is
+  // also due after many wakes that took nothing, so a waiter woken over and over
+  // still notices a dead daemon.
+  std::chrono::nanoseconds slept_out{0};
+  unsigned wakes_since_look = 0;
+  for (;;) {
+    for (std::size_t i = 0; i < targets.size(); ++i)
+      words[i] = {&targets[i].s->seq, targets[i].s->seq.load(std::memory_order_seq_cst)};
+    if (attempt()) break;
+    if (!v.running()) {
+      outcome = make_error_code(errc::daemon_lost);
+      break;
+    }
+    const auto now = forever ? steady::time_point{} : steady::now();
+    if (!forever && now >= deadline) {
+      outcome = wait_result{wait_status::timed_out, 0};
+      break;
+    }
+    if (slept_out >= slice_length || wakes_since_look >= 64) {
+      slept_out = std::chrono::nanoseconds(0);
+      wakes_since_look = 0;
+      // A daemon killed before it could say so: whoever notices first tells
+      // every process waiting in this segment.
+      if (!process_alive(v.header->daemon_pid.load())) {
+        publish_state(v, daemon_state::stopped);
+        outcome = make_error_code(errc::daemon_lost);
+        break;
+      }
+      // A mutex whose owning thread vanished without abandoning it.
+      bool freed = false;
+      for (const auto& t : targets)
+        if (t.type == object_type::mutex) freed = abandon_if_owner_vanished(*t.s) || freed;
+      if (freed) continue;
+    }
+    // Sleeps are sliced: a daemon that vanished without waking us (kill -9
+    // before any client noticed) is seen after a slice. One object: FUTEX_WAIT;
+    // several: futex_waitv, or the core's fallback where the kernel lacks it.
+    std::chrono::nanoseconds slice = slice_length;
+    if (!forever) slice = std::min<std::chrono::nanoseconds>(deadline - now, slice);
+    const auto woke = futex::wait_any(std::span(words.data(), targets.size()), slice);
+    if (woke && *woke == futex::wake_reason::timed_out) {
+      slept_out += slice;
+    } else {
+      ++wakes_since_look;
+    }
+  }
+  for (const auto& t : targets) {
+    t.s->waiters.fetch_sub(1, std::memory_order_seq_cst);
+    if (multi) t.s->multi_waiters.fetch_sub(1, std::memory_order_seq_cst);
+  }
+  return *outcome;
+}
+
+void set_sleep_slice(std::chrono::nanoseconds slice) noexcept {
+  sleep_slice_ns.store(slice.count() > 0 ? slice.count() : 1'000'000'000);
+}
+
+}  // namespace uipc::handles::detail
