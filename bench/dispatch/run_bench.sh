@@ -22,10 +22,10 @@ rounds=${ROUNDS:-2}
 queries=${QUERIES:-300000}
 rate=${RATE:-100000}
 inflight=${INFLIGHT:-64}
-responder=$build/dispatch/uipc-dns-responder
-query=$build/dispatch/uipc-dns-query
-floor_responder=$build/bench/bench_dispatch_floor_responder
-floor_query=$build/bench/bench_dispatch_floor_query
+responder=$build/bin/uipc-dns-responder
+query=$build/bin/uipc-dns-query
+floor_responder=$build/bin/bench_dispatch_floor_responder
+floor_query=$build/bin/bench_dispatch_floor_query
 for tool in dnsperf unbound; do
   command -v "$tool" > /dev/null || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool (apt-get install $tool)" >&2; exit 2; }
 done

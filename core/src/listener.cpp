@@ -1,12 +1,13 @@
 // listener: binds a Unix socket path safely and accepts framed connections.
 //
-// Taking a path: a lock file beside the socket (path + ".lock") is held with
-// flock() for the listener's whole life. Whoever holds it owns the path, so a
-// second listener is refused at once, and a server that died (even by SIGKILL)
+// Taking a path: a lock file beside the socket (listener_lock_path(), an
+// instance_lock) is held for the listener's whole life. Whoever holds it owns
+// the path, so a second listener is refused at once, and a server that died (even by SIGKILL)
 // released it with its last descriptor: its socket file is then stale and is
 // replaced. A socket file without a lock holder is probed with connect() before
 // it is removed, in case a program outside uipc serves it.
 #include "uipc/core/framed.hpp"
+#include "uipc/core/rendezvous.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
@@ -14,7 +15,6 @@
 #include <boost/asio/dispatch.hpp>
 
 #include <fcntl.h>
-#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -40,28 +40,6 @@ result<sockaddr_un> address_of(const std::string& path) {
   return addr;
 }
 
-// Takes the path's lock file; errc::address_in_use when a live listener holds it.
-result<unique_fd> lock_path(const std::string& path) {
-  const std::string lock_path = path + ".lock";
-  for (int attempt = 0; attempt < 8; ++attempt) {
-    unique_fd fd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
-    if (!fd) return last_error();
-    if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
-      if (errno == EWOULDBLOCK) return make_error_code(errc::address_in_use);
-      return last_error();
-    }
-    // The previous owner may have unlinked the file between our open and our
-    // lock: then we hold a lock on a dead inode and must start over.
-    struct stat held {};
-    struct stat named {};
-    if (::fstat(fd.get(), &held) == 0 && ::stat(lock_path.c_str(), &named) == 0 && held.st_ino == named.st_ino &&
-        held.st_dev == named.st_dev) {
-      return fd;
-    }
-  }
-  return make_error_code(errc::address_in_use);
-}
-
 // With the lock held: removes a stale socket file, refuses anything else.
 error_code clear_path(const std::string& path, const sockaddr_un& addr) {
   struct stat st {};
@@ -80,13 +58,13 @@ error_code clear_path(const std::string& path, const sockaddr_un& addr) {
 }  // namespace
 
 struct listener::impl {
-  impl(asio::io_context& c, std::string p, listener_options o, unique_fd lock)
-      : ctx(c), path(std::move(p)), options(std::move(o)), lock_fd(std::move(lock)), acceptor(c) {}
+  impl(asio::io_context& c, std::string p, listener_options o, instance_lock lock)
+      : ctx(c), path(std::move(p)), options(std::move(o)), lock(std::move(lock)), acceptor(c) {}
 
   asio::io_context& ctx;
   std::string path;
   listener_options options;
-  unique_fd lock_fd;
+  instance_lock lock;
   stream_protocol::acceptor acceptor;
   ino_t socket_inode = 0;
   dev_t socket_device = 0;
@@ -97,18 +75,10 @@ result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const st
                                                  listener_options options) {
   auto addr = address_of(path);
   if (!addr) return addr.error();
-  auto lock = lock_path(path);
+  // An error from here on releases the lock, which removes its file: nothing
+  // is left behind.
+  auto lock = instance_lock::try_acquire(listener_lock_path(path));
   if (!lock) return lock.error();
-  // Every failure from here on gives the path back: no lock file left behind.
-  bool bound = false;
-  struct give_back {
-    const std::string& path;
-    bool& bound;
-    ~give_back() {
-      if (bound) return;
-      ::unlink((path + ".lock").c_str());
-    }
-  } guard{path, bound};
   if (auto ec = clear_path(path, *addr)) return ec;
 
   unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -136,7 +106,6 @@ result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const st
     return ec;
   }
   fd.release();
-  bound = true;
   return std::unique_ptr<listener>(new listener(std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
 }
 
@@ -177,15 +146,14 @@ void listener::close() {
   impl_->closed = true;
   boost::system::error_code ignored;
   impl_->acceptor.close(ignored);
-  // Remove the socket file only if it is still ours, then the lock file while
-  // we still hold the lock (lock_path() re-checks the inode after locking).
+  // Remove the socket file only if it is still ours, then the lock (which
+  // removes its file while still holding it).
   struct stat st {};
   if (::lstat(impl_->path.c_str(), &st) == 0 && st.st_ino == impl_->socket_inode &&
       st.st_dev == impl_->socket_device) {
     ::unlink(impl_->path.c_str());
   }
-  ::unlink((impl_->path + ".lock").c_str());
-  impl_->lock_fd.reset();
+  impl_->lock.release();
 }
 
 const std::string& listener::path() const noexcept { return impl_->path; }

@@ -1,6 +1,8 @@
 // shm_segment: header layout, creation, checked opening and name cleanup.
 #include "uipc/core/shm.hpp"
 
+#include "uipc/core/rendezvous.hpp"
+
 #include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
 
@@ -40,15 +42,11 @@ static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
 
 error_code system_error(int e) { return {e, boost::system::system_category()}; }
 
-bool valid_name(const std::string& name) {
-  if (name.empty() || name.size() > 200) return false;
-  for (char c : name) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
-                    c == '-' || c == '.';
-    if (!ok) return false;
-  }
-  return name != "." && name != "..";
-}
+// Names under /dev/shm: one path component. A bad name is EINVAL at this API
+// (what shm_open says too), not errc::invalid_name.
+constexpr name_rules segment_name_rules{1, 200, "_-."};
+
+bool valid_name(const std::string& name) { return !check_name(name, segment_name_rules); }
 
 error_code from_interprocess(const bip::interprocess_exception& e) {
   const int native = e.get_native_error();

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "commands.hpp"
+#include "uipc/core/daemon_start.hpp"
 #include "uipc/handles/client.hpp"
 
 namespace uipcctl {
@@ -46,7 +47,9 @@ int usage() {
       "                                exit 0 signalled, 1 abandoned, 2 timed out; a mutex\n"
       "                                won is held for --hold MS, then released\n"
       "  close HANDLE                  drop a reference (only its holder can: else not_held)\n"
-      "TARGET is a name or a handle INDEX:GENERATION. Errors exit with 3.\n");
+      "TARGET is a name or a handle INDEX:GENERATION. Errors exit with 3.\n"
+      "The daemon program: --daemon PATH, else $UIPC_HANDLED_PATH, else uipc-handled beside\n"
+      "uipcctl, in the install prefix's bin directory, then on $PATH.\n");
   return exit_usage;
 }
 
@@ -282,8 +285,25 @@ int run_handles(std::span<char* const> args) {
                                           "reset", "release", "wait",    "close"};
   if (std::find(std::begin(actions), std::end(actions), action) == std::end(actions))
     return usage();
+  // The search client::connect would make, done here first so that a failure
+  // can say which program was tried, or where it was looked for. The path found
+  // is what connect then starts; none found still lets connect reach a daemon
+  // that already serves.
+  uipc::start_report search;
+  if (auto found = uipc::find_program(daemon_program(options.daemon_path), &search)) {
+    options.daemon_path = *found;
+  }
   auto c = client::connect(options);
-  if (!c) return fail("connect", c.error());
+  if (!c) {
+    const uipc::error_code ec = c.error();
+    const bool starting = ec == uipc::errc::program_not_found ||
+                          ec == uipc::errc::program_not_executable ||
+                          ec == errc::daemon_failed_to_start || ec == errc::daemon_start_timeout;
+    if (!starting) return fail("connect", ec);
+    std::fprintf(stderr, "uipcctl handles: connect: cannot start the handle daemon: %s (%s)\n",
+                 ec.message().c_str(), search.describe().c_str());
+    return exit_error;
+  }
   if (action == "list") return list(*c);
   if (action == "clients") return clients(*c);
   if (action == "stats") return stats(*c);

@@ -5,7 +5,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
-#include <sys/file.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -18,6 +17,7 @@
 
 #include "owned_mutexes.hpp"
 #include "session.hpp"
+#include "uipc/core/rendezvous.hpp"
 #include "uipc/proto/handles.pb.h"
 
 namespace uipc::handles {
@@ -123,16 +123,12 @@ void session::post(request_type type, std::string payload) {
   if (conn->send(std::move(notice), steady::now() + options.call_timeout)) map->lost.store(true);
 }
 
-namespace {
-
-bool retryable(error_code ec) {
+bool retryable(const error_code& ec) {
   return ec == errc::daemon_lost || ec == errc::daemon_unavailable ||
          ec == uipc::errc::bad_segment || ec == uipc::errc::peer_closed ||
          ec == boost::system::errc::no_such_file_or_directory ||
          ec == boost::system::errc::connection_refused;
 }
-
-}  // namespace
 
 result<std::shared_ptr<session>> open_session(const client_options& options,
                                               const resolved_location& where,
@@ -146,7 +142,9 @@ result<std::shared_ptr<session>> open_session(const client_options& options,
   auto c = blocking_connection::connect(where.socket_path, co);
   if (!c) return c.error();
   s->conn.emplace(std::move(*c));
-  if (s->conn->peer().uid != ::geteuid()) return make_error_code(errc::permission_denied);
+  // A socket in our private directory could still be served by another uid
+  // (root, say): its daemon would not be ours.
+  if (check_server_uid(s->conn->peer(), ::geteuid())) return make_error_code(errc::permission_denied);
   auto hello = s->call(request_type::hello, pb::HelloRequest{}.SerializeAsString(),
                        std::min(deadline, steady::now() + options.call_timeout));
   if (!hello) return hello.error();
@@ -186,34 +184,21 @@ result<client> client::connect(client_options options) {
   auto where = resolve(options.where);
   if (!where) return where.error();
   const auto deadline = steady::now() + options.start_timeout;
-  error_code last;
-  for (int round = 0; steady::now() < deadline; ++round) {
-    auto s = detail::open_session(options, *where, deadline);
-    if (s) return client(std::move(*s));
-    last = s.error();
-    if (!detail::retryable(last)) return last;
-    if (!options.autostart) return make_error_code(errc::daemon_unavailable);
-    if (round >= 4) break;
-    // One starter at a time: the others wait here, then find the daemon it started.
-    unique_fd lock(
-        ::open(where->start_lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
-    if (!lock) return error_code(errno, boost::system::system_category());
-    while (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0) {
-      if (steady::now() >= deadline) return make_error_code(errc::daemon_start_timeout);
-      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  std::shared_ptr<detail::session> reached;
+  const auto reach = [&](steady::time_point until) -> error_code {
+    auto s = detail::open_session(options, *where, until);
+    if (!s) return s.error();
+    reached = std::move(*s);
+    return {};
+  };
+  if (!options.autostart) {
+    if (auto ec = reach(deadline)) {
+      return detail::retryable(ec) ? make_error_code(errc::daemon_unavailable) : ec;
     }
-    s = detail::open_session(options, *where, deadline);
-    if (s) return client(std::move(*s));
-    if (!detail::retryable(s.error())) return s.error();
-    auto started = detail::start_daemon(options, *where, deadline);
-    if (started) return client(std::move(*started));
-    // Ours may have lost the location to a daemon started some other way.
-    s = detail::open_session(options, *where, deadline);
-    if (s) return client(std::move(*s));
-    return started.error();
+    return client(std::move(reached));
   }
-  if (steady::now() >= deadline) return make_error_code(errc::daemon_start_timeout);
-  return make_error_code(errc::daemon_unavailable);
+  if (auto ec = detail::start_daemon(options, *where, reach, deadline)) return ec;
+  return client(std::move(reached));
 }
 
 }  // namespace uipc::handles

@@ -9,6 +9,7 @@
 #include "protocol.hpp"
 #include "segment.hpp"
 #include "uipc/core/blocking_connection.hpp"
+#include "uipc/core/daemon_start.hpp"
 #include "uipc/core/shm.hpp"
 #include "uipc/core/typed.hpp"
 #include "uipc/handles/client.hpp"
@@ -85,12 +86,17 @@ result<std::shared_ptr<session>> open_session(const client_options& options,
                                               const resolved_location& where,
                                               std::chrono::steady_clock::time_point deadline);
 
-/// Starts a daemon for `where` and waits until it answers a hello; returns that
-/// session (a session of a daemon that took the location meanwhile will do).
-/// The caller holds the start lock. Errors: daemon_failed_to_start,
-/// daemon_start_timeout.
-result<std::shared_ptr<session>> start_daemon(const client_options& options,
-                                              const resolved_location& where,
-                                              std::chrono::steady_clock::time_point deadline);
+/// Whether an error of open_session() means that no daemon serves (yet).
+bool retryable(const error_code& ec);
+
+/// Reaches the daemon at `where` through `reach` (which keeps the session it
+/// opened), starting a daemon when none serves: exactly one of racing clients
+/// starts it (uipc::reach_or_start). Errors: those of `reach`;
+/// uipc::errc::program_not_found, uipc::errc::program_not_executable;
+/// errc::daemon_failed_to_start (it exited before serving);
+/// errc::daemon_start_timeout. `report` says what was tried.
+error_code start_daemon(const client_options& options, const resolved_location& where,
+                        const reach_function& reach, std::chrono::steady_clock::time_point deadline,
+                        start_report* report = nullptr);
 
 }  // namespace uipc::handles::detail

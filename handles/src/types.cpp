@@ -1,10 +1,7 @@
 // Value types of the handles module: names, handle ids, and where a daemon lives.
 #include "uipc/handles/types.hpp"
 
-#include <unistd.h>
-
 #include <charconv>
-#include <cstdio>
 
 #include "uipc/core/runtime_dir.hpp"
 #include "uipc/handles/error.hpp"
@@ -47,27 +44,15 @@ result<handle_id> parse_handle_id(const std::string& text) {
 }
 
 result<resolved_location> resolve(const location& where) {
-  if (where.name.empty() || where.name.size() > 64) return make_error_code(errc::invalid_argument);
-  for (char c : where.name) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '_' || c == '-';
-    if (!ok) return make_error_code(errc::invalid_argument);
-  }
+  if (check_name(where.name, location_name_rules)) return make_error_code(errc::invalid_argument);
   auto dir =
       where.directory.empty() ? runtime_directory() : checked_private_directory(where.directory);
   if (!dir) return dir.error();
-  resolved_location r;
-  r.directory = *dir;
-  r.socket_path = r.directory + "/uipc-" + where.name + ".sock";
-  r.start_lock_path = r.directory + "/uipc-" + where.name + ".start";
-  // FNV-1a of the directory: two daemons of one user in different directories
-  // (tests, containers) get different segments.
-  std::uint64_t hash = 0xcbf29ce484222325ULL;
-  for (unsigned char c : r.directory) hash = (hash ^ c) * 0x100000001b3ULL;
-  char suffix[32];
-  std::snprintf(suffix, sizeof suffix, "%08x", static_cast<unsigned>(hash ^ (hash >> 32)));
-  r.segment_name = "uipc-" + where.name + "-" + std::to_string(::getuid()) + "-" + suffix;
-  return r;
+  return derive_rendezvous_paths(*dir, "uipc-", where.name, location_name_rules);
+}
+
+program_search daemon_program(const std::string& explicit_path) {
+  return program_search{"uipc-handled", explicit_path, "UIPC_HANDLED_PATH"};
 }
 
 }  // namespace uipc::handles

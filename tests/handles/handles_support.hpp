@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <thread>
@@ -50,14 +51,34 @@ struct private_location {
   }
 
   bool socket_exists() const { return std::filesystem::exists(resolved().socket_path); }
-  bool segment_exists() const {
-    return std::filesystem::exists("/dev/shm/" + resolved().segment_name);
+
+  /// The uipc-handled processes serving this location (found by their
+  /// arguments in /proc; a zombie has none). Started ones only: an in-process
+  /// daemon is not among them.
+  std::vector<pid_t> daemon_pids() const {
+    std::vector<pid_t> pids;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
+      const std::string pid_text = entry.path().filename().string();
+      if (pid_text.find_first_not_of("0123456789") != std::string::npos) continue;
+      std::ifstream in(entry.path() / "cmdline", std::ios::binary);
+      std::vector<std::string> argv;
+      for (std::string arg; std::getline(in, arg, '\0');) argv.push_back(arg);
+      bool directory = false;
+      bool name = false;
+      for (std::size_t i = 0; i + 1 < argv.size(); ++i) {
+        directory = directory || (argv[i] == "--directory" && argv[i + 1] == where.directory);
+        name = name || (argv[i] == "--name" && argv[i + 1] == where.name);
+      }
+      if (directory && name) pids.push_back(static_cast<pid_t>(std::stol(pid_text)));
+    }
+    return pids;
   }
 
-  /// Waits (bounded) until no daemon's socket or segment is left.
+  /// Waits (bounded) until no daemon of this location runs and its socket is gone.
   bool wait_until_clean(std::chrono::milliseconds deadline = 10s) const {
     const auto until = std::chrono::steady_clock::now() + deadline;
-    while (socket_exists() || segment_exists()) {
+    while (socket_exists() || !daemon_pids().empty()) {
       if (std::chrono::steady_clock::now() > until) return false;
       std::this_thread::sleep_for(5ms);
     }
@@ -105,18 +126,29 @@ class in_process_daemon {
 /// kills (SIGKILL) and reaps it if it is still there.
 class child_process {
  public:
-  explicit child_process(std::vector<std::string> argv) {
+  /// `env`: the child's whole environment; none: this process's.
+  explicit child_process(std::vector<std::string> argv,
+                         std::optional<std::vector<std::string>> env = std::nullopt) {
     int in[2];
     int out[2];
     if (::pipe2(in, O_CLOEXEC) != 0 || ::pipe2(out, O_CLOEXEC) != 0) std::abort();
     std::vector<char*> args;
     for (auto& a : argv) args.push_back(a.data());
     args.push_back(nullptr);
+    std::vector<char*> envp;
+    if (env) {
+      for (auto& e : *env) envp.push_back(e.data());
+      envp.push_back(nullptr);
+    }
     pid_ = ::fork();
     if (pid_ == 0) {
       ::dup2(in[0], 0);
       ::dup2(out[1], 1);
-      ::execv(args[0], args.data());
+      if (env) {
+        ::execve(args[0], args.data(), envp.data());
+      } else {
+        ::execv(args[0], args.data());
+      }
       ::_exit(127);
     }
     ::close(in[0]);

@@ -43,7 +43,6 @@ class ObjectsTest : public ::testing::Test {
     EXPECT_EQ(s.scratch_in_use, 0u);
     daemon_->shutdown();
     EXPECT_FALSE(loc_.socket_exists());
-    EXPECT_FALSE(loc_.segment_exists());
   }
 
   client& c() { return *client_; }

@@ -1,14 +1,18 @@
 // Multi-process lifetime of the handle daemon: autostart (and its race), clients
 // killed with SIGKILL holding references, owning a mutex or waiting, the daemon
 // killed and restarted under live clients, linger and SIGTERM cleanup, startup
-// failures that must not hang, and another uid refused.
+// failures that must not hang (and racing starters that each report them), and
+// what another uid would try, refused.
 #include <gtest/gtest.h>
+#include <dirent.h>
+#include <grp.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
 #include <fstream>
 #include <set>
+#include <utility>
 
 #include "handles_support.hpp"
 
@@ -30,10 +34,10 @@ std::int32_t daemon_pid_from(child_process& p) {
 }
 
 // Every test has a location of its own and must leave nothing there: no
-// daemon (it exits with the last client), no socket, no segment.
+// daemon (it exits with the last client), no socket.
 class ProcessTest : public ::testing::Test {
  protected:
-  void TearDown() override { EXPECT_TRUE(loc.wait_until_clean()) << "a daemon, socket or segment was left"; }
+  void TearDown() override { EXPECT_TRUE(loc.wait_until_clean()) << "a daemon or its socket was left"; }
   private_location loc;
 };
 
@@ -46,7 +50,7 @@ TEST_F(ProcessTest, FirstClientStartsTheDaemonWhichLeavesWithTheLast) {
     pid = c->daemon_pid();
     EXPECT_NE(pid, ::getpid());
     EXPECT_TRUE(loc.socket_exists());
-    EXPECT_FALSE(loc.segment_exists());  // anonymous: a memfd passed in the hello
+    EXPECT_EQ(loc.daemon_pids(), std::vector<pid_t>{pid});
     auto e = c->create_event(event_reset::manual, true, "x");
     ASSERT_TRUE(e);
   }
@@ -261,10 +265,10 @@ TEST_F(ProcessTest, DaemonKilledUnderLiveClientsIsReplacedAndReclaimed) {
   EXPECT_EQ(remote.wait_exit(), 3);
   EXPECT_EQ(e->signal(), make_error_code(errc::daemon_lost));
   EXPECT_FALSE(c->connected());
-  // The kill left its socket (the segment is anonymous: it went with the last
+  // The kill left its socket (the segment is a memfd: it went with the last
   // mapping); the next client starts a fresh daemon that takes it over.
   EXPECT_TRUE(loc.socket_exists());
-  EXPECT_FALSE(loc.segment_exists());
+  EXPECT_TRUE(loc.daemon_pids().empty());
   auto fresh = client::connect(loc.options());
   ASSERT_TRUE(fresh) << fresh.error().message();
   EXPECT_NE(fresh->daemon_pid(), old_pid);
@@ -333,14 +337,55 @@ TEST_F(ProcessTest, DaemonThatDiesAtStartupIsReportedNotWaitedFor) {
   std::filesystem::remove(loc.resolved().socket_path);
   EXPECT_TRUE(loc.wait_until_clean());
 
-  // A daemon program that does not exist fails as fast.
+  // A daemon program that does not exist fails as fast, and says so.
   auto o = loc.options();
   o.daemon_path = loc.dir.file("no-such-daemon");
   auto missing = client::connect(o);
   ASSERT_FALSE(missing);
-  EXPECT_EQ(missing.error(), make_error_code(errc::daemon_failed_to_start));
+  EXPECT_EQ(missing.error(), make_error_code(uipc::errc::program_not_found));
 }
 
+// Eight clients at once against each kind of broken daemon program: every one
+// gets the error that names the fault, and quickly (nobody waits out the
+// start timeout behind another's failed start).
+TEST_F(ProcessTest, RacingClientsEachReportABrokenDaemonProgramDistinctly) {
+  const std::string not_executable = loc.dir.file("not-executable");
+  const std::string exits_at_once = loc.dir.file("exits-at-once");
+  {
+    std::ofstream(not_executable) << "#!/bin/sh\nexit 0\n";
+    std::ofstream(exits_at_once) << "#!/bin/sh\nexit 3\n";
+  }
+  ASSERT_EQ(::chmod(not_executable.c_str(), 0644), 0);
+  ASSERT_EQ(::chmod(exits_at_once.c_str(), 0755), 0);
+  const std::pair<std::string, error_code> cases[] = {
+      {loc.dir.file("missing"), make_error_code(uipc::errc::program_not_found)},
+      {not_executable, make_error_code(uipc::errc::program_not_executable)},
+      {exits_at_once, make_error_code(errc::daemon_failed_to_start)},
+  };
+  for (const auto& [program, expected] : cases) {
+    auto o = loc.options();
+    o.daemon_path = program;
+    std::vector<error_code> got(8);
+    const auto start = std::chrono::steady_clock::now();
+    {
+      std::vector<std::thread> racers;
+      for (auto& g : got) {
+        racers.emplace_back([&o, &g] {
+          auto c = client::connect(o);
+          g = c ? error_code{} : c.error();
+        });
+      }
+      for (auto& t : racers) t.join();
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << program;
+    for (const auto& g : got) EXPECT_EQ(g, expected) << program << ": " << g.message();
+  }
+  EXPECT_FALSE(std::filesystem::exists(loc.resolved().start_lock_path));
+}
+
+// What an attacker running as another uid would try against a live daemon:
+// connect to its socket, open its memfd through /proc/PID/fd, list its
+// directory. Each must fail.
 TEST_F(ProcessTest, AnotherUserCannotConnectOrMap) {
   auto c = client::connect(loc.options());
   ASSERT_TRUE(c);
@@ -348,30 +393,53 @@ TEST_F(ProcessTest, AnotherUserCannotConnectOrMap) {
   struct stat st {};
   ASSERT_EQ(::stat(r.socket_path.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u);
-  EXPECT_FALSE(loc.segment_exists());  // no name to open: the segment is a passed memfd
   ASSERT_EQ(::stat(r.directory.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0077, 0u);
   if (::geteuid() != 0) GTEST_SKIP() << "modes checked; a second uid needs root";
 
-  // As nobody: neither the socket nor the segment opens. Exit code = bit mask of
-  // what (wrongly) succeeded.
+  // As root, first: the daemon's memfd among its descriptors (which shows the
+  // path the attacker will use does reach the segment).
+  const std::string fd_dir = "/proc/" + std::to_string(c->daemon_pid()) + "/fd";
+  std::string memfd_path;
+  for (const auto& entry : std::filesystem::directory_iterator(fd_dir)) {
+    std::error_code ec;
+    const auto target = std::filesystem::read_symlink(entry.path(), ec).string();
+    if (!ec && target.rfind("/memfd:", 0) == 0) memfd_path = entry.path().string();
+  }
+  ASSERT_FALSE(memfd_path.empty()) << "no memfd among the daemon's descriptors";
+  {
+    const int fd = ::open(memfd_path.c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << "root cannot open " << memfd_path << ": the check below would prove nothing";
+    ::close(fd);
+  }
+
+  // As nobody: the socket and directory are 0600/0700, and another uid may
+  // not look into the daemon's descriptors (/proc's ptrace rule), so all of
+  // it must fail. Exit code: a bit mask of what (wrongly) succeeded.
+  const std::string socket_path = r.socket_path;
+  const std::string directory = r.directory;
   const pid_t child = ::fork();
   if (child == 0) {
-    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(100);
+    if (::setgroups(0, nullptr) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(100);
     int leaks = 0;
-    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
-    std::memcpy(addr.sun_path, r.socket_path.c_str(), r.socket_path.size());
+    std::memcpy(addr.sun_path, socket_path.c_str(), socket_path.size());
     if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) leaks |= 1;
-    if (::shm_open(("/" + r.segment_name).c_str(), O_RDWR, 0) >= 0) leaks |= 2;
-    if (::shm_open(("/" + r.segment_name).c_str(), O_RDONLY, 0) >= 0) leaks |= 4;
+    if (::open(memfd_path.c_str(), O_RDWR | O_CLOEXEC) >= 0) leaks |= 2;
+    if (::open(memfd_path.c_str(), O_RDONLY | O_CLOEXEC) >= 0) leaks |= 4;
+    if (DIR* d = ::opendir(directory.c_str()); d != nullptr) {
+      leaks |= 8;
+      ::closedir(d);
+    }
+    if (::opendir(fd_dir.c_str()) != nullptr) leaks |= 16;
     ::_exit(leaks);
   }
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1 connect, 2/4 memfd, 8 directory, 16 /proc fd list";
 }
 
 TEST_F(ProcessTest, StoppedDaemonTimesCallsAndConnectOutInsteadOfHanging) {
@@ -426,45 +494,6 @@ TEST_F(ProcessTest, DaemonKilledWithNoWaiterIsSeenBySignalAndConnected) {
   c = make_error_code(errc::daemon_lost);
   fresh = make_error_code(errc::daemon_lost);
   EXPECT_TRUE(test::wait_process_gone(new_pid));
-}
-
-TEST_F(ProcessTest, ASegmentNameTakenByAnotherUserDoesNotStopTheDaemon) {
-  // The segment has no name, so a file another uid put where the old named
-  // segment went (in sticky /dev/shm: not removable by us) changes nothing.
-  const std::string squatted = "/dev/shm/" + loc.resolved().segment_name;
-  if (::geteuid() == 0) {
-    const pid_t child = ::fork();
-    if (child == 0) {
-      if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(100);
-      const int fd = ::open(squatted.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
-      ::_exit(fd >= 0 ? 0 : 101);
-    }
-    int status = 0;
-    ASSERT_EQ(::waitpid(child, &status, 0), child);
-    ASSERT_TRUE(WIFEXITED(status));
-    ASSERT_EQ(WEXITSTATUS(status), 0);
-  } else {
-    std::FILE* f = std::fopen(squatted.c_str(), "w");
-    ASSERT_NE(f, nullptr);
-    std::fclose(f);
-  }
-  std::int32_t pid = 0;
-  {
-    auto c = client::connect(loc.options());
-    ASSERT_TRUE(c) << c.error().message();
-    pid = c->daemon_pid();
-    auto e = c->create_event(event_reset::manual, false, "x");
-    ASSERT_TRUE(e);
-    EXPECT_FALSE(e->signal());
-    auto w = e->wait(0ns);
-    ASSERT_TRUE(w);
-    EXPECT_EQ(*w, wait_status::signalled);
-  }
-  EXPECT_TRUE(test::wait_process_gone(pid));
-  // Untouched: not ours, not used.
-  struct stat st {};
-  EXPECT_EQ(::stat(squatted.c_str(), &st), 0);
-  std::filesystem::remove(squatted);
 }
 
 }  // namespace

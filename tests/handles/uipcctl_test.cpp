@@ -1,5 +1,9 @@
 // uipcctl's handles subcommand, run as a program against a daemon it starts.
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <fstream>
+#include <utility>
 #include <gtest/gtest.h>
 
 #include "handles_support.hpp"
@@ -141,6 +145,45 @@ TEST_F(UipcctlTest, HugeWaitTimeoutSaturatesInsteadOfWrapping) {
   holder.kill(SIGKILL);
   holder.wait_exit();
   EXPECT_TRUE(loc.wait_until_clean());
+}
+
+// What a new user does in a fresh build tree: run uipcctl with nothing
+// installed, no daemon option, no $UIPC_HANDLED_PATH and an empty $PATH. The
+// daemon is found beside uipcctl (every program of the build is in one place).
+TEST_F(UipcctlTest, FindsTheDaemonBesideItselfWithNothingInstalled) {
+  ASSERT_EQ(std::filesystem::path(UIPC_TEST_UIPCCTL_PATH).parent_path(),
+            std::filesystem::path(UIPC_TEST_HANDLED_PATH).parent_path())
+      << "the build no longer puts its programs in one directory";
+  child_process p({UIPC_TEST_UIPCCTL_PATH, "handles", "--dir", loc.where.directory, "--name",
+                   loc.where.name, "--linger", "0", "stats"},
+                  std::vector<std::string>{"PATH="});
+  std::string out;
+  while (auto line = p.read_line(10s)) out += *line + "\n";
+  EXPECT_EQ(p.wait_exit(), 0) << out;
+  EXPECT_NE(out.find("handles "), std::string::npos) << out;
+}
+
+// A daemon program that is not there, or not executable, is reported as
+// exactly that, naming the path tried.
+TEST_F(UipcctlTest, ABrokenDaemonProgramIsReportedWithThePathTried) {
+  const std::string not_executable = loc.dir.file("not-executable");
+  std::ofstream(not_executable) << "#!/bin/sh\nexit 0\n";
+  ASSERT_EQ(::chmod(not_executable.c_str(), 0644), 0);
+  const std::pair<std::string, std::string> cases[] = {
+      {loc.dir.file("no-such-daemon"), "daemon program not found"},
+      {not_executable, "daemon program is not executable"},
+  };
+  for (const auto& [program, message] : cases) {
+    // stderr is what it says: run through sh to read it.
+    child_process p({"/bin/sh", "-c",
+                     std::string(UIPC_TEST_UIPCCTL_PATH) + " handles --dir '" + loc.where.directory +
+                         "' --name " + loc.where.name + " --daemon '" + program + "' list 2>&1"});
+    std::string out;
+    while (auto line = p.read_line(10s)) out += *line + "\n";
+    EXPECT_EQ(p.wait_exit(), 3) << out;
+    EXPECT_NE(out.find(message), std::string::npos) << out;
+    EXPECT_NE(out.find(program), std::string::npos) << out;
+  }
 }
 
 }  // namespace

@@ -32,7 +32,8 @@ struct client_options {
   location where;
   /// Start a daemon when none serves the location.
   bool autostart = true;
-  /// The daemon program; empty: $UIPC_HANDLED_PATH, else "uipc-handled" on $PATH.
+  /// The daemon program; empty: $UIPC_HANDLED_PATH, else "uipc-handled" beside
+  /// the calling program, in the install prefix, then on $PATH (daemon_program()).
   /// A started daemon's standard streams go to /dev/null (stderr is kept when
   /// $UIPC_HANDLED_STDERR is set).
   std::string daemon_path;

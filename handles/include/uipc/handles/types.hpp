@@ -5,7 +5,9 @@
 #include <cstdint>
 #include <string>
 
+#include "uipc/core/daemon_start.hpp"
 #include "uipc/core/error.hpp"
+#include "uipc/core/rendezvous.hpp"
 
 namespace uipc::handles {
 
@@ -50,26 +52,31 @@ struct wait_result {
   std::size_t index = 0;
 };
 
-/// Where one handle daemon lives. Clients and the daemon derive the socket path,
-/// the start lock and the segment name from it, so both must be given the same.
+/// Where one handle daemon lives. Clients and the daemon derive the socket path
+/// and the start lock from it, so both must be given the same.
 struct location {
   /// Private directory for the socket; empty: uipc::runtime_directory().
   std::string directory;
-  /// Names the daemon instance: socket "<directory>/uipc-<name>.sock",
-  /// segment "uipc-<name>-<uid>-<hash of directory>". Letters, digits, '_', '-'.
+  /// Names the daemon instance: socket "<directory>/uipc-<name>.sock".
+  /// Letters, digits, '_', '-'; at most 64 bytes (location_name_rules).
   std::string name = "handles";
 };
 
-/// The resolved paths of a location.
-struct resolved_location {
-  std::string directory;
-  std::string socket_path;
-  std::string start_lock_path;
-  std::string segment_name;
-};
+/// The rules of location::name (one path component, part of a socket path).
+inline constexpr name_rules location_name_rules{1, 64, "_-"};
 
-/// Resolves `where` (creating and checking the directory as runtime_directory() does).
+/// The resolved paths of a location (see uipc::derive_rendezvous_paths).
+using resolved_location = rendezvous_paths;
+
+/// Resolves `where` (creating and checking the directory as runtime_directory()
+/// does). A name that breaks location_name_rules is errc::invalid_argument.
 result<resolved_location> resolve(const location& where);
+
+/// How a client looks for the daemon program: `explicit_path` (the option
+/// client_options::daemon_path), else $UIPC_HANDLED_PATH, else "uipc-handled"
+/// beside the calling program, in the install prefix, then on $PATH
+/// (see uipc::program_search).
+program_search daemon_program(const std::string& explicit_path);
 
 /// Longest object name, in bytes.
 inline constexpr std::size_t max_name_length = 63;
