@@ -21,6 +21,7 @@
 #include <string_view>
 #include <thread>
 
+#include "uipc/core/process.hpp"
 #include "uipc/core/rendezvous.hpp"
 
 #ifndef UIPC_INSTALL_BINDIR
@@ -224,22 +225,6 @@ result<std::string> find_program(const program_search& search, start_report* rep
   return search_path(search.name, state);
 }
 
-bool process_alive(std::int32_t pid) noexcept {
-  if (pid <= 0) return false;
-  if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
-  // A zombie is dead, whoever has yet to reap it.
-  char path[64];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-  unique_fd fd(::open(path, O_RDONLY | O_CLOEXEC));
-  if (!fd) return true;
-  char buf[512];
-  const ssize_t n = ::read(fd.get(), buf, sizeof buf - 1);
-  if (n <= 0) return true;
-  const std::string_view line(buf, static_cast<std::size_t>(n));
-  const auto paren = line.rfind(')');
-  return paren == std::string_view::npos || paren + 2 >= line.size() || line[paren + 2] != 'Z';
-}
-
 result<started_daemon> spawn_detached(const std::string& program, const std::vector<std::string>& arguments,
                                       bool keep_stderr, start_report* report) {
   if (report != nullptr) report->program = program;
@@ -263,7 +248,7 @@ result<started_daemon> spawn_detached(const std::string& program, const std::vec
     const pid_t daemon = ::fork();
     if (daemon < 0) ::_exit(1);
     if (daemon > 0) {
-      const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, daemon, 0));
+      const int pidfd = open_pidfd(daemon).release();
       send_message(write_end.get(), spawn_message{1, daemon}, pidfd);
       ::_exit(0);
     }

@@ -8,6 +8,7 @@
 // at `stopped` (both sequentially consistent: either the stop sees the
 // request, or the request sees the stop).
 #include "uipc/core/server.hpp"
+#include "uipc/core/process.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -130,7 +131,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
         return;
       }
       reserve_reactor_states();
-      unique_fd pidfd = open_pidfd(fd.get(), identity->pid);
+      unique_fd pidfd = peer_pidfd(fd.get(), identity->pid);
       auto conn = connection::adopt(ctx, std::move(fd), session_options);
       if (!conn) {
         ++counters.refusals;
@@ -164,7 +165,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
     receive(session);
   }
 
-  static unique_fd open_pidfd(int socket_fd, pid_t pid);
+  static unique_fd peer_pidfd(int socket_fd, pid_t pid);
 
   // Asio's reactor keeps the state of every descriptor it ever registered in a
   // pool and never frees it. Allocated one at a time, between the sessions'
@@ -308,11 +309,11 @@ thread_local const server::impl* server::impl::serving = nullptr;
 
 // SO_PEERPIDFD names the process that connected, even if its pid has been
 // reused since; pidfd_open of the pid is the fallback on kernels before 6.5.
-unique_fd server::impl::open_pidfd(int socket_fd, pid_t pid) {
+unique_fd server::impl::peer_pidfd(int socket_fd, pid_t pid) {
   int fd = -1;
   socklen_t len = sizeof fd;
   if (::getsockopt(socket_fd, SOL_SOCKET, 77 /* SO_PEERPIDFD */, &fd, &len) == 0 && fd >= 0) return unique_fd(fd);
-  return unique_fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  return uipc::open_pidfd(pid);
 }
 
 // ---- server -------------------------------------------------------------------

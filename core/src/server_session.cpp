@@ -1,6 +1,7 @@
 // server_session and peer_identity: what the kernel says about a server's peer.
 #include "frame_io.hpp"
 #include "uipc/core/server.hpp"
+#include "uipc/core/process.hpp"
 
 #include <poll.h>
 #include <signal.h>
@@ -50,11 +51,7 @@ server_session::server_session(std::uint64_t id, peer_identity peer, unique_fd p
 server_session::~server_session() = default;
 
 bool server_session::peer_alive() const noexcept {
-  if (pidfd_) {
-    pollfd p{pidfd_.get(), POLLIN, 0};
-    return !(::poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)) != 0);
-  }
-  return !(::kill(peer_.pid, 0) != 0 && errno == ESRCH);
+  return pidfd_ ? !pidfd_exited(pidfd_.get()) : process_alive(peer_.pid);
 }
 
 }  // namespace uipc

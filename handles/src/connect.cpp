@@ -35,12 +35,7 @@ bool mapping::daemon_gone() noexcept {
   if (ns < next_check_ns.load(std::memory_order_relaxed)) return false;
   next_check_ns.store(ns + 10'000'000, std::memory_order_relaxed);
   bool gone = false;
-  if (daemon_pidfd) {
-    pollfd p{daemon_pidfd.get(), POLLIN, 0};
-    gone = ::poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)) != 0;
-  } else {
-    gone = !process_alive(daemon_pid);
-  }
+  gone = daemon_pidfd ? pidfd_exited(daemon_pidfd.get()) : !process_alive(daemon_pid);
   if (gone) lost.store(true);
   return gone;
 }
@@ -166,8 +161,7 @@ result<std::shared_ptr<session>> open_session(const client_options& options,
   if (view->header->daemon_pid.load() != info.daemon_pid() || !view->running()) {
     return make_error_code(errc::daemon_lost);
   }
-  s->map->daemon_pidfd.reset(
-      static_cast<int>(::syscall(SYS_pidfd_open, static_cast<pid_t>(info.daemon_pid()), 0)));
+  s->map->daemon_pidfd = open_pidfd(static_cast<pid_t>(info.daemon_pid()));
   if (!s->map->daemon_pidfd && !process_alive(info.daemon_pid()))
     return make_error_code(errc::daemon_lost);
   s->map->segment.emplace(std::move(*seg));

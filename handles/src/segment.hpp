@@ -32,6 +32,7 @@
 #include <span>
 #include <string_view>
 
+#include "uipc/core/process.hpp"
 #include "uipc/core/shm.hpp"
 #include "uipc/handles/error.hpp"
 #include "uipc/handles/types.hpp"
@@ -203,8 +204,5 @@ extern void (*release_step_hook)(int step);
 /// mutex, the owning thread) still lives; 1 s. Tests lengthen it to prove that
 /// a wake comes from the event itself, not from a later look.
 void set_sleep_slice(std::chrono::nanoseconds slice) noexcept;
-
-/// Whether `pid` names a live process (not a zombie).
-bool process_alive(std::int32_t pid);
 
 }  // namespace uipc::handles::detail

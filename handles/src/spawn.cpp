@@ -11,8 +11,6 @@
 
 namespace uipc::handles::detail {
 
-bool process_alive(std::int32_t pid) { return uipc::process_alive(pid); }
-
 error_code start_daemon(const client_options& options, const resolved_location& where,
                         const reach_function& reach, std::chrono::steady_clock::time_point deadline,
                         start_report* report) {

@@ -1,6 +1,7 @@
 // Daemon start: the program search, the detached start, and racing starters
 // against working and broken daemon programs.
 #include "uipc/core/daemon_start.hpp"
+#include "uipc/core/process.hpp"
 
 #include <gtest/gtest.h>
 

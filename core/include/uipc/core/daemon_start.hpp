@@ -71,9 +71,6 @@ struct started_daemon {
 result<started_daemon> spawn_detached(const std::string& program, const std::vector<std::string>& arguments,
                                       bool keep_stderr = false, start_report* report = nullptr);
 
-/// Whether process `pid` exists and is not a zombie.
-bool process_alive(std::int32_t pid) noexcept;
-
 /// How to start a server when none answers.
 struct server_start {
   /// Held while one client starts the server (rendezvous_paths::start_lock_path).

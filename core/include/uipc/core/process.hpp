@@ -1,0 +1,24 @@
+// Whether another process still lives: by pidfd where the kernel has them, by pid
+// otherwise. Every module that watches a peer or a daemon asks here.
+#pragma once
+
+#include "uipc/core/unique_fd.hpp"
+
+#include <sys/types.h>
+
+#include <cstdint>
+
+namespace uipc {
+
+/// A pidfd of process `pid` (pidfd_open); empty where the kernel has none
+/// (before Linux 5.3) or the process is gone.
+unique_fd open_pidfd(pid_t pid) noexcept;
+
+/// Whether the process of `pidfd` has exited (the pidfd is readable). Never blocks.
+bool pidfd_exited(int pidfd) noexcept;
+
+/// Whether process `pid` exists and is not a zombie (kill(pid, 0), then its
+/// /proc state). Racy against pid reuse: prefer a pidfd where one can be had.
+bool process_alive(std::int32_t pid) noexcept;
+
+}  // namespace uipc
