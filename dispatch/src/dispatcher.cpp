@@ -377,7 +377,7 @@ result<ref_ptr<dispatcher>> dispatcher::create(asio::io_context& context,
     return ref_ptr<dispatcher>(new dispatcher(
         std::move(e)));  // NOLINT(cppcoreguidelines-owning-memory): adopted by the ref
   } catch (const std::bad_alloc&) {
-    return make_error_code(boost::system::errc::not_enough_memory);
+    return make_error_code(errc::bad_options);
   }
 }
 
