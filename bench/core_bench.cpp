@@ -256,9 +256,10 @@ BENCHMARK(BM_FrameDecode)->Arg(64)->Arg(4096);
 
 void BM_BufferPool_AcquireRelease(benchmark::State& state) {
   boost::asio::io_context ctx;
-  buffer_pool pool(ctx.get_executor(), static_cast<std::size_t>(state.range(0)), 64);
+  auto pool =
+      buffer_pool::create(ctx.get_executor(), static_cast<std::size_t>(state.range(0)), 64).value();
   for (auto _ : state) {
-    auto b = pool.try_acquire();
+    auto b = pool->try_acquire();
     benchmark::DoNotOptimize(b.data());
   }
 }
@@ -279,12 +280,12 @@ BENCHMARK(BM_Malloc_Free)->Arg(2048)->Arg(65536);
 void BM_BufferPool_BatchAcquireRelease(benchmark::State& state) {
   boost::asio::io_context ctx;
   const auto n = static_cast<std::size_t>(state.range(0));
-  buffer_pool pool(ctx.get_executor(), 2048, 64);
+  auto pool = buffer_pool::create(ctx.get_executor(), 2048, 64).value();
   std::vector<pooled_buffer> batch(n);
   for (auto _ : state) {
-    const std::size_t got = pool.try_acquire(std::span(batch));
+    const std::size_t got = pool->try_acquire(std::span(batch));
     benchmark::DoNotOptimize(batch[got - 1].data());
-    pool.release(std::span(batch).first(got));
+    pool->release(std::span(batch).first(got));
   }
   state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(n));
 }

@@ -9,7 +9,8 @@
 #include <array>
 #include <cassert>
 #include <limits>
-#include <stdexcept>
+#include <new>
+#include <optional>
 
 namespace uipc {
 
@@ -26,20 +27,45 @@ constexpr std::size_t slab_alignment = 64;
 
 std::size_t round_up(std::size_t n) { return (n + slab_alignment - 1) / slab_alignment * slab_alignment; }
 
-// The slab's size; std::length_error (as std::vector would) when it overflows.
-std::size_t slab_bytes(std::size_t buffer_size, std::uint32_t count) {
-  const std::size_t limit = (std::numeric_limits<std::size_t>::max() - 2 * slab_alignment) / (count == 0 ? 1 : count);
-  if (buffer_size > limit) throw std::length_error("buffer_pool: buffer_size * count overflows");
-  return round_up(buffer_size) * count + slab_alignment;
+// The slab's size: each buffer rounded up to the alignment, plus room to align
+// the start; nullopt when that does not fit in a size_t.
+std::optional<std::size_t> slab_bytes(std::size_t buffer_size, std::uint32_t count) noexcept {
+  constexpr std::size_t max = std::numeric_limits<std::size_t>::max();
+  if (buffer_size > max - slab_alignment) return std::nullopt;
+  const std::size_t each = round_up(buffer_size);
+  if (count != 0 && each > (max - slab_alignment) / count) return std::nullopt;
+  return each * count + slab_alignment;
 }
 }  // namespace
 
-buffer_pool::buffer_pool(asio::any_io_executor executor, std::size_t buffer_size, std::uint32_t count)
+result<std::unique_ptr<buffer_pool>> buffer_pool::create(asio::any_io_executor executor,
+                                                         std::size_t buffer_size,
+                                                         std::uint32_t count) {
+  const auto bytes = slab_bytes(buffer_size, count);
+  if (buffer_size == 0 || !bytes) return make_error_code(boost::system::errc::invalid_argument);
+  // Everything that can fail happens here, before the pool exists: a half-built
+  // pool is never seen, and nothing is thrown past create().
+  try {
+    // NOLINTNEXTLINE(cppcoreguidelines-owning-memory): the unique_ptr owns it
+    std::unique_ptr<std::byte[]> storage(new std::byte[*bytes]);
+    // NOLINTNEXTLINE(cppcoreguidelines-owning-memory): the unique_ptr owns it
+    std::unique_ptr<std::atomic<std::uint32_t>[]> next(new std::atomic<std::uint32_t>[count]);
+    // NOLINTNEXTLINE(cppcoreguidelines-owning-memory): the constructor is private
+    return std::unique_ptr<buffer_pool>(new buffer_pool(std::move(executor), buffer_size, count,
+                                                        std::move(storage), std::move(next)));
+  } catch (const std::bad_alloc&) {
+    return make_error_code(boost::system::errc::not_enough_memory);
+  }
+}
+
+buffer_pool::buffer_pool(asio::any_io_executor executor, std::size_t buffer_size,
+                         std::uint32_t count, std::unique_ptr<std::byte[]> storage,
+                         std::unique_ptr<std::atomic<std::uint32_t>[]> next)
     : executor_(std::move(executor)),
       buffer_size_(buffer_size),
       count_(count),
-      storage_(new std::byte[slab_bytes(buffer_size, count)]),  // NOLINT(cppcoreguidelines-owning-memory): unique_ptr owns it
-      next_(new std::atomic<std::uint32_t>[count]),
+      storage_(std::move(storage)),
+      next_(std::move(next)),
       head_(count == 0 ? empty_ : 0) {
   for (std::uint32_t i = 0; i < count; ++i) next_[i].store(i + 1 == count ? empty_ : i + 1);
 }

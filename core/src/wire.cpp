@@ -97,11 +97,15 @@ std::string encode_error_notice(error_code ec) {
 error_code from_wire_error(const wire_error& e, std::span<const boost::system::error_category* const> known) {
   // A peer cannot make a failed call look successful, or cancelled by us.
   if (e.value == 0) return make_error_code(errc::remote_error);
-  if (e.category == boost::system::system_category().name() && e.value == ECANCELED) {
+  if ((e.category == boost::system::system_category().name() ||
+       e.category == boost::system::generic_category().name()) &&
+      e.value == ECANCELED) {
     return make_error_code(errc::remote_error);
   }
   if (e.category == core_category().name()) return {e.value, core_category()};
   if (e.category == boost::system::system_category().name()) return {e.value, boost::system::system_category()};
+  if (e.category == boost::system::generic_category().name())
+    return {e.value, boost::system::generic_category()};
   for (const auto* category : known) {
     if (category != nullptr && e.category == category->name()) return {e.value, *category};
   }

@@ -36,7 +36,7 @@ result<frame> decode_frame(proto::Envelope& scratch, const char* data, std::size
 std::string encode_error_notice(error_code ec);
 
 /// The error_code a wire error stands for: a category among `known` (or core's,
-/// or the system's) by name, else errc::remote_error.
+/// the system's or the generic one) by name, else errc::remote_error.
 error_code from_wire_error(const wire_error& e, std::span<const boost::system::error_category* const> known);
 
 }  // namespace uipc::detail

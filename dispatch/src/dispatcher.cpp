@@ -177,16 +177,14 @@ std::size_t id_key_hash::operator()(const id_key& k) const noexcept {
 
 // ---------------------------------------------------------------- engine setup
 
-engine::engine(asio::io_context& ctx, const dispatcher_options& options)
-    : ctx_(ctx),
-      options_(options),
-      pool_(ctx.get_executor(), options.buffer_size, options.buffers),
-      timer_(ctx) {}
+engine::engine(asio::io_context& ctx, const dispatcher_options& options,
+               std::unique_ptr<buffer_pool> pool)
+    : ctx_(ctx), options_(options), pool_(std::move(pool)), timer_(ctx) {}
 
 engine::~engine() {
   // Every buffer is back by now: queues were emptied in close(), events keep the
   // dispatcher (and so this engine) alive, and receive handlers hold a reference.
-  assert(pool_.in_use() == 0);
+  assert(pool_->in_use() == 0);
 }
 
 result<void> engine::open(const udp::endpoint& local) {
@@ -335,7 +333,7 @@ dispatcher_stats engine::stats() const {
   st.timeouts = timeouts_.load(std::memory_order_relaxed);
   st.send_errors = send_errors_.load(std::memory_order_relaxed);
   st.dropped_no_memory = dropped_no_memory_.load(std::memory_order_relaxed);
-  st.buffers_in_use = pool_.in_use();
+  st.buffers_in_use = pool_->in_use();
   for (const auto& s : sockets_) {
     std::lock_guard io(s->io_mutex);  // before mutex_: io_mutex comes first
     st.send_sockets += s->send_fd >= 0 ? 1 : 0;
@@ -371,14 +369,14 @@ result<ref_ptr<dispatcher>> dispatcher::create(asio::io_context& context,
   constexpr std::size_t max_pool_bytes = std::size_t{1} << 40;
   if (options.buffer_size > max_pool_bytes / options.buffers)
     return make_error_code(errc::bad_options);
+  auto pool = buffer_pool::create(context.get_executor(), options.buffer_size, options.buffers);
+  if (!pool) return make_error_code(errc::bad_options);
   try {
-    auto e = std::make_shared<detail::engine>(context, options);
+    auto e = std::make_shared<detail::engine>(context, options, std::move(*pool));
     if (auto opened = e->open(local); !opened) return opened.error();
     return ref_ptr<dispatcher>(new dispatcher(
         std::move(e)));  // NOLINT(cppcoreguidelines-owning-memory): adopted by the ref
   } catch (const std::bad_alloc&) {
-    return make_error_code(errc::bad_options);
-  } catch (const std::length_error&) {
     return make_error_code(errc::bad_options);
   }
 }

@@ -247,7 +247,8 @@ using sockets_to_arm = boost::container::static_vector<socket_state*, 64>;
 
 class engine : public std::enable_shared_from_this<engine> {
  public:
-  engine(boost::asio::io_context& ctx, const dispatcher_options& options);
+  engine(boost::asio::io_context& ctx, const dispatcher_options& options,
+         std::unique_ptr<buffer_pool> pool);
   ~engine();
 
   result<void> open(const udp::endpoint& local);
@@ -318,7 +319,7 @@ class engine : public std::enable_shared_from_this<engine> {
 
   boost::asio::io_context& ctx_;
   dispatcher_options options_;
-  buffer_pool pool_;
+  std::unique_ptr<buffer_pool> pool_;  // never null
   std::vector<std::unique_ptr<socket_state>> sockets_;
   udp::endpoint local_;
 

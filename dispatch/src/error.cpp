@@ -1,41 +1,28 @@
 // The "uipc.dispatch" error category.
 #include "uipc/dispatch/error.hpp"
 
-#include <string>
+#include "uipc/core/error_category.hpp"
 
 namespace uipc::dispatch {
 namespace {
 
-class dispatch_category_impl final : public boost::system::error_category {
- public:
-  const char* name() const noexcept override { return "uipc.dispatch"; }
+using generic = boost::system::errc::errc_t;
 
-  std::string message(int value) const override {
-    switch (static_cast<errc>(value)) {
-      case errc::shutting_down:
-        return "dispatcher is shutting down";
-      case errc::no_free_id:
-        return "no free message ID towards this peer";
-      case errc::timed_out:
-        return "no reply came in time";
-      case errc::no_buffers:
-        return "receive buffers ran out; queries are being dropped";
-      case errc::message_too_large:
-        return "message larger than a buffer";
-      case errc::bad_options:
-        return "dispatcher options out of range";
-      case errc::detached:
-        return "response or listener is detached";
-    }
-    return "unknown uipc.dispatch error " + std::to_string(value);
-  }
+constexpr error_description descriptions[] = {
+    {errc::shutting_down, "dispatcher is shutting down", condition::shutting_down},
+    // The IDs towards a peer are a resource like buffers: wait for responses to end, then retry.
+    {errc::no_free_id, "no free message ID towards this peer", condition::no_buffers},
+    {errc::timed_out, "no reply came in time", condition::timed_out, generic::timed_out},
+    {errc::no_buffers, "receive buffers ran out; queries are being dropped", condition::no_buffers},
+    {errc::message_too_large, "message larger than a buffer", std::nullopt, generic::message_size},
+    {errc::bad_options, "dispatcher options out of range", std::nullopt, generic::invalid_argument},
+    {errc::detached, "response or listener is detached"},
 };
+
+constexpr module_category category("uipc.dispatch", descriptions);
 
 }  // namespace
 
-const boost::system::error_category& dispatch_category() noexcept {
-  static const dispatch_category_impl instance;
-  return instance;
-}
+const boost::system::error_category& dispatch_category() noexcept { return category; }
 
 }  // namespace uipc::dispatch

@@ -34,7 +34,7 @@ void engine::restart_locked(sockets_to_arm& to_arm, completions& out) {
     if (s->receiving) continue;
     if (closed_ || shutting_down_) return;
     if (responses_.empty() && listeners_.empty()) return;  // no one attached
-    if (pool_.available() == 0) {
+    if (pool_->available() == 0) {
       if (lent_buffers_ > 0) return;  // wait for a lent buffer to come back
       // Another socket's batch holds buffers it has not classified yet: they
       // come back (or get queued) at that batch's end, which restarts us.
@@ -174,7 +174,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
     // Counted before they are taken: another socket that finds the pool dry
     // meanwhile knows they are coming back (restart_locked).
     in_batch_.fetch_add(want, std::memory_order_seq_cst);
-    const std::size_t taken = pool_.try_acquire(std::span(s.buffers).first(want));
+    const std::size_t taken = pool_->try_acquire(std::span(s.buffers).first(want));
     for (; n < taken; ++n) {
       s.vectors[n] = {s.buffers[n].data(), s.buffers[n].size()};
       auto& h = s.headers[n].msg_hdr;
@@ -200,7 +200,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
       }
     }
     if (got < 0) {
-      pool_.release(std::span(s.buffers).first(n));
+      pool_->release(std::span(s.buffers).first(n));
       in_batch_.fetch_sub(n, std::memory_order_seq_cst);
       if (err == EAGAIN || err == EWOULDBLOCK) {
         drained = true;
@@ -215,7 +215,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
     }
     received_.fetch_add(static_cast<std::uint64_t>(got), std::memory_order_relaxed);
     completions& out = s.delivered;  // reused: no allocation per batch
-    pool_.release(std::span(s.buffers).first(n).subspan(static_cast<std::size_t>(got)));
+    pool_->release(std::span(s.buffers).first(n).subspan(static_cast<std::size_t>(got)));
     {
       std::lock_guard lock(mutex_);
       classify_locked(s, got, out);

@@ -47,8 +47,8 @@ void engine::start_send(party* p, const udp::endpoint& to, std::span<const std::
 }
 
 result<void> engine::send_copy(party* p, std::span<const std::byte> message) {
-  if (message.size() > pool_.buffer_size()) return make_error_code(errc::message_too_large);
-  auto buffer = pool_.acquire();
+  if (message.size() > pool_->buffer_size()) return make_error_code(errc::message_too_large);
+  auto buffer = pool_->acquire();
   if (!buffer) return buffer.error();
   {
     std::lock_guard lock(mutex_);
@@ -240,7 +240,7 @@ std::size_t engine::send_locked(socket_state& s, outgoing* items, std::size_t co
     }
     // Back to the pool together: one atomic operation for the lot.
     r.returned += static_cast<std::uint32_t>(spent);
-    pool_.release(std::span(s.spent_buffers).first(spent));
+    pool_->release(std::span(s.spent_buffers).first(spent));
   }
   return consumed;
 }

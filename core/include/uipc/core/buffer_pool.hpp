@@ -75,9 +75,14 @@ class pooled_buffer {
 /// are lock-free unless someone waits.
 class buffer_pool {
  public:
-  /// `count` buffers of `buffer_size` bytes each; waiters complete on `executor`
-  /// unless their handler has an executor of its own.
-  buffer_pool(boost::asio::any_io_executor executor, std::size_t buffer_size, std::uint32_t count);
+  /// A pool of `count` buffers of `buffer_size` bytes each, allocated now (zero
+  /// buffers is a pool that is always dry); waiters complete on `executor`
+  /// unless their handler has an executor of its own. Not movable (lent buffers
+  /// point to it), hence the unique_ptr. Errors, and nothing thrown:
+  /// boost::system::errc::invalid_argument for a zero `buffer_size` or a size
+  /// in all that overflows; not_enough_memory when the allocation fails.
+  static result<std::unique_ptr<buffer_pool>> create(boost::asio::any_io_executor executor,
+                                                     std::size_t buffer_size, std::uint32_t count);
   ~buffer_pool();
   buffer_pool(const buffer_pool&) = delete;
   buffer_pool& operator=(const buffer_pool&) = delete;
@@ -124,6 +129,10 @@ class buffer_pool {
   using handler_type = boost::asio::any_completion_handler<void(error_code, pooled_buffer)>;
 
   static constexpr std::uint32_t empty_ = UINT32_MAX;
+
+  buffer_pool(boost::asio::any_io_executor executor, std::size_t buffer_size, std::uint32_t count,
+              std::unique_ptr<std::byte[]> storage,
+              std::unique_ptr<std::atomic<std::uint32_t>[]> next);
 
   std::uint32_t pop() noexcept;
   /// Takes up to `want` buffers off the free list in one step; their indices go to `out`.

@@ -15,7 +15,36 @@ using error_code = boost::system::error_code;
 template <class T>
 using result = boost::system::result<T, error_code>;
 
-/// Core error conditions. Values are stable: they travel on the wire.
+/// Portable conditions: what a failure means to the caller, whichever module
+/// (or the system) reported it. `ec == uipc::condition::timed_out` holds for a
+/// timeout of core, handles or dispatch, for ETIMEDOUT, and for such a code
+/// decoded from a peer's reply. A module declares which of its codes mean what
+/// (uipc/core/error_category.hpp); system and Asio codes are mapped in core.
+/// Most codes have one condition; many (a caller's bad argument) have none.
+enum class condition {
+  disconnected = 1,    ///< the peer went away or could not be reached (EPIPE, ECONNRESET, eof, ...)
+  timed_out,           ///< no answer in time (ETIMEDOUT)
+  shutting_down,       ///< the object or server is closing and takes no new work
+  no_buffers,          ///< overloaded: out of buffers, slots, memory or descriptors; retry later
+  unimplemented,       ///< the peer does not know the request (ENOSYS, EOPNOTSUPP)
+  protocol_violation,  ///< a frame, request or reply that breaks the protocol (EPROTO, EBADMSG)
+  permission_denied,   ///< refused for who the caller is (EACCES, EPERM)
+  not_found,           ///< no such name, object, program or file (ENOENT)
+};
+
+/// The category of condition, named "uipc".
+const boost::system::error_category& condition_category() noexcept;
+
+inline boost::system::error_condition make_error_condition(condition c) noexcept {
+  return {static_cast<int>(c), condition_category()};
+}
+
+/// Core error codes. Values are stable: they travel on the wire. New ones go at the end.
+/// Their conditions: peer_closed, short_frame: disconnected; timed_out, start_timeout:
+/// timed_out; shutting_down: shutting_down; pool_exhausted: no_buffers; unknown_request:
+/// unimplemented; frame_too_large, bad_frame, too_many_fds, bad_segment, bad_request,
+/// bad_reply: protocol_violation; permission_denied, unsafe_directory, foreign_owner,
+/// wrong_server: permission_denied; program_not_found: not_found. The others: none.
 enum class errc {
   frame_too_large = 1,   ///< a length prefix above the connection's maximum frame size
   short_frame,           ///< the peer closed in the middle of a frame
@@ -44,7 +73,9 @@ enum class errc {
   wrong_server,          ///< the server reached runs as another uid than the one asked for
 };
 
-/// The category of errc, named "uipc.core".
+/// The category of errc, named "uipc.core". Its codes compare equal to their
+/// uipc::condition (peer_closed == condition::disconnected, ...) and a few also
+/// to the generic one (timed_out == boost::system::errc::timed_out).
 const boost::system::error_category& core_category() noexcept;
 
 inline error_code make_error_code(errc e) noexcept {
@@ -55,3 +86,6 @@ inline error_code make_error_code(errc e) noexcept {
 
 template <>
 struct boost::system::is_error_code_enum<uipc::errc> : std::true_type {};
+
+template <>
+struct boost::system::is_error_condition_enum<uipc::condition> : std::true_type {};

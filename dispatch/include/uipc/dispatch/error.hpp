@@ -7,7 +7,8 @@
 
 namespace uipc::dispatch {
 
-/// Dispatcher error conditions.
+/// Dispatcher error codes. Their conditions: shutting_down: shutting_down; timed_out:
+/// timed_out; no_buffers, no_free_id: no_buffers (overloaded). The others: none.
 enum class errc {
   shutting_down = 1,  ///< the dispatcher stopped after a socket error, or is closing: no new work
   no_free_id,         ///< every message ID towards this peer is held by a live response

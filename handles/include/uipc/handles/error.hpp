@@ -7,7 +7,11 @@
 
 namespace uipc::handles {
 
-/// Handle-daemon error conditions. Values are stable: they travel on the wire.
+/// Handle-daemon error codes. Values are stable: they travel on the wire.
+/// Their conditions: daemon_lost, daemon_unavailable: disconnected; daemon_timeout,
+/// daemon_start_timeout: timed_out; table_full, scratch_exhausted: no_buffers;
+/// unknown_request: unimplemented; bad_request: protocol_violation; permission_denied:
+/// permission_denied; name_not_found: not_found. The others: none.
 enum class errc {
   invalid_handle = 1,      ///< index out of the table's range, or the null handle
   stale_handle,            ///< the slot was closed (and maybe reused) since the handle was issued
