@@ -45,7 +45,8 @@ void sleep_on_words(std::span<struct futex_waitv> words, steady::time_point unti
   if (!waitv_unusable.load(std::memory_order_relaxed)) {
     const auto since_epoch = until.time_since_epoch();
     timespec abs{};
-    abs.tv_sec = static_cast<time_t>(std::chrono::duration_cast<std::chrono::seconds>(since_epoch).count());
+    abs.tv_sec =
+        static_cast<time_t>(std::chrono::duration_cast<std::chrono::seconds>(since_epoch).count());
     abs.tv_nsec = static_cast<long>((since_epoch % std::chrono::seconds(1)).count());
     if (::syscall(SYS_futex_waitv, words.data(), static_cast<unsigned>(words.size()), 0, &abs,
                   CLOCK_MONOTONIC) >= 0 ||
@@ -53,8 +54,8 @@ void sleep_on_words(std::span<struct futex_waitv> words, steady::time_point unti
       return;
     waitv_unusable.store(true, std::memory_order_relaxed);  // ENOSYS, EPERM: never again
   }
-  const auto left = std::clamp<std::chrono::nanoseconds>(until - steady::now(), std::chrono::nanoseconds(0),
-                                                         std::chrono::milliseconds(2));
+  const auto left = std::clamp<std::chrono::nanoseconds>(
+      until - steady::now(), std::chrono::nanoseconds(0), std::chrono::milliseconds(2));
   const timespec rel{0, static_cast<long>(left.count())};
   ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(words[0].uaddr), FUTEX_WAIT_PRIVATE,
             static_cast<std::uint32_t>(words[0].val), &rel, nullptr, 0);
@@ -158,12 +159,15 @@ error_code waiter_core::admit(async_wait_op& op) {
     std::lock_guard lk(m_);
     std::size_t fresh = 0;
     for (auto* w : op.words) {
-      if (std::none_of(watched_.begin(), watched_.end(), [w](const auto& e) { return e.first == w; }))
+      if (std::none_of(watched_.begin(), watched_.end(),
+                       [w](const auto& e) { return e.first == w; }))
         ++fresh;
     }
-    if (watched_.size() + fresh > max_async_wait_objects) return make_error_code(errc::invalid_argument);
+    if (watched_.size() + fresh > max_async_wait_objects)
+      return make_error_code(errc::invalid_argument);
     for (auto* w : op.words) {
-      auto it = std::find_if(watched_.begin(), watched_.end(), [w](const auto& e) { return e.first == w; });
+      auto it = std::find_if(watched_.begin(), watched_.end(),
+                             [w](const auto& e) { return e.first == w; });
       if (it == watched_.end()) {
         watched_.emplace_back(w, 1);
       } else {
@@ -186,7 +190,8 @@ void waiter_core::forget(async_wait_op& op) {
   std::lock_guard lk(m_);
   op.admitted = false;
   for (auto* w : op.words) {
-    auto it = std::find_if(watched_.begin(), watched_.end(), [w](const auto& e) { return e.first == w; });
+    auto it =
+        std::find_if(watched_.begin(), watched_.end(), [w](const auto& e) { return e.first == w; });
     if (it != watched_.end() && --it->second == 0) watched_.erase(it);
   }
 }
@@ -273,7 +278,8 @@ void waiter_core::run() {
       // A daemon killed before it could say so: as a synchronous wait does,
       // tell every process waiting in the segment (the attempts then fail with
       // errc::daemon_lost).
-      if (map_->view.running() && map_->daemon_gone()) publish_state(map_->view, daemon_state::stopped);
+      if (map_->view.running() && map_->daemon_gone())
+        publish_state(map_->view, daemon_state::stopped);
     }
     lk.lock();
   }
@@ -329,11 +335,13 @@ void client::start_async_wait_many(std::span<const object* const> objects, bool 
 }
 
 void client::start_async(std::span<const object* const> objects, bool all,
-                         std::chrono::nanoseconds timeout, std::shared_ptr<detail::async_wait_op> op) {
+                         std::chrono::nanoseconds timeout,
+                         std::shared_ptr<detail::async_wait_op> op) {
   op->all = all;
   if (timeout.count() >= 0) {
     const auto start = std::chrono::steady_clock::now();
-    if (timeout < std::chrono::steady_clock::time_point::max() - start) op->deadline = start + timeout;
+    if (timeout < std::chrono::steady_clock::time_point::max() - start)
+      op->deadline = start + timeout;
   }
   // The same checks as wait_many, reported through the handler.
   auto check = [&]() -> error_code {
@@ -377,7 +385,8 @@ void client::start_async(std::span<const object* const> objects, bool all,
   {
     std::lock_guard lk(async_waiter_->m);
     if (!async_waiter_->core) {
-      async_waiter_->core = std::make_shared<detail::waiter_core>(session_ ? session_->map : nullptr);
+      async_waiter_->core =
+          std::make_shared<detail::waiter_core>(session_ ? session_->map : nullptr);
       async_waiter_->core->start();
     }
     op->core = async_waiter_->core;

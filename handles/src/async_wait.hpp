@@ -117,7 +117,7 @@ class waiter_core : public std::enable_shared_from_this<waiter_core> {
 
   std::shared_ptr<mapping> map_;  ///< null for a moved-from client
   std::mutex m_;
-  std::vector<std::shared_ptr<async_wait_op>> armed_;  // under m_
+  std::vector<std::shared_ptr<async_wait_op>> armed_;                      // under m_
   std::vector<std::pair<std::atomic<std::uint32_t>*, unsigned>> watched_;  // under m_
   std::atomic<std::uint32_t> control_{0};
   std::atomic<bool> stopping_{false};

@@ -1,6 +1,7 @@
 // Waits on the event loop: client::async_wait, async_wait_any and async_wait_all
 // against a uipc-handled started by the client, completed on an io_context run
 // by the test thread, which must never block.
+#include <dirent.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -15,7 +16,6 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
-#include <dirent.h>
 #include <filesystem>
 #include <functional>
 #include <future>
@@ -196,11 +196,11 @@ TEST_F(AsyncWaitTest, MutexOfAKilledOwnerCompletesAbandonedOwnedByTheLoopThread)
   wait_status status{};
   error_code released = make_error_code(errc::not_owner);
   c().async_wait(*m, 20s, asio::bind_executor(io, [&](error_code e, wait_status st) {
-                   ++calls;
-                   ec = e;
-                   status = st;
-                   if (!e) released = m->release();  // the thread running the handler owns it
-                 }));
+    ++calls;
+    ec = e;
+    status = st;
+    if (!e) released = m->release();  // the thread running the handler owns it
+  }));
   EXPECT_FALSE(run_until([&] { return calls > 0; }, 50ms));
   owner.kill(SIGKILL);
   ASSERT_TRUE(run_until([&] { return calls > 0; }));
@@ -276,7 +276,8 @@ TEST_F(AsyncWaitTest, HundredPendingWaitsAreServedByOneThread) {
   }
   const std::size_t before = thread_count();
   std::vector<outcome<wait_status>> got(events.size());
-  for (std::size_t i = 0; i < events.size(); ++i) c().async_wait(events[i], 20s, got[i].handler(io));
+  for (std::size_t i = 0; i < events.size(); ++i)
+    c().async_wait(events[i], 20s, got[i].handler(io));
   EXPECT_LE(thread_count(), before + 1);
   for (auto& e : events) ASSERT_FALSE(e.signal());
   ASSERT_TRUE(run_until([&] {
@@ -298,7 +299,8 @@ TEST_F(AsyncWaitTest, MoreWatchedObjectsThanTheBoundAreRefused) {
     events.push_back(std::move(*e));
   }
   std::vector<outcome<wait_status>> got(events.size());
-  for (std::size_t i = 0; i < events.size(); ++i) c().async_wait(events[i], 20s, got[i].handler(io));
+  for (std::size_t i = 0; i < events.size(); ++i)
+    c().async_wait(events[i], 20s, got[i].handler(io));
   ASSERT_TRUE(run_until([&] { return got.back().calls > 0; }));
   EXPECT_EQ(got.back().ec, make_error_code(errc::invalid_argument));
   // A second wait on an object already watched costs no word.
@@ -322,10 +324,11 @@ TEST_F(AsyncWaitTest, ClientDestroyedWithWaitsPendingCompletesEachOnceAborted) {
     events.push_back(std::move(*e));
   }
   std::vector<outcome<wait_status>> got(events.size());
-  for (std::size_t i = 0; i < events.size(); ++i) c().async_wait(events[i], infinite, got[i].handler(io));
+  for (std::size_t i = 0; i < events.size(); ++i)
+    c().async_wait(events[i], infinite, got[i].handler(io));
   EXPECT_FALSE(run_until([&] { return got[0].calls > 0; }, 30ms));
   const std::size_t with_waiter = thread_count();
-  client_.reset();  // objects outlive their client
+  client_.reset();                             // objects outlive their client
   EXPECT_EQ(thread_count(), with_waiter - 1);  // its waiter thread has ended
   ASSERT_TRUE(run_until([&] {
     return std::all_of(got.begin(), got.end(), [](const auto& g) { return g.calls > 0; });
@@ -417,9 +420,8 @@ TEST_F(AsyncWaitTest, BadSetsCompleteWithAClearErrorAndTouchNothing) {
   const std::array<const object*, 1> hollow{&nothing};
   c().async_wait_any(hollow, 1s, empty_object.handler(io));
   EXPECT_EQ(empty_set.calls, 0);  // never inside the initiating call
-  ASSERT_TRUE(run_until([&] {
-    return empty_set.calls > 0 && duplicates.calls > 0 && empty_object.calls > 0;
-  }));
+  ASSERT_TRUE(run_until(
+      [&] { return empty_set.calls > 0 && duplicates.calls > 0 && empty_object.calls > 0; }));
   EXPECT_EQ(empty_set.ec, make_error_code(errc::invalid_argument));
   EXPECT_EQ(duplicates.ec, make_error_code(errc::invalid_argument));
   EXPECT_EQ(empty_object.ec, make_error_code(errc::invalid_handle));

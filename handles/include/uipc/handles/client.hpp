@@ -2,6 +2,8 @@
 // shared between processes, as RAII objects.
 #pragma once
 
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/async_result.hpp>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -11,9 +13,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <boost/asio/any_completion_handler.hpp>
-#include <boost/asio/async_result.hpp>
 
 #include "uipc/core/error.hpp"
 #include "uipc/handles/daemon.hpp"
