@@ -274,6 +274,8 @@ TEST_F(AsyncWaitTest, HundredPendingWaitsAreServedByOneThread) {
     ASSERT_TRUE(e);
     events.push_back(std::move(*e));
   }
+  // ThreadSanitizer starts a thread of its own with the first thread created.
+  std::thread([] {}).join();
   const std::size_t before = thread_count();
   std::vector<outcome<wait_status>> got(events.size());
   for (std::size_t i = 0; i < events.size(); ++i)
@@ -396,16 +398,17 @@ TEST_F(AsyncWaitTest, UseFutureAndUseAwaitableTokensComplete) {
 }
 
 TEST_F(AsyncWaitTest, MutexWithoutAHandlerExecutorIsRefusedAndNotTaken) {
+  // A plain callback (Asio's system executor; use_future alike) runs on the
+  // client's waiter thread, where a mutex could be taken but never released.
+  // (A promise of our own, not use_future's exception: libstdc++'s
+  // exception_ptr refcount is invisible to ThreadSanitizer.)
   auto m = c().create_mutex();
   ASSERT_TRUE(m);
-  auto f = c().async_wait(*m, 10s, asio::use_future);
+  std::promise<error_code> done;
+  auto f = done.get_future();
+  c().async_wait(*m, 10s, [&done](error_code ec, wait_status) { done.set_value(ec); });
   ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
-  try {
-    f.get();
-    ADD_FAILURE() << "a mutex was taken on the waiter thread";
-  } catch (const boost::system::system_error& e) {
-    EXPECT_EQ(e.code(), make_error_code(errc::invalid_argument));
-  }
+  EXPECT_EQ(f.get(), make_error_code(errc::invalid_argument));
   EXPECT_EQ(value_of(*m), 0u);  // nobody owns it
 }
 
