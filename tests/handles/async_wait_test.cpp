@@ -374,6 +374,12 @@ TEST_F(AsyncWaitTest, DaemonKilledWhileWaitsPendCompletesThemWithDaemonLost) {
   ASSERT_TRUE(again) << again.error().message();
 }
 
+// A coroutine function, not a capturing lambda: its parameters live in its frame.
+asio::awaitable<void> wait_any_in_coroutine(client* c, std::array<const object*, 1> set,
+                                            std::optional<wait_result>* out) {
+  *out = co_await c->async_wait_any(set, 10s, asio::use_awaitable);
+}
+
 TEST_F(AsyncWaitTest, UseFutureAndUseAwaitableTokensComplete) {
   auto e = c().create_event(event_reset::automatic);
   ASSERT_TRUE(e);
@@ -385,12 +391,7 @@ TEST_F(AsyncWaitTest, UseFutureAndUseAwaitableTokensComplete) {
 
   std::optional<wait_result> in_coroutine;
   const std::array<const object*, 1> set{&*e};
-  asio::co_spawn(
-      io,
-      [&]() -> asio::awaitable<void> {
-        in_coroutine = co_await c().async_wait_any(set, 10s, asio::use_awaitable);
-      },
-      asio::detached);
+  asio::co_spawn(io, wait_any_in_coroutine(&c(), set, &in_coroutine), asio::detached);
   EXPECT_FALSE(run_until([&] { return in_coroutine.has_value(); }, 30ms));
   ASSERT_FALSE(e->signal());
   ASSERT_TRUE(run_until([&] { return in_coroutine.has_value(); }));
