@@ -5,6 +5,8 @@
 //    memory, always sleeping: the floor), BM_SpinPingPong/<spin us> (raw shared
 //    memory, spin then futex: the floor when the waiter is already waiting) and
 //    BM_PosixSemPingPong (named POSIX semaphores: the peer).
+//  - BM_AsyncEventPingPong/<spin us>: BM_EventPingPong with this side waiting
+//    through client::async_wait on an io_context.
 //  - BM_CreateClose (create an event through the daemon, drop it) against
 //    BM_RawUdsRoundTrip/64 (one 64-byte round trip on a Unix socket).
 //  - BM_Mutex_Uncontended (take and release, one thread) against
@@ -42,6 +44,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -336,6 +340,57 @@ void BM_EventPingPong(benchmark::State& state) {
   ::waitpid(child, nullptr, 0);
 }
 BENCHMARK(BM_EventPingPong)->Arg(0)->Arg(50)->UseRealTime();
+
+// BM_EventPingPong with this side on an event loop: each pong is awaited with
+// client::async_wait on an io_context run by this thread (the peer waits as in
+// BM_EventPingPong/<spin us>). The price of a loop: the waiter thread's wake and
+// its hand-off to the loop come on top of the futex round trip.
+void BM_AsyncEventPingPong(benchmark::State& state) {
+  const std::chrono::microseconds spin(state.range(0));
+  auto c = as_peer([&] { return client::connect(bench_options(spin)); });
+  if (!c) {
+    state.SkipWithError(("connect: " + c.error().message()).c_str());
+    return;
+  }
+  static int round = 0;
+  const std::string ping_name = "async-ping-" + std::to_string(++round);
+  const std::string pong_name = "async-pong-" + std::to_string(round);
+  auto ping = c->create_event(event_reset::automatic, false, ping_name);
+  auto pong = c->create_event(event_reset::automatic, false, pong_name);
+  auto block = c->store_scratch(sizeof(std::uint32_t));
+  if (!ping || !pong || !block) {
+    state.SkipWithError("create");
+    return;
+  }
+  const pid_t child = start_peer({"--peer", std::to_string(state.range(0)), ping_name, pong_name,
+                                  std::to_string(block->offset()), bench_directory()});
+  if (child < 0) {
+    state.SkipWithError("peer did not start");
+    return;
+  }
+  boost::asio::io_context io;
+  bool done = false;
+  uipc::error_code failure;
+  for (auto _ : state) {
+    ping->signal();
+    done = false;
+    c->async_wait(*pong, infinite,
+                  boost::asio::bind_executor(io, [&](uipc::error_code ec, wait_status) {
+                    failure = ec;
+                    done = true;
+                  }));
+    io.restart();
+    while (!done) io.run_one();
+    if (failure) {
+      state.SkipWithError(("async_wait: " + failure.message()).c_str());
+      break;
+    }
+  }
+  stop_flag(*c, block->offset()).store(1);
+  ping->signal();
+  ::waitpid(child, nullptr, 0);
+}
+BENCHMARK(BM_AsyncEventPingPong)->Arg(0)->UseRealTime();
 
 void BM_CreateClose(benchmark::State& state) {
   auto c = as_peer([] { return client::connect(bench_options(std::chrono::microseconds(50))); });

@@ -111,6 +111,13 @@ int main(int argc, char** argv) {
     say("waiting");
     return wait_status_code(o->wait(std::chrono::milliseconds(std::atoi(args[1].c_str()))));
   }
+  if (command == "signal-event" && args.size() == 2) {
+    // Signals the named event after a pause (for waits in another process).
+    auto e = c->open_event(args[0]);
+    if (!e) return 4;
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(args[1].c_str())));
+    return e->signal() ? 4 : 0;
+  }
   if (command == "wait-any" && args.size() == 3) {
     // Exit 10 + the position of the object taken, 2 on timeout.
     auto a = c->open(args[0]);

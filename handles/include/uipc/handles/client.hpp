@@ -2,6 +2,8 @@
 // shared between processes, as RAII objects.
 #pragma once
 
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/async_result.hpp>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -22,10 +24,23 @@ namespace uipc::handles {
 namespace detail {
 struct session;
 struct slot;
+/// A client's async waits and the one thread that sleeps for them (async_wait.cpp).
+struct async_waiter;
+struct async_wait_op;
+struct async_waiter_deleter {
+  /// Completes every pending async wait with operation_aborted and ends the thread.
+  void operator()(async_waiter* w) const noexcept;
+};
+using async_waiter_ptr = std::unique_ptr<async_waiter, async_waiter_deleter>;
+async_waiter_ptr make_async_waiter();
 }  // namespace detail
 
 /// A timeout that never passes.
 inline constexpr std::chrono::nanoseconds infinite{-1};
+
+/// Most distinct objects that one client's pending async waits may watch at once
+/// (futex_waitv sleeps on at most 128 words; the waiter thread keeps one).
+inline constexpr std::size_t max_async_wait_objects = 127;
 
 /// How a client finds (and, if need be, starts) its daemon.
 struct client_options {
@@ -250,6 +265,59 @@ class client {
   /// Every client connected to the daemon (this one included).
   result<std::vector<client_info>> clients();
 
+  /// Waits on the event loop: completes when `o` is signalled and taken, as
+  /// object::wait would, with void(error_code, wait_status); wait_status::timed_out
+  /// when `timeout` passes first (infinite: never). No loop thread ever blocks:
+  /// one thread per client (started by the first async wait, ended with the
+  /// client) sleeps on the futexes of every pending async wait, and each take
+  /// runs as a non-blocking wait on the completion handler's associated
+  /// executor, just before the handler is invoked there. So a mutex belongs to
+  /// the thread that runs the handler: release it there (in a coroutine, before
+  /// it moves to another thread). A handler without an executor of its own
+  /// (use_future, a plain callback: Asio's system executor) runs on the client's
+  /// waiter thread instead, which may not own mutexes: a set with a mutex then
+  /// completes with errc::invalid_argument, taking nothing.
+  ///
+  /// Cancellation (any type, through the handler's cancellation slot) completes
+  /// with boost::asio::error::operation_aborted and takes nothing; a cancel that
+  /// arrives after the take has lost, and the wait completes as signalled.
+  /// Destroying (or assigning to) the client completes every pending async wait
+  /// with operation_aborted; their executors must outlive that. Errors as
+  /// object::wait (errc::daemon_lost within about a second of the daemon's
+  /// death, stale_handle when the object's slot is closed under the wait), and
+  /// errc::invalid_argument when the client's pending async waits would watch
+  /// more than max_async_wait_objects distinct objects. `o` is read when the
+  /// operation starts and may be destroyed afterwards.
+  template <class Token>
+  auto async_wait(const object& o, std::chrono::nanoseconds timeout, Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code, wait_status)>(
+        [this](auto handler, const object* target, std::chrono::nanoseconds t) {
+          start_async_wait(*target, t, async_wait_handler(std::move(handler)));
+        },
+        token, &o, timeout);
+  }
+  /// wait_any on the event loop, completing with void(error_code, wait_result).
+  /// As async_wait; `objects` is read when the operation starts.
+  template <class Token>
+  auto async_wait_any(std::span<const object* const> objects, std::chrono::nanoseconds timeout,
+                      Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code, wait_result)>(
+        [this](auto handler, std::span<const object* const> set, std::chrono::nanoseconds t) {
+          start_async_wait_many(set, false, t, async_wait_many_handler(std::move(handler)));
+        },
+        token, objects, timeout);
+  }
+  /// wait_all on the event loop: takes nothing until it can take every object.
+  template <class Token>
+  auto async_wait_all(std::span<const object* const> objects, std::chrono::nanoseconds timeout,
+                      Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code, wait_result)>(
+        [this](auto handler, std::span<const object* const> set, std::chrono::nanoseconds t) {
+          start_async_wait_many(set, true, t, async_wait_many_handler(std::move(handler)));
+        },
+        token, objects, timeout);
+  }
+
   /// The daemon's pid; whether it is still there (false once its process is
   /// gone, even killed with SIGKILL and with nobody waiting: checked through a
   /// pidfd, at most every 10 ms).
@@ -263,7 +331,19 @@ class client {
   result<wait_result> wait_many(std::span<const object* const> objects, bool all,
                                 std::chrono::nanoseconds timeout);
 
+  using async_wait_handler = boost::asio::any_completion_handler<void(error_code, wait_status)>;
+  using async_wait_many_handler =
+      boost::asio::any_completion_handler<void(error_code, wait_result)>;
+  void start_async_wait(const object& o, std::chrono::nanoseconds timeout,
+                        async_wait_handler handler);
+  void start_async_wait_many(std::span<const object* const> objects, bool all,
+                             std::chrono::nanoseconds timeout, async_wait_many_handler handler);
+  void start_async(std::span<const object* const> objects, bool all,
+                   std::chrono::nanoseconds timeout, std::shared_ptr<detail::async_wait_op> op);
+
   std::shared_ptr<detail::session> session_;
+  /// Declared last, so destroyed first: pending async waits end before the session.
+  detail::async_waiter_ptr async_waiter_ = detail::make_async_waiter();
 };
 
 }  // namespace uipc::handles

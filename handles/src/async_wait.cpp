@@ -1,0 +1,407 @@
+// Waiting on the event loop: client::async_wait*, the waiter thread that sleeps
+// for them, and the attempts on the handlers' executors (see async_wait.hpp).
+#include "async_wait.hpp"
+
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/error.hpp>
+#include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/prefer.hpp>
+#include <boost/asio/system_executor.hpp>
+#include <cerrno>
+#include <climits>
+
+#include "session.hpp"
+
+namespace uipc::handles {
+
+namespace detail {
+
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+/// How often the thread looks whether the daemon still lives while nothing
+/// wakes it (the synchronous waits' sleep slice).
+constexpr std::chrono::seconds daemon_look_interval{1};
+/// futex_waitv's limit: the control word and max_async_wait_objects others.
+constexpr std::size_t max_words = max_async_wait_objects + 1;
+static_assert(max_words == 128);
+
+// The only futex system calls of this file (FUTEX_WAITV_MAX words at most). When
+// core grows its futex wrappers, these two point at them.
+std::atomic<bool> waitv_unusable{false};
+
+/// Sleeps until one of `words` differs from its value or is woken, or `until`
+/// (CLOCK_MONOTONIC, which steady_clock is on Linux). Where futex_waitv is
+/// missing (before 5.16) or refused (seccomp), sleeps on words[0] alone in
+/// 2 ms slices: the caller then finds changes of the others by looking.
+void sleep_on_words(std::span<struct futex_waitv> words, steady::time_point until) {
+  if (!waitv_unusable.load(std::memory_order_relaxed)) {
+    const auto since_epoch = until.time_since_epoch();
+    timespec abs{};
+    abs.tv_sec =
+        static_cast<time_t>(std::chrono::duration_cast<std::chrono::seconds>(since_epoch).count());
+    abs.tv_nsec = static_cast<long>((since_epoch % std::chrono::seconds(1)).count());
+    if (::syscall(SYS_futex_waitv, words.data(), static_cast<unsigned>(words.size()), 0, &abs,
+                  CLOCK_MONOTONIC) >= 0 ||
+        errno == ETIMEDOUT || errno == EAGAIN || errno == EINTR)
+      return;
+    waitv_unusable.store(true, std::memory_order_relaxed);  // ENOSYS, EPERM: never again
+  }
+  const auto left = std::clamp<std::chrono::nanoseconds>(
+      until - steady::now(), std::chrono::nanoseconds(0), std::chrono::milliseconds(2));
+  const timespec rel{0, static_cast<long>(left.count())};
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(words[0].uaddr), FUTEX_WAIT_PRIVATE,
+            static_cast<std::uint32_t>(words[0].val), &rel, nullptr, 0);
+}
+
+void wake_word(std::atomic<std::uint32_t>& word) {
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX,
+            nullptr, nullptr, 0);
+}
+
+/// Installed in the handler's cancellation slot: marks the wait and wakes the
+/// thread, which sends it to its executor to complete with operation_aborted.
+struct cancel_handler {
+  std::weak_ptr<async_wait_op> op;
+  void operator()(boost::asio::cancellation_type_t type) const {
+    if (type == boost::asio::cancellation_type::none) return;
+    if (auto o = op.lock()) {
+      o->cancelled.store(true);
+      o->core->poke();
+    }
+  }
+};
+
+}  // namespace
+
+// ---- one wait -------------------------------------------------------------------
+
+async_wait_op::~async_wait_op() {
+  // A wait whose executor dropped it (an io_context destroyed with it queued)
+  // still leaves the slots' sleeper counts as it found them.
+  unregister();
+}
+
+void async_wait_op::unregister() noexcept {
+  if (!registered) return;
+  registered = false;
+  for (const auto& t : targets) {
+    t.s->waiters.fetch_sub(1, std::memory_order_seq_cst);
+    t.s->multi_waiters.fetch_sub(1, std::memory_order_seq_cst);
+  }
+}
+
+void async_wait_op::retry(const std::shared_ptr<async_wait_op>& self) {
+  async_wait_op& op = *self;
+  if (op.done) return;
+  error_code ec = op.preset;
+  wait_result r{wait_status::timed_out, 0};
+  if (!ec) {
+    if (op.cancelled.load() || op.core->closed()) {
+      ec = boost::asio::error::operation_aborted;
+    } else if (op.has_mutex && op.core->on_waiter_thread()) {
+      // No executor of its own: a mutex taken here would belong to a thread the
+      // caller cannot release it from.
+      ec = make_error_code(errc::invalid_argument);
+    } else {
+      // Read before the attempt: a change after it moves a word from what the
+      // thread will sleep on, and futex_waitv returns at once.
+      for (std::size_t i = 0; i < op.targets.size(); ++i)
+        op.seen[i] = op.targets[i].s->seq.load(std::memory_order_seq_cst);
+      auto taken = wait(op.map->view, std::span(op.targets.data(), op.targets.size()), op.all,
+                        std::chrono::nanoseconds(0), std::chrono::nanoseconds(0));
+      if (!taken) {
+        ec = taken.error();
+      } else if (taken->status != wait_status::timed_out) {
+        r = {taken->status, op.positions[taken->index]};
+      } else if (steady::now() < op.deadline) {
+        op.now = false;
+        if (op.core->arm(self)) return;
+        ec = boost::asio::error::operation_aborted;  // the client went meanwhile
+      }
+    }
+  }
+  op.finish(ec, r);
+}
+
+void async_wait_op::finish(error_code ec, wait_result r) {
+  done = true;
+  unregister();
+  if (admitted) core->forget(*this);
+  if (cancel_slot.is_connected()) cancel_slot.clear();
+  // Work stays counted until the handler has run.
+  auto work = std::move(executor);
+  auto h = std::move(handler);
+  handler = std::monostate{};
+  if (auto* one = std::get_if<one_handler>(&h)) {
+    std::move (*one)(ec, r.status);
+  } else if (auto* many = std::get_if<many_handler>(&h)) {
+    std::move (*many)(ec, r);
+  }
+}
+
+// ---- the waiter thread ----------------------------------------------------------
+
+void waiter_core::start() {
+  thread_ = std::thread([self = shared_from_this()] { self->run(); });
+  thread_id_ = thread_.get_id();
+}
+
+error_code waiter_core::admit(async_wait_op& op) {
+  {
+    std::lock_guard lk(m_);
+    std::size_t fresh = 0;
+    for (auto* w : op.words) {
+      if (std::none_of(watched_.begin(), watched_.end(),
+                       [w](const auto& e) { return e.first == w; }))
+        ++fresh;
+    }
+    if (watched_.size() + fresh > max_async_wait_objects)
+      return make_error_code(errc::invalid_argument);
+    for (auto* w : op.words) {
+      auto it = std::find_if(watched_.begin(), watched_.end(),
+                             [w](const auto& e) { return e.first == w; });
+      if (it == watched_.end()) {
+        watched_.emplace_back(w, 1);
+      } else {
+        ++it->second;
+      }
+    }
+    op.admitted = true;
+  }
+  // As a sleeping synchronous wait-any registers (see detail::wait), before the
+  // first read of seq; held until the wait completes.
+  for (const auto& t : op.targets) {
+    t.s->multi_waiters.fetch_add(1, std::memory_order_seq_cst);
+    t.s->waiters.fetch_add(1, std::memory_order_seq_cst);
+  }
+  op.registered = true;
+  return {};
+}
+
+void waiter_core::forget(async_wait_op& op) {
+  std::lock_guard lk(m_);
+  op.admitted = false;
+  for (auto* w : op.words) {
+    auto it =
+        std::find_if(watched_.begin(), watched_.end(), [w](const auto& e) { return e.first == w; });
+    if (it != watched_.end() && --it->second == 0) watched_.erase(it);
+  }
+}
+
+bool waiter_core::arm(std::shared_ptr<async_wait_op> op) {
+  {
+    std::lock_guard lk(m_);
+    if (stopping_.load()) return false;
+    armed_.push_back(std::move(op));
+    control_.fetch_add(1, std::memory_order_seq_cst);
+  }
+  wake_word(control_);
+  return true;
+}
+
+void waiter_core::poke() noexcept {
+  {
+    std::lock_guard lk(m_);
+    control_.fetch_add(1, std::memory_order_seq_cst);
+  }
+  wake_word(control_);
+}
+
+void waiter_core::stop() {
+  {
+    std::lock_guard lk(m_);
+    stopping_.store(true);
+    control_.fetch_add(1, std::memory_order_seq_cst);
+  }
+  wake_word(control_);
+  if (!thread_.joinable()) return;
+  if (on_waiter_thread()) {
+    thread_.detach();  // a handler run inline by the thread destroyed the client
+  } else {
+    thread_.join();
+  }
+}
+
+void waiter_core::run() {
+  std::vector<std::shared_ptr<async_wait_op>> due;
+  std::array<struct futex_waitv, max_words> vec{};
+  auto last_look = steady::now();
+  std::unique_lock lk(m_);
+  for (;;) {
+    const bool stopping = stopping_.load();
+    const bool running = !map_ || map_->view.running();
+    const auto now = steady::now();
+    auto until = now + daemon_look_interval;
+    std::size_t n = 0;
+    vec[n++] = {control_.load(std::memory_order_seq_cst),
+                reinterpret_cast<std::uintptr_t>(&control_), FUTEX_32 | FUTEX_PRIVATE_FLAG, 0};
+    for (auto it = armed_.begin(); it != armed_.end();) {
+      async_wait_op& op = **it;
+      bool go = stopping || !running || op.now || op.cancelled.load() || now >= op.deadline;
+      for (std::size_t i = 0; !go && i < op.targets.size(); ++i)
+        go = op.targets[i].s->seq.load(std::memory_order_seq_cst) != op.seen[i];
+      if (go) {
+        due.push_back(std::move(*it));
+        it = armed_.erase(it);
+        continue;
+      }
+      until = std::min(until, op.deadline);
+      for (std::size_t i = 0; i < op.targets.size(); ++i) {
+        const auto addr = reinterpret_cast<std::uintptr_t>(&op.targets[i].s->seq);
+        if (std::none_of(vec.begin() + 1, vec.begin() + static_cast<std::ptrdiff_t>(n),
+                         [addr](const auto& e) { return e.uaddr == addr; }))
+          vec[n++] = {op.seen[i], addr, FUTEX_32, 0};  // shared: other processes wake it
+      }
+      ++it;
+    }
+    if (!due.empty()) {
+      lk.unlock();
+      // An inline executor runs the attempt (and the handler) right here.
+      for (auto& op : due) op->executor.execute([op] { async_wait_op::retry(op); });
+      due.clear();
+      lk.lock();
+      continue;
+    }
+    if (stopping) return;
+    lk.unlock();
+    sleep_on_words(std::span(vec.data(), n), until);
+    if (map_ && steady::now() - last_look >= daemon_look_interval) {
+      last_look = steady::now();
+      // A daemon killed before it could say so: as a synchronous wait does,
+      // tell every process waiting in the segment (the attempts then fail with
+      // errc::daemon_lost).
+      if (map_->view.running() && map_->daemon_gone())
+        publish_state(map_->view, daemon_state::stopped);
+    }
+    lk.lock();
+  }
+}
+
+void async_waiter_deleter::operator()(async_waiter* w) const noexcept {
+  if (w == nullptr) return;
+  std::shared_ptr<waiter_core> core;
+  {
+    std::lock_guard lk(w->m);
+    core = std::move(w->core);
+  }
+  if (core) core->stop();
+  delete w;  // NOLINT(cppcoreguidelines-owning-memory): the deleter of async_waiter_ptr
+}
+
+async_waiter_ptr make_async_waiter() { return async_waiter_ptr(new async_waiter); }
+
+}  // namespace detail
+
+// ---- the facade -----------------------------------------------------------------
+
+namespace {
+
+template <class Handler>
+void adopt(detail::async_wait_op& op, Handler& h) {
+  op.executor = boost::asio::prefer(
+      boost::asio::get_associated_executor(
+          h, boost::asio::any_completion_executor(boost::asio::system_executor())),
+      boost::asio::execution::outstanding_work.tracked);
+  op.cancel_slot = boost::asio::get_associated_cancellation_slot(h);
+}
+
+}  // namespace
+
+void client::start_async_wait(const object& o, std::chrono::nanoseconds timeout,
+                              async_wait_handler handler) {
+  auto op = std::make_shared<detail::async_wait_op>();
+  adopt(*op, handler);
+  op->handler = std::move(handler);
+  op->single = true;
+  const object* set[] = {&o};
+  start_async(set, false, timeout, std::move(op));
+}
+
+void client::start_async_wait_many(std::span<const object* const> objects, bool all,
+                                   std::chrono::nanoseconds timeout,
+                                   async_wait_many_handler handler) {
+  auto op = std::make_shared<detail::async_wait_op>();
+  adopt(*op, handler);
+  op->handler = std::move(handler);
+  start_async(objects, all, timeout, std::move(op));
+}
+
+void client::start_async(std::span<const object* const> objects, bool all,
+                         std::chrono::nanoseconds timeout,
+                         std::shared_ptr<detail::async_wait_op> op) {
+  op->all = all;
+  if (timeout.count() >= 0) {
+    const auto start = std::chrono::steady_clock::now();
+    if (timeout < std::chrono::steady_clock::time_point::max() - start)
+      op->deadline = start + timeout;
+  }
+  // The same checks as wait_many, reported through the handler.
+  auto check = [&]() -> error_code {
+    if (!session_) return make_error_code(errc::daemon_lost);
+    if (objects.empty() || objects.size() > max_wait_objects)
+      return make_error_code(errc::invalid_argument);
+    if (!session_->usable()) return session_->map->lost_reason();
+    struct entry {
+      detail::wait_target target;
+      std::size_t position;
+    };
+    boost::container::static_vector<entry, max_wait_objects> set;
+    for (std::size_t i = 0; i < objects.size(); ++i) {
+      const object* o = objects[i];
+      if (o == nullptr || !*o) return make_error_code(errc::invalid_handle);
+      if (o->session_ != session_) return make_error_code(errc::invalid_argument);
+      auto s = detail::checked_slot(session_->map->view, o->handle(), object_type::none);
+      if (!s) return s.error();
+      set.push_back({{*s, o->type(), o->handle().generation}, i});
+    }
+    if (all) {
+      std::sort(set.begin(), set.end(),
+                [](const entry& a, const entry& b) { return a.target.s < b.target.s; });
+      for (std::size_t i = 1; i < set.size(); ++i) {
+        if (set[i].target.s == set[i - 1].target.s) return make_error_code(errc::invalid_argument);
+      }
+    }
+    for (const auto& e : set) {
+      op->targets.push_back(e.target);
+      op->positions.push_back(e.position);
+      op->has_mutex = op->has_mutex || e.target.type == object_type::mutex;
+      auto* word = &e.target.s->seq;
+      if (std::find(op->words.begin(), op->words.end(), word) == op->words.end())
+        op->words.push_back(word);
+    }
+    op->map = session_->map;
+    return {};
+  };
+  error_code ec = check();
+  if (!async_waiter_) async_waiter_ = detail::make_async_waiter();  // a moved-from client
+  {
+    std::lock_guard lk(async_waiter_->m);
+    if (!async_waiter_->core) {
+      async_waiter_->core =
+          std::make_shared<detail::waiter_core>(session_ ? session_->map : nullptr);
+      async_waiter_->core->start();
+    }
+    op->core = async_waiter_->core;
+  }
+  if (!ec) ec = op->core->admit(*op);
+  if (ec) {
+    op->targets.clear();  // nothing was registered: a failed wait touches no slot
+    op->preset = ec;
+  } else if (op->cancel_slot.is_connected()) {
+    op->cancel_slot.template emplace<detail::cancel_handler>(detail::cancel_handler{op});
+  }
+  // The first attempt too goes through the thread, so the handler never runs
+  // inside this call (unless its executor runs everything inline).
+  const bool armed = op->core->arm(op);
+  (void)armed;  // the client lives, so its core is not stopping
+}
+
+}  // namespace uipc::handles
