@@ -2,8 +2,6 @@
 // for them, and the attempts on the handlers' executors (see async_wait.hpp).
 #include "async_wait.hpp"
 
-#include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +15,7 @@
 #include <climits>
 
 #include "session.hpp"
+#include "uipc/core/futex.hpp"
 
 namespace uipc::handles {
 
@@ -32,39 +31,6 @@ constexpr std::chrono::seconds daemon_look_interval{1};
 /// futex_waitv's limit: the control word and max_async_wait_objects others.
 constexpr std::size_t max_words = max_async_wait_objects + 1;
 static_assert(max_words == 128);
-
-// The only futex system calls of this file (FUTEX_WAITV_MAX words at most). When
-// core grows its futex wrappers, these two point at them.
-std::atomic<bool> waitv_unusable{false};
-
-/// Sleeps until one of `words` differs from its value or is woken, or `until`
-/// (CLOCK_MONOTONIC, which steady_clock is on Linux). Where futex_waitv is
-/// missing (before 5.16) or refused (seccomp), sleeps on words[0] alone in
-/// 2 ms slices: the caller then finds changes of the others by looking.
-void sleep_on_words(std::span<struct futex_waitv> words, steady::time_point until) {
-  if (!waitv_unusable.load(std::memory_order_relaxed)) {
-    const auto since_epoch = until.time_since_epoch();
-    timespec abs{};
-    abs.tv_sec =
-        static_cast<time_t>(std::chrono::duration_cast<std::chrono::seconds>(since_epoch).count());
-    abs.tv_nsec = static_cast<long>((since_epoch % std::chrono::seconds(1)).count());
-    if (::syscall(SYS_futex_waitv, words.data(), static_cast<unsigned>(words.size()), 0, &abs,
-                  CLOCK_MONOTONIC) >= 0 ||
-        errno == ETIMEDOUT || errno == EAGAIN || errno == EINTR)
-      return;
-    waitv_unusable.store(true, std::memory_order_relaxed);  // ENOSYS, EPERM: never again
-  }
-  const auto left = std::clamp<std::chrono::nanoseconds>(
-      until - steady::now(), std::chrono::nanoseconds(0), std::chrono::milliseconds(2));
-  const timespec rel{0, static_cast<long>(left.count())};
-  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(words[0].uaddr), FUTEX_WAIT_PRIVATE,
-            static_cast<std::uint32_t>(words[0].val), &rel, nullptr, 0);
-}
-
-void wake_word(std::atomic<std::uint32_t>& word) {
-  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX,
-            nullptr, nullptr, 0);
-}
 
 /// Installed in the handler's cancellation slot: marks the wait and wakes the
 /// thread, which sends it to its executor to complete with operation_aborted.
@@ -149,9 +115,15 @@ void async_wait_op::finish(error_code ec, wait_result r) {
 
 // ---- the waiter thread ----------------------------------------------------------
 
-void waiter_core::start() {
-  thread_ = std::thread([self = shared_from_this()] { self->run(); });
+error_code waiter_core::start() noexcept {
+  try {
+    thread_ = std::thread([self = shared_from_this()] { self->run(); });
+  } catch (const std::system_error& e) {  // out of threads or memory: the wait fails, nothing else
+    return e.code().value() == EAGAIN ? make_error_code(boost::system::errc::resource_unavailable_try_again)
+                                      : error_code(e.code().value(), boost::system::system_category());
+  }
   thread_id_ = thread_.get_id();
+  return {};
 }
 
 error_code waiter_core::admit(async_wait_op& op) {
@@ -203,7 +175,7 @@ bool waiter_core::arm(std::shared_ptr<async_wait_op> op) {
     armed_.push_back(std::move(op));
     control_.fetch_add(1, std::memory_order_seq_cst);
   }
-  wake_word(control_);
+  futex::wake(control_, INT_MAX);
   return true;
 }
 
@@ -212,7 +184,7 @@ void waiter_core::poke() noexcept {
     std::lock_guard lk(m_);
     control_.fetch_add(1, std::memory_order_seq_cst);
   }
-  wake_word(control_);
+  futex::wake(control_, INT_MAX);
 }
 
 void waiter_core::stop() {
@@ -221,7 +193,7 @@ void waiter_core::stop() {
     stopping_.store(true);
     control_.fetch_add(1, std::memory_order_seq_cst);
   }
-  wake_word(control_);
+  futex::wake(control_, INT_MAX);
   if (!thread_.joinable()) return;
   if (on_waiter_thread()) {
     thread_.detach();  // a handler run inline by the thread destroyed the client
@@ -232,7 +204,7 @@ void waiter_core::stop() {
 
 void waiter_core::run() {
   std::vector<std::shared_ptr<async_wait_op>> due;
-  std::array<struct futex_waitv, max_words> vec{};
+  std::array<futex::watch, max_words> vec;
   auto last_look = steady::now();
   std::unique_lock lk(m_);
   for (;;) {
@@ -241,8 +213,7 @@ void waiter_core::run() {
     const auto now = steady::now();
     auto until = now + daemon_look_interval;
     std::size_t n = 0;
-    vec[n++] = {control_.load(std::memory_order_seq_cst),
-                reinterpret_cast<std::uintptr_t>(&control_), FUTEX_32 | FUTEX_PRIVATE_FLAG, 0};
+    vec[n++] = {&control_, control_.load(std::memory_order_seq_cst)};
     for (auto it = armed_.begin(); it != armed_.end();) {
       async_wait_op& op = **it;
       bool go = stopping || !running || op.now || op.cancelled.load() || now >= op.deadline;
@@ -255,10 +226,10 @@ void waiter_core::run() {
       }
       until = std::min(until, op.deadline);
       for (std::size_t i = 0; i < op.targets.size(); ++i) {
-        const auto addr = reinterpret_cast<std::uintptr_t>(&op.targets[i].s->seq);
+        const std::atomic<std::uint32_t>* word = &op.targets[i].s->seq;
         if (std::none_of(vec.begin() + 1, vec.begin() + static_cast<std::ptrdiff_t>(n),
-                         [addr](const auto& e) { return e.uaddr == addr; }))
-          vec[n++] = {op.seen[i], addr, FUTEX_32, 0};  // shared: other processes wake it
+                         [word](const futex::watch& e) { return e.word == word; }))
+          vec[n++] = {word, op.seen[i]};  // other processes wake it
       }
       ++it;
     }
@@ -272,7 +243,9 @@ void waiter_core::run() {
     }
     if (stopping) return;
     lk.unlock();
-    sleep_on_words(std::span(vec.data(), n), until);
+    // The core's wait (futex_waitv, or its fallback where the kernel refuses
+    // it); a refused call is the fallback's business, an EINTR a wake like any.
+    (void)futex::wait_any_until(std::span<const futex::watch>(vec.data(), n), until);
     if (map_ && steady::now() - last_look >= daemon_look_interval) {
       last_look = steady::now();
       // A daemon killed before it could say so: as a synchronous wait does,
@@ -385,11 +358,21 @@ void client::start_async(std::span<const object* const> objects, bool all,
   {
     std::lock_guard lk(async_waiter_->m);
     if (!async_waiter_->core) {
-      async_waiter_->core =
-          std::make_shared<detail::waiter_core>(session_ ? session_->map : nullptr);
-      async_waiter_->core->start();
+      auto core = std::make_shared<detail::waiter_core>(session_ ? session_->map : nullptr);
+      if (auto started = core->start()) {
+        if (!ec) ec = started;
+      } else {
+        async_waiter_->core = std::move(core);
+      }
     }
     op->core = async_waiter_->core;
+  }
+  if (!op->core) {  // no waiter thread could be started: fail on the handler's executor
+    op->targets.clear();
+    op->preset = ec;
+    auto ex = op->executor;
+    ex.execute([op] { detail::async_wait_op::retry(op); });
+    return;
   }
   if (!ec) ec = op->core->admit(*op);
   if (ec) {

@@ -95,7 +95,8 @@ struct async_wait_op {
 class waiter_core : public std::enable_shared_from_this<waiter_core> {
  public:
   explicit waiter_core(std::shared_ptr<mapping> map) : map_(std::move(map)) {}
-  void start();
+  /// Starts the waiter thread; the system's error when it cannot be made.
+  error_code start() noexcept;
   /// Counts `op`'s words among the watched ones and registers it as a sleeper on
   /// its slots; errc::invalid_argument over max_async_wait_objects words.
   error_code admit(async_wait_op& op);

@@ -462,8 +462,6 @@ TEST_F(ServerTest, AcceptBacksOffWhileDescriptorsRunOutThenServes) {
   rlimit low = old;
   low.rlim_cur = test::open_fd_count() + 8;
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-  auto fd = raw_connect(path_);  // queued by the kernel, not yet accepted
-  ASSERT_TRUE(fd);
   unique_fd null_fd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
   ASSERT_TRUE(null_fd);
   std::vector<unique_fd> filler;
@@ -472,6 +470,11 @@ TEST_F(ServerTest, AcceptBacksOffWhileDescriptorsRunOutThenServes) {
     if (!f) break;
     filler.push_back(std::move(f));
   }
+  // One descriptor left, for our end: the server's accept finds none.
+  ASSERT_FALSE(filler.empty());
+  filler.pop_back();
+  auto fd = raw_connect(path_);
+  ASSERT_TRUE(fd);
   ASSERT_TRUE(wait_for([&] { return server_->stats().accept_failures >= 2; }));
   filler.clear();
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
