@@ -318,30 +318,8 @@ void client::start_async(std::span<const object* const> objects, bool all,
   }
   // The same checks as wait_many, reported through the handler.
   auto check = [&]() -> error_code {
-    if (!session_) return make_error_code(errc::daemon_lost);
-    if (objects.empty() || objects.size() > max_wait_objects)
-      return make_error_code(errc::invalid_argument);
-    if (!session_->usable()) return session_->map->lost_reason();
-    struct entry {
-      detail::wait_target target;
-      std::size_t position;
-    };
-    boost::container::static_vector<entry, max_wait_objects> set;
-    for (std::size_t i = 0; i < objects.size(); ++i) {
-      const object* o = objects[i];
-      if (o == nullptr || !*o) return make_error_code(errc::invalid_handle);
-      if (o->session_ != session_) return make_error_code(errc::invalid_argument);
-      auto s = detail::checked_slot(session_->map->view, o->handle(), object_type::none);
-      if (!s) return s.error();
-      set.push_back({{*s, o->type(), o->handle().generation}, i});
-    }
-    if (all) {
-      std::sort(set.begin(), set.end(),
-                [](const entry& a, const entry& b) { return a.target.s < b.target.s; });
-      for (std::size_t i = 1; i < set.size(); ++i) {
-        if (set[i].target.s == set[i - 1].target.s) return make_error_code(errc::invalid_argument);
-      }
-    }
+    detail::wait_set set;
+    if (auto ec = build_wait_set(objects, all, set)) return ec;
     for (const auto& e : set) {
       op->targets.push_back(e.target);
       op->positions.push_back(e.position);

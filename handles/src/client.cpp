@@ -175,18 +175,10 @@ std::span<std::byte> client::scratch_area() const {
   return {v.scratch, v.scratch_size()};
 }
 
-result<wait_result> client::wait_many(std::span<const object* const> objects, bool all,
-                                      std::chrono::nanoseconds timeout) {
+error_code client::build_wait_set(std::span<const object* const> objects, bool all, detail::wait_set& set) const {
   if (!session_) return make_error_code(errc::daemon_lost);
-  if (objects.empty() || objects.size() > max_wait_objects)
-    return make_error_code(errc::invalid_argument);
+  if (objects.empty() || objects.size() > max_wait_objects) return make_error_code(errc::invalid_argument);
   if (!session_->usable()) return session_->map->lost_reason();
-  // On the stack: a wait allocates nothing. Entry i is objects[position].
-  struct entry {
-    detail::wait_target target;
-    std::size_t position;
-  };
-  boost::container::static_vector<entry, max_wait_objects> set;
   for (std::size_t i = 0; i < objects.size(); ++i) {
     const object* o = objects[i];
     if (o == nullptr || !*o) return make_error_code(errc::invalid_handle);
@@ -196,12 +188,19 @@ result<wait_result> client::wait_many(std::span<const object* const> objects, bo
     set.push_back({{*s, o->type(), o->handle().generation}, i});
   }
   if (all) {
-    // One lock order for every wait-all (by slot), so two of them never deadlock.
-    std::sort(set.begin(), set.end(), [](const entry& a, const entry& b) { return a.target.s < b.target.s; });
+    std::sort(set.begin(), set.end(),
+              [](const detail::wait_entry& a, const detail::wait_entry& b) { return a.target.s < b.target.s; });
     for (std::size_t i = 1; i < set.size(); ++i) {
       if (set[i].target.s == set[i - 1].target.s) return make_error_code(errc::invalid_argument);
     }
   }
+  return {};
+}
+
+result<wait_result> client::wait_many(std::span<const object* const> objects, bool all,
+                                      std::chrono::nanoseconds timeout) {
+  detail::wait_set set;
+  if (auto ec = build_wait_set(objects, all, set)) return ec;
   boost::container::static_vector<detail::wait_target, max_wait_objects> targets;
   for (const auto& e : set) targets.push_back(e.target);
   auto r = detail::wait(session_->map->view, std::span(targets.data(), targets.size()), all, timeout,

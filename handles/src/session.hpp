@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <boost/container/static_vector.hpp>
 #include <optional>
 #include <string>
 
@@ -40,6 +41,14 @@ struct mapping {
     return make_error_code(forked.load() ? errc::forked_copy : errc::daemon_lost);
   }
 };
+
+/// A wait set on the stack (a wait allocates nothing): each object's slot and
+/// its position in the caller's list.
+struct wait_entry {
+  wait_target target;
+  std::size_t position;
+};
+struct wait_set : boost::container::static_vector<wait_entry, max_wait_objects> {};
 
 /// Threading: call() and post() may be called from any thread; they run one at
 /// a time, each on the calling thread's own sendmsg and recvmsg (a

@@ -8,6 +8,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include <sys/socket.h>
+#include <sys/un.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -40,6 +41,17 @@ inline raw_peer make_raw_peer(boost::asio::io_context& ctx, connection_options o
   auto c = connection::adopt(ctx, unique_fd(fds[0]), std::move(options));
   if (!c) std::abort();
   return {*c, unique_fd(fds[1])};
+}
+
+/// A raw socket connected to the listener at `path` with a blocking connect
+/// (the kernel queues it while the backlog has room); empty on failure.
+inline unique_fd raw_connect(const std::string& path) {
+  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) return {};  // NOLINT: sockets API
+  return fd;
 }
 
 }  // namespace uipc::test

@@ -2,6 +2,7 @@
 // 8 KB each, and once they close the server's memory returns to within 2 MB of
 // where it started. Resident memory is the measure, so the plain build only
 // (sanitizers keep freed memory in quarantine on purpose).
+#include "raw_peer.hpp"
 #include "test_support.hpp"
 #include "uipc/core/server.hpp"
 
@@ -21,6 +22,7 @@
 namespace uipc {
 namespace {
 
+using test::raw_connect;
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 
 std::size_t resident_bytes() {
@@ -29,15 +31,6 @@ std::size_t resident_bytes() {
   std::size_t resident = 0;
   statm >> total >> resident;
   return resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
-}
-
-unique_fd raw_connect(const std::string& path) {
-  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
-  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) return {};
-  return fd;
 }
 
 bool wait_for_sessions(const server& s, std::uint64_t n) {

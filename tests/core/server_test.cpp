@@ -1,6 +1,7 @@
 // The server kit through its public face: admission, typed requests, sessions that
 // end exactly once, the first-frame deadline, idle exit, ordered stop, accept
 // under descriptor exhaustion.
+#include "raw_peer.hpp"
 #include "test_support.hpp"
 #include "uipc/core/server.hpp"
 #include "uipc/core/typed.hpp"
@@ -30,6 +31,7 @@
 namespace uipc {
 namespace {
 
+using test::raw_connect;
 using google::protobuf::StringValue;
 using google::protobuf::UInt32Value;
 using clock_type = std::chrono::steady_clock;
@@ -39,17 +41,6 @@ constexpr std::uint32_t count_type = 2;
 constexpr std::uint32_t slow_type = 3;
 
 clock_type::time_point soon() { return clock_type::now() + std::chrono::seconds(5); }
-
-// A blocking-connect raw socket to `path` (the kernel queues it while the
-// server's backlog has room).
-unique_fd raw_connect(const std::string& path) {
-  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
-  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) return {};
-  return fd;
-}
 
 // Whether the peer closed `fd` within a few seconds (EOF or reset; an error
 // notice may come first).

@@ -24,6 +24,7 @@ namespace uipc::handles {
 namespace detail {
 struct session;
 struct slot;
+struct wait_set;
 /// A client's async waits and the one thread that sleeps for them (async_wait.cpp).
 struct async_waiter;
 struct async_wait_op;
@@ -330,6 +331,10 @@ class client {
                         std::uint32_t maximum);
   result<wait_result> wait_many(std::span<const object* const> objects, bool all,
                                 std::chrono::nanoseconds timeout);
+  /// Checks a wait set and resolves its slots (sorted by slot for a wait-all:
+  /// one lock order for every wait-all, so two never deadlock). Shared by the
+  /// blocking and the async waits, so both refuse the same sets the same way.
+  error_code build_wait_set(std::span<const object* const> objects, bool all, detail::wait_set& out) const;
 
   using async_wait_handler = boost::asio::any_completion_handler<void(error_code, wait_status)>;
   using async_wait_many_handler =
