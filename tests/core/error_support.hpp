@@ -3,6 +3,7 @@
 #pragma once
 
 #include <boost/asio/io_context.hpp>
+#include <optional>
 #include <vector>
 
 #include "test_support.hpp"
@@ -10,6 +11,23 @@
 #include "uipc/core/framed.hpp"
 
 namespace uipc::test {
+
+/// Every portable condition.
+inline constexpr condition all_conditions[] = {
+    condition::disconnected,      condition::timed_out,     condition::shutting_down,
+    condition::no_buffers,        condition::unimplemented, condition::protocol_violation,
+    condition::permission_denied, condition::not_found,
+};
+
+/// `code` compares equal to `expected` and to no other condition (none at all
+/// when nullopt), both ways round.
+inline void expect_only(const error_code& code, std::optional<condition> expected) {
+  for (const condition c : all_conditions) {
+    EXPECT_EQ(code == c, expected == c) << code.to_string() << " (" << code.message()
+                                        << ") against " << make_error_condition(c).message();
+    EXPECT_EQ(c == code, expected == c) << "reversed: " << code.to_string();
+  }
+}
 
 /// `code` put on the wire by make_error_reply (to_wire_error) on one end of a
 /// socketpair, and the error the other end's async_call completes with, when

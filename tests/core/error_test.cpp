@@ -17,20 +17,8 @@
 namespace uipc {
 namespace {
 
-constexpr condition all_conditions[] = {
-    condition::disconnected,      condition::timed_out,     condition::shutting_down,
-    condition::no_buffers,        condition::unimplemented, condition::protocol_violation,
-    condition::permission_denied, condition::not_found,
-};
-
-// `code` compares equal to `expected` and to no other condition (none at all when nullopt).
-void expect_only(const error_code& code, std::optional<condition> expected) {
-  for (const condition c : all_conditions) {
-    EXPECT_EQ(code == c, expected == c) << code.to_string() << " (" << code.message()
-                                        << ") against " << make_error_condition(c).message();
-    EXPECT_EQ(c == code, expected == c) << "reversed: " << code.to_string();
-  }
-}
+using test::all_conditions;
+using test::expect_only;
 
 // A message a person can read: not empty, not the fallback for a value without a row.
 void expect_readable(const error_code& code) {

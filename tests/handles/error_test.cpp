@@ -14,18 +14,7 @@
 namespace uipc::handles {
 namespace {
 
-constexpr condition all_conditions[] = {
-    condition::disconnected,      condition::timed_out,     condition::shutting_down,
-    condition::no_buffers,        condition::unimplemented, condition::protocol_violation,
-    condition::permission_denied, condition::not_found,
-};
-
-void expect_only(const error_code& code, std::optional<condition> expected) {
-  for (const condition c : all_conditions) {
-    EXPECT_EQ(code == c, expected == c) << code.to_string() << " (" << code.message()
-                                        << ") against " << make_error_condition(c).message();
-  }
-}
+using test::expect_only;
 
 // Every enumerator, in order, with the condition it means.
 const std::vector<std::pair<errc, std::optional<condition>>> handles_codes = {
