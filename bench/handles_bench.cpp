@@ -308,36 +308,59 @@ int run_peer(int argc, char** argv) {
   }
 }
 
-void BM_EventPingPong(benchmark::State& state) {
-  const std::chrono::microseconds spin(state.range(0));
-  auto c = as_peer([&] { return client::connect(bench_options(spin)); });
-  if (!c) {
-    state.SkipWithError(("connect: " + c.error().message()).c_str());
-    return;
+// Both ping-pong benchmarks: a client with two named auto-reset events and a
+// peer process that waits on `ping` and signals `pong` (spinning state.range(0)
+// microseconds) until the stop flag in a scratch block is set. Skips the
+// benchmark and is empty when any step fails.
+struct ping_pong {
+  std::optional<client> c;
+  std::optional<event> ping;
+  std::optional<event> pong;
+  std::optional<scratch_block> block;
+  pid_t child = -1;
+
+  ping_pong(benchmark::State& state, const std::string& prefix) {
+    static int round = 0;
+    const std::string ping_name = prefix + "ping-" + std::to_string(++round);
+    const std::string pong_name = prefix + "pong-" + std::to_string(round);
+    auto connected = as_peer([&] { return client::connect(bench_options(std::chrono::microseconds(state.range(0)))); });
+    if (!connected) {
+      state.SkipWithError(("connect: " + connected.error().message()).c_str());
+      return;
+    }
+    c.emplace(std::move(*connected));
+    auto p = c->create_event(event_reset::automatic, false, ping_name);
+    auto q = c->create_event(event_reset::automatic, false, pong_name);
+    auto b = c->store_scratch(sizeof(std::uint32_t));
+    if (!p || !q || !b) {
+      state.SkipWithError("create");
+      return;
+    }
+    ping.emplace(std::move(*p));
+    pong.emplace(std::move(*q));
+    block.emplace(std::move(*b));
+    child = start_peer({"--peer", std::to_string(state.range(0)), ping_name, pong_name,
+                        std::to_string(block->offset()), bench_directory()});
+    if (child < 0) state.SkipWithError("peer did not start");
   }
-  static int round = 0;
-  const std::string ping_name = "ping-" + std::to_string(++round);
-  const std::string pong_name = "pong-" + std::to_string(round);
-  auto ping = c->create_event(event_reset::automatic, false, ping_name);
-  auto pong = c->create_event(event_reset::automatic, false, pong_name);
-  auto block = c->store_scratch(sizeof(std::uint32_t));
-  if (!ping || !pong || !block) {
-    state.SkipWithError("create");
-    return;
-  }
-  const pid_t child = start_peer({"--peer", std::to_string(state.range(0)), ping_name, pong_name,
-                                  std::to_string(block->offset()), bench_directory()});
-  if (child < 0) {
-    state.SkipWithError("peer did not start");
-    return;
-  }
-  for (auto _ : state) {
+  ~ping_pong() {
+    if (child < 0) return;
+    stop_flag(*c, block->offset()).store(1);
     ping->signal();
-    pong->wait();
+    ::waitpid(child, nullptr, 0);
   }
-  stop_flag(*c, block->offset()).store(1);
-  ping->signal();
-  ::waitpid(child, nullptr, 0);
+  ping_pong(const ping_pong&) = delete;
+  ping_pong& operator=(const ping_pong&) = delete;
+  explicit operator bool() const noexcept { return child >= 0; }
+};
+
+void BM_EventPingPong(benchmark::State& state) {
+  ping_pong pp(state, "");
+  if (!pp) return;
+  for (auto _ : state) {
+    pp.ping->signal();
+    pp.pong->wait();
+  }
 }
 BENCHMARK(BM_EventPingPong)->Arg(0)->Arg(50)->UseRealTime();
 
@@ -346,39 +369,19 @@ BENCHMARK(BM_EventPingPong)->Arg(0)->Arg(50)->UseRealTime();
 // BM_EventPingPong/<spin us>). The price of a loop: the waiter thread's wake and
 // its hand-off to the loop come on top of the futex round trip.
 void BM_AsyncEventPingPong(benchmark::State& state) {
-  const std::chrono::microseconds spin(state.range(0));
-  auto c = as_peer([&] { return client::connect(bench_options(spin)); });
-  if (!c) {
-    state.SkipWithError(("connect: " + c.error().message()).c_str());
-    return;
-  }
-  static int round = 0;
-  const std::string ping_name = "async-ping-" + std::to_string(++round);
-  const std::string pong_name = "async-pong-" + std::to_string(round);
-  auto ping = c->create_event(event_reset::automatic, false, ping_name);
-  auto pong = c->create_event(event_reset::automatic, false, pong_name);
-  auto block = c->store_scratch(sizeof(std::uint32_t));
-  if (!ping || !pong || !block) {
-    state.SkipWithError("create");
-    return;
-  }
-  const pid_t child = start_peer({"--peer", std::to_string(state.range(0)), ping_name, pong_name,
-                                  std::to_string(block->offset()), bench_directory()});
-  if (child < 0) {
-    state.SkipWithError("peer did not start");
-    return;
-  }
+  ping_pong pp(state, "async-");
+  if (!pp) return;
   boost::asio::io_context io;
   bool done = false;
   uipc::error_code failure;
   for (auto _ : state) {
-    ping->signal();
+    pp.ping->signal();
     done = false;
-    c->async_wait(*pong, infinite,
-                  boost::asio::bind_executor(io, [&](uipc::error_code ec, wait_status) {
-                    failure = ec;
-                    done = true;
-                  }));
+    pp.c->async_wait(*pp.pong, infinite,
+                     boost::asio::bind_executor(io, [&](uipc::error_code ec, wait_status) {
+                       failure = ec;
+                       done = true;
+                     }));
     io.restart();
     while (!done) io.run_one();
     if (failure) {
@@ -386,9 +389,6 @@ void BM_AsyncEventPingPong(benchmark::State& state) {
       break;
     }
   }
-  stop_flag(*c, block->offset()).store(1);
-  ping->signal();
-  ::waitpid(child, nullptr, 0);
 }
 BENCHMARK(BM_AsyncEventPingPong)->Arg(0)->UseRealTime();
 
