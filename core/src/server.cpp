@@ -17,7 +17,6 @@
 #include <malloc.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,6 +24,10 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77  // Linux 6.5; Debian 12's headers predate it
+#endif
 
 namespace uipc {
 
@@ -312,7 +315,7 @@ thread_local const server::impl* server::impl::serving = nullptr;
 unique_fd server::impl::peer_pidfd(int socket_fd, pid_t pid) {
   int fd = -1;
   socklen_t len = sizeof fd;
-  if (::getsockopt(socket_fd, SOL_SOCKET, 77 /* SO_PEERPIDFD */, &fd, &len) == 0 && fd >= 0) return unique_fd(fd);
+  if (::getsockopt(socket_fd, SOL_SOCKET, SO_PEERPIDFD, &fd, &len) == 0 && fd >= 0) return unique_fd(fd);
   return uipc::open_pidfd(pid);
 }
 

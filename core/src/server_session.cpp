@@ -3,19 +3,11 @@
 #include "uipc/core/server.hpp"
 #include "uipc/core/process.hpp"
 
-#include <poll.h>
-#include <signal.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <cerrno>
-
-#ifndef SO_PEERPIDFD
-#define SO_PEERPIDFD 77  // Linux 6.5; Debian 12's headers predate it
-#endif
 
 namespace uipc {
 
