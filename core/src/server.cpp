@@ -9,6 +9,7 @@
 // request, or the request sees the stop).
 #include "uipc/core/server.hpp"
 #include "uipc/core/process.hpp"
+#include "wire.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -131,7 +132,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
       if (!refusal && sessions.size() >= options.max_sessions) refusal = make_error_code(errc::shutting_down);
       if (refusal) {
         ++counters.refusals;
-        return;
+        tell_refused(fd.get(), refusal);
+        return;  // the descriptor closes unread
       }
       reserve_reactor_states();
       unique_fd pidfd = peer_pidfd(fd.get(), identity->pid);
@@ -169,6 +171,14 @@ struct server::impl : std::enable_shared_from_this<impl> {
   }
 
   static unique_fd peer_pidfd(int socket_fd, pid_t pid);
+
+  // A refused peer learns why (an error notice, which closes its end with that
+  // reason) instead of seeing a bare hang-up. Never waits: a peer whose buffer
+  // is full gets the hang-up alone.
+  static void tell_refused(int fd, error_code refusal) {
+    const auto notice = detail::encode_error_notice(refusal);
+    (void)::send(fd, notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  }
 
   // Asio's reactor keeps the state of every descriptor it ever registered in a
   // pool and never frees it. Allocated one at a time, between the sessions'

@@ -277,7 +277,8 @@ TEST_F(ServerTest, AdmissionSeesTheKernelIdentityAndRefusesBeforeReading) {
   auto c = blocking_connection::adopt(std::move(fd));
   ASSERT_TRUE(c);
   auto r = typed_call<StringValue>(*c, echo_type, in, soon());
-  EXPECT_FALSE(r);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), make_error_code(errc::permission_denied));  // told why, not just hung up on
   EXPECT_EQ(asked.load(), 1);
   EXPECT_EQ(handled_.load(), 0);
   EXPECT_EQ(seen.pid, ::getpid());

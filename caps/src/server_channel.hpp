@@ -1,0 +1,67 @@
+// The server's side of one client's channel: the ring it reads, the ring and
+// arena it writes, and the messages of the client it has seen.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "arena.hpp"
+#include "channel.hpp"
+#include "uipc/caps/service.hpp"
+#include "uipc/core/shm.hpp"
+
+namespace uipc::caps::detail {
+
+struct server_channel : std::enable_shared_from_this<server_channel> {
+  server_channel(std::shared_ptr<server_session> s, shm_segment seg, channel_layout layout,
+                 std::uint32_t max_in_flight, unique_fd server_bell, unique_fd client_bell);
+
+  client_id id() const noexcept { return session->id(); }
+
+  /// Reads what the client published: events for the receiver, in order.
+  /// False when the client broke the protocol (the channel is then unusable).
+  bool drain(std::vector<event>& out);
+  /// Whether the client may have published something (a relaxed load).
+  bool maybe_ready() const noexcept { return from_client.maybe_ready(); }
+  /// Wakes the client's waiters after to_client was published.
+  void wake_client() noexcept;
+
+  std::shared_ptr<server_session> session;
+  shm_segment segment;
+  channel_layout layout;
+  channel_shared* shared;
+  std::byte* request_arena;
+  std::byte* reply_arena;
+  std::uint32_t max_in_flight;
+  unique_fd server_bell;  ///< the client writes it when we do not watch: we read
+  unique_fd client_bell;  ///< we write it when the client listens on its loop
+
+  enum class message_state : std::uint8_t { delivered, replying, replied, withdrawn };
+  struct message {
+    message_state state;
+    std::uint64_t reply_offset;
+    bool has_block;
+  };
+
+  // Reading side: one drain at a time.
+  std::mutex read_mutex;
+  ring_reader from_client;
+  bool read_closed = false;
+
+  // Writing side and the message table.
+  std::mutex state_mutex;
+  ring_writer to_client;
+  arena_allocator reply_space;
+  std::unordered_map<message_id, message> messages;
+  std::uint32_t awaiting = 0;  ///< messages not yet answered (delivered, replying, withdrawn)
+  bool closed = false;
+
+  // The receiver's own (under the service's pump lock).
+  bool hot = false;
+  std::uint32_t idle_sweeps = 0;
+};
+
+}  // namespace uipc::caps::detail

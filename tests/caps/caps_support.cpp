@@ -1,0 +1,92 @@
+#include "caps_support.hpp"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace uipc::caps::test {
+
+std::span<const std::byte> bytes(std::string_view s) { return std::as_bytes(std::span(s.data(), s.size())); }
+
+loop_thread::loop_thread() : work_(ctx_.get_executor()), thread_([this] { ctx_.run(); }) {}
+
+loop_thread::~loop_thread() {
+  work_.reset();
+  ctx_.stop();
+  thread_.join();
+}
+
+responder::responder(service& s, answer_fn answer)
+    : service_(s),
+      answer_(answer ? std::move(answer) : [](service& svc, const event& e) { (void)svc.reply(e.client, e.id, e.view()); }),
+      thread_([this] {
+        while (!stop_.load()) {
+          auto e = service_.receive(in(20ms));
+          if (!e) {
+            if (e.error() == make_error_code(errc::stopped)) return;
+            continue;
+          }
+          if (e->kind == event_kind::request) {
+            ++requests_;
+            answer_(service_, *e);
+          } else if (e->kind == event_kind::dispose) {
+            ++disposals_;
+          }
+        }
+      }) {}
+
+responder::~responder() {
+  stop_ = true;
+  thread_.join();
+}
+
+caps_test::caps_test() { ::chmod(dir_.path().c_str(), 01777); }
+
+service_options caps_test::options() const {
+  service_options o;
+  o.directory = dir_.path();
+  return o;
+}
+
+point_address caps_test::address(const std::string& name) const {
+  point_address a;
+  a.name = name;
+  a.uid = ::geteuid();
+  a.directory = dir_.path();
+  return a;
+}
+
+result<std::unique_ptr<service>> caps_test::serve(const std::string& name, service_options o) {
+  return service::register_point(loop_.ctx(), name, std::move(o));
+}
+
+result<std::unique_ptr<client>> caps_test::connect(const std::string& name, client_options o) {
+  return client::connect(loop_.ctx(), address(name), o);
+}
+
+event caps_test::next_event(service& s, event_kind kind) {
+  const auto until = in(5s);
+  while (clock::now() < until) {
+    auto e = s.receive(until);
+    if (!e) break;
+    if (e->kind == kind) return std::move(*e);
+  }
+  ADD_FAILURE() << "no event of kind " << static_cast<int>(kind);
+  return {};
+}
+
+int in_child(const std::function<int()>& body) {
+  const pid_t child = ::fork();
+  if (child == 0) {
+    int status = 99;
+    try {
+      status = body();
+    } catch (...) {
+    }
+    ::_exit(status);
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace uipc::caps::test
