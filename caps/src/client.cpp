@@ -169,8 +169,10 @@ void client_core::drain(std::unique_lock<std::mutex>&) {
 
 void client_core::check_server() {
   if (closed) return;
-  if (shared->server_closed.load(std::memory_order_acquire) != 0 ||
-      (server_pidfd ? pidfd_exited(server_pidfd.get()) : !process_alive(server.pid))) {
+  // The server says when it ends a connection; only a wait that brought no
+  // news asks the kernel whether it died without a word (a system call).
+  const bool said = shared->server_closed.load(std::memory_order_acquire) != 0;
+  if (said || (!maybe_ready() && (server_pidfd ? pidfd_exited(server_pidfd.get()) : !process_alive(server.pid)))) {
     // The control line says why, when the server said (a protocol violation).
     auto r = ctrl.receive(clock::now() + std::chrono::milliseconds(100));
     error_code why = r ? error_code{} : r.error();

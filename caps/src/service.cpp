@@ -674,13 +674,19 @@ error_code service::reply_in_place(client_id client, message_id id, std::size_t 
 error_code service::reject(client_id client, message_id id, errc ec) {
   auto ch = impl_->find(client);
   if (!ch) return make_error_code(errc::disconnected);
+  using state = detail::server_channel::message_state;
+  bool withdrawn = false;
   {
     std::lock_guard lock(ch->state_mutex);
     auto m = ch->messages.find(id);
-    if (m == ch->messages.end() || m->second.state == detail::server_channel::message_state::replied ||
-        m->second.state == detail::server_channel::message_state::replying) {
+    if (m == ch->messages.end() || m->second.state == state::replied || m->second.state == state::replying) {
       return make_error_code(errc::unknown_message);
     }
+    withdrawn = m->second.state == state::withdrawn;
+  }
+  if (withdrawn) {
+    (void)impl_->finish(*ch, id, detail::entry_kind::aborted, 0, 0, 0);
+    return make_error_code(errc::withdrawn);
   }
   return impl_->finish(*ch, id, detail::entry_kind::failed, static_cast<std::uint32_t>(ec), 0, 0);
 }

@@ -16,4 +16,7 @@ struct command {
 /// `uipcctl handles ...`: the handle daemon (handles_command.cpp).
 int run_handles(std::span<char* const> args);
 
+/// `uipcctl caps ...`: capability rendezvous points (caps_command.cpp).
+int run_caps(std::span<char* const> args);
+
 }  // namespace uipcctl

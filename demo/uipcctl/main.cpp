@@ -11,6 +11,7 @@ namespace {
 constexpr std::array commands{
     uipcctl::command{"handles", "named events, mutexes and semaphores of the handle daemon",
                      uipcctl::run_handles},
+    uipcctl::command{"caps", "capability rendezvous points: list, call, watch", uipcctl::run_caps},
 };
 
 int usage() {

@@ -1,0 +1,76 @@
+// uipcctl caps: list, call and watch, against a service of the test's own.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "caps_support.hpp"
+
+namespace uipc::caps::test {
+namespace {
+
+// Runs a command line, returning its exit status and what it printed.
+std::pair<int, std::string> run(const std::string& command) {
+  std::string out;
+  FILE* p = ::popen((command + " 2>&1").c_str(), "r");
+  if (p == nullptr) return {-1, out};
+  char buf[4096];
+  while (const std::size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int status = ::pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+class Uipcctl : public caps_test {
+ protected:
+  std::string ctl() const { return std::string(UIPC_TEST_UIPCCTL_PATH) + " caps --dir " + dir_.path() + " "; }
+};
+
+TEST_F(Uipcctl, ListsCallsAndReportsErrors) {
+  auto o = options();
+  o.who = access::world;
+  auto svc = serve("ctl.echo", o);
+  ASSERT_TRUE(svc);
+  responder echo(**svc, [](service& s, const event& e) { (void)s.reply(e.client, e.id, "got " + e.copy()); });
+
+  auto [status, out] = run(ctl() + "call ctl.echo hello");
+  EXPECT_EQ(status, 0) << out;
+  EXPECT_EQ(out, "got hello\n");
+
+  std::tie(status, out) = run(ctl() + "list");
+  EXPECT_EQ(status, 0) << out;
+  EXPECT_NE(out.find("ctl.echo"), std::string::npos) << out;
+  EXPECT_NE(out.find("world"), std::string::npos) << out;
+  EXPECT_NE(out.find(std::to_string(::getpid())), std::string::npos) << out;
+
+  std::tie(status, out) = run(ctl() + "call no.such.point hello");
+  EXPECT_EQ(status, 3);
+  EXPECT_NE(out.find("no live server"), std::string::npos) << out;
+
+  std::tie(status, out) = run(ctl() + "call bad/name hello");
+  EXPECT_EQ(status, 3);
+
+  std::tie(status, out) = run(ctl() + "call ctl.echo hello --uid 12345");
+  EXPECT_EQ(status, 3) << out;  // nobody of that uid serves it
+
+  std::tie(status, out) = run(ctl() + "frobnicate");
+  EXPECT_EQ(status, 64);
+}
+
+TEST_F(Uipcctl, WatchPrintsPointsComingAndGoing) {
+  FILE* p = ::popen((ctl() + "watch --seconds 3").c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  char line[512];
+  ASSERT_NE(std::fgets(line, sizeof line, p), nullptr);  // the header: watching
+  {
+    auto svc = serve("ctl.watched");
+    ASSERT_TRUE(svc);
+    ASSERT_NE(std::fgets(line, sizeof line, p), nullptr);
+    EXPECT_EQ(std::string(line).rfind("+ ctl.watched", 0), 0u) << line;
+  }
+  ASSERT_NE(std::fgets(line, sizeof line, p), nullptr);
+  EXPECT_EQ(std::string(line).rfind("- ctl.watched", 0), 0u) << line;
+  EXPECT_EQ(::pclose(p), 0);
+}
+
+}  // namespace
+}  // namespace uipc::caps::test
