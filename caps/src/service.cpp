@@ -126,7 +126,7 @@ struct service::impl : std::enable_shared_from_this<impl> {
     e.kind = event_kind::connected;
     e.client = session->id();
     e.channel_ = *ch;
-    publish_info();  // before the event: whoever sees it finds the count right
+    (void)publish_info();  // before the event: whoever sees it finds the count right
     push_events({std::move(e)});
   }
 
@@ -196,18 +196,22 @@ struct service::impl : std::enable_shared_from_this<impl> {
     e.client = ch->id();
     e.channel_ = ch;
     events.push_back(std::move(e));
-    publish_info();
+    (void)publish_info();
     push_events(std::move(events));
   }
 
-  void publish_info() {
+  // One writer at a time: a client that connects while register_point() still
+  // publishes would otherwise race it for the file written aside.
+  error_code publish_info() {
+    std::lock_guard lock(info_mutex);
     point_info now = info;
     {
-      std::lock_guard lock(channels_mutex);
+      std::lock_guard channels_lock(channels_mutex);
       now.clients = channels.size();
     }
-    (void)detail::write_info(now);
+    return detail::write_info(now);
   }
+  std::mutex info_mutex;
 
   // Queues events from a loop thread and wakes the receiver.
   void push_events(std::vector<event> events) {
@@ -633,7 +637,7 @@ result<std::unique_ptr<service>> service::register_point(asio::io_context& ctx, 
     p->stop();
     return ec;
   }
-  if (auto ec = detail::write_info(p->info)) {
+  if (auto ec = p->publish_info()) {
     p->stop();
     return ec;
   }
