@@ -113,21 +113,23 @@ struct service::impl : std::enable_shared_from_this<impl> {
       session->close();
       return;
     }
+    // The connected event is queued before the channel can be read: it comes
+    // before any request of the client.
+    counters.clients_total.fetch_add(1, std::memory_order_relaxed);
     {
       std::lock_guard lock(channels_mutex);
       channels.emplace(session->id(), *ch);
     }
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u64 = session->id();
-    ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, (*ch)->server_bell.get(), &ev);
-    counters.clients_total.fetch_add(1, std::memory_order_relaxed);
+    (void)publish_info();
     event e;
     e.kind = event_kind::connected;
     e.client = session->id();
     e.channel_ = *ch;
-    (void)publish_info();  // before the event: whoever sees it finds the count right
     push_events({std::move(e)});
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = session->id();
+    ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, (*ch)->server_bell.get(), &ev);
   }
 
   result<std::shared_ptr<server_channel>> open_channel(const std::shared_ptr<server_session>& session) {

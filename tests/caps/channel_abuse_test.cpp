@@ -1,13 +1,22 @@
 // A hostile client writes its channel as it likes. The server reads each index,
 // length and state once, checks it, and drops that client alone with
 // protocol_violation; the service and every other client carry on.
+#include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <climits>
+#include <cstring>
+#include <future>
+#include <optional>
 #include <random>
 
 #include "caps_support.hpp"
 #include "channel.hpp"
+#include "points_dir.hpp"
+#include "uipc/core/futex.hpp"
 #include "uipc/core/blocking_connection.hpp"
 #include "uipc/core/shm.hpp"
 #include "uipc/proto/caps.pb.h"
@@ -162,6 +171,136 @@ TEST_F(ChannelAbuse, RandomWritesWhileCallsRun) {
   scribbler.join();
   EXPECT_EQ(bad.hung_up_because(), make_error_code(errc::protocol_violation));
   EXPECT_GE(svc_->stats().protocol_violations, 1u);
+}
+
+}  // namespace
+}  // namespace uipc::caps::test
+
+// ---- a hostile server: the client checks what the server writes, too -------------
+
+namespace uipc::caps::test {
+namespace {
+
+// Serves one client by hand on a socket in our points directory, with a
+// channel whose to_client ring it then writes as it likes.
+class hostile_server {
+ public:
+  hostile_server(const std::string& base, const std::string& name) {
+    auto dir = detail::own_points_directory(base);
+    EXPECT_TRUE(dir);
+    path_ = *dir + "/" + name + "@1.0.sock";
+    listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path_.c_str(), sizeof addr.sun_path - 1);
+    EXPECT_EQ(::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    EXPECT_EQ(::listen(listen_fd_, 4), 0);
+  }
+  ~hostile_server() {
+    ::close(listen_fd_);
+    ::unlink(path_.c_str());
+  }
+
+  // Accepts the client and sends it a proper welcome.
+  void welcome() {
+    conn_.emplace(*blocking_connection::adopt(unique_fd(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC))));
+    const auto layout = detail::channel_layout::of(64 << 10, 64 << 10);
+    auto seg = shm_segment::create_anonymous(layout.total, {detail::channel_magic, detail::channel_version});
+    ASSERT_TRUE(seg);
+    segment_.emplace(std::move(*seg));
+    shared_ = new (segment_->data()) detail::channel_shared{};
+    proto::caps::Welcome w;
+    w.set_version(detail::channel_version);
+    w.set_generation(1);
+    w.set_gid(::getegid());
+    w.set_max_in_flight(8);
+    w.set_request_arena(layout.request_arena_size);
+    w.set_reply_arena(layout.reply_arena_size);
+    frame f;
+    f.kind = frame_kind::notice;
+    f.type = proto::caps::WELCOME;
+    f.payload = w.SerializeAsString();
+    f.fds.emplace_back(::fcntl(segment_->fd(), F_DUPFD_CLOEXEC, 0));
+    f.fds.emplace_back(::eventfd(0, EFD_CLOEXEC));
+    f.fds.emplace_back(::eventfd(0, EFD_CLOEXEC));
+    ASSERT_FALSE(conn_->send(std::move(f), in(5s)));
+  }
+
+  // Waits for the client's first request; returns its id.
+  std::uint64_t first_request() {
+    for (int i = 0; i < 5000 && shared_->to_server.tail.load() == 0; ++i) std::this_thread::sleep_for(1ms);
+    detail::entry e;
+    std::memcpy(&e, &shared_->to_server.entries[0], sizeof e);
+    return e.id;
+  }
+
+  void answer(detail::entry e) {
+    std::memcpy(&shared_->to_client.entries[0], &e, sizeof e);
+    shared_->to_client.tail.store(1);
+    wake();
+  }
+  void wake() {
+    shared_->reply_seq.fetch_add(1);
+    futex::wake(shared_->reply_seq, INT_MAX);
+  }
+  detail::channel_shared* shared() { return shared_; }
+
+ private:
+  std::string path_;
+  int listen_fd_ = -1;
+  std::optional<blocking_connection> conn_;
+  std::optional<shm_segment> segment_;
+  detail::channel_shared* shared_ = nullptr;
+};
+
+class HostileServer : public caps_test {
+ protected:
+  // Connects a client to `bad` and makes a call that `act` answers.
+  error_code call_answered_by(const std::function<void(hostile_server&, std::uint64_t)>& act) {
+    hostile_server bad(dir_.path(), "hostile");
+    auto connecting = std::async(std::launch::async, [&] { return connect("hostile"); });
+    bad.welcome();
+    auto c = connecting.get();
+    EXPECT_TRUE(c) << c.error().message();
+    if (!c) return c.error();
+    auto call = std::async(std::launch::async, [&] { return (*c)->call("hello?", in(5s)); });
+    act(bad, bad.first_request());
+    auto r = call.get();
+    EXPECT_FALSE(r);
+    if (r) return {};
+    // Once the server broke the protocol the client stays closed.
+    EXPECT_EQ((*c)->call("again", in(1s)).error(), r.error());
+    return r.error();
+  }
+};
+
+TEST_F(HostileServer, AReplyOutsideTheArena) {
+  const auto ec = call_answered_by([](hostile_server& s, std::uint64_t id) {
+    s.answer({static_cast<std::uint32_t>(entry_kind::reply), 0, id, 60 << 10, 8 << 10});
+  });
+  EXPECT_EQ(ec, make_error_code(errc::protocol_violation));
+}
+
+TEST_F(HostileServer, AReplyToAnIdNeverSent) {
+  const auto ec = call_answered_by([](hostile_server& s, std::uint64_t id) {
+    s.answer({static_cast<std::uint32_t>(entry_kind::reply), 0, id + 77, 0, 8});
+  });
+  EXPECT_EQ(ec, make_error_code(errc::protocol_violation));
+}
+
+TEST_F(HostileServer, ATailBeyondTheRing) {
+  const auto ec = call_answered_by([](hostile_server& s, std::uint64_t) {
+    s.shared()->to_client.tail.store(1u << 30);
+    s.wake();
+  });
+  EXPECT_EQ(ec, make_error_code(errc::protocol_violation));
+}
+
+TEST_F(HostileServer, AFailureWithAnUnknownCode) {
+  const auto ec = call_answered_by([](hostile_server& s, std::uint64_t id) {
+    s.answer({static_cast<std::uint32_t>(entry_kind::failed), 9999, id, 0, 0});
+  });
+  EXPECT_EQ(ec, make_error_code(errc::protocol_violation));
 }
 
 }  // namespace

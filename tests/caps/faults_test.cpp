@@ -102,7 +102,9 @@ TEST_F(Faults, StopFailsWaitingCallsAndReceives) {
   ASSERT_EQ(pending.wait_for(5s), std::future_status::ready);
   EXPECT_EQ(pending.get().error(), make_error_code(errc::disconnected));
   ASSERT_EQ(receiving.wait_for(5s), std::future_status::ready);
-  EXPECT_EQ(receiving.get().error(), make_error_code(errc::stopped));
+  auto got = receiving.get();
+  ASSERT_FALSE(got) << "an event of kind " << static_cast<int>(got->kind);
+  EXPECT_EQ(got.error(), make_error_code(errc::stopped));
   EXPECT_EQ(connect("stopping").error(), make_error_code(errc::not_registered));
 }
 
@@ -176,6 +178,81 @@ TEST_F(Faults, TheEchoProgramServesAndStopsOnSigterm) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   ::close(out[0]);
   EXPECT_EQ((*c)->call("gone", in(2s)).error(), make_error_code(errc::disconnected));
+}
+
+TEST_F(Faults, AClientKilledWhileWritingAPayloadInPlaceLeavesNothing) {
+  auto svc = serve("dies.writing");
+  ASSERT_TRUE(svc);
+  int mid[2];
+  ASSERT_EQ(::pipe(mid), 0);
+  const auto a = address("dies.writing");
+  const pid_t child = ::fork();
+  if (child == 0) {
+    boost::asio::io_context ctx;
+    auto c = client::connect(ctx, a);
+    if (!c) ::_exit(2);
+    (void)(*c)->call_in_place(1 << 20, [&](std::span<std::byte> out) {
+      std::memset(out.data(), 'h', out.size() / 2);
+      (void)::write(mid[1], "h", 1);  // half written: kill me now
+      ::pause();
+    });
+    ::_exit(0);
+  }
+  char c = 0;
+  ASSERT_EQ(::read(mid[0], &c, 1), 1);
+  ::close(mid[0]);
+  ::close(mid[1]);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  // The server saw it come and go, and no request of it (it was never published).
+  std::vector<event_kind> seen;
+  for (;;) {
+    auto e = (*svc)->receive(in(5s));
+    ASSERT_TRUE(e) << e.error().message();
+    seen.push_back(e->kind);
+    if (e->kind == event_kind::disconnected) break;
+  }
+  EXPECT_EQ(seen, (std::vector<event_kind>{event_kind::connected, event_kind::disconnected}));
+  responder echo(**svc);
+  auto other = connect("dies.writing");
+  ASSERT_TRUE(other);
+  EXPECT_TRUE((*other)->call("after", in(5s)));
+}
+
+TEST_F(Faults, AServerKilledWhileWritingAReplyFailsTheCall) {
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const auto o = options();
+  const pid_t child = ::fork();
+  if (child == 0) {
+    boost::asio::io_context ctx;
+    auto s = service::register_point(ctx, "dies.replying", o);
+    (void)::write(ready[1], s ? "y" : "n", 1);
+    std::thread loop([&] { ctx.run(); });
+    for (;;) {
+      auto e = (*s)->receive();
+      if (e && e->kind == event_kind::request) {
+        (void)(*s)->reply_in_place(e->client, e->id, 1 << 16, [&](std::span<std::byte> out) {
+          std::memset(out.data(), 'r', out.size() / 2);
+          (void)::write(ready[1], "r", 1);
+          ::pause();
+        });
+      }
+    }
+  }
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  ASSERT_EQ(c, 'y');
+  auto cl = connect("dies.replying");
+  ASSERT_TRUE(cl);
+  auto pending = std::async(std::launch::async, [&] { return (*cl)->call("write me a reply", in(10s)); });
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);  // half the reply is written
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  ::close(ready[0]);
+  ::close(ready[1]);
+  ASSERT_EQ(pending.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(pending.get().error(), make_error_code(errc::disconnected));
 }
 
 }  // namespace
