@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory_resource>
 #include <optional>
 #include <unordered_map>
 
@@ -27,8 +28,10 @@ class arena_allocator {
  private:
   std::size_t size_;
   std::size_t in_use_ = 0;
-  std::map<std::uint64_t, std::size_t> free_;             // offset -> length, coalesced
-  std::unordered_map<std::uint64_t, std::size_t> taken_;  // offset -> length
+  // Nodes come from a pool of the allocator's own: no malloc per message once warm.
+  std::pmr::unsynchronized_pool_resource pool_;
+  std::pmr::map<std::uint64_t, std::size_t> free_{&pool_};             // offset -> length, coalesced
+  std::pmr::unordered_map<std::uint64_t, std::size_t> taken_{&pool_};  // offset -> length
 };
 
 }  // namespace uipc::caps::detail

@@ -7,6 +7,7 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <deque>
 #include <functional>
+#include <memory_resource>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -84,7 +85,8 @@ struct client_core : std::enable_shared_from_this<client_core> {
   arena_allocator request_space;
   std::deque<entry> backlog;  ///< disposals and aborts waiting for ring space
   std::uint64_t next_id = 1;
-  std::unordered_map<message_id, call> calls;
+  std::pmr::unsynchronized_pool_resource calls_pool;  // no malloc per call once warm
+  std::pmr::unordered_map<message_id, call> calls{&calls_pool};
   std::size_t in_flight = 0;  ///< calls the server has not finished
   error_code closed;
   std::vector<std::function<void()>> completions;

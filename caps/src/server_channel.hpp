@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <memory_resource>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -55,7 +56,8 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   std::mutex state_mutex;
   ring_writer to_client;
   arena_allocator reply_space;
-  std::unordered_map<message_id, message> messages;
+  std::pmr::unsynchronized_pool_resource messages_pool;  // no malloc per message once warm
+  std::pmr::unordered_map<message_id, message> messages{&messages_pool};
   std::uint32_t awaiting = 0;  ///< messages not yet answered (delivered, replying, withdrawn)
   bool closed = false;
 
