@@ -23,6 +23,15 @@ server_channel::server_channel(std::shared_ptr<server_session> s, shm_segment se
       to_client(&shared->to_client),
       reply_space(l.reply_arena_size) {}
 
+event server_channel::make_event(event_kind kind, message_id message) {
+  event ev;
+  ev.kind = kind;
+  ev.channel_ = shared_from_this();
+  ev.client = id();
+  ev.id = message;
+  return ev;
+}
+
 bool server_channel::drain(std::vector<event>& out) {
   const auto waiting = from_client.available();
   if (!waiting) return false;
@@ -36,14 +45,9 @@ bool server_channel::drain(std::vector<event>& out) {
         if (awaiting >= max_in_flight) return false;
         if (!messages.try_emplace(e.id, message{message_state::delivered, 0, false}).second) return false;
         ++awaiting;
-        event ev;
-        ev.kind = event_kind::request;
-        ev.channel_ = shared_from_this();
-        ev.client = id();
-        ev.id = e.id;
+        event& ev = out.emplace_back(make_event(event_kind::request, e.id));
         ev.data_ = request_arena + e.offset;
         ev.length_ = static_cast<std::size_t>(e.length);
-        out.push_back(std::move(ev));
         break;
       }
       case entry_kind::dispose: {
@@ -51,12 +55,7 @@ bool server_channel::drain(std::vector<event>& out) {
         if (m == messages.end() || m->second.state != message_state::replied) return false;
         if (m->second.has_block) reply_space.free(m->second.reply_offset);
         messages.erase(m);
-        event ev;
-        ev.kind = event_kind::dispose;
-        ev.channel_ = shared_from_this();
-        ev.client = id();
-        ev.id = e.id;
-        out.push_back(std::move(ev));
+        out.push_back(make_event(event_kind::dispose, e.id));
         break;
       }
       case entry_kind::abort: {

@@ -2,6 +2,7 @@
 // arena it writes, and the messages of the client it has seen.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <memory_resource>
@@ -27,6 +28,8 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   bool drain(std::vector<event>& out);
   /// Whether the client may have published something (a relaxed load).
   bool maybe_ready() const noexcept { return from_client.maybe_ready(); }
+  /// An event of this channel's client about `message`.
+  event make_event(event_kind kind, message_id message = 0);
   /// Wakes the client's waiters after to_client was published.
   void wake_client() noexcept;
 
@@ -50,7 +53,7 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   // Reading side: one drain at a time.
   std::mutex read_mutex;
   ring_reader from_client;
-  bool read_closed = false;
+  std::atomic<bool> read_closed{false};  // written under read_mutex; the receiver also looks without it
 
   // Writing side and the message table.
   std::mutex state_mutex;

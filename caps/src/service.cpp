@@ -121,11 +121,7 @@ struct service::impl : std::enable_shared_from_this<impl> {
       channels.emplace(session->id(), *ch);
     }
     (void)publish_info();
-    event e;
-    e.kind = event_kind::connected;
-    e.client = session->id();
-    e.channel_ = *ch;
-    push_events({std::move(e)});
+    push_events({(*ch)->make_event(event_kind::connected)});
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.u64 = session->id();
@@ -180,24 +176,13 @@ struct service::impl : std::enable_shared_from_this<impl> {
       ch->read_closed = true;
       std::lock_guard lock(ch->state_mutex);
       ch->closed = true;
-      for (auto& [id, m] : ch->messages) {
-        event e;
-        e.kind = event_kind::dispose;
-        e.client = ch->id();
-        e.id = id;
-        e.channel_ = ch;
-        events.push_back(std::move(e));
-      }
+      for (auto& [id, m] : ch->messages) events.push_back(ch->make_event(event_kind::dispose, id));
       ch->messages.clear();
       ch->awaiting = 0;
     }
     ch->shared->server_closed.store(1, std::memory_order_seq_cst);
     ch->wake_client();
-    event e;
-    e.kind = event_kind::disconnected;
-    e.client = ch->id();
-    e.channel_ = ch;
-    events.push_back(std::move(e));
+    events.push_back(ch->make_event(event_kind::disconnected));
     (void)publish_info();
     push_events(std::move(events));
   }

@@ -1,5 +1,6 @@
 #include "caps_support.hpp"
 
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -72,6 +73,50 @@ event caps_test::next_event(service& s, event_kind kind) {
   }
   ADD_FAILURE() << "no event of kind " << static_cast<int>(kind);
   return {};
+}
+
+child_service::child_service(const std::string& name, service_options options, std::function<void(service&, const child_service&)> serve,
+                             const std::function<void()>& setup) {
+  if (::pipe(pipe_) != 0) return;
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    if (setup) setup();
+    boost::asio::io_context ctx;
+    auto s = service::register_point(ctx, name, options);
+    (void)::write(pipe_[1], s ? "y" : "n", 1);
+    if (!s) ::_exit(1);
+    std::thread loop([&] { ctx.run_for(std::chrono::seconds(60)); });
+    if (serve) {
+      serve(**s, *this);
+    } else {
+      while ((*s)->receive(clock::now() + 60s) || true) {
+      }
+    }
+    ::pause();
+    ::_exit(0);
+  }
+  char c = 0;
+  registered_ = ::read(pipe_[0], &c, 1) == 1 && c == 'y';
+}
+
+child_service::~child_service() {
+  kill();
+  ::close(pipe_[0]);
+  ::close(pipe_[1]);
+}
+
+void child_service::kill() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+}
+
+void child_service::note() const { (void)::write(pipe_[1], "!", 1); }
+
+bool child_service::wait_note() const {
+  char c = 0;
+  return ::read(pipe_[0], &c, 1) == 1 && c == '!';
 }
 
 int in_child(const std::function<int()>& body) {

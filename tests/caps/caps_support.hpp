@@ -74,6 +74,29 @@ class caps_test : public ::testing::Test {
   loop_thread loop_;
 };
 
+/// A service in a forked child process: `setup` runs first in the child (to
+/// drop privileges, say), then it registers `name` (in `options.directory`),
+/// runs a loop thread and calls `serve` (default: receive forever, answering
+/// nothing). The parent continues once the registration is done. The
+/// destructor, or kill(), ends the child with SIGKILL.
+class child_service {
+ public:
+  child_service(const std::string& name, service_options options, std::function<void(service&, const child_service&)> serve = {},
+                const std::function<void()>& setup = {});
+  ~child_service();
+  bool registered() const { return registered_; }
+  void kill();
+  /// For `serve` in the child: tells the parent something happened.
+  void note() const;
+  /// In the parent: waits for the child's next note(); false if it died first.
+  bool wait_note() const;
+
+ private:
+  pid_t pid_ = -1;
+  int pipe_[2] = {-1, -1};
+  bool registered_ = false;
+};
+
 /// Runs `body` in a forked child and returns its exit status (the child exits
 /// with what body returns; 99 if it threw).
 int in_child(const std::function<int()>& body);

@@ -57,28 +57,14 @@ TEST_F(Faults, AKilledClientsMessagesAreDisposed) {
 }
 
 TEST_F(Faults, AKilledServerFailsPendingCallsWithoutAHang) {
-  int ready[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  const auto o = options();
-  const pid_t child = ::fork();
-  if (child == 0) {
-    boost::asio::io_context ctx;
-    auto s = service::register_point(ctx, "server.dies", o);
-    (void)::write(ready[1], s ? "y" : "n", 1);
-    std::thread loop([&] { ctx.run(); });
-    for (;;) (void)(*s)->receive();  // never answers
-  }
-  char c = 0;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);
-  ::close(ready[0]);
-  ::close(ready[1]);
+  child_service server("server.dies", options());
+  ASSERT_TRUE(server.registered());
   auto cl = connect("server.dies");
   ASSERT_TRUE(cl) << cl.error().message();
   auto pending = std::async(std::launch::async, [&] { return (*cl)->call("anyone?"); });  // no deadline
   std::this_thread::sleep_for(100ms);
   const auto killed = clock::now();
-  ::kill(child, SIGKILL);
-  ::waitpid(child, nullptr, 0);
+  server.kill();
   ASSERT_EQ(pending.wait_for(5s), std::future_status::ready);
   auto r = pending.get();
   ASSERT_FALSE(r);
@@ -220,37 +206,24 @@ TEST_F(Faults, AClientKilledWhileWritingAPayloadInPlaceLeavesNothing) {
 }
 
 TEST_F(Faults, AServerKilledWhileWritingAReplyFailsTheCall) {
-  int ready[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  const auto o = options();
-  const pid_t child = ::fork();
-  if (child == 0) {
-    boost::asio::io_context ctx;
-    auto s = service::register_point(ctx, "dies.replying", o);
-    (void)::write(ready[1], s ? "y" : "n", 1);
-    std::thread loop([&] { ctx.run(); });
+  child_service server("dies.replying", options(), [](service& s, const child_service& self) {
     for (;;) {
-      auto e = (*s)->receive();
+      auto e = s.receive();
       if (e && e->kind == event_kind::request) {
-        (void)(*s)->reply_in_place(e->client, e->id, 1 << 16, [&](std::span<std::byte> out) {
+        (void)s.reply_in_place(e->client, e->id, 1 << 16, [&](std::span<std::byte> out) {
           std::memset(out.data(), 'r', out.size() / 2);
-          (void)::write(ready[1], "r", 1);
+          self.note();  // half the reply is written
           ::pause();
         });
       }
     }
-  }
-  char c = 0;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);
-  ASSERT_EQ(c, 'y');
+  });
+  ASSERT_TRUE(server.registered());
   auto cl = connect("dies.replying");
   ASSERT_TRUE(cl);
   auto pending = std::async(std::launch::async, [&] { return (*cl)->call("write me a reply", in(10s)); });
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);  // half the reply is written
-  ::kill(child, SIGKILL);
-  ::waitpid(child, nullptr, 0);
-  ::close(ready[0]);
-  ::close(ready[1]);
+  ASSERT_TRUE(server.wait_note());
+  server.kill();
   ASSERT_EQ(pending.wait_for(5s), std::future_status::ready);
   EXPECT_EQ(pending.get().error(), make_error_code(errc::disconnected));
 }

@@ -76,24 +76,9 @@ TEST_F(Rendezvous, ServersOfASharedNameShareItsClients) {
 }
 
 TEST_F(Rendezvous, AKilledServersLeftoversAreReclaimed) {
-  int ready[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  const pid_t child = ::fork();
-  if (child == 0) {
-    boost::asio::io_context ctx;
-    auto s = service::register_point(ctx, "phoenix", options());
-    const char c = s ? 'y' : 'n';
-    (void)::write(ready[1], &c, 1);
-    ::pause();
-    ::_exit(0);
-  }
-  char c = 0;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);
-  ::close(ready[0]);
-  ::close(ready[1]);
-  ASSERT_EQ(c, 'y');
-  ::kill(child, SIGKILL);
-  ::waitpid(child, nullptr, 0);
+  child_service doomed("phoenix", options());
+  ASSERT_TRUE(doomed.registered());
+  doomed.kill();
   // Its socket file is still there; nobody answers it.
   auto gone = connect("phoenix");
   ASSERT_FALSE(gone);
@@ -188,25 +173,12 @@ TEST_F(Rendezvous, ListAndWatchPoints) {
 TEST_F(Rendezvous, AWatchSeesAKilledServerGo) {
   auto watch = point_watch::open(dir_.path());
   ASSERT_TRUE(watch);
-  int ready[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  const pid_t child = ::fork();
-  if (child == 0) {
-    boost::asio::io_context ctx;
-    auto s = service::register_point(ctx, "doomed", options());
-    (void)::write(ready[1], s ? "y" : "n", 1);
-    ::pause();
-    ::_exit(0);
-  }
-  char c = 0;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);
-  ::close(ready[0]);
-  ::close(ready[1]);
+  child_service doomed("doomed", options());
+  ASSERT_TRUE(doomed.registered());
   auto up = watch->next(in(5s));
   ASSERT_TRUE(up);
   EXPECT_EQ(up->what, point_event::kind::appeared);
-  ::kill(child, SIGKILL);
-  ::waitpid(child, nullptr, 0);
+  doomed.kill();
   auto down = watch->next(in(5s));
   ASSERT_TRUE(down) << down.error().message();
   EXPECT_EQ(down->what, point_event::kind::disappeared);
@@ -264,32 +236,14 @@ TEST_F(AsAnotherUser, GroupPointsAdmitMembersBySupplementaryGroup) {
 TEST_F(AsAnotherUser, TheServerChecksCredentialsBeforeReadingAndSaysWhy) {
   // Root passes any file permission, so only the server's own check stops it:
   // a point of uid 65534 open to that user alone.
-  int ready[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  const std::string dir = dir_.path();
-  const pid_t child = ::fork();
-  if (child == 0) {
+  child_service nobodys("nobodys", options(), {}, [] {
     if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(2);
-    boost::asio::io_context ctx;
-    service_options o;
-    o.directory = dir;
-    auto s = service::register_point(ctx, "nobodys", o);
-    (void)::write(ready[1], s ? "y" : "n", 1);
-    std::thread loop([&] { ctx.run_for(std::chrono::seconds(20)); });
-    (void)(*s)->receive(clock::now() + std::chrono::seconds(20));
-    ::_exit(0);
-  }
-  char c = 0;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);
-  ::close(ready[0]);
-  ::close(ready[1]);
-  ASSERT_EQ(c, 'y');
+  });
+  ASSERT_TRUE(nobodys.registered());
   auto a = address("nobodys");
   a.uid = 65534;
   const auto start = clock::now();
   auto cl = client::connect(loop_.ctx(), a);
-  ::kill(child, SIGKILL);
-  ::waitpid(child, nullptr, 0);
   ASSERT_FALSE(cl);
   EXPECT_EQ(cl.error(), make_error_code(uipc::errc::permission_denied)) << cl.error().message();
   EXPECT_LT(clock::now() - start, 2s);  // at once, not after a timeout
