@@ -20,6 +20,7 @@
 #include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -42,6 +43,10 @@ const std::string& bench_directory() {
     std::string d = (std::filesystem::temp_directory_path() / "uipc-bench-caps-XXXXXX").string();
     if (::mkdtemp(d.data()) == nullptr) std::abort();
     ::chmod(d.c_str(), 01777);
+    std::atexit([] {
+      std::error_code ignored;
+      std::filesystem::remove_all(bench_directory(), ignored);
+    });
     return d;
   }();
   return dir;
