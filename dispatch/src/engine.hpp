@@ -23,6 +23,54 @@ namespace uipc::dispatch::detail {
 
 class party;
 
+/// An exclusive port (port_mode::exclusive): a socket bound to a random port
+/// and connected to one response's peer. Shared by its response and its
+/// pending operations on the loop (which may outlive the response).
+struct exclusive_socket {
+  explicit exclusive_socket(boost::asio::io_context& ctx) : socket(ctx) {}
+  std::mutex io_mutex;  // the asio object and every call on its descriptor
+  udp::socket socket;   // under io_mutex
+  int fd = -1;
+  bool closed = false;  // under io_mutex
+  std::uint16_t port = 0;
+  udp::endpoint peer;
+  party* owner = nullptr;  // under the engine's mutex; null once the response detached
+};
+
+/// Draws exclusive ports: uniform over [first, last] from a CSPRNG, never one
+/// of the `recent` last released. Not thread-safe (the engine's port_mutex_).
+class port_draw {
+ public:
+  port_draw(std::uint16_t first, std::uint16_t last, std::uint32_t recent);
+  std::uint16_t first() const noexcept { return first_; }
+  std::uint32_t size() const noexcept { return std::uint32_t{last_} - first_ + 1; }
+  bool recent(std::uint16_t port) const noexcept { return recent_set_[port]; }
+  /// A uniformly drawn port; it may be recent (the caller draws again).
+  std::uint16_t draw();
+  /// A port was released: it is not drawn again for the next `recent` releases.
+  void released(std::uint16_t port);
+
+ private:
+  std::uint16_t first_, last_;
+  std::uint32_t limit_;
+  std::vector<bool> recent_set_;        // by port
+  std::vector<std::uint16_t> recent_;   // a ring of the last limit_ released
+  std::size_t next_ = 0;
+  std::array<std::uint32_t, 256> random_{};
+  std::size_t random_left_ = 0;
+};
+
+/// The system's ephemeral port range, or 32768-60999 when it cannot be read.
+std::pair<std::uint16_t, std::uint16_t> system_port_range();
+
+/// An async_add_response waiting for an exclusive socket.
+struct port_waiter {
+  ref_ptr<dispatcher> owner;
+  udp::endpoint peer;
+  response_options options;
+  boost::asio::any_completion_handler<void(error_code, response)> handler;
+};
+
 /// An address and port in a fixed form, for hashing.
 struct peer_key {
   std::array<std::uint8_t, 16> address{};
@@ -129,6 +177,14 @@ class party {
       queue_;  // responses: replies waiting (short: bounded, and no allocation when empty)
   // Responses only:
   udp::endpoint peer_;
+  port_mode mode_ = port_mode::shared;
+  std::uint16_t local_port_ = 0;
+  // Exclusive ports only: the socket (until detach), its place in
+  // engine::exclusive_, and the socket's error that ended the transaction.
+  std::shared_ptr<exclusive_socket> exclusive_;
+  std::size_t exclusive_slot_ = 0;
+  error_code failed_;
+  bool failure_delivered_ = false;
   id_key key_;
   std::uint64_t serial_ = 0;
   // The response's place in its timeout_list, while its timeout runs.
@@ -252,6 +308,9 @@ class engine : public std::enable_shared_from_this<engine> {
   ~engine();
 
   result<void> open(const udp::endpoint& local);
+  void set_port_range(std::uint16_t first, std::uint16_t last, std::uint32_t recent) {
+    ports_.emplace(first, last, recent);
+  }
   /// Steers the port's datagrams to the receiving sockets, then opens the
   /// separate send sockets (dispatcher_options::separate_send_sockets).
   result<void> open_send_sockets();
@@ -260,6 +319,9 @@ class engine : public std::enable_shared_from_this<engine> {
   result<response> add_response(dispatcher& owner, const udp::endpoint& peer,
                                 const response_options& options);
   result<listener> add_listener(dispatcher& owner);
+  void start_add_response(dispatcher& owner, const udp::endpoint& peer,
+                          const response_options& options,
+                          boost::asio::any_completion_handler<void(error_code, response)> handler);
   void detach(party* p) noexcept;
   void cancel(party* p) noexcept;
 
@@ -294,6 +356,33 @@ class engine : public std::enable_shared_from_this<engine> {
   void classify_locked(socket_state& s, int count, completions& out);
   void classify_one_locked(queued_message& m, std::span<const std::byte> data, completions& out);
   void fail_locked(error_code reason, completions& out);
+
+  // Exclusive ports (exclusive.cpp).
+  port_mode mode_of(const response_options& o) const noexcept {
+    return o.ports.value_or(options_.ports);
+  }
+  /// Takes one of the exclusive_sockets (or says why not): under mutex_.
+  error_code reserve_exclusive_locked();
+  /// Gives a reserved socket back and serves the waiters. Not under mutex_.
+  void unreserve_exclusive() noexcept;
+  /// Opens a socket on a fresh random port, connected to `peer`.
+  result<std::shared_ptr<exclusive_socket>> open_exclusive(const udp::endpoint& peer);
+  /// Attaches a response on a socket reserved and opened for it.
+  result<response> attach_exclusive(dispatcher& owner, const udp::endpoint& peer,
+                                    const response_options& options,
+                                    std::shared_ptr<exclusive_socket> xs);
+  result<response> add_exclusive(dispatcher& owner, const udp::endpoint& peer,
+                                 const response_options& options, bool reserved);
+  /// Closes a detached response's socket; its port goes to the recent ring.
+  void close_exclusive(exclusive_socket& xs) noexcept;
+  void serve_port_waiters() noexcept;
+  void arm_exclusive(const std::shared_ptr<exclusive_socket>& xs);
+  void read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer);
+  void deliver_exclusive_locked(exclusive_socket& xs, queued_message& m, bool truncated,
+                                const sockaddr_storage& from, completions& out);
+  void fail_transaction(exclusive_socket& xs, error_code ec);
+  result<void> send_exclusive(party* p, std::span<const std::byte> message);
+  void detach_exclusive_locked(party& p, std::shared_ptr<exclusive_socket>& closing) noexcept;
 
   void run_completions(completions& batch);
   /// Posts batch[first, end) and empties the batch.
@@ -341,6 +430,13 @@ class engine : public std::enable_shared_from_this<engine> {
   boost::asio::steady_timer timer_;
   std::chrono::steady_clock::time_point armed_for_ = std::chrono::steady_clock::time_point::max();
   std::vector<std::unique_ptr<timeout_list>> timeout_lists_;
+  // Exclusive ports: the attached exclusive responses, the sockets reserved
+  // (opened or opening), the waiters; under mutex_. The draw: under port_mutex_.
+  std::vector<party*> exclusive_;
+  std::uint32_t exclusive_reserved_ = 0;
+  std::deque<std::unique_ptr<port_waiter>> port_waiters_;
+  std::mutex port_mutex_;  // a leaf: nothing else is locked while it is held
+  std::optional<port_draw> ports_;
   std::atomic<unsigned> idle_sockets_{0};  // sockets with no receive armed (restart hint)
   std::atomic<bool> stopping_{false};      // shutting_down_, readable without the lock
   // Buffers taken by receive batches and not yet classified (counted before
@@ -349,7 +445,9 @@ class engine : public std::enable_shared_from_this<engine> {
 
   std::atomic<std::uint64_t> received_{0}, sent_{0}, dropped_short_{0}, dropped_no_listener_{0},
       dropped_unmatched_{0}, dropped_queue_full_{0}, no_buffer_events_{0}, timeouts_{0},
-      send_errors_{0}, dropped_no_memory_{0};
+      send_errors_{0}, dropped_no_memory_{0}, exclusive_received_{0},
+      exclusive_dropped_unmatched_{0}, exclusive_port_redraws_{0}, exclusive_socket_errors_{0},
+      exclusive_no_port_{0};
 };
 
 // Shared by the dispatcher's source files (dispatcher, parties, receive, send).

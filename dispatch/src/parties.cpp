@@ -61,10 +61,13 @@ result<std::uint16_t> engine::allocate_id_locked(const peer_key& peer) {
 
 result<response> engine::add_response(dispatcher& owner, const udp::endpoint& peer,
                                       const response_options& options) {
+  if (mode_of(options) == port_mode::exclusive)
+    return add_exclusive(owner, peer, options, /*reserved=*/false);
   if (peer.address().is_v6() != local_.address().is_v6())
     return make_error_code(asio::error::address_family_not_supported);
   auto p = std::make_unique<party>(*this, ref_ptr<dispatcher>(&owner), party::role::response);
   p->peer_ = peer;
+  p->local_port_ = local_.port();
   sockets_to_arm to_arm;
   completions out;
   out.reserve(1);
@@ -120,6 +123,7 @@ result<listener> engine::add_listener(dispatcher& owner) {
 bool engine::deliverable_locked(const party& p) const noexcept {
   if (!p.attached_) return false;
   if (p.pending_) return true;
+  if (p.failed_ && !p.failure_delivered_) return true;
   if (p.role_ == party::role::response ? !p.queue_.empty() : !queries_.empty()) return true;
   return shutting_down_ && !p.shutdown_delivered_;
 }
@@ -129,7 +133,7 @@ bool engine::deliverable_locked(const party& p) const noexcept {
 // listener's no_buffers before the queries that hold the buffers), then shutdown.
 void engine::collect_locked(party& p, completions& out) {
   if (!p.waiter_ || p.lent_ || !p.attached_) return;
-  enum class source : std::uint8_t { no_buffers, query, reply, timeout, shutdown };
+  enum class source : std::uint8_t { no_buffers, query, reply, timeout, failed, shutdown };
   source from;
   if (p.role_ == party::role::listener && p.pending_) {
     from = source::no_buffers;
@@ -139,6 +143,8 @@ void engine::collect_locked(party& p, completions& out) {
     from = source::reply;
   } else if (p.pending_) {
     from = source::timeout;
+  } else if (p.failed_ && !p.failure_delivered_) {
+    from = source::failed;
   } else if (shutting_down_ && !p.shutdown_delivered_) {
     from = source::shutdown;
   } else {
@@ -175,6 +181,15 @@ void engine::collect_locked(party& p, completions& out) {
     case source::timeout:
       c.ec = std::exchange(p.pending_, {});
       ev.kind_ = event_kind::timed_out;
+      ev.peer_ = p.peer_;
+      ev.id_ = p.key_.id;
+      break;
+    case source::failed:
+      // Exclusive ports: the socket's error ended the transaction.
+      p.failure_delivered_ = true;
+      c.ec = p.failed_;
+      ev.kind_ = event_kind::socket_error;
+      ev.reason_ = p.failed_;
       ev.peer_ = p.peer_;
       ev.id_ = p.key_.id;
       break;
@@ -382,6 +397,7 @@ void engine::detach(party* p) noexcept {
   receive_handler aborted;
   std::vector<queued_message> dropped;
   fifo<queued_message> dropped_queries;
+  std::shared_ptr<exclusive_socket> closing;
   {
     std::lock_guard lock(mutex_);
     p->attached_ = false;
@@ -391,7 +407,10 @@ void engine::detach(party* p) noexcept {
       idle_listeners_.erase(std::find(idle_listeners_.begin(), idle_listeners_.end(), p));
       p->idle_ = false;
     }
-    if (p->role_ == party::role::response) {
+    if (p->exclusive_) {
+      // Not in responses_: its key may equal a shared response's.
+      detach_exclusive_locked(*p, closing);
+    } else if (p->role_ == party::role::response) {
       unlink_timeout_locked(*p);
       responses_.erase(p->key_);
       auto it = per_peer_.find(p->key_.peer);
@@ -406,6 +425,12 @@ void engine::detach(party* p) noexcept {
   // restart below may then find the pool no longer dry.
   dropped.clear();
   dropped_queries.clear();
+  if (closing) {
+    // The socket closes and its port rests; its place serves a waiter. Before
+    // the handle's reference goes: a waiter's response must find us alive.
+    close_exclusive(*closing);
+    unreserve_exclusive();
+  }
   // Decided under the mutex (not from the idle_sockets_ hint): a receive that
   // stopped on the dry pool since is restarted now.
   restart(false);
@@ -498,14 +523,22 @@ void engine::fail_locked(error_code reason, completions& out) {
   reason_ = reason;
   for (auto& [key, p] : responses_) collect_locked(*p, out);
   for (party* p : listeners_) collect_locked(*p, out);
+  for (party* p : exclusive_) collect_locked(*p, out);
 }
 
 void engine::fail(error_code reason, bool from_loop) {
   completions out;
+  // Their references on the dispatcher go at the end of this function.
+  std::deque<std::unique_ptr<port_waiter>> waiters;
   {
     std::lock_guard lock(mutex_);
     fail_locked(reason, out);
     timer_.cancel();  // timeouts no longer matter: every party gets its shutdown event
+    waiters.swap(port_waiters_);
+  }
+  for (auto& w : waiters) {
+    asio::post(ctx_, asio::append(std::move(w->handler), make_error_code(errc::shutting_down),
+                                  response{}));
   }
   // Nothing more is read: cancel the armed receives, so that a loop with no
   // other work can finish.
