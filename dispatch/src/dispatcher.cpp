@@ -301,8 +301,13 @@ void engine::close() noexcept {
     lent_buffers_ = 0;
     timer_.cancel();
   }
-  // Exclusive reads waiting for a buffer hold the engine: let them go.
+  // Exclusive reads waiting for a buffer hold the engine: let them go. The
+  // exclusive sockets are all closed (their responses held the dispatcher).
   pool_->cancel();
+  {
+    std::lock_guard lock(slots_mutex_);
+    exclusive_set_.reset();  // closes the set; a pending wait ends as cancelled
+  }
   for (auto& s : sockets_) {
     fifo<outgoing> unsent;
     {

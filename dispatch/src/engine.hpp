@@ -6,6 +6,7 @@
 #include <array>
 #include <atomic>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/container/static_vector.hpp>
 #include <cerrno>
@@ -24,17 +25,30 @@ namespace uipc::dispatch::detail {
 class party;
 
 /// An exclusive port (port_mode::exclusive): a socket bound to a random port
-/// and connected to one response's peer. Shared by its response and its
-/// pending operations on the loop (which may outlive the response).
+/// and connected to one response's peer. Shared by its response and the reads
+/// in progress on the loop (which may outlive the response). Not an asio
+/// socket: it waits in the engine's own epoll set (see exclusive_io.cpp).
 struct exclusive_socket {
-  explicit exclusive_socket(boost::asio::io_context& ctx) : socket(ctx) {}
-  std::mutex io_mutex;  // the asio object and every call on its descriptor
-  udp::socket socket;   // under io_mutex
-  int fd = -1;
+  exclusive_socket() = default;
+  exclusive_socket(const exclusive_socket&) = delete;
+  exclusive_socket& operator=(const exclusive_socket&) = delete;
+  ~exclusive_socket();
+  std::mutex io_mutex;  // every call on the descriptor, and closing it
+  int fd = -1;          // under io_mutex
   bool closed = false;  // under io_mutex
   std::uint16_t port = 0;
   udp::endpoint peer;
+  std::uint32_t slot = 0;        // in the engine's epoll slots (under its slots mutex)
+  std::uint32_t generation = 0;  // of that slot, in the epoll event's data
+  bool registered = false;       // under the slots mutex
   party* owner = nullptr;  // under the engine's mutex; null once the response detached
+};
+
+/// An entry of the engine's epoll set of exclusive sockets: an event names its
+/// socket by (slot, generation), so an event of a socket closed since finds nothing.
+struct exclusive_slot {
+  std::shared_ptr<exclusive_socket> socket;
+  std::uint32_t generation = 0;
 };
 
 /// Draws exclusive ports: uniform over [first, last] from a CSPRNG, never one
@@ -376,7 +390,12 @@ class engine : public std::enable_shared_from_this<engine> {
   /// Closes a detached response's socket; its port goes to the recent ring.
   void close_exclusive(exclusive_socket& xs) noexcept;
   void serve_port_waiters() noexcept;
-  void arm_exclusive(const std::shared_ptr<exclusive_socket>& xs);
+  /// Adds an opened socket to the epoll set (exclusive_io.cpp).
+  error_code watch_exclusive(const std::shared_ptr<exclusive_socket>& xs);
+  /// Takes a closed socket out of the set; the last one stops the wait.
+  void unwatch_exclusive(exclusive_socket& xs) noexcept;
+  void arm_exclusive_set_locked();
+  void on_exclusive_set_ready(error_code ec, std::uint64_t wait);
   void read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer);
   void deliver_exclusive_locked(exclusive_socket& xs, queued_message& m, bool truncated,
                                 const sockaddr_storage& from, completions& out);
@@ -437,6 +456,18 @@ class engine : public std::enable_shared_from_this<engine> {
   std::deque<std::unique_ptr<port_waiter>> port_waiters_;
   std::mutex port_mutex_;  // a leaf: nothing else is locked while it is held
   std::optional<port_draw> ports_;
+  // The exclusive sockets' own epoll set, itself waited on by the loop: one
+  // epoll_ctl per socket (its descriptor leaves the set when it closes), where
+  // an asio socket would cost an ioctl and three epoll_ctl. Under slots_mutex_
+  // (a leaf as well).
+  std::mutex slots_mutex_;
+  std::unique_ptr<boost::asio::posix::stream_descriptor> exclusive_set_;
+  bool exclusive_set_armed_ = false;
+  bool exclusive_set_busy_ = false;  // a thread is reading the set's ready sockets
+  std::uint64_t exclusive_set_waits_ = 0;  // waits armed so far: the last one is current
+  std::vector<exclusive_slot> slots_;
+  std::vector<std::uint32_t> free_slots_;
+  std::size_t watched_ = 0;
   std::atomic<unsigned> idle_sockets_{0};  // sockets with no receive armed (restart hint)
   std::atomic<bool> stopping_{false};      // shutting_down_, readable without the lock
   // Buffers taken by receive batches and not yet classified (counted before

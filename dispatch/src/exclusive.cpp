@@ -1,7 +1,7 @@
 // Exclusive ports (port_mode::exclusive): a response on a socket of its own,
 // bound to a port drawn from a CSPRNG and connected to its peer, on the shared
-// loop. Drawing ports, the bounded set of sockets and its waiters, the read
-// and send paths, and a socket error that ends one transaction.
+// loop. This file: drawing ports, opening and closing the sockets, the bounded
+// set of them and its waiters. Reading, sending and errors: exclusive_io.cpp.
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -91,11 +91,14 @@ result<std::shared_ptr<exclusive_socket>> engine::open_exclusive(const udp::endp
   const int fd = ::socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return errno_code(errno);
   struct fd_guard {
+    explicit fd_guard(int f) noexcept : fd(f) {}
     int fd;
+    fd_guard(const fd_guard&) = delete;
+    fd_guard& operator=(const fd_guard&) = delete;
     ~fd_guard() {
       if (fd >= 0) ::close(fd);
     }
-  } guard{fd};
+  } guard(fd);
   if (v6) {
     const int one = 1;
     if (::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) != 0)
@@ -148,12 +151,8 @@ result<std::shared_ptr<exclusive_socket>> engine::open_exclusive(const udp::endp
   // address and port, and reports the peer's ICMP errors on it.
   if (::connect(fd, peer.data(), static_cast<socklen_t>(peer.size())) != 0)
     return errno_code(errno);
-  auto xs = std::make_shared<exclusive_socket>(ctx_);
-  error_code ec;
-  xs->socket.assign(v6 ? udp::v6() : udp::v4(), fd, ec);
-  if (ec) return ec;
-  guard.fd = -1;  // the asio socket owns it now
-  xs->fd = fd;
+  auto xs = std::make_shared<exclusive_socket>();
+  xs->fd = std::exchange(guard.fd, -1);  // owned by xs from here on
   xs->port = port;
   xs->peer = peer;
   return xs;
@@ -176,6 +175,11 @@ result<response> engine::add_exclusive(dispatcher& owner, const udp::endpoint& p
   if (!xs) {
     unreserve_exclusive();
     return xs.error();
+  }
+  if (auto ec = watch_exclusive(*xs)) {
+    close_exclusive(**xs);
+    unreserve_exclusive();
+    return ec;
   }
   return attach_exclusive(owner, peer, options, std::move(*xs));
 }
@@ -217,7 +221,6 @@ result<response> engine::attach_exclusive(dispatcher& owner, const udp::endpoint
     unreserve_exclusive();
     return refused;
   }
-  arm_exclusive(xs);
   return response(p.release());
 }
 
@@ -235,11 +238,15 @@ void engine::close_exclusive(exclusive_socket& xs) noexcept {
     std::lock_guard io(xs.io_mutex);
     if (xs.closed) return;
     xs.closed = true;
-    error_code ignored;
-    xs.socket.close(ignored);  // a pending wait completes with operation_aborted
+    ::close(std::exchange(xs.fd, -1));  // which also takes it out of the epoll set
   }
+  unwatch_exclusive(xs);
   std::lock_guard lock(port_mutex_);
   ports_->released(xs.port);
+}
+
+exclusive_socket::~exclusive_socket() {
+  if (fd >= 0) ::close(fd);
 }
 
 void engine::start_add_response(dispatcher& owner, const udp::endpoint& peer,
@@ -304,158 +311,6 @@ void engine::serve_port_waiters() noexcept {
       // (and the response, if any, detaches). Nothing better from a noexcept path.
     }
   }
-}
-
-// ---------------------------------------------------------------- reading
-
-void engine::arm_exclusive(const std::shared_ptr<exclusive_socket>& xs) {
-  std::lock_guard io(xs->io_mutex);
-  if (xs->closed || stopping_.load(std::memory_order_relaxed)) return;
-  xs->socket.async_wait(asio::socket_base::wait_read,
-                        [self = shared_from_this(), xs](error_code ec) {
-                          if (ec == asio::error::operation_aborted) return;
-                          if (ec) {
-                            self->fail_transaction(*xs, ec);
-                            return;
-                          }
-                          self->read_exclusive(xs, pooled_buffer{});
-                        });
-}
-
-void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer) {
-  // Usually one datagram (the reply); bounded per wake-up like the shared socket.
-  for (int round = 0; round < 16; ++round) {
-    if (stopping_.load(std::memory_order_relaxed)) return;  // no more reads after shutdown
-    if (!buffer) buffer = pool_->try_acquire();
-    if (!buffer) {
-      // The pool is dry: read when a buffer comes back (the datagram waits in
-      // the socket meanwhile), as the shared socket does.
-      pool_->async_acquire([self = shared_from_this(), xs](error_code ec, pooled_buffer b) {
-        if (!ec) self->read_exclusive(xs, std::move(b));
-      });
-      return;
-    }
-    sockaddr_storage from{};
-    iovec iov{buffer.data(), buffer.size()};
-    msghdr h{};
-    h.msg_name = &from;
-    h.msg_namelen = sizeof from;
-    h.msg_iov = &iov;
-    h.msg_iovlen = 1;
-    ssize_t got;
-    int err = 0;
-    {
-      std::lock_guard io(xs->io_mutex);
-      if (xs->closed) return;
-      got = ::recvmsg(xs->fd, &h, MSG_DONTWAIT);
-      if (got < 0) err = errno;
-    }
-    if (got < 0) {
-      if (err == EINTR) continue;
-      if (err == EAGAIN || err == EWOULDBLOCK) break;
-      // ECONNREFUSED, EHOSTUNREACH, ...: the peer's ICMP error, reported on this
-      // connected socket alone. This transaction fails; nothing else does.
-      buffer.reset();
-      fail_transaction(*xs, errno_code(err));
-      return;
-    }
-    exclusive_received_.fetch_add(1, std::memory_order_relaxed);
-    received_.fetch_add(1, std::memory_order_relaxed);
-    queued_message m{std::move(buffer), static_cast<std::size_t>(got), xs->peer, 0, 0};
-    completions out;
-    {
-      std::lock_guard lock(mutex_);
-      try {
-        deliver_exclusive_locked(*xs, m, (h.msg_flags & MSG_TRUNC) != 0, from, out);
-      } catch (const std::bad_alloc&) {
-        dropped_no_memory_.fetch_add(1, std::memory_order_relaxed);
-      }
-    }
-    const bool dropped = static_cast<bool>(m.buffer);
-    m.buffer.reset();  // not under the lock: the pool may serve a waiter
-    run_completions(out);
-    // A buffer given back may be what a shared socket stopped on the dry pool waits for.
-    if (dropped) restart_if_needed(true);
-  }
-  if (buffer) buffer.reset();
-  arm_exclusive(xs);
-}
-
-// Checks a datagram read on an exclusive socket once, then queues it for its
-// response or leaves it in `m` (dropped by the caller).
-void engine::deliver_exclusive_locked(exclusive_socket& xs, queued_message& m, bool truncated,
-                                      const sockaddr_storage& from, completions& out) {
-  const framing& f = options_.frame;
-  if (truncated || m.size < f.header_size) {
-    dropped_short_.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
-  if (shutting_down_) return;  // nothing is delivered after the shutdown event
-  party* p = xs.owner;
-  const std::span<const std::byte> data(m.buffer.data(), m.size);
-  // The kernel matched the source to the connected peer; checked again all the
-  // same (the socket is the only witness, and the check costs nothing).
-  udp::endpoint sender;
-  std::memcpy(sender.data(), &from,
-              from.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in));
-  m.id = f.read_id(data);
-  if (p == nullptr || !p->attached_ || p->failed_ || sender != xs.peer || !f.is_response(data) ||
-      m.id != p->key_.id) {
-    exclusive_dropped_unmatched_.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
-  if (p->queue_.size() >= options_.max_queued_per_response) {
-    dropped_queue_full_.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
-  p->queue_.push_back(std::move(m));
-  collect_locked(*p, out);
-}
-
-void engine::fail_transaction(exclusive_socket& xs, error_code ec) {
-  completions out;
-  {
-    std::lock_guard lock(mutex_);
-    party* p = xs.owner;
-    if (p == nullptr || !p->attached_ || p->failed_ || shutting_down_) return;
-    p->failed_ = ec;
-    unlink_timeout_locked(*p);  // over: no timeout follows
-    exclusive_socket_errors_.fetch_add(1, std::memory_order_relaxed);
-    collect_locked(*p, out);
-  }
-  run_completions(out);
-}
-
-// ---------------------------------------------------------------- sending
-
-result<void> engine::send_exclusive(party* p, std::span<const std::byte> message) {
-  // The shared socket's limit, so that a message behaves the same in either mode.
-  if (message.size() > pool_->buffer_size()) return make_error_code(errc::message_too_large);
-  std::shared_ptr<exclusive_socket> xs;
-  {
-    std::lock_guard lock(mutex_);
-    if (!p->attached_) return make_error_code(errc::detached);
-    if (shutting_down_) return make_error_code(errc::shutting_down);
-    xs = p->exclusive_;
-  }
-  if (!xs) return make_error_code(errc::detached);
-  ssize_t sent;
-  int err = 0;
-  {
-    std::lock_guard io(xs->io_mutex);
-    if (xs->closed) return make_error_code(errc::detached);
-    do {
-      sent = ::send(xs->fd, message.data(), message.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-    } while (sent < 0 && errno == EINTR);
-    if (sent < 0) err = errno;
-  }
-  if (sent < 0) {
-    send_errors_.fetch_add(1, std::memory_order_relaxed);
-    if (err == EMSGSIZE) return make_error_code(errc::message_too_large);
-    return errno_code(err);
-  }
-  sent_.fetch_add(1, std::memory_order_relaxed);
-  return {};
 }
 
 }  // namespace uipc::dispatch::detail

@@ -536,6 +536,15 @@ void engine::fail(error_code reason, bool from_loop) {
     timer_.cancel();  // timeouts no longer matter: every party gets its shutdown event
     waiters.swap(port_waiters_);
   }
+  {
+    // Exclusive sockets are no longer read: the wait on their set ends.
+    std::lock_guard lock(slots_mutex_);
+    if (exclusive_set_armed_) {
+      error_code ignored;
+      exclusive_set_->cancel(ignored);
+      exclusive_set_armed_ = false;
+    }
+  }
   for (auto& w : waiters) {
     asio::post(ctx_, asio::append(std::move(w->handler), make_error_code(errc::shutting_down),
                                   response{}));
