@@ -454,6 +454,7 @@ class engine : public std::enable_shared_from_this<engine> {
   std::vector<party*> exclusive_;
   std::uint32_t exclusive_reserved_ = 0;
   std::deque<std::unique_ptr<port_waiter>> port_waiters_;
+  bool serving_waiters_ = false;  // a thread is in serve_port_waiters
   std::mutex port_mutex_;  // a leaf: nothing else is locked while it is held
   std::optional<port_draw> ports_;
   // The exclusive sockets' own epoll set, itself waited on by the loop: one

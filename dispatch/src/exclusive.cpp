@@ -288,13 +288,23 @@ void engine::start_add_response(dispatcher& owner, const udp::endpoint& peer,
 }
 
 void engine::serve_port_waiters() noexcept {
+  bool continuing = false;  // this call is the one serving
   for (;;) {
     std::unique_ptr<port_waiter> w;
     {
       std::lock_guard lock(mutex_);
+      // One thread serves at a time: a failed open gives its place back through
+      // unreserve_exclusive, which must not recurse into here once per waiter.
+      // The condition is checked, and serving given up, in one critical section,
+      // so a place freed meanwhile by another thread is seen by one of us.
+      if (serving_waiters_ && !continuing) return;
       if (port_waiters_.empty() || shutting_down_ ||
-          exclusive_reserved_ >= options_.exclusive_sockets)
+          exclusive_reserved_ >= options_.exclusive_sockets) {
+        serving_waiters_ = false;
         return;
+      }
+      serving_waiters_ = true;
+      continuing = true;
       w = std::move(port_waiters_.front());
       port_waiters_.pop_front();
       ++exclusive_reserved_;
