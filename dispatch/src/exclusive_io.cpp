@@ -24,9 +24,9 @@ error_code engine::watch_exclusive(const std::shared_ptr<exclusive_socket>& xs) 
   try {
     std::lock_guard lock(slots_mutex_);
     if (!exclusive_set_) {
+      auto set = std::make_unique<asio::posix::stream_descriptor>(ctx_);  // may throw: first
       const int fd = ::epoll_create1(EPOLL_CLOEXEC);
       if (fd < 0) return errno_code(errno);
-      auto set = std::make_unique<asio::posix::stream_descriptor>(ctx_);
       error_code ec;
       set->assign(fd, ec);
       if (ec) {
