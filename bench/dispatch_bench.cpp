@@ -142,8 +142,9 @@ struct echo_sink {
   }
 };
 
-/// Keeps 32 transactions in flight from one dispatcher to another, in one loop.
-void BM_Dispatcher_Transaction(benchmark::State& state) {
+/// Keeps 32 transactions in flight from one dispatcher to another, in one loop,
+/// each response on the shared socket or on an exclusive random port.
+void run_transactions(benchmark::State& state, port_mode ports) {
   asio::io_context ctx;
   auto server = dispatcher::create(ctx, loopback_any);
   auto client = dispatcher::create(ctx, loopback_any);
@@ -156,10 +157,17 @@ void BM_Dispatcher_Transaction(benchmark::State& state) {
   struct starter {
     ref_ptr<dispatcher> d;
     udp::endpoint to;
+    response_options options;
     std::array<response, batch>* slots;
     std::int64_t* done;
+    bool* failed;
     void start(std::size_t i) const {
-      auto r = d->add_response(to);
+      (*slots)[i].detach();  // the exclusive port goes back before the next is drawn
+      auto r = d->add_response(to, options);
+      if (!r) {
+        *failed = true;
+        return;
+      }
       std::array<std::byte, 12> q{};
       d->frame().write_id(q, r->id());
       (void)r->send(q);
@@ -171,11 +179,18 @@ void BM_Dispatcher_Transaction(benchmark::State& state) {
         s.start(i);
       });
     }
-  } go{*client, to, &slots, &done};
+  };
+  bool failed = false;
+  starter go{*client, to, response_options{std::chrono::milliseconds(0), ports}, &slots, &done,
+             &failed};
   for (std::size_t i = 0; i < batch; ++i) go.start(i);
   for (auto _ : state) {
     target += 256;
-    while (done < target) ctx.run_one();
+    while (done < target && !failed) ctx.run_one();
+    if (failed) {
+      state.SkipWithError("add_response failed");
+      break;
+    }
   }
   state.SetItemsProcessed(state.iterations() * 256);
   for (auto& s : slots) s.detach();
@@ -186,7 +201,18 @@ void BM_Dispatcher_Transaction(benchmark::State& state) {
   ctx.restart();
   ctx.poll();
 }
+
+void BM_Dispatcher_Transaction(benchmark::State& state) {
+  run_transactions(state, port_mode::shared);
+}
 BENCHMARK(BM_Dispatcher_Transaction);
+
+/// The same with every response on its own random port: socket, bind, connect
+/// and close per transaction, the price of port randomization.
+void BM_Dispatcher_TransactionExclusivePort(benchmark::State& state) {
+  run_transactions(state, port_mode::exclusive);
+}
+BENCHMARK(BM_Dispatcher_TransactionExclusivePort);
 
 /// The floor for BM_Dispatcher_Transaction: the same transaction (a 12-byte
 /// query, answered with QR set, 32 in flight, 256 per iteration) over two

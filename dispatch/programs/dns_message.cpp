@@ -5,6 +5,7 @@
 #include <array>
 #include <cctype>
 #include <charconv>
+#include <cstdlib>  // arc4random_buf
 #include <cstring>
 #include <vector>
 
@@ -99,9 +100,15 @@ std::optional<question> parse_question(std::span<const std::byte> m) {
     if (len > 63 || at + len > m.size()) return std::nullopt;  // also refuses pointers (0xc0..)
     wire_length += len + 1;
     if (wire_length > 254) return std::nullopt;
-    if (!q.name.empty()) q.name += '.';
-    for (std::size_t i = 0; i < len; ++i)
-      q.name += static_cast<char>(std::tolower(std::to_integer<unsigned char>(m[at + i])));
+    if (!q.name.empty()) {
+      q.name += '.';
+      q.wire_name += '.';
+    }
+    for (std::size_t i = 0; i < len; ++i) {
+      const auto c = std::to_integer<unsigned char>(m[at + i]);
+      q.wire_name += static_cast<char>(c);
+      q.name += static_cast<char>(std::tolower(c));
+    }
     at += len;
   }
   if (at + 4 > m.size()) return std::nullopt;
@@ -159,10 +166,28 @@ std::size_t answer_in_place(std::span<std::byte> buf, std::size_t length) {
   return finish(at, known ? rcode_noerror : rcode_nxdomain, 1, answers);
 }
 
-bool reply_matches(std::span<const std::byte> reply, std::string_view name, std::uint16_t type) {
+bool reply_matches(std::span<const std::byte> reply, std::string_view name, std::uint16_t type,
+                   bool exact_case) {
   if (reply.size() < 12 || (std::to_integer<unsigned>(reply[2]) & 0x80) == 0) return false;
   auto q = parse_question(reply);
-  return q && q->name == lower(name) && q->type == type && q->qclass == class_in;
+  if (!q || q->type != type || q->qclass != class_in) return false;
+  if (!exact_case) return q->name == lower(name);
+  if (!name.empty() && name.back() == '.') name.remove_suffix(1);
+  return q->wire_name == name;
+}
+
+std::string random_case(std::string_view name) {
+  if (!name.empty() && name.back() == '.') name.remove_suffix(1);
+  std::string out(name);
+  std::array<std::uint8_t, 32> bits{};  // 256 letters' worth; names are at most 253 bytes
+  ::arc4random_buf(bits.data(), bits.size());
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const auto c = static_cast<unsigned char>(out[i]);
+    if (std::isalpha(c) == 0) continue;
+    const bool upper = (bits[i / 8] >> (i % 8) & 1) != 0;
+    out[i] = static_cast<char>(upper ? std::toupper(c) : std::tolower(c));
+  }
+  return out;
 }
 
 }  // namespace uipc::dns

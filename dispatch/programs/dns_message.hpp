@@ -25,6 +25,7 @@ inline constexpr std::uint8_t rcode_notimp = 4;
 /// dot ("" for the root), its type and class, and where the question ends.
 struct question {
   std::string name;
+  std::string wire_name;  ///< the same, with its letters' case as sent
   std::uint16_t type = 0;
   std::uint16_t qclass = 0;
   std::size_t end = 0;
@@ -54,7 +55,15 @@ std::uint8_t rcode(std::span<const std::byte> message);
 /// The number of answer records.
 std::uint16_t answer_count(std::span<const std::byte> message);
 
-/// True when `reply` is a response whose question is (name, type, IN).
-bool reply_matches(std::span<const std::byte> reply, std::string_view name, std::uint16_t type);
+/// True when `reply` is a response whose question is (name, type, IN). With
+/// `exact_case`, the name must come back letter for letter as sent (0x20).
+bool reply_matches(std::span<const std::byte> reply, std::string_view name, std::uint16_t type,
+                   bool exact_case = false);
+
+/// 0x20 (draft-vixie-dnsext-dns0x20): `name` with each letter's case drawn from
+/// a CSPRNG. Servers copy the question into the reply as it came, so a forger
+/// must guess one bit per letter beside the ID (and port); check the reply with
+/// reply_matches(..., exact_case = true). Without a trailing dot.
+std::string random_case(std::string_view name);
 
 }  // namespace uipc::dns

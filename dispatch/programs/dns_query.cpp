@@ -28,10 +28,16 @@ void usage() {
       stderr,
       "usage: uipc-dns-query --server ADDR:PORT --names FILE [--count N] [--inflight M] [--timeout "
       "MS]\n"
+      "                      [--random-ports | --shared-port] [--port-range FIRST-LAST] [--0x20]\n"
       "  FILE: one query per line, 'NAME [TYPE]' (TYPE: A, AAAA, TXT or a number; default A);\n"
       "        the lines are used in turn until N queries were sent (default: one round).\n"
+      "  --random-ports: each query from its own socket on a random port (the default when\n"
+      "        the server is not on loopback); --shared-port: all from one socket (the default\n"
+      "        on loopback); --port-range: where random ports are drawn (default: the system's\n"
+      "        ephemeral range); --0x20: random case in each query name, checked in the reply.\n"
       "Prints: completed C timed_out T mismatched X errors E nxdomain N elapsed_s S qps Q cpu_s "
-      "U,\n"
+      "U\n"
+      "        ports shared|random unmatched_shared A unmatched_random B,\n"
       "and with --verbose one line per answer.\n");
 }
 
@@ -44,14 +50,15 @@ class query_run {
  public:
   query_run(event_loop& loop, ref_ptr<dispatcher> d, udp::endpoint server,
             std::vector<query_name> names, unsigned long count, std::chrono::milliseconds timeout,
-            bool verbose)
+            bool verbose, bool mixed_case)
       : loop_(loop),
         d_(std::move(d)),
         server_(server),
         names_(std::move(names)),
         count_(count),
         timeout_(timeout),
-        verbose_(verbose) {}
+        verbose_(verbose),
+        mixed_case_(mixed_case) {}
 
   void start(unsigned long inflight) {
     slots_.resize(inflight);
@@ -60,7 +67,8 @@ class query_run {
     if (finished()) loop_.stop();
   }
 
-  void report() const {
+  void report(port_mode ports) const {
+    const dispatcher_stats& st = final_stats_;
     const double seconds = std::chrono::duration<double>(ended_ - started_).count();
     rusage ru{};
     ::getrusage(RUSAGE_SELF, &ru);
@@ -68,9 +76,12 @@ class query_run {
                        static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
     std::printf(
         "completed %lu timed_out %lu mismatched %lu errors %lu nxdomain %lu elapsed_s %.3f qps "
-        "%.0f cpu_s %.3f\n",
+        "%.0f cpu_s %.3f ports %s unmatched_shared %llu unmatched_random %llu\n",
         completed_, timed_out_, mismatched_, errors_, nxdomain_, seconds,
-        seconds > 0 ? static_cast<double>(completed_) / seconds : 0.0, cpu);
+        seconds > 0 ? static_cast<double>(completed_) / seconds : 0.0, cpu,
+        ports == port_mode::exclusive ? "random" : "shared",
+        static_cast<unsigned long long>(st.dropped_unmatched),
+        static_cast<unsigned long long>(st.exclusive_dropped_unmatched));
   }
   bool clean() const { return errors_ == 0; }
 
@@ -80,6 +91,7 @@ class query_run {
     if (ended_ == std::chrono::steady_clock::time_point{})
       ended_ = std::chrono::steady_clock::now();
     for (auto& s : slots_) s.r.detach();
+    if (d_) final_stats_ = d_->stats();
     d_.reset();
   }
 
@@ -87,6 +99,7 @@ class query_run {
   struct slot {
     response r;
     std::size_t name_index = 0;
+    std::string sent_name;  // with --0x20: the name in the case it was sent
   };
 
   bool finished() const { return done_ == count_; }
@@ -104,8 +117,9 @@ class query_run {
       return;
     }
     std::array<std::byte, 300> query;
-    const std::size_t length =
-        dns::build_query(query, r->id(), names_[index].name, names_[index].type);
+    if (mixed_case_) s.sent_name = dns::random_case(names_[index].name);
+    const std::string& name = mixed_case_ ? s.sent_name : names_[index].name;
+    const std::size_t length = dns::build_query(query, r->id(), name, names_[index].type);
     if (length == 0 || !r->send(std::span(query).first(length))) {
       ++errors_;
       complete_one();
@@ -130,7 +144,8 @@ class query_run {
         loop_.stop();
         return;
       }
-    } else if (!dns::reply_matches(ev.data(), q.name, q.type)) {
+    } else if (!dns::reply_matches(ev.data(), mixed_case_ ? s.sent_name : q.name, q.type,
+                                   mixed_case_)) {
       ++mismatched_;
     } else {
       ++completed_;
@@ -159,7 +174,9 @@ class query_run {
   unsigned long count_;
   std::chrono::milliseconds timeout_;
   bool verbose_;
+  bool mixed_case_;
   std::vector<slot> slots_;
+  dispatcher_stats final_stats_;
   unsigned long issued_ = 0, done_ = 0;
   unsigned long completed_ = 0, timed_out_ = 0, mismatched_ = 0, errors_ = 0, nxdomain_ = 0;
   std::chrono::steady_clock::time_point started_, ended_;
@@ -174,6 +191,9 @@ int main(int argc, char** argv) {
   unsigned long inflight = 1;
   unsigned long timeout_ms = 2000;
   bool verbose = false;
+  bool mixed_case = false;
+  std::optional<bool> random_ports;
+  std::uint16_t first_port = 0, last_port = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h") {
@@ -182,6 +202,14 @@ int main(int argc, char** argv) {
     }
     if (arg == "--verbose") {
       verbose = true;
+      continue;
+    }
+    if (arg == "--random-ports" || arg == "--shared-port") {
+      random_ports = arg == "--random-ports";
+      continue;
+    }
+    if (arg == "--0x20") {
+      mixed_case = true;
       continue;
     }
     if (i + 1 >= argc) {
@@ -200,6 +228,17 @@ int main(int argc, char** argv) {
       inflight = *n;
     } else if (arg == "--timeout" && (n = dns::parse_count(value)) && *n > 0) {
       timeout_ms = *n;
+    } else if (arg == "--port-range") {
+      const auto dash = value.find('-');
+      const auto a = dns::parse_count(value.substr(0, dash));
+      const auto b = dash == std::string_view::npos ? std::nullopt
+                                                    : dns::parse_count(value.substr(dash + 1));
+      if (!a || !b || *a == 0 || *a > *b || *b > 65535) {
+        std::fprintf(stderr, "uipc-dns-query: --port-range wants FIRST-LAST within 1-65535\n");
+        return 2;
+      }
+      first_port = static_cast<std::uint16_t>(*a);
+      last_port = static_cast<std::uint16_t>(*b);
     } else {
       usage();
       return 2;
@@ -239,6 +278,15 @@ int main(int argc, char** argv) {
   options.max_queued_per_response = 2;
   options.socket_buffer_bytes = 4 << 20;
   options.separate_send_sockets = true;  // no epoll callback per query sent
+  // Random ports unless told otherwise, except towards loopback: a forger there
+  // is already on the host.
+  const bool use_random_ports = random_ports.value_or(!peer->address().is_loopback());
+  options.ports = use_random_ports ? port_mode::exclusive : port_mode::shared;
+  options.exclusive_sockets = static_cast<std::uint32_t>(inflight);  // one per query in flight
+  options.first_port = first_port;
+  options.last_port = last_port;
+  if (first_port != 0)
+    options.recent_ports = std::min<std::uint32_t>(1024, (last_port - first_port + 1u) / 2);
   const udp::endpoint local(peer->address().is_v6() ? udp::v6() : udp::v4(), 0);
   auto d = dispatcher::create(loop.context(), local, options);
   if (!d) {
@@ -248,12 +296,12 @@ int main(int argc, char** argv) {
   const unsigned long total = count.value_or(names.size());
   std::optional<query_run> run;
   run.emplace(loop, *d, *peer, std::move(names), total, std::chrono::milliseconds(timeout_ms),
-              verbose);
+              verbose, mixed_case);
   d->reset();
   loop.on_stop([&] { run->stop(); });
   boost::asio::post(loop.context(), [&] { run->start(inflight); });
   loop.run();
-  run->report();
+  run->report(options.ports);
   std::fflush(stdout);
   const bool clean = run->clean();
   run.reset();  // detaches every response; the last one closes the dispatcher

@@ -22,6 +22,7 @@
 #include <new>
 #include <optional>
 #include <stdexcept>
+#include <tuple>
 
 #include "engine.hpp"
 
@@ -44,6 +45,12 @@ response& response::operator=(response&& other) noexcept {
 }
 
 std::uint16_t response::id() const noexcept { return party_ ? party_->key_.id : 0; }
+
+port_mode response::ports() const noexcept {
+  return party_ ? party_->mode_ : port_mode::shared;
+}
+
+std::uint16_t response::local_port() const noexcept { return party_ ? party_->local_port_ : 0; }
 
 const udp::endpoint& response::peer() const noexcept {
   static const udp::endpoint none;
@@ -294,6 +301,13 @@ void engine::close() noexcept {
     lent_buffers_ = 0;
     timer_.cancel();
   }
+  // Exclusive reads waiting for a buffer hold the engine: let them go. The
+  // exclusive sockets are all closed (their responses held the dispatcher).
+  pool_->cancel();
+  {
+    std::lock_guard lock(slots_mutex_);
+    exclusive_set_.reset();  // closes the set; a pending wait ends as cancelled
+  }
   for (auto& s : sockets_) {
     fifo<outgoing> unsent;
     {
@@ -333,6 +347,11 @@ dispatcher_stats engine::stats() const {
   st.timeouts = timeouts_.load(std::memory_order_relaxed);
   st.send_errors = send_errors_.load(std::memory_order_relaxed);
   st.dropped_no_memory = dropped_no_memory_.load(std::memory_order_relaxed);
+  st.exclusive_received = exclusive_received_.load(std::memory_order_relaxed);
+  st.exclusive_dropped_unmatched = exclusive_dropped_unmatched_.load(std::memory_order_relaxed);
+  st.exclusive_port_redraws = exclusive_port_redraws_.load(std::memory_order_relaxed);
+  st.exclusive_socket_errors = exclusive_socket_errors_.load(std::memory_order_relaxed);
+  st.exclusive_no_port = exclusive_no_port_.load(std::memory_order_relaxed);
   st.buffers_in_use = pool_->in_use();
   for (const auto& s : sockets_) {
     std::lock_guard io(s->io_mutex);  // before mutex_: io_mutex comes first
@@ -341,7 +360,9 @@ dispatcher_stats engine::stats() const {
   std::lock_guard lock(mutex_);
   st.buffers_lent = lent_buffers_;
   st.queued_queries = queries_.size();
-  st.responses = responses_.size();
+  st.responses = responses_.size() + exclusive_.size();
+  st.exclusive_open = exclusive_reserved_;
+  st.port_waiters = port_waiters_.size();
   st.listeners = listeners_.size();
   for (const auto& s : sockets_) st.receiving_sockets += s->receiving ? 1 : 0;
   st.shutting_down = shutting_down_;
@@ -364,6 +385,16 @@ result<ref_ptr<dispatcher>> dispatcher::create(asio::io_context& context,
       options.buffers == 0 || options.max_receives == 0 || options.max_receives > 1024 ||
       options.sockets > 64 || options.max_queued_per_response == 0)
     return make_error_code(errc::bad_options);
+  // The exclusive ports' range: both ends given, or neither (the system's).
+  std::uint16_t first_port = options.first_port, last_port = options.last_port;
+  std::uint32_t recent_ports = options.recent_ports;
+  if ((first_port == 0) != (last_port == 0) || first_port > last_port)
+    return make_error_code(errc::bad_options);
+  if (first_port == 0) {
+    std::tie(first_port, last_port) = detail::system_port_range();
+    recent_ports = std::min<std::uint32_t>(recent_ports, (last_port - first_port + 1u) / 2);
+  }
+  if (recent_ports >= last_port - first_port + 1u) return make_error_code(errc::bad_options);
   // The pool is allocated up front: a size that overflows, or that cannot be
   // allocated, is a bad option, not an exception out of create().
   constexpr std::size_t max_pool_bytes = std::size_t{1} << 40;
@@ -373,6 +404,7 @@ result<ref_ptr<dispatcher>> dispatcher::create(asio::io_context& context,
   if (!pool) return make_error_code(errc::bad_options);
   try {
     auto e = std::make_shared<detail::engine>(context, options, std::move(*pool));
+    e->set_port_range(first_port, last_port, recent_ports);
     if (auto opened = e->open(local); !opened) return opened.error();
     return ref_ptr<dispatcher>(new dispatcher(
         std::move(e)));  // NOLINT(cppcoreguidelines-owning-memory): adopted by the ref
@@ -387,6 +419,11 @@ result<response> dispatcher::add_response(const udp::endpoint& peer,
 }
 
 result<listener> dispatcher::add_listener() { return engine_->add_listener(*this); }
+
+void dispatcher::start_add_response(const udp::endpoint& peer, const response_options& options,
+                                    add_handler handler) {
+  engine_->start_add_response(*this, peer, options, std::move(handler));
+}
 
 udp::endpoint dispatcher::local_endpoint() const { return engine_->local_endpoint(); }
 

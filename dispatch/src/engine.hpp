@@ -6,6 +6,7 @@
 #include <array>
 #include <atomic>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/container/static_vector.hpp>
 #include <cerrno>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "uipc/core/buffer_pool.hpp"
+#include "exclusive.hpp"
 #include "uipc/dispatch/dispatcher.hpp"
 
 namespace uipc::dispatch::detail {
@@ -129,6 +131,14 @@ class party {
       queue_;  // responses: replies waiting (short: bounded, and no allocation when empty)
   // Responses only:
   udp::endpoint peer_;
+  port_mode mode_ = port_mode::shared;
+  std::uint16_t local_port_ = 0;
+  // Exclusive ports only: the socket (until detach), its place in
+  // engine::exclusive_, and the socket's error that ended the transaction.
+  std::shared_ptr<exclusive_socket> exclusive_;
+  std::size_t exclusive_slot_ = 0;
+  error_code failed_;
+  bool failure_delivered_ = false;
   id_key key_;
   std::uint64_t serial_ = 0;
   // The response's place in its timeout_list, while its timeout runs.
@@ -252,6 +262,9 @@ class engine : public std::enable_shared_from_this<engine> {
   ~engine();
 
   result<void> open(const udp::endpoint& local);
+  void set_port_range(std::uint16_t first, std::uint16_t last, std::uint32_t recent) {
+    ports_.emplace(first, last, recent);
+  }
   /// Steers the port's datagrams to the receiving sockets, then opens the
   /// separate send sockets (dispatcher_options::separate_send_sockets).
   result<void> open_send_sockets();
@@ -260,6 +273,9 @@ class engine : public std::enable_shared_from_this<engine> {
   result<response> add_response(dispatcher& owner, const udp::endpoint& peer,
                                 const response_options& options);
   result<listener> add_listener(dispatcher& owner);
+  void start_add_response(dispatcher& owner, const udp::endpoint& peer,
+                          const response_options& options,
+                          boost::asio::any_completion_handler<void(error_code, response)> handler);
   void detach(party* p) noexcept;
   void cancel(party* p) noexcept;
 
@@ -294,6 +310,38 @@ class engine : public std::enable_shared_from_this<engine> {
   void classify_locked(socket_state& s, int count, completions& out);
   void classify_one_locked(queued_message& m, std::span<const std::byte> data, completions& out);
   void fail_locked(error_code reason, completions& out);
+
+  // Exclusive ports (exclusive.cpp).
+  port_mode mode_of(const response_options& o) const noexcept {
+    return o.ports.value_or(options_.ports);
+  }
+  /// Takes one of the exclusive_sockets (or says why not): under mutex_.
+  error_code reserve_exclusive_locked();
+  /// Gives a reserved socket back and serves the waiters. Not under mutex_.
+  void unreserve_exclusive() noexcept;
+  /// Opens a socket on a fresh random port, connected to `peer`.
+  result<std::shared_ptr<exclusive_socket>> open_exclusive(const udp::endpoint& peer);
+  /// Attaches a response on a socket reserved and opened for it.
+  result<response> attach_exclusive(dispatcher& owner, const udp::endpoint& peer,
+                                    const response_options& options,
+                                    std::shared_ptr<exclusive_socket> xs);
+  result<response> add_exclusive(dispatcher& owner, const udp::endpoint& peer,
+                                 const response_options& options, bool reserved);
+  /// Closes a detached response's socket; its port goes to the recent ring.
+  void close_exclusive(exclusive_socket& xs) noexcept;
+  void serve_port_waiters() noexcept;
+  /// Adds an opened socket to the epoll set (exclusive_io.cpp).
+  error_code watch_exclusive(const std::shared_ptr<exclusive_socket>& xs);
+  /// Takes a closed socket out of the set; the last one stops the wait.
+  void unwatch_exclusive(exclusive_socket& xs) noexcept;
+  void arm_exclusive_set_locked();
+  void on_exclusive_set_ready(error_code ec, std::uint64_t wait);
+  void read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer);
+  void deliver_exclusive_locked(exclusive_socket& xs, queued_message& m, bool truncated,
+                                const sockaddr_storage& from, completions& out);
+  void fail_transaction(exclusive_socket& xs, error_code ec);
+  result<void> send_exclusive(party* p, std::span<const std::byte> message);
+  void detach_exclusive_locked(party& p, std::shared_ptr<exclusive_socket>& closing) noexcept;
 
   void run_completions(completions& batch);
   /// Posts batch[first, end) and empties the batch.
@@ -341,6 +389,26 @@ class engine : public std::enable_shared_from_this<engine> {
   boost::asio::steady_timer timer_;
   std::chrono::steady_clock::time_point armed_for_ = std::chrono::steady_clock::time_point::max();
   std::vector<std::unique_ptr<timeout_list>> timeout_lists_;
+  // Exclusive ports: the attached exclusive responses, the sockets reserved
+  // (opened or opening), the waiters; under mutex_. The draw: under port_mutex_.
+  std::vector<party*> exclusive_;
+  std::uint32_t exclusive_reserved_ = 0;
+  std::deque<std::unique_ptr<port_waiter>> port_waiters_;
+  bool serving_waiters_ = false;  // a thread is in serve_port_waiters
+  std::mutex port_mutex_;  // a leaf: nothing else is locked while it is held
+  std::optional<port_draw> ports_;
+  // The exclusive sockets' own epoll set, itself waited on by the loop: one
+  // epoll_ctl per socket (its descriptor leaves the set when it closes), where
+  // an asio socket would cost an ioctl and three epoll_ctl. Under slots_mutex_
+  // (a leaf as well).
+  std::mutex slots_mutex_;
+  std::unique_ptr<boost::asio::posix::stream_descriptor> exclusive_set_;
+  bool exclusive_set_armed_ = false;
+  bool exclusive_set_busy_ = false;  // a thread is reading the set's ready sockets
+  std::uint64_t exclusive_set_waits_ = 0;  // waits armed so far: the last one is current
+  std::vector<exclusive_slot> slots_;
+  std::vector<std::uint32_t> free_slots_;
+  std::size_t watched_ = 0;
   std::atomic<unsigned> idle_sockets_{0};  // sockets with no receive armed (restart hint)
   std::atomic<bool> stopping_{false};      // shutting_down_, readable without the lock
   // Buffers taken by receive batches and not yet classified (counted before
@@ -349,7 +417,9 @@ class engine : public std::enable_shared_from_this<engine> {
 
   std::atomic<std::uint64_t> received_{0}, sent_{0}, dropped_short_{0}, dropped_no_listener_{0},
       dropped_unmatched_{0}, dropped_queue_full_{0}, no_buffer_events_{0}, timeouts_{0},
-      send_errors_{0}, dropped_no_memory_{0};
+      send_errors_{0}, dropped_no_memory_{0}, exclusive_received_{0},
+      exclusive_dropped_unmatched_{0}, exclusive_port_redraws_{0}, exclusive_socket_errors_{0},
+      exclusive_no_port_{0};
 };
 
 // Shared by the dispatcher's source files (dispatcher, parties, receive, send).

@@ -17,6 +17,8 @@ constexpr error_description descriptions[] = {
     {errc::message_too_large, "message larger than a buffer", std::nullopt, generic::message_size},
     {errc::bad_options, "dispatcher options out of range", std::nullopt, generic::invalid_argument},
     {errc::detached, "response or listener is detached"},
+    {errc::no_free_port, "no exclusive port free (all exclusive sockets taken, or the range busy)",
+     condition::no_buffers},
 };
 
 constexpr module_category category("uipc.dispatch", descriptions);

@@ -1,5 +1,5 @@
 // The dispatcher's parties: adding responses and listeners, delivering their events,
-// cancel and detach, response timeouts, and the failsafe shutdown.
+// cancel and detach. Response timeouts and the failsafe shutdown: lifecycle.cpp.
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -61,10 +61,13 @@ result<std::uint16_t> engine::allocate_id_locked(const peer_key& peer) {
 
 result<response> engine::add_response(dispatcher& owner, const udp::endpoint& peer,
                                       const response_options& options) {
+  if (mode_of(options) == port_mode::exclusive)
+    return add_exclusive(owner, peer, options, /*reserved=*/false);
   if (peer.address().is_v6() != local_.address().is_v6())
     return make_error_code(asio::error::address_family_not_supported);
   auto p = std::make_unique<party>(*this, ref_ptr<dispatcher>(&owner), party::role::response);
   p->peer_ = peer;
+  p->local_port_ = local_.port();
   sockets_to_arm to_arm;
   completions out;
   out.reserve(1);
@@ -120,6 +123,7 @@ result<listener> engine::add_listener(dispatcher& owner) {
 bool engine::deliverable_locked(const party& p) const noexcept {
   if (!p.attached_) return false;
   if (p.pending_) return true;
+  if (p.failed_ && !p.failure_delivered_) return true;
   if (p.role_ == party::role::response ? !p.queue_.empty() : !queries_.empty()) return true;
   return shutting_down_ && !p.shutdown_delivered_;
 }
@@ -129,7 +133,7 @@ bool engine::deliverable_locked(const party& p) const noexcept {
 // listener's no_buffers before the queries that hold the buffers), then shutdown.
 void engine::collect_locked(party& p, completions& out) {
   if (!p.waiter_ || p.lent_ || !p.attached_) return;
-  enum class source : std::uint8_t { no_buffers, query, reply, timeout, shutdown };
+  enum class source : std::uint8_t { no_buffers, query, reply, timeout, failed, shutdown };
   source from;
   if (p.role_ == party::role::listener && p.pending_) {
     from = source::no_buffers;
@@ -139,6 +143,8 @@ void engine::collect_locked(party& p, completions& out) {
     from = source::reply;
   } else if (p.pending_) {
     from = source::timeout;
+  } else if (p.failed_ && !p.failure_delivered_) {
+    from = source::failed;
   } else if (shutting_down_ && !p.shutdown_delivered_) {
     from = source::shutdown;
   } else {
@@ -175,6 +181,15 @@ void engine::collect_locked(party& p, completions& out) {
     case source::timeout:
       c.ec = std::exchange(p.pending_, {});
       ev.kind_ = event_kind::timed_out;
+      ev.peer_ = p.peer_;
+      ev.id_ = p.key_.id;
+      break;
+    case source::failed:
+      // Exclusive ports: the socket's error ended the transaction.
+      p.failure_delivered_ = true;
+      c.ec = p.failed_;
+      ev.kind_ = event_kind::socket_error;
+      ev.reason_ = p.failed_;
       ev.peer_ = p.peer_;
       ev.id_ = p.key_.id;
       break;
@@ -382,6 +397,7 @@ void engine::detach(party* p) noexcept {
   receive_handler aborted;
   std::vector<queued_message> dropped;
   fifo<queued_message> dropped_queries;
+  std::shared_ptr<exclusive_socket> closing;
   {
     std::lock_guard lock(mutex_);
     p->attached_ = false;
@@ -391,7 +407,10 @@ void engine::detach(party* p) noexcept {
       idle_listeners_.erase(std::find(idle_listeners_.begin(), idle_listeners_.end(), p));
       p->idle_ = false;
     }
-    if (p->role_ == party::role::response) {
+    if (p->exclusive_) {
+      // Not in responses_: its key may equal a shared response's.
+      detach_exclusive_locked(*p, closing);
+    } else if (p->role_ == party::role::response) {
       unlink_timeout_locked(*p);
       responses_.erase(p->key_);
       auto it = per_peer_.find(p->key_.peer);
@@ -406,6 +425,12 @@ void engine::detach(party* p) noexcept {
   // restart below may then find the pool no longer dry.
   dropped.clear();
   dropped_queries.clear();
+  if (closing) {
+    // The socket closes and its port rests; its place serves a waiter. Before
+    // the handle's reference goes: a waiter's response must find us alive.
+    close_exclusive(*closing);
+    unreserve_exclusive();
+  }
   // Decided under the mutex (not from the idle_sockets_ hint): a receive that
   // stopped on the dry pool since is restarted now.
   restart(false);
@@ -414,131 +439,6 @@ void engine::detach(party* p) noexcept {
                                   event{}));
   }
   release(p);  // the handle's reference: may destroy the dispatcher
-}
-
-void engine::link_timeout_locked(party& p, std::chrono::steady_clock::duration timeout) {
-  timeout_list* list = nullptr;
-  for (auto& l : timeout_lists_) {
-    if (l->duration == timeout) list = l.get();
-  }
-  if (list == nullptr) {
-    timeout_lists_.push_back(std::make_unique<timeout_list>());
-    list = timeout_lists_.back().get();
-    list->duration = timeout;
-  }
-  p.deadline_ = std::chrono::steady_clock::now() + timeout;
-  p.timeouts_ = list;
-  p.earlier_ = list->tail;
-  p.later_ = nullptr;
-  (list->tail ? list->tail->later_ : list->head) = &p;
-  list->tail = &p;
-  if (p.deadline_ < armed_for_) arm_timer_locked();
-}
-
-void engine::unlink_timeout_locked(party& p) noexcept {
-  timeout_list* list = std::exchange(p.timeouts_, nullptr);
-  if (list == nullptr) return;
-  (p.earlier_ ? p.earlier_->later_ : list->head) = p.later_;
-  (p.later_ ? p.later_->earlier_ : list->tail) = p.earlier_;
-  p.earlier_ = p.later_ = nullptr;
-  // The timer stays armed for a deadline that may be gone: it then fires
-  // early, finds nothing due and re-arms. Cheaper than re-arming on every detach.
-}
-
-void engine::arm_timer_locked() {
-  auto earliest = std::chrono::steady_clock::time_point::max();
-  for (auto& l : timeout_lists_) {
-    if (l->head && l->head->deadline_ < earliest) earliest = l->head->deadline_;
-  }
-  armed_for_ = earliest;
-  // After shutdown, timeouts no longer matter (every party gets its shutdown
-  // event): the timer must not keep the loop busy until an old deadline.
-  if (earliest == std::chrono::steady_clock::time_point::max() || closed_ || shutting_down_) return;
-  timer_.expires_at(earliest);  // aborts the wait for an older deadline
-  timer_.async_wait([self = shared_from_this()](error_code ec) {
-    if (!ec) self->on_timer();
-  });
-}
-
-void engine::on_timer() {
-  completions out;
-  {
-    std::lock_guard lock(mutex_);
-    // A wait that completed before shutdown() cancelled the timer still runs:
-    // nothing may follow the shutdown event, and nothing is re-armed.
-    if (shutting_down_) return;
-    const auto now = std::chrono::steady_clock::now();
-    // Due responses in deadline order across the lists (a late timer may find
-    // several lists due at once).
-    for (;;) {
-      timeout_list* first = nullptr;
-      for (auto& l : timeout_lists_) {
-        if (l->head && l->head->deadline_ <= now &&
-            (!first || l->head->deadline_ < first->head->deadline_))
-          first = l.get();
-      }
-      if (first == nullptr) break;
-      party& p = *first->head;
-      unlink_timeout_locked(p);
-      p.pending_ = make_error_code(errc::timed_out);
-      timeouts_.fetch_add(1, std::memory_order_relaxed);
-      collect_locked(p, out);
-    }
-    arm_timer_locked();
-  }
-  run_completions(out);
-}
-
-// ---------------------------------------------------------------- failsafe shutdown
-
-void engine::fail_locked(error_code reason, completions& out) {
-  if (shutting_down_) return;
-  shutting_down_ = true;
-  stopping_.store(true, std::memory_order_relaxed);
-  reason_ = reason;
-  for (auto& [key, p] : responses_) collect_locked(*p, out);
-  for (party* p : listeners_) collect_locked(*p, out);
-}
-
-void engine::fail(error_code reason, bool from_loop) {
-  completions out;
-  {
-    std::lock_guard lock(mutex_);
-    fail_locked(reason, out);
-    timer_.cancel();  // timeouts no longer matter: every party gets its shutdown event
-  }
-  // Nothing more is read: cancel the armed receives, so that a loop with no
-  // other work can finish.
-  for (auto& s : sockets_) {
-    std::lock_guard io(s->io_mutex);
-    error_code ignored;
-    s->socket.cancel(ignored);
-  }
-  // Sends that had not gone out will not.
-  for (auto& s : sockets_) {
-    fifo<outgoing> unsent;
-    {
-      std::lock_guard io(s->io_mutex);
-      unsent.swap(s->send_queue);
-    }
-    std::uint32_t returned = 0;
-    for (auto& o : unsent) {
-      if (o.buffer) ++returned;
-      o.buffer.reset();
-      if (o.handler) {
-        asio::post(ctx_, asio::append(std::move(o.handler), make_error_code(errc::shutting_down)));
-      }
-    }
-    if (returned != 0) {
-      std::lock_guard lock(mutex_);
-      if (!closed_) lent_buffers_ -= returned;
-    }
-  }
-  if (from_loop) {
-    run_completions(out);
-  } else {
-    post_completions(out);  // from an application call: never a handler inside it
-  }
 }
 
 }  // namespace detail

@@ -43,10 +43,17 @@ void engine::start_send(party* p, const udp::endpoint& to, std::span<const std::
     asio::post(ctx_, asio::append(std::move(handler), refuse));
     return;
   }
+  if (p->mode_ == port_mode::exclusive && p->role_ == party::role::response) {
+    // The response's own socket: sent now, completed by a post.
+    const result<void> sent = send_exclusive(p, message);
+    asio::post(ctx_, asio::append(std::move(handler), sent ? error_code{} : sent.error()));
+    return;
+  }
   enqueue(send_socket(), outgoing{to, message.data(), message.size(), {}, std::move(handler)});
 }
 
 result<void> engine::send_copy(party* p, std::span<const std::byte> message) {
+  if (p->mode_ == port_mode::exclusive) return send_exclusive(p, message);
   if (message.size() > pool_->buffer_size()) return make_error_code(errc::message_too_large);
   auto buffer = pool_->acquire();
   if (!buffer) return buffer.error();

@@ -1,5 +1,9 @@
 // Interop with real DNS tools: uipc-dns-query against unbound, dig against uipc-dns-responder.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -197,6 +201,23 @@ TEST_F(DnsInteropTest, QueryToolResolvesNamesServedByUnbound) {
   EXPECT_EQ(c.errors, 0);
   EXPECT_EQ(c.nxdomain, 500);
   EXPECT_EQ(code, 0);
+  EXPECT_NE(out->find("ports shared"), std::string::npos) << *out;  // loopback: shared by default
+
+  // Each query on its own random port, its name in random case: unbound
+  // answers every one, and echoes the case (checked exactly).
+  out = run(dir_,
+            {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "2000", "--inflight", "32",
+             "--timeout", "3000", "--random-ports", "--0x20"},
+            30s, &code);
+  ASSERT_TRUE(out);
+  const auto r = parse_counts(*out);
+  EXPECT_EQ(r.completed, 2000) << *out;
+  EXPECT_EQ(r.mismatched, 0);
+  EXPECT_EQ(r.errors, 0);
+  EXPECT_EQ(r.nxdomain, 500);
+  EXPECT_EQ(code, 0);
+  EXPECT_NE(out->find("ports random unmatched_shared 0 unmatched_random 0"), std::string::npos)
+      << *out;
 }
 
 TEST_F(DnsInteropTest, QueryToolCountsTimeoutsWhenNoServerAnswers) {
@@ -284,8 +305,66 @@ TEST_F(DnsInteropTest, QueryToolAndResponderTalkOverIpv6) {
   const auto c = parse_counts(*out);
   EXPECT_EQ(c.completed, 1000) << *out;
   EXPECT_EQ(c.nxdomain, 500);
+  // The same on random ports drawn from a range given on the command line.
+  out = run(dir_, {UIPC_DNS_QUERY, "--server", "[::1]:" + r.port, "--names", names, "--count",
+                   "1000", "--inflight", "16", "--random-ports", "--port-range", "40000-40999"});
+  ASSERT_TRUE(out);
+  const auto random = parse_counts(*out);
+  EXPECT_EQ(random.completed, 1000) << *out;
+  EXPECT_NE(out->find("ports random"), std::string::npos) << *out;
   r.proc.signal(SIGTERM);
   EXPECT_EQ(r.proc.wait(10s), std::optional<int>(0));
+}
+
+/// A local IPv4 address that is not loopback (an interface's), or "".
+std::string non_loopback_address() {
+  ifaddrs* list = nullptr;
+  if (::getifaddrs(&list) != 0) return "";
+  std::string found;
+  for (ifaddrs* i = list; i != nullptr && found.empty(); i = i->ifa_next) {
+    if (i->ifa_addr == nullptr || i->ifa_addr->sa_family != AF_INET) continue;
+    if ((i->ifa_flags & IFF_UP) == 0 || (i->ifa_flags & IFF_LOOPBACK) != 0) continue;
+    std::array<char, INET_ADDRSTRLEN> text{};
+    const auto* in = reinterpret_cast<const sockaddr_in*>(i->ifa_addr);
+    if (::inet_ntop(AF_INET, &in->sin_addr, text.data(), text.size()) != nullptr)
+      found = text.data();
+  }
+  ::freeifaddrs(list);
+  return found;
+}
+
+TEST_F(DnsInteropTest, QueryToolUsesRandomPortsByDefaultOffLoopback) {
+  const std::string address = non_loopback_address();
+  if (address.empty()) GTEST_SKIP() << "no non-loopback IPv4 address on this host";
+  responder r(dir_, address + ":0", "1");
+  ASSERT_FALSE(r.port.empty()) << read_file(dir_.file("responder.err"));
+  const std::string names = dir_.file("names.txt");
+  std::ofstream(names) << "www.uipc.test\nnope.uipc.test\n";
+  auto out = run(dir_, {UIPC_DNS_QUERY, "--server", address + ":" + r.port, "--names", names,
+                        "--count", "200", "--inflight", "8"});
+  ASSERT_TRUE(out);
+  EXPECT_EQ(parse_counts(*out).completed, 200) << *out;
+  EXPECT_NE(out->find("ports random"), std::string::npos) << *out;
+  out = run(dir_, {UIPC_DNS_QUERY, "--server", address + ":" + r.port, "--names", names, "--count",
+                   "200", "--inflight", "8", "--shared-port"});
+  ASSERT_TRUE(out);
+  EXPECT_EQ(parse_counts(*out).completed, 200) << *out;
+  EXPECT_NE(out->find("ports shared"), std::string::npos) << *out;
+  r.proc.signal(SIGTERM);
+  EXPECT_EQ(r.proc.wait(10s), std::optional<int>(0));
+}
+
+TEST_F(DnsInteropTest, QueryToolRefusesABadPortRange) {
+  const std::string names = dir_.file("names.txt");
+  std::ofstream(names) << "a.uipc.test\n";
+  for (const char* range : {"5-3", "0-10", "100", "1-70000", "a-b"}) {
+    int code = -1;
+    auto out = run(dir_,
+                   {UIPC_DNS_QUERY, "--server", "127.0.0.1:53", "--names", names, "--random-ports",
+                    "--port-range", range},
+                   10s, &code);
+    EXPECT_EQ(code, 2) << range;
+  }
 }
 
 }  // namespace

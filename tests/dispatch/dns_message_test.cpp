@@ -6,6 +6,8 @@
 
 #include <array>
 #include <random>
+#include <set>
+#include <string>
 #include <vector>
 
 namespace uipc::dns {
@@ -31,6 +33,32 @@ TEST(DnsMessageTest, KnownNameGetsItsRecordsAuthoritatively) {
   EXPECT_EQ(answer_count(a), 2);
   EXPECT_TRUE(reply_matches(a, "www.uipc.test", type_a));
   EXPECT_FALSE(reply_matches(a, "www.uipc.test", type_aaaa));
+}
+
+TEST(DnsMessageTest, RandomCaseKeepsTheNameAndTheReplyMustEchoItExactly) {
+  const std::string name = "www.mail.example.uipc.test";
+  std::set<std::string> seen;
+  for (int i = 0; i < 16; ++i) {
+    const std::string mixed = random_case(name + ".");
+    ASSERT_EQ(mixed.size(), name.size());
+    EXPECT_TRUE(std::equal(mixed.begin(), mixed.end(), name.begin(), [](char a, char b) {
+      return std::tolower(static_cast<unsigned char>(a)) == b;
+    }));
+    seen.insert(mixed);
+  }
+  EXPECT_GT(seen.size(), 8u);  // 22 random letters: 16 draws are all but surely distinct
+  const std::string sent = random_case("www.uipc.test");
+  auto q = query(7, sent.c_str(), type_a);
+  std::array<std::byte, 512> buf{};
+  std::copy(q.begin(), q.end(), buf.begin());
+  const std::size_t n = answer_in_place(buf, q.size());
+  const std::span<const std::byte> a(buf.data(), n);
+  EXPECT_TRUE(reply_matches(a, sent, type_a, /*exact_case=*/true));
+  EXPECT_TRUE(reply_matches(a, "www.uipc.test", type_a));  // case-blind as before
+  // A forger who answers in lower case (or any other case) is refused.
+  std::string other = sent;
+  other[0] = static_cast<char>(std::isupper(static_cast<unsigned char>(other[0])) ? 'w' : 'W');
+  EXPECT_FALSE(reply_matches(a, other, type_a, /*exact_case=*/true));
 }
 
 TEST(DnsMessageTest, UnknownNameIsNxdomainAndKnownNameWithoutTheTypeIsNodata) {

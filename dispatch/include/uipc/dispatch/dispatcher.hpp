@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -42,6 +43,10 @@ enum class event_kind : std::uint8_t {
   timed_out,   ///< the response's timeout passed (the response stays attached)
   no_buffers,  ///< listeners only: the pool ran dry while queued queries held every buffer
   shutdown,    ///< the dispatcher stopped; reason() says why. Exactly one per attached party
+  /// Exclusive ports only: the response's own socket reported an error (an ICMP
+  /// port or host unreachable from its peer); reason() and the completion's code
+  /// say which. The transaction is over: only a shutdown event may follow.
+  socket_error,
 };
 
 /// One delivery to a response or listener; move-only. A message event lends its
@@ -203,10 +208,26 @@ auto async_receive(party* p, Token&& token) {
 }
 }  // namespace detail
 
+/// Where a response's query leaves from and its reply must arrive.
+enum class port_mode : std::uint8_t {
+  /// The dispatcher's socket, shared by every response: a reply is matched by
+  /// (16-bit ID, peer address, peer port). Cheapest; an off-path forger needs
+  /// only the ID (odds M/65536 per datagram with M responses to that peer live).
+  shared,
+  /// A socket of its own, bound to a port drawn from a CSPRNG out of the
+  /// dispatcher's port range and connected to the peer: the kernel drops
+  /// datagrams from any other address or port, and a forger must guess the
+  /// port as well as the ID (odds M/(65536 * range size) per datagram). Costs a
+  /// socket, bind, connect and close per response, and one descriptor while it lives.
+  exclusive,
+};
+
 /// Per-response settings.
 struct response_options {
   /// 0: none. Otherwise a timed_out event is delivered once this passes.
   std::chrono::milliseconds timeout{0};
+  /// Unset: the dispatcher's default (dispatcher_options::ports).
+  std::optional<port_mode> ports;
 };
 
 /// An outgoing transaction: a message ID, unique among the live responses to
@@ -230,6 +251,11 @@ class response {
   std::uint16_t id() const noexcept;
   /// The peer the query goes to and the reply must come from.
   const udp::endpoint& peer() const noexcept;
+  /// How its query goes out and its reply comes back (see port_mode).
+  port_mode ports() const noexcept;
+  /// The local port the query leaves from and the reply must reach: the
+  /// response's own (exclusive) or the dispatcher's (shared); 0 when empty.
+  std::uint16_t local_port() const noexcept;
 
   /// Waits for the next event: a reply, the timeout, or the shutdown event.
   /// One receive at a time (a second one completes with already_started). On
@@ -240,7 +266,8 @@ class response {
   }
 
   /// Sends `message` to the peer without copying it: it must stay valid until
-  /// the completion. Sends are batched (sendmmsg).
+  /// the completion. Sends are batched (sendmmsg) on the shared socket; on an
+  /// exclusive port the datagram goes out at once and the completion is posted.
   template <class Token>
   auto async_send(std::span<const std::byte> message, Token&& token) {
     return boost::asio::async_initiate<Token, send_signature>(
@@ -254,6 +281,9 @@ class response {
   /// Sends a copy of `message` (into a pool buffer) to the peer, with no
   /// completion. Errors: shutting_down, detached, message_too_large, core
   /// pool_exhausted. A later socket error shuts the dispatcher down.
+  /// On an exclusive port the datagram is sent now, from `message`, on the
+  /// response's own socket; the system's error (a full socket buffer, an
+  /// earlier ICMP error) is returned and touches nothing else.
   result<void> send(std::span<const std::byte> message);
 
   /// Aborts a pending async_receive (operation_aborted) and stops the timeout.
@@ -345,6 +375,22 @@ struct dispatcher_options {
   /// socket whose buffer is full hands its datagrams to its receiving socket,
   /// which waits.
   bool separate_send_sockets = false;
+
+  /// The mode of a response whose response_options::ports is unset.
+  port_mode ports = port_mode::shared;
+  /// Exclusive ports open at once, at most (each is a descriptor). When all
+  /// are taken, add_response fails with no_free_port and async_add_response
+  /// waits for one. 0: exclusive responses are refused (bad_options).
+  std::uint32_t exclusive_sockets = 256;
+  /// Exclusive ports are drawn from [first_port, last_port]; both 0: the
+  /// system's ephemeral range (/proc/sys/net/ipv4/ip_local_port_range, or
+  /// 32768-60999 when unreadable). A port that is busy is drawn again.
+  std::uint16_t first_port = 0;
+  std::uint16_t last_port = 0;
+  /// The last this-many ports released are not drawn again (a late reply to
+  /// one finds no socket rather than the next transaction's). Must be smaller
+  /// than the range; with the system's range it is capped at half of it.
+  std::uint32_t recent_ports = 1024;
 };
 
 /// Counters since creation, and the current state.
@@ -354,7 +400,7 @@ struct dispatcher_stats {
   std::uint64_t dropped_short = 0;        ///< shorter than the framing's header
   std::uint64_t dropped_no_listener = 0;  ///< queries while no listener was attached
   std::uint64_t dropped_unmatched =
-      0;  ///< replies to an ID not in use, or from another address/port
+      0;  ///< shared socket: replies to an ID not in use, or from another address/port
   std::uint64_t dropped_queue_full = 0;  ///< a query or reply queue at its limit
   std::uint64_t no_buffer_events = 0;    ///< no_buffers events given to listeners
   std::uint64_t timeouts = 0;            ///< responses that timed out
@@ -368,6 +414,18 @@ struct dispatcher_stats {
   unsigned receiving_sockets = 0;  ///< sockets with a receive running or armed
   unsigned send_sockets = 0;       ///< separate send sockets (see dispatcher_options)
   bool shutting_down = false;
+  // Exclusive ports. Datagrams from any source but the peer never reach these
+  // sockets (the kernel drops them: they show in the system's UDP NoPorts
+  // count), so what is counted here came from the peer's address and port.
+  std::uint64_t exclusive_received = 0;  ///< datagrams read from exclusive sockets
+  /// Read on an exclusive socket but not its reply (another ID, a query, too
+  /// short, or after the response detached): forged or stale replies.
+  std::uint64_t exclusive_dropped_unmatched = 0;
+  std::uint64_t exclusive_port_redraws = 0;  ///< ports drawn again because they were busy
+  std::uint64_t exclusive_socket_errors = 0;  ///< responses failed by their socket's error
+  std::uint64_t exclusive_no_port = 0;  ///< adds refused or made to wait: no port free
+  std::size_t exclusive_open = 0;        ///< exclusive sockets open now
+  std::size_t port_waiters = 0;          ///< async_add_response calls waiting for a port
 };
 
 /// The dispatcher. Refcounted: the creator's ref_ptr and every attached response
@@ -393,8 +451,26 @@ class dispatcher : public ref_counted<dispatcher> {
   dispatcher& operator=(const dispatcher&) = delete;
 
   /// Attaches a response to `peer` with a fresh, unpredictable ID unique among
-  /// the live responses to that peer. Errors: shutting_down, no_free_id.
+  /// the live responses to that peer (shared port), or any random ID on a fresh
+  /// exclusive port (see port_mode). Errors: shutting_down, no_free_id;
+  /// exclusive: bad_options (exclusive_sockets is 0), no_free_port (all
+  /// exclusive_sockets taken, or every port of the range busy), the system's
+  /// socket, bind or connect error.
   result<response> add_response(const udp::endpoint& peer, const response_options& options = {});
+
+  /// As add_response, but when every exclusive socket is taken it waits for
+  /// one to be released (in call order) instead of failing. Completes with
+  /// void(error_code, response), never inside this call; a shutdown completes
+  /// the waiters with shutting_down. A waiter keeps the dispatcher alive.
+  template <class Token>
+  auto async_add_response(const udp::endpoint& peer, const response_options& options,
+                          Token&& token) {
+    return boost::asio::async_initiate<Token, add_signature>(
+        [d = ref_ptr<dispatcher>(this), peer, options](auto handler) {
+          d->start_add_response(peer, options, add_handler(std::move(handler)));
+        },
+        token);
+  }
 
   /// Attaches a listener; it takes a waiting query at its first receive.
   /// Errors: shutting_down.
@@ -414,7 +490,11 @@ class dispatcher : public ref_counted<dispatcher> {
   void shutdown();
 
  private:
+  using add_signature = void(error_code, response);
+  using add_handler = boost::asio::any_completion_handler<add_signature>;
   friend class detail::engine;
+  void start_add_response(const udp::endpoint& peer, const response_options& options,
+                          add_handler handler);
   explicit dispatcher(std::shared_ptr<detail::engine> engine) noexcept;
   std::shared_ptr<detail::engine> engine_;
 };

@@ -8,7 +8,7 @@
 namespace uipc::dispatch {
 
 /// Dispatcher error codes. Their conditions: shutting_down: shutting_down; timed_out:
-/// timed_out; no_buffers, no_free_id: no_buffers (overloaded). The others: none.
+/// timed_out; no_buffers, no_free_id, no_free_port: no_buffers (overloaded). The others: none.
 enum class errc {
   shutting_down = 1,  ///< the dispatcher stopped after a socket error, or is closing: no new work
   no_free_id,         ///< every message ID towards this peer is held by a live response
@@ -17,6 +17,7 @@ enum class errc {
   message_too_large,  ///< a message larger than a pool buffer (or a datagram)
   bad_options,        ///< dispatcher_options out of range
   detached,           ///< the response or listener handle is empty or was detached
+  no_free_port,       ///< every exclusive socket is taken, or every port of the range is busy
 };
 
 /// The category of errc, named "uipc.dispatch".

@@ -1,0 +1,279 @@
+// Exclusive ports, the I/O: the sockets' own epoll set on the loop, reading and
+// checking replies, sending, and a socket error that ends one transaction.
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <array>
+#include <boost/asio/error.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/container/static_vector.hpp>
+#include <cerrno>
+#include <cstring>
+#include <new>
+
+#include "engine.hpp"
+
+namespace uipc::dispatch::detail {
+
+namespace asio = boost::asio;
+
+// ---------------------------------------------------------------- the epoll set
+
+error_code engine::watch_exclusive(const std::shared_ptr<exclusive_socket>& xs) {
+  try {
+    std::lock_guard lock(slots_mutex_);
+    if (!exclusive_set_) {
+      auto set = std::make_unique<asio::posix::stream_descriptor>(ctx_);  // may throw: first
+      const int fd = ::epoll_create1(EPOLL_CLOEXEC);
+      if (fd < 0) return errno_code(errno);
+      error_code ec;
+      set->assign(fd, ec);
+      if (ec) {
+        ::close(fd);
+        return ec;
+      }
+      exclusive_set_ = std::move(set);
+    }
+    std::uint32_t slot;
+    if (!free_slots_.empty()) {
+      slot = free_slots_.back();
+    } else {
+      slot = static_cast<std::uint32_t>(slots_.size());
+      free_slots_.reserve(slots_.size() + 1);  // unwatch_exclusive must not allocate
+      slots_.emplace_back();                   // may throw: nothing changed yet
+    }
+    exclusive_slot& entry = slots_[slot];
+    // Edge-triggered: a reader that reads until EAGAIN needs no re-arming, and
+    // each new datagram is a new edge.
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLET;
+    ev.data.u64 = std::uint64_t{entry.generation + 1} << 32 | slot;
+    {
+      std::lock_guard io(xs->io_mutex);
+      if (::epoll_ctl(exclusive_set_->native_handle(), EPOLL_CTL_ADD, xs->fd, &ev) != 0)
+        return errno_code(errno);
+    }
+    if (!free_slots_.empty() && free_slots_.back() == slot) free_slots_.pop_back();
+    entry.generation += 1;
+    entry.socket = xs;
+    xs->slot = slot;
+    xs->generation = entry.generation;
+    xs->registered = true;
+    ++watched_;
+    if (!exclusive_set_armed_ && !exclusive_set_busy_) arm_exclusive_set_locked();
+    return {};
+  } catch (const std::bad_alloc&) {
+    return make_error_code(boost::system::errc::not_enough_memory);
+  }
+}
+
+void engine::unwatch_exclusive(exclusive_socket& xs) noexcept {
+  std::shared_ptr<exclusive_socket> last;  // released after the lock
+  std::lock_guard lock(slots_mutex_);
+  if (!xs.registered) return;
+  xs.registered = false;
+  exclusive_slot& entry = slots_[xs.slot];
+  last = std::move(entry.socket);
+  free_slots_.push_back(xs.slot);  // no allocation: reserved as slots_ grew
+  if (--watched_ == 0 && exclusive_set_armed_) {
+    // Nothing left to wait for: the loop must be free to finish. The
+    // cancelled wait's completion is stale (see arm_exclusive_set_locked).
+    error_code ignored;
+    exclusive_set_->cancel(ignored);
+    exclusive_set_armed_ = false;
+  }
+}
+
+void engine::arm_exclusive_set_locked() {
+  if (stopping_.load(std::memory_order_relaxed) || watched_ == 0) return;
+  exclusive_set_armed_ = true;
+  // Numbered: a wait cancelled and replaced by a new one completes later,
+  // and must then leave the new one's state alone.
+  const std::uint64_t wait = ++exclusive_set_waits_;
+  exclusive_set_->async_wait(asio::posix::descriptor_base::wait_read,
+                             [self = shared_from_this(), wait](error_code ec) {
+                               self->on_exclusive_set_ready(ec, wait);
+                             });
+}
+
+void engine::on_exclusive_set_ready(error_code ec, std::uint64_t wait) {
+  {
+    std::lock_guard lock(slots_mutex_);
+    if (wait != exclusive_set_waits_) return;  // a cancelled wait, replaced since
+    exclusive_set_armed_ = false;
+    if (ec || !exclusive_set_) return;  // cancelled: nothing watched, a shutdown, or closing
+    exclusive_set_busy_ = true;  // one reader of the set at a time: replies stay in order
+  }
+  using ready_list = boost::container::static_vector<std::shared_ptr<exclusive_socket>, 64>;
+  bool more = true;
+  for (int round = 0; round < 16 && more; ++round) {
+    ready_list ready;
+    {
+      std::lock_guard lock(slots_mutex_);
+      if (!exclusive_set_ || stopping_.load(std::memory_order_relaxed)) {
+        exclusive_set_busy_ = false;
+        return;
+      }
+      std::array<epoll_event, 64> events;
+      const int n = ::epoll_wait(exclusive_set_->native_handle(), events.data(),
+                                 static_cast<int>(events.size()), 0);
+      for (int i = 0; i < n; ++i) {
+        const std::uint64_t data = events[static_cast<std::size_t>(i)].data.u64;
+        const auto slot = static_cast<std::uint32_t>(data);
+        const auto generation = static_cast<std::uint32_t>(data >> 32);
+        // A socket closed (and its slot reused) since the event was queued: skipped.
+        if (slot < slots_.size() && slots_[slot].generation == generation && slots_[slot].socket)
+          ready.push_back(slots_[slot].socket);
+      }
+      more = n == static_cast<int>(events.size());
+    }
+    for (auto& xs : ready) read_exclusive(xs, pooled_buffer{});
+  }
+  // Waits again (at once ready when events remain: asio's wait re-checks).
+  std::lock_guard lock(slots_mutex_);
+  exclusive_set_busy_ = false;
+  if (exclusive_set_ && !exclusive_set_armed_) arm_exclusive_set_locked();
+}
+
+// ---------------------------------------------------------------- reading
+
+void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer) {
+  // Usually one datagram (the reply); bounded per wake-up like the shared socket.
+  for (int round = 0; round < 16; ++round) {
+    if (stopping_.load(std::memory_order_relaxed)) return;  // no more reads after shutdown
+    if (!buffer) buffer = pool_->try_acquire();
+    if (!buffer) {
+      // The pool is dry: read when a buffer comes back (the datagram waits in
+      // the socket meanwhile), as the shared socket does.
+      pool_->async_acquire([self = shared_from_this(), xs](error_code ec, pooled_buffer b) {
+        if (!ec) self->read_exclusive(xs, std::move(b));
+      });
+      return;
+    }
+    sockaddr_storage from{};
+    iovec iov{buffer.data(), buffer.size()};
+    msghdr h{};
+    h.msg_name = &from;
+    h.msg_namelen = sizeof from;
+    h.msg_iov = &iov;
+    h.msg_iovlen = 1;
+    ssize_t got;
+    int err = 0;
+    {
+      std::lock_guard io(xs->io_mutex);
+      if (xs->closed) return;
+      got = ::recvmsg(xs->fd, &h, MSG_DONTWAIT);
+      if (got < 0) err = errno;
+    }
+    if (got < 0) {
+      if (err == EINTR) continue;
+      if (err == EAGAIN || err == EWOULDBLOCK) return;  // drained: the next datagram is a new edge
+      // ECONNREFUSED, EHOSTUNREACH, ...: the peer's ICMP error, reported on this
+      // connected socket alone. This transaction fails; nothing else does.
+      buffer.reset();
+      fail_transaction(*xs, errno_code(err));
+      return;
+    }
+    exclusive_received_.fetch_add(1, std::memory_order_relaxed);
+    received_.fetch_add(1, std::memory_order_relaxed);
+    queued_message m{std::move(buffer), static_cast<std::size_t>(got), xs->peer, 0, 0};
+    completions out;
+    {
+      std::lock_guard lock(mutex_);
+      try {
+        deliver_exclusive_locked(*xs, m, (h.msg_flags & MSG_TRUNC) != 0, from, out);
+      } catch (const std::bad_alloc&) {
+        dropped_no_memory_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+    const bool dropped = static_cast<bool>(m.buffer);
+    m.buffer.reset();  // not under the lock: the pool may serve a waiter
+    run_completions(out);
+    // A buffer given back may be what a shared socket stopped on the dry pool waits for.
+    if (dropped) restart_if_needed(true);
+  }
+  // Bounded per turn: the rest is read in a turn of its own (no new edge would
+  // come for datagrams already waiting).
+  buffer.reset();
+  asio::post(ctx_, [self = shared_from_this(), xs] { self->read_exclusive(xs, pooled_buffer{}); });
+}
+
+// Checks a datagram read on an exclusive socket once, then queues it for its
+// response or leaves it in `m` (dropped by the caller).
+void engine::deliver_exclusive_locked(exclusive_socket& xs, queued_message& m, bool truncated,
+                                      const sockaddr_storage& from, completions& out) {
+  const framing& f = options_.frame;
+  if (truncated || m.size < f.header_size) {
+    dropped_short_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  if (shutting_down_) return;  // nothing is delivered after the shutdown event
+  party* p = xs.owner;
+  const std::span<const std::byte> data(m.buffer.data(), m.size);
+  // The kernel matched the source to the connected peer; checked again all the
+  // same (the socket is the only witness, and the check costs nothing).
+  udp::endpoint sender;
+  std::memcpy(sender.data(), &from,
+              from.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in));
+  m.id = f.read_id(data);
+  if (p == nullptr || !p->attached_ || p->failed_ || sender != xs.peer || !f.is_response(data) ||
+      m.id != p->key_.id) {
+    exclusive_dropped_unmatched_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  if (p->queue_.size() >= options_.max_queued_per_response) {
+    dropped_queue_full_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  p->queue_.push_back(std::move(m));
+  collect_locked(*p, out);
+}
+
+void engine::fail_transaction(exclusive_socket& xs, error_code ec) {
+  completions out;
+  {
+    std::lock_guard lock(mutex_);
+    party* p = xs.owner;
+    if (p == nullptr || !p->attached_ || p->failed_ || shutting_down_) return;
+    p->failed_ = ec;
+    unlink_timeout_locked(*p);  // over: no timeout follows
+    exclusive_socket_errors_.fetch_add(1, std::memory_order_relaxed);
+    collect_locked(*p, out);
+  }
+  run_completions(out);
+}
+
+// ---------------------------------------------------------------- sending
+
+result<void> engine::send_exclusive(party* p, std::span<const std::byte> message) {
+  // The shared socket's limit, so that a message behaves the same in either mode.
+  if (message.size() > pool_->buffer_size()) return make_error_code(errc::message_too_large);
+  std::shared_ptr<exclusive_socket> xs;
+  {
+    std::lock_guard lock(mutex_);
+    if (!p->attached_) return make_error_code(errc::detached);
+    if (shutting_down_) return make_error_code(errc::shutting_down);
+    xs = p->exclusive_;
+  }
+  if (!xs) return make_error_code(errc::detached);
+  ssize_t sent;
+  int err = 0;
+  {
+    std::lock_guard io(xs->io_mutex);
+    if (xs->closed) return make_error_code(errc::detached);
+    do {
+      sent = ::send(xs->fd, message.data(), message.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    if (sent < 0) err = errno;
+  }
+  if (sent < 0) {
+    send_errors_.fetch_add(1, std::memory_order_relaxed);
+    if (err == EMSGSIZE) return make_error_code(errc::message_too_large);
+    return errno_code(err);
+  }
+  sent_.fetch_add(1, std::memory_order_relaxed);
+  return {};
+}
+
+}  // namespace uipc::dispatch::detail
