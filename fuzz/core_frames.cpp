@@ -13,7 +13,10 @@
 // Checks: a frame never carries more descriptors than allowed, each open;
 // requests get an echo reply (their descriptors go back with it); after the
 // peer's EOF every operation completes and the connection is closed; no
-// descriptor is left open when it is gone.
+// descriptor is left open when it is gone. For streams without descriptors,
+// the harness also reads the bytes itself (the generated Envelope class, none
+// of core's code): the connection must hand over exactly those frames, however
+// the bytes were cut into sends, and close for the reason the stream gives.
 #include <sys/socket.h>
 
 #include <array>
@@ -21,9 +24,13 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "fuzz_support.hpp"
 #include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
 
 namespace {
 
@@ -68,7 +75,7 @@ void drain(int peer) {
 
 // Sends one chunk with `fds` duplicates of the spare descriptor; the kernel
 // copies them, so ours are closed at once.
-void send_chunk(fixture& fx, int peer, std::span<const std::uint8_t> bytes, std::size_t fds) {
+void send_chunk(fixture& fx, int peer, std::span<const std::uint8_t> bytes, std::size_t fds, std::string& sent) {
   std::array<int, 31> dups{};
   for (std::size_t i = 0; i < fds; ++i) dups[i] = ::fcntl(fx.spare, F_DUPFD_CLOEXEC, 0);
   std::array<char, CMSG_SPACE(sizeof(int) * 31)> control{};
@@ -93,8 +100,9 @@ void send_chunk(fixture& fx, int peer, std::span<const std::uint8_t> bytes, std:
     for (int tries = 0; tries < 1000; ++tries) {
       const ssize_t n = ::sendmsg(peer, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
       if (n >= 0) {
+        sent.append(reinterpret_cast<const char*>(bytes.data()), static_cast<std::size_t>(n));  // NOLINT
         if (static_cast<std::size_t>(n) < bytes.size()) {  // the rest, without descriptors
-          send_chunk(fx, peer, bytes.subspan(static_cast<std::size_t>(n)), 0);
+          send_chunk(fx, peer, bytes.subspan(static_cast<std::size_t>(n)), 0, sent);
         }
         break;
       }
@@ -104,6 +112,69 @@ void send_chunk(fixture& fx, int peer, std::span<const std::uint8_t> bytes, std:
     }
   }
   for (std::size_t i = 0; i < fds; ++i) ::close(dups[i]);
+}
+
+// What the byte stream says, read by the harness on its own with the
+// generated Envelope class: the requests and notices a connection must hand
+// over, and why it must close once the stream ends. Only for streams without
+// descriptors (which chunks carry is the kernel's business, not the stream's).
+struct expectation {
+  std::vector<frame> frames;  // requests and notices, in order
+  std::optional<error_code> reason;  // nothing: decided by the peer (an error notice)
+};
+
+expectation expected(const std::string& stream, const connection_options& options) {
+  expectation out;
+  std::size_t at = 0;
+  for (;;) {
+    const std::size_t have = stream.size() - at;
+    if (have == 0) {
+      out.reason = make_error_code(errc::peer_closed);
+      return out;
+    }
+    if (have < 4) {
+      out.reason = make_error_code(errc::short_frame);
+      return out;
+    }
+    std::uint32_t length;
+    std::memcpy(&length, stream.data() + at, 4);  // little-endian: this is x86-64
+    if (length > options.max_frame_size) {
+      out.reason = make_error_code(errc::frame_too_large);
+      return out;
+    }
+    if (length == 0) {
+      out.reason = make_error_code(errc::bad_frame);
+      return out;
+    }
+    if (have < 4 + std::size_t{length}) {
+      out.reason = make_error_code(errc::short_frame);
+      return out;
+    }
+    proto::Envelope env;
+    const std::size_t max_fds = options.peer_sends_fds ? options.max_fds_per_frame : 0;
+    if (!env.ParseFromArray(stream.data() + at + 4, static_cast<int>(length)) ||
+        !proto::Envelope::Kind_IsValid(env.kind())) {
+      out.reason = make_error_code(errc::bad_frame);
+      return out;
+    }
+    if (env.fd_count() > max_fds) {
+      out.reason = make_error_code(errc::too_many_fds);
+      return out;
+    }
+    if (env.fd_count() > 0 || (env.kind() != proto::Envelope::NOTICE && env.correlation_id() == 0)) {
+      out.reason = make_error_code(errc::bad_frame);
+      return out;
+    }
+    at += 4 + length;
+    if (env.kind() == proto::Envelope::REPLY) continue;  // to the call, or dropped
+    if (env.has_error() && env.correlation_id() == 0) return out;  // the peer says goodbye
+    frame f;
+    f.kind = env.kind() == proto::Envelope::REQUEST ? frame_kind::request : frame_kind::notice;
+    f.correlation_id = env.correlation_id();
+    f.type = env.type();
+    f.payload = env.payload();
+    out.frames.push_back(std::move(f));
+  }
 }
 
 }  // namespace
@@ -138,11 +209,18 @@ void run_one(const std::uint8_t* data, std::size_t size) {
   });
   // Receives until the connection closes; answers requests with their own payload and descriptors.
   bool receive_done = false;
+  std::vector<frame> received;
   std::function<void(error_code, frame)> on_frame = [&](error_code ec, frame f) {
     if (ec) {
       receive_done = true;
       return;
     }
+    frame copy;
+    copy.kind = f.kind;
+    copy.correlation_id = f.correlation_id;
+    copy.type = f.type;
+    copy.payload = f.payload;
+    received.push_back(std::move(copy));
     UIPC_FUZZ_CHECK(f.kind != frame_kind::reply);
     UIPC_FUZZ_CHECK(f.fds.size() <= options.max_fds_per_frame);
     UIPC_FUZZ_CHECK(options.peer_sends_fds || f.fds.empty());
@@ -156,10 +234,13 @@ void run_one(const std::uint8_t* data, std::size_t size) {
   };
   conn->async_receive(on_frame);
 
+  std::string stream;  // every byte the connection was sent
+  bool any_fds = false;
   while (!in.empty()) {
     const std::uint8_t ctl = in.byte();
     const std::size_t length = in.u16();
-    send_chunk(fx, peer, in.bytes(length), ctl & 0x1f);
+    any_fds = any_fds || (ctl & 0x1f) != 0;
+    send_chunk(fx, peer, in.bytes(length), ctl & 0x1f, stream);
     if ((ctl & 0x80) != 0) {
       fx.ctx.poll();
       drain(peer);
@@ -177,6 +258,25 @@ void run_one(const std::uint8_t* data, std::size_t size) {
   }
   UIPC_FUZZ_CHECK(!conn->is_open());
   UIPC_FUZZ_CHECK(conn->close_reason());
+  if (!any_fds) {
+    // However the bytes were cut into sends, the frames come out whole, in
+    // order, up to the first bad one, and the close says why.
+    const expectation want = expected(stream, options);
+    UIPC_FUZZ_CHECK(received.size() == want.frames.size());
+    for (std::size_t i = 0; i < received.size(); ++i) {
+      UIPC_FUZZ_CHECK(received[i].kind == want.frames[i].kind);
+      UIPC_FUZZ_CHECK(received[i].correlation_id == want.frames[i].correlation_id);
+      UIPC_FUZZ_CHECK(received[i].type == want.frames[i].type);
+      UIPC_FUZZ_CHECK(received[i].payload == want.frames[i].payload);
+    }
+    if (want.reason) {
+      if (conn->close_reason() != *want.reason) {
+        std::fprintf(stderr, "closed with '%s', the stream says '%s'\n", conn->close_reason().message().c_str(),
+                     want.reason->message().c_str());
+      }
+      UIPC_FUZZ_CHECK(conn->close_reason() == *want.reason);
+    }
+  }
   on_frame = nullptr;
   conn.reset();
   if (fx.ctx.stopped()) fx.ctx.restart();
