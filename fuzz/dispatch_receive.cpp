@@ -13,11 +13,14 @@
 //   ctl bit 3: run the loop before the next datagram (otherwise they batch).
 //   hold mask bit i: the listener keeps the i-th query it gets (at most 2 at a time).
 //
-// Checks: every datagram sent is received and accounted for; answers are
+// Checks: every datagram sent is received and classified as its bytes say
+// (short, query, reply to its response, unmatched: counted against the
+// dispatcher's counters and the events delivered); answers are
 // DNS responses no longer than the buffer; once the parties detach, every
 // pool buffer is back and no descriptor is left open.
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <array>
 #include <boost/asio/io_context.hpp>
 #include <chrono>
@@ -97,7 +100,8 @@ void run_one(const std::uint8_t* data, std::size_t size) {
   UIPC_FUZZ_CHECK(attached.has_value());
   dispatch::listener l = std::move(*attached);
   std::deque<event> held;
-  unsigned queries = 0;
+  unsigned queries = 0;  // query events the listener got
+  unsigned replies = 0;  // reply events the responses got
   std::function<void(error_code, event)> on_query = [&](error_code ec, event ev) {
     if (ec && !ev) return;  // detached
     if (!ec && ev.kind() == event_kind::message) {
@@ -130,6 +134,7 @@ void run_one(const std::uint8_t* data, std::size_t size) {
         UIPC_FUZZ_CHECK(ev.kind() == event_kind::message);
         UIPC_FUZZ_CHECK(ev.id() == responses[i].id());
         UIPC_FUZZ_CHECK(ev.peer() == peer);
+        ++replies;
       }
       ev.release();
       responses[i].async_receive(on_reply[i]);
@@ -137,7 +142,11 @@ void run_one(const std::uint8_t* data, std::size_t size) {
     responses[i].async_receive(on_reply[i]);
   }
 
-  const std::uint64_t received_before = fx.disp->stats().received;
+  const dispatcher_stats before = fx.disp->stats();
+  const std::uint64_t received_before = before.received;
+  // What each datagram must become, from its bytes alone (the DNS framing:
+  // 12-byte header, ID in bytes 0-1, QR in 0x80 of byte 2).
+  std::uint64_t want_short = 0, want_queries = 0, want_matched = 0, want_unmatched = 0;
   std::uint64_t sent = 0;
   while (!in.empty()) {
     const std::uint8_t ctl = in.byte();
@@ -151,7 +160,21 @@ void run_one(const std::uint8_t* data, std::size_t size) {
     }
     error_code ec;
     fx.clients[(ctl >> 2) & 1].send_to(boost::asio::buffer(datagram.data(), length), target, 0, ec);
-    if (!ec) ++sent;
+    if (!ec) {
+      ++sent;
+      const bool from_peer = ((ctl >> 2) & 1) == 0;
+      const auto id = static_cast<std::uint16_t>(length >= 2 ? dns_framing().read_id(datagram) : 0);
+      if (length < 12 || length > buffer_size) {
+        ++want_short;
+      } else if ((std::to_integer<unsigned>(datagram[2]) & 0x80) == 0) {
+        ++want_queries;
+      } else if (from_peer && std::any_of(responses.begin(), responses.end(),
+                                          [&](const response& r) { return r.id() == id; })) {
+        ++want_matched;
+      } else {
+        ++want_unmatched;
+      }
+    }
     if ((ctl & 8) != 0) {
       fx.ctx.poll();
       drain_answers(fx);
@@ -174,6 +197,38 @@ void run_one(const std::uint8_t* data, std::size_t size) {
     fx.ctx.poll();
     drain_answers(fx);
     if (!held.empty()) held.pop_front();
+  }
+  // The queues drain as held events go back; then every datagram is
+  // accounted for: dropped short, dropped unmatched, or delivered (or dropped
+  // at a full queue) as a query or as a reply to its response.
+  while (fx.disp->stats().queued_queries != 0 || !held.empty()) {
+    UIPC_FUZZ_CHECK(clock_type::now() < until);
+    if (fx.ctx.stopped()) fx.ctx.restart();
+    fx.ctx.poll();
+    drain_answers(fx);
+    if (!held.empty()) held.pop_front();
+  }
+  if (fx.ctx.stopped()) fx.ctx.restart();
+  fx.ctx.poll();
+  {
+    const dispatcher_stats now = fx.disp->stats();
+    const std::uint64_t full = now.dropped_queue_full - before.dropped_queue_full;
+    if (now.dropped_short - before.dropped_short != want_short ||
+        now.dropped_unmatched - before.dropped_unmatched != want_unmatched ||
+        queries + replies + full != want_queries + want_matched ||
+        now.dropped_no_listener != before.dropped_no_listener) {
+      std::fprintf(stderr,
+                   "short %llu (want %llu), unmatched %llu (want %llu), queries %u + replies %u + queue full %llu "
+                   "(want %llu + %llu)\n",
+                   static_cast<unsigned long long>(now.dropped_short - before.dropped_short),
+                   static_cast<unsigned long long>(want_short),
+                   static_cast<unsigned long long>(now.dropped_unmatched - before.dropped_unmatched),
+                   static_cast<unsigned long long>(want_unmatched), queries, replies,
+                   static_cast<unsigned long long>(full), static_cast<unsigned long long>(want_queries),
+                   static_cast<unsigned long long>(want_matched));
+      UIPC_FUZZ_CHECK(!"a datagram was classified against its bytes");
+    }
+    UIPC_FUZZ_CHECK(queries <= want_queries && replies <= want_matched);
   }
   l.detach();
   for (auto& r : responses) r.detach();
