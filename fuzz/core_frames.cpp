@@ -75,12 +75,14 @@ void drain(int peer) {
 
 // Sends one chunk with `fds` duplicates of the spare descriptor; the kernel
 // copies them, so ours are closed at once.
-void send_chunk(fixture& fx, int peer, std::span<const std::uint8_t> bytes, std::size_t fds, std::string& sent) {
+void send_chunk(fixture& fx, int peer, std::span<const std::uint8_t> bytes, std::size_t fds,
+                std::string& sent) {
   std::array<int, 31> dups{};
   for (std::size_t i = 0; i < fds; ++i) dups[i] = ::fcntl(fx.spare, F_DUPFD_CLOEXEC, 0);
   std::array<char, CMSG_SPACE(sizeof(int) * 31)> control{};
   std::uint8_t empty = 0;
-  iovec iov{const_cast<std::uint8_t*>(bytes.empty() ? &empty : bytes.data()), bytes.size()};  // NOLINT: sendmsg reads
+  iovec iov{const_cast<std::uint8_t*>(bytes.empty() ? &empty : bytes.data()),
+            bytes.size()};  // NOLINT: sendmsg reads
   msghdr msg{};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
@@ -100,7 +102,8 @@ void send_chunk(fixture& fx, int peer, std::span<const std::uint8_t> bytes, std:
     for (int tries = 0; tries < 1000; ++tries) {
       const ssize_t n = ::sendmsg(peer, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
       if (n >= 0) {
-        sent.append(reinterpret_cast<const char*>(bytes.data()), static_cast<std::size_t>(n));  // NOLINT
+        sent.append(reinterpret_cast<const char*>(bytes.data()),
+                    static_cast<std::size_t>(n));          // NOLINT
         if (static_cast<std::size_t>(n) < bytes.size()) {  // the rest, without descriptors
           send_chunk(fx, peer, bytes.subspan(static_cast<std::size_t>(n)), 0, sent);
         }
@@ -119,7 +122,7 @@ void send_chunk(fixture& fx, int peer, std::span<const std::uint8_t> bytes, std:
 // over, and why it must close once the stream ends. Only for streams without
 // descriptors (which chunks carry is the kernel's business, not the stream's).
 struct expectation {
-  std::vector<frame> frames;  // requests and notices, in order
+  std::vector<frame> frames;         // requests and notices, in order
   std::optional<error_code> reason;  // nothing: decided by the peer (an error notice)
 };
 
@@ -161,12 +164,13 @@ expectation expected(const std::string& stream, const connection_options& option
       out.reason = make_error_code(errc::too_many_fds);
       return out;
     }
-    if (env.fd_count() > 0 || (env.kind() != proto::Envelope::NOTICE && env.correlation_id() == 0)) {
+    if (env.fd_count() > 0 ||
+        (env.kind() != proto::Envelope::NOTICE && env.correlation_id() == 0)) {
       out.reason = make_error_code(errc::bad_frame);
       return out;
     }
     at += 4 + length;
-    if (env.kind() == proto::Envelope::REPLY) continue;  // to the call, or dropped
+    if (env.kind() == proto::Envelope::REPLY) continue;            // to the call, or dropped
     if (env.has_error() && env.correlation_id() == 0) return out;  // the peer says goodbye
     frame f;
     f.kind = env.kind() == proto::Envelope::REQUEST ? frame_kind::request : frame_kind::notice;
@@ -271,8 +275,8 @@ void run_one(const std::uint8_t* data, std::size_t size) {
     }
     if (want.reason) {
       if (conn->close_reason() != *want.reason) {
-        std::fprintf(stderr, "closed with '%s', the stream says '%s'\n", conn->close_reason().message().c_str(),
-                     want.reason->message().c_str());
+        std::fprintf(stderr, "closed with '%s', the stream says '%s'\n",
+                     conn->close_reason().message().c_str(), want.reason->message().c_str());
       }
       UIPC_FUZZ_CHECK(conn->close_reason() == *want.reason);
     }

@@ -10,7 +10,8 @@
 //   ctl bits 0-1: 0 sends the bytes as they are; 1-3 makes the datagram a reply
 //     to response 1-3 (its ID written in, the QR bit set).
 //   ctl bit 2: sent from the second socket (not the responses' peer).
-//   ctl bit 3: run the loop before the next datagram (otherwise they batch).
+//   ctl bit 3: run the loop before the next datagram (otherwise they batch,
+//     at most 16 unread: the kernel would drop more).
 //   hold mask bit i: the listener keeps the i-th query it gets (at most 2 at a time).
 //
 // Checks: every datagram sent is received and classified as its bytes say
@@ -26,8 +27,10 @@
 #include <chrono>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <functional>
 #include <memory>
+#include <string>
 
 #include "dns_message.hpp"
 #include "fuzz_support.hpp"
@@ -148,6 +151,36 @@ void run_one(const std::uint8_t* data, std::size_t size) {
   // 12-byte header, ID in bytes 0-1, QR in 0x80 of byte 2).
   std::uint64_t want_short = 0, want_queries = 0, want_matched = 0, want_unmatched = 0;
   std::uint64_t sent = 0;
+  // Every datagram sent is read: held events go back as the listener takes
+  // more, so the pool never stays dry. Called every 16 datagrams too: the
+  // kernel drops datagrams past the socket's receive buffer (a burst of a few
+  // hundred small ones overflows it), and those are no one's to account for.
+  auto await_received = [&] {
+    const auto until = clock_type::now() + std::chrono::seconds(5);
+    while (fx.disp->stats().received - received_before < sent) {
+      if (clock_type::now() >= until) {
+        const auto st = fx.disp->stats();
+        std::fprintf(
+            stderr,
+            "sent %llu, received %llu, buffers in use %u, queued %zu, receiving sockets %u\n",
+            static_cast<unsigned long long>(sent),
+            static_cast<unsigned long long>(st.received - received_before), st.buffers_in_use,
+            st.queued_queries, st.receiving_sockets);
+        // The kernel's own count of datagrams it dropped for a full receive buffer.
+        char port[8];
+        std::snprintf(port, sizeof port, ":%04X", static_cast<unsigned>(target.port()));
+        std::ifstream udp("/proc/net/udp");
+        for (std::string line; std::getline(udp, line);) {
+          if (line.find(port) != std::string::npos) std::fprintf(stderr, "%s\n", line.c_str());
+        }
+        UIPC_FUZZ_CHECK(!"datagrams sent were never received");
+      }
+      if (fx.ctx.stopped()) fx.ctx.restart();
+      fx.ctx.poll();
+      drain_answers(fx);
+      if (!held.empty()) held.pop_front();
+    }
+  };
   while (!in.empty()) {
     const std::uint8_t ctl = in.byte();
     const auto bytes = in.bytes(in.u16());
@@ -179,25 +212,11 @@ void run_one(const std::uint8_t* data, std::size_t size) {
       fx.ctx.poll();
       drain_answers(fx);
     }
+    if (sent % 16 == 0) await_received();
   }
 
-  // Every datagram arrives (loopback) and is read: held events go back as
-  // the listener takes more, so the pool never stays dry.
+  await_received();
   const auto until = clock_type::now() + std::chrono::seconds(5);
-  while (fx.disp->stats().received - received_before < sent) {
-    if (clock_type::now() >= until) {
-      const auto st = fx.disp->stats();
-      std::fprintf(stderr, "sent %llu, received %llu, buffers in use %u, queued %zu\n",
-                   static_cast<unsigned long long>(sent),
-                   static_cast<unsigned long long>(st.received - received_before), st.buffers_in_use,
-                   st.queued_queries);
-      UIPC_FUZZ_CHECK(!"datagrams sent were never received");
-    }
-    if (fx.ctx.stopped()) fx.ctx.restart();
-    fx.ctx.poll();
-    drain_answers(fx);
-    if (!held.empty()) held.pop_front();
-  }
   // The queues drain as held events go back; then every datagram is
   // accounted for: dropped short, dropped unmatched, or delivered (or dropped
   // at a full queue) as a query or as a reply to its response.
@@ -217,15 +236,17 @@ void run_one(const std::uint8_t* data, std::size_t size) {
         now.dropped_unmatched - before.dropped_unmatched != want_unmatched ||
         queries + replies + full != want_queries + want_matched ||
         now.dropped_no_listener != before.dropped_no_listener) {
-      std::fprintf(stderr,
-                   "short %llu (want %llu), unmatched %llu (want %llu), queries %u + replies %u + queue full %llu "
-                   "(want %llu + %llu)\n",
-                   static_cast<unsigned long long>(now.dropped_short - before.dropped_short),
-                   static_cast<unsigned long long>(want_short),
-                   static_cast<unsigned long long>(now.dropped_unmatched - before.dropped_unmatched),
-                   static_cast<unsigned long long>(want_unmatched), queries, replies,
-                   static_cast<unsigned long long>(full), static_cast<unsigned long long>(want_queries),
-                   static_cast<unsigned long long>(want_matched));
+      std::fprintf(
+          stderr,
+          "short %llu (want %llu), unmatched %llu (want %llu), queries %u + replies %u + queue "
+          "full %llu "
+          "(want %llu + %llu)\n",
+          static_cast<unsigned long long>(now.dropped_short - before.dropped_short),
+          static_cast<unsigned long long>(want_short),
+          static_cast<unsigned long long>(now.dropped_unmatched - before.dropped_unmatched),
+          static_cast<unsigned long long>(want_unmatched), queries, replies,
+          static_cast<unsigned long long>(full), static_cast<unsigned long long>(want_queries),
+          static_cast<unsigned long long>(want_matched));
       UIPC_FUZZ_CHECK(!"a datagram was classified against its bytes");
     }
     UIPC_FUZZ_CHECK(queries <= want_queries && replies <= want_matched);
@@ -244,7 +265,8 @@ void run_one(const std::uint8_t* data, std::size_t size) {
   const auto st = fx.disp->stats();
   UIPC_FUZZ_CHECK(!st.shutting_down);
   UIPC_FUZZ_CHECK(st.listeners == 0 && st.responses == 0 && st.queued_queries == 0);
-  if (st.buffers_in_use != 0) std::fprintf(stderr, "%u buffers in use after every party left\n", st.buffers_in_use);
+  if (st.buffers_in_use != 0)
+    std::fprintf(stderr, "%u buffers in use after every party left\n", st.buffers_in_use);
   UIPC_FUZZ_CHECK(st.buffers_in_use == 0);
   if (!fx.census) return;
   const int leaked = fx.census->changed();

@@ -10,13 +10,14 @@
 // Checks: an answer fits its buffer, is a response with the query's ID and
 // question, and matches the question (reply_matches) when it carries one;
 // a query built from the name parses back to that name, lower-cased.
+#include "dns_message.hpp"
+
 #include <algorithm>
 #include <cctype>
 #include <cstring>
 #include <string>
 #include <vector>
 
-#include "dns_message.hpp"
 #include "fuzz_support.hpp"
 
 namespace {
@@ -78,7 +79,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::input in(data, size);
   const std::uint8_t room = in.byte();
   const auto name_bytes = in.bytes(in.byte());
-  const std::string_view name(reinterpret_cast<const char*>(name_bytes.data()), name_bytes.size());  // NOLINT
+  const std::string_view name(reinterpret_cast<const char*>(name_bytes.data()),
+                              name_bytes.size());  // NOLINT
   const auto message = in.bytes(size);
 
   check_answer(as_bytes(message), 4 * std::size_t{room});

@@ -24,8 +24,7 @@ namespace uipc::fuzz {
   std::fprintf(stderr, "fuzz check failed: %s (%s:%d)\n", what, file, line);
   std::abort();
 }
-#define UIPC_FUZZ_CHECK(cond) \
-  ((cond) ? (void)0 : ::uipc::fuzz::fail(#cond, __FILE__, __LINE__))
+#define UIPC_FUZZ_CHECK(cond) ((cond) ? (void)0 : ::uipc::fuzz::fail(#cond, __FILE__, __LINE__))
 
 /// Takes the input apart front to back; running out yields zeros and empty spans.
 class input {
@@ -61,7 +60,9 @@ class output {
     bytes_.push_back(static_cast<char>(b));
     return *this;
   }
-  output& u16(std::uint16_t v) { return byte(static_cast<std::uint8_t>(v & 0xff)).byte(static_cast<std::uint8_t>(v >> 8)); }
+  output& u16(std::uint16_t v) {
+    return byte(static_cast<std::uint8_t>(v & 0xff)).byte(static_cast<std::uint8_t>(v >> 8));
+  }
   output& append(const std::string& s) {
     bytes_ += s;
     return *this;
@@ -90,8 +91,10 @@ class fd_census {
       if (::fcntl(fd, F_GETFD) != -1) highest = fd;
     }
     open_.resize(static_cast<std::size_t>(highest) + 64);
-    for (std::size_t fd = 0; fd < open_.size(); ++fd) open_[fd] = ::fcntl(static_cast<int>(fd), F_GETFD) != -1;
-    while (probe_source_ < highest && !open_[static_cast<std::size_t>(probe_source_)]) ++probe_source_;
+    for (std::size_t fd = 0; fd < open_.size(); ++fd)
+      open_[fd] = ::fcntl(static_cast<int>(fd), F_GETFD) != -1;
+    while (probe_source_ < highest && !open_[static_cast<std::size_t>(probe_source_)])
+      ++probe_source_;
   }
   /// The first descriptor whose state differs, or -1. Every call checks the
   /// lowest free descriptor (one system call: a descriptor left open by the

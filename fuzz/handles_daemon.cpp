@@ -81,7 +81,8 @@ class session {
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
     std::memcpy(addr.sun_path, fx.socket_path.data(), fx.socket_path.size());
-    UIPC_FUZZ_CHECK(::connect(fd_, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0);  // NOLINT
+    UIPC_FUZZ_CHECK(::connect(fd_, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) ==
+                    0);  // NOLINT
     // Accepted and admitted before the first record: each input is one whole session.
     const auto until = clock_type::now() + std::chrono::seconds(5);
     while (fx.daemon->stats().clients == 0) {
@@ -101,7 +102,8 @@ class session {
     std::size_t done = 0;
     const auto until = clock_type::now() + std::chrono::seconds(5);
     while (done < bytes.size() && !closed_) {
-      const ssize_t n = ::send(fd_, bytes.data() + done, bytes.size() - done, MSG_DONTWAIT | MSG_NOSIGNAL);
+      const ssize_t n =
+          ::send(fd_, bytes.data() + done, bytes.size() - done, MSG_DONTWAIT | MSG_NOSIGNAL);
       if (n > 0) {
         done += static_cast<std::size_t>(n);
         continue;
@@ -134,7 +136,8 @@ class session {
     const auto until = clock_type::now() + std::chrono::seconds(5);
     for (;;) {
       while (auto env = next_envelope()) {
-        if (env->kind() == proto::Envelope::REPLY && env->correlation_id() == correlation_id) return env;
+        if (env->kind() == proto::Envelope::REPLY && env->correlation_id() == correlation_id)
+          return env;
         // A notice with an error is the daemon saying why it drops us.
       }
       if (closed_) return std::nullopt;
@@ -183,7 +186,8 @@ class session {
     std::memcpy(&length, received_.data(), 4);
     if (received_.size() < 4 + static_cast<std::size_t>(length)) return std::nullopt;
     proto::Envelope env;
-    UIPC_FUZZ_CHECK(env.ParseFromArray(received_.data() + 4, static_cast<int>(length)));  // the daemon's own frames
+    UIPC_FUZZ_CHECK(env.ParseFromArray(received_.data() + 4,
+                                       static_cast<int>(length)));  // the daemon's own frames
     received_.erase(0, 4 + length);
     return env;
   }
@@ -194,7 +198,13 @@ class session {
   std::string received_;
 };
 
-enum : std::uint32_t { type_create = 2, type_open = 3, type_close = 4, type_scratch_store = 5, type_scratch_free = 6 };
+enum : std::uint32_t {
+  type_create = 2,
+  type_open = 3,
+  type_close = 4,
+  type_scratch_store = 5,
+  type_scratch_free = 6
+};
 
 // The protobuf bytes of field 1 set to `value` (a varint) or to a message.
 std::string field1_varint(std::uint64_t value) {
@@ -277,8 +287,9 @@ void run_one(const std::uint8_t* data, std::size_t size) {
     const handles::daemon_stats st = fx.daemon->stats();
     if (st.clients == 0 && st.handles_in_use == 0 && st.scratch_in_use == 0) break;
     if (clock_type::now() >= until) {
-      std::fprintf(stderr, "after the session: %u clients, %u handles, %llu scratch bytes in use\n", st.clients,
-                   st.handles_in_use, static_cast<unsigned long long>(st.scratch_in_use));
+      std::fprintf(stderr, "after the session: %u clients, %u handles, %llu scratch bytes in use\n",
+                   st.clients, st.handles_in_use,
+                   static_cast<unsigned long long>(st.scratch_in_use));
       UIPC_FUZZ_CHECK(!"the daemon kept what a closed session held");
     }
   }

@@ -49,7 +49,8 @@ void core_frames() {
   chunk(o.byte(0), 0x80, request);
   write("core_frames", "request", o);
   output batch;
-  chunk(batch.byte(0), 0, request + encoded(frame_kind::notice, 0, 2, "n") + encoded(frame_kind::reply, 1, 7, "r"));
+  chunk(batch.byte(0), 0,
+        request + encoded(frame_kind::notice, 0, 2, "n") + encoded(frame_kind::reply, 1, 7, "r"));
   write("core_frames", "batch", batch);
   output split;
   chunk(chunk(split.byte(0), 0x80, request.substr(0, 3)), 0x80, request.substr(3));
@@ -143,7 +144,8 @@ std::string query(std::uint16_t id, const char* name, std::uint16_t type) {
 }
 
 void dns_message() {
-  auto seed = [](const std::string& name, std::uint8_t room, const std::string& typed, const std::string& message) {
+  auto seed = [](const std::string& name, std::uint8_t room, const std::string& typed,
+                 const std::string& message) {
     output o;
     o.byte(room).byte(static_cast<std::uint8_t>(typed.size())).append(typed).append(message);
     write("dns_message", name, o);
@@ -183,7 +185,8 @@ void dispatch_receive() {
   write("dispatch_receive", "replies", replies);
   output held;
   held.byte(0xff);
-  for (int i = 0; i < 12; ++i) datagram(held, 0, query(static_cast<std::uint16_t>(i), "a.uipc.test", dns::type_a));
+  for (int i = 0; i < 12; ++i)
+    datagram(held, 0, query(static_cast<std::uint16_t>(i), "a.uipc.test", dns::type_a));
   write("dispatch_receive", "held", held);
   output odd;
   odd.byte(0);

@@ -12,8 +12,8 @@
 #include <string>
 
 #include "dns_message.hpp"
-#include "uipc/core/error.hpp"
 #include "program_support.hpp"
+#include "uipc/core/error.hpp"
 
 namespace uipc::dispatch {
 namespace {
@@ -117,9 +117,10 @@ TEST(DnsFloodTest, ResponderSurvivesMalformedFloodAndStillAnswersCorrectly) {
   }
   std::this_thread::sleep_for(100ms);
   answered += drain();
-  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  std::printf("faults: %ld malformed datagrams in %.2f s (%.0f/s), %ld answered (FORMERR/NOTIMP)\n", sent, took,
-              static_cast<double>(sent) / took, answered);
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  std::printf("faults: %ld malformed datagrams in %.2f s (%.0f/s), %ld answered (FORMERR/NOTIMP)\n",
+              sent, took, static_cast<double>(sent) / took, answered);
   ASSERT_TRUE(r.proc.running()) << read_file(dir.file("responder.err"));
   EXPECT_EQ(open_descriptors(r.proc.pid()), descriptors);
 
@@ -145,14 +146,16 @@ TEST(DnsFloodTest, ResponderSurvivesMalformedFloodAndStillAnswersCorrectly) {
 
   // And dig, the tool people use, gets correct answers.
   if (auto dig = find_program("dig")) {
-    auto out = run(dir, {*dig, "@127.0.0.1", "-p", r.port, "www.uipc.test", "A", "+tries=2", "+time=2"});
+    auto out =
+        run(dir, {*dig, "@127.0.0.1", "-p", r.port, "www.uipc.test", "A", "+tries=2", "+time=2"});
     ASSERT_TRUE(out);
     EXPECT_NE(out->find("status: NOERROR"), std::string::npos) << *out;
     EXPECT_TRUE(
         std::regex_search(*out, std::regex(R"(www\.uipc\.test\.\s+300\s+IN\s+A\s+192\.0\.2\.10)")))
         << *out;
   } else {
-    std::printf("dig is not installed (Debian package 'dnsutils'): checked with our own query only\n");
+    std::printf(
+        "dig is not installed (Debian package 'dnsutils'): checked with our own query only\n");
   }
   r.proc.signal(SIGTERM);
   EXPECT_EQ(r.proc.wait(10s), std::optional<int>(0)) << read_file(dir.file("responder.err"));

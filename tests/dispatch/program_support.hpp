@@ -96,8 +96,10 @@ class child {
 };
 
 /// Runs a program to its end (at most `deadline`); its stdout, or nullopt on timeout.
-inline std::optional<std::string> run(const uipc::test::temp_dir& dir, std::vector<std::string> argv,
-                               std::chrono::milliseconds deadline = 20s, int* exit_code = nullptr) {
+inline std::optional<std::string> run(const uipc::test::temp_dir& dir,
+                                      std::vector<std::string> argv,
+                                      std::chrono::milliseconds deadline = 20s,
+                                      int* exit_code = nullptr) {
   static int n = 0;
   const std::string out = dir.file("run" + std::to_string(++n) + ".out");
   child c(std::move(argv), out, dir.file("run" + std::to_string(n) + ".err"));

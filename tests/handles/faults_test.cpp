@@ -179,19 +179,22 @@ TEST_F(FaultsTest, ClientsKilledAtRandomMomentsLeaveNothingOfThemselves) {
     expect_only_the_observer_left();
     expect_descriptors(baseline);
   }
-  const auto took = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const auto took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   auto s = observer_->stats();
   ASSERT_TRUE(s);
-  std::printf("faults: %d kills in %d waves, %.1f s; daemon served %llu requests, %llu mutexes abandoned\n", kills,
-              waves, took, static_cast<unsigned long long>(s->requests),
-              static_cast<unsigned long long>(s->mutexes_abandoned));
+  std::printf(
+      "faults: %d kills in %d waves, %.1f s; daemon served %llu requests, %llu mutexes abandoned\n",
+      kills, waves, took, static_cast<unsigned long long>(s->requests),
+      static_cast<unsigned long long>(s->mutexes_abandoned));
   EXPECT_GE(s->mutexes_abandoned, static_cast<std::uint64_t>(waves));
 }
 
 TEST_F(FaultsTest, DaemonKilledUnderLiveClientsFailsTheirCallsAndIsReplacedCleanly) {
   std::vector<std::unique_ptr<child_process>> churners;
   for (int i = 0; i < 4; ++i) {
-    churners.push_back(std::make_unique<child_process>(peer_args(loc_, {"churn", std::to_string(i)})));
+    churners.push_back(
+        std::make_unique<child_process>(peer_args(loc_, {"churn", std::to_string(i)})));
   }
   for (auto& c : churners) {
     ASSERT_TRUE(c->read_line());  // daemon <pid>
@@ -236,7 +239,8 @@ int raw_connect(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path.data(), path.size());
-  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {  // NOLINT: sockets API
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) !=
+      0) {  // NOLINT: sockets API
     ::close(fd);
     return -1;
   }
@@ -322,9 +326,12 @@ TEST_F(FaultsTest, FloodsOfConnectionsAndGarbageLeaveTheDaemonServingAtItsBaseli
     expect_descriptors(baseline);
   }
   const std::size_t rss_after = resident_kib(daemon_pid_);
-  const auto took = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  std::printf("faults: %d floods, %d connections made, in %.1f s; daemon RSS %zu -> %zu KiB, %zu descriptors\n",
-              floods + 1, connected, took, rss_before, rss_after, open_descriptors(daemon_pid_));
+  const auto took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  std::printf(
+      "faults: %d floods, %d connections made, in %.1f s; daemon RSS %zu -> %zu KiB, %zu "
+      "descriptors\n",
+      floods + 1, connected, took, rss_before, rss_after, open_descriptors(daemon_pid_));
   // Most got through the backlog: the daemon really was flooded.
   EXPECT_GT(connected, (floods + 1) * connections_per_flood / 2);
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
