@@ -80,7 +80,11 @@ std::size_t build_query(std::span<std::byte> out, std::uint16_t id, std::string_
     out[at++] = static_cast<std::byte>(label.size());
     std::memcpy(out.data() + at, label.data(), label.size());
     at += label.size();
-    name = dot == std::string_view::npos ? std::string_view{} : name.substr(dot + 1);
+    if (dot == std::string_view::npos) break;
+    name = name.substr(dot + 1);
+    // "a.." (one dot is the final one, stripped above) ends in an empty label:
+    // not a host name, and leaving the label out would ask for another name.
+    if (name.empty()) return 0;
   }
   out[at++] = std::byte{0};
   put16(out, at, type);
@@ -106,6 +110,9 @@ std::optional<question> parse_question(std::span<const std::byte> m) {
     }
     for (std::size_t i = 0; i < len; ++i) {
       const auto c = std::to_integer<unsigned char>(m[at + i]);
+      // A dot inside a label would read as two labels: "www.uipc" + "test"
+      // and "www" + "uipc" + "test" are different names with one text form.
+      if (c == '.') return std::nullopt;
       q.wire_name += static_cast<char>(c);
       q.name += static_cast<char>(std::tolower(c));
     }

@@ -40,7 +40,8 @@ std::size_t build_query(std::span<std::byte> out, std::uint16_t id, std::string_
                         std::uint16_t type);
 
 /// Parses the header and the first question of `message`; nullopt when malformed
-/// (truncated, a label over 63 bytes, a name over 255 bytes, a compression pointer).
+/// (truncated, a label over 63 bytes, a name over 255 bytes, a compression pointer)
+/// or when the name has no text form of its own (a label holding a dot).
 std::optional<question> parse_question(std::span<const std::byte> message);
 
 /// Turns the query in buffer[0, length) into an answer in place, from the

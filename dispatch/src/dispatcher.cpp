@@ -259,7 +259,7 @@ result<void> engine::open_send_sockets() {
   if (count == 1) {
     code[length++] = BPF_STMT(BPF_RET | BPF_K, 0);
   } else {
-    code[length++] = BPF_STMT(BPF_LD | BPF_H | BPF_ABS, options_.frame.id_offset);
+    code[length++] = BPF_STMT(BPF_LD | BPF_H | BPF_ABS, static_cast<std::uint32_t>(options_.frame.id_offset));
     code[length++] = BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, count);
     code[length++] = BPF_STMT(BPF_RET | BPF_A, 0);
   }

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <cstring>
 #include <random>
 #include <set>
 #include <string>
@@ -72,6 +73,42 @@ TEST(DnsMessageTest, UnknownNameIsNxdomainAndKnownNameWithoutTheTypeIsNodata) {
   n = answer_in_place(buf, nodata.size());
   EXPECT_EQ(rcode({buf.data(), n}), rcode_noerror);
   EXPECT_EQ(answer_count({buf.data(), n}), 0);
+}
+
+// Found by fuzz_dns_message (fuzz/regressions/dns_message/empty_last_label): the
+// empty label before the final dot was dropped, and the query asked for "a.b".
+TEST(DnsMessageTest, NameEndingInAnEmptyLabelIsRefused) {
+  std::array<std::byte, 512> buf{};
+  EXPECT_EQ(build_query(buf, 1, "a.b..", type_a), 0u);
+  EXPECT_EQ(build_query(buf, 1, "wwwwww.uipc..", type_a), 0u);
+  EXPECT_EQ(build_query(buf, 1, "..", type_a), 0u);
+  EXPECT_EQ(build_query(buf, 1, "a..b", type_a), 0u);
+  // One final dot is the root, as before; a lone dot asks for the root itself.
+  EXPECT_GT(build_query(buf, 1, "a.b.", type_a), 0u);
+  EXPECT_GT(build_query(buf, 1, ".", type_a), 0u);
+  const std::size_t n = build_query(buf, 1, "A.b.", type_a);
+  auto q = parse_question(std::span<const std::byte>(buf.data(), n));
+  ASSERT_TRUE(q);
+  EXPECT_EQ(q->name, "a.b");
+}
+
+// Found by fuzz_dns_message (fuzz/regressions/dns_message/dot_inside_label): a
+// label holding a dot read like two labels, so a reply for the name
+// ["www.uipc", "test"] matched a query for www.uipc.test.
+TEST(DnsMessageTest, LabelHoldingADotIsMalformedAndMatchesNothing) {
+  const unsigned char wire[] = {0x12, 0x34, 0x81, 0x00, 0, 1, 0, 0, 0, 0, 0, 0,
+                                8, 'w', 'w', 'w', '.', 'u', 'i', 'p', 'c', 4, 't', 'e', 's', 't', 0,
+                                0, 1, 0, 1};
+  std::array<std::byte, 512> buf{};
+  std::memcpy(buf.data(), wire, sizeof wire);
+  const std::span<const std::byte> reply(buf.data(), sizeof wire);
+  EXPECT_FALSE(parse_question(reply));
+  EXPECT_FALSE(reply_matches(reply, "www.uipc.test", type_a));
+  // As a query it is answered FORMERR, not NXDOMAIN for a name it never asked.
+  buf[2] = std::byte{0x01};
+  const std::size_t n = answer_in_place(buf, sizeof wire);
+  ASSERT_GE(n, 12u);
+  EXPECT_EQ(rcode(std::span<const std::byte>(buf.data(), n)), rcode_formerr);
 }
 
 TEST(DnsMessageTest, ResponsesAreNeverAnsweredAndBadQueriesGetFormerr) {

@@ -7,6 +7,8 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -128,6 +130,81 @@ int main(int argc, char** argv) {
     if (!r) return r.error() == errc::daemon_lost ? 3 : 4;
     if (r->status == wait_status::timed_out) return 2;
     return 10 + static_cast<int>(r->index);
+  }
+  if (command == "churn" && args.size() == 1) {
+    // Works the daemon until killed, from a seeded mix of requests and
+    // shared-memory operations, so that a kill lands anywhere: creating,
+    // opening, closing, storing scratch, owning the mutex "m", waiting on
+    // the event "ev". Says "owned" the first time it holds "m". Exit 3 once
+    // the daemon is lost, 4 on any other error.
+    std::mt19937 rng(static_cast<std::uint32_t>(std::strtoul(args[0].c_str(), nullptr, 10)));
+    auto m = c->open_mutex("m");
+    auto ev = c->open_event("ev");
+    if (!m || !ev) return 4;
+    std::deque<object> objects;
+    std::deque<scratch_block> blocks;
+    bool said_owned = false;
+    say("churning");
+    auto failed = [](const uipc::error_code& ec) { return ec == errc::daemon_lost ? 3 : 4; };
+    for (;;) {
+      uipc::error_code ec;
+      switch (rng() % 7) {
+        case 0: {
+          auto e = c->create_event(event_reset::automatic, rng() % 2 == 0,
+                                   rng() % 3 == 0 ? "churn-" + std::to_string(rng() % 8) : "");
+          if (!e) ec = e.error();
+          else objects.push_back(std::move(*e));
+          break;
+        }
+        case 1: {
+          auto sem = c->create_semaphore(0, 4);
+          if (!sem) ec = sem.error();
+          else objects.push_back(std::move(*sem));
+          break;
+        }
+        case 2: {
+          auto b = c->store_scratch(1 + rng() % 256);
+          if (!b) ec = b.error();
+          else blocks.push_back(std::move(*b));
+          break;
+        }
+        case 3: {
+          auto r = m->wait(std::chrono::milliseconds(5));
+          if (!r) {
+            ec = r.error();
+          } else if (*r != wait_status::timed_out) {
+            if (!said_owned) say("owned");
+            said_owned = true;
+            std::this_thread::sleep_for(std::chrono::microseconds(rng() % 2000));
+            ec = m->release();
+          }
+          break;
+        }
+        case 4: {
+          auto r = ev->wait(std::chrono::milliseconds(rng() % 3));
+          if (!r) ec = r.error();
+          break;
+        }
+        case 5:
+          if (!objects.empty()) {
+            ec = objects.front().close();
+            objects.pop_front();
+          }
+          if (!blocks.empty()) {
+            if (!ec) ec = blocks.front().free();
+            blocks.pop_front();
+          }
+          break;
+        default: {
+          auto l = c->list();
+          if (!l) ec = l.error();
+          break;
+        }
+      }
+      if (ec) return failed(ec);
+      if (objects.size() > 24) objects.pop_front();  // the destructor closes with a notice
+      if (blocks.size() > 8) blocks.pop_front();
+    }
   }
   return 64;
 }
