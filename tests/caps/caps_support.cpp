@@ -135,3 +135,11 @@ int in_child(const std::function<int()>& body) {
 }
 
 }  // namespace uipc::caps::test
+
+#if defined(__SANITIZE_THREAD__)
+// child_service forks from a test process that runs threads, and the child
+// starts its own loop thread: legitimate here (the child touches no lock the
+// parent's threads could have held at the fork), so ThreadSanitizer is told
+// to let it.
+extern "C" const char* __tsan_default_options() { return "die_after_fork=0"; }
+#endif
