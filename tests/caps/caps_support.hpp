@@ -76,8 +76,8 @@ class caps_test : public ::testing::Test {
 
 /// A service in a forked child process: `setup` runs first in the child (to
 /// drop privileges, say), then it registers `name` (in `options.directory`),
-/// runs a loop thread and calls `serve` (default: receive forever, answering
-/// nothing). The parent continues once the registration is done. The
+/// calls `serve` (which may start async receives) and runs the loop on its one
+/// thread for up to a minute. Without `serve` it answers nothing. The parent continues once the registration is done. The
 /// destructor, or kill(), ends the child with SIGKILL.
 class child_service {
  public:

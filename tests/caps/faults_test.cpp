@@ -207,16 +207,23 @@ TEST_F(Faults, AClientKilledWhileWritingAPayloadInPlaceLeavesNothing) {
 
 TEST_F(Faults, AServerKilledWhileWritingAReplyFailsTheCall) {
   child_service server("dies.replying", options(), [](service& s, const child_service& self) {
-    for (;;) {
-      auto e = s.receive();
-      if (e && e->kind == event_kind::request) {
-        (void)s.reply_in_place(e->client, e->id, 1 << 16, [&](std::span<std::byte> out) {
-          std::memset(out.data(), 'r', out.size() / 2);
-          self.note();  // half the reply is written
-          ::pause();
-        });
-      }
-    }
+    // Receives on the loop; the first request is answered in place, and the
+    // child stops half-way through writing the reply.
+    auto next = std::make_shared<std::function<void()>>();
+    *next = [&s, &self, next] {
+      s.async_receive([&s, &self, next](error_code ec, event e) {
+        if (ec) return;
+        if (e.kind == event_kind::request) {
+          (void)s.reply_in_place(e.client, e.id, 1 << 16, [&](std::span<std::byte> out) {
+            std::memset(out.data(), 'r', out.size() / 2);
+            self.note();  // half the reply is written
+            ::pause();
+          });
+        }
+        (*next)();
+      });
+    };
+    (*next)();
   });
   ASSERT_TRUE(server.registered());
   auto cl = connect("dies.replying");
