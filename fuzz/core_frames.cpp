@@ -287,21 +287,11 @@ void run_one(const std::uint8_t* data, std::size_t size) {
   fx.ctx.poll();
   drain(peer);
   ::close(peer);
-  if (!fx.census) return;
-  const int leaked = fx.census->changed();
-  if (leaked != -1) std::fprintf(stderr, "descriptor %d changed state\n", leaked);
-  UIPC_FUZZ_CHECK(leaked == -1);
+  fuzz::check_no_descriptor_changed(fx.census);
 }
 
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  fixture& fx = the_fixture();
-  if (!fx.census) {
-    // The loop opens its reactor's descriptors on first use: count after one empty run.
-    run_one(nullptr, 0);
-    fx.census = std::make_unique<fuzz::fd_census>();
-  }
-  run_one(data, size);
-  return 0;
+  return uipc::fuzz::run_counted(the_fixture(), run_one, data, size);
 }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -118,5 +119,27 @@ class fd_census {
   int lowest_free_ = -1;
   unsigned calls_ = 0;
 };
+
+/// Fails the run when a descriptor changed state since `census` was taken
+/// (nothing before the census exists).
+inline void check_no_descriptor_changed(const std::unique_ptr<fd_census>& census) {
+  if (!census) return;
+  const int leaked = census->changed();
+  if (leaked != -1) std::fprintf(stderr, "descriptor %d changed state\n", leaked);
+  UIPC_FUZZ_CHECK(leaked == -1);
+}
+
+/// One input of a target whose fixture (`fx.census`) counts descriptors: the
+/// loop opens its reactor's descriptors on first use, so the census is taken
+/// after one empty run.
+template <class Fixture, class Run>
+int run_counted(Fixture& fx, Run&& run_one, const std::uint8_t* data, std::size_t size) {
+  if (!fx.census) {
+    run_one(nullptr, 0);
+    fx.census = std::make_unique<fd_census>();
+  }
+  run_one(data, size);
+  return 0;
+}
 
 }  // namespace uipc::fuzz
