@@ -1,0 +1,45 @@
+// Detects a context used by two threads at once: each callback marks the
+// context with its thread for its duration (nested callbacks of the same
+// thread pass through), and a second thread finds the mark and is refused.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "host_impl.hpp"
+
+namespace uipc::plugin::detail {
+
+inline std::uintptr_t thread_token() noexcept {
+  thread_local char token;
+  return reinterpret_cast<std::uintptr_t>(&token);
+}
+
+class context_use {
+ public:
+  explicit context_use(uipc_plugin_context* ctx) noexcept : ctx_(ctx) {
+    const std::uintptr_t me = thread_token();
+    const std::uintptr_t current = ctx->user.load(std::memory_order_acquire);
+    if (current == me) return;  // nested: an outer callback of this thread holds the mark
+    if (current != 0) {
+      busy_ = true;
+      return;
+    }
+    ctx->user.store(me, std::memory_order_relaxed);
+    outer_ = true;
+  }
+  ~context_use() {
+    if (outer_) ctx_->user.store(0, std::memory_order_release);
+  }
+  context_use(const context_use&) = delete;
+  context_use& operator=(const context_use&) = delete;
+
+  bool busy() const noexcept { return busy_; }
+
+ private:
+  uipc_plugin_context* ctx_;
+  bool outer_ = false;
+  bool busy_ = false;
+};
+
+}  // namespace uipc::plugin::detail

@@ -1,0 +1,67 @@
+// Epoch-based reclamation for the service registry: readers (calls) pay two
+// thread-local stores; a writer (unregister, reload) retires what it unpublished
+// and frees it once every call that could have seen it has ended.
+//
+// Each thread that calls has a reader slot with a sequence number: odd while
+// the thread is inside a call (outermost section), even outside. A writer
+// unpublishes an object, makes every thread's slot store visible with one
+// membarrier(2) (MEMBARRIER_CMD_PRIVATE_EXPEDITED: the asymmetric fence that
+// lets readers use a compiler barrier instead of a CPU fence), and snapshots
+// the odd slots. The object may go once each of those slots has moved on.
+// Where membarrier is missing, readers fall back to a full fence.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+namespace uipc::plugin::detail {
+
+struct reader_slot {
+  std::atomic<std::uint64_t> seq{0};
+  std::atomic<bool> in_use{false};
+  reader_slot* next = nullptr;  // the process-wide list; slots are never freed
+  unsigned nesting = 0;         // the owning thread's alone
+};
+
+/// The calling thread's slot (made, or taken over from an exited thread, on first use).
+reader_slot& this_thread_slot();
+/// Whether readers need their own fence (no membarrier on this kernel).
+extern bool readers_fence;
+
+/// Marks the calling thread inside a call for its scope. Nestable.
+class read_section {
+ public:
+  read_section() noexcept : slot_(this_thread_slot()) {
+    if (slot_.nesting++ == 0) {
+      slot_.seq.store(slot_.seq.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+      if (readers_fence) [[unlikely]]
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+      else
+        std::atomic_signal_fence(std::memory_order_seq_cst);
+    }
+  }
+  ~read_section() {
+    if (--slot_.nesting == 0)
+      slot_.seq.store(slot_.seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  }
+  read_section(const read_section&) = delete;
+  read_section& operator=(const read_section&) = delete;
+
+ private:
+  reader_slot& slot_;
+};
+
+/// Who was inside a call when something was unpublished.
+class grace_period {
+ public:
+  /// Call after unpublishing: fences every thread, then records the readers inside.
+  static grace_period begin();
+  /// Whether every reader recorded has left the section it was in.
+  bool over() const noexcept;
+
+ private:
+  std::vector<std::pair<const reader_slot*, std::uint64_t>> inside_;
+};
+
+}  // namespace uipc::plugin::detail

@@ -1,0 +1,178 @@
+// The host's insides: plug-in records, the service registry (slots that live
+// as long as the host, entries published through an atomic pointer and retired
+// through grace periods), contexts, and the reaper that shuts down and unmaps
+// what was unloaded once its calls have ended.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "baton.hpp"
+#include "epoch.hpp"
+#include "isolation.hpp"
+#include "uipc/core/unique_fd.hpp"
+#include "uipc/plugin/host.hpp"
+
+namespace uipc::plugin::detail {
+
+struct plugin_record;
+
+/// What a slot points to while a service is registered. Never changed once
+/// published: a new registration publishes a new entry.
+struct service_entry {
+  uipc_plugin_service_fn fn = nullptr;
+  void* data = nullptr;
+  std::uint32_t flags = 0;
+  plugin_record* owner = nullptr;
+};
+
+/// Not a flag of the ABI: a pointer service of an isolated plug-in, listed
+/// but not callable from this process.
+inline constexpr std::uint32_t remote_pointer_service = 0x80000000u;
+
+/// One loaded build of a plug-in.
+struct plugin_record {
+  enum class phase { init, serving, retired };
+
+  std::string name;
+  std::string path;
+  uipc_plugin_info info{};  // copied; fields beyond the plug-in's size are zero
+  bool cooperative = true;
+  baton turn;               // held by the one thread inside a cooperative plug-in
+  void* library = nullptr;  // dlopen handle, or null for one linked in
+  unique_fd image;          // the memfd copy it was loaded from
+  uipc_plugin_entry_fn entry = nullptr;
+  std::uint64_t generation = 0;
+  phase stage = phase::init;
+  plugin_record* predecessor = nullptr;  // the build this one replaces (reload)
+
+  // Guarded by the registry mutex.
+  std::set<std::string, std::less<>> services;
+  std::vector<std::pair<uipc_plugin_service_ref*, service_entry>> staged;  // registered during init
+  std::set<uipc_plugin_context*> own_contexts;                             // out-of-context ones
+
+  std::unique_ptr<isolation> isolated;  // null for an in-process plug-in
+  ~plugin_record();
+};
+
+/// A lock-free name lookup: an immutable open-addressing table, replaced
+/// (copy, add, publish) when a name is added, the old one retired.
+struct name_table {
+  std::vector<uipc_plugin_service_ref*> buckets;  // size a power of two
+  std::size_t count = 0;
+  uipc_plugin_service_ref* find(std::string_view name, std::size_t hash) const noexcept;
+};
+
+std::size_t hash_name(std::string_view name) noexcept;
+
+/// Something unpublished, freed (and for a plug-in: shut down and unmapped)
+/// once the calls that could see it have ended.
+struct retired {
+  grace_period grace;
+  std::vector<std::unique_ptr<service_entry>> entries;
+  std::unique_ptr<name_table> table;
+  std::shared_ptr<plugin_record> plugin;
+};
+
+struct host_impl {
+  explicit host_impl(host_options options);
+  ~host_impl();
+
+  host_options options;
+  pool_cache chunks;
+
+  // The registry. `registry_mutex` guards everything below it; it is never
+  // held while plug-in code runs.
+  mutable std::mutex registry_mutex;
+  std::deque<std::unique_ptr<uipc_plugin_service_ref>> slots;  // stable addresses
+  std::atomic<const name_table*> names{nullptr};
+  std::unique_ptr<name_table> names_owner;
+  std::map<std::string, std::shared_ptr<plugin_record>, std::less<>> plugins;  // serving builds
+  std::set<std::string, std::less<>> loading;                                  // names being loaded
+  std::vector<std::string> load_order;
+  std::size_t registered = 0;
+
+  // Contexts: recycled, with their pools.
+  std::mutex contexts_mutex;
+  std::vector<uipc_plugin_context*> free_contexts;
+  std::size_t contexts_alive = 0;
+
+  // Counters.
+  std::atomic<std::uint64_t> calls{0}, failed_calls{0}, reloads{0};
+  std::atomic<bool> stopping{false};
+
+  // The reaper.
+  std::mutex reap_mutex;
+  std::condition_variable reap_wake, reap_done;
+  std::deque<retired> pending;
+  std::size_t finishing = 0;  // taken from `pending`, being finished
+  bool reaper_stop = false;
+  std::thread reaper;
+
+  // -- registry (registry.cpp)
+  uipc_plugin_service_ref* find_slot(std::string_view name) const noexcept;
+  result<uipc_plugin_service_ref*> slot_for(std::string_view name);  // registry_mutex held
+  int register_service(uipc_plugin_context* ctx, const char* name, uipc_plugin_service_fn fn, void* data,
+                       std::uint32_t flags);
+  int publish(plugin_record& owner, std::string_view name, service_entry entry);  // the isolation proxy's way in
+  int unregister(plugin_record& owner, std::string_view name, std::vector<std::pair<std::string, int>>& events,
+                 retired& out);
+  std::string list() const;
+  void notify(uipc_plugin_context* ctx, const plugin_record* source,
+              const std::vector<std::pair<std::string, int>>& events);
+
+  // -- calls (calls.cpp)
+  int call(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg, std::uint64_t* out);
+  int run(uipc_plugin_context* ctx, const service_entry& entry, void* arg, std::uint64_t* out);
+  /// Runs `body` as plug-in `target`'s code on `ctx` (baton, yield of the caller's).
+  int enter(uipc_plugin_context* ctx, plugin_record& target, const std::function<void()>& body);
+
+  // -- contexts (contexts.cpp)
+  result<uipc_plugin_context*> make_context(plugin_record* owner);
+  void end_context(uipc_plugin_context* ctx);
+
+  // -- lifecycle (lifecycle.cpp)
+  result<std::string> load(std::shared_ptr<plugin_record> record, const std::shared_ptr<plugin_record>& old);
+  void retire(retired item);
+  void reap_loop();
+  void finish(retired& item);
+  void log(int level, std::string_view text) const;
+};
+
+/// Contexts: one request's, or one of a plug-in's own threads.
+}  // namespace uipc::plugin::detail
+
+struct uipc_plugin_service_ref {
+  std::string name;
+  std::size_t hash = 0;
+  std::atomic<uipc::plugin::detail::service_entry*> entry{nullptr};
+  // Guarded by the registry mutex: the plug-in initialising with this name staged.
+  uipc::plugin::detail::plugin_record* staged_by = nullptr;
+};
+
+struct uipc_plugin_context {
+  using clock = std::chrono::steady_clock;
+  explicit uipc_plugin_context(uipc::plugin::detail::host_impl& h, std::size_t limit)
+      : host(&h), memory(h.chunks, limit) {}
+
+  uipc::plugin::detail::host_impl* host;
+  uipc::plugin::pool memory;
+  uipc::plugin::detail::plugin_record* running = nullptr;  // whose code runs with this context now
+  bool holds_baton = false;                                 // the running (cooperative) plug-in's baton
+  bool yielded = false;                                     // gave it back in blocking_begin
+  uipc::plugin::detail::plugin_record* owner = nullptr;     // out-of-context: the plug-in that made it
+  std::atomic<std::uintptr_t> user{0};                      // the thread using it now
+  clock::time_point deadline = clock::time_point::max();
+  std::uint64_t calls = 0;
+  std::uint64_t failed = 0;
+};

@@ -1,0 +1,306 @@
+// Plug-in lifecycle: loading a shared object (copied into a sealed memfd
+// first, so that a build replaced in place can neither crash us nor be
+// mistaken by the dynamic loader for the one already mapped), Register and
+// Init, publishing the services Init registered, and the reaper that shuts
+// down and unmaps retired builds once their calls have ended.
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+
+#include "host_impl.hpp"
+#include "isolation.hpp"
+#include "uipc/core/unique_fd.hpp"
+
+namespace uipc::plugin::detail {
+
+const uipc_plugin_host_api& host_api_table() noexcept;
+
+plugin_record::~plugin_record() = default;
+
+namespace {
+
+bool valid_plugin_name(const char* name) {
+  if (!name) return false;
+  std::size_t n = ::strnlen(name, 64);
+  if (n == 0 || n > 63) return false;
+  return std::all_of(name, name + n, [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.';
+  });
+}
+
+// The smallest description a plug-in may give: through `init`.
+constexpr std::size_t minimal_info_size = offsetof(uipc_plugin_info, init) + sizeof(uipc_plugin_info::init);
+
+// Copies the shared object into a sealed memfd and opens that. The memfd stays
+// open while the object is loaded: the dynamic loader knows objects by path
+// first, and a reused descriptor number would make a new build's
+// /proc/self/fd/N look like the old one.
+result<void*> open_library(const std::filesystem::path& path, unique_fd& copy_out, std::string& why) {
+  unique_fd file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!file) {
+    why = path.string() + ": " + std::strerror(errno);
+    return errc::load_failed;
+  }
+  struct stat st {};
+  if (::fstat(file.get(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    why = path.string() + ": not a regular file";
+    return errc::load_failed;
+  }
+  std::string label = "uipc-plugin:" + path.filename().string();
+  unique_fd copy(::memfd_create(label.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!copy) {
+    why = std::string("memfd_create: ") + std::strerror(errno);
+    return errc::load_failed;
+  }
+  off_t offset = 0;
+  while (offset < st.st_size) {
+    ssize_t n = ::copy_file_range(file.get(), &offset, copy.get(), nullptr, st.st_size - offset, 0);
+    if (n <= 0) {
+      // copy_file_range may refuse (EXDEV, ENOSYS): read and write instead.
+      char buffer[65536];
+      ssize_t r = ::pread(file.get(), buffer, sizeof buffer, offset);
+      if (r <= 0 || ::write(copy.get(), buffer, static_cast<std::size_t>(r)) != r) {
+        why = path.string() + ": copy failed";
+        return errc::load_failed;
+      }
+      offset += r;
+    }
+  }
+  (void)::fcntl(copy.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL);
+  std::string proc = "/proc/self/fd/" + std::to_string(copy.get());
+  void* library = ::dlopen(proc.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!library) {
+    const char* e = ::dlerror();
+    why = path.string() + ": " + (e ? e : "dlopen failed");
+    return errc::load_failed;
+  }
+  copy_out = std::move(copy);
+  return library;
+}
+
+}  // namespace
+
+void host_impl::log(int level, std::string_view text) const {
+  if (options.log) {
+    options.log(level, text);
+    return;
+  }
+  if (level <= 1) std::fprintf(stderr, "uipc.plugin: %.*s\n", static_cast<int>(text.size()), text.data());
+}
+
+result<std::string> host_impl::load(std::shared_ptr<plugin_record> record, const std::shared_ptr<plugin_record>& old) {
+  std::string why;
+  auto fail = [&](errc e, std::string text) -> result<std::string> {
+    log(0, "load of " + (record->path.empty() ? std::string("a linked-in plug-in") : record->path) +
+               " refused: " + text + " (" + make_error_code(e).message() + ")");
+    if (record->library) ::dlclose(record->library);
+    record->library = nullptr;
+    record->image.reset();
+    return make_error_code(e);
+  };
+  if (stopping.load()) return errc::stopped;
+
+  if (!record->path.empty()) {
+    auto library = open_library(record->path, record->image, why);
+    if (!library) return fail(errc::load_failed, why);
+    record->library = *library;
+    void* symbol = ::dlsym(record->library, UIPC_PLUGIN_ENTRY_SYMBOL);
+    if (!symbol) return fail(errc::no_entry_point, "no " UIPC_PLUGIN_ENTRY_SYMBOL);
+    record->entry = reinterpret_cast<uipc_plugin_entry_fn>(symbol);
+  }
+
+  // Register.
+  const uipc_plugin_info* info = nullptr;
+  try {
+    info = record->entry(UIPC_PLUGIN_ABI_MAJOR, UIPC_PLUGIN_ABI_MINOR);
+  } catch (...) {
+    return fail(errc::plugin_failed, "the entry point threw");
+  }
+  if (!info) return fail(errc::init_failed, "the entry point refused this host");
+  if (info->size < minimal_info_size) return fail(errc::abi_mismatch, "description truncated");
+  if (info->abi_major != UIPC_PLUGIN_ABI_MAJOR)
+    return fail(errc::abi_mismatch, "built for ABI " + std::to_string(info->abi_major) + "." +
+                                        std::to_string(info->abi_minor) + ", host has " +
+                                        std::to_string(UIPC_PLUGIN_ABI_MAJOR) + "." +
+                                        std::to_string(UIPC_PLUGIN_ABI_MINOR));
+  if (!valid_plugin_name(info->name)) return fail(errc::invalid_name, "plug-in name breaks the rules");
+  if (!info->init) return fail(errc::abi_mismatch, "no init function");
+  std::memcpy(&record->info, info, std::min<std::size_t>(info->size, sizeof(uipc_plugin_info)));
+  record->info.size = static_cast<std::uint32_t>(std::min<std::size_t>(info->size, sizeof(uipc_plugin_info)));
+  record->name = info->name;
+  record->cooperative = !(record->info.flags & UIPC_PLUGIN_PREEMPTIVE);
+  if (old && old->name != record->name)
+    return fail(errc::invalid_name, "the new build calls itself " + record->name + ", not " + old->name);
+
+  {
+    std::lock_guard lock(registry_mutex);
+    if (!old && (plugins.count(record->name) || loading.count(record->name)))
+      return fail(errc::duplicate_plugin, record->name + " is loaded");
+    if (old && loading.count(record->name)) return fail(errc::duplicate_plugin, record->name + " is being loaded");
+    loading.insert(record->name);
+    record->predecessor = old.get();
+    record->generation = old ? old->generation + 1 : 0;
+  }
+  auto unreserve = [&] {
+    std::lock_guard lock(registry_mutex);
+    loading.erase(record->name);
+    for (auto& [slot, entry] : record->staged) slot->staged_by = nullptr;
+    record->staged.clear();
+  };
+
+  // Init, on this thread, inside the plug-in.
+  auto made = make_context(record.get());
+  if (!made) {
+    unreserve();
+    return fail(errc::too_many, "no context for init");
+  }
+  uipc_plugin_context* ctx = *made;
+  int init_status = 0;
+  int entered = enter(ctx, *record, [&] { init_status = record->info.init(ctx, &host_api_table()); });
+  end_context(ctx);
+  if (entered != UIPC_PLUGIN_OK || init_status != 0) {
+    unreserve();
+    return fail(entered != UIPC_PLUGIN_OK ? errc::plugin_failed : errc::init_failed,
+                entered != UIPC_PLUGIN_OK ? "init threw" : "init returned " + std::to_string(init_status));
+  }
+
+  // Publish what Init registered; for a reload, take over the old build's names
+  // and drop those the new one no longer serves.
+  std::vector<std::pair<std::string, int>> events;
+  retired out;
+  {
+    std::lock_guard lock(registry_mutex);
+    loading.erase(record->name);
+    for (auto& [slot, entry] : record->staged) {
+      service_entry* current = slot->entry.load(std::memory_order_relaxed);
+      slot->staged_by = nullptr;
+      slot->entry.store(new service_entry(entry), std::memory_order_release);
+      record->services.insert(slot->name);
+      if (current) {
+        out.entries.emplace_back(current);
+        if (old) old->services.erase(slot->name);
+      } else {
+        ++registered;
+      }
+      events.emplace_back(slot->name, current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
+    }
+    record->staged.clear();
+    if (old) {
+      for (const auto& name : std::set<std::string, std::less<>>(old->services))
+        unregister(*old, name, events, out);
+      old->stage = plugin_record::phase::retired;
+      out.plugin = old;
+    } else {
+      load_order.push_back(record->name);
+    }
+    record->stage = plugin_record::phase::serving;
+    plugins[record->name] = record;
+  }
+  if (old) {
+    out.grace = grace_period::begin();
+    retire(std::move(out));
+    reloads.fetch_add(1, std::memory_order_relaxed);
+  } else if (!out.entries.empty()) {
+    out.grace = grace_period::begin();
+    retire(std::move(out));
+  }
+  notify(nullptr, record.get(), events);
+  log(2, "loaded " + record->name + (old ? " (generation " + std::to_string(record->generation) + ")" : ""));
+  return record->name;
+}
+
+void host_impl::retire(retired item) {
+  {
+    std::lock_guard lock(reap_mutex);
+    pending.push_back(std::move(item));
+  }
+  reap_wake.notify_one();
+}
+
+void host_impl::finish(retired& item) {
+  item.entries.clear();
+  item.table.reset();
+  if (!item.plugin) return;
+  plugin_record& p = *item.plugin;
+  // Shutdown: no call of its services runs or can start now.
+  if (p.info.shutdown) {
+    auto made = make_context(&p);
+    if (made) {
+      enter(*made, p, [&] { p.info.shutdown(*made); });
+      end_context(*made);
+    }
+  }
+  // Contexts its threads forgot: their pools go back now.
+  std::set<uipc_plugin_context*> leftovers;
+  {
+    std::lock_guard lock(registry_mutex);
+    leftovers.swap(p.own_contexts);
+  }
+  if (!leftovers.empty())
+    log(1, p.name + ": " + std::to_string(leftovers.size()) + " context(s) not disposed at shutdown; released");
+  for (auto* ctx : leftovers) {
+    ctx->owner = nullptr;
+    end_context(ctx);
+  }
+  if (p.library) {
+    ::dlclose(p.library);
+    p.library = nullptr;
+    p.image.reset();
+  }
+  item.plugin.reset();
+}
+
+void host_impl::reap_loop() {
+  std::unique_lock lock(reap_mutex);
+  for (;;) {
+    if (pending.empty()) {
+      if (reaper_stop) return;
+      reap_wake.wait(lock, [&] { return reaper_stop || !pending.empty(); });
+      continue;
+    }
+    // Finish, in order, everything whose calls have ended.
+    std::deque<retired> ready;
+    for (auto it = pending.begin(); it != pending.end();) {
+      if (it->grace.over()) {
+        ready.push_back(std::move(*it));
+        ++finishing;
+        it = pending.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (!ready.empty()) {
+      lock.unlock();
+      for (auto& item : ready) finish(item);  // plug-in code: none of our locks held
+      lock.lock();
+      finishing -= ready.size();
+      ready.clear();
+      reap_done.notify_all();
+      continue;
+    }
+    reap_wake.wait_for(lock, std::chrono::milliseconds(1));
+  }
+}
+
+host_impl::host_impl(host_options opts) : options(std::move(opts)) {
+  reaper = std::thread([this] { reap_loop(); });
+}
+
+host_impl::~host_impl() {
+  {
+    std::lock_guard lock(reap_mutex);
+    reaper_stop = true;
+  }
+  reap_wake.notify_one();
+  reaper.join();
+  for (auto* ctx : free_contexts) delete ctx;
+  for (auto& slot : slots) delete slot->entry.load(std::memory_order_relaxed);
+}
+
+}  // namespace uipc::plugin::detail

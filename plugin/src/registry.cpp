@@ -1,0 +1,226 @@
+// The service registry: names, slots, registration and unregistration, the
+// TAB-delimited list, and service events for interested plug-ins.
+#include <algorithm>
+#include <cstring>
+
+#include "context_use.hpp"
+#include "host_impl.hpp"
+
+namespace uipc::plugin::detail {
+namespace {
+
+bool valid_service_name(std::string_view name) {
+  if (name.empty() || name.size() > 63) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == ' ';
+  });
+}
+
+using event_list = std::vector<std::pair<std::string, int>>;
+
+}  // namespace
+
+std::size_t hash_name(std::string_view name) noexcept {
+  std::uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a: names are short, this is a few ns
+  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
+  return static_cast<std::size_t>(h ^ (h >> 29));
+}
+
+uipc_plugin_service_ref* name_table::find(std::string_view name, std::size_t hash) const noexcept {
+  const std::size_t mask = buckets.size() - 1;
+  for (std::size_t i = hash & mask;; i = (i + 1) & mask) {
+    uipc_plugin_service_ref* slot = buckets[i];
+    if (!slot) return nullptr;
+    if (slot->hash == hash && slot->name == name) return slot;
+  }
+}
+
+uipc_plugin_service_ref* host_impl::find_slot(std::string_view name) const noexcept {
+  const name_table* table = names.load(std::memory_order_acquire);
+  return table ? table->find(name, hash_name(name)) : nullptr;
+}
+
+result<uipc_plugin_service_ref*> host_impl::slot_for(std::string_view name) {
+  if (!valid_service_name(name)) return errc::invalid_name;
+  const std::size_t hash = hash_name(name);
+  if (names_owner)
+    if (auto* slot = names_owner->find(name, hash)) return slot;
+  if (slots.size() >= options.max_services) return errc::too_many;
+  auto slot = std::make_unique<uipc_plugin_service_ref>();
+  slot->name = std::string(name);
+  slot->hash = hash;
+  // A new table with room to spare (at most half full), published whole.
+  auto table = std::make_unique<name_table>();
+  std::size_t size = 16;
+  while (size < 2 * (slots.size() + 1)) size *= 2;
+  table->buckets.assign(size, nullptr);
+  auto insert = [&](uipc_plugin_service_ref* s) {
+    for (std::size_t i = s->hash & (size - 1);; i = (i + 1) & (size - 1))
+      if (!table->buckets[i]) {
+        table->buckets[i] = s;
+        break;
+      }
+  };
+  for (auto& s : slots) insert(s.get());
+  insert(slot.get());
+  table->count = slots.size() + 1;
+  slots.push_back(std::move(slot));
+  names.store(table.get(), std::memory_order_release);
+  if (names_owner) {
+    retired old;
+    old.table = std::move(names_owner);
+    old.grace = grace_period::begin();
+    names_owner = std::move(table);
+    retire(std::move(old));
+  } else {
+    names_owner = std::move(table);
+  }
+  return slots.back().get();
+}
+
+int host_impl::publish(plugin_record& owner, std::string_view name, service_entry entry) {
+  event_list events;
+  retired old;
+  {
+    std::lock_guard lock(registry_mutex);
+    auto slot = slot_for(name);
+    if (!slot) return slot.error().value();
+    service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
+    if ((current && current->owner != &owner) || ((*slot)->staged_by && (*slot)->staged_by != &owner))
+      return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
+    entry.owner = &owner;
+    (*slot)->entry.store(new service_entry(entry), std::memory_order_release);
+    if (!current) ++registered;
+    owner.services.emplace(name);
+    events.emplace_back(std::string(name), current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
+    if (current) old.entries.emplace_back(current);
+  }
+  if (!old.entries.empty()) {
+    old.grace = grace_period::begin();
+    retire(std::move(old));
+  }
+  notify(nullptr, &owner, events);
+  return UIPC_PLUGIN_OK;
+}
+
+int host_impl::unregister(plugin_record& owner, std::string_view name, event_list& events, retired& out) {
+  uipc_plugin_service_ref* slot = names_owner ? names_owner->find(name, hash_name(name)) : nullptr;
+  if (!slot) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
+  service_entry* current = slot->entry.load(std::memory_order_relaxed);
+  if (!current) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
+  if (current->owner != &owner) return UIPC_PLUGIN_E_NOT_OWNER;
+  slot->entry.store(nullptr, std::memory_order_release);
+  owner.services.erase(slot->name);
+  --registered;
+  out.entries.emplace_back(current);
+  events.emplace_back(slot->name, UIPC_PLUGIN_SERVICE_REMOVED);
+  return UIPC_PLUGIN_OK;
+}
+
+int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name, uipc_plugin_service_fn fn,
+                                void* data, std::uint32_t flags) {
+  context_use use(ctx);
+  if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
+  plugin_record* owner = ctx->running ? ctx->running : ctx->owner;
+  if (!owner) return UIPC_PLUGIN_E_INVALID_ARGUMENT;  // the host's own contexts serve no services
+  const std::string_view name(raw_name, ::strnlen(raw_name, 64));
+  if (!valid_service_name(name)) return UIPC_PLUGIN_E_INVALID_NAME;
+  if (flags & ~UIPC_PLUGIN_SERVICE_BYTES) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
+
+  event_list events;
+  retired old;
+  {
+    std::lock_guard lock(registry_mutex);
+    if (stopping.load(std::memory_order_relaxed)) return UIPC_PLUGIN_E_STOPPED;
+    if (owner->stage == plugin_record::phase::retired) return UIPC_PLUGIN_E_STOPPED;
+    if (owner->stage == plugin_record::phase::init) {
+      // Staged: visible when Init has returned (lifecycle.cpp publishes them).
+      auto& staged = owner->staged;
+      auto it = std::find_if(staged.begin(), staged.end(), [&](auto& s) { return s.first->name == name; });
+      if (!fn) {
+        if (it == staged.end()) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
+        it->first->staged_by = nullptr;
+        staged.erase(it);
+        return UIPC_PLUGIN_OK;
+      }
+      auto slot = slot_for(name);
+      if (!slot) return slot.error().value();
+      service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
+      if ((current && current->owner != owner->predecessor) || ((*slot)->staged_by && (*slot)->staged_by != owner))
+        return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
+      (*slot)->staged_by = owner;
+      service_entry entry{fn, data, flags, owner};
+      if (it != staged.end())
+        it->second = entry;
+      else
+        staged.emplace_back(*slot, entry);
+      return UIPC_PLUGIN_OK;
+    }
+    if (!fn) {
+      if (int status = unregister(*owner, name, events, old); status != UIPC_PLUGIN_OK) return status;
+    } else {
+      auto slot = slot_for(name);
+      if (!slot) return slot.error().value();
+      service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
+      if ((current && current->owner != owner) || ((*slot)->staged_by && (*slot)->staged_by != owner))
+        return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
+      (*slot)->entry.store(new service_entry{fn, data, flags, owner}, std::memory_order_release);
+      if (current) {
+        old.entries.emplace_back(current);
+      } else {
+        ++registered;
+        owner->services.emplace(name);
+      }
+      events.emplace_back(std::string(name), current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
+    }
+  }
+  if (!old.entries.empty()) {
+    old.grace = grace_period::begin();
+    retire(std::move(old));
+  }
+  notify(ctx, owner, events);
+  return UIPC_PLUGIN_OK;
+}
+
+std::string host_impl::list() const {
+  std::vector<std::string> names_now;
+  {
+    std::lock_guard lock(registry_mutex);
+    for (const auto& slot : slots)
+      if (slot->entry.load(std::memory_order_relaxed)) names_now.push_back(slot->name);
+  }
+  std::sort(names_now.begin(), names_now.end());
+  std::string out;
+  for (const auto& n : names_now) {
+    if (!out.empty()) out += '\t';
+    out += n;
+  }
+  return out;
+}
+
+void host_impl::notify(uipc_plugin_context* ctx, const plugin_record* source, const event_list& events) {
+  if (events.empty()) return;
+  read_section section;  // a listener unloaded meanwhile stays mapped until we are done
+  std::vector<std::shared_ptr<plugin_record>> listeners;
+  {
+    std::lock_guard lock(registry_mutex);
+    for (const auto& [name, record] : plugins)
+      if (record.get() != source && record->info.service_event && record->stage == plugin_record::phase::serving)
+        listeners.push_back(record);
+  }
+  if (listeners.empty()) return;
+  // The caller's context when there is one (a registration is a yield point),
+  // else one of the host's own for the duration.
+  uipc_plugin_context* own = nullptr;
+  if (!ctx) {
+    auto made = make_context(nullptr);
+    if (!made) return;
+    ctx = own = *made;
+  }
+  for (auto& listener : listeners)
+    for (const auto& [name, event] : events)
+      enter(ctx, *listener, [&] { listener->info.service_event(ctx, name.c_str(), event); });
+  if (own) end_context(own);
+}
+
+}  // namespace uipc::plugin::detail

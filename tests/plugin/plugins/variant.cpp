@@ -1,0 +1,86 @@
+// One test plug-in source, built as several shared objects: a good one in two
+// versions (for reload), and one per way a plug-in can be broken.
+#include <stdexcept>
+
+#include "uipc/plugin/abi.h"
+
+#ifndef VARIANT_VERSION
+#define VARIANT_VERSION 1
+#endif
+
+namespace {
+
+const uipc_plugin_host_api* host;
+
+// "version": returns the build's version.
+[[maybe_unused]] std::uint64_t version(uipc_plugin_context*, void*, void*) { return VARIANT_VERSION; }
+
+// "block": arg points to a descriptor; waits (a yield point) until it is
+// readable, then returns the version.
+[[maybe_unused]] std::uint64_t block(uipc_plugin_context* ctx, void*, void* arg) {
+  short revents = 0;
+  host->wait_fd(ctx, *static_cast<int*>(arg), 1 /* POLLIN */, 10000, &revents);
+  return VARIANT_VERSION;
+}
+
+// "throws": a C++ exception out of a service.
+[[maybe_unused]] std::uint64_t throws(uipc_plugin_context*, void*, void*) { throw std::runtime_error("service failed"); }
+
+int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
+#ifdef VARIANT_INIT_FAILS
+  (void)ctx;
+  (void)api;
+  return 7;
+#else
+  host = api;
+  int s = host->register_service(ctx, "version", version, nullptr, 0);
+  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "block", block, nullptr, 0);
+  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "throws", throws, nullptr, 0);
+#if VARIANT_VERSION == 1
+  // Only the first build serves this: a reload to version 2 drops it.
+  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "only in one", version, nullptr, 0);
+#endif
+  return s;
+#endif
+}
+
+void shutdown(uipc_plugin_context*) { host = nullptr; }
+
+uipc_plugin_info info{sizeof(uipc_plugin_info),
+                      UIPC_PLUGIN_ABI_MAJOR,
+                      UIPC_PLUGIN_ABI_MINOR,
+#ifdef VARIANT_BAD_NAME
+                      "bad-name",
+#else
+                      "variant",
+#endif
+                      UIPC_PLUGIN_PREEMPTIVE,
+                      0,
+                      init,
+                      shutdown,
+                      nullptr};
+
+}  // namespace
+
+#ifdef VARIANT_NO_ENTRY
+extern "C" UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry_misspelt(std::uint32_t, std::uint32_t) {
+  return &info;
+}
+#else
+extern "C" UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry(std::uint32_t, std::uint32_t) {
+#ifdef VARIANT_REFUSES
+  return nullptr;
+#endif
+#ifdef VARIANT_NEWER_MAJOR
+  info.abi_major = UIPC_PLUGIN_ABI_MAJOR + 1;
+#endif
+#ifdef VARIANT_TRUNCATED
+  info.size = 8;
+#endif
+#ifdef VARIANT_OLDER_MINOR
+  // A plug-in built against a host whose description ended before service_event.
+  info.size = offsetof(uipc_plugin_info, service_event);
+#endif
+  return &info;
+}
+#endif

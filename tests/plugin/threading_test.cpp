@@ -1,0 +1,259 @@
+// Threading models: cooperative plug-ins have one thread inside at a time and
+// let another in at yield points; preemptive ones run concurrently; the host
+// bridges the two (A -> B -> A does not deadlock); a busy cooperative plug-in
+// costs a caller its deadline, not its thread; a context used by two threads
+// is refused; calls racing unregistration end or fail cleanly.
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <barrier>
+#include <future>
+#include <thread>
+
+#include "plugin_support.hpp"
+
+namespace uipc::plugin {
+namespace {
+
+using test::fake_plugin;
+using test::logged_host;
+using namespace std::chrono_literals;
+
+class Threading : public ::testing::Test {
+ protected:
+  void TearDown() override { test::forget_fake_plugins(); }
+};
+
+// Counts threads inside a service at once; the most it saw.
+struct occupancy {
+  std::atomic<int> inside{0}, most{0};
+  void enter() {
+    int now = ++inside;
+    int seen = most.load();
+    while (now > seen && !most.compare_exchange_weak(seen, now)) {
+    }
+  }
+  void leave() { --inside; }
+};
+
+int most_inside(std::uint32_t flags) {
+  fake_plugin p;
+  p.name = "counted";
+  p.flags = flags;
+  occupancy o;
+  p.init = [&](uipc_plugin_context* c) {
+    return p.serve(c, "work", [&](auto*, void*) {
+      o.enter();
+      std::this_thread::sleep_for(2ms);  // long enough for the others to try
+      o.leave();
+      return 0u;
+    });
+  };
+  logged_host h;
+  EXPECT_TRUE(h.h->load(p.entry()));
+  auto ref = h.h->resolve("work").value();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&] {
+      auto ctx = h.h->new_context().value();
+      for (int i = 0; i < 10; ++i) EXPECT_TRUE(ctx.call(ref, nullptr));
+    });
+  for (auto& t : threads) t.join();
+  return o.most.load();
+}
+
+TEST_F(Threading, ACooperativePluginNeverHasTwoThreadsInside) { EXPECT_EQ(most_inside(0), 1); }
+
+TEST_F(Threading, APreemptivePluginRunsConcurrently) { EXPECT_GT(most_inside(UIPC_PLUGIN_PREEMPTIVE), 1); }
+
+TEST_F(Threading, WaitingInACallbackLetsAnotherThreadIntoACooperativePlugin) {
+  fake_plugin p;
+  p.name = "waiter";
+  int fd = ::eventfd(0, EFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  std::atomic<bool> waiting{false};
+  p.init = [&](uipc_plugin_context* c) {
+    p.serve(c, "wait", [&](uipc_plugin_context* cc, void*) {
+      waiting = true;
+      short revents = 0;
+      p.api->wait_fd(cc, fd, POLLIN, 10000, &revents);  // a yield point
+      return static_cast<std::uint64_t>(revents);
+    });
+    return p.serve(c, "wake", [&](auto*, void*) {
+      std::uint64_t one = 1;
+      return static_cast<std::uint64_t>(::write(fd, &one, sizeof one));
+    });
+  };
+  logged_host h;
+  ASSERT_TRUE(h.h->load(p.entry()));
+  auto waiter = std::async(std::launch::async, [&] { return h.h->new_context().value().call("wait", nullptr); });
+  while (!waiting) std::this_thread::sleep_for(1ms);
+  // The plug-in is cooperative and one thread is inside it, waiting: we get in.
+  auto ctx = h.h->new_context().value();
+  EXPECT_EQ(ctx.call("wake", nullptr).value(), 8u);
+  ASSERT_EQ(waiter.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(waiter.get().value(), static_cast<std::uint64_t>(POLLIN));
+  ::close(fd);
+}
+
+TEST_F(Threading, ACallBackIntoTheCallerOnTheSameThreadDoesNotDeadlock) {
+  fake_plugin a, b;
+  a.name = "a";
+  b.name = "b";
+  a.init = [&](uipc_plugin_context* c) {
+    a.serve(c, "a leaf", [](auto*, void*) { return 7u; });
+    return a.serve(c, "a calls b", [&](uipc_plugin_context* cc, void*) {
+      std::uint64_t r = 0;
+      int s = a.api->call_service(cc, "b calls a", nullptr, &r);
+      return s == UIPC_PLUGIN_OK ? r : 1000u + s;
+    });
+  };
+  b.init = [&](uipc_plugin_context* c) {
+    return b.serve(c, "b calls a", [&](uipc_plugin_context* cc, void*) {
+      std::uint64_t r = 0;
+      int s = b.api->call_service(cc, "a leaf", nullptr, &r);
+      return s == UIPC_PLUGIN_OK ? r + 1 : 1000u + s;
+    });
+  };
+  logged_host h;
+  ASSERT_TRUE(h.h->load(a.entry()));
+  ASSERT_TRUE(h.h->load(b.entry()));
+  auto done = std::async(std::launch::async, [&] { return h.h->new_context().value().call("a calls b", nullptr); });
+  ASSERT_EQ(done.wait_for(10s), std::future_status::ready) << "A -> B -> A deadlocked";
+  EXPECT_EQ(done.get().value(), 8u);
+}
+
+TEST_F(Threading, ACallBackIntoTheCallerFromAnotherThreadDoesNotDeadlock) {
+  // A (cooperative) calls B (preemptive), which asks another thread to call
+  // A and waits for the answer: A must let that thread in.
+  fake_plugin a, b;
+  a.name = "a";
+  b.name = "b";
+  b.flags = UIPC_PLUGIN_PREEMPTIVE;
+  a.init = [&](uipc_plugin_context* c) {
+    a.serve(c, "a leaf", [](auto*, void*) { return 5u; });
+    return a.serve(c, "a calls b", [&](uipc_plugin_context* cc, void*) {
+      std::uint64_t r = 0;
+      int s = a.api->call_service(cc, "b via thread", nullptr, &r);
+      return s == UIPC_PLUGIN_OK ? r : 1000u + s;
+    });
+  };
+  logged_host h;
+  b.init = [&](uipc_plugin_context* c) {
+    return b.serve(c, "b via thread", [&](uipc_plugin_context*, void*) {
+      auto other = std::async(std::launch::async, [&] { return h.h->new_context().value().call("a leaf", nullptr); });
+      auto r = other.get();
+      return r ? *r * 10 : 2000u;
+    });
+  };
+  ASSERT_TRUE(h.h->load(a.entry()));
+  ASSERT_TRUE(h.h->load(b.entry()));
+  auto done = std::async(std::launch::async, [&] { return h.h->new_context().value().call("a calls b", nullptr); });
+  ASSERT_EQ(done.wait_for(10s), std::future_status::ready) << "A -> B -> (thread) -> A deadlocked";
+  EXPECT_EQ(done.get().value(), 50u);
+}
+
+TEST_F(Threading, ABusyCooperativePluginCostsACallerItsDeadlineOnly) {
+  fake_plugin p;
+  p.name = "stuck";
+  std::atomic<bool> inside{false}, release{false};
+  p.init = [&](uipc_plugin_context* c) {
+    p.serve(c, "hog", [&](auto*, void*) {
+      inside = true;
+      while (!release) std::this_thread::sleep_for(1ms);  // blocks without a yield point
+      return 0u;
+    });
+    return p.serve(c, "quick", [](auto*, void*) { return 1u; });
+  };
+  logged_host h;
+  ASSERT_TRUE(h.h->load(p.entry()));
+  auto hog = std::async(std::launch::async, [&] { return h.h->new_context().value().call("hog", nullptr); });
+  while (!inside) std::this_thread::sleep_for(1ms);
+  auto ctx = h.h->new_context().value();
+  ctx.set_deadline(std::chrono::steady_clock::now() + 50ms);
+  auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(ctx.call("quick", nullptr).error(), errc::timed_out);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  release = true;
+  ASSERT_TRUE(hog.get());
+  ctx.set_deadline(std::chrono::steady_clock::now() + 5s);
+  EXPECT_EQ(ctx.call("quick", nullptr).value(), 1u);
+}
+
+TEST_F(Threading, AContextUsedByTwoThreadsAtOnceIsRefused) {
+  fake_plugin p;
+  p.name = "sharer";
+  p.flags = UIPC_PLUGIN_PREEMPTIVE;
+  int from_other_thread = -1;
+  p.init = [&](uipc_plugin_context* c) {
+    p.serve(c, "leaf", [](auto*, void*) { return 0u; });
+    return p.serve(c, "share", [&](uipc_plugin_context* cc, void*) {
+      std::thread([&] {
+        void* block = nullptr;
+        int alloc = p.api->pool_alloc(p.api->context_pool(cc), 16, &block);
+        int call = p.api->call_service(cc, "leaf", nullptr, nullptr);
+        from_other_thread = alloc == call ? alloc : -2;
+      }).join();
+      return 0u;
+    });
+  };
+  logged_host h;
+  ASSERT_TRUE(h.h->load(p.entry()));
+  auto ctx = h.h->new_context().value();
+  ASSERT_TRUE(ctx.call("share", nullptr));
+  EXPECT_EQ(from_other_thread, UIPC_PLUGIN_E_CONTEXT_BUSY);
+  // Handing a context over between calls is fine.
+  std::thread([&] { EXPECT_TRUE(ctx.call("leaf", nullptr)); }).join();
+}
+
+TEST_F(Threading, CallsRacingUnregistrationEndOrFailCleanly) {
+  fake_plugin p;
+  p.name = "flicker";
+  p.flags = UIPC_PLUGIN_PREEMPTIVE;
+  std::atomic<bool> stop{false};
+  std::atomic<int> toggles{0};
+  p.init = [&](uipc_plugin_context* c) {
+    p.serve(c, "target", [](auto*, void* arg) { return *static_cast<std::uint64_t*>(arg) + 1; });
+    // Unregisters and registers "target" again, repeatedly, on the plug-in's own thread.
+    return p.serve(c, "toggle", [&](uipc_plugin_context* cc, void*) {
+      int a = p.api->register_service(cc, "target", nullptr, nullptr, 0);
+      int b = p.api->register_service(cc, "target", test::run_body, &p.bodies.front(), 0);
+      ++toggles;
+      return static_cast<std::uint64_t>(a | b);
+    });
+  };
+  logged_host h;
+  ASSERT_TRUE(h.h->load(p.entry()));
+  auto ref = h.h->resolve("target").value();
+  std::atomic<int> ok{0}, not_found{0}, other{0};
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 2; ++t)
+    callers.emplace_back([&] {
+      auto ctx = h.h->new_context().value();
+      while (!stop) {
+        std::uint64_t arg = 41;
+        auto r = ctx.call(ref, &arg);
+        if (r && *r == 42)
+          ++ok;
+        else if (!r && r.error() == errc::service_not_found)
+          ++not_found;
+        else
+          ++other;
+      }
+    });
+  {
+    auto ctx = h.h->new_context().value();
+    for (int i = 0; i < 2000; ++i) ASSERT_EQ(ctx.call("toggle", nullptr).value(), 0u);
+  }
+  stop = true;
+  for (auto& t : callers) t.join();
+  EXPECT_EQ(other.load(), 0);
+  EXPECT_GT(ok.load(), 0);
+  EXPECT_EQ(toggles.load(), 2000);
+  ASSERT_FALSE(h.h->quiesce(5s));  // every retired entry was freed (ASan checks the rest)
+}
+
+}  // namespace
+}  // namespace uipc::plugin
