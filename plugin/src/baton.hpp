@@ -29,6 +29,13 @@ class baton {
       return true;
     return take_slow(deadline);
   }
+  /// take() with the deadline computed only when it has to wait.
+  template <class Deadline>
+  bool take_by(Deadline&& deadline) noexcept {
+    if (try_take()) [[likely]]
+      return true;
+    return take_slow(deadline());
+  }
 
   void give_back() noexcept {
     if (state_.exchange(0, std::memory_order_release) == 2) futex::wake(state_, 1);

@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "call_path.hpp"
 #include "context_use.hpp"
 #include "host_impl.hpp"
 
@@ -63,7 +64,7 @@ int host_impl::run(uipc_plugin_context* ctx, const service_entry& entry, void* a
     return status;
   }
   caller_frame frame = yield(ctx);
-  if (callee.cooperative && !callee.turn.take(entry_deadline(ctx))) {
+  if (callee.cooperative && !callee.turn.take_by([ctx] { return entry_deadline(ctx); })) {
     resume(ctx, frame);
     ++ctx->failed;
     return UIPC_PLUGIN_E_TIMED_OUT;
@@ -100,7 +101,7 @@ int host_impl::enter(uipc_plugin_context* ctx, plugin_record& target, const std:
   context_use use(ctx);
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
   caller_frame frame = yield(ctx);
-  if (target.cooperative && !target.turn.take(entry_deadline(ctx))) {
+  if (target.cooperative && !target.turn.take_by([ctx] { return entry_deadline(ctx); })) {
     resume(ctx, frame);
     return UIPC_PLUGIN_E_TIMED_OUT;
   }
@@ -151,7 +152,7 @@ int api_resolve_service(uipc_plugin_context* ctx, const char* name, const uipc_p
 int api_call_resolved(uipc_plugin_context* ctx, const uipc_plugin_service_ref* ref, void* arg, std::uint64_t* out) {
   if (!ctx || !ref) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   std::uint64_t ignored;
-  return ctx->host->call(ctx, ref, arg, out ? out : &ignored);
+  return call_fast(ctx, ref, arg, out ? out : &ignored);
 }
 
 int api_call_service(uipc_plugin_context* ctx, const char* name, void* arg, std::uint64_t* out) {

@@ -10,10 +10,8 @@
 
 namespace uipc::plugin::detail {
 
-inline std::uintptr_t thread_token() noexcept {
-  thread_local char token;
-  return reinterpret_cast<std::uintptr_t>(&token);
-}
+/// A number of the calling thread: the address of its slot pointer.
+inline std::uintptr_t thread_token() noexcept { return reinterpret_cast<std::uintptr_t>(&current_slot); }
 
 class context_use {
  public:

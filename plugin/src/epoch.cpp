@@ -38,15 +38,20 @@ reader_slot& acquire_slot() {
 // Gives the slot back when the thread ends; its sequence is even then.
 struct slot_owner {
   reader_slot& slot = acquire_slot();
-  ~slot_owner() { slot.in_use.store(false, std::memory_order_release); }
+  ~slot_owner() {
+    current_slot = nullptr;
+    slot.in_use.store(false, std::memory_order_release);
+  }
 };
 
 }  // namespace
 
 bool readers_fence = !have_membarrier;
+constinit thread_local reader_slot* current_slot = nullptr;
 
-reader_slot& this_thread_slot() {
+reader_slot& attach_this_thread() {
   thread_local slot_owner owner;
+  current_slot = &owner.slot;
   return owner.slot;
 }
 

@@ -24,8 +24,18 @@ struct reader_slot {
   unsigned nesting = 0;         // the owning thread's alone
 };
 
-/// The calling thread's slot (made, or taken over from an exited thread, on first use).
-reader_slot& this_thread_slot();
+/// The calling thread's slot, once it has one. constinit: reading it is one
+/// thread-pointer-relative load, with no initialisation check.
+extern constinit thread_local reader_slot* current_slot;
+/// Gives the calling thread a slot (made, or taken over from an exited thread).
+reader_slot& attach_this_thread();
+
+inline reader_slot& this_thread_slot() {
+  reader_slot* s = current_slot;
+  if (!s) [[unlikely]]
+    return attach_this_thread();
+  return *s;
+}
 /// Whether readers need their own fence (no membarrier on this kernel).
 extern bool readers_fence;
 

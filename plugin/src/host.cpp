@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "call_path.hpp"
 #include "context_use.hpp"
 #include "host_impl.hpp"
 
@@ -35,7 +36,7 @@ void context::set_deadline(clock::time_point deadline) noexcept { ctx_->deadline
 result<std::uint64_t> context::call(const service_ref& ref, void* arg) {
   if (!ctx_ || !ref) return errc::invalid_argument;
   std::uint64_t out = 0;
-  if (int status = ctx_->host->call(ctx_, ref.get(), arg, &out); status != UIPC_PLUGIN_OK)
+  if (int status = detail::call_fast(ctx_, ref.get(), arg, &out); status != UIPC_PLUGIN_OK)
     return status_code(status);
   return out;
 }

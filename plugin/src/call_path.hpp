@@ -1,0 +1,51 @@
+// The hot path of a call through a resolved name, flattened into its caller
+// (the C ABI's call_resolved and context::call): a context that no thread
+// holds, a thread outside any call, a preemptive callee. Everything else
+// (nested calls, cooperative plug-ins, a busy context, no membarrier) takes
+// host_impl::call.
+#pragma once
+
+#include "context_use.hpp"
+#include "host_impl.hpp"
+
+namespace uipc::plugin::detail {
+
+[[gnu::always_inline]] inline int call_fast(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg,
+                                            std::uint64_t* out) {
+  reader_slot* reader = current_slot;
+  if (!reader || reader->nesting != 0 || readers_fence || ctx->holds_baton ||
+      ctx->user.load(std::memory_order_acquire) != 0) [[unlikely]]
+    return ctx->host->call(ctx, slot, arg, out);
+  ctx->user.store(thread_token(), std::memory_order_relaxed);
+  // Enter the read section (see epoch.hpp): membarrier on the writer's side
+  // makes a compiler barrier enough here.
+  reader->nesting = 1;
+  const std::uint64_t seq = reader->seq.load(std::memory_order_relaxed);
+  reader->seq.store(seq + 1, std::memory_order_relaxed);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  const service_entry* entry = slot->entry.load(std::memory_order_acquire);
+  int status = UIPC_PLUGIN_OK;
+  if (entry && !(entry->flags & remote_pointer_service) && !entry->owner->cooperative) [[likely]] {
+    plugin_record* caller = ctx->running;
+    ctx->running = entry->owner;
+    ++ctx->calls;
+    try {
+      *out = entry->fn(ctx, entry->data, arg);
+    } catch (...) {
+      status = UIPC_PLUGIN_E_PLUGIN_FAILED;
+      ++ctx->failed;
+    }
+    ctx->running = caller;
+    reader->nesting = 0;
+    reader->seq.store(seq + 2, std::memory_order_release);
+    ctx->user.store(0, std::memory_order_release);
+    return status;
+  }
+  reader->nesting = 0;
+  reader->seq.store(seq + 2, std::memory_order_release);
+  ctx->user.store(0, std::memory_order_release);
+  if (!entry) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
+  return ctx->host->call(ctx, slot, arg, out);  // a cooperative callee, or one not callable here
+}
+
+}  // namespace uipc::plugin::detail
