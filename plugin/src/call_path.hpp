@@ -25,7 +25,7 @@ namespace uipc::plugin::detail {
   std::atomic_signal_fence(std::memory_order_seq_cst);
   const service_entry* entry = slot->entry.load(std::memory_order_acquire);
   int status = UIPC_PLUGIN_OK;
-  if (entry && !(entry->flags & remote_pointer_service) && !entry->owner->cooperative) [[likely]] {
+  if (entry && !(entry->flags & internal_flags) && !entry->owner->cooperative) [[likely]] {
     plugin_record* caller = ctx->running;
     ctx->running = entry->owner;
     ++ctx->calls;

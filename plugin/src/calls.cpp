@@ -45,8 +45,17 @@ void resume(uipc_plugin_context* ctx, caller_frame frame) noexcept {
 }  // namespace
 
 int host_impl::run(uipc_plugin_context* ctx, const service_entry& entry, void* arg, std::uint64_t* out) {
-  if (entry.flags & remote_pointer_service) [[unlikely]]
-    return UIPC_PLUGIN_E_SERVICE_NOT_COMPATIBLE;
+  if (entry.flags & internal_flags) [[unlikely]] {
+    if (entry.flags & remote_pointer_service) return UIPC_PLUGIN_E_SERVICE_NOT_COMPATIBLE;
+    // An isolated plug-in's service: a caps call, which waits; the caller's
+    // cooperative plug-in lets another thread in meanwhile.
+    ++ctx->calls;
+    caller_frame frame = yield(ctx);
+    int status = static_cast<isolation_proxy*>(entry.data)->call(ctx, arg, out);
+    if (status != UIPC_PLUGIN_OK) ++ctx->failed;
+    resume(ctx, frame);
+    return status;
+  }
   plugin_record& callee = *entry.owner;
   ++ctx->calls;
   // The common case first: a preemptive callee, and a caller holding no baton.

@@ -11,6 +11,7 @@ namespace uipc::plugin {
 
 namespace detail {
 const uipc_plugin_host_api& host_api_table() noexcept;
+result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path, isolation_options options);
 }
 
 using detail::host_impl;
@@ -170,6 +171,18 @@ result<service_ref> host::resolve(std::string_view name) {
 
 std::string host::list_services() const { return impl_->list(); }
 
+result<std::uint32_t> host::service_flags(std::string_view name) const {
+  std::lock_guard lock(impl_->registry_mutex);
+  auto* slot = impl_->names_owner ? impl_->names_owner->find(name, detail::hash_name(name)) : nullptr;
+  const detail::service_entry* entry = slot ? slot->entry.load(std::memory_order_relaxed) : nullptr;
+  if (!entry) return errc::service_not_found;
+  return entry->flags & UIPC_PLUGIN_SERVICE_BYTES;
+}
+
+result<std::string> host::load_isolated(const std::filesystem::path& shared_object, isolation_options options) {
+  return detail::load_isolated(*impl_, shared_object, std::move(options));
+}
+
 std::vector<plugin_status> host::plugins() const {
   std::vector<plugin_status> out;
   std::lock_guard lock(impl_->registry_mutex);
@@ -186,6 +199,7 @@ std::vector<plugin_status> host::plugins() const {
     s.abi_minor = p.info.abi_minor;
     s.generation = p.generation;
     s.state = "running";
+    if (p.isolated) p.isolated->status(s.state, s.crashes, s.last_error);
     s.services.assign(p.services.begin(), p.services.end());
     out.push_back(std::move(s));
   }

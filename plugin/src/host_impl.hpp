@@ -36,9 +36,12 @@ struct service_entry {
   plugin_record* owner = nullptr;
 };
 
-/// Not a flag of the ABI: a pointer service of an isolated plug-in, listed
-/// but not callable from this process.
+/// Not flags of the ABI: a pointer service of an isolated plug-in, listed
+/// but not callable from this process; a bytes service of one, called
+/// through its runner (`data` is its proxy). The fast call path takes neither.
 inline constexpr std::uint32_t remote_pointer_service = 0x80000000u;
+inline constexpr std::uint32_t isolated_service = 0x40000000u;
+inline constexpr std::uint32_t internal_flags = remote_pointer_service | isolated_service;
 
 /// One loaded build of a plug-in.
 struct plugin_record {

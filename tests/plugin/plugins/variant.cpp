@@ -1,6 +1,10 @@
 // One test plug-in source, built as several shared objects: a good one in two
 // versions (for reload), and one per way a plug-in can be broken.
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
+#include <thread>
 
 #include "uipc/plugin/abi.h"
 
@@ -23,6 +27,26 @@ const uipc_plugin_host_api* host;
   return VARIANT_VERSION;
 }
 
+// "echo" (bytes): the request, copied into the caller's pool.
+[[maybe_unused]] std::uint64_t echo(uipc_plugin_context* ctx, void*, void* arg) {
+  auto* call = static_cast<uipc_plugin_bytes_call*>(arg);
+  void* out = nullptr;
+  if (call->in_size && host->pool_alloc(host->context_pool(ctx), call->in_size, &out) != UIPC_PLUGIN_OK) return 1;
+  if (call->in_size) std::memcpy(out, call->in, call->in_size);
+  call->out = out;
+  call->out_size = call->in_size;
+  return VARIANT_VERSION;
+}
+
+// "crash" (bytes): takes the process down.
+[[maybe_unused]] std::uint64_t crash(uipc_plugin_context*, void*, void*) { std::abort(); }
+
+// "hang" (bytes): never returns (for a while).
+[[maybe_unused]] std::uint64_t hang(uipc_plugin_context*, void*, void*) {
+  std::this_thread::sleep_for(std::chrono::seconds(30));
+  return 0;
+}
+
 // "throws": a C++ exception out of a service.
 [[maybe_unused]] std::uint64_t throws(uipc_plugin_context*, void*, void*) { throw std::runtime_error("service failed"); }
 
@@ -36,6 +60,9 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
   int s = host->register_service(ctx, "version", version, nullptr, 0);
   if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "block", block, nullptr, 0);
   if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "throws", throws, nullptr, 0);
+  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "echo", echo, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "crash", crash, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "hang", hang, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
 #if VARIANT_VERSION == 1
   // Only the first build serves this: a reload to version 2 drops it.
   if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "only in one", version, nullptr, 0);

@@ -66,6 +66,24 @@ struct host_stats {
   std::uint64_t pool_bytes_cached = 0;
 };
 
+/// How an isolated plug-in runs (host::load_isolated).
+struct isolation_options {
+  /// The runner program; empty: uipc-plugin-runner beside this program, then
+  /// in the install prefix, then on $PATH ($UIPC_PLUGIN_RUNNER overrides).
+  std::string runner;
+  /// The caps rendezvous directory of the runner's point; empty: the shared one.
+  std::string directory;
+  /// How long the runner may take to load the plug-in and serve.
+  std::chrono::milliseconds start_timeout{std::chrono::seconds(5)};
+  /// The deadline of a call whose context has none.
+  std::chrono::milliseconds call_timeout{std::chrono::seconds(5)};
+  /// The wait before the first restart after a crash; doubled per crash.
+  std::chrono::milliseconds first_backoff{100};
+  /// This many crashes within `crash_window` stop the plug-in for good.
+  std::uint32_t max_crashes = 5;
+  std::chrono::seconds crash_window{60};
+};
+
 class host;
 
 /// A resolved service name: follows the name (reloads, unregistrations, new
@@ -143,6 +161,15 @@ class host {
   result<std::string> load(const std::filesystem::path& shared_object);
   /// Loads a plug-in linked into the program, by its entry function.
   result<std::string> load(uipc_plugin_entry_fn entry);
+  /// Loads a shared object into a process of its own (uipc-plugin-runner) and
+  /// registers its services here, called through caps. Bytes services only
+  /// cross: a pointer service is listed, and calling it gives
+  /// service_not_compatible. When the process dies, calls fail with
+  /// errc::unavailable and it is restarted with back-off; after
+  /// options.max_crashes crashes in options.crash_window it stays stopped
+  /// (plugins() says why). Errors: as load(), and those of starting the
+  /// runner (program_not_found of core, errc::timed_out).
+  result<std::string> load_isolated(const std::filesystem::path& shared_object, isolation_options options = {});
   /// Replaces plug-in `name` with a new build (default: the file it was
   /// loaded from). New calls go to the new build at once; calls in flight
   /// finish in the old one, which then gets Shutdown and is unloaded. When
@@ -159,6 +186,8 @@ class host {
 
   /// The registered services' names, TAB-delimited, sorted.
   std::string list_services() const;
+  /// A registered service's flags (UIPC_PLUGIN_SERVICE_BYTES); service_not_found.
+  result<std::uint32_t> service_flags(std::string_view name) const;
   std::vector<plugin_status> plugins() const;
   host_stats stats() const;
 

@@ -1,0 +1,372 @@
+// Isolated plug-ins: a runner process per plug-in, its services registered
+// here as proxies that call it through caps, and a supervisor thread that
+// restarts it with back-off when it dies, and stops it after too many crashes.
+//
+// The supervisor thread starts every runner, so that the runner's parent-death
+// signal (PR_SET_PDEATHSIG fires when the creating thread ends) ties it to the
+// supervisor: a host that dies takes its runners with it.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <future>
+#include <sstream>
+
+#include "host_impl.hpp"
+#include "runner_protocol.hpp"
+#include "uipc/caps/client.hpp"
+#include "uipc/core/daemon_start.hpp"
+
+extern char** environ;
+
+namespace uipc::plugin::detail {
+namespace {
+
+namespace proto = runner_protocol;
+using clock = std::chrono::steady_clock;
+
+std::atomic<std::uint64_t> runner_counter{0};
+
+struct listed {
+  std::string plugin;
+  std::uint32_t flags = 0;
+  std::vector<std::pair<std::string, std::uint32_t>> services;
+};
+
+class runner_link;
+
+class proxy final : public isolation_proxy {
+ public:
+  proxy(runner_link& link, std::string name) : link_(link), name_(std::move(name)) {}
+  int call(uipc_plugin_context* ctx, void* arg, std::uint64_t* out) override;
+
+ private:
+  runner_link& link_;
+  std::string name_;
+};
+
+class runner_link final : public isolation {
+ public:
+  runner_link(host_impl& host, std::string path, isolation_options options)
+      : host_(host), path_(std::move(path)), options_(std::move(options)) {}
+
+  ~runner_link() override {
+    pid_t pid;
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+      pid = pid_;
+      client_.reset();
+    }
+    wake_.notify_all();
+    if (pid > 0) ::kill(pid, SIGTERM);
+    // Escalate if the runner does not end within a second (its plug-in's Shutdown hangs).
+    if (supervisor_.joinable()) {
+      std::unique_lock lock(mutex_);
+      if (!wake_.wait_for(lock, std::chrono::seconds(1), [&] { return !supervising_; }) && pid_ > 0)
+        ::kill(pid_, SIGKILL);
+      lock.unlock();
+      supervisor_.join();
+    }
+  }
+
+  /// Starts the supervisor and waits for the first start: what the runner serves.
+  result<listed> start() {
+    std::promise<result<listed>> first;
+    auto answer = first.get_future();
+    supervising_ = true;
+    supervisor_ = std::thread([this, p = std::move(first)]() mutable { supervise(p); });
+    return answer.get();
+  }
+
+  void status(std::string& state, std::uint32_t& crashes, std::string& last_error) const override {
+    std::lock_guard lock(mutex_);
+    state = state_;
+    crashes = crashes_;
+    last_error = last_error_;
+  }
+
+  proxy& make_proxy(const std::string& name) { return proxies_.emplace_back(*this, name); }
+
+  int call(uipc_plugin_context* ctx, const std::string& service, void* arg, std::uint64_t* out) {
+    auto* bc = static_cast<uipc_plugin_bytes_call*>(arg);
+    if (!bc || bc->size < sizeof(uipc_plugin_bytes_call) || (bc->in_size && !bc->in))
+      return UIPC_PLUGIN_E_INVALID_ARGUMENT;
+    std::shared_ptr<caps::client> client;
+    {
+      std::lock_guard lock(mutex_);
+      client = client_;
+    }
+    if (!client) return UIPC_PLUGIN_E_UNAVAILABLE;
+    const auto deadline =
+        ctx->deadline != clock::time_point::max() ? ctx->deadline : clock::now() + options_.call_timeout;
+    const std::size_t size = 2 + service.size() + bc->in_size;
+    auto reply = client->call_in_place(
+        size,
+        [&](std::span<std::byte> b) {
+          b[0] = static_cast<std::byte>(proto::call);
+          b[1] = static_cast<std::byte>(service.size());
+          std::memcpy(b.data() + 2, service.data(), service.size());
+          if (bc->in_size) std::memcpy(b.data() + 2 + service.size(), bc->in, bc->in_size);
+        },
+        deadline);
+    if (!reply) {
+      if (reply.error() == caps::errc::timed_out) return UIPC_PLUGIN_E_TIMED_OUT;
+      if (reply.error() == caps::errc::message_too_large) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
+      return UIPC_PLUGIN_E_UNAVAILABLE;  // the runner died: the supervisor restarts it
+    }
+    // The runner's bytes: checked and copied before anything else.
+    auto view = reply->view();
+    if (view.size() < proto::reply_header) return UIPC_PLUGIN_E_PLUGIN_FAILED;
+    std::int32_t status;
+    std::uint64_t result;
+    std::memcpy(&status, view.data(), 4);
+    std::memcpy(&result, view.data() + 4, 8);
+    if (status < 0 || status > UIPC_PLUGIN_E_TOO_MANY) return UIPC_PLUGIN_E_PLUGIN_FAILED;
+    if (status != UIPC_PLUGIN_OK) return status;
+    const std::size_t n = view.size() - proto::reply_header;
+    void* copy = nullptr;
+    if (n) {
+      if (int s = ctx->memory.allocate(n, &copy); s != UIPC_PLUGIN_OK) return s;
+      std::memcpy(copy, view.data() + proto::reply_header, n);
+    }
+    bc->out = copy;
+    bc->out_size = n;
+    *out = result;
+    return UIPC_PLUGIN_OK;
+  }
+
+ private:
+  // One start: spawn, connect, list. On this (the supervisor) thread.
+  result<listed> launch() {
+    program_search search{"uipc-plugin-runner", options_.runner, "UIPC_PLUGIN_RUNNER"};
+    auto program = find_program(search);
+    if (!program) return program.error();
+    const std::string point =
+        "uipc.runner." + std::to_string(::getpid()) + "." + std::to_string(runner_counter.fetch_add(1));
+    std::vector<std::string> args{*program, "--point", point, "--parent", std::to_string(::getpid())};
+    if (!options_.directory.empty()) {
+      args.push_back("--dir");
+      args.push_back(options_.directory);
+    }
+    args.push_back(path_);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_t pid = 0;
+    if (int e = ::posix_spawn(&pid, program->c_str(), nullptr, nullptr, argv.data(), environ); e != 0)
+      return error_code(e, boost::system::system_category());
+    {
+      std::lock_guard lock(mutex_);
+      pid_ = pid;
+    }
+    caps::client_options copts;
+    copts.wait_for_point = options_.start_timeout;
+    auto client = caps::client::connect(io_, caps::point_address{point, ::getuid(), std::nullopt, options_.directory},
+                                        copts);
+    if (!client) return client.error();
+    const std::byte list_request[2] = {static_cast<std::byte>(proto::list), std::byte{0}};
+    auto reply = (*client)->call(std::span(list_request), clock::now() + options_.start_timeout);
+    if (!reply) return reply.error();
+    listed out;
+    std::istringstream lines(reply->copy());
+    for (std::string line; std::getline(lines, line);) {
+      std::istringstream fields(line);
+      std::string kind, name, flags;
+      if (!std::getline(fields, kind, '\t') || !std::getline(fields, name, '\t') || !std::getline(fields, flags))
+        return errc::plugin_failed;
+      std::uint32_t f = static_cast<std::uint32_t>(std::strtoul(flags.c_str(), nullptr, 10));
+      if (kind == "plugin") {
+        out.plugin = name;
+        out.flags = f;
+      } else if (kind == "service") {
+        out.services.emplace_back(name, f & UIPC_PLUGIN_SERVICE_BYTES);
+      }
+    }
+    if (out.plugin.empty()) return errc::plugin_failed;
+    std::lock_guard lock(mutex_);
+    client_ = std::shared_ptr<caps::client>(std::move(*client));
+    state_ = "running";
+    return out;
+  }
+
+  void kill_and_reap() {
+    pid_t pid;
+    {
+      std::lock_guard lock(mutex_);
+      pid = pid_;
+      client_.reset();
+    }
+    if (pid <= 0) return;
+    ::kill(pid, SIGKILL);
+    while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+    }
+    std::lock_guard lock(mutex_);
+    pid_ = 0;
+  }
+
+  // Waits for the runner's end; true when it ended by our stop.
+  bool wait_for_exit(std::string& why) {
+    pid_t pid;
+    {
+      std::lock_guard lock(mutex_);
+      pid = pid_;
+    }
+    int status = 0;
+    pid_t r;
+    while ((r = ::waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
+    }
+    std::lock_guard lock(mutex_);
+    pid_ = 0;
+    client_.reset();
+    if (r < 0)
+      why = "lost track of the runner: " + std::string(std::strerror(errno));
+    else if (WIFSIGNALED(status))
+      why = "runner killed by signal " + std::to_string(WTERMSIG(status));
+    else
+      why = "runner exited with status " + std::to_string(WEXITSTATUS(status));
+    return stopping_;
+  }
+
+  void supervise(std::promise<result<listed>>& first) {
+    auto started = launch();
+    if (!started) {
+      kill_and_reap();
+      end_supervising();
+      first.set_value(started.error());
+      return;
+    }
+    first.set_value(std::move(started));
+    std::deque<clock::time_point> recent;
+    std::chrono::milliseconds backoff = options_.first_backoff;
+    for (;;) {
+      std::string why;
+      if (wait_for_exit(why)) break;  // stopped by the host
+      const auto now = clock::now();
+      recent.push_back(now);
+      while (!recent.empty() && now - recent.front() > options_.crash_window) recent.pop_front();
+      {
+        std::unique_lock lock(mutex_);
+        ++crashes_;
+        last_error_ = why;
+        if (recent.size() >= options_.max_crashes) {
+          state_ = "stopped";
+          last_error_ = why + "; " + std::to_string(recent.size()) + " crashes, not restarted";
+          host_.log(0, path_ + ": " + last_error_);
+          break;
+        }
+        state_ = "restarting";
+        host_.log(1, path_ + ": " + why + "; restarting in " + std::to_string(backoff.count()) + " ms");
+        if (wake_.wait_for(lock, backoff, [&] { return stopping_; })) break;
+      }
+      backoff *= 2;
+      for (;;) {
+        auto again = launch();
+        if (again) break;
+        kill_and_reap();
+        std::unique_lock lock(mutex_);
+        ++crashes_;
+        last_error_ = "restart failed: " + again.error().message();
+        recent.push_back(clock::now());
+        if (recent.size() >= options_.max_crashes || stopping_) {
+          state_ = "stopped";
+          host_.log(0, path_ + ": " + last_error_ + "; not restarted");
+          end_supervising_locked();
+          return;
+        }
+        if (wake_.wait_for(lock, backoff, [&] { return stopping_; })) {
+          end_supervising_locked();
+          return;
+        }
+        backoff *= 2;
+      }
+      std::lock_guard lock(mutex_);
+      if (stopping_) break;
+    }
+    kill_and_reap();
+    end_supervising();
+  }
+
+  void end_supervising() {
+    std::lock_guard lock(mutex_);
+    end_supervising_locked();
+  }
+  void end_supervising_locked() {
+    supervising_ = false;
+    wake_.notify_all();
+  }
+
+  host_impl& host_;
+  std::string path_;
+  isolation_options options_;
+  boost::asio::io_context io_;  // the clients' (blocking calls need it not running)
+  std::deque<proxy> proxies_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  std::shared_ptr<caps::client> client_;
+  pid_t pid_ = 0;
+  bool stopping_ = false;
+  bool supervising_ = false;
+  std::string state_ = "starting";
+  std::uint32_t crashes_ = 0;
+  std::string last_error_;
+  std::thread supervisor_;
+};
+
+int proxy::call(uipc_plugin_context* ctx, void* arg, std::uint64_t* out) { return link_.call(ctx, name_, arg, out); }
+
+}  // namespace
+
+result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path, isolation_options options) {
+  if (host.stopping.load()) return errc::stopped;
+  auto record = std::make_shared<plugin_record>();
+  record->path = std::filesystem::absolute(path).string();
+  auto link = std::make_unique<runner_link>(host, record->path, std::move(options));
+  auto served = link->start();
+  if (!served) {
+    host.log(0, "isolated load of " + record->path + " failed: " + served.error().message());
+    return served.error();
+  }
+  record->name = served->plugin;
+  record->cooperative = false;  // the runner's own host keeps a cooperative plug-in to one thread
+  record->info.size = sizeof(uipc_plugin_info);
+  record->info.abi_major = UIPC_PLUGIN_ABI_MAJOR;
+  record->info.abi_minor = UIPC_PLUGIN_ABI_MINOR;
+  record->info.flags = served->flags;
+  auto* raw_link = link.get();
+  record->isolated = std::move(link);
+  {
+    std::lock_guard lock(host.registry_mutex);
+    if (host.plugins.count(record->name) || host.loading.count(record->name)) return errc::duplicate_plugin;
+    host.loading.insert(record->name);
+  }
+  for (const auto& [name, flags] : served->services) {
+    service_entry entry;
+    if (flags & UIPC_PLUGIN_SERVICE_BYTES) {
+      entry.fn = nullptr;
+      entry.data = static_cast<isolation_proxy*>(&raw_link->make_proxy(name));
+      entry.flags = UIPC_PLUGIN_SERVICE_BYTES | isolated_service;
+    } else {
+      entry.flags = remote_pointer_service;
+    }
+    record->stage = plugin_record::phase::serving;
+    if (int s = host.publish(*record, name, entry); s != UIPC_PLUGIN_OK)
+      host.log(1, record->name + ": service " + name + " not registered here: " + status_text(s));
+  }
+  {
+    std::lock_guard lock(host.registry_mutex);
+    host.loading.erase(record->name);
+    host.plugins[record->name] = record;
+    host.load_order.push_back(record->name);
+  }
+  return record->name;
+}
+
+}  // namespace uipc::plugin::detail

@@ -1,0 +1,146 @@
+// Isolated plug-ins: a runner process per plug-in, its bytes services called
+// through caps; a crash fails the calls it takes with it, the runner comes
+// back with back-off, and one that keeps crashing is stopped.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <filesystem>
+#include <thread>
+
+#include "plugin_support.hpp"
+#include "uipc/caps/point.hpp"
+
+namespace uipc::plugin {
+namespace {
+
+using test::logged_host;
+using namespace std::chrono_literals;
+
+const std::string variants = UIPC_TEST_VARIANT_DIR;
+
+class Isolation : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/uipc-plugin-iso-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    options_.runner = UIPC_TEST_RUNNER_PATH;
+    options_.directory = dir_;
+    options_.first_backoff = 20ms;
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  plugin_status status(host& h, const std::string& name) {
+    for (auto& p : h.plugins())
+      if (p.name == name) return p;
+    ADD_FAILURE() << name << " not listed";
+    return {};
+  }
+
+  // Calls "echo" until it answers (the runner is back) or `limit` passes.
+  bool echo_answers(host& h, std::chrono::milliseconds limit) {
+    const auto end = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < end) {
+      auto ctx = h.new_context().value();
+      auto r = ctx.call_bytes("echo", test::bytes("ping"));
+      if (r && test::text(*r) == "ping") return true;
+      std::this_thread::sleep_for(10ms);
+    }
+    return false;
+  }
+
+  std::string dir_;
+  isolation_options options_;
+};
+
+TEST_F(Isolation, BytesServicesAreCalledInTheRunnerAndPointerOnesAreNotCompatible) {
+  logged_host h;
+  auto name = h.h->load_isolated(variants + "/variant_v1.so", options_);
+  ASSERT_TRUE(name) << name.error().message() << "\n" << h.log();
+  EXPECT_EQ(*name, "variant");
+  auto ctx = h.h->new_context().value();
+  auto r = ctx.call_bytes("echo", test::bytes("across processes"));
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(test::text(*r), "across processes");
+  EXPECT_EQ(ctx.call("version", nullptr).error(), errc::service_not_compatible);
+  EXPECT_EQ(ctx.call_bytes("version", test::bytes("x")).error(), errc::service_not_compatible);
+  auto s = status(*h.h, "variant");
+  EXPECT_TRUE(s.isolated);
+  EXPECT_EQ(s.state, "running");
+  EXPECT_NE(h.h->list_services().find("echo"), std::string::npos);
+  // A large request crosses too.
+  std::string big(512 * 1024, 'x');
+  auto large = ctx.call_bytes("echo", test::bytes(big));
+  ASSERT_TRUE(large);
+  EXPECT_EQ(large->size(), big.size());
+}
+
+TEST_F(Isolation, ACrashFailsItsCallAndTheRunnerComesBack) {
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto ctx = h.h->new_context().value();
+  EXPECT_EQ(ctx.call_bytes("crash", test::bytes("now")).error(), errc::unavailable);
+  EXPECT_TRUE(echo_answers(*h.h, 10s)) << h.log();
+  auto s = status(*h.h, "variant");
+  EXPECT_EQ(s.state, "running");
+  EXPECT_EQ(s.crashes, 1u);
+  EXPECT_NE(s.last_error.find("signal"), std::string::npos) << s.last_error;
+}
+
+TEST_F(Isolation, APluginThatKeepsCrashingIsStoppedNotRestartedForever) {
+  options_.max_crashes = 3;
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(i == 0 || echo_answers(*h.h, 10s)) << "restart " << i << "\n" << h.log();
+    auto ctx = h.h->new_context().value();
+    EXPECT_EQ(ctx.call_bytes("crash", {}).error(), errc::unavailable);
+  }
+  // The third crash stops it.
+  const auto end = std::chrono::steady_clock::now() + 5s;
+  while (status(*h.h, "variant").state != "stopped" && std::chrono::steady_clock::now() < end)
+    std::this_thread::sleep_for(10ms);
+  auto s = status(*h.h, "variant");
+  EXPECT_EQ(s.state, "stopped");
+  EXPECT_EQ(s.crashes, 3u);
+  EXPECT_NE(s.last_error.find("not restarted"), std::string::npos) << s.last_error;
+  auto ctx = h.h->new_context().value();
+  EXPECT_EQ(ctx.call_bytes("echo", test::bytes("x")).error(), errc::unavailable);
+  EXPECT_NE(h.log().find("not restarted"), std::string::npos);
+}
+
+TEST_F(Isolation, AHangingServiceCostsTheCallerItsDeadline) {
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto ctx = h.h->new_context().value();
+  ctx.set_deadline(std::chrono::steady_clock::now() + 200ms);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(ctx.call_bytes("hang", {}).error(), errc::timed_out);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+}
+
+TEST_F(Isolation, UnloadEndsTheRunner) {
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto points = caps::list_points(dir_);
+  ASSERT_TRUE(points);
+  EXPECT_EQ(points->size(), 1u);
+  ASSERT_FALSE(h.h->unload("variant"));
+  ASSERT_FALSE(h.h->quiesce(10s));
+  points = caps::list_points(dir_);
+  ASSERT_TRUE(points);
+  EXPECT_EQ(points->size(), 0u);
+  EXPECT_EQ(h.h->list_services(), "");
+}
+
+TEST_F(Isolation, ABrokenPluginOrRunnerIsReported) {
+  options_.start_timeout = 1s;
+  logged_host h;
+  EXPECT_FALSE(h.h->load_isolated(variants + "/variant_init_fails.so", options_));
+  options_.runner = "/nonexistent/uipc-plugin-runner";
+  EXPECT_EQ(h.h->load_isolated(variants + "/variant_v1.so", options_).error(), uipc::errc::program_not_found);
+  EXPECT_TRUE(h.h->plugins().empty());
+}
+
+}  // namespace
+}  // namespace uipc::plugin
