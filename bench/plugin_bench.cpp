@@ -1,4 +1,4 @@
-// bench_plugin, calls: a service call through the host (resolved, by name,
+// bench_plugin: the plug-in host. Here, calls: a service call through the host (resolved, by name,
 // into a preemptive and a cooperative plug-in) against calling the same
 // function directly through a pointer, as a plug-in holding it would.
 #include <benchmark/benchmark.h>
@@ -102,3 +102,4 @@ void BM_CallByName(benchmark::State& state) {
 BENCHMARK(BM_CallByName);
 
 }  // namespace
+BENCHMARK_MAIN();
