@@ -1,7 +1,7 @@
 // The hot path of a call through a resolved name, flattened into its caller
 // (the C ABI's call_resolved and context::call): a context that no thread
-// holds, a thread outside any call, a preemptive callee. Everything else
-// (nested calls, cooperative plug-ins, a busy context, no membarrier) takes
+// holds, a thread outside any call, a caller holding no baton. Everything
+// else (nested calls, isolated plug-ins, a busy context, no membarrier) takes
 // host_impl::call.
 #pragma once
 
@@ -9,6 +9,12 @@
 #include "host_impl.hpp"
 
 namespace uipc::plugin::detail {
+
+/// How long a call may wait to enter a busy cooperative plug-in.
+inline uipc_plugin_context::clock::time_point entry_deadline(const uipc_plugin_context* ctx) {
+  if (ctx->deadline != uipc_plugin_context::clock::time_point::max()) return ctx->deadline;
+  return uipc_plugin_context::clock::now() + ctx->host->options.cooperative_wait;
+}
 
 [[gnu::always_inline]] inline int call_fast(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg,
                                             std::uint64_t* out) {
@@ -25,17 +31,29 @@ namespace uipc::plugin::detail {
   std::atomic_signal_fence(std::memory_order_seq_cst);
   const service_entry* entry = slot->entry.load(std::memory_order_acquire);
   int status = UIPC_PLUGIN_OK;
-  if (entry && !(entry->flags & internal_flags) && !entry->owner->cooperative) [[likely]] {
-    plugin_record* caller = ctx->running;
-    ctx->running = entry->owner;
-    ++ctx->calls;
-    try {
-      *out = entry->fn(ctx, entry->data, arg);
-    } catch (...) {
-      status = UIPC_PLUGIN_E_PLUGIN_FAILED;
+  if (entry && !(entry->flags & internal_flags)) [[likely]] {
+    plugin_record& callee = *entry->owner;
+    // The caller holds no baton (checked above): nothing to yield.
+    if (callee.cooperative && !callee.turn.take_by([ctx] { return entry_deadline(ctx); })) [[unlikely]] {
+      status = UIPC_PLUGIN_E_TIMED_OUT;
       ++ctx->failed;
+    } else {
+      plugin_record* caller = ctx->running;
+      ctx->running = &callee;
+      ctx->holds_baton = callee.cooperative;
+      ++ctx->calls;
+      try {
+        *out = entry->fn(ctx, entry->data, arg);
+      } catch (...) {
+        status = UIPC_PLUGIN_E_PLUGIN_FAILED;
+        ++ctx->failed;
+      }
+      if (ctx->holds_baton) {
+        ctx->holds_baton = false;
+        callee.turn.give_back();
+      }
+      ctx->running = caller;
     }
-    ctx->running = caller;
     reader->nesting = 0;
     reader->seq.store(seq + 2, std::memory_order_release);
     ctx->user.store(0, std::memory_order_release);
@@ -45,7 +63,7 @@ namespace uipc::plugin::detail {
   reader->seq.store(seq + 2, std::memory_order_release);
   ctx->user.store(0, std::memory_order_release);
   if (!entry) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
-  return ctx->host->call(ctx, slot, arg, out);  // a cooperative callee, or one not callable here
+  return ctx->host->call(ctx, slot, arg, out);  // an isolated plug-in's service
 }
 
 }  // namespace uipc::plugin::detail

@@ -17,11 +17,6 @@ struct caller_frame {
   bool held_baton;
 };
 
-uipc_plugin_context::clock::time_point entry_deadline(const uipc_plugin_context* ctx) {
-  if (ctx->deadline != uipc_plugin_context::clock::time_point::max()) return ctx->deadline;
-  return uipc_plugin_context::clock::now() + ctx->host->options.cooperative_wait;
-}
-
 // Yield point: the caller's cooperative plug-in lets another thread in.
 caller_frame yield(uipc_plugin_context* ctx) noexcept {
   caller_frame frame{ctx->running, ctx->holds_baton};
@@ -173,7 +168,7 @@ int api_call_service(uipc_plugin_context* ctx, const char* name, void* arg, std:
   }
   if (!slot) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
   std::uint64_t ignored;
-  return ctx->host->call(ctx, slot, arg, out ? out : &ignored);
+  return call_fast(ctx, slot, arg, out ? out : &ignored);
 }
 
 int api_list_services(uipc_plugin_context* ctx, char** out, std::size_t* length) {

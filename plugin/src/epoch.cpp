@@ -55,11 +55,15 @@ reader_slot& attach_this_thread() {
   return owner.slot;
 }
 
-grace_period grace_period::begin() {
+void heavy_fence() noexcept {
   if (have_membarrier)
     membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
   else
     std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+
+grace_period grace_period::begin() {
+  heavy_fence();
   grace_period g;
   for (const reader_slot* s = slots.load(std::memory_order_acquire); s; s = s->next) {
     std::uint64_t seq = s->seq.load(std::memory_order_acquire);

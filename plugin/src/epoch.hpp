@@ -39,6 +39,10 @@ inline reader_slot& this_thread_slot() {
 /// Whether readers need their own fence (no membarrier on this kernel).
 extern bool readers_fence;
 
+/// A full memory barrier on every thread of the process that runs now
+/// (membarrier), or on this one alone where membarrier is missing.
+void heavy_fence() noexcept;
+
 /// Marks the calling thread inside a call for its scope. Nestable.
 class read_section {
  public:

@@ -51,7 +51,7 @@ result<std::uint64_t> context::call(std::string_view name, void* arg) {
   }
   if (!slot) return errc::service_not_found;
   std::uint64_t out = 0;
-  if (int status = ctx_->host->call(ctx_, slot, arg, &out); status != UIPC_PLUGIN_OK) return status_code(status);
+  if (int status = detail::call_fast(ctx_, slot, arg, &out); status != UIPC_PLUGIN_OK) return status_code(status);
   return out;
 }
 

@@ -46,7 +46,7 @@ int most_inside(std::uint32_t flags) {
   p.init = [&](uipc_plugin_context* c) {
     return p.serve(c, "work", [&](auto*, void*) {
       o.enter();
-      std::this_thread::sleep_for(2ms);  // long enough for the others to try
+      std::this_thread::sleep_for(200us);  // long enough for the others to try
       o.leave();
       return 0u;
     });
@@ -54,6 +54,12 @@ int most_inside(std::uint32_t flags) {
   logged_host h;
   EXPECT_TRUE(h.h->load(p.entry()));
   auto ref = h.h->resolve("work").value();
+  {
+    // One thread first, long enough for a cooperative baton to bias to it:
+    // the others must then revoke the bias to get in.
+    auto ctx = h.h->new_context().value();
+    for (int i = 0; i < 40; ++i) EXPECT_TRUE(ctx.call(ref, nullptr));
+  }
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t)
     threads.emplace_back([&] {
