@@ -228,8 +228,9 @@ int api_pool_destroy_sub(uipc_plugin_pool* p) {
   auto* ctx = context_of(pool_of(p));
   context_use use(ctx);
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
-  if (pool_of(p) == &ctx->memory) return UIPC_PLUGIN_E_INVALID_ARGUMENT;  // the context's own pool ends with it
-  return pool_of(p)->destroy();
+  pool* parent = pool_of(p)->parent();
+  if (!parent) return UIPC_PLUGIN_E_INVALID_ARGUMENT;  // the context's own pool ends with it
+  return parent->destroy_sub(pool_of(p));
 }
 
 int api_pool_cleanup(uipc_plugin_pool* p, void (*fn)(void*), void* data) {

@@ -1,23 +1,133 @@
-// TEMPORARY stand-in (not committed): replaced by the pool branch.
+// Per-request memory pools: allocate, reallocate and free within a request,
+// everything released at its end, chunks reused across requests.
 #pragma once
+
 #include <cstddef>
-#include <cstdlib>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
 #include "uipc/plugin/abi.h"
+
 namespace uipc::plugin {
-class pool_cache { public: std::size_t bytes_cached() const noexcept { return 0; } };
+
+namespace detail {
+struct chunk;
+struct block_header;
+}  // namespace detail
+
+/// Chunks shared by the pools of a host: what a pool releases goes back here
+/// (up to a bound; the rest to the system), so memory stays flat under load.
+///
+/// Threading: thread-safe. One mutex, taken when a pool needs a chunk or
+/// gives its chunks back, never per allocation.
+class pool_cache {
+ public:
+  /// `max_cached`: most bytes kept for reuse.
+  explicit pool_cache(std::size_t max_cached = std::size_t{64} << 20) : max_cached_(max_cached) {}
+  ~pool_cache();
+  pool_cache(const pool_cache&) = delete;
+  pool_cache& operator=(const pool_cache&) = delete;
+
+  /// Bytes kept for reuse now.
+  std::size_t bytes_cached() const;
+  /// Bytes taken from the system and not given back (cached or in use).
+  std::size_t bytes_held() const;
+
+  /// The unit chunks come in; a large block takes a whole number of them.
+  static constexpr std::size_t chunk_size = std::size_t{64} << 10;
+
+ private:
+  friend class pool;
+  detail::chunk* take(std::size_t units);  // null when the system has no memory
+  void give(detail::chunk* list);          // a list linked through chunk::next
+
+  static constexpr std::size_t cached_kinds = 4;  // 1 to 4 units are cached
+  mutable std::mutex mutex_;
+  std::vector<detail::chunk*> free_[cached_kinds];
+  std::size_t max_cached_;
+  std::size_t cached_ = 0;
+  std::size_t held_ = 0;
+};
+
+/// One request's memory (or a sub-pool of it).
+///
+/// Blocks are 16-byte aligned and carry a 16-byte header naming their pool,
+/// so a block given back to another pool (UIPC_PLUGIN_E_WRONG_CONTEXT) or
+/// twice (UIPC_PLUGIN_E_DOUBLE_FREE) is refused and nothing changes. A
+/// pointer that no pool gave is undefined behaviour, as with free().
+/// Small blocks (up to 16 KiB) are carved from 64 KiB chunks; a freed one is
+/// reused by the next allocation of its size class, and the last one carved
+/// grows and shrinks in place. Larger blocks take whole chunks of their own.
+///
+/// The limit counts the capacity of live blocks of the root pool and all its
+/// sub-pools. release() runs sub-pools' releases (newest first), then the
+/// pool's cleanups (newest first), then gives every chunk back to the cache.
+///
+/// Threading: one thread at a time (the host detects misuse through a context).
 class pool {
  public:
-  pool(pool_cache&, std::size_t) {}
-  int allocate(std::size_t n, void** out) noexcept { *out = std::malloc(n ? n : 1); return 0; }
-  int reallocate(void* b, std::size_t n, void** out) noexcept { *out = std::realloc(b, n); return 0; }
-  int free(void* b) noexcept { std::free(b); return 0; }
-  int create_sub(pool** out) noexcept { *out = nullptr; return UIPC_PLUGIN_E_NO_MEMORY; }
-  int destroy() noexcept { return 0; }
-  int add_cleanup(void (*)(void*), void*) noexcept { return 0; }
-  void release() noexcept {}
+  explicit pool(pool_cache& cache, std::size_t limit = 0) : cache_(cache), limit_(limit) {}
+  ~pool();
+  pool(const pool&) = delete;
+  pool& operator=(const pool&) = delete;
+
+  /// A block of at least `size` bytes (0 gives a unique block). Errors:
+  /// UIPC_PLUGIN_E_MEMORY_LIMIT, UIPC_PLUGIN_E_NO_MEMORY, INVALID_ARGUMENT.
+  int allocate(std::size_t size, void** out) noexcept;
+  /// Resizes `block` (null: allocate), in place when it can. On failure the
+  /// old block stays valid and unchanged.
+  int reallocate(void* block, std::size_t size, void** out) noexcept;
+  /// Gives `block` back for reuse within this pool.
+  int free(void* block) noexcept;
+
+  /// A sub-pool, released with this one (or by destroy_sub).
+  int create_sub(pool** out) noexcept;
+  /// Releases and deletes a direct sub-pool. INVALID_ARGUMENT for another.
+  int destroy_sub(pool* sub) noexcept;
+  /// Runs `fn(data)` at release, newest first.
+  int add_cleanup(void (*fn)(void*), void* data) noexcept;
+
+  /// Releases everything; the pool is then empty and may serve again.
+  void release() noexcept;
+
+  void set_limit(std::size_t limit) noexcept { root().limit_ = limit; }
+  /// Capacity of this pool's live blocks.
+  std::size_t bytes_in_use() const noexcept { return in_use_; }
+  /// Chunk bytes this pool holds.
+  std::size_t bytes_reserved() const noexcept { return reserved_; }
+  /// The root's most live bytes (with its sub-pools) since its last release.
+  std::size_t peak() const noexcept { return peak_; }
+
+  pool* parent() const noexcept { return parent_; }
   void* user() const noexcept { return user_; }
-  void set_user(void* u) noexcept { user_ = u; }
+  void set_user(void* user) noexcept { user_ = user; }
+
  private:
+  static constexpr std::size_t small_classes = 64 + 15;  // 16..1024 by 16, then 2..16 KiB by 1 KiB
+  pool& root() noexcept { return parent_ ? parent_->root() : *this; }
+  int carve(std::size_t capacity, void** out) noexcept;
+  int allocate_large(std::size_t size, void** out) noexcept;
+  bool charge(std::size_t bytes) noexcept;
+  void refund(std::size_t bytes) noexcept;
+  int check(void* block, detail::block_header*& header) noexcept;
+
+  pool_cache& cache_;
+  pool* parent_ = nullptr;
   void* user_ = nullptr;
+  std::size_t limit_ = 0;
+  std::size_t live_ = 0;  // root: live capacity of the whole tree
+  std::size_t peak_ = 0;
+  std::size_t in_use_ = 0;
+  std::size_t reserved_ = 0;
+  detail::chunk* chunks_ = nullptr;  // small chunks; the first is being carved
+  detail::chunk* large_ = nullptr;   // large blocks, one per chunk run
+  char* top_ = nullptr;              // where the next block is carved
+  char* end_ = nullptr;
+  detail::block_header* last_ = nullptr;  // the block carved last (it grows in place)
+  detail::block_header* free_lists_[small_classes] = {};
+  std::vector<pool*> children_;
+  std::vector<std::pair<void (*)(void*), void*>> cleanups_;
 };
-}
+
+}  // namespace uipc::plugin
