@@ -189,7 +189,8 @@ uipc_plugin_pool* api_context_pool(uipc_plugin_context* ctx) {
 }
 
 int api_pool_alloc(uipc_plugin_pool* p, std::size_t size, void** out) {
-  if (!p || !out) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
+  if (!p || !out) [[unlikely]]
+    return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   context_use use(context_of(pool_of(p)));
   if (use.busy()) [[unlikely]]
     return UIPC_PLUGIN_E_CONTEXT_BUSY;

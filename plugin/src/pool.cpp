@@ -19,10 +19,6 @@ struct chunk {
 };
 static_assert(sizeof(chunk) % 16 == 0);
 
-struct block_header {
-  std::size_t capacity;  // usable bytes after the header
-  std::uintptr_t tag;    // the owning pool, | freed_bit, | large_bit
-};
 static_assert(sizeof(block_header) == 16);
 
 }  // namespace detail
@@ -174,7 +170,7 @@ int pool::allocate_large(std::size_t size, void** out) noexcept {
   return UIPC_PLUGIN_OK;
 }
 
-int pool::allocate(std::size_t size, void** out) noexcept {
+int pool::allocate_slow(std::size_t size, void** out) noexcept {
   if (!out) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   if (size > small_max) return allocate_large(size, out);
   const std::size_t capacity = class_capacity(size);

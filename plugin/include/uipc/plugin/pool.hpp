@@ -13,7 +13,11 @@ namespace uipc::plugin {
 
 namespace detail {
 struct chunk;
-struct block_header;
+/// What precedes every block.
+struct block_header {
+  std::size_t capacity;  // usable bytes after the header
+  std::uintptr_t tag;    // the owning pool, | 1 once freed, | 2 for a large block
+};
 }  // namespace detail
 
 /// Chunks shared by the pools of a host: what a pool releases goes back here
@@ -74,7 +78,31 @@ class pool {
 
   /// A block of at least `size` bytes (0 gives a unique block). Errors:
   /// UIPC_PLUGIN_E_MEMORY_LIMIT, UIPC_PLUGIN_E_NO_MEMORY, INVALID_ARGUMENT.
-  int allocate(std::size_t size, void** out) noexcept;
+  /// Inline for small blocks of a root pool within its limit and its chunk.
+  [[gnu::always_inline]] int allocate(std::size_t size, void** out) noexcept {
+    const std::size_t capacity = size <= 16 ? 16 : (size + 15) & ~std::size_t{15};
+    if (size <= 1024 && out && !parent_ && (!limit_ || live_ + capacity <= limit_)) [[likely]] {
+      detail::block_header*& list = free_lists_[capacity / 16 - 1];
+      detail::block_header* h = list;
+      if (h) {
+        list = *reinterpret_cast<detail::block_header**>(h + 1);
+      } else if (static_cast<std::size_t>(end_ - top_) >= sizeof(detail::block_header) + capacity) {
+        h = reinterpret_cast<detail::block_header*>(top_);
+        h->capacity = capacity;
+        top_ += sizeof(detail::block_header) + capacity;
+        last_ = h;
+      } else {
+        return allocate_slow(size, out);
+      }
+      h->tag = reinterpret_cast<std::uintptr_t>(this);
+      live_ += capacity;
+      in_use_ += capacity;
+      if (live_ > peak_) peak_ = live_;
+      *out = h + 1;
+      return UIPC_PLUGIN_OK;
+    }
+    return allocate_slow(size, out);
+  }
   /// Resizes `block` (null: allocate), in place when it can. On failure the
   /// old block stays valid and unchanged.
   int reallocate(void* block, std::size_t size, void** out) noexcept;
@@ -106,6 +134,7 @@ class pool {
  private:
   static constexpr std::size_t small_classes = 64 + 15;  // 16..1024 by 16, then 2..16 KiB by 1 KiB
   pool& root() noexcept { return parent_ ? parent_->root() : *this; }
+  int allocate_slow(std::size_t size, void** out) noexcept;
   int carve(std::size_t capacity, void** out) noexcept;
   int allocate_large(std::size_t size, void** out) noexcept;
   bool charge(std::size_t bytes) noexcept;
