@@ -7,11 +7,14 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <sys/wait.h>
 #include <unistd.h>
+#include <utility>
 
 namespace uipc::test {
 
@@ -52,6 +55,18 @@ class temp_dir {
  private:
   std::filesystem::path path_;
 };
+
+/// Runs a shell command line; returns its exit status (-1 if it did not exit)
+/// and what it printed on stdout and stderr.
+inline std::pair<int, std::string> run_command(const std::string& command) {
+  std::string out;
+  FILE* p = ::popen((command + " 2>&1").c_str(), "r");
+  if (p == nullptr) return {-1, out};
+  char buf[4096];
+  while (const std::size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int status = ::pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
 
 /// How many descriptors this process has open (to prove that nothing leaked).
 inline std::size_t open_fd_count() {

@@ -132,7 +132,7 @@ result<std::unique_ptr<client>> client::connect(boost::asio::io_context& ctx, co
           continue;  // refused or gone: a leftover of a dead server
         }
         auto core = take_channel(ctx, address, options, std::move(*ctrl),
-                                 std::max(deadline, clock::now() + std::chrono::seconds(5)));
+                                 std::max(deadline, clock::now() + options.handshake_timeout));
         if (!core) {
           if (core.error() == make_error_code(errc::stopped) || core.error() == boost::asio::error::eof ||
               core.error() == make_error_code(uipc::errc::peer_closed)) {

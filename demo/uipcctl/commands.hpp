@@ -19,4 +19,8 @@ int run_handles(std::span<char* const> args);
 /// `uipcctl caps ...`: capability rendezvous points (caps_command.cpp).
 int run_caps(std::span<char* const> args);
 
+/// `uipcctl plugins ...` and `uipcctl services ...`: a plug-in host (plugins_command.cpp).
+int run_plugins(std::span<char* const> args);
+int run_services(std::span<char* const> args);
+
 }  // namespace uipcctl

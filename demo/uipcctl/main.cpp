@@ -12,6 +12,8 @@ constexpr std::array commands{
     uipcctl::command{"handles", "named events, mutexes and semaphores of the handle daemon",
                      uipcctl::run_handles},
     uipcctl::command{"caps", "capability rendezvous points: list, call, watch", uipcctl::run_caps},
+    uipcctl::command{"plugins", "a plug-in host's plug-ins: list, stats, reload", uipcctl::run_plugins},
+    uipcctl::command{"services", "a plug-in host's services: list, call", uipcctl::run_services},
 };
 
 int usage() {

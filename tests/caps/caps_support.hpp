@@ -85,6 +85,7 @@ class child_service {
                 const std::function<void()>& setup = {});
   ~child_service();
   bool registered() const { return registered_; }
+  pid_t pid() const { return pid_; }
   void kill();
   /// For `serve` in the child: tells the parent something happened.
   void note() const;

@@ -75,6 +75,22 @@ TEST_F(Faults, AKilledServerFailsPendingCallsWithoutAHang) {
   EXPECT_EQ(after.error(), make_error_code(errc::disconnected));
 }
 
+TEST_F(Faults, AStoppedServerFailsConnectWithinTheHandshakeTimeout) {
+  child_service server("server.stopped", options());
+  ASSERT_TRUE(server.registered());
+  ASSERT_EQ(::kill(server.pid(), SIGSTOP), 0);  // reachable, but it never welcomes anyone
+  client_options o;
+  o.handshake_timeout = 200ms;
+  const auto start = clock::now();
+  auto cl = connect("server.stopped", o);
+  const auto took = clock::now() - start;
+  ::kill(server.pid(), SIGCONT);
+  ASSERT_FALSE(cl);
+  EXPECT_EQ(cl.error(), uipc::condition::timed_out) << cl.error().message();
+  EXPECT_GE(took, 150ms);
+  EXPECT_LT(took, 2s);
+}
+
 TEST_F(Faults, StopFailsWaitingCallsAndReceives) {
   auto svc = serve("stopping");
   ASSERT_TRUE(svc);

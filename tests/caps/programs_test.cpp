@@ -9,16 +9,7 @@
 namespace uipc::caps::test {
 namespace {
 
-// Runs a command line, returning its exit status and what it printed.
-std::pair<int, std::string> run(const std::string& command) {
-  std::string out;
-  FILE* p = ::popen((command + " 2>&1").c_str(), "r");
-  if (p == nullptr) return {-1, out};
-  char buf[4096];
-  while (const std::size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
+using uipc::test::run_command;
 
 class Uipcctl : public caps_test {
  protected:
@@ -32,27 +23,27 @@ TEST_F(Uipcctl, ListsCallsAndReportsErrors) {
   ASSERT_TRUE(svc);
   responder echo(**svc, [](service& s, const event& e) { (void)s.reply(e.client, e.id, "got " + e.copy()); });
 
-  auto [status, out] = run(ctl() + "call ctl.echo hello");
+  auto [status, out] = run_command(ctl() + "call ctl.echo hello");
   EXPECT_EQ(status, 0) << out;
   EXPECT_EQ(out, "got hello\n");
 
-  std::tie(status, out) = run(ctl() + "list");
+  std::tie(status, out) = run_command(ctl() + "list");
   EXPECT_EQ(status, 0) << out;
   EXPECT_NE(out.find("ctl.echo"), std::string::npos) << out;
   EXPECT_NE(out.find("world"), std::string::npos) << out;
   EXPECT_NE(out.find(std::to_string(::getpid())), std::string::npos) << out;
 
-  std::tie(status, out) = run(ctl() + "call no.such.point hello");
+  std::tie(status, out) = run_command(ctl() + "call no.such.point hello");
   EXPECT_EQ(status, 3);
   EXPECT_NE(out.find("no live server"), std::string::npos) << out;
 
-  std::tie(status, out) = run(ctl() + "call bad/name hello");
+  std::tie(status, out) = run_command(ctl() + "call bad/name hello");
   EXPECT_EQ(status, 3);
 
-  std::tie(status, out) = run(ctl() + "call ctl.echo hello --uid 12345");
+  std::tie(status, out) = run_command(ctl() + "call ctl.echo hello --uid 12345");
   EXPECT_EQ(status, 3) << out;  // nobody of that uid serves it
 
-  std::tie(status, out) = run(ctl() + "frobnicate");
+  std::tie(status, out) = run_command(ctl() + "frobnicate");
   EXPECT_EQ(status, 64);
 }
 

@@ -33,6 +33,9 @@ struct client_options {
   /// servers are all gone): it sleeps on directory notification and tries
   /// again when the point appears. Zero: fail at once with errc::not_registered.
   std::chrono::milliseconds wait_for_point{0};
+  /// How long a server that accepted the connection may take to welcome the
+  /// client (a stopped or wedged server fails connect() with a timed_out code).
+  std::chrono::milliseconds handshake_timeout{std::chrono::seconds(5)};
   /// Whether a call beyond the server's limit of messages in flight waits for
   /// a slot (true) or fails with errc::no_buffers (false). Also for a full arena.
   bool wait_for_slot = true;
