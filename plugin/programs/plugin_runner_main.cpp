@@ -61,12 +61,13 @@ void serve(uipc::caps::service& svc, uipc::plugin::host& h) {
       continue;
     }
     std::int32_t status = UIPC_PLUGIN_OK;
+    std::uint64_t value = 0;
     std::span<const std::byte> answer;
     auto ctx = h.new_context();
     if (!ctx) {
       status = UIPC_PLUGIN_E_TOO_MANY;
     } else {
-      auto r = ctx->call_bytes(parsed->name, parsed->payload);
+      auto r = ctx->call_bytes(parsed->name, parsed->payload, &value);
       if (r)
         answer = *r;
       else
@@ -74,7 +75,7 @@ void serve(uipc::caps::service& svc, uipc::plugin::host& h) {
                                                                           : UIPC_PLUGIN_E_PLUGIN_FAILED;
     }
     auto sent = svc.reply_in_place(e->client, e->id, proto::reply_header + answer.size(), [&](std::span<std::byte> b) {
-      proto::put_header(b, status, 0);
+      proto::put_header(b, status, value);
       if (!answer.empty()) std::memcpy(b.data() + proto::reply_header, answer.data(), answer.size());
     });
     if (sent == uipc::caps::errc::message_too_large) {

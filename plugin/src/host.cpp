@@ -11,7 +11,10 @@ namespace uipc::plugin {
 
 namespace detail {
 const uipc_plugin_host_api& host_api_table() noexcept;
-result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path, isolation_options options);
+result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path, isolation_options options,
+                                  const std::shared_ptr<plugin_record>& old);
+result<std::string> reload_isolated(host_impl& host, const std::shared_ptr<plugin_record>& old,
+                                    const std::filesystem::path& path);
 }
 
 using detail::host_impl;
@@ -55,7 +58,8 @@ result<std::uint64_t> context::call(std::string_view name, void* arg) {
   return out;
 }
 
-result<std::span<const std::byte>> context::call_bytes(std::string_view name, std::span<const std::byte> request) {
+result<std::span<const std::byte>> context::call_bytes(std::string_view name, std::span<const std::byte> request,
+                                                      std::uint64_t* value) {
   if (!ctx_) return errc::invalid_argument;
   const uipc_plugin_service_ref* slot;
   {
@@ -73,7 +77,7 @@ result<std::span<const std::byte>> context::call_bytes(std::string_view name, st
     if (!entry) return errc::service_not_found;
     if (!(entry->flags & UIPC_PLUGIN_SERVICE_BYTES)) return errc::service_not_compatible;
     std::uint64_t ignored;
-    status = ctx_->host->run(ctx_, *entry, &call, &ignored);
+    status = ctx_->host->run(ctx_, *entry, &call, value ? value : &ignored);
   }
   if (status != UIPC_PLUGIN_OK) return status_code(status);
   return std::span<const std::byte>(static_cast<const std::byte*>(call.out), call.out ? call.out_size : 0);
@@ -121,7 +125,10 @@ error_code host::reload(std::string_view name, const std::filesystem::path& shar
     if (it == impl_->plugins.end()) return errc::plugin_not_found;
     old = it->second;
   }
-  if (old->isolated) return errc::service_not_compatible;  // TODO(plugin): restart the runner with the new build
+  if (old->isolated) {
+    auto loaded = detail::reload_isolated(*impl_, old, shared_object);
+    return loaded ? error_code() : loaded.error();
+  }
   auto record = std::make_shared<detail::plugin_record>();
   record->path = shared_object.empty() ? old->path : std::filesystem::absolute(shared_object).string();
   record->entry = record->path.empty() ? old->entry : nullptr;
@@ -180,7 +187,7 @@ result<std::uint32_t> host::service_flags(std::string_view name) const {
 }
 
 result<std::string> host::load_isolated(const std::filesystem::path& shared_object, isolation_options options) {
-  return detail::load_isolated(*impl_, shared_object, std::move(options));
+  return detail::load_isolated(*impl_, shared_object, std::move(options), nullptr);
 }
 
 std::vector<plugin_status> host::plugins() const {

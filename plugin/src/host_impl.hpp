@@ -127,7 +127,8 @@ struct host_impl {
   result<uipc_plugin_service_ref*> slot_for(std::string_view name);  // registry_mutex held
   int register_service(uipc_plugin_context* ctx, const char* name, uipc_plugin_service_fn fn, void* data,
                        std::uint32_t flags);
-  int publish(plugin_record& owner, std::string_view name, service_entry entry);  // the isolation proxy's way in
+  /// Stages a service of a plug-in being loaded (registry_mutex held): published by commit().
+  int stage(plugin_record& owner, std::string_view name, service_entry entry);
   int unregister(plugin_record& owner, std::string_view name, std::vector<std::pair<std::string, int>>& events,
                  retired& out);
   std::string list() const;
@@ -146,6 +147,9 @@ struct host_impl {
 
   // -- lifecycle (lifecycle.cpp)
   result<std::string> load(std::shared_ptr<plugin_record> record, const std::shared_ptr<plugin_record>& old);
+  /// Publishes a loaded build's staged services (its name reserved in `loading`);
+  /// for a reload, takes over `old`'s names and retires it.
+  result<std::string> commit(std::shared_ptr<plugin_record> record, const std::shared_ptr<plugin_record>& old);
   void retire(retired item);
   void reap_loop();
   void finish(retired& item);

@@ -92,6 +92,8 @@ class runner_link final : public isolation {
     last_error = last_error_;
   }
 
+  const isolation_options& options() const override { return options_; }
+
   proxy& make_proxy(const std::string& name) { return proxies_.emplace_back(*this, name); }
 
   int call(uipc_plugin_context* ctx, const std::string& service, void* arg, std::uint64_t* out) {
@@ -166,10 +168,28 @@ class runner_link final : public isolation {
       std::lock_guard lock(mutex_);
       pid_ = pid;
     }
+    // Wait for its point in slices, watching the runner: one whose plug-in
+    // does not load exits at once, and says so sooner than the timeout.
+    const auto give_up = clock::now() + options_.start_timeout;
     caps::client_options copts;
-    copts.wait_for_point = options_.start_timeout;
-    auto client = caps::client::connect(io_, caps::point_address{point, ::getuid(), std::nullopt, options_.directory},
-                                        copts);
+    copts.wait_for_point = std::chrono::milliseconds(50);
+    copts.handshake_timeout = options_.start_timeout;
+    const caps::point_address address{point, ::getuid(), std::nullopt, options_.directory};
+    auto client = caps::client::connect(io_, address, copts);
+    while (!client && client.error() == caps::errc::not_registered && clock::now() < give_up) {
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) {
+        std::lock_guard lock(mutex_);
+        pid_ = 0;
+        const bool refused = WIFEXITED(status) && WEXITSTATUS(status) == 1;  // the runner's "did not load"
+        host_.log(0, path_ + ": the runner ended before serving (" +
+                         (WIFEXITED(status) ? "exit status " + std::to_string(WEXITSTATUS(status))
+                                            : "signal " + std::to_string(WTERMSIG(status))) +
+                         ")");
+        return refused ? errc::load_failed : errc::unavailable;
+      }
+      client = caps::client::connect(io_, address, copts);
+    }
     if (!client) return client.error();
     const std::byte list_request[2] = {static_cast<std::byte>(proto::list), std::byte{0}};
     auto reply = (*client)->call(std::span(list_request), clock::now() + options_.start_timeout);
@@ -324,7 +344,10 @@ int proxy::call(uipc_plugin_context* ctx, void* arg, std::uint64_t* out) { retur
 
 }  // namespace
 
-result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path, isolation_options options) {
+// Starts a runner for `path` and loads what it serves as a build of its own:
+// a new plug-in, or (with `old`) the next build of `old`.
+result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path, isolation_options options,
+                                  const std::shared_ptr<plugin_record>& old) {
   if (host.stopping.load()) return errc::stopped;
   auto record = std::make_shared<plugin_record>();
   record->path = std::filesystem::absolute(path).string();
@@ -333,6 +356,10 @@ result<std::string> load_isolated(host_impl& host, const std::filesystem::path& 
   if (!served) {
     host.log(0, "isolated load of " + record->path + " failed: " + served.error().message());
     return served.error();
+  }
+  if (old && served->plugin != old->name) {
+    host.log(0, "isolated reload of " + old->name + " refused: the new build calls itself " + served->plugin);
+    return errc::invalid_name;
   }
   record->name = served->plugin;
   record->cooperative = false;  // the runner's own host keeps a cooperative plug-in to one thread
@@ -344,29 +371,28 @@ result<std::string> load_isolated(host_impl& host, const std::filesystem::path& 
   record->isolated = std::move(link);
   {
     std::lock_guard lock(host.registry_mutex);
-    if (host.plugins.count(record->name) || host.loading.count(record->name)) return errc::duplicate_plugin;
+    if ((!old && host.plugins.count(record->name)) || host.loading.count(record->name)) return errc::duplicate_plugin;
     host.loading.insert(record->name);
-  }
-  for (const auto& [name, flags] : served->services) {
-    service_entry entry;
-    if (flags & UIPC_PLUGIN_SERVICE_BYTES) {
-      entry.fn = nullptr;
-      entry.data = static_cast<isolation_proxy*>(&raw_link->make_proxy(name));
-      entry.flags = UIPC_PLUGIN_SERVICE_BYTES | isolated_service;
-    } else {
-      entry.flags = remote_pointer_service;
+    record->predecessor = old.get();
+    record->generation = old ? old->generation + 1 : 0;
+    for (const auto& [name, flags] : served->services) {
+      service_entry entry;
+      if (flags & UIPC_PLUGIN_SERVICE_BYTES) {
+        entry.data = static_cast<isolation_proxy*>(&raw_link->make_proxy(name));
+        entry.flags = UIPC_PLUGIN_SERVICE_BYTES | isolated_service;
+      } else {
+        entry.flags = remote_pointer_service;
+      }
+      if (int s = host.stage(*record, name, entry); s != UIPC_PLUGIN_OK)
+        host.log(1, record->name + ": service " + name + " not registered here: " + status_text(s));
     }
-    record->stage = plugin_record::phase::serving;
-    if (int s = host.publish(*record, name, entry); s != UIPC_PLUGIN_OK)
-      host.log(1, record->name + ": service " + name + " not registered here: " + status_text(s));
   }
-  {
-    std::lock_guard lock(host.registry_mutex);
-    host.loading.erase(record->name);
-    host.plugins[record->name] = record;
-    host.load_order.push_back(record->name);
-  }
-  return record->name;
+  return host.commit(std::move(record), old);
+}
+
+result<std::string> reload_isolated(host_impl& host, const std::shared_ptr<plugin_record>& old,
+                                    const std::filesystem::path& path) {
+  return load_isolated(host, path.empty() ? std::filesystem::path(old->path) : path, old->isolated->options(), old);
 }
 
 }  // namespace uipc::plugin::detail

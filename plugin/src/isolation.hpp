@@ -5,6 +5,7 @@
 #include <string>
 
 #include "uipc/plugin/abi.h"
+#include "uipc/plugin/host.hpp"
 
 namespace uipc::plugin::detail {
 
@@ -13,6 +14,8 @@ struct isolation {
   virtual ~isolation() = default;
   /// "running", "restarting" or "stopped", the crash count and the last error.
   virtual void status(std::string& state, std::uint32_t& crashes, std::string& last_error) const = 0;
+  /// How it was started (a reload starts the new build the same way).
+  virtual const isolation_options& options() const = 0;
 };
 
 /// The `data` of an isolated plug-in's bytes service.

@@ -170,6 +170,10 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record, const
                 entered != UIPC_PLUGIN_OK ? "init threw" : "init returned " + std::to_string(init_status));
   }
 
+  return commit(std::move(record), old);
+}
+
+result<std::string> host_impl::commit(std::shared_ptr<plugin_record> record, const std::shared_ptr<plugin_record>& old) {
   // Publish what Init registered; for a reload, take over the old build's names
   // and drop those the new one no longer serves.
   std::vector<std::pair<std::string, int>> events;

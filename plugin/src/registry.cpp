@@ -78,28 +78,20 @@ result<uipc_plugin_service_ref*> host_impl::slot_for(std::string_view name) {
   return slots.back().get();
 }
 
-int host_impl::publish(plugin_record& owner, std::string_view name, service_entry entry) {
-  event_list events;
-  retired old;
-  {
-    std::lock_guard lock(registry_mutex);
-    auto slot = slot_for(name);
-    if (!slot) return slot.error().value();
-    service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
-    if ((current && current->owner != &owner) || ((*slot)->staged_by && (*slot)->staged_by != &owner))
-      return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
-    entry.owner = &owner;
-    (*slot)->entry.store(new service_entry(entry), std::memory_order_release);
-    if (!current) ++registered;
-    owner.services.emplace(name);
-    events.emplace_back(std::string(name), current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
-    if (current) old.entries.emplace_back(current);
-  }
-  if (!old.entries.empty()) {
-    old.grace = grace_period::begin();
-    retire(std::move(old));
-  }
-  notify(nullptr, &owner, events);
+int host_impl::stage(plugin_record& owner, std::string_view name, service_entry entry) {
+  auto slot = slot_for(name);
+  if (!slot) return slot.error().value();
+  service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
+  if ((current && current->owner != owner.predecessor) || ((*slot)->staged_by && (*slot)->staged_by != &owner))
+    return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
+  (*slot)->staged_by = &owner;
+  entry.owner = &owner;
+  auto& staged = owner.staged;
+  auto it = std::find_if(staged.begin(), staged.end(), [&](auto& s) { return s.first == *slot; });
+  if (it != staged.end())
+    it->second = entry;
+  else
+    staged.emplace_back(*slot, entry);
   return UIPC_PLUGIN_OK;
 }
 
@@ -143,18 +135,7 @@ int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name, 
         staged.erase(it);
         return UIPC_PLUGIN_OK;
       }
-      auto slot = slot_for(name);
-      if (!slot) return slot.error().value();
-      service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
-      if ((current && current->owner != owner->predecessor) || ((*slot)->staged_by && (*slot)->staged_by != owner))
-        return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
-      (*slot)->staged_by = owner;
-      service_entry entry{fn, data, flags, owner};
-      if (it != staged.end())
-        it->second = entry;
-      else
-        staged.emplace_back(*slot, entry);
-      return UIPC_PLUGIN_OK;
+      return stage(*owner, name, service_entry{fn, data, flags, owner});
     }
     if (!fn) {
       if (int status = unregister(*owner, name, events, old); status != UIPC_PLUGIN_OK) return status;

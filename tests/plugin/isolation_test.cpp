@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <atomic>
 #include <filesystem>
 #include <thread>
 
@@ -131,6 +132,69 @@ TEST_F(Isolation, UnloadEndsTheRunner) {
   ASSERT_TRUE(points);
   EXPECT_EQ(points->size(), 0u);
   EXPECT_EQ(h.h->list_services(), "");
+}
+
+// The version a build of "variant" answers "echo" with (its call's result).
+std::uint64_t echo_version(host& h) {
+  auto ctx = h.new_context().value();
+  uipc_plugin_bytes_call call{sizeof(uipc_plugin_bytes_call), 0, "v", 1, nullptr, 0};
+  auto r = ctx.call("echo", &call);
+  return r ? *r : 0;
+}
+
+TEST_F(Isolation, ReloadStartsTheNewBuildInANewRunnerWithoutFailingACall) {
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  EXPECT_EQ(echo_version(*h.h), 1u);
+  std::atomic<bool> stop{false};
+  std::atomic<int> calls{0}, failures{0};
+  std::thread caller([&] {
+    while (!stop.load()) {
+      auto ctx = h.h->new_context().value();
+      auto r = ctx.call_bytes("echo", test::bytes("during reload"));
+      ++calls;
+      if (!r || test::text(*r) != "during reload") ++failures;
+    }
+  });
+  while (calls.load() < 20) std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(h.h->reload("variant", variants + "/variant_v2.so"), error_code()) << h.log();
+  const int at_reload = calls.load();
+  while (calls.load() < at_reload + 20) std::this_thread::sleep_for(1ms);
+  stop = true;
+  caller.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(echo_version(*h.h), 2u);
+  auto s = status(*h.h, "variant");
+  EXPECT_EQ(s.generation, 1u);
+  EXPECT_TRUE(s.isolated);
+  EXPECT_EQ(s.path, variants + "/variant_v2.so");
+  EXPECT_EQ(h.h->stats().reloads, 1u);
+  // The old runner ends once its calls have: one point is left.
+  ASSERT_FALSE(h.h->quiesce(10s));
+  auto points = caps::list_points(dir_);
+  ASSERT_TRUE(points);
+  EXPECT_EQ(points->size(), 1u);
+  // From the file it was last loaded from, by default.
+  EXPECT_EQ(h.h->reload("variant"), error_code()) << h.log();
+  EXPECT_EQ(echo_version(*h.h), 2u);
+  EXPECT_EQ(status(*h.h, "variant").generation, 2u);
+}
+
+TEST_F(Isolation, AFailedReloadLeavesTheRunningBuildServing) {
+  options_.start_timeout = 2s;
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(h.h->reload("variant", variants + "/variant_init_fails.so"), errc::load_failed) << h.log();
+  EXPECT_EQ(h.h->reload("variant", "/nonexistent/variant.so"), errc::load_failed) << h.log();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1900ms) << "a runner that ends is noticed before the timeout";
+  EXPECT_EQ(echo_version(*h.h), 1u);
+  EXPECT_EQ(status(*h.h, "variant").generation, 0u);
+  EXPECT_EQ(status(*h.h, "variant").state, "running");
+  ASSERT_FALSE(h.h->quiesce(10s));
+  auto points = caps::list_points(dir_);
+  ASSERT_TRUE(points);
+  EXPECT_EQ(points->size(), 1u) << "no runner of a failed reload is left";
 }
 
 TEST_F(Isolation, ABrokenPluginOrRunnerIsReported) {

@@ -124,9 +124,11 @@ class context {
   result<std::uint64_t> call(std::string_view name, void* arg);
   /// The same through a resolved name: no lock, no lookup.
   result<std::uint64_t> call(const service_ref& ref, void* arg);
-  /// Calls a bytes service; the reply lives in this context's pool.
+  /// Calls a bytes service; the reply lives in this context's pool, and the
+  /// service's return value goes to `*value` when given.
   /// service_not_compatible for a pointer service.
-  result<std::span<const std::byte>> call_bytes(std::string_view name, std::span<const std::byte> request);
+  result<std::span<const std::byte>> call_bytes(std::string_view name, std::span<const std::byte> request,
+                                                std::uint64_t* value = nullptr);
 
  private:
   friend class host;
