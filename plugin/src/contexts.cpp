@@ -4,6 +4,11 @@
 
 namespace uipc::plugin::detail {
 
+namespace {
+// Recycled contexts whose pools keep a chunk (64 KiB) for the next request.
+constexpr std::size_t kept_chunks = 64;
+}  // namespace
+
 result<uipc_plugin_context*> host_impl::make_context(plugin_record* owner) {
   uipc_plugin_context* ctx = nullptr;
   {
@@ -49,8 +54,10 @@ void host_impl::end_context(uipc_plugin_context* ctx) {
   ctx->user.store(0, std::memory_order_relaxed);
   std::lock_guard lock(contexts_mutex);
   --contexts_alive;
-  // Keep a bounded number for reuse; the rest go back to the system.
+  // Keep a bounded number for reuse, the first few with a chunk of memory
+  // each; the rest go back to the system.
   if (free_contexts.size() < 1024) {
+    if (free_contexts.size() >= kept_chunks) ctx->memory.trim();
     free_contexts.push_back(ctx);
     return;
   }

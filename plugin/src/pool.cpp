@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <new>
+#include <utility>
 
 namespace uipc::plugin {
 
@@ -109,31 +110,58 @@ void pool_cache::give(chunk* list) {
 
 // -- pool -------------------------------------------------------------------------
 
-pool::~pool() { release(); }
+pool::~pool() {
+  release();
+  trim();
+}
+
+void pool::trim() noexcept {
+  if (!kept_) return;
+  kept_->next = nullptr;
+  cache_.give(std::exchange(kept_, nullptr));
+  reserved_ = 0;
+}
 
 bool pool::charge(std::size_t bytes) noexcept {
   pool& r = root();
   if (r.limit_ && r.live_ + bytes > r.limit_) return false;
   r.live_ += bytes;
-  r.peak_ = std::max(r.peak_, r.live_);
-  in_use_ += bytes;
+  if (parent_) in_use_ += bytes;
   return true;
 }
 
 void pool::refund(std::size_t bytes) noexcept {
-  root().live_ -= bytes;
-  in_use_ -= bytes;
+  pool& r = root();
+  r.peak_ = std::max(r.peak_, r.live_);
+  r.live_ -= bytes;
+  if (parent_) in_use_ -= bytes;
+}
+
+std::size_t pool::subtree_use() const noexcept {
+  std::size_t n = 0;
+  for (const pool* child : children_) n += child->in_use_ + child->subtree_use();
+  return n;
+}
+
+std::size_t pool::bytes_in_use() const noexcept { return parent_ ? in_use_ : live_ - subtree_use(); }
+
+std::size_t pool::peak() const noexcept {
+  const pool& r = root();
+  return std::max(r.peak_, r.live_);
 }
 
 int pool::carve(std::size_t capacity, void** out) noexcept {
   const std::size_t need = sizeof(block_header) + capacity;
   if (static_cast<std::size_t>(end_ - top_) < need) {
-    chunk* c = cache_.take(1);
-    if (!c) return UIPC_PLUGIN_E_NO_MEMORY;
+    chunk* c = std::exchange(kept_, nullptr);  // counted in reserved_ already
+    if (!c) {
+      c = cache_.take(1);
+      if (!c) return UIPC_PLUGIN_E_NO_MEMORY;
+      reserved_ += pool_cache::chunk_size;
+    }
     c->prev = nullptr;
     c->next = chunks_;
     chunks_ = c;
-    reserved_ += pool_cache::chunk_size;
     top_ = reinterpret_cast<char*>(c + 1);
     end_ = reinterpret_cast<char*>(c) + pool_cache::chunk_size;
   }
@@ -142,7 +170,6 @@ int pool::carve(std::size_t capacity, void** out) noexcept {
   h->capacity = capacity;
   h->tag = reinterpret_cast<std::uintptr_t>(this);
   top_ += need;
-  last_ = h;
   *out = h + 1;
   return UIPC_PLUGIN_OK;
 }
@@ -194,7 +221,7 @@ int pool::check(void* block, block_header*& header) noexcept {
   return UIPC_PLUGIN_OK;
 }
 
-int pool::free(void* block) noexcept {
+int pool::free_slow(void* block) noexcept {
   block_header* h;
   if (int status = check(block, h); status != UIPC_PLUGIN_OK) return status;
   refund(h->capacity);
@@ -212,9 +239,8 @@ int pool::free(void* block) noexcept {
     return UIPC_PLUGIN_OK;
   }
   h->tag |= freed_bit;
-  if (h == last_ && top_ == reinterpret_cast<char*>(h + 1) + h->capacity) {
+  if (top_ == reinterpret_cast<char*>(h + 1) + h->capacity) {
     top_ = reinterpret_cast<char*>(h);  // the last block carved: carve it again
-    last_ = nullptr;
     return UIPC_PLUGIN_OK;
   }
   block_header*& list = free_lists_[class_index(h->capacity)];
@@ -233,7 +259,7 @@ int pool::reallocate(void* block, std::size_t size, void** out) noexcept {
     return UIPC_PLUGIN_OK;
   }
   // The last block carved grows in place while its chunk has room.
-  if (size <= small_max && h == last_ && top_ == reinterpret_cast<char*>(h + 1) + h->capacity) {
+  if (size <= small_max && !(h->tag & large_bit) && top_ == reinterpret_cast<char*>(h + 1) + h->capacity) {
     const std::size_t capacity = class_capacity(size);
     const std::size_t more = capacity - h->capacity;
     if (static_cast<std::size_t>(end_ - top_) >= more) {
@@ -247,7 +273,7 @@ int pool::reallocate(void* block, std::size_t size, void** out) noexcept {
   void* moved = nullptr;
   if (int status = allocate(size, &moved); status != UIPC_PLUGIN_OK) return status;  // the old block stands
   std::memcpy(moved, block, h->capacity);
-  (void)free(block);
+  (void)free_slow(block);
   *out = moved;
   return UIPC_PLUGIN_OK;
 }
@@ -263,6 +289,7 @@ int pool::create_sub(pool** out) noexcept {
     return UIPC_PLUGIN_E_NO_MEMORY;
   }
   sub->parent_ = this;
+  sub->inline_room_ = 0;  // a sub-pool charges the root: always the slow path
   sub->user_ = user_;
   *out = sub;
   return UIPC_PLUGIN_OK;
@@ -299,14 +326,30 @@ void pool::release() noexcept {
     cleanups_.pop_back();
     fn(data);
   }
-  if (chunks_) cache_.give(chunks_);
-  if (large_) cache_.give(large_);
+  // One small chunk stays for the next request (as an APR pool keeps its
+  // first block); the rest go back in one list: one turn of the cache's mutex.
+  if (chunks_ && !kept_) {
+    kept_ = chunks_;
+    chunks_ = chunks_->next;
+  }
+  if (chunks_) {
+    chunk* tail = chunks_;
+    while (tail->next) tail = tail->next;
+    tail->next = large_;
+    cache_.give(chunks_);
+  } else if (large_) {
+    cache_.give(large_);
+  }
   chunks_ = large_ = nullptr;
-  root().live_ -= in_use_;
-  in_use_ = reserved_ = 0;
-  if (!parent_) peak_ = 0;
+  if (parent_) {
+    root().live_ -= in_use_;  // the sub-pools released above took theirs already
+  } else {
+    live_ = 0;
+    peak_ = 0;
+  }
+  in_use_ = 0;
+  reserved_ = kept_ ? pool_cache::chunk_size : 0;
   top_ = end_ = nullptr;
-  last_ = nullptr;
   std::fill(std::begin(free_lists_), std::end(free_lists_), nullptr);
 }
 

@@ -176,7 +176,11 @@ TEST(Pool, MemoryStaysFlatAcrossRequests) {
   EXPECT_EQ(cache.bytes_held(), held);  // not a byte more from the system
   EXPECT_LE(held, std::size_t{8} * pool_cache::chunk_size);
   EXPECT_EQ(p.bytes_in_use(), 0u);
+  EXPECT_EQ(p.bytes_reserved(), pool_cache::chunk_size) << "one chunk kept for the next request";
+  const std::size_t cached = cache.bytes_cached();
+  p.trim();
   EXPECT_EQ(p.bytes_reserved(), 0u);
+  EXPECT_EQ(cache.bytes_cached(), cached + pool_cache::chunk_size);
 }
 
 TEST(Pool, TheCacheServesThreadsAtOnce) {

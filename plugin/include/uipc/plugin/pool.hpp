@@ -71,7 +71,7 @@ class pool_cache {
 /// Threading: one thread at a time (the host detects misuse through a context).
 class pool {
  public:
-  explicit pool(pool_cache& cache, std::size_t limit = 0) : cache_(cache), limit_(limit) {}
+  explicit pool(pool_cache& cache, std::size_t limit = 0) : cache_(cache) { set_limit(limit); }
   ~pool();
   pool(const pool&) = delete;
   pool& operator=(const pool&) = delete;
@@ -81,7 +81,7 @@ class pool {
   /// Inline for small blocks of a root pool within its limit and its chunk.
   [[gnu::always_inline]] int allocate(std::size_t size, void** out) noexcept {
     const std::size_t capacity = size <= 16 ? 16 : (size + 15) & ~std::size_t{15};
-    if (size <= 1024 && out && !parent_ && (!limit_ || live_ + capacity <= limit_)) [[likely]] {
+    if (size <= 1024 && out && live_ + capacity <= inline_room_) [[likely]] {
       detail::block_header*& list = free_lists_[capacity / 16 - 1];
       detail::block_header* h = list;
       if (h) {
@@ -90,14 +90,11 @@ class pool {
         h = reinterpret_cast<detail::block_header*>(top_);
         h->capacity = capacity;
         top_ += sizeof(detail::block_header) + capacity;
-        last_ = h;
       } else {
         return allocate_slow(size, out);
       }
       h->tag = reinterpret_cast<std::uintptr_t>(this);
-      live_ += capacity;
-      in_use_ += capacity;
-      if (live_ > peak_) peak_ = live_;
+      live_ += capacity;  // a root pool's own use is live_ less its sub-pools'; the peak is noted at decreases
       *out = h + 1;
       return UIPC_PLUGIN_OK;
     }
@@ -106,8 +103,30 @@ class pool {
   /// Resizes `block` (null: allocate), in place when it can. On failure the
   /// old block stays valid and unchanged.
   int reallocate(void* block, std::size_t size, void** out) noexcept;
-  /// Gives `block` back for reuse within this pool.
-  int free(void* block) noexcept;
+  /// Gives `block` back for reuse within this pool. Errors: WRONG_CONTEXT
+  /// (another pool's block), DOUBLE_FREE, INVALID_ARGUMENT (null).
+  /// Inline for a small block of a root pool.
+  [[gnu::always_inline]] int free(void* block) noexcept {
+    if (block && !parent_) [[likely]] {
+      auto* h = static_cast<detail::block_header*>(block) - 1;
+      const std::size_t capacity = h->capacity;
+      // The tag is this pool exactly: not freed, not large, not another's.
+      if (h->tag == reinterpret_cast<std::uintptr_t>(this) && capacity <= 1024) [[likely]] {
+        if (live_ > peak_) peak_ = live_;
+        live_ -= capacity;
+        h->tag |= 1;
+        if (static_cast<char*>(block) + capacity == top_) {
+          top_ = reinterpret_cast<char*>(h);  // the block carved last: carve it again
+        } else {
+          detail::block_header*& list = free_lists_[capacity / 16 - 1];
+          *reinterpret_cast<detail::block_header**>(h + 1) = list;
+          list = h;
+        }
+        return UIPC_PLUGIN_OK;
+      }
+    }
+    return free_slow(block);
+  }
 
   /// A sub-pool, released with this one (or by destroy_sub).
   int create_sub(pool** out) noexcept;
@@ -116,16 +135,23 @@ class pool {
   /// Runs `fn(data)` at release, newest first.
   int add_cleanup(void (*fn)(void*), void* data) noexcept;
 
-  /// Releases everything; the pool is then empty and may serve again.
+  /// Releases everything; the pool is then empty and may serve again. It
+  /// keeps one chunk for its next use (trim() gives that back too).
   void release() noexcept;
+  /// Gives back the chunk release() kept.
+  void trim() noexcept;
 
-  void set_limit(std::size_t limit) noexcept { root().limit_ = limit; }
-  /// Capacity of this pool's live blocks.
-  std::size_t bytes_in_use() const noexcept { return in_use_; }
-  /// Chunk bytes this pool holds.
+  void set_limit(std::size_t limit) noexcept {
+    pool& r = root();
+    r.limit_ = limit;
+    r.inline_room_ = limit ? limit : ~std::size_t{0};
+  }
+  /// Capacity of this pool's live blocks (not its sub-pools').
+  std::size_t bytes_in_use() const noexcept;
+  /// Chunk bytes this pool holds (with the one it keeps between uses).
   std::size_t bytes_reserved() const noexcept { return reserved_; }
   /// The root's most live bytes (with its sub-pools) since its last release.
-  std::size_t peak() const noexcept { return peak_; }
+  std::size_t peak() const noexcept;
 
   pool* parent() const noexcept { return parent_; }
   void* user() const noexcept { return user_; }
@@ -134,7 +160,10 @@ class pool {
  private:
   static constexpr std::size_t small_classes = 64 + 15;  // 16..1024 by 16, then 2..16 KiB by 1 KiB
   pool& root() noexcept { return parent_ ? parent_->root() : *this; }
+  const pool& root() const noexcept { return parent_ ? parent_->root() : *this; }
+  std::size_t subtree_use() const noexcept;  // sub-pools' bytes_in_use, recursively
   int allocate_slow(std::size_t size, void** out) noexcept;
+  int free_slow(void* block) noexcept;
   int carve(std::size_t capacity, void** out) noexcept;
   int allocate_large(std::size_t size, void** out) noexcept;
   bool charge(std::size_t bytes) noexcept;
@@ -145,15 +174,16 @@ class pool {
   pool* parent_ = nullptr;
   void* user_ = nullptr;
   std::size_t limit_ = 0;
-  std::size_t live_ = 0;  // root: live capacity of the whole tree
-  std::size_t peak_ = 0;
-  std::size_t in_use_ = 0;
+  std::size_t inline_room_ = 0;  // a root: its limit (or all); a sub-pool: 0, so it takes the slow path
+  std::size_t live_ = 0;    // root: live capacity of the whole tree
+  std::size_t peak_ = 0;    // root: the most live_ seen at a decrease (peak() adds the present)
+  std::size_t in_use_ = 0;  // a sub-pool's own live capacity (a root's is derived)
   std::size_t reserved_ = 0;
   detail::chunk* chunks_ = nullptr;  // small chunks; the first is being carved
   detail::chunk* large_ = nullptr;   // large blocks, one per chunk run
+  detail::chunk* kept_ = nullptr;    // a small chunk kept by release() for the next use
   char* top_ = nullptr;              // where the next block is carved
   char* end_ = nullptr;
-  detail::block_header* last_ = nullptr;  // the block carved last (it grows in place)
   detail::block_header* free_lists_[small_classes] = {};
   std::vector<pool*> children_;
   std::vector<std::pair<void (*)(void*), void*>> cleanups_;
