@@ -18,48 +18,53 @@ inline uipc_plugin_context::clock::time_point entry_deadline(const uipc_plugin_c
 
 [[gnu::always_inline]] inline int call_fast(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg,
                                             std::uint64_t* out) {
-  reader_slot* reader = current_slot;
-  if (!reader || reader->nesting != 0 || readers_fence || ctx->holds_baton ||
-      ctx->user.load(std::memory_order_acquire) != 0) [[unlikely]]
+  reader_slot* reader = fast_slot;
+  if (!reader || ctx->holds_baton || ctx->user.load(std::memory_order_acquire) != 0) [[unlikely]]
     return ctx->host->call(ctx, slot, arg, out);
-  ctx->user.store(thread_token(), std::memory_order_relaxed);
+  const std::uint64_t seq = reader->seq.load(std::memory_order_relaxed);
+  if (seq & 1) [[unlikely]]
+    return ctx->host->call(ctx, slot, arg, out);  // inside a call already: nested
+  ctx->user.store(reinterpret_cast<std::uintptr_t>(reader), std::memory_order_relaxed);  // thread_token()
   // Enter the read section (see epoch.hpp): membarrier on the writer's side
   // makes a compiler barrier enough here.
-  reader->nesting = 1;
-  const std::uint64_t seq = reader->seq.load(std::memory_order_relaxed);
   reader->seq.store(seq + 1, std::memory_order_relaxed);
   std::atomic_signal_fence(std::memory_order_seq_cst);
   const service_entry* entry = slot->entry.load(std::memory_order_acquire);
   int status = UIPC_PLUGIN_OK;
   if (entry && !(entry->flags & internal_flags)) [[likely]] {
     plugin_record& callee = *entry->owner;
-    // The caller holds no baton (checked above): nothing to yield.
-    if (callee.cooperative && !callee.turn.take_by([ctx] { return entry_deadline(ctx); })) [[unlikely]] {
-      status = UIPC_PLUGIN_E_TIMED_OUT;
-      ++ctx->failed;
-    } else {
-      plugin_record* caller = ctx->running;
-      ctx->running = &callee;
-      ctx->holds_baton = callee.cooperative;
-      ++ctx->calls;
+    plugin_record* caller = ctx->running;
+    ctx->running = &callee;
+    ++ctx->calls;
+    if (!callee.cooperative) [[likely]] {
       try {
         *out = entry->fn(ctx, entry->data, arg);
       } catch (...) {
         status = UIPC_PLUGIN_E_PLUGIN_FAILED;
         ++ctx->failed;
       }
-      if (ctx->holds_baton) {
+    } else if (!callee.turn.take_by([ctx] { return entry_deadline(ctx); })) [[unlikely]] {
+      // The caller holds no baton (checked above): nothing to yield.
+      status = UIPC_PLUGIN_E_TIMED_OUT;
+      ++ctx->failed;
+    } else {
+      ctx->holds_baton = true;
+      try {
+        *out = entry->fn(ctx, entry->data, arg);
+      } catch (...) {
+        status = UIPC_PLUGIN_E_PLUGIN_FAILED;
+        ++ctx->failed;
+      }
+      if (ctx->holds_baton) {  // taken back after any yield inside
         ctx->holds_baton = false;
         callee.turn.give_back();
       }
-      ctx->running = caller;
     }
-    reader->nesting = 0;
+    ctx->running = caller;
     reader->seq.store(seq + 2, std::memory_order_release);
     ctx->user.store(0, std::memory_order_release);
     return status;
   }
-  reader->nesting = 0;
   reader->seq.store(seq + 2, std::memory_order_release);
   ctx->user.store(0, std::memory_order_release);
   if (!entry) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;

@@ -40,6 +40,7 @@ struct slot_owner {
   reader_slot& slot = acquire_slot();
   ~slot_owner() {
     current_slot = nullptr;
+    fast_slot = nullptr;
     slot.in_use.store(false, std::memory_order_release);
   }
 };
@@ -48,10 +49,12 @@ struct slot_owner {
 
 bool readers_fence = !have_membarrier;
 constinit thread_local reader_slot* current_slot = nullptr;
+constinit thread_local reader_slot* fast_slot = nullptr;
 
 reader_slot& attach_this_thread() {
   thread_local slot_owner owner;
   current_slot = &owner.slot;
+  if (!readers_fence) fast_slot = &owner.slot;
   return owner.slot;
 }
 

@@ -18,15 +18,17 @@
 namespace uipc::plugin::detail {
 
 struct reader_slot {
-  std::atomic<std::uint64_t> seq{0};
+  std::atomic<std::uint64_t> seq{0};  // odd inside the outermost section; only its thread writes it
   std::atomic<bool> in_use{false};
   reader_slot* next = nullptr;  // the process-wide list; slots are never freed
-  unsigned nesting = 0;         // the owning thread's alone
 };
 
 /// The calling thread's slot, once it has one. constinit: reading it is one
 /// thread-pointer-relative load, with no initialisation check.
 extern constinit thread_local reader_slot* current_slot;
+/// The same where readers need no fence of their own (membarrier works), null
+/// otherwise: the call fast path reads this one alone.
+extern constinit thread_local reader_slot* fast_slot;
 /// Gives the calling thread a slot (made, or taken over from an exited thread).
 reader_slot& attach_this_thread();
 
@@ -43,12 +45,15 @@ extern bool readers_fence;
 /// (membarrier), or on this one alone where membarrier is missing.
 void heavy_fence() noexcept;
 
-/// Marks the calling thread inside a call for its scope. Nestable.
+/// Marks the calling thread inside a call for its scope. Nestable: a section
+/// inside another (the sequence is odd already) changes nothing.
 class read_section {
  public:
   read_section() noexcept : slot_(this_thread_slot()) {
-    if (slot_.nesting++ == 0) {
-      slot_.seq.store(slot_.seq.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    const std::uint64_t seq = slot_.seq.load(std::memory_order_relaxed);
+    outer_ = (seq & 1) == 0;
+    if (outer_) {
+      slot_.seq.store(seq + 1, std::memory_order_relaxed);
       if (readers_fence) [[unlikely]]
         std::atomic_thread_fence(std::memory_order_seq_cst);
       else
@@ -56,14 +61,14 @@ class read_section {
     }
   }
   ~read_section() {
-    if (--slot_.nesting == 0)
-      slot_.seq.store(slot_.seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+    if (outer_) slot_.seq.store(slot_.seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
   }
   read_section(const read_section&) = delete;
   read_section& operator=(const read_section&) = delete;
 
  private:
   reader_slot& slot_;
+  bool outer_;
 };
 
 /// Who was inside a call when something was unpublished.
