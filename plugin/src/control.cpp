@@ -1,6 +1,8 @@
 // The control service: the text protocol of control.hpp over a caps point.
 #include "uipc/plugin/control.hpp"
 
+#include "control_protocol.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <thread>
@@ -101,6 +103,23 @@ std::string call(host& h, std::string_view rest, std::chrono::milliseconds timeo
 
 }  // namespace
 
+namespace detail {
+
+std::string control_answer(host& h, std::string_view request, std::chrono::milliseconds call_timeout) {
+  const auto tab = request.find('\t');
+  const std::string_view verb = request.substr(0, tab);
+  const std::string_view rest = tab == std::string_view::npos ? std::string_view() : request.substr(tab + 1);
+  const bool bare = tab == std::string_view::npos;
+  if (verb == "plugins" && bare) return plugins_table(h);
+  if (verb == "services" && bare) return services_table(h);
+  if (verb == "stats" && bare) return stats_table(h);
+  if (verb == "reload" && !bare) return reload(h, rest);
+  if (verb == "call" && !bare) return call(h, rest, call_timeout);
+  return error_reply("unknown request (plugins, services, stats, reload\\tNAME, call\\tSERVICE\\tBYTES)");
+}
+
+}  // namespace detail
+
 struct control::impl {
   host& h;
   control_options options;
@@ -109,19 +128,6 @@ struct control::impl {
   std::atomic<std::uint64_t> requests{0};
 
   impl(host& host, control_options o) : h(host), options(std::move(o)) {}
-
-  std::string answer(std::string_view request) {
-    const auto tab = request.find('\t');
-    const std::string_view verb = request.substr(0, tab);
-    const std::string_view rest = tab == std::string_view::npos ? std::string_view() : request.substr(tab + 1);
-    const bool bare = tab == std::string_view::npos;
-    if (verb == "plugins" && bare) return plugins_table(h);
-    if (verb == "services" && bare) return services_table(h);
-    if (verb == "stats" && bare) return stats_table(h);
-    if (verb == "reload" && !bare) return reload(h, rest);
-    if (verb == "call" && !bare) return call(h, rest, options.call_timeout);
-    return error_reply("unknown request (plugins, services, stats, reload\\tNAME, call\\tSERVICE\\tBYTES)");
-  }
 
   void serve() {
     std::string request;
@@ -134,7 +140,7 @@ struct control::impl {
         reply = error_reply("request too large");
       } else {
         request = e->copy();  // the client may write its channel at any moment: copy, then read
-        reply = answer(request);
+        reply = detail::control_answer(h, request, options.call_timeout);
       }
       requests.fetch_add(1, std::memory_order_relaxed);
       if (service->reply(e->client, e->id, reply) == caps::errc::message_too_large)

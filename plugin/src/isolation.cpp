@@ -16,7 +16,6 @@
 #include <cstring>
 #include <deque>
 #include <future>
-#include <sstream>
 
 #include "host_impl.hpp"
 #include "runner_protocol.hpp"
@@ -33,11 +32,7 @@ using clock = std::chrono::steady_clock;
 
 std::atomic<std::uint64_t> runner_counter{0};
 
-struct listed {
-  std::string plugin;
-  std::uint32_t flags = 0;
-  std::vector<std::pair<std::string, std::uint32_t>> services;
-};
+using listed = proto::listing;
 
 class runner_link;
 
@@ -123,24 +118,20 @@ class runner_link final : public isolation {
       if (reply.error() == caps::errc::message_too_large) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
       return UIPC_PLUGIN_E_UNAVAILABLE;  // the runner died: the supervisor restarts it
     }
-    // The runner's bytes: checked and copied before anything else.
-    auto view = reply->view();
-    if (view.size() < proto::reply_header) return UIPC_PLUGIN_E_PLUGIN_FAILED;
-    std::int32_t status;
-    std::uint64_t result;
-    std::memcpy(&status, view.data(), 4);
-    std::memcpy(&result, view.data() + 4, 8);
-    if (status < 0 || status > UIPC_PLUGIN_E_TOO_MANY) return UIPC_PLUGIN_E_PLUGIN_FAILED;
-    if (status != UIPC_PLUGIN_OK) return status;
-    const std::size_t n = view.size() - proto::reply_header;
+    // The runner's bytes: checked and copied before anything else. (The
+    // runner can still write them meanwhile: the copy is what counts.)
+    auto answer = proto::parse_reply(reply->view());
+    if (!answer) return UIPC_PLUGIN_E_PLUGIN_FAILED;
+    if (answer->status != UIPC_PLUGIN_OK) return answer->status;
+    const std::size_t n = answer->bytes.size();
     void* copy = nullptr;
     if (n) {
       if (int s = ctx->memory.allocate(n, &copy); s != UIPC_PLUGIN_OK) return s;
-      std::memcpy(copy, view.data() + proto::reply_header, n);
+      std::memcpy(copy, answer->bytes.data(), n);
     }
     bc->out = copy;
     bc->out_size = n;
-    *out = result;
+    *out = answer->result;
     return UIPC_PLUGIN_OK;
   }
 
@@ -194,26 +185,12 @@ class runner_link final : public isolation {
     const std::byte list_request[2] = {static_cast<std::byte>(proto::list), std::byte{0}};
     auto reply = (*client)->call(std::span(list_request), clock::now() + options_.start_timeout);
     if (!reply) return reply.error();
-    listed out;
-    std::istringstream lines(reply->copy());
-    for (std::string line; std::getline(lines, line);) {
-      std::istringstream fields(line);
-      std::string kind, name, flags;
-      if (!std::getline(fields, kind, '\t') || !std::getline(fields, name, '\t') || !std::getline(fields, flags))
-        return errc::plugin_failed;
-      std::uint32_t f = static_cast<std::uint32_t>(std::strtoul(flags.c_str(), nullptr, 10));
-      if (kind == "plugin") {
-        out.plugin = name;
-        out.flags = f;
-      } else if (kind == "service") {
-        out.services.emplace_back(name, f & UIPC_PLUGIN_SERVICE_BYTES);
-      }
-    }
-    if (out.plugin.empty()) return errc::plugin_failed;
+    auto out = proto::parse_listing(reply->copy());
+    if (!out) return errc::plugin_failed;
     std::lock_guard lock(mutex_);
     client_ = std::shared_ptr<caps::client>(std::move(*client));
     state_ = "running";
-    return out;
+    return std::move(*out);
   }
 
   void kill_and_reap() {

@@ -8,12 +8,18 @@
 // The host treats every reply as untrusted: sizes checked, bytes copied.
 #pragma once
 
+#include <algorithm>
+#include <charconv>
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
+
+#include "uipc/plugin/abi.h"
 
 namespace uipc::plugin::detail::runner_protocol {
 
@@ -40,6 +46,72 @@ inline std::optional<request> parse(std::span<const std::byte> bytes) {
 inline void put_header(std::span<std::byte> out, std::int32_t status, std::uint64_t result) {
   std::memcpy(out.data(), &status, 4);
   std::memcpy(out.data() + 4, &result, 8);
+}
+
+/// What a runner serves, from its answer to `list`.
+struct listing {
+  std::string plugin;
+  std::uint32_t flags = 0;
+  std::vector<std::pair<std::string, std::uint32_t>> services;  // name, flags
+};
+
+/// Parses the answer to `list`: one "plugin" line and any number of
+/// "service" lines, three TAB-separated fields each, the flags in decimal.
+/// nullopt for anything else (a line of another kind, a missing or second
+/// plugin line, a plug-in name that breaks the rules, a flags field that is
+/// not a number). Service names are checked where they are registered.
+inline std::optional<listing> parse_listing(std::string_view text) {
+  listing out;
+  bool have_plugin = false;
+  while (!text.empty()) {
+    const auto eol = text.find('\n');
+    if (eol == std::string_view::npos) return std::nullopt;  // every line ends
+    std::string_view line = text.substr(0, eol);
+    text.remove_prefix(eol + 1);
+    const auto t1 = line.find('\t');
+    const auto t2 = t1 == std::string_view::npos ? t1 : line.find('\t', t1 + 1);
+    if (t2 == std::string_view::npos) return std::nullopt;
+    const std::string_view kind = line.substr(0, t1), name = line.substr(t1 + 1, t2 - t1 - 1),
+                           digits = line.substr(t2 + 1);
+    std::uint32_t flags = 0;
+    const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), flags);
+    if (ec != std::errc() || end != digits.data() + digits.size() || digits.empty()) return std::nullopt;
+    if (kind == "plugin") {
+      const bool valid = !name.empty() && name.size() <= max_name && std::all_of(name.begin(), name.end(), [](char c) {
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.';
+      });
+      if (have_plugin || !valid) return std::nullopt;
+      have_plugin = true;
+      out.plugin = std::string(name);
+      out.flags = flags;
+    } else if (kind == "service") {
+      if (name.empty() || name.size() > max_name) return std::nullopt;
+      out.services.emplace_back(std::string(name), flags);
+    } else {
+      return std::nullopt;
+    }
+  }
+  if (!have_plugin) return std::nullopt;
+  return out;
+}
+
+/// A runner's answer to `call`, a view into the reply.
+struct call_reply {
+  std::int32_t status;
+  std::uint64_t result;
+  std::span<const std::byte> bytes;
+};
+
+/// Parses the answer to `call`; nullopt when it is shorter than its header or
+/// its status is not one of the ABI's.
+inline std::optional<call_reply> parse_reply(std::span<const std::byte> reply) {
+  if (reply.size() < reply_header) return std::nullopt;
+  call_reply out;
+  std::memcpy(&out.status, reply.data(), 4);
+  std::memcpy(&out.result, reply.data() + 4, 8);
+  if (out.status < UIPC_PLUGIN_OK || out.status > UIPC_PLUGIN_E_TOO_MANY) return std::nullopt;
+  out.bytes = reply.subspan(reply_header);
+  return out;
 }
 
 }  // namespace uipc::plugin::detail::runner_protocol
