@@ -38,7 +38,11 @@ void usage() {
       "Prints: completed C timed_out T mismatched X errors E nxdomain N elapsed_s S qps Q cpu_s "
       "U\n"
       "        ports shared|random unmatched_shared A unmatched_random B,\n"
-      "and with --verbose one line per answer.\n");
+      "and with --verbose one line per answer.\n"
+      "Exit status: 0 every query was answered (NXDOMAIN is an answer); 1 the run failed: the\n"
+      "dispatcher could not start or stopped, or a query could not be sent; 2 usage or an\n"
+      "unreadable names file; 3 some queries timed out or got a reply that did not match\n"
+      "them; 4 no query was answered.\n");
 }
 
 struct query_name {
@@ -83,7 +87,14 @@ class query_run {
         static_cast<unsigned long long>(st.dropped_unmatched),
         static_cast<unsigned long long>(st.exclusive_dropped_unmatched));
   }
-  bool clean() const { return errors_ == 0; }
+  /// The exit status --help lists.
+  int exit_status() const {
+    if (errors_ != 0) return exit_failed;
+    if (completed_ == 0 && count_ != 0) return exit_no_answer;
+    if (timed_out_ != 0 || mismatched_ != 0) return exit_partial;
+    return exit_ok;
+  }
+  static constexpr int exit_ok = 0, exit_failed = 1, exit_partial = 3, exit_no_answer = 4;
 
   /// Detaches every response and drops the dispatcher: its socket closes and
   /// the loop has nothing left to do. On the loop's thread.
@@ -303,10 +314,10 @@ int main(int argc, char** argv) {
   loop.run();
   run->report(options.ports);
   std::fflush(stdout);
-  const bool clean = run->clean();
+  const int status = run->exit_status();
   run.reset();  // detaches every response; the last one closes the dispatcher
   // Let the cancelled socket operations complete, so nothing outlives the loop.
   loop.context().restart();
   loop.context().poll();
-  return clean ? 0 : 1;
+  return status;
 }

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/udp.hpp>
 #include <chrono>
@@ -16,6 +17,7 @@
 #include <optional>
 #include <regex>
 #include <string>
+#include <thread>
 
 #include "program_support.hpp"
 
@@ -135,12 +137,52 @@ TEST_F(DnsInteropTest, QueryToolCountsTimeoutsWhenNoServerAnswers) {
   boost::asio::io_context ctx;
   boost::asio::ip::udp::socket silent(ctx, {boost::asio::ip::make_address("127.0.0.1"), 0});
   const std::string at = "127.0.0.1:" + std::to_string(silent.local_endpoint().port());
+  int code = -1;
   auto out = run(dir_, {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "5",
-                        "--inflight", "5", "--timeout", "100"});
+                        "--inflight", "5", "--timeout", "100"}, 20s, &code);
   ASSERT_TRUE(out);
   const auto c = parse_counts(*out);
   EXPECT_EQ(c.completed, 0) << *out;
   EXPECT_EQ(c.timed_out, 5) << *out;
+  EXPECT_EQ(code, 4) << "no query was answered";
+}
+
+TEST_F(DnsInteropTest, QueryToolSaysInItsExitStatusWhenOnlySomeQueriesWereAnswered) {
+  const std::string names = dir_.file("names.txt");
+  std::ofstream(names) << "a.uipc.test\n";
+  // A server that answers the first query it gets (its question back, marked
+  // as a response) and no other.
+  boost::asio::io_context ctx;
+  boost::asio::ip::udp::socket server(ctx, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  const std::string at = "127.0.0.1:" + std::to_string(server.local_endpoint().port());
+  std::thread answer_once([&] {
+    std::array<unsigned char, 512> buf;
+    boost::asio::ip::udp::endpoint from;
+    boost::system::error_code ec;
+    const std::size_t n = server.receive_from(boost::asio::buffer(buf), from, 0, ec);
+    if (ec || n < 12) return;
+    buf[2] |= 0x80;  // QR: a response
+    server.send_to(boost::asio::buffer(buf.data(), n), from, 0, ec);
+  });
+  int code = -1;
+  auto out = run(dir_, {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "3",
+                        "--inflight", "1", "--timeout", "200"}, 20s, &code);
+  answer_once.join();
+  ASSERT_TRUE(out);
+  const auto c = parse_counts(*out);
+  EXPECT_EQ(c.completed, 1) << *out;
+  EXPECT_EQ(c.timed_out, 2) << *out;
+  EXPECT_EQ(code, 3) << "some queries timed out";
+}
+
+TEST_F(DnsInteropTest, QueryToolExitsWithTwoOnUsageErrors) {
+  int code = -1;
+  ASSERT_TRUE(run(dir_, {UIPC_DNS_QUERY, "--frobnicate"}, 20s, &code));
+  EXPECT_EQ(code, 2);
+  ASSERT_TRUE(run(dir_, {UIPC_DNS_QUERY, "--server", "127.0.0.1:53", "--names", dir_.file("none.txt")}, 20s, &code));
+  EXPECT_EQ(code, 2) << "an unreadable names file";
+  ASSERT_TRUE(run(dir_, {UIPC_DNS_QUERY, "--help"}, 20s, &code));
+  EXPECT_EQ(code, 0);
 }
 
 /// Starts uipc-dns-responder on a port it picks and returns "ADDR" and port.
