@@ -119,26 +119,31 @@ class query_run {
     s.r.detach();
     // After stop() (d_ reset), a completion that was already on its way must
     // not start another query.
-    if (!d_ || issued_ == count_) return;
-    const std::size_t index = issued_++ % names_.size();
-    auto r = d_->add_response(server_, response_options{timeout_});
-    if (!r) {
-      ++errors_;
-      complete_one();
+    // A query that cannot go out counts as an error and the slot takes the
+    // next one, so a run whose every send fails still ends.
+    for (;;) {
+      if (!d_ || issued_ == count_) return;
+      const std::size_t index = issued_++ % names_.size();
+      auto r = d_->add_response(server_, response_options{timeout_});
+      if (!r) {
+        ++errors_;
+        complete_one();
+        continue;
+      }
+      std::array<std::byte, 300> query;
+      if (mixed_case_) s.sent_name = dns::random_case(names_[index].name);
+      const std::string& name = mixed_case_ ? s.sent_name : names_[index].name;
+      const std::size_t length = dns::build_query(query, r->id(), name, names_[index].type);
+      if (length == 0 || !r->send(std::span(query).first(length))) {
+        ++errors_;
+        complete_one();
+        continue;
+      }
+      s.r = std::move(*r);
+      s.name_index = index;
+      s.r.async_receive([this, &s](error_code ec, event ev) { on_event(s, ec, std::move(ev)); });
       return;
     }
-    std::array<std::byte, 300> query;
-    if (mixed_case_) s.sent_name = dns::random_case(names_[index].name);
-    const std::string& name = mixed_case_ ? s.sent_name : names_[index].name;
-    const std::size_t length = dns::build_query(query, r->id(), name, names_[index].type);
-    if (length == 0 || !r->send(std::span(query).first(length))) {
-      ++errors_;
-      complete_one();
-      return;
-    }
-    s.r = std::move(*r);
-    s.name_index = index;
-    s.r.async_receive([this, &s](error_code ec, event ev) { on_event(s, ec, std::move(ev)); });
   }
 
   void on_event(slot& s, error_code ec, event ev) {

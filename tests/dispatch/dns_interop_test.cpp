@@ -175,6 +175,26 @@ TEST_F(DnsInteropTest, QueryToolSaysInItsExitStatusWhenOnlySomeQueriesWereAnswer
   EXPECT_EQ(code, 3) << "some queries timed out";
 }
 
+TEST_F(DnsInteropTest, QueryToolEndsWithOneWhenNoQueryCanBeSent) {
+  const std::string names = dir_.file("names.txt");
+  std::ofstream(names) << "a.uipc.test\n";
+  // The only port of the range is taken: no exclusive socket can be bound, so
+  // every query fails to go out. The run must still end, and say so.
+  boost::asio::io_context ctx;
+  boost::asio::ip::udp::socket taken(ctx, {boost::asio::ip::udp::v4(), 0});
+  boost::asio::ip::udp::socket server(ctx, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  const std::string port = std::to_string(taken.local_endpoint().port());
+  const std::string at = "127.0.0.1:" + std::to_string(server.local_endpoint().port());
+  int code = -1;
+  auto out = run(dir_, {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "3", "--inflight", "1",
+                        "--random-ports", "--port-range", port + "-" + port, "--timeout", "200"},
+                 20s, &code);
+  ASSERT_TRUE(out) << "the run did not end";
+  const auto c = parse_counts(*out);
+  EXPECT_EQ(c.errors, 3) << *out;
+  EXPECT_EQ(code, 1);
+}
+
 TEST_F(DnsInteropTest, QueryToolExitsWithTwoOnUsageErrors) {
   int code = -1;
   ASSERT_TRUE(run(dir_, {UIPC_DNS_QUERY, "--frobnicate"}, 20s, &code));
