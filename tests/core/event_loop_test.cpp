@@ -7,13 +7,36 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <csignal>
+#include <future>
 #include <mutex>
 #include <set>
 #include <thread>
 
 namespace uipc {
 namespace {
+
+using namespace std::chrono_literals;
+
+// Runs `loop` until it stops by itself, at most `limit`. A loop that does not
+// stop in time fails the test and is stopped hard (its io_context), so a
+// broken stop() shows as a failure here, not as a ctest timeout.
+bool run_within(event_loop& loop, std::chrono::seconds limit = 10s) {
+  std::promise<void> done;
+  auto finished = done.get_future();
+  std::thread runner([&] {
+    loop.run();
+    done.set_value();
+  });
+  const bool stopped = finished.wait_for(limit) == std::future_status::ready;
+  if (!stopped) {
+    ADD_FAILURE() << "the loop did not stop within " << limit.count() << " s";
+    loop.context().stop();
+  }
+  runner.join();
+  return stopped;
+}
 
 TEST(EventLoopTest, RunsOnTheRequestedNumberOfThreads) {
   event_loop loop(2);
@@ -30,7 +53,7 @@ TEST(EventLoopTest, RunsOnTheRequestedNumberOfThreads) {
       if (--left == 0) loop.stop();
     });
   }
-  loop.run();
+  ASSERT_TRUE(run_within(loop));
   EXPECT_EQ(left.load(), 0);
   EXPECT_EQ(seen.size(), 2u);
 }
@@ -41,7 +64,7 @@ TEST(EventLoopTest, StopRunsHooksNewestFirstThenReturns) {
   loop.on_stop([&] { order.push_back(1); });
   loop.on_stop([&] { order.push_back(2); });
   boost::asio::post(loop.context(), [&] { loop.stop(); });
-  loop.run();
+  ASSERT_TRUE(run_within(loop));
   EXPECT_EQ(order, (std::vector<int>{2, 1}));
 }
 
@@ -52,7 +75,7 @@ TEST(EventLoopTest, CompletionsCausedByHooksRunBeforeReturn) {
   timer.async_wait([&](boost::system::error_code ec) { aborted = ec == boost::asio::error::operation_aborted; });
   loop.on_stop([&] { timer.cancel(); });
   boost::asio::post(loop.context(), [&] { loop.stop(); });
-  loop.run();
+  ASSERT_TRUE(run_within(loop));
   EXPECT_TRUE(aborted);
 }
 
@@ -61,7 +84,7 @@ TEST(EventLoopTest, SigtermStopsTheLoopInOrder) {
   bool hook_ran = false;
   loop.on_stop([&] { hook_ran = true; });
   boost::asio::post(loop.context(), [] { ::raise(SIGTERM); });
-  loop.run();
+  ASSERT_TRUE(run_within(loop));
   EXPECT_TRUE(hook_ran);
   EXPECT_EQ(loop.stop_signal(), SIGTERM);
 }
@@ -74,7 +97,7 @@ TEST(EventLoopTest, RunAgainAfterStop) {
       ++runs;
       loop.stop();
     });
-    loop.run();
+    ASSERT_TRUE(run_within(loop));
   }
   EXPECT_EQ(runs, 2);
 }
