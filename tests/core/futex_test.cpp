@@ -346,18 +346,20 @@ TEST(WaitPolicyTest, YieldsThatDoNotPayAreSkippedExponentiallyUpTo256) {
 }
 
 TEST(WaitPolicyTest, SpinThenYieldStopsAsSoonAsReadyAndDoublesTheBudget) {
+  // Milliseconds, not microseconds: a thread preempted on a loaded machine
+  // (or slowed by a sanitizer) must still reach the third check in budget.
   wait_policy p;
-  const auto budget = p.spin_budget(50us);
-  p.spin_ended(50us, false);
-  p.spin_ended(50us, false);  // 12.5 us
-  const auto b = p.spin_budget(50us);
+  const auto budget = p.spin_budget(50ms);
+  p.spin_ended(50ms, false);
+  p.spin_ended(50ms, false);  // 12.5 ms
+  const auto b = p.spin_budget(50ms);
   int calls = 0;
   const auto start = steady::now();
   EXPECT_TRUE(
-      p.spin_then_yield(50us, b, start, steady::time_point::max(), [&] { return ++calls == 3; }));
+      p.spin_then_yield(50ms, b, start, steady::time_point::max(), [&] { return ++calls == 3; }));
   EXPECT_EQ(calls, 3);
   EXPECT_EQ(p.budget(), 2 * b);
-  EXPECT_EQ(budget, 50us);
+  EXPECT_EQ(budget, 50ms);
 }
 
 TEST(WaitPolicyTest, SpinThenYieldSpinsItsBudgetThenYieldsOnceAndHalves) {
