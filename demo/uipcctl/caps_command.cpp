@@ -45,14 +45,6 @@ int fail(const char* what, uipc::error_code ec) {
   return exit_error;
 }
 
-template <class T>
-std::optional<T> number(std::string_view s) {
-  T v{};
-  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  if (ec != std::errc() || end != s.data() + s.size()) return std::nullopt;
-  return v;
-}
-
 const char* access_name(uipc::caps::access a) {
   switch (a) {
     case uipc::caps::access::group: return "group";

@@ -1,9 +1,22 @@
 // uipcctl's subcommands: each lives in its own file and is listed in main.cpp.
 #pragma once
 
+#include <charconv>
+#include <optional>
 #include <span>
+#include <string_view>
 
 namespace uipcctl {
+
+/// `text` as a whole number of type Int; nullopt for anything else (a sign
+/// where Int has none, trailing bytes, out of range).
+template <class Int>
+std::optional<Int> number(std::string_view text) {
+  Int value{};
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
+  return value;
+}
 
 /// One subcommand: `uipcctl <name> args...`. `run` gets the arguments after the
 /// name and returns the process's exit status.

@@ -58,14 +58,6 @@ int fail(const char* what, uipc::error_code ec) {
   return exit_error;
 }
 
-template <class Int>
-std::optional<Int> number(std::string_view text) {
-  Int value{};
-  auto r = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (r.ec != std::errc{} || r.ptr != text.data() + text.size()) return std::nullopt;
-  return value;
-}
-
 uipc::result<object> open_target(client& c, const std::string& target) {
   if (target.find(':') != std::string::npos) {
     auto h = parse_handle_id(target);

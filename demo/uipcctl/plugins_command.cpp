@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -85,24 +84,18 @@ bool ask(const char* command, const target& t, const std::string& request, std::
   uipc::caps::client_options options;
   options.handshake_timeout = t.timeout;
   auto c = uipc::caps::client::connect(io, t.address, options);
-  if (!c) {
-    if (c.error() == uipc::condition::timed_out)
+  // Why the host could not be asked; `what` names the step that failed.
+  auto fail = [&](const char* what, uipc::error_code ec) {
+    if (ec == uipc::condition::timed_out)
       std::fprintf(stderr, "uipcctl %s: the plug-in host at %s did not answer within %lld ms\n", command,
                    t.address.name.c_str(), static_cast<long long>(t.timeout.count()));
     else
-      std::fprintf(stderr, "uipcctl %s: no plug-in host at %s: %s\n", command, t.address.name.c_str(),
-                   c.error().message().c_str());
+      std::fprintf(stderr, "uipcctl %s: %s%s: %s\n", command, what, t.address.name.c_str(), ec.message().c_str());
     return false;
-  }
+  };
+  if (!c) return fail("no plug-in host at ", c.error());
   auto r = (*c)->call(request, clock::now() + t.timeout);
-  if (!r) {
-    if (r.error() == uipc::condition::timed_out)
-      std::fprintf(stderr, "uipcctl %s: the plug-in host at %s did not answer within %lld ms\n", command,
-                   t.address.name.c_str(), static_cast<long long>(t.timeout.count()));
-    else
-      std::fprintf(stderr, "uipcctl %s: %s: %s\n", command, t.address.name.c_str(), r.error().message().c_str());
-    return false;
-  }
+  if (!r) return fail("", r.error());
   const std::string reply = r->copy();
   if (reply.rfind("ok\n", 0) == 0) {
     body = reply.substr(3);
@@ -131,10 +124,9 @@ long parse_target(std::span<char* const> args, target& t) {
     } else if (option == "--dir") {
       t.address.directory = value;
     } else if (option == "--timeout") {
-      long ms = -1;
-      const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), ms);
-      if (ec != std::errc() || end != value.data() + value.size() || ms < 0) return -1;
-      t.timeout = std::chrono::milliseconds(ms);
+      const auto ms = number<long>(value);
+      if (!ms || *ms < 0) return -1;
+      t.timeout = std::chrono::milliseconds(*ms);
     } else {
       return -1;
     }

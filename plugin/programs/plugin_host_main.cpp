@@ -10,7 +10,6 @@
 #include <filesystem>
 #include <string>
 #include <system_error>
-#include <thread>
 #include <vector>
 
 #include "uipc/plugin/control.hpp"

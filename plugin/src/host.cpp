@@ -13,8 +13,6 @@ namespace detail {
 const uipc_plugin_host_api& host_api_table() noexcept;
 result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path, isolation_options options,
                                   const std::shared_ptr<plugin_record>& old);
-result<std::string> reload_isolated(host_impl& host, const std::shared_ptr<plugin_record>& old,
-                                    const std::filesystem::path& path);
 }
 
 using detail::host_impl;
@@ -126,7 +124,9 @@ error_code host::reload(std::string_view name, const std::filesystem::path& shar
     old = it->second;
   }
   if (old->isolated) {
-    auto loaded = detail::reload_isolated(*impl_, old, shared_object);
+    // A new runner for the new build, started as the old one was.
+    auto loaded = detail::load_isolated(*impl_, shared_object.empty() ? std::filesystem::path(old->path) : shared_object,
+                                        old->isolated->options(), old);
     return loaded ? error_code() : loaded.error();
   }
   auto record = std::make_shared<detail::plugin_record>();

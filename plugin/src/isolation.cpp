@@ -32,8 +32,6 @@ using clock = std::chrono::steady_clock;
 
 std::atomic<std::uint64_t> runner_counter{0};
 
-using listed = proto::listing;
-
 class runner_link;
 
 class proxy final : public isolation_proxy {
@@ -72,8 +70,8 @@ class runner_link final : public isolation {
   }
 
   /// Starts the supervisor and waits for the first start: what the runner serves.
-  result<listed> start() {
-    std::promise<result<listed>> first;
+  result<proto::listing> start() {
+    std::promise<result<proto::listing>> first;
     auto answer = first.get_future();
     supervising_ = true;
     supervisor_ = std::thread([this, p = std::move(first)]() mutable { supervise(p); });
@@ -137,7 +135,7 @@ class runner_link final : public isolation {
 
  private:
   // One start: spawn, connect, list. On this (the supervisor) thread.
-  result<listed> launch() {
+  result<proto::listing> launch() {
     program_search search{"uipc-plugin-runner", options_.runner, "UIPC_PLUGIN_RUNNER"};
     auto program = find_program(search);
     if (!program) return program.error();
@@ -231,7 +229,7 @@ class runner_link final : public isolation {
     return stopping_;
   }
 
-  void supervise(std::promise<result<listed>>& first) {
+  void supervise(std::promise<result<proto::listing>>& first) {
     auto started = launch();
     if (!started) {
       kill_and_reap();
@@ -365,11 +363,6 @@ result<std::string> load_isolated(host_impl& host, const std::filesystem::path& 
     }
   }
   return host.commit(std::move(record), old);
-}
-
-result<std::string> reload_isolated(host_impl& host, const std::shared_ptr<plugin_record>& old,
-                                    const std::filesystem::path& path) {
-  return load_isolated(host, path.empty() ? std::filesystem::path(old->path) : path, old->isolated->options(), old);
 }
 
 }  // namespace uipc::plugin::detail

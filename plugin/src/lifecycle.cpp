@@ -15,6 +15,7 @@
 
 #include "host_impl.hpp"
 #include "isolation.hpp"
+#include "names.hpp"
 #include "uipc/core/unique_fd.hpp"
 
 namespace uipc::plugin::detail {
@@ -25,13 +26,9 @@ plugin_record::~plugin_record() = default;
 
 namespace {
 
-bool valid_plugin_name(const char* name) {
-  if (!name) return false;
-  std::size_t n = ::strnlen(name, 64);
-  if (n == 0 || n > 63) return false;
-  return std::all_of(name, name + n, [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.';
-  });
+// A name from the plug-in's description: read at most one byte past the rules.
+bool valid_described_name(const char* name) {
+  return name && valid_plugin_name(std::string_view(name, ::strnlen(name, max_name_length + 1)));
 }
 
 // The smallest description a plug-in may give: through `init`.
@@ -129,7 +126,7 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record, const
                                         std::to_string(info->abi_minor) + ", host has " +
                                         std::to_string(UIPC_PLUGIN_ABI_MAJOR) + "." +
                                         std::to_string(UIPC_PLUGIN_ABI_MINOR));
-  if (!valid_plugin_name(info->name)) return fail(errc::invalid_name, "plug-in name breaks the rules");
+  if (!valid_described_name(info->name)) return fail(errc::invalid_name, "plug-in name breaks the rules");
   if (!info->init) return fail(errc::abi_mismatch, "no init function");
   std::memcpy(&record->info, info, std::min<std::size_t>(info->size, sizeof(uipc_plugin_info)));
   record->info.size = static_cast<std::uint32_t>(std::min<std::size_t>(info->size, sizeof(uipc_plugin_info)));

@@ -5,16 +5,10 @@
 
 #include "context_use.hpp"
 #include "host_impl.hpp"
+#include "names.hpp"
 
 namespace uipc::plugin::detail {
 namespace {
-
-bool valid_service_name(std::string_view name) {
-  if (name.empty() || name.size() > 63) return false;
-  return std::all_of(name.begin(), name.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == ' ';
-  });
-}
 
 using event_list = std::vector<std::pair<std::string, int>>;
 

@@ -8,7 +8,6 @@
 // The host treats every reply as untrusted: sizes checked, bytes copied.
 #pragma once
 
-#include <algorithm>
 #include <charconv>
 #include <cstdint>
 #include <cstring>
@@ -19,13 +18,14 @@
 #include <utility>
 #include <vector>
 
+#include "names.hpp"
 #include "uipc/plugin/abi.h"
 
 namespace uipc::plugin::detail::runner_protocol {
 
 enum op : std::uint8_t { list = 1, call = 2 };
 inline constexpr std::size_t reply_header = 12;
-inline constexpr std::size_t max_name = 63;
+inline constexpr std::size_t max_name = max_name_length;
 
 struct request {
   op kind;
@@ -77,10 +77,7 @@ inline std::optional<listing> parse_listing(std::string_view text) {
     const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), flags);
     if (ec != std::errc() || end != digits.data() + digits.size() || digits.empty()) return std::nullopt;
     if (kind == "plugin") {
-      const bool valid = !name.empty() && name.size() <= max_name && std::all_of(name.begin(), name.end(), [](char c) {
-        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.';
-      });
-      if (have_plugin || !valid) return std::nullopt;
+      if (have_plugin || !valid_plugin_name(name)) return std::nullopt;
       have_plugin = true;
       out.plugin = std::string(name);
       out.flags = flags;
