@@ -124,7 +124,9 @@ class query_run {
     for (;;) {
       if (!d_ || issued_ == count_) return;
       const std::size_t index = issued_++ % names_.size();
-      auto r = d_->add_response(server_, response_options{timeout_});
+      response_options options;
+      options.timeout = timeout_;
+      auto r = d_->add_response(server_, options);
       if (!r) {
         ++errors_;
         complete_one();

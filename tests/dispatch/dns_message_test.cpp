@@ -36,6 +36,141 @@ TEST(DnsMessageTest, KnownNameGetsItsRecordsAuthoritatively) {
   EXPECT_FALSE(reply_matches(a, "www.uipc.test", type_aaaa));
 }
 
+// The answer records of `a`, from after the question: (type, ttl, rdata).
+struct answer_record {
+  std::uint16_t type;
+  std::uint32_t ttl;
+  std::vector<std::uint8_t> rdata;
+};
+std::vector<answer_record> answers_of(std::span<const std::byte> a) {
+  auto q = parse_question(a);
+  std::vector<answer_record> out;
+  if (!q) return out;
+  auto u8 = [&](std::size_t i) { return std::to_integer<std::uint32_t>(a[i]); };
+  std::size_t at = q->end;
+  for (unsigned i = 0; i < answer_count(a) && at + 12 <= a.size(); ++i) {
+    const std::uint32_t length = u8(at + 10) << 8 | u8(at + 11);
+    answer_record r{static_cast<std::uint16_t>(u8(at + 2) << 8 | u8(at + 3)),
+                    u8(at + 6) << 24 | u8(at + 7) << 16 | u8(at + 8) << 8 | u8(at + 9), {}};
+    for (std::size_t b = 0; b < length && at + 12 + b < a.size(); ++b) r.rdata.push_back(static_cast<std::uint8_t>(u8(at + 12 + b)));
+    out.push_back(std::move(r));
+    at += 12 + length;
+  }
+  return out;
+}
+
+std::vector<std::byte> answer(const zone& z, const char* name, std::uint16_t type, std::size_t room = 512) {
+  auto q = query(7, name, type);
+  std::vector<std::byte> buf(room);
+  std::copy(q.begin(), q.end(), buf.begin());
+  buf.resize(answer_in_place(buf, q.size(), z));
+  return buf;
+}
+
+TEST(DnsZoneTest, ZoneFileRecordsAreAnsweredWithTheirTtls) {
+  std::string error;
+  auto z = zone::parse(
+      "; a zone for the tests\n"
+      "$ORIGIN example.test.\n"
+      "$TTL 60\n"
+      "@          IN A     192.0.2.1\n"
+      "www        3600 IN A 192.0.2.10 ; a comment\n"
+      "           A        192.0.2.11\n"
+      "           AAAA     2001:db8::10\n"
+      "Mail.example.test. 30 A 192.0.2.25\n"
+      "txt        TXT \"hello world\" bare \"semi;colon \\\"q\\\"\"\n"
+      "\n",
+      error);
+  ASSERT_TRUE(z) << error;
+  EXPECT_EQ(z->size(), 6u);
+
+  auto a = answer(*z, "WWW.example.test", type_a);
+  ASSERT_FALSE(a.empty());
+  EXPECT_EQ(rcode(a), rcode_noerror);
+  auto records = answers_of(a);
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_EQ(records[0].ttl, 3600u);
+  EXPECT_EQ(records[0].rdata, (std::vector<std::uint8_t>{192, 0, 2, 10}));
+  EXPECT_EQ(records[1].ttl, 60u) << "a record without a TTL takes $TTL's";
+  EXPECT_EQ(records[1].rdata, (std::vector<std::uint8_t>{192, 0, 2, 11}));
+
+  records = answers_of(answer(*z, "www.example.test", type_aaaa));
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].rdata.size(), 16u);
+  EXPECT_EQ(records[0].rdata[0], 0x20);
+  EXPECT_EQ(records[0].rdata[15], 0x10);
+
+  records = answers_of(answer(*z, "example.test", type_a));
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].rdata, (std::vector<std::uint8_t>{192, 0, 2, 1}));
+  records = answers_of(answer(*z, "mail.example.test", type_a));
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].ttl, 30u);
+
+  records = answers_of(answer(*z, "txt.example.test", type_txt));
+  ASSERT_EQ(records.size(), 1u);
+  const std::string expected = std::string("\x0bhello world") + "\x04" + "bare" + "\x0e" + "semi;colon \"q\"";
+  EXPECT_EQ(std::string(records[0].rdata.begin(), records[0].rdata.end()), expected);
+
+  EXPECT_EQ(rcode(answer(*z, "nosuch.example.test", type_a)), rcode_nxdomain);
+  a = answer(*z, "mail.example.test", type_txt);
+  EXPECT_EQ(rcode(a), rcode_noerror);
+  EXPECT_EQ(answer_count(a), 0) << "NODATA: the name exists without that type";
+  EXPECT_EQ(rcode(answer(*z, "www.uipc.test", type_a)), rcode_nxdomain) << "not the built-in zone";
+}
+
+TEST(DnsZoneTest, AnswersThatDoNotFitAreLeftOut) {
+  std::string error;
+  std::string text = "$ORIGIN big.test.\n";
+  for (int i = 0; i < 100; ++i) text += "many A 10.0.0." + std::to_string(i) + "\n";
+  auto z = zone::parse(text, error);
+  ASSERT_TRUE(z) << error;
+  auto a = answer(*z, "many.big.test", type_a, 512);
+  ASSERT_FALSE(a.empty());
+  EXPECT_LE(a.size(), 512u);
+  EXPECT_EQ(answers_of(a).size(), answer_count(a));
+  EXPECT_GT(answer_count(a), 10);
+  EXPECT_LT(answer_count(a), 100);
+}
+
+TEST(DnsZoneTest, BadZoneFilesAreRefusedWithTheLineAndTheReason) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"www A 192.0.2.1\n", "line 1: "},  // fine: relative to the root
+      {"$ORIGIN x.test.\nwww MX 10 mail\n", "line 2: type MX is not supported (A, AAAA, TXT)"},
+      {"$ORIGIN x.test.\n\nwww A 300.1.2.3\n", "line 3: '300.1.2.3' is not an IPv4 address"},
+      {"www AAAA 192.0.2.1\n", "line 1: '192.0.2.1' is not an IPv6 address"},
+      {"www A 192.0.2.1 192.0.2.2\n", "line 1: an address record takes one address"},
+      {"  A 192.0.2.1\n", "line 1: the first record needs an owner name"},
+      {"www 99999999999 A 192.0.2.1\n", "line 1: '99999999999' is not a TTL (0 to 2147483647 seconds)"},
+      {"$TTL forever\n", "line 1: 'forever' is not a TTL (0 to 2147483647 seconds)"},
+      {"$ORIGIN relative\n", "line 1: $ORIGIN needs an absolute name (ending in '.')"},
+      {"$INCLUDE other.zone\n", "line 1: unknown directive $INCLUDE"},
+      {"www TXT \"open\n", "line 1: a quoted string is not closed"},
+      {"www\n", "line 1: the record has no type"},
+      {"www A\n", "line 1: the record has no data"},
+      {"a..b. A 192.0.2.1\n", "line 1: the name a..b. has an empty label"},
+  };
+  for (const auto& [text, expected] : cases) {
+    std::string error;
+    auto z = zone::parse(text, error);
+    if (std::string_view(expected) == "line 1: ") {
+      EXPECT_TRUE(z) << error;
+      continue;
+    }
+    EXPECT_FALSE(z) << text;
+    EXPECT_EQ(error, expected) << text;
+  }
+  std::string error;
+  EXPECT_FALSE(zone::parse(std::string(64, 'l') + ".test. A 192.0.2.1\n", error));
+  EXPECT_EQ(error, "line 1: a label of " + std::string(64, 'l') + ".test. is longer than 63 bytes");
+  EXPECT_FALSE(zone::parse("www TXT \"" + std::string(256, 'x') + "\"\n", error));
+  EXPECT_EQ(error, "line 1: a TXT string is longer than 255 bytes");
+  std::string long_name;
+  for (int i = 0; i < 51; ++i) long_name += "abcd.";  // 254 bytes without the final dot
+  EXPECT_FALSE(zone::parse(long_name + " A 192.0.2.1\n", error));
+  EXPECT_EQ(error, "line 1: the name " + long_name + " is longer than 253 bytes");
+}
+
 TEST(DnsMessageTest, RandomCaseKeepsTheNameAndTheReplyMustEchoItExactly) {
   const std::string name = "www.mail.example.uipc.test";
   std::set<std::string> seen;

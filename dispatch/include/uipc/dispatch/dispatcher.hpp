@@ -227,7 +227,7 @@ struct response_options {
   /// 0: none. Otherwise a timed_out event is delivered once this passes.
   std::chrono::milliseconds timeout{0};
   /// Unset: the dispatcher's default (dispatcher_options::ports).
-  std::optional<port_mode> ports;
+  std::optional<port_mode> ports{};
 };
 
 /// An outgoing transaction: a message ID, unique among the live responses to
