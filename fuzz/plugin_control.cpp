@@ -11,8 +11,8 @@
 #include <string>
 #include <string_view>
 
-#include "control_protocol.hpp"
 #include "fuzz_support.hpp"
+#include "uipc/plugin/control.hpp"
 #include "uipc/plugin/host.hpp"
 
 namespace {
@@ -71,7 +71,7 @@ std::string plugins(host& h) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   host& h = the_host();
   const std::string before = plugins(h);
-  const std::string reply = uipc::plugin::detail::control_answer(
+  const std::string reply = uipc::plugin::control_answer(
       h, std::string_view(reinterpret_cast<const char*>(data), size), std::chrono::milliseconds(100));
   if (reply.rfind("ok\n", 0) == 0) return 0;
   UIPC_FUZZ_CHECK(reply.rfind("error\t", 0) == 0);

@@ -6,15 +6,24 @@
 
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <string>
-#include <sys/wait.h>
-#include <unistd.h>
+#include <thread>
 #include <utility>
+#include <vector>
+
+extern char** environ;
 
 namespace uipc::test {
 
@@ -67,6 +76,114 @@ inline std::pair<int, std::string> run_command(const std::string& command) {
   const int status = ::pclose(p);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
 }
+
+/// A program running in the background: its stdout is read line by line, its
+/// stderr collected in a file; it is killed (SIGKILL) if still running when
+/// the object goes.
+class child_process {
+ public:
+  using clock = std::chrono::steady_clock;
+
+  /// argv[0] is the program's path.
+  explicit child_process(std::vector<std::string> argv) {
+    int out[2];
+    if (::pipe2(out, O_CLOEXEC) != 0) return;
+    char err_path[] = "/tmp/uipc-child-stderr-XXXXXX";
+    const int err = ::mkstemp(err_path);
+    if (err >= 0) {
+      err_path_ = err_path;
+      ::unlink(err_path);  // read through err_ (kept open) only
+      err_ = err;
+    }
+    posix_spawn_file_actions_t actions;
+    ::posix_spawn_file_actions_init(&actions);
+    ::posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+    if (err_ >= 0) ::posix_spawn_file_actions_adddup2(&actions, err_, 2);
+    std::vector<char*> args;
+    for (auto& a : argv) args.push_back(a.data());
+    args.push_back(nullptr);
+    if (::posix_spawn(&pid_, args[0], &actions, nullptr, args.data(), environ) != 0) pid_ = -1;
+    ::posix_spawn_file_actions_destroy(&actions);
+    ::close(out[1]);
+    out_ = out[0];
+  }
+  ~child_process() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    if (out_ >= 0) ::close(out_);
+    if (err_ >= 0) ::close(err_);
+  }
+  child_process(const child_process&) = delete;
+  child_process& operator=(const child_process&) = delete;
+
+  pid_t pid() const { return pid_; }
+
+  /// The next line on its stdout (with its '\n'), waiting at most `limit`;
+  /// what came so far (maybe "") when the time runs out or the pipe closes.
+  std::string line(std::chrono::milliseconds limit) {
+    const auto end = clock::now() + limit;
+    while (pending_.find('\n') == std::string::npos && clock::now() < end) {
+      pollfd p{out_, POLLIN, 0};
+      if (::poll(&p, 1, 20) <= 0) continue;
+      char buf[512];
+      const ssize_t n = ::read(out_, buf, sizeof buf);
+      if (n <= 0) break;
+      pending_.append(buf, static_cast<std::size_t>(n));
+    }
+    const auto eol = pending_.find('\n');
+    std::string out = pending_.substr(0, eol == std::string::npos ? pending_.size() : eol + 1);
+    pending_.erase(0, out.size());
+    return out;
+  }
+  /// The lines on its stdout until one starts with `prefix` (that one
+  /// included), waiting at most `limit` in all.
+  std::string lines_until(const std::string& prefix, std::chrono::milliseconds limit) {
+    const auto end = clock::now() + limit;
+    std::string all;
+    while (clock::now() < end) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - clock::now());
+      std::string l = line(left);
+      if (l.empty()) break;
+      all += l;
+      if (l.rfind(prefix, 0) == 0) break;
+    }
+    return all;
+  }
+  /// What it wrote on stderr so far.
+  std::string errors() const {
+    std::string out;
+    if (err_ < 0) return out;
+    char buf[4096];
+    off_t at = 0;
+    for (ssize_t n; (n = ::pread(err_, buf, sizeof buf, at)) > 0; at += n) out.append(buf, static_cast<std::size_t>(n));
+    return out;
+  }
+  /// Sends `signal`, then waits at most `limit` for the exit: its status, 128 +
+  /// the signal that killed it, or -1 if it is still running.
+  int stop(std::chrono::milliseconds limit, int signal = SIGTERM) {
+    if (pid_ <= 0) return -1;
+    if (signal != 0) ::kill(pid_, signal);
+    const auto end = clock::now() + limit;
+    int status = 0;
+    for (;;) {
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      if (clock::now() >= end) return -1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int out_ = -1;
+  int err_ = -1;
+  std::string err_path_;
+  std::string pending_;
+};
 
 /// How many descriptors this process has open (to prove that nothing leaked).
 inline std::size_t open_fd_count() {

@@ -36,4 +36,11 @@ int run_caps(std::span<char* const> args);
 int run_plugins(std::span<char* const> args);
 int run_services(std::span<char* const> args);
 
+/// `uipcctl status|stats|clients|points|reload`: a running uipcd (server_command.cpp).
+int run_status(std::span<char* const> args);
+int run_stats(std::span<char* const> args);
+int run_clients(std::span<char* const> args);
+int run_points(std::span<char* const> args);
+int run_reload(std::span<char* const> args);
+
 }  // namespace uipcctl

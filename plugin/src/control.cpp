@@ -1,8 +1,6 @@
 // The control service: the text protocol of control.hpp over a caps point.
 #include "uipc/plugin/control.hpp"
 
-#include "control_protocol.hpp"
-
 #include <algorithm>
 #include <atomic>
 #include <thread>
@@ -103,8 +101,6 @@ std::string call(host& h, std::string_view rest, std::chrono::milliseconds timeo
 
 }  // namespace
 
-namespace detail {
-
 std::string control_answer(host& h, std::string_view request, std::chrono::milliseconds call_timeout) {
   const auto tab = request.find('\t');
   const std::string_view verb = request.substr(0, tab);
@@ -117,8 +113,6 @@ std::string control_answer(host& h, std::string_view request, std::chrono::milli
   if (verb == "call" && !bare) return call(h, rest, call_timeout);
   return error_reply("unknown request (plugins, services, stats, reload\\tNAME, call\\tSERVICE\\tBYTES)");
 }
-
-}  // namespace detail
 
 struct control::impl {
   host& h;
@@ -140,7 +134,7 @@ struct control::impl {
         reply = error_reply("request too large");
       } else {
         request = e->copy();  // the client may write its channel at any moment: copy, then read
-        reply = detail::control_answer(h, request, options.call_timeout);
+        reply = control_answer(h, request, options.call_timeout);
       }
       requests.fetch_add(1, std::memory_order_relaxed);
       if (service->reply(e->client, e->id, reply) == caps::errc::message_too_large)

@@ -2,11 +2,7 @@
 // programs on it: uipc-plugin-host serving, uipcctl plugins and services.
 #include "uipc/plugin/control.hpp"
 
-#include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <boost/asio/io_context.hpp>
@@ -18,8 +14,6 @@
 #include "../test_support.hpp"
 #include "plugin_support.hpp"
 #include "uipc/caps/client.hpp"
-
-extern char** environ;
 
 namespace uipc::plugin {
 namespace {
@@ -174,65 +168,18 @@ TEST_F(Control, ACallDeadlineBoundsAHangingService) {
 
 // -- the programs -----------------------------------------------------------
 
-// uipc-plugin-host running in the background, its stdout read until "serving".
-class host_process {
+// uipc-plugin-host running in the background.
+class host_process : public uipc::test::child_process {
  public:
-  explicit host_process(std::vector<std::string> args) {
-    int out[2];
-    if (::pipe2(out, O_CLOEXEC) != 0) return;
-    posix_spawn_file_actions_t actions;
-    ::posix_spawn_file_actions_init(&actions);
-    ::posix_spawn_file_actions_adddup2(&actions, out[1], 1);
-    args.insert(args.begin(), UIPC_TEST_PLUGIN_HOST_PATH);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (::posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ) != 0) pid_ = -1;
-    ::posix_spawn_file_actions_destroy(&actions);
-    ::close(out[1]);
-    out_ = out[0];
-  }
-  ~host_process() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-    if (out_ >= 0) ::close(out_);
-  }
-  pid_t pid() const { return pid_; }
-
-  // The first line on its stdout, waiting at most `limit`.
-  std::string first_line(std::chrono::milliseconds limit) {
-    std::string line;
-    const auto end = clock::now() + limit;
-    while (line.find('\n') == std::string::npos && clock::now() < end) {
-      pollfd p{out_, POLLIN, 0};
-      if (::poll(&p, 1, 50) <= 0) continue;
-      char buf[256];
-      const ssize_t n = ::read(out_, buf, sizeof buf);
-      if (n <= 0) break;
-      line.append(buf, static_cast<std::size_t>(n));
-    }
-    return line;
-  }
-  // SIGTERM, then its exit status (-1 if it did not exit within `limit`).
-  int terminate(std::chrono::milliseconds limit) {
-    ::kill(pid_, SIGTERM);
-    const auto end = clock::now() + limit;
-    int status = 0;
-    while (clock::now() < end) {
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      }
-      std::this_thread::sleep_for(10ms);
-    }
-    return -1;
-  }
+  explicit host_process(std::vector<std::string> args) : child_process(with_program(std::move(args))) {}
+  std::string first_line(std::chrono::milliseconds limit) { return line(limit); }
+  int terminate(std::chrono::milliseconds limit) { return stop(limit); }
 
  private:
-  pid_t pid_ = -1;
-  int out_ = -1;
+  static std::vector<std::string> with_program(std::vector<std::string> args) {
+    args.insert(args.begin(), UIPC_TEST_PLUGIN_HOST_PATH);
+    return args;
+  }
 };
 
 class Programs : public ::testing::Test {

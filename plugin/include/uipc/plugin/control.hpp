@@ -43,6 +43,14 @@ struct control_options {
   std::chrono::milliseconds call_timeout{std::chrono::seconds(5)};
 };
 
+/// The reply to one control request for `h`: "ok\n" and the body, or
+/// "error\t<reason>\n". Any bytes are a request: what is not one of the
+/// verbs gets an error and changes nothing. For a server that carries the
+/// protocol on a point of its own (uipcd's uipc.control); `control` uses it.
+/// A "reload" runs the new build's Register and Init and a "call" may wait
+/// up to `call_timeout`: call it where blocking is fine.
+std::string control_answer(host& h, std::string_view request, std::chrono::milliseconds call_timeout);
+
 /// Serves the control protocol for one host.
 ///
 /// Requests are handled one at a time on a thread of the service's own, so a

@@ -1,0 +1,225 @@
+// uipcd's metrics endpoint on Boost.Beast.
+#include "metrics.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <set>
+
+namespace uipcd {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+
+std::string prometheus_text(const std::vector<figure>& rows) {
+  // Rows of one family are adjacent in collect(); TYPE comes once per family.
+  std::string out;
+  std::string family_done;
+  char number[64];
+  for (const auto& r : rows) {
+    const bool duration = r.name.size() > 3 && r.name.compare(r.name.size() - 3, 3, "_ns") == 0;
+    const std::string family = "uipc_" + r.module + "_" +
+                               (duration ? r.name.substr(0, r.name.size() - 3) + "_seconds"
+                                         : r.counter ? r.name + "_total" : r.name);
+    if (family != family_done) {
+      out += "# TYPE " + family + (duration ? " summary\n" : r.counter ? " counter\n" : " gauge\n");
+      family_done = family;
+    }
+    std::string labels;
+    std::string_view label = r.label;
+    if (duration) {  // "POINT p50" or "p50": the point (if any), then the quantile
+      const auto space = label.rfind(' ');
+      const std::string_view q = space == std::string_view::npos ? label : label.substr(space + 1);
+      if (space != std::string_view::npos) labels = "point=\"" + std::string(label.substr(0, space)) + "\",";
+      labels += "quantile=\"0." + std::string(q.substr(1)) + "\"";
+    } else if (!label.empty()) {
+      labels = "point=\"" + std::string(label) + "\"";
+    }
+    if (duration)
+      std::snprintf(number, sizeof number, "%.9g", static_cast<double>(r.value) * 1e-9);
+    else
+      std::snprintf(number, sizeof number, "%llu", static_cast<unsigned long long>(r.value));
+    out += family + (labels.empty() ? "" : "{" + labels + "}") + " " + number + "\n";
+  }
+  return out;
+}
+
+namespace {
+
+constexpr std::size_t max_connections = 64;
+
+class connection;
+
+}  // namespace
+
+struct metrics_server::impl : std::enable_shared_from_this<impl> {
+  impl(asio::io_context& context, std::function<std::string()> r)
+      : io(context), acceptor(asio::make_strand(context)), render(std::move(r)) {}
+
+  asio::io_context& io;
+  tcp::acceptor acceptor;
+  std::function<std::string()> render;
+  std::mutex mutex;  // guards `open` and `stopped`
+  std::set<std::shared_ptr<connection>> open;
+  bool stopped = false;
+
+  void accept();
+  void closed(const std::shared_ptr<connection>& c) {
+    std::lock_guard lock(mutex);
+    open.erase(c);
+  }
+};
+
+namespace {
+
+class connection : public std::enable_shared_from_this<connection> {
+ public:
+  connection(tcp::socket s, std::shared_ptr<metrics_server::impl> server)
+      : stream_(std::move(s)), server_(std::move(server)) {}
+
+  void start() {
+    parser_.emplace();
+    parser_->body_limit(0);
+    parser_->header_limit(8 * 1024);
+    stream_.expires_after(std::chrono::seconds(5));
+    http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
+      self->on_read(ec);
+    });
+  }
+  void close() {
+    asio::post(stream_.get_executor(), [self = shared_from_this()] {
+      beast::error_code ignored;
+      self->stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
+      self->stream_.close();
+    });
+  }
+
+ private:
+  void on_read(beast::error_code ec) {
+    if (ec) return finish();
+    const auto& request = parser_->get();
+    response_.version(request.version());
+    response_.keep_alive(false);
+    response_.set(http::field::server, "uipcd");
+    if (request.target() != "/metrics") {
+      response_.result(http::status::not_found);
+      response_.set(http::field::content_type, "text/plain");
+      response_.body() = "not found: try /metrics\n";
+    } else if (request.method() != http::verb::get && request.method() != http::verb::head) {
+      response_.result(http::status::method_not_allowed);
+      response_.set(http::field::allow, "GET, HEAD");
+      response_.set(http::field::content_type, "text/plain");
+      response_.body() = "only GET\n";
+    } else {
+      response_.result(http::status::ok);
+      response_.set(http::field::content_type, "text/plain; version=0.0.4");
+      response_.body() = server_->render();
+      if (request.method() == http::verb::head) {
+        response_.content_length(response_.body().size());
+        response_.body().clear();
+      }
+    }
+    if (!response_.has_content_length()) response_.prepare_payload();
+    http::async_write(stream_, response_, [self = shared_from_this()](beast::error_code, std::size_t) {
+      self->finish();
+    });
+  }
+  void finish() {
+    beast::error_code ignored;
+    stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    stream_.close();
+    server_->closed(shared_from_this());
+  }
+
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::empty_body>> parser_;
+  http::response<http::string_body> response_;
+  std::shared_ptr<metrics_server::impl> server_;
+};
+
+}  // namespace
+
+void metrics_server::impl::accept() {
+  acceptor.async_accept(asio::make_strand(io),
+                        [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
+                          if (ec == asio::error::operation_aborted) return;
+                          std::shared_ptr<connection> c;
+                          {
+                            std::lock_guard lock(self->mutex);
+                            if (self->stopped) return;
+                            if (!ec && self->open.size() < max_connections) {
+                              c = std::make_shared<connection>(std::move(s), self);
+                              self->open.insert(c);
+                            }
+                          }
+                          if (c) c->start();  // else: too many at once, this one is closed unanswered
+                          self->accept();
+                        });
+}
+
+uipc::result<std::unique_ptr<metrics_server>> metrics_server::start(asio::io_context& io, const std::string& listen,
+                                                                     std::function<std::string()> render) {
+  const auto colon = listen.rfind(':');
+  if (colon == std::string::npos) return make_error_code(std::errc::invalid_argument);
+  std::string host = listen.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host == "localhost") host = "127.0.0.1";
+  boost::system::error_code ec;
+  const auto address = asio::ip::make_address(host, ec);
+  if (ec) return ec;
+  if (!address.is_loopback()) return make_error_code(std::errc::invalid_argument);
+  unsigned port = 0;
+  try {
+    port = static_cast<unsigned>(std::stoul(listen.substr(colon + 1)));
+  } catch (const std::exception&) {
+    return make_error_code(std::errc::invalid_argument);
+  }
+  if (port > 65535) return make_error_code(std::errc::invalid_argument);
+  auto p = std::make_shared<impl>(io, std::move(render));
+  const tcp::endpoint where(address, static_cast<unsigned short>(port));
+  p->acceptor.open(where.protocol(), ec);
+  if (!ec) p->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) p->acceptor.bind(where, ec);
+  if (!ec) p->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return ec;
+  p->accept();
+  return std::unique_ptr<metrics_server>(new metrics_server(std::move(p)));
+}
+
+metrics_server::metrics_server(std::shared_ptr<impl> p) : impl_(std::move(p)) {}
+
+metrics_server::~metrics_server() { stop(); }
+
+void metrics_server::stop() {
+  std::set<std::shared_ptr<connection>> open;
+  {
+    std::lock_guard lock(impl_->mutex);
+    if (impl_->stopped) return;
+    impl_->stopped = true;
+    open.swap(impl_->open);
+  }
+  asio::post(impl_->acceptor.get_executor(), [p = impl_] {
+    boost::system::error_code ignored;
+    p->acceptor.close(ignored);
+  });
+  for (const auto& c : open) c->close();
+}
+
+std::string metrics_server::address() const {
+  boost::system::error_code ec;
+  const auto e = impl_->acceptor.local_endpoint(ec);
+  if (ec) return "?";
+  const auto a = e.address().to_string();
+  return (e.address().is_v6() ? "[" + a + "]" : a) + ":" + std::to_string(e.port());
+}
+
+}  // namespace uipcd
