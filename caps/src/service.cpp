@@ -434,7 +434,16 @@ struct service::impl : std::enable_shared_from_this<impl> {
       error_code ec;
       {
         std::lock_guard lock(async_mutex);
-        if (async_waiters.empty() || async_armed) return;
+        if (async_waiters.empty()) return;
+        if (async_armed) {
+          // The armed wait sleeps on doorbells, and clients ring only on
+          // channels that were quiesced; a pump that delivered an event and
+          // left (no receiver was waiting then) left its channels hot. Wake
+          // the wait: its handler pumps, and quiesces before it sleeps again.
+          boost::system::error_code ignored;
+          epoll_desc.cancel(ignored);
+          return;
+        }
       }
       {
         std::unique_lock pump(pump_mutex, std::try_to_lock);
@@ -473,11 +482,10 @@ struct service::impl : std::enable_shared_from_this<impl> {
   // was queued is looked for after queueing it: then the wait is cancelled
   // and its handler reads again.
   void arm() {
-    {
-      std::lock_guard lock(async_mutex);
-      if (async_armed) return;
-      async_armed = true;
-    }
+    // Under async_mutex: serve_async() may cancel the wait from another thread.
+    std::lock_guard lock(async_mutex);
+    if (async_armed) return;
+    async_armed = true;
     epoll_desc.async_wait(asio::posix::stream_descriptor::wait_read,
                           [self = shared_from_this()](error_code) {
                             {

@@ -31,9 +31,10 @@ int usage() {
                "actions:\n"
                "  list                          live points: name, owner uid and gid, who may connect,\n"
                "                                exclusive or shared, server pid, clients, generation\n"
-               "  call NAME DATA [--uid UID] [--gid GID] [--timeout MS]\n"
+               "  call NAME DATA [--uid UID] [--gid GID] [--timeout MS] [--count N]\n"
                "                                send DATA to the point NAME of user UID (default: you)\n"
-               "                                and print the reply\n"
+               "                                and print the reply; with --count, N calls in a row\n"
+               "                                (each reply's size checked) and their rate\n"
                "  watch [--seconds N]           print points as they appear (+) and disappear (-)\n"
                "DIR: the rendezvous directory (default: $UIPC_SHARED_DIR, else /tmp/uipc-shared).\n"
                "Errors exit with 3.\n");
@@ -82,6 +83,7 @@ int call(const std::string& dir, std::span<char* const> args) {
   a.directory = dir;
   const std::string data = args[1];
   auto timeout = std::chrono::milliseconds(5000);
+  unsigned long count = 0;  // 0: one call, its reply printed
   for (std::size_t i = 2; i < args.size(); ++i) {
     const std::string_view arg = args[i];
     if (i + 1 >= args.size()) return usage();
@@ -98,6 +100,10 @@ int call(const std::string& dir, std::span<char* const> args) {
       auto v = number<long>(value);
       if (!v || *v < 0) return usage();
       timeout = std::chrono::milliseconds(*v);
+    } else if (arg == "--count") {
+      auto v = number<unsigned long>(value);
+      if (!v || *v == 0) return usage();
+      count = *v;
     } else {
       return usage();
     }
@@ -105,6 +111,21 @@ int call(const std::string& dir, std::span<char* const> args) {
   boost::asio::io_context ctx;
   auto c = client::connect(ctx, a);
   if (!c) return fail(("connect to " + a.name).c_str(), c.error());
+  if (count != 0) {  // a loop: every reply checked, the rate printed
+    const auto began = clock::now();
+    for (unsigned long i = 0; i < count; ++i) {
+      auto r = (*c)->call(data, clock::now() + timeout);
+      if (!r) return fail(("call " + std::to_string(i + 1)).c_str(), r.error());
+      if (r->size() != data.size()) {
+        std::fprintf(stderr, "uipcctl caps: call %lu: a reply of %zu bytes to %zu\n", i + 1, r->size(), data.size());
+        return exit_error;
+      }
+    }
+    const double seconds = std::chrono::duration<double>(clock::now() - began).count();
+    std::printf("calls %lu seconds %.3f calls_per_second %.0f mean_us %.2f\n", count, seconds,
+                static_cast<double>(count) / seconds, seconds * 1e6 / static_cast<double>(count));
+    return exit_ok;
+  }
   auto r = (*c)->call(data, clock::now() + timeout);
   if (!r) return fail("call", r.error());
   const std::string reply = r->copy();

@@ -47,6 +47,9 @@ int usage() {
       "                                exit 0 signalled, 1 abandoned, 2 timed out; a mutex\n"
       "                                won is held for --hold MS, then released\n"
       "  close HANDLE                  drop a reference (only its holder can: else not_held)\n"
+      "  churn [--seconds N]           a load for N (3) seconds: named events created,\n"
+      "                                signalled, waited for and closed, mutexes created,\n"
+      "                                released and closed; prints cycles per second\n"
       "TARGET is a name or a handle INDEX:GENERATION. Errors exit with 3.\n"
       "The daemon program: --daemon PATH, else $UIPC_HANDLED_PATH, else uipc-handled beside\n"
       "uipcctl, in the install prefix's bin directory, then on $PATH.\n");
@@ -246,6 +249,44 @@ int close(client& c, std::span<char* const> args) {
   return exit_ok;
 }
 
+// Creates, uses and closes objects in a loop for `seconds`: a load on the
+// daemon (each cycle: a named event created, signalled, waited for and closed;
+// a mutex created, taken, released and closed).
+int churn(client& c, std::span<char* const> args) {
+  long long seconds = 3;
+  if (args.size() == 2 && std::strcmp(args[0], "--seconds") == 0) {
+    auto n = number<long long>(args[1]);
+    if (!n || *n <= 0) return usage();
+    seconds = *n;
+  } else if (!args.empty()) {
+    return usage();
+  }
+  const std::string prefix = "churn." + std::to_string(::getpid()) + ".";
+  const auto began = std::chrono::steady_clock::now();
+  const auto end = began + std::chrono::seconds(seconds);
+  unsigned long long cycles = 0;
+  while (std::chrono::steady_clock::now() < end) {
+    auto e = c.create_event(event_reset::automatic, false, prefix + std::to_string(cycles % 16));
+    if (!e) return fail("create", e.error());
+    if (auto ec = e->signal()) return fail("signal", ec);
+    auto w = e->wait(std::chrono::nanoseconds(0));
+    if (!w) return fail("wait", w.error());
+    if (*w != wait_status::signalled) {
+      std::fprintf(stderr, "uipcctl handles: churn: an event just signalled did not satisfy a wait\n");
+      return exit_error;
+    }
+    if (auto ec = e->close()) return fail("close", ec);
+    auto m = c.create_mutex(true);
+    if (!m) return fail("create", m.error());
+    if (auto ec = m->release()) return fail("release", ec);
+    if (auto ec = m->close()) return fail("close", ec);
+    ++cycles;
+  }
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+  std::printf("cycles %llu seconds %.3f cycles_per_second %.0f\n", cycles, took, static_cast<double>(cycles) / took);
+  return exit_ok;
+}
+
 }  // namespace
 
 int run_handles(std::span<char* const> args) {
@@ -273,8 +314,8 @@ int run_handles(std::span<char* const> args) {
   if (i >= args.size()) return usage();
   const std::string_view action = args[i];
   const auto rest = args.subspan(i + 1);
-  constexpr std::string_view actions[] = {"list",  "stats",   "clients", "create", "signal",
-                                          "reset", "release", "wait",    "close"};
+  constexpr std::string_view actions[] = {"list",    "stats", "clients", "create", "signal",
+                                          "reset",   "release", "wait",  "close",   "churn"};
   if (std::find(std::begin(actions), std::end(actions), action) == std::end(actions))
     return usage();
   // The search client::connect would make, done here first so that a failure
@@ -305,6 +346,7 @@ int run_handles(std::span<char* const> args) {
   if (action == "release") return release(*c, rest);
   if (action == "wait") return wait(*c, rest);
   if (action == "close") return close(*c, rest);
+  if (action == "churn") return churn(*c, rest);
   return usage();
 }
 

@@ -288,6 +288,45 @@ TEST_F(Messages, AsyncCallsAndAsyncReceive) {
   (*svc)->stop();
 }
 
+// Receivers re-arming from their handlers on a loop of two threads, without
+// spinning: each request must wake a receiver. (A pump that delivered an event
+// and left while another receive was armed used to leave the channels hot, so
+// no doorbell rang and the next request waited for its deadline.)
+TEST_F(Messages, AsyncReceiversOnTwoThreadsMissNoRequest) {
+  boost::asio::io_context io(2);
+  auto o = options();
+  o.max_spin = std::chrono::nanoseconds(0);
+  auto svc = service::register_point(io, "async2", o);
+  ASSERT_TRUE(svc) << svc.error().message();
+  std::function<void()> receive_next = [&] {
+    (*svc)->async_receive([&](error_code ec, event e) {
+      if (ec) return;
+      if (e.kind == event_kind::request) (void)(*svc)->reply(e.client, e.id, e.view());
+      receive_next();
+    });
+  };
+  auto work = boost::asio::make_work_guard(io);
+  std::thread a([&] { io.run(); }), b([&] { io.run(); });
+  boost::asio::post(io, receive_next);
+  auto c = connect("async2");
+  ASSERT_TRUE(c);
+  int answered = 0;
+  for (int i = 0; i < 20000; ++i) {
+    auto r = (*c)->call("x" + std::to_string(i), std::chrono::steady_clock::now() + 2s);
+    if (!r) {
+      ADD_FAILURE() << "call " << i << ": " << r.error().message();
+      break;
+    }
+    ++answered;
+  }
+  EXPECT_EQ(answered, 20000);
+  c->reset();
+  (*svc)->stop();
+  work.reset();
+  a.join();
+  b.join();
+}
+
 TEST_F(Messages, AsyncCallCancellationAborts) {
   auto svc = serve("async.cancel");
   ASSERT_TRUE(svc);
