@@ -334,7 +334,15 @@ void server::impl::begin_drain(int signal) {
 // Every 2 ms: done once no query is being answered or waits in the queue, or
 // at the deadline; then the loop stops (its hooks stop every module).
 void server::impl::drain_step(clock::time_point deadline) {
-  const bool idle = dns_in_flight.load() == 0 && (!dispatcher || dispatcher->stats().queued_queries == 0);
+  // Idle: every datagram read so far was answered or dropped (a batch being
+  // delivered is in neither the queue nor in flight, so count, not look).
+  bool idle = true;
+  if (dispatcher) {
+    const auto d = dispatcher->stats();
+    const std::uint64_t dealt = dns_answered.load() + dns_dropped.load() + d.dropped_short + d.dropped_no_listener +
+                                d.dropped_queue_full + d.dropped_no_memory;
+    idle = dns_in_flight.load() == 0 && d.queued_queries == 0 && dealt >= d.received;
+  }
   if (idle || clock::now() >= deadline) {
     if (!idle) log("drain: the deadline passed with work in flight");
     loop.stop();
