@@ -15,6 +15,7 @@
 #include <deque>
 #include <condition_variable>
 #include <mutex>
+#include <optional>
 #include <utility>
 #include <unordered_map>
 
@@ -445,35 +446,43 @@ struct service::impl : std::enable_shared_from_this<impl> {
           return;
         }
       }
+      std::unique_lock pump(pump_mutex, std::try_to_lock);
+      if (!pump.owns_lock()) {
+        arm();
+        return;
+      }
+      // The receiver is taken while the pump is held, before an event is
+      // popped: two threads here at once (a posted start and the armed wait's
+      // handler) must never pop two events for one receiver.
+      std::optional<receive_handler> handler;
       {
-        std::unique_lock pump(pump_mutex, std::try_to_lock);
-        if (!pump.owns_lock()) {
+        std::lock_guard lock(async_mutex);
+        if (async_waiters.empty()) return;
+        // Moved by construction: Boost 1.81's any_completion_handler move
+        // assignment recurses without end.
+        handler.emplace(std::move(async_waiters.front()));
+        async_waiters.pop_front();
+      }
+      if (stopped.load()) {
+        ec = make_error_code(errc::stopped);
+      } else {
+        auto e = pop(nullptr, nullptr);
+        if (!e && sweep() > 0) e = pop(nullptr, nullptr);
+        if (e) {
+          ev = std::move(*e);
+        } else {
+          {
+            std::lock_guard lock(async_mutex);  // no event for it: first in line again
+            async_waiters.push_front(std::move(*handler));
+          }
+          if (!quiesce()) continue;
+          pump.unlock();
           arm();
           return;
         }
-        if (stopped.load()) {
-          ec = make_error_code(errc::stopped);
-        } else {
-          auto e = pop(nullptr, nullptr);
-          if (!e && sweep() > 0) e = pop(nullptr, nullptr);
-          if (e) {
-            ev = std::move(*e);
-          } else if (!quiesce()) {
-            continue;
-          } else {
-            pump.unlock();
-            arm();
-            return;
-          }
-        }
       }
-      std::unique_lock lock(async_mutex);
-      // Moved by construction: Boost 1.81's any_completion_handler move
-      // assignment recurses without end.
-      receive_handler handler(std::move(async_waiters.front()));
-      async_waiters.pop_front();
-      lock.unlock();
-      detail::post_completion(ctx, std::move(handler), ec, std::move(ev));
+      pump.unlock();
+      detail::post_completion(ctx, std::move(*handler), ec, std::move(ev));
     }
   }
 

@@ -327,6 +327,69 @@ TEST_F(Messages, AsyncReceiversOnTwoThreadsMissNoRequest) {
   b.join();
 }
 
+// One receiver, re-armed from its own handler, on a loop of two threads, with
+// several clients calling and reconnecting: the posted start and the armed
+// wait's handler may pump at once, and each receive must take exactly one
+// event. (Both used to pop an event for the one receiver; the second took
+// the front of an empty queue and crashed uipcd under load.)
+TEST_F(Messages, OneReceiverOnTwoThreadsTakesEachEventOnce) {
+  boost::asio::io_context io(2);
+  auto o = options();
+  o.max_spin = std::chrono::nanoseconds(0);
+  auto svc = service::register_point(io, "async1", o);
+  ASSERT_TRUE(svc) << svc.error().message();
+  std::atomic<int> connected{0}, disconnected{0}, requests{0};
+  std::function<void()> receive_next = [&] {
+    (*svc)->async_receive([&](error_code ec, event e) {
+      if (ec) return;
+      if (e.kind == event_kind::request) {
+        ++requests;
+        (void)(*svc)->reply(e.client, e.id, e.view());
+      }
+      if (e.kind == event_kind::connected) ++connected;
+      if (e.kind == event_kind::disconnected) ++disconnected;
+      receive_next();
+    });
+  };
+  auto work = boost::asio::make_work_guard(io);
+  std::thread a([&] { io.run(); }), b([&] { io.run(); });
+  boost::asio::post(io, receive_next);
+  constexpr int clients = 3, sessions = 10, calls = 300;
+  std::atomic<int> answered{0};
+  std::vector<std::thread> callers;
+  for (int t = 0; t < clients; ++t)
+    callers.emplace_back([&, t] {
+      for (int s = 0; s < sessions; ++s) {
+        auto c = connect("async1");
+        if (!c) {
+          ADD_FAILURE() << "connect: " << c.error().message();
+          return;
+        }
+        for (int i = 0; i < calls; ++i) {
+          const std::string text = std::to_string(t) + "." + std::to_string(s) + "." + std::to_string(i);
+          auto r = (*c)->call(text, std::chrono::steady_clock::now() + 5s);
+          if (!r) {
+            ADD_FAILURE() << "call " << text << ": " << r.error().message();
+            return;
+          }
+          if (r->copy() == text) ++answered;
+        }
+      }
+    });
+  for (auto& t : callers) t.join();
+  EXPECT_EQ(answered.load(), clients * sessions * calls);
+  EXPECT_EQ(requests.load(), clients * sessions * calls);
+  const auto give_up = std::chrono::steady_clock::now() + 5s;
+  while (disconnected.load() < clients * sessions && std::chrono::steady_clock::now() < give_up)
+    std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(connected.load(), clients * sessions);
+  EXPECT_EQ(disconnected.load(), clients * sessions);
+  (*svc)->stop();
+  work.reset();
+  a.join();
+  b.join();
+}
+
 TEST_F(Messages, AsyncCallCancellationAborts) {
   auto svc = serve("async.cancel");
   ASSERT_TRUE(svc);
