@@ -106,7 +106,7 @@ class dns_listener {
   void answer(dispatch::event& ev) {
     const auto began = clock::now();
     s_.dns_in_flight.fetch_add(1, std::memory_order_relaxed);
-    const std::shared_ptr<const dns_settings> settings = s_.dns.load(std::memory_order_acquire);
+    const std::shared_ptr<const dns_settings> settings = s_.dns.load();
     const std::span<std::byte> room(ev.data().data(), ev.capacity());
     const std::size_t length = ev.data().size();
     bool answered = false;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "server.hpp"
+#include "shared_slot.hpp"
 #include "stats.hpp"
 #include "uipc/caps/service.hpp"
 #include "uipc/core/event_loop.hpp"
@@ -66,7 +67,7 @@ struct server::impl {
   // -- configuration --------------------------------------------------------
   config cfg;  // changed by reloads, on the admin thread only
   config_source source;
-  std::atomic<std::shared_ptr<const dns_settings>> dns;
+  shared_slot<dns_settings> dns;
   std::atomic<std::uint64_t> config_reloads{0};
   mutable std::mutex status_mutex;  // guards the reloadable part of cfg and the strings below
   std::string last_reload_error;  // why the last reload was refused, or ""

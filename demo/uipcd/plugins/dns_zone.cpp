@@ -12,7 +12,6 @@
 // At init it loads the file named by $UIPC_DNS_ZONE, or serves the built-in
 // zone (names under uipc.test) when that is unset or empty; a bad file there
 // refuses the load.
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -21,6 +20,7 @@
 #include <string>
 
 #include "dns_message.hpp"
+#include "shared_slot.hpp"
 #include "uipc/plugin/abi.h"
 
 namespace {
@@ -28,7 +28,7 @@ namespace {
 using uipc::dns::zone;
 
 const uipc_plugin_host_api* host = nullptr;
-std::atomic<std::shared_ptr<const zone>> current;
+uipcd::shared_slot<zone> current;
 
 constexpr std::size_t answer_room = 1232;  // the usual EDNS UDP size
 constexpr std::size_t max_zone_file = std::size_t{64} << 20;
@@ -67,7 +67,7 @@ std::uint64_t answer(uipc_plugin_context* ctx, void*, void* arg) {
   if (host->pool_alloc(host->context_pool(ctx), room, &out) != UIPC_PLUGIN_OK) return dropped;
   std::memcpy(out, call->in, call->in_size);
   const std::span<std::byte> buffer(static_cast<std::byte*>(out), room);
-  const std::shared_ptr<const zone> z = current.load(std::memory_order_acquire);
+  const std::shared_ptr<const zone> z = current.load();
   const std::size_t length = uipc::dns::answer_in_place(buffer, call->in_size, *z);
   if (length == 0) return dropped;
   call->out = out;
@@ -92,7 +92,7 @@ std::uint64_t load_zone(uipc_plugin_context* ctx, void*, void* arg) {
     return 1;
   }
   const std::string text = "loaded " + std::to_string(z->size()) + " records from " + path;
-  current.store(std::move(z), std::memory_order_release);
+  current.store(std::move(z));
   reply(ctx, call, text.data(), text.size());
   return 0;
 }
