@@ -431,8 +431,6 @@ struct service::impl : std::enable_shared_from_this<impl> {
 
   void serve_async() {
     for (;;) {
-      event ev;
-      error_code ec;
       {
         std::lock_guard lock(async_mutex);
         if (async_waiters.empty()) return;
@@ -463,6 +461,8 @@ struct service::impl : std::enable_shared_from_this<impl> {
         handler.emplace(std::move(async_waiters.front()));
         async_waiters.pop_front();
       }
+      event ev;
+      error_code ec;
       if (stopped.load()) {
         ec = make_error_code(errc::stopped);
       } else {

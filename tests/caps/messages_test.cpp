@@ -288,26 +288,53 @@ TEST_F(Messages, AsyncCallsAndAsyncReceive) {
   (*svc)->stop();
 }
 
-// Receivers re-arming from their handlers on a loop of two threads, without
-// spinning: each request must wake a receiver. (A pump that delivered an event
-// and left while another receive was armed used to leave the channels hot, so
-// no doorbell rang and the next request waited for its deadline.)
-TEST_F(Messages, AsyncReceiversOnTwoThreadsMissNoRequest) {
-  boost::asio::io_context io(2);
-  auto o = options();
-  o.max_spin = std::chrono::nanoseconds(0);
-  auto svc = service::register_point(io, "async2", o);
-  ASSERT_TRUE(svc) << svc.error().message();
-  std::function<void()> receive_next = [&] {
-    (*svc)->async_receive([&](error_code ec, event e) {
+// A point served on a loop of two threads, without spinning, by one receiver
+// that re-arms itself from its handler: it echoes each request and counts the
+// events it was given.
+class echo_on_two_threads {
+ public:
+  echo_on_two_threads(const std::string& name, service_options o) {
+    o.max_spin = std::chrono::nanoseconds(0);
+    auto s = service::register_point(io_, name, o);
+    if (!s) throw std::runtime_error(name + ": " + s.error().message());
+    svc_ = std::move(*s);
+    a_ = std::thread([this] { io_.run(); });
+    b_ = std::thread([this] { io_.run(); });
+    boost::asio::post(io_, [this] { receive_next(); });
+  }
+  ~echo_on_two_threads() {
+    svc_->stop();
+    work_.reset();
+    a_.join();
+    b_.join();
+  }
+  std::atomic<int> connected{0}, disconnected{0}, requests{0};
+
+ private:
+  void receive_next() {
+    svc_->async_receive([this](error_code ec, event e) {
       if (ec) return;
-      if (e.kind == event_kind::request) (void)(*svc)->reply(e.client, e.id, e.view());
+      if (e.kind == event_kind::request) {
+        ++requests;
+        (void)svc_->reply(e.client, e.id, e.view());
+      }
+      if (e.kind == event_kind::connected) ++connected;
+      if (e.kind == event_kind::disconnected) ++disconnected;
       receive_next();
     });
-  };
-  auto work = boost::asio::make_work_guard(io);
-  std::thread a([&] { io.run(); }), b([&] { io.run(); });
-  boost::asio::post(io, receive_next);
+  }
+
+  boost::asio::io_context io_{2};
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_ = boost::asio::make_work_guard(io_);
+  std::unique_ptr<service> svc_;
+  std::thread a_, b_;
+};
+
+// Each request must wake the receiver. (A pump that delivered an event and
+// left while another receive was armed used to leave the channels hot, so no
+// doorbell rang and the next request waited for its deadline.)
+TEST_F(Messages, AsyncReceiversOnTwoThreadsMissNoRequest) {
+  echo_on_two_threads server("async2", options());
   auto c = connect("async2");
   ASSERT_TRUE(c);
   int answered = 0;
@@ -321,39 +348,14 @@ TEST_F(Messages, AsyncReceiversOnTwoThreadsMissNoRequest) {
   }
   EXPECT_EQ(answered, 20000);
   c->reset();
-  (*svc)->stop();
-  work.reset();
-  a.join();
-  b.join();
 }
 
-// One receiver, re-armed from its own handler, on a loop of two threads, with
-// several clients calling and reconnecting: the posted start and the armed
+// Several clients calling and reconnecting: the posted start and the armed
 // wait's handler may pump at once, and each receive must take exactly one
 // event. (Both used to pop an event for the one receiver; the second took
 // the front of an empty queue and crashed uipcd under load.)
 TEST_F(Messages, OneReceiverOnTwoThreadsTakesEachEventOnce) {
-  boost::asio::io_context io(2);
-  auto o = options();
-  o.max_spin = std::chrono::nanoseconds(0);
-  auto svc = service::register_point(io, "async1", o);
-  ASSERT_TRUE(svc) << svc.error().message();
-  std::atomic<int> connected{0}, disconnected{0}, requests{0};
-  std::function<void()> receive_next = [&] {
-    (*svc)->async_receive([&](error_code ec, event e) {
-      if (ec) return;
-      if (e.kind == event_kind::request) {
-        ++requests;
-        (void)(*svc)->reply(e.client, e.id, e.view());
-      }
-      if (e.kind == event_kind::connected) ++connected;
-      if (e.kind == event_kind::disconnected) ++disconnected;
-      receive_next();
-    });
-  };
-  auto work = boost::asio::make_work_guard(io);
-  std::thread a([&] { io.run(); }), b([&] { io.run(); });
-  boost::asio::post(io, receive_next);
+  echo_on_two_threads server("async1", options());
   constexpr int clients = 3, sessions = 10, calls = 300;
   std::atomic<int> answered{0};
   std::vector<std::thread> callers;
@@ -378,16 +380,12 @@ TEST_F(Messages, OneReceiverOnTwoThreadsTakesEachEventOnce) {
     });
   for (auto& t : callers) t.join();
   EXPECT_EQ(answered.load(), clients * sessions * calls);
-  EXPECT_EQ(requests.load(), clients * sessions * calls);
+  EXPECT_EQ(server.requests.load(), clients * sessions * calls);
   const auto give_up = std::chrono::steady_clock::now() + 5s;
-  while (disconnected.load() < clients * sessions && std::chrono::steady_clock::now() < give_up)
+  while (server.disconnected.load() < clients * sessions && std::chrono::steady_clock::now() < give_up)
     std::this_thread::sleep_for(1ms);
-  EXPECT_EQ(connected.load(), clients * sessions);
-  EXPECT_EQ(disconnected.load(), clients * sessions);
-  (*svc)->stop();
-  work.reset();
-  a.join();
-  b.join();
+  EXPECT_EQ(server.connected.load(), clients * sessions);
+  EXPECT_EQ(server.disconnected.load(), clients * sessions);
 }
 
 TEST_F(Messages, AsyncCallCancellationAborts) {
