@@ -2,6 +2,7 @@
 #pragma once
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include <gtest/gtest.h>
@@ -13,11 +14,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <future>
+#include <memory>
 #include <string>
 #include <thread>
 #include <utility>
@@ -41,6 +45,89 @@ inline bool run_until(boost::asio::io_context& ctx, const std::function<bool()>&
     if (ctx.stopped()) ctx.restart();
   }
   return true;
+}
+
+/// Polls `done()` until it holds or `limit` passes; returns whether it held.
+/// Does not fail the test by itself: callers assert what the wait means.
+inline bool eventually(const std::function<bool()>& done,
+                       std::chrono::milliseconds limit = std::chrono::seconds(20)) {
+  const auto until = std::chrono::steady_clock::now() + limit;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > until) return done();
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return true;
+}
+
+/// Runs `fn` on one of `ctx`'s threads and waits for it at most `limit`;
+/// fails the test if it did not run in time (a loop that stopped serving).
+inline bool run_on(boost::asio::io_context& ctx, std::function<void()> fn,
+                   std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+  auto ran = std::make_shared<std::atomic<bool>>(false);
+  boost::asio::post(ctx, [ran, fn = std::move(fn)] {
+    fn();
+    ran->store(true);
+  });
+  if (eventually([&] { return ran->load(); }, limit)) return true;
+  ADD_FAILURE() << "a task posted to the loop did not run within " << limit.count() << " ms";
+  return false;
+}
+
+/// Runs `loop.run()` on a thread of its own. stop() (or the destructor) asks
+/// the loop to stop and waits at most `limit` for run() to return: a loop that
+/// does not stop fails the test and is stopped hard through its io_context, so
+/// a broken stop() shows as a failure, not as a ctest timeout.
+template <class Loop>
+class loop_runner {
+ public:
+  explicit loop_runner(Loop& loop) : loop_(loop) {
+    auto done = std::make_shared<std::promise<void>>();
+    finished_ = done->get_future();
+    thread_ = std::thread([this, done] {
+      loop_.run();
+      done->set_value();
+    });
+  }
+  ~loop_runner() { stop(); }
+  loop_runner(const loop_runner&) = delete;
+  loop_runner& operator=(const loop_runner&) = delete;
+
+  bool stop(std::chrono::seconds limit = std::chrono::seconds(10)) {
+    if (!thread_.joinable()) return true;
+    loop_.stop();
+    const bool stopped = finished_.wait_for(limit) == std::future_status::ready;
+    if (!stopped) {
+      ADD_FAILURE() << "the loop did not stop within " << limit.count() << " s";
+      loop_.context().stop();
+    }
+    thread_.join();
+    return stopped;
+  }
+
+ private:
+  Loop& loop_;
+  std::future<void> finished_;
+  std::thread thread_;
+};
+
+/// Runs `loop` until it stops by itself, at most `limit`. A loop that does not
+/// stop in time fails the test and is stopped hard (its io_context), so a
+/// broken stop() shows as a failure here, not as a ctest timeout.
+template <class Loop>
+bool run_within(Loop& loop, std::chrono::seconds limit = std::chrono::seconds(10)) {
+  std::promise<void> done;
+  auto finished = done.get_future();
+  std::thread runner([&] {
+    loop.run();
+    done.set_value();
+  });
+  const bool stopped = finished.wait_for(limit) == std::future_status::ready;
+  if (!stopped) {
+    ADD_FAILURE() << "the loop did not stop within " << limit.count() << " s";
+    loop.context().stop();
+  }
+  runner.join();
+  return stopped;
 }
 
 /// A private directory, removed with everything in it when the object goes.

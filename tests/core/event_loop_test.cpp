@@ -1,4 +1,5 @@
 // The event loop: threads, stop hooks, signals.
+#include "test_support.hpp"
 #include "uipc/core/event_loop.hpp"
 
 #include <boost/asio/io_context.hpp>
@@ -19,24 +20,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-// Runs `loop` until it stops by itself, at most `limit`. A loop that does not
-// stop in time fails the test and is stopped hard (its io_context), so a
-// broken stop() shows as a failure here, not as a ctest timeout.
-bool run_within(event_loop& loop, std::chrono::seconds limit = 10s) {
-  std::promise<void> done;
-  auto finished = done.get_future();
-  std::thread runner([&] {
-    loop.run();
-    done.set_value();
-  });
-  const bool stopped = finished.wait_for(limit) == std::future_status::ready;
-  if (!stopped) {
-    ADD_FAILURE() << "the loop did not stop within " << limit.count() << " s";
-    loop.context().stop();
-  }
-  runner.join();
-  return stopped;
-}
+using test::run_within;
 
 TEST(EventLoopTest, RunsOnTheRequestedNumberOfThreads) {
   event_loop loop(2);

@@ -517,7 +517,7 @@ TEST(FramedThreadsTest, CallsFromManyThreadsOnAMultiThreadedLoop) {
   ASSERT_TRUE(pair);
   auto [client, server] = *pair;
   serve(server);
-  std::jthread runner([&] { loop.run(); });
+  test::loop_runner runner(loop);
   std::atomic<int> ok{0};
   {
     std::vector<std::jthread> callers;
@@ -536,7 +536,7 @@ TEST(FramedThreadsTest, CallsFromManyThreadsOnAMultiThreadedLoop) {
   EXPECT_EQ(client->stats().calls_in_flight, 0u);
   client->close();
   server->close();
-  loop.stop();
+  EXPECT_TRUE(runner.stop());
 }
 
 }  // namespace

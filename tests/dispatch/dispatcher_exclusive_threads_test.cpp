@@ -38,22 +38,17 @@ TEST(DispatcherThreadsTest, ExclusivePortsServeFromTwoThreadsWithoutLosingATrans
   }
   asio::post(loop.context(), [&echo] { echo.start(); });
   for (auto& c : all) asio::post(loop.context(), [&c] { c.start(); });
-  std::thread runner([&] { loop.run(); });
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  test::loop_runner runner(loop);
   auto finished = [&] {
     int n = 0;
     for (auto& c : all) n += c.completed() + c.failed();
     return n == clients * per_client;
   };
-  while (!finished() && std::chrono::steady_clock::now() < until)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  std::atomic<bool> detached{false};
-  asio::post(loop.context(), [&] {
+  EXPECT_TRUE(test::eventually(finished, std::chrono::seconds(30)));
+  ASSERT_TRUE(test::run_on(loop.context(), [&] {
     for (auto& c : all) c.stop();
     echo.detach();
-    detached = true;
-  });
-  while (!detached) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }));
   std::size_t open = 0;
   std::uint64_t received = 0, unmatched = 0;
   for (auto& d : dispatchers) {
@@ -64,8 +59,7 @@ TEST(DispatcherThreadsTest, ExclusivePortsServeFromTwoThreadsWithoutLosingATrans
   }
   dispatchers.clear();
   server->reset();
-  loop.stop();
-  runner.join();
+  runner.stop();
   loop.context().restart();
   loop.context().poll();
   int completed = 0, failed = 0;

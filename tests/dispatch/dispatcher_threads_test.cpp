@@ -21,6 +21,7 @@
 namespace uipc::dispatch {
 namespace {
 
+using test::eventually;
 using test_threads::client;
 using test_threads::echo_listener;
 using test_threads::loopback_any;
@@ -51,27 +52,21 @@ TEST(DispatcherThreadsTest, ReusePortGroupServesFromTwoThreadsWithoutLosingATran
   }
   for (auto& l : listeners) asio::post(loop.context(), [&l] { l.start(); });
   for (auto& c : all) asio::post(loop.context(), [&c] { c.start(); });
-  std::thread runner([&] { loop.run(); });
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  test::loop_runner runner(loop);
   auto finished = [&] {
     int n = 0;
     for (auto& c : all) n += c.completed() + c.failed();
     return n == clients * per_client;
   };
-  while (!finished() && std::chrono::steady_clock::now() < until)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_TRUE(test::eventually(finished, std::chrono::seconds(30)));
   // Detach from the loop's threads, then stop.
-  std::atomic<bool> detached{false};
-  asio::post(loop.context(), [&] {
+  ASSERT_TRUE(test::run_on(loop.context(), [&] {
     for (auto& c : all) c.stop();
     for (auto& l : listeners) l.detach();
-    detached = true;
-  });
-  while (!detached) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }));
   const auto stats = (*server)->stats();
   server->reset();
-  loop.stop();
-  runner.join();
+  runner.stop();
   loop.context().restart();
   loop.context().poll();
   int completed = 0, failed = 0;
@@ -85,16 +80,6 @@ TEST(DispatcherThreadsTest, ReusePortGroupServesFromTwoThreadsWithoutLosingATran
   for (auto& l : listeners) answered += l.answered();
   EXPECT_EQ(answered, static_cast<std::uint64_t>(clients * per_client));
   EXPECT_EQ(stats.received, static_cast<std::uint64_t>(clients * per_client));
-}
-
-/// Waits (polling, the loop runs on its own threads) until `condition` holds;
-/// false if it still does not after a generous deadline.
-template <class Condition>
-bool eventually(Condition condition) {
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!condition() && std::chrono::steady_clock::now() < until)
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  return condition();
 }
 
 /// A plain UDP client on its own port (the kernel spreads ports over a
@@ -208,7 +193,7 @@ TEST(DispatcherThreadsTest, ReusePortGroupWithATinyPoolKeepsEverySocketReceiving
     listeners.emplace_back(std::move(*l), loop.context());
   }
   for (auto& l : listeners) asio::post(loop.context(), [&l] { l.start(); });
-  std::thread runner([&] { loop.run(); });
+  test::loop_runner runner(loop);
 
   std::vector<std::unique_ptr<plain_client>> clients;
   for (int i = 0; i < 16; ++i) clients.push_back(std::make_unique<plain_client>());
@@ -244,15 +229,11 @@ TEST(DispatcherThreadsTest, ReusePortGroupWithATinyPoolKeepsEverySocketReceiving
   for (auto& l : listeners) EXPECT_EQ(l.no_buffers(), 0);
   EXPECT_GT(st.received, 0u);
 
-  std::atomic<bool> detached{false};
-  asio::post(loop.context(), [&] {
+  ASSERT_TRUE(test::run_on(loop.context(), [&] {
     for (auto& l : listeners) l.detach();
-    detached = true;
-  });
-  while (!detached) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }));
   d->reset();
-  loop.stop();
-  runner.join();
+  runner.stop();
   loop.context().restart();
   loop.context().poll();
 }
@@ -335,7 +316,7 @@ TEST(DispatcherThreadsTest, ShutdownFromAnotherThreadRacesRepliesSendsAndReArmsC
       listeners.emplace_back(std::move(*l), loop.context());
     }
     for (auto& l : listeners) asio::post(loop.context(), [&l] { l.start(); });
-    std::thread runner([&] { loop.run(); });
+    test::loop_runner runner(loop);
 
     std::atomic<bool> stop_load{false};
     std::thread load([&] {
@@ -385,15 +366,11 @@ TEST(DispatcherThreadsTest, ShutdownFromAnotherThreadRacesRepliesSendsAndReArmsC
     EXPECT_EQ(st.buffers_lent, 0u);
     EXPECT_EQ(st.queued_queries, 0u);
 
-    std::atomic<bool> detached{false};
-    asio::post(loop.context(), [&] {
+    ASSERT_TRUE(test::run_on(loop.context(), [&] {
       for (auto& l : listeners) l.detach();
-      detached = true;
-    });
-    while (!detached) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }));
     d->reset();
-    loop.stop();
-    runner.join();
+    runner.stop();
     loop.context().restart();
     loop.context().poll();
   }

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "plugin_support.hpp"
+#include "test_support.hpp"
 
 namespace uipc::plugin {
 namespace {
@@ -102,7 +103,7 @@ TEST_F(Threading, WaitingInACallbackLetsAnotherThreadIntoACooperativePlugin) {
   logged_host h;
   ASSERT_TRUE(h.h->load(p.entry()));
   auto waiter = std::async(std::launch::async, [&] { return h.h->new_context().value().call("wait", nullptr); });
-  while (!waiting) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(uipc::test::eventually([&] { return waiting.load(); }, 10s)) << "the waiter never got inside";
   // The plug-in is cooperative and one thread is inside it, waiting: we get in.
   auto ctx = h.h->new_context().value();
   EXPECT_EQ(ctx.call("wake", nullptr).value(), 8u);
@@ -175,7 +176,8 @@ TEST_F(Threading, ABusyCooperativePluginCostsACallerItsDeadlineOnly) {
   p.init = [&](uipc_plugin_context* c) {
     p.serve(c, "hog", [&](auto*, void*) {
       inside = true;
-      while (!release) std::this_thread::sleep_for(1ms);  // blocks without a yield point
+      // Blocks without a yield point (for at most 20 s, so a failed test ends).
+      uipc::test::eventually([&] { return release.load(); }, 20s);
       return 0u;
     });
     return p.serve(c, "quick", [](auto*, void*) { return 1u; });
@@ -183,7 +185,7 @@ TEST_F(Threading, ABusyCooperativePluginCostsACallerItsDeadlineOnly) {
   logged_host h;
   ASSERT_TRUE(h.h->load(p.entry()));
   auto hog = std::async(std::launch::async, [&] { return h.h->new_context().value().call("hog", nullptr); });
-  while (!inside) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(uipc::test::eventually([&] { return inside.load(); }, 10s)) << "the hog never got inside";
   auto ctx = h.h->new_context().value();
   ctx.set_deadline(std::chrono::steady_clock::now() + 50ms);
   auto start = std::chrono::steady_clock::now();
