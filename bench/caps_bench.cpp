@@ -220,7 +220,7 @@ BENCHMARK(BM_CapsPipelined)->Arg(64)->UseRealTime();
 // ---- the floor and the socket ----------------------------------------------------
 
 struct ping_pong_page {
-  alignas(64) std::atomic<std::uint32_t> turn;     // odd: the server's, even: the client's
+  alignas(64) std::atomic<std::uint32_t> turn;  // odd: the server's, even: the client's
   alignas(64) std::atomic<std::uint32_t> sleepers;
   std::atomic<std::uint32_t> stop;
 };
@@ -244,7 +244,8 @@ void pass_turn(ping_pong_page& p, std::uint32_t next) {
 }
 
 void BM_SpinPingPong(benchmark::State& state) {
-  void* mem = ::mmap(nullptr, sizeof(ping_pong_page), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  void* mem = ::mmap(nullptr, sizeof(ping_pong_page), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) return state.SkipWithError("mmap");
   auto* p = new (mem) ping_pong_page{};
   const pid_t child = ::fork();
@@ -291,7 +292,8 @@ bool write_all(int fd, const char* data, std::size_t size) {
 void BM_RawUdsRoundTrip(benchmark::State& state) {
   const auto size = static_cast<std::size_t>(state.range(0));
   int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
+    return state.SkipWithError("socketpair");
   const pid_t child = ::fork();
   if (child == 0) {
     ::close(fds[0]);

@@ -92,7 +92,8 @@ class server_child {
     }
     ::close(ready[1]);
     char c = 0;
-    ok_ = readable_within(ready[0], std::chrono::seconds(10)) && ::read(ready[0], &c, 1) == 1 && c == 'y';
+    ok_ = readable_within(ready[0], std::chrono::seconds(10)) && ::read(ready[0], &c, 1) == 1 &&
+          c == 'y';
     ::close(ready[0]);
   }
   ~server_child() { stop_process(pid_, SIGKILL); }
@@ -147,7 +148,9 @@ class zmq_session {
   std::vector<void*> sockets_;
 };
 
-std::string ipc_endpoint(const temp_dir& dir, const char* name) { return "ipc://" + dir.path() + "/" + name; }
+std::string ipc_endpoint(const temp_dir& dir, const char* name) {
+  return "ipc://" + dir.path() + "/" + name;
+}
 
 void BM_ZmqReqRep(benchmark::State& state) {
   const auto size = static_cast<std::size_t>(state.range(0));
@@ -170,7 +173,8 @@ void BM_ZmqReqRep(benchmark::State& state) {
   if (req == nullptr) return state.SkipWithError("zmq connect");
   std::vector<char> msg(size, 'x'), reply(size);
   for (auto _ : state) {
-    if (::zmq_send(req, msg.data(), size, 0) < 0 || ::zmq_recv(req, reply.data(), size, 0) != static_cast<int>(size)) {
+    if (::zmq_send(req, msg.data(), size, 0) < 0 ||
+        ::zmq_recv(req, reply.data(), size, 0) != static_cast<int>(size)) {
       return state.SkipWithError(::zmq_strerror(zmq_errno()));
     }
   }
@@ -219,7 +223,8 @@ void run_push_pull(benchmark::State& state, bool echo) {
     while (sent - credited >= window) {
       if (!take_credit()) return state.SkipWithError(::zmq_strerror(zmq_errno()));
     }
-    if (::zmq_send(push, msg.data(), size, 0) < 0) return state.SkipWithError(::zmq_strerror(zmq_errno()));
+    if (::zmq_send(push, msg.data(), size, 0) < 0)
+      return state.SkipWithError(::zmq_strerror(zmq_errno()));
     ++sent;
   }
   while (sent - credited >= batch && take_credit()) {
@@ -266,7 +271,8 @@ const sd_bus_vtable echo_vtable[] = {
 
 // Serves the echo object on `bus` (already started) until the connection ends.
 void serve_echo(sd_bus* bus, int ready, bool own_name) {
-  int r = ::sd_bus_add_object_vtable(bus, nullptr, object_path, interface_name, echo_vtable, nullptr);
+  int r =
+      ::sd_bus_add_object_vtable(bus, nullptr, object_path, interface_name, echo_vtable, nullptr);
   if (r >= 0 && own_name) r = ::sd_bus_request_name(bus, bus_name, 0);
   say_ready(ready, r >= 0);
   if (r < 0) return;
@@ -286,7 +292,8 @@ void run_echo_calls(benchmark::State& state, sd_bus* bus, const char* destinatio
     sd_bus_message* call = nullptr;
     sd_bus_message* reply = nullptr;
     sd_bus_error error = SD_BUS_ERROR_NULL;
-    int r = ::sd_bus_message_new_method_call(bus, &call, destination, object_path, interface_name, "Echo");
+    int r = ::sd_bus_message_new_method_call(bus, &call, destination, object_path, interface_name,
+                                             "Echo");
     if (r >= 0) r = ::sd_bus_message_append_array(call, 'y', msg.data(), size);
     if (r >= 0) r = ::sd_bus_call(bus, call, call_timeout_us, &error, &reply);
     const void* data = nullptr;
@@ -322,7 +329,8 @@ sd_bus* open_peer_bus(int fd, bool server) {
 
 void BM_SdBusPeerCall(benchmark::State& state) {
   int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
+    return state.SkipWithError("socketpair");
   server_child server([&](int ready) {
     ::close(fds[0]);
     sd_bus* bus = open_peer_bus(fds[1], true);
@@ -361,8 +369,8 @@ class private_bus_daemon {
       // which the benchmark reports only when the daemon did not start.
       const int log = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
       if (log >= 0) ::dup2(log, STDERR_FILENO);
-      ::execl(UIPC_BENCH_DBUS_DAEMON, "dbus-daemon", "--session", "--nofork", "--nopidfile", listen.c_str(),
-              print.c_str(), static_cast<char*>(nullptr));
+      ::execl(UIPC_BENCH_DBUS_DAEMON, "dbus-daemon", "--session", "--nofork", "--nopidfile",
+              listen.c_str(), print.c_str(), static_cast<char*>(nullptr));
       ::_exit(127);
     }
     ::close(printed[1]);
@@ -415,7 +423,8 @@ sd_bus* open_broker_bus(const std::string& address) {
 void BM_SdBusBrokerCall(benchmark::State& state) {
   temp_dir dir;
   private_bus_daemon daemon(dir);
-  if (daemon.address().empty()) return state.SkipWithError(("dbus-daemon did not start: " + daemon.log()).c_str());
+  if (daemon.address().empty())
+    return state.SkipWithError(("dbus-daemon did not start: " + daemon.log()).c_str());
   server_child server([&](int ready) {
     sd_bus* bus = open_broker_bus(daemon.address());
     if (bus == nullptr) return say_ready(ready, false);

@@ -3,38 +3,38 @@
 //   BM_FrameEncode / BM_FrameDecode                 — the envelope codec alone
 //   BM_BufferPool_AcquireRelease vs BM_Malloc_Free  — a receive buffer
 //   BM_BufferPool_BatchAcquireRelease/32 vs BM_Malloc_FreeBatch/32
-//                                                   — a recvmmsg batch's buffers, taken and given back together
+//                                                   — a recvmmsg batch's buffers, taken and given
+//                                                   back together
 //   BM_FramedPipelined vs BM_RawUdsPipelined        — 16 requests of 4 KiB in flight
 //   BM_Ledger_AcquireRelease vs BM_MutexMap_...     — per-holder reference counts
 //   BM_RefPtr_Copy vs BM_SharedPtr_Copy             — sharing an object
 //   BM_PolicyWaitPingPong/<spin us> vs BM_FutexWaitPingPong
 //                                                   — two threads handing a turn back and forth
-#include "uipc/core/blocking_connection.hpp"
-#include "uipc/core/buffer_pool.hpp"
-#include "uipc/core/framed.hpp"
-#include "uipc/core/ledger.hpp"
-#include "uipc/core/ref.hpp"
-#include "uipc/core/futex.hpp"
-#include "uipc/core/wait_policy.hpp"
-#include "uipc/proto/envelope.pb.h"
-#include "wire.hpp"
-
 #include <benchmark/benchmark.h>
-#include <boost/asio/io_context.hpp>
-
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <cstdlib>
 #include <functional>
-#include <mutex>
-#include <unordered_map>
 #include <memory>
+#include <mutex>
 #include <span>
-#include <vector>
 #include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "uipc/core/blocking_connection.hpp"
+#include "uipc/core/buffer_pool.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/core/futex.hpp"
+#include "uipc/core/ledger.hpp"
+#include "uipc/core/ref.hpp"
+#include "uipc/core/wait_policy.hpp"
+#include "uipc/proto/envelope.pb.h"
+#include "wire.hpp"
 
 namespace {
 
@@ -67,12 +67,14 @@ std::jthread raw_echo_server(int fd, std::size_t size) {
 void BM_RawUdsRoundTrip(benchmark::State& state) {
   const auto size = static_cast<std::size_t>(state.range(0));
   int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
+    return state.SkipWithError("socketpair");
   std::jthread server = raw_echo_server(fds[1], size);
   std::string msg(size, 'x');
   std::string reply(size, '\0');
   for (auto _ : state) {
-    if (::write(fds[0], msg.data(), size) != static_cast<ssize_t>(size)) return state.SkipWithError("write");
+    if (::write(fds[0], msg.data(), size) != static_cast<ssize_t>(size))
+      return state.SkipWithError("write");
     if (!read_exact(fds[0], reply.data(), size)) return state.SkipWithError("read");
   }
   ::shutdown(fds[0], SHUT_RDWR);
@@ -138,7 +140,8 @@ BENCHMARK(BM_FramedRoundTrip)->Arg(64)->UseRealTime();
 void BM_BlockingRoundTrip(benchmark::State& state) {
   const auto size = static_cast<std::size_t>(state.range(0));
   int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
+    return state.SkipWithError("socketpair");
   boost::asio::io_context server_ctx{1};
   auto server = connection::adopt(server_ctx, unique_fd(fds[1]));
   auto client = blocking_connection::adopt(unique_fd(fds[0]));
@@ -150,7 +153,8 @@ void BM_BlockingRoundTrip(benchmark::State& state) {
   for (auto _ : state) {
     frame request;
     request.payload = payload;
-    auto reply = client->call(std::move(request), std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    auto reply = client->call(std::move(request),
+                              std::chrono::steady_clock::now() + std::chrono::seconds(5));
     if (!reply || reply->payload.size() != size) return state.SkipWithError("bad reply");
   }
   client->close();  // the server's receive ends, and with it its loop
@@ -162,7 +166,8 @@ void BM_RawUdsPipelined(benchmark::State& state) {
   const auto size = static_cast<std::size_t>(state.range(0));
   const auto depth = static_cast<int>(state.range(1));
   int fds[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return state.SkipWithError("socketpair");
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
+    return state.SkipWithError("socketpair");
   std::jthread server = raw_echo_server(fds[1], size);
   const std::string msg(size, 'x');
   std::string reply(size, '\0');
@@ -170,7 +175,8 @@ void BM_RawUdsPipelined(benchmark::State& state) {
   for (int i = 0; i < depth; ++i) (void)::write(fds[0], msg.data(), size);
   for (auto _ : state) {
     if (!read_one()) return state.SkipWithError("read");
-    if (::write(fds[0], msg.data(), size) != static_cast<ssize_t>(size)) return state.SkipWithError("write");
+    if (::write(fds[0], msg.data(), size) != static_cast<ssize_t>(size))
+      return state.SkipWithError("write");
   }
   for (int i = 0; i < depth; ++i) (void)read_one();
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * size * 2));

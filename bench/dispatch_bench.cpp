@@ -181,8 +181,8 @@ void run_transactions(benchmark::State& state, port_mode ports) {
     }
   };
   bool failed = false;
-  starter go{*client, to, response_options{std::chrono::milliseconds(0), ports}, &slots, &done,
-             &failed};
+  starter go{*client, to,    response_options{std::chrono::milliseconds(0), ports},
+             &slots,  &done, &failed};
   for (std::size_t i = 0; i < batch; ++i) go.start(i);
   for (auto _ : state) {
     target += 256;

@@ -323,7 +323,8 @@ struct ping_pong {
     static int round = 0;
     const std::string ping_name = prefix + "ping-" + std::to_string(++round);
     const std::string pong_name = prefix + "pong-" + std::to_string(round);
-    auto connected = as_peer([&] { return client::connect(bench_options(std::chrono::microseconds(state.range(0)))); });
+    auto connected = as_peer(
+        [&] { return client::connect(bench_options(std::chrono::microseconds(state.range(0)))); });
     if (!connected) {
       state.SkipWithError(("connect: " + connected.error().message()).c_str());
       return;

@@ -18,19 +18,20 @@ const uipc_plugin_host_api* bench_api;
 
 template <std::uint32_t Flags>
 const uipc_plugin_info* entry(std::uint32_t, std::uint32_t) {
-  static const uipc_plugin_info info{
-      sizeof(uipc_plugin_info),
-      UIPC_PLUGIN_ABI_MAJOR,
-      UIPC_PLUGIN_ABI_MINOR,
-      Flags ? "preemptive" : "cooperative",
-      Flags,
-      0,
-      [](uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
-        bench_api = api;
-        return api->register_service(ctx, Flags ? "add one" : "add one slowly", add_one, nullptr, 0);
-      },
-      nullptr,
-      nullptr};
+  static const uipc_plugin_info info{sizeof(uipc_plugin_info),
+                                     UIPC_PLUGIN_ABI_MAJOR,
+                                     UIPC_PLUGIN_ABI_MINOR,
+                                     Flags ? "preemptive" : "cooperative",
+                                     Flags,
+                                     0,
+                                     [](uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
+                                       bench_api = api;
+                                       return api->register_service(
+                                           ctx, Flags ? "add one" : "add one slowly", add_one,
+                                           nullptr, 0);
+                                     },
+                                     nullptr,
+                                     nullptr};
   return &info;
 }
 
@@ -66,7 +67,8 @@ void call_resolved(benchmark::State& state, const char* name) {
   const auto* api = &host::api();
   std::uint64_t value = 0;
   for (auto _ : state) {
-    if (api->call_resolved(ctx.get(), ref.get(), &value, &value) != UIPC_PLUGIN_OK) state.SkipWithError("call failed");
+    if (api->call_resolved(ctx.get(), ref.get(), &value, &value) != UIPC_PLUGIN_OK)
+      state.SkipWithError("call failed");
     benchmark::DoNotOptimize(value);
   }
 }
@@ -95,7 +97,8 @@ void BM_CallByName(benchmark::State& state) {
   const auto* api = &host::api();
   std::uint64_t value = 0;
   for (auto _ : state) {
-    if (api->call_service(ctx.get(), "add one", &value, &value) != UIPC_PLUGIN_OK) state.SkipWithError("call failed");
+    if (api->call_service(ctx.get(), "add one", &value, &value) != UIPC_PLUGIN_OK)
+      state.SkipWithError("call failed");
     benchmark::DoNotOptimize(value);
   }
 }

@@ -47,8 +47,8 @@ BENCHMARK(BM_CallOutOfProcess)->Arg(64)->UseRealTime();
 // The same runner and plug-in, called with the runner's own protocol over caps.
 void BM_CallOutOfProcessCapsPeer(benchmark::State& state) {
   const std::string point = "uipc.bench.runner." + std::to_string(::getpid());
-  std::vector<std::string> args{UIPC_BENCH_RUNNER_PATH, "--point", point, "--parent", std::to_string(::getpid()),
-                                hello_plugin};
+  std::vector<std::string> args{UIPC_BENCH_RUNNER_PATH,     "--point",   point, "--parent",
+                                std::to_string(::getpid()), hello_plugin};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -60,7 +60,8 @@ void BM_CallOutOfProcessCapsPeer(benchmark::State& state) {
   boost::asio::io_context io;
   uipc::caps::client_options copts;
   copts.wait_for_point = std::chrono::seconds(5);
-  auto client = uipc::caps::client::connect(io, uipc::caps::point_address{point, ::getuid(), std::nullopt, {}}, copts);
+  auto client = uipc::caps::client::connect(
+      io, uipc::caps::point_address{point, ::getuid(), std::nullopt, {}}, copts);
   if (!client) {
     state.SkipWithError(client.error().message().c_str());
   } else {

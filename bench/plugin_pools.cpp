@@ -68,13 +68,14 @@ void BM_BumpFloor(benchmark::State& state) {
       top += (n + 15) & ~std::size_t{15};
       return b;
     };
-    one_request(bump,
-                [&](void* old, std::size_t had, std::size_t n) {
-                  void* b = bump(n);
-                  if (had) std::memcpy(b, old, had);
-                  return b;
-                },
-                [](void*) {});
+    one_request(
+        bump,
+        [&](void* old, std::size_t had, std::size_t n) {
+          void* b = bump(n);
+          if (had) std::memcpy(b, old, had);
+          return b;
+        },
+        [](void*) {});
   }
 }
 BENCHMARK(BM_BumpFloor);
@@ -183,9 +184,10 @@ void BM_MimallocRequest(benchmark::State& state) {
   // A heap per request, destroyed at its end: mimalloc's own per-request pool.
   for (auto _ : state) {
     mi_heap_t* heap = mi_heap_new();
-    one_request([&](std::size_t n) { return mi_heap_malloc(heap, n); },
-                [&](void* old, std::size_t, std::size_t n) { return mi_heap_realloc(heap, old, n); },
-                [](void* b) { mi_free(b); });
+    one_request(
+        [&](std::size_t n) { return mi_heap_malloc(heap, n); },
+        [&](void* old, std::size_t, std::size_t n) { return mi_heap_realloc(heap, old, n); },
+        [](void* b) { mi_free(b); });
     mi_heap_destroy(heap);
   }
 }

@@ -15,9 +15,9 @@
 namespace {
 
 namespace detail = uipc::caps::detail;
-using uipc::shm_segment;
-using uipc::server_session;
 using uipc::peer_identity;
+using uipc::server_session;
+using uipc::shm_segment;
 using uipc::unique_fd;
 using uipc::caps::event;
 using uipc::caps::event_kind;
@@ -28,11 +28,12 @@ constexpr std::uint32_t max_in_flight = 8;
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static const auto layout = detail::channel_layout::of(64 << 10, 64 << 10);
-  auto segment = shm_segment::create_anonymous(layout.total, {detail::channel_magic, detail::channel_version});
+  auto segment =
+      shm_segment::create_anonymous(layout.total, {detail::channel_magic, detail::channel_version});
   if (!segment) std::abort();
   auto session = std::make_shared<server_session>(1, peer_identity{}, unique_fd{}, nullptr);
-  auto ch = std::make_shared<detail::server_channel>(session, std::move(*segment), layout, max_in_flight,
-                                                     unique_fd{}, unique_fd{});
+  auto ch = std::make_shared<detail::server_channel>(session, std::move(*segment), layout,
+                                                     max_in_flight, unique_fd{}, unique_fd{});
   const std::size_t n = std::min<std::size_t>(size / sizeof(detail::entry), detail::ring_entries);
   std::memcpy(ch->shared->to_server.entries, data, n * sizeof(detail::entry));
   std::uint32_t tail = static_cast<std::uint32_t>(n);

@@ -24,7 +24,9 @@ const uipc_plugin_host_api* api;
 std::uint64_t echo(uipc_plugin_context* ctx, void*, void* arg) {
   auto* call = static_cast<uipc_plugin_bytes_call*>(arg);
   void* out = nullptr;
-  if (call->in_size && api->pool_alloc(api->context_pool(ctx), call->in_size, &out) != UIPC_PLUGIN_OK) return 1;
+  if (call->in_size &&
+      api->pool_alloc(api->context_pool(ctx), call->in_size, &out) != UIPC_PLUGIN_OK)
+    return 1;
   if (call->in_size) std::memcpy(out, call->in, call->in_size);
   call->out = out;
   call->out_size = call->in_size;
@@ -35,13 +37,19 @@ std::uint64_t pointer_service(uipc_plugin_context*, void*, void*) { return 7; }
 
 const uipc_plugin_info* entry(std::uint32_t, std::uint32_t) {
   static const uipc_plugin_info info{
-      sizeof(uipc_plugin_info), UIPC_PLUGIN_ABI_MAJOR, UIPC_PLUGIN_ABI_MINOR, "fuzzed", UIPC_PLUGIN_PREEMPTIVE, 0,
+      sizeof(uipc_plugin_info),
+      UIPC_PLUGIN_ABI_MAJOR,
+      UIPC_PLUGIN_ABI_MINOR,
+      "fuzzed",
+      UIPC_PLUGIN_PREEMPTIVE,
+      0,
       [](uipc_plugin_context* ctx, const uipc_plugin_host_api* host_api) {
         api = host_api;
         int s = host_api->register_service(ctx, "echo", echo, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
         return s ? s : host_api->register_service(ctx, "pointer", pointer_service, nullptr, 0);
       },
-      nullptr, nullptr};
+      nullptr,
+      nullptr};
   return &info;
 }
 
@@ -71,8 +79,9 @@ std::string plugins(host& h) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   host& h = the_host();
   const std::string before = plugins(h);
-  const std::string reply = uipc::plugin::control_answer(
-      h, std::string_view(reinterpret_cast<const char*>(data), size), std::chrono::milliseconds(100));
+  const std::string reply =
+      uipc::plugin::control_answer(h, std::string_view(reinterpret_cast<const char*>(data), size),
+                                   std::chrono::milliseconds(100));
   if (reply.rfind("ok\n", 0) == 0) return 0;
   UIPC_FUZZ_CHECK(reply.rfind("error\t", 0) == 0);
   UIPC_FUZZ_CHECK(!reply.empty() && reply.back() == '\n');

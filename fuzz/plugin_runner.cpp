@@ -33,7 +33,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } else if (size >= proto::reply_header) {
     std::int32_t status;
     std::memcpy(&status, data, 4);
-    UIPC_FUZZ_CHECK(status < UIPC_PLUGIN_OK || status > UIPC_PLUGIN_E_TOO_MANY);  // the only reason to refuse
+    UIPC_FUZZ_CHECK(status < UIPC_PLUGIN_OK ||
+                    status > UIPC_PLUGIN_E_TOO_MANY);  // the only reason to refuse
   }
   return 0;
 }

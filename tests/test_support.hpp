@@ -1,13 +1,8 @@
 // Shared helpers for the test suites: bounded loop runs and private temp directories.
 #pragma once
 
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/post.hpp>
-#include <boost/asio/steady_timer.hpp>
-
-#include <gtest/gtest.h>
-
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -15,6 +10,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -244,7 +242,8 @@ class child_process {
     if (err_ < 0) return out;
     char buf[4096];
     off_t at = 0;
-    for (ssize_t n; (n = ::pread(err_, buf, sizeof buf, at)) > 0; at += n) out.append(buf, static_cast<std::size_t>(n));
+    for (ssize_t n; (n = ::pread(err_, buf, sizeof buf, at)) > 0; at += n)
+      out.append(buf, static_cast<std::size_t>(n));
     return out;
   }
   /// Sends `signal`, then waits at most `limit` for the exit: its status, 128 +
@@ -275,7 +274,8 @@ class child_process {
 /// How many descriptors this process has open (to prove that nothing leaked).
 inline std::size_t open_fd_count() {
   std::size_t n = 0;
-  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
+  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd"))
+    ++n;
   return n;
 }
 

@@ -65,8 +65,9 @@ int main(int argc, char** argv) {
   const auto colon = server.rfind(':');
   unsigned long server_port = 0;
   in_addr server_address{}, target_address{};
-  if (colon == std::string::npos || !parse_number(std::string_view(server).substr(colon + 1), server_port) ||
-      server_port == 0 || server_port > 65535 ||
+  if (colon == std::string::npos ||
+      !parse_number(std::string_view(server).substr(colon + 1), server_port) || server_port == 0 ||
+      server_port > 65535 ||
       ::inet_pton(AF_INET, server.substr(0, colon).c_str(), &server_address) != 1 ||
       ::inet_pton(AF_INET, target.c_str(), &target_address) != 1 || first == 0 || first > last ||
       last > 65535 || count == 0) {
@@ -106,7 +107,8 @@ int main(int argc, char** argv) {
     ip->protocol = IPPROTO_UDP;
     ip->saddr = server_address.s_addr;  // spoofed: the server's
     ip->daddr = target_address.s_addr;
-    ip->tot_len = htons(static_cast<std::uint16_t>(packet_length));  // the kernel fills id, checksum
+    ip->tot_len =
+        htons(static_cast<std::uint16_t>(packet_length));  // the kernel fills id, checksum
     auto* udp = reinterpret_cast<udphdr*>(packets[i].data() + sizeof(iphdr));
     udp->source = htons(static_cast<std::uint16_t>(server_port));
     udp->len = htons(static_cast<std::uint16_t>(sizeof(udphdr) + dns_length));

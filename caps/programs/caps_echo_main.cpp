@@ -12,13 +12,14 @@
 namespace {
 
 int usage(int status) {
-  std::fprintf(status == 0 ? stdout : stderr,
-               "usage: uipc-caps-echo --name NAME [--world | --group] [--shared] [--dir DIR]\n"
-               "  --name NAME  the point to register (letters, digits, '_' and '.'; 1-63 bytes)\n"
-               "  --world      anyone may connect (default: this user only)\n"
-               "  --group      this user's group may connect\n"
-               "  --shared     not exclusive: other servers of the name share its clients\n"
-               "  --dir DIR    the rendezvous directory (default: $UIPC_SHARED_DIR or /tmp/uipc-shared)\n");
+  std::fprintf(
+      status == 0 ? stdout : stderr,
+      "usage: uipc-caps-echo --name NAME [--world | --group] [--shared] [--dir DIR]\n"
+      "  --name NAME  the point to register (letters, digits, '_' and '.'; 1-63 bytes)\n"
+      "  --world      anyone may connect (default: this user only)\n"
+      "  --group      this user's group may connect\n"
+      "  --shared     not exclusive: other servers of the name share its clients\n"
+      "  --dir DIR    the rendezvous directory (default: $UIPC_SHARED_DIR or /tmp/uipc-shared)\n");
   return status;
 }
 
@@ -50,14 +51,15 @@ int main(int argc, char** argv) {
   boost::asio::io_context ctx;
   auto svc = uipc::caps::service::register_point(ctx, name, options);
   if (!svc) {
-    std::fprintf(stderr, "uipc-caps-echo: cannot register %s: %s\n", name.c_str(), svc.error().message().c_str());
+    std::fprintf(stderr, "uipc-caps-echo: cannot register %s: %s\n", name.c_str(),
+                 svc.error().message().c_str());
     return 1;
   }
   boost::asio::signal_set signals(ctx, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code, int) { (*svc)->stop(); });
   std::thread loop([&] { ctx.run(); });
-  std::printf("uipc-caps-echo: serving %s at %s (generation %llu)\n", name.c_str(), (*svc)->socket_path().c_str(),
-              static_cast<unsigned long long>((*svc)->generation()));
+  std::printf("uipc-caps-echo: serving %s at %s (generation %llu)\n", name.c_str(),
+              (*svc)->socket_path().c_str(), static_cast<unsigned long long>((*svc)->generation()));
   std::fflush(stdout);
 
   for (;;) {
@@ -69,7 +71,8 @@ int main(int argc, char** argv) {
   ctx.stop();
   loop.join();
   const auto s = (*svc)->stats();
-  std::printf("uipc-caps-echo: %llu requests from %llu clients\n", static_cast<unsigned long long>(s.requests),
+  std::printf("uipc-caps-echo: %llu requests from %llu clients\n",
+              static_cast<unsigned long long>(s.requests),
               static_cast<unsigned long long>(s.clients_total));
   return 0;
 }

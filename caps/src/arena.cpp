@@ -1,20 +1,21 @@
 #include "arena.hpp"
 
-#include "channel.hpp"
-
 #include <algorithm>
 #include <iterator>
 
+#include "channel.hpp"
+
 namespace uipc::caps::detail {
 
-arena_allocator::arena_allocator(std::size_t size) : size_(size / payload_alignment * payload_alignment) {
+arena_allocator::arena_allocator(std::size_t size)
+    : size_(size / payload_alignment * payload_alignment) {
   if (size_ > 0) free_.emplace(0, size_);
 }
 
 std::optional<std::uint64_t> arena_allocator::allocate(std::size_t length) {
   if (length > size_) return std::nullopt;
-  const std::size_t need = std::max<std::size_t>(payload_alignment,
-                                                 (length + payload_alignment - 1) / payload_alignment * payload_alignment);
+  const std::size_t need = std::max<std::size_t>(
+      payload_alignment, (length + payload_alignment - 1) / payload_alignment * payload_alignment);
   for (auto it = free_.begin(); it != free_.end(); ++it) {
     if (it->second < need) continue;
     const std::uint64_t offset = it->first;

@@ -30,7 +30,7 @@ class arena_allocator {
   std::size_t in_use_ = 0;
   // Nodes come from a pool of the allocator's own: no malloc per message once warm.
   std::pmr::unsynchronized_pool_resource pool_;
-  std::pmr::map<std::uint64_t, std::size_t> free_{&pool_};             // offset -> length, coalesced
+  std::pmr::map<std::uint64_t, std::size_t> free_{&pool_};  // offset -> length, coalesced
   std::pmr::unordered_map<std::uint64_t, std::size_t> taken_{&pool_};  // offset -> length
 };
 

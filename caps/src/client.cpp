@@ -20,8 +20,8 @@ namespace asio = boost::asio;
 
 namespace detail {
 
-client_core::client_core(asio::io_context& c, client_options o, blocking_connection control, shm_segment seg,
-                         channel_layout l, unique_fd server_b, unique_fd client_b)
+client_core::client_core(asio::io_context& c, client_options o, blocking_connection control,
+                         shm_segment seg, channel_layout l, unique_fd server_b, unique_fd client_b)
     : ctx(c),
       options(o),
       epoch(fork_epoch()),
@@ -99,9 +99,8 @@ void client_core::finish_async(std::uint64_t id, call& c) {
   auto handler = std::move(c.handler);
   if (c.error || !c.has_reply) {
     const auto ec = c.error ? c.error : make_error_code(errc::protocol_violation);
-    completions.emplace_back([this, h = std::make_shared<client::call_handler>(std::move(handler)), ec] {
-      post_completion(ctx, std::move(*h), ec, reply{});
-    });
+    completions.emplace_back([this, h = std::make_shared<client::call_handler>(std::move(handler)),
+                              ec] { post_completion(ctx, std::move(*h), ec, reply{}); });
   } else {
     completions.emplace_back([this, h = std::make_shared<client::call_handler>(std::move(handler)),
                               r = std::make_shared<reply>(make_reply(id, c))] {
@@ -129,7 +128,8 @@ void client_core::drain(std::unique_lock<std::mutex>&) {
   for (std::uint32_t i = 0; i < *waiting; ++i) {
     const entry e = from_server.take();
     const auto it = calls.find(e.id);
-    if (it == calls.end() || it->second.server_done) return fail_all(make_error_code(errc::protocol_violation));
+    if (it == calls.end() || it->second.server_done)
+      return fail_all(make_error_code(errc::protocol_violation));
     call& c = it->second;
     switch (static_cast<entry_kind>(e.kind)) {
       case entry_kind::reply:
@@ -172,7 +172,8 @@ void client_core::check_server() {
   // The server says when it ends a connection; only a wait that brought no
   // news asks the kernel whether it died without a word (a system call).
   const bool said = shared->server_closed.load(std::memory_order_acquire) != 0;
-  if (said || (!maybe_ready() && (server_pidfd ? pidfd_exited(server_pidfd.get()) : !process_alive(server.pid)))) {
+  if (said || (!maybe_ready() &&
+               (server_pidfd ? pidfd_exited(server_pidfd.get()) : !process_alive(server.pid)))) {
     // The control line says why, when the server said (a protocol violation).
     auto r = ctrl.receive(clock::now() + std::chrono::milliseconds(100));
     error_code why = r ? error_code{} : r.error();
@@ -185,7 +186,9 @@ void client_core::wait_for_news(clock::time_point deadline) {
   auto& policy = wait_policy::this_thread();
   const auto budget = policy.spin_budget(options.max_spin);
   const auto start = budget.count() > 0 ? clock::now() : clock::time_point{};
-  if (policy.spin_then_yield(options.max_spin, budget, start, deadline, [this] { return maybe_ready(); })) return;
+  if (policy.spin_then_yield(options.max_spin, budget, start, deadline,
+                             [this] { return maybe_ready(); }))
+    return;
   // Pairs with the server's bump of reply_seq and its load of client_sleepers.
   shared->client_sleepers.fetch_add(1, std::memory_order_seq_cst);
   const std::uint32_t seq = shared->reply_seq.load(std::memory_order_seq_cst);
@@ -206,8 +209,10 @@ void client_core::run_completions() {
   for (auto& f : ready) f();
 }
 
-result<message_id> client_core::send(std::size_t size, const std::function<void(std::span<std::byte>)>& fill,
-                                     clock::time_point deadline, client::call_handler* async_handler) {
+result<message_id> client_core::send(std::size_t size,
+                                     const std::function<void(std::span<std::byte>)>& fill,
+                                     clock::time_point deadline,
+                                     client::call_handler* async_handler) {
   if (size > layout.request_arena_size) return make_error_code(errc::message_too_large);
   std::unique_lock lock(mutex);
   std::optional<std::uint64_t> block;
@@ -228,7 +233,8 @@ result<message_id> client_core::send(std::size_t size, const std::function<void(
       drained = true;
       continue;
     }
-    if (!options.wait_for_slot || async_handler != nullptr) return make_error_code(errc::no_buffers);
+    if (!options.wait_for_slot || async_handler != nullptr)
+      return make_error_code(errc::no_buffers);
     if (clock::now() >= deadline) return make_error_code(errc::timed_out);
     ring_server();  // a server asleep must read our ring to free it
     lock.unlock();
@@ -414,10 +420,12 @@ void copy_into(std::span<const std::byte> from, std::span<std::byte> to) {
 }  // namespace
 
 result<reply> client::call(std::span<const std::byte> request, clock::time_point deadline) {
-  return call_in_place(request.size(), [request](std::span<std::byte> to) { copy_into(request, to); }, deadline);
+  return call_in_place(
+      request.size(), [request](std::span<std::byte> to) { copy_into(request, to); }, deadline);
 }
 
-result<reply> client::call_in_place(std::size_t size, const std::function<void(std::span<std::byte>)>& fill,
+result<reply> client::call_in_place(std::size_t size,
+                                    const std::function<void(std::span<std::byte>)>& fill,
                                     clock::time_point deadline) {
   auto id = core_->send(size, fill, deadline, nullptr);
   if (!id) return id.error();
@@ -431,11 +439,13 @@ result<reply> client::call_in_place(std::size_t size, const std::function<void(s
 }
 
 result<message_id> client::send(std::span<const std::byte> request) {
-  return core_->send(request.size(), [request](std::span<std::byte> to) { copy_into(request, to); },
-                     clock::time_point::max(), nullptr);
+  return core_->send(
+      request.size(), [request](std::span<std::byte> to) { copy_into(request, to); },
+      clock::time_point::max(), nullptr);
 }
 
-result<message_id> client::send_in_place(std::size_t size, const std::function<void(std::span<std::byte>)>& fill) {
+result<message_id> client::send_in_place(std::size_t size,
+                                         const std::function<void(std::span<std::byte>)>& fill) {
   return core_->send(size, fill, clock::time_point::max(), nullptr);
 }
 
@@ -451,8 +461,9 @@ result<bool> client::abort(message_id id) {
 
 void client::start_call(std::span<const std::byte> request, call_handler handler) {
   auto slot = asio::get_associated_cancellation_slot(handler);
-  auto id = core_->send(request.size(), [request](std::span<std::byte> to) { copy_into(request, to); },
-                        clock::time_point::max(), &handler);
+  auto id = core_->send(
+      request.size(), [request](std::span<std::byte> to) { copy_into(request, to); },
+      clock::time_point::max(), &handler);
   if (!id) {
     if (handler) {
       detail::post_completion(core_->ctx, std::move(handler), id.error(), reply{});
@@ -463,7 +474,8 @@ void client::start_call(std::span<const std::byte> request, call_handler handler
   }
   if (slot.is_connected()) {
     slot.assign([weak = std::weak_ptr(core_), id = *id](asio::cancellation_type) {
-      if (auto core = weak.lock()) (void)core->abort(id, make_error_code(boost::asio::error::operation_aborted));
+      if (auto core = weak.lock())
+        (void)core->abort(id, make_error_code(boost::asio::error::operation_aborted));
     });
   }
   {

@@ -23,8 +23,9 @@ namespace uipc::caps::detail {
 struct client_core : std::enable_shared_from_this<client_core> {
   using clock = std::chrono::steady_clock;
 
-  client_core(boost::asio::io_context& ctx, client_options options, blocking_connection ctrl, shm_segment segment,
-              channel_layout layout, unique_fd server_bell, unique_fd client_bell);
+  client_core(boost::asio::io_context& ctx, client_options options, blocking_connection ctrl,
+              shm_segment segment, channel_layout layout, unique_fd server_bell,
+              unique_fd client_bell);
 
   // ---- calls (the public operations) ----
   result<message_id> send(std::size_t size, const std::function<void(std::span<std::byte>)>& fill,
@@ -35,19 +36,19 @@ struct client_core : std::enable_shared_from_this<client_core> {
   error_code usable() const;
 
   struct call {
-    std::uint64_t block = 0;       ///< request block in our arena, until the server is done
-    bool server_done = false;      ///< its reply, abort or refusal arrived: the slot is free
-    bool abandoned = false;        ///< aborted by us: a late reply is disposed unseen
-    bool delivered = false;        ///< its outcome went to the caller
-    error_code error{};            ///< the outcome, if not a reply
+    std::uint64_t block = 0;   ///< request block in our arena, until the server is done
+    bool server_done = false;  ///< its reply, abort or refusal arrived: the slot is free
+    bool abandoned = false;    ///< aborted by us: a late reply is disposed unseen
+    bool delivered = false;    ///< its outcome went to the caller
+    error_code error{};        ///< the outcome, if not a reply
     bool has_reply = false;
     std::uint64_t reply_offset = 0, reply_length = 0;
-    client::call_handler handler;          ///< for async calls
+    client::call_handler handler;  ///< for async calls
   };
 
   // ---- with the mutex held ----
   void drain(std::unique_lock<std::mutex>& lock);
-  bool push(const entry& e);      // false: the server broke the ring
+  bool push(const entry& e);  // false: the server broke the ring
   void flush_backlog();
   void ring_server();
   void fail_all(error_code ec);

@@ -1,4 +1,6 @@
 // Listing and watching points.
+#include "uipc/caps/point.hpp"
+
 #include <dirent.h>
 #include <poll.h>
 #include <sys/inotify.h>
@@ -10,7 +12,6 @@
 #include <map>
 
 #include "points_dir.hpp"
-#include "uipc/caps/point.hpp"
 
 namespace uipc::caps {
 namespace {
@@ -24,10 +25,12 @@ std::vector<std::pair<uid_t, std::string>> user_directories(const std::string& b
     const std::string_view file = e->d_name;
     if (file.substr(0, 5) != "caps-" || file.size() == 5 || file.size() > 15) continue;
     const std::string_view digits = file.substr(5);
-    if (!std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) continue;
+    if (!std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      continue;
     const auto uid = static_cast<uid_t>(std::stoull(std::string(digits)));
     auto dir = detail::user_points_directory(base, uid);
-    if (dir) out.emplace_back(uid, std::move(*dir));  // someone else's "caps-<uid>" is not that user's
+    if (dir)
+      out.emplace_back(uid, std::move(*dir));  // someone else's "caps-<uid>" is not that user's
   }
   ::closedir(d);
   return out;
@@ -64,15 +67,16 @@ result<std::string> points_directory(uid_t uid, const std::string& directory) {
 struct point_watch::impl {
   std::string base;
   unique_fd inotify;
-  std::map<std::string, int> watched;          // directory -> watch descriptor
-  std::map<std::string, point_info> known;     // socket path -> info
+  std::map<std::string, int> watched;       // directory -> watch descriptor
+  std::map<std::string, point_info> known;  // socket path -> info
   std::deque<point_event> pending;
 
   error_code watch_directories() {
     constexpr std::uint32_t dir_events =
         IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_CLOSE_WRITE | IN_ONLYDIR;
     if (!watched.contains(base)) {
-      const int wd = ::inotify_add_watch(inotify.get(), base.c_str(), IN_CREATE | IN_MOVED_TO | IN_ONLYDIR);
+      const int wd =
+          ::inotify_add_watch(inotify.get(), base.c_str(), IN_CREATE | IN_MOVED_TO | IN_ONLYDIR);
       if (wd < 0) return {errno, boost::system::system_category()};
       watched.emplace(base, wd);
     }
@@ -136,9 +140,10 @@ result<point_event> point_watch::next(std::chrono::steady_clock::time_point dead
     if (now >= deadline) return make_error_code(uipc::errc::timed_out);
     const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - now).count();
     pollfd p{impl_->inotify.get(), POLLIN, 0};
-    const int n = ::poll(&p, 1, deadline == std::chrono::steady_clock::time_point::max()
-                                      ? -1
-                                      : static_cast<int>(std::min<long long>(left, 1 << 30)));
+    const int n = ::poll(&p, 1,
+                         deadline == std::chrono::steady_clock::time_point::max()
+                             ? -1
+                             : static_cast<int>(std::min<long long>(left, 1 << 30)));
     if (n < 0 && errno != EINTR) return error_code(errno, boost::system::system_category());
     if (n > 0) {
       impl_->drain();

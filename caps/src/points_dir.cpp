@@ -42,9 +42,12 @@ std::vector<std::string> list_sockets(const std::string& dir, Keep keep) {
 
 std::string_view access_name(access a) {
   switch (a) {
-    case access::group: return "group";
-    case access::world: return "world";
-    case access::user: break;
+    case access::group:
+      return "group";
+    case access::world:
+      return "world";
+    case access::user:
+      break;
   }
   return "user";
 }
@@ -114,8 +117,9 @@ error_code write_info(const point_info& info) {
   const int n = std::snprintf(text, sizeof text,
                               "uipc-caps 1 gid=%u access=%s exclusive=%d pid=%d generation=%" PRIu64
                               " clients=%" PRIu64 "\n",
-                              static_cast<unsigned>(info.gid), std::string(access_name(info.who)).c_str(),
-                              info.exclusive ? 1 : 0, static_cast<int>(info.pid), info.generation, info.clients);
+                              static_cast<unsigned>(info.gid),
+                              std::string(access_name(info.who)).c_str(), info.exclusive ? 1 : 0,
+                              static_cast<int>(info.pid), info.generation, info.clients);
   unique_fd fd(::open(aside.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
   if (!fd) return last_error();
   if (::write(fd.get(), text, static_cast<std::size_t>(n)) != n) return last_error();
@@ -134,7 +138,9 @@ std::optional<point_info> read_info(const std::string& socket_path, uid_t uid) {
   char who[16] = {};
   int exclusive = 0, pid = 0;
   std::uint64_t generation = 0, clients = 0;
-  if (std::sscanf(text, "uipc-caps 1 gid=%u access=%15s exclusive=%d pid=%d generation=%" SCNu64 " clients=%" SCNu64,
+  if (std::sscanf(text,
+                  "uipc-caps 1 gid=%u access=%15s exclusive=%d pid=%d generation=%" SCNu64
+                  " clients=%" SCNu64,
                   &gid, who, &exclusive, &pid, &generation, &clients) != 6 ||
       pid <= 0) {
     return std::nullopt;

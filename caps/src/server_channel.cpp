@@ -1,7 +1,6 @@
 #include "server_channel.hpp"
 
 #include <sys/eventfd.h>
-
 #include <unistd.h>
 
 #include <climits>
@@ -43,7 +42,8 @@ bool server_channel::drain(std::vector<event>& out) {
       case entry_kind::request: {
         if (!in_arena(e.offset, e.length, layout.request_arena_size)) return false;
         if (awaiting >= max_in_flight) return false;
-        if (!messages.try_emplace(e.id, message{message_state::delivered, 0, false}).second) return false;
+        if (!messages.try_emplace(e.id, message{message_state::delivered, 0, false}).second)
+          return false;
         ++awaiting;
         event& ev = out.emplace_back(make_event(event_kind::request, e.id));
         ev.data_ = request_arena + e.offset;
@@ -62,12 +62,13 @@ bool server_channel::drain(std::vector<event>& out) {
         // An abort that crossed our reply (or our refusal) changes nothing.
         const auto m = messages.find(e.id);
         if (m == messages.end()) break;
-        if (m->second.state == message_state::delivered || m->second.state == message_state::replying) {
+        if (m->second.state == message_state::delivered ||
+            m->second.state == message_state::replying) {
           m->second.state = message_state::withdrawn;
           event ev;
           ev.kind = event_kind::withdrawn;
           ev.channel_ = shared_from_this();
-        ev.client = id();
+          ev.client = id();
           ev.id = e.id;
           out.push_back(std::move(ev));
         }
@@ -83,7 +84,8 @@ bool server_channel::drain(std::vector<event>& out) {
 
 void server_channel::wake_client() noexcept {
   shared->reply_seq.fetch_add(1, std::memory_order_seq_cst);
-  if (shared->client_sleepers.load(std::memory_order_seq_cst) != 0) futex::wake(shared->reply_seq, INT_MAX);
+  if (shared->client_sleepers.load(std::memory_order_seq_cst) != 0)
+    futex::wake(shared->reply_seq, INT_MAX);
   if (shared->client_listening.load(std::memory_order_seq_cst) != 0) {
     const eventfd_t one = 1;
     (void)::write(client_bell.get(), &one, sizeof one);

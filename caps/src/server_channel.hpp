@@ -53,7 +53,8 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   // Reading side: one drain at a time.
   std::mutex read_mutex;
   ring_reader from_client;
-  std::atomic<bool> read_closed{false};  // written under read_mutex; the receiver also looks without it
+  std::atomic<bool> read_closed{
+      false};  // written under read_mutex; the receiver also looks without it
 
   // Writing side and the message table.
   std::mutex state_mutex;

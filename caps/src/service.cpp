@@ -9,15 +9,15 @@
 
 #include <atomic>
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
 #include <chrono>
-#include <deque>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <optional>
-#include <utility>
 #include <unordered_map>
+#include <utility>
 
 #include "completion.hpp"
 #include "fork_guard.hpp"
@@ -126,8 +126,8 @@ struct service::impl : std::enable_shared_from_this<impl> {
 
   std::atomic<bool> stopped{false};
   struct counters {
-    std::atomic<std::uint64_t> clients_total{0}, requests{0}, replies{0}, disposals{0}, withdrawals{0},
-        violations{0}, refusals{0}, doorbells{0};
+    std::atomic<std::uint64_t> clients_total{0}, requests{0}, replies{0}, disposals{0},
+        withdrawals{0}, violations{0}, refusals{0}, doorbells{0};
   } counters;
 
   // ---- control line (loop threads) ----------------------------------------------
@@ -163,17 +163,20 @@ struct service::impl : std::enable_shared_from_this<impl> {
     ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, (*ch)->server_bell.get(), &ev);
   }
 
-  result<std::shared_ptr<server_channel>> open_channel(const std::shared_ptr<server_session>& session) {
+  result<std::shared_ptr<server_channel>> open_channel(
+      const std::shared_ptr<server_session>& session) {
     const auto layout = detail::channel_layout::of(options.request_arena, options.reply_arena);
-    auto segment = shm_segment::create_anonymous(layout.total, {detail::channel_magic, detail::channel_version});
+    auto segment = shm_segment::create_anonymous(layout.total,
+                                                 {detail::channel_magic, detail::channel_version});
     if (!segment) return segment.error();
     unique_fd server_bell = make_eventfd(), client_bell = make_eventfd();
     if (!server_bell || !client_bell) return system_error();
     unique_fd memfd = duplicate(segment->fd()), server_bell_copy = duplicate(server_bell.get()),
               client_bell_copy = duplicate(client_bell.get());
     if (!memfd || !server_bell_copy || !client_bell_copy) return system_error();
-    auto ch = std::make_shared<server_channel>(session, std::move(*segment), layout, options.max_in_flight,
-                                               std::move(server_bell), std::move(client_bell));
+    auto ch = std::make_shared<server_channel>(session, std::move(*segment), layout,
+                                               options.max_in_flight, std::move(server_bell),
+                                               std::move(client_bell));
     proto::caps::Welcome w;
     w.set_version(detail::channel_version);
     w.set_generation(info.generation);
@@ -249,7 +252,8 @@ struct service::impl : std::enable_shared_from_this<impl> {
   void violation(const std::shared_ptr<server_channel>& ch) {
     counters.violations.fetch_add(1, std::memory_order_relaxed);
     auto conn = ch->session->conn();
-    conn->async_send(error_notice(make_error_code(errc::protocol_violation)), [conn](error_code) { conn->close(); });
+    conn->async_send(error_notice(make_error_code(errc::protocol_violation)),
+                     [conn](error_code) { conn->close(); });
   }
 
   std::shared_ptr<server_channel> find(client_id client) const {
@@ -273,9 +277,12 @@ struct service::impl : std::enable_shared_from_this<impl> {
       if (!events.empty()) {
         std::lock_guard qlock(queue_mutex);
         for (auto& e : events) {
-          if (e.kind == event_kind::request) counters.requests.fetch_add(1, std::memory_order_relaxed);
-          if (e.kind == event_kind::dispose) counters.disposals.fetch_add(1, std::memory_order_relaxed);
-          if (e.kind == event_kind::withdrawn) counters.withdrawals.fetch_add(1, std::memory_order_relaxed);
+          if (e.kind == event_kind::request)
+            counters.requests.fetch_add(1, std::memory_order_relaxed);
+          if (e.kind == event_kind::dispose)
+            counters.disposals.fetch_add(1, std::memory_order_relaxed);
+          if (e.kind == event_kind::withdrawn)
+            counters.withdrawals.fetch_add(1, std::memory_order_relaxed);
           queue.push_back(std::move(e));
         }
       }
@@ -396,7 +403,8 @@ struct service::impl : std::enable_shared_from_this<impl> {
     return queue.empty();
   }
 
-  result<event> receive(clock::time_point deadline, std::span<std::byte>* into, std::size_t* size, bool wait) {
+  result<event> receive(clock::time_point deadline, std::span<std::byte>* into, std::size_t* size,
+                        bool wait) {
     if (epoch != detail::fork_epoch()) return make_error_code(errc::forked_copy);
     std::unique_lock pump(pump_mutex, std::defer_lock);
     if (!pump.try_lock_until(deadline)) return make_error_code(uipc::errc::timed_out);
@@ -411,7 +419,8 @@ struct service::impl : std::enable_shared_from_this<impl> {
       if (!hot.empty()) {
         const auto budget = policy.spin_budget(options.max_spin);
         const auto start = budget.count() > 0 ? clock::now() : clock::time_point{};
-        if (policy.spin_then_yield(options.max_spin, budget, start, deadline, [&] { return any_hot_ready(); })) {
+        if (policy.spin_then_yield(options.max_spin, budget, start, deadline,
+                                   [&] { return any_hot_ready(); })) {
           continue;
         }
       }
@@ -556,8 +565,8 @@ struct service::impl : std::enable_shared_from_this<impl> {
   }
 
   // Publishes the outcome of `id` to the client: a reply, aborted or failed.
-  error_code finish(server_channel& ch, message_id id, detail::entry_kind kind, std::uint32_t status,
-                    std::uint64_t offset, std::uint64_t length) {
+  error_code finish(server_channel& ch, message_id id, detail::entry_kind kind,
+                    std::uint32_t status, std::uint64_t offset, std::uint64_t length) {
     {
       std::lock_guard lock(ch.state_mutex);
       if (ch.closed) return make_error_code(errc::disconnected);
@@ -609,7 +618,8 @@ struct service::impl : std::enable_shared_from_this<impl> {
   }
 };
 
-result<std::unique_ptr<service>> service::register_point(asio::io_context& ctx, std::string_view name,
+result<std::unique_ptr<service>> service::register_point(asio::io_context& ctx,
+                                                         std::string_view name,
                                                          service_options options) {
   if (auto ec = check_name(name, point_name_rules)) return ec;
   if (options.max_in_flight == 0 || options.max_in_flight > detail::max_in_flight_limit) {
@@ -635,9 +645,10 @@ result<std::unique_ptr<service>> service::register_point(asio::io_context& ctx, 
   p->info.who = options.who;
   p->info.exclusive = options.exclusive;
   p->info.pid = ::getpid();
-  p->info.generation = static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
-          .count());
+  p->info.generation =
+      static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                     std::chrono::system_clock::now().time_since_epoch())
+                                     .count());
   p->info.socket_path = p->socket_path;
 
   p->epoll.reset(::epoll_create1(EPOLL_CLOEXEC));
@@ -646,13 +657,15 @@ result<std::unique_ptr<service>> service::register_point(asio::io_context& ctx, 
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = 0;  // session ids are never 0
-  if (::epoll_ctl(p->epoll.get(), EPOLL_CTL_ADD, p->control_bell.get(), &ev) != 0) return system_error();
+  if (::epoll_ctl(p->epoll.get(), EPOLL_CTL_ADD, p->control_bell.get(), &ev) != 0)
+    return system_error();
   boost::system::error_code assign_ec;
   p->epoll_desc.assign(duplicate(p->epoll.get()).release(), assign_ec);
   if (assign_ec) return assign_ec;
 
   p->router.on<proto::caps::Hello, proto::caps::Hello>(
-      proto::caps::HELLO, [](request_context&, const proto::caps::Hello&) -> result<proto::caps::Hello> { return {}; },
+      proto::caps::HELLO,
+      [](request_context&, const proto::caps::Hello&) -> result<proto::caps::Hello> { return {}; },
       request_router::notices::served);
 
   server_options so;
@@ -688,13 +701,18 @@ result<std::unique_ptr<service>> service::register_point(asio::io_context& ctx, 
 service::service(std::shared_ptr<impl> p) : impl_(std::move(p)) {}
 service::~service() { impl_->stop(); }
 
-result<event> service::receive(clock::time_point deadline) { return impl_->receive(deadline, nullptr, nullptr, true); }
+result<event> service::receive(clock::time_point deadline) {
+  return impl_->receive(deadline, nullptr, nullptr, true);
+}
 
-result<event> service::receive_into(std::span<std::byte> buffer, std::size_t& size, clock::time_point deadline) {
+result<event> service::receive_into(std::span<std::byte> buffer, std::size_t& size,
+                                    clock::time_point deadline) {
   return impl_->receive(deadline, &buffer, &size, true);
 }
 
-result<event> service::try_receive() { return impl_->receive(clock::now(), nullptr, nullptr, false); }
+result<event> service::try_receive() {
+  return impl_->receive(clock::now(), nullptr, nullptr, false);
+}
 
 void service::start_receive(receive_handler handler) {
   {
@@ -724,7 +742,8 @@ error_code service::reject(client_id client, message_id id, errc ec) {
   {
     std::lock_guard lock(ch->state_mutex);
     auto m = ch->messages.find(id);
-    if (m == ch->messages.end() || m->second.state == state::replied || m->second.state == state::replying) {
+    if (m == ch->messages.end() || m->second.state == state::replied ||
+        m->second.state == state::replying) {
       return make_error_code(errc::unknown_message);
     }
     withdrawn = m->second.state == state::withdrawn;

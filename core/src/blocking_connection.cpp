@@ -4,20 +4,19 @@
 // one recvmsg and one sendmsg each, as a hand-written client would.
 #include "uipc/core/blocking_connection.hpp"
 
-#include "frame_io.hpp"
-#include "wire.hpp"
-
-#include <boost/asio/error.hpp>
-
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
 #include <atomic>
+#include <boost/asio/error.hpp>
 #include <cerrno>
 #include <climits>
 #include <deque>
 #include <mutex>
+
+#include "frame_io.hpp"
+#include "wire.hpp"
 
 namespace uipc {
 
@@ -54,13 +53,15 @@ struct blocking_connection::impl {
     if (left <= clock::duration::zero()) return false;
     // Within a millisecond late, or at most half early (a wake-up to look at
     // the clock again), the old setting will do.
-    if (current > std::chrono::nanoseconds::zero() && current <= left + std::chrono::milliseconds(1) &&
-        current >= left / 2) {
+    if (current > std::chrono::nanoseconds::zero() &&
+        current <= left + std::chrono::milliseconds(1) && current >= left / 2) {
       return true;
     }
-    const auto us = std::max<std::int64_t>(1, std::chrono::ceil<std::chrono::microseconds>(left).count());
+    const auto us =
+        std::max<std::int64_t>(1, std::chrono::ceil<std::chrono::microseconds>(left).count());
     timeval tv{static_cast<time_t>(us / 1'000'000), static_cast<suseconds_t>(us % 1'000'000)};
-    if (::setsockopt(fd.get(), SOL_SOCKET, option, &tv, sizeof tv) == 0) current = std::chrono::microseconds(us);
+    if (::setsockopt(fd.get(), SOL_SOCKET, option, &tv, sizeof tv) == 0)
+      current = std::chrono::microseconds(us);
     return true;
   }
 
@@ -95,7 +96,8 @@ struct blocking_connection::impl {
   // Writes all of `bytes`, the descriptors with the first byte. A deadline
   // before the first byte fails the frame alone; after it, the stream is
   // mid-frame and the connection goes.
-  error_code write(const std::string& bytes, const std::vector<unique_fd>& fds, clock::time_point deadline) {
+  error_code write(const std::string& bytes, const std::vector<unique_fd>& fds,
+                   clock::time_point deadline) {
     std::size_t offset = 0;
     while (offset < bytes.size()) {
       if (!arm(SO_SNDTIMEO, send_timeout, deadline)) {
@@ -103,9 +105,11 @@ struct blocking_connection::impl {
         fail(make_error_code(errc::timed_out));
         return closed_reason();
       }
-      const iovec iov{const_cast<char*>(bytes.data() + offset), bytes.size() - offset};  // NOLINT: not written
-      const ssize_t n = detail::send_with_fds(fd.get(), std::span(&iov, 1),
-                                              offset == 0 ? std::span(fds) : std::span<const unique_fd>(), 0);
+      const iovec iov{const_cast<char*>(bytes.data() + offset),
+                      bytes.size() - offset};  // NOLINT: not written
+      const ssize_t n =
+          detail::send_with_fds(fd.get(), std::span(&iov, 1),
+                                offset == 0 ? std::span(fds) : std::span<const unique_fd>(), 0);
       if (n < 0) {
         if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
         fail(detail::socket_error(errno));
@@ -186,18 +190,21 @@ struct blocking_connection::impl {
   }
 };
 
-result<blocking_connection> blocking_connection::connect(const std::string& path, connection_options options) {
+result<blocking_connection> blocking_connection::connect(const std::string& path,
+                                                         connection_options options) {
   auto fd = detail::connect_unix(path);
   if (!fd) return fd.error();
   return adopt(std::move(*fd), std::move(options));
 }
 
-result<blocking_connection> blocking_connection::adopt(unique_fd socket, connection_options options) {
+result<blocking_connection> blocking_connection::adopt(unique_fd socket,
+                                                       connection_options options) {
   const int raw = socket.get();
   auto cred = detail::claim_unix_stream(raw);
   if (!cred) return cred.error();
   const int flags = ::fcntl(raw, F_GETFL);
-  if (flags < 0 || ::fcntl(raw, F_SETFL, flags & ~O_NONBLOCK) != 0) return detail::socket_error(errno);
+  if (flags < 0 || ::fcntl(raw, F_SETFL, flags & ~O_NONBLOCK) != 0)
+    return detail::socket_error(errno);
   auto state = std::make_unique<impl>();
   state->fd = std::move(socket);
   options.max_frame_size = std::min<std::size_t>(options.max_frame_size, INT32_MAX - 64);
@@ -250,7 +257,8 @@ result<frame> blocking_connection::receive(clock::time_point deadline) {
   // Frames that came before the connection closed are still delivered.
   if (s.inbox.empty()) {
     if (!s.open) return s.closed_reason();
-    if (auto ec = s.pump([&s] { return !s.inbox.empty(); }, deadline); ec && s.inbox.empty()) return ec;
+    if (auto ec = s.pump([&s] { return !s.inbox.empty(); }, deadline); ec && s.inbox.empty())
+      return ec;
   }
   frame f = std::move(s.inbox.front());
   s.inbox.pop_front();

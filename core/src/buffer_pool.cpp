@@ -1,12 +1,11 @@
 // buffer_pool: a lock-free free list of indices into one slab, plus a waiter queue.
 #include "uipc/core/buffer_pool.hpp"
 
+#include <algorithm>
+#include <array>
 #include <boost/asio/append.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
-
-#include <algorithm>
-#include <array>
 #include <cassert>
 #include <limits>
 #include <new>
@@ -25,7 +24,9 @@ void pooled_buffer::give_back() noexcept {
 namespace {
 constexpr std::size_t slab_alignment = 64;
 
-std::size_t round_up(std::size_t n) { return (n + slab_alignment - 1) / slab_alignment * slab_alignment; }
+std::size_t round_up(std::size_t n) {
+  return (n + slab_alignment - 1) / slab_alignment * slab_alignment;
+}
 
 // The slab's size: each buffer rounded up to the alignment, plus room to align
 // the start; nullopt when that does not fit in a size_t.
@@ -82,7 +83,8 @@ std::uint32_t buffer_pool::pop() noexcept {
     if (index == empty_) return empty_;
     // A stale read of next_[index] is harmless: the tag makes the CAS fail if
     // the buffer was popped and pushed again meanwhile.
-    const std::uint64_t next = ((head >> 32) + 1) << 32 | next_[index].load(std::memory_order_relaxed);
+    const std::uint64_t next =
+        ((head >> 32) + 1) << 32 | next_[index].load(std::memory_order_relaxed);
     if (head_.compare_exchange_weak(head, next)) return index;
   }
 }
@@ -116,7 +118,8 @@ void buffer_pool::push_chain(std::uint32_t first, std::uint32_t last) noexcept {
 
 pooled_buffer buffer_pool::make(std::uint32_t index) noexcept {
   std::byte* base = storage_.get();
-  base += (slab_alignment - reinterpret_cast<std::uintptr_t>(base) % slab_alignment) % slab_alignment;
+  base +=
+      (slab_alignment - reinterpret_cast<std::uintptr_t>(base) % slab_alignment) % slab_alignment;
   return {this, index, base + round_up(buffer_size_) * index, buffer_size_};
 }
 

@@ -2,24 +2,23 @@
 // recvmsg/sendmsg on the non-blocking socket (Asio has no SCM_RIGHTS); Asio only
 // tells us when the socket is ready again. A callback state machine rather than
 // a coroutine: the hot path (one frame in, one out) then costs no frame allocation.
-#include "connection_state.hpp"
-#include "wire.hpp"
+#include <sys/socket.h>
+#include <sys/un.h>
 
+#include <algorithm>
+#include <array>
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
-
-#include <sys/socket.h>
-#include <sys/un.h>
-
-#include <algorithm>
-#include <array>
 #include <cerrno>
 #include <climits>
 #include <cstring>
+
+#include "connection_state.hpp"
+#include "wire.hpp"
 
 namespace uipc {
 
@@ -56,7 +55,8 @@ class engine {
  public:
   // `self` is the caller's reference: it outlives the engine, which is a
   // temporary on the stack, so holding it costs no reference count.
-  engine(connection::impl& s, const std::shared_ptr<connection>& self, context where = context::application)
+  engine(connection::impl& s, const std::shared_ptr<connection>& self,
+         context where = context::application)
       : s_(s), self_(self), inline_ok_(where == context::reactor) {}
 
   void read() {
@@ -66,8 +66,8 @@ class engine {
     while (s_.open && !s_.read_paused()) {
       bool fds_complete = true;
       bool drained = false;
-      const ssize_t n = s_.reader.receive(s_.socket.native_handle(), MSG_DONTWAIT, s_.options.max_frame_size,
-                                          fds_complete, drained);
+      const ssize_t n = s_.reader.receive(s_.socket.native_handle(), MSG_DONTWAIT,
+                                          s_.options.max_frame_size, fds_complete, drained);
       if (n < 0 && errno == EINTR) continue;
       if (!received(n < 0 ? errno : 0, n, fds_complete, drained)) break;
     }
@@ -109,8 +109,8 @@ class engine {
         iov[count++] = {f.bytes.data() + f.offset, f.bytes.size() - f.offset};
       }
       auto& first = s_.outbox.front();
-      const ssize_t n = detail::send_with_fds(s_.socket.native_handle(), std::span(iov.data(), count), first.fds,
-                                              MSG_DONTWAIT);
+      const ssize_t n = detail::send_with_fds(
+          s_.socket.native_handle(), std::span(iov.data(), count), first.fds, MSG_DONTWAIT);
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -147,7 +147,8 @@ class engine {
     inline_ok_ = false;  // what fail completes is posted, whoever called it
     if (tell == notify::peer && (s_.outbox.empty() || s_.outbox.front().offset == 0)) {
       const auto notice = detail::encode_error_notice(ec);
-      (void)::send(s_.socket.native_handle(), notice.data(), notice.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      (void)::send(s_.socket.native_handle(), notice.data(), notice.size(),
+                   MSG_DONTWAIT | MSG_NOSIGNAL);
     }
     if (keep == salvage::yes) salvage_frames();
     s_.open = false;
@@ -215,7 +216,8 @@ class engine {
       return false;
     }
     if (n == 0) {
-      fail(make_error_code(s_.reader.empty() ? errc::peer_closed : errc::short_frame), salvage::yes);
+      fail(make_error_code(s_.reader.empty() ? errc::peer_closed : errc::short_frame),
+           salvage::yes);
       return false;
     }
     if (!fds_complete) {
@@ -350,15 +352,17 @@ class engine {
     // wait peeks, so an idle session costs none (see frame_reader::initial_size).
     if (!s_.options.peer_sends_fds && s_.reader.has_buffer()) {
       const auto room = s_.reader.space(s_.options.max_frame_size);
-      s_.socket.async_receive(asio::buffer(room.data(), room.size()),
-                              asio::bind_executor(s_.strand, resume([size = room.size()](engine e, error_code ec,
-                                                                                         std::size_t n) {
+      s_.socket.async_receive(
+          asio::buffer(room.data(), room.size()),
+          asio::bind_executor(s_.strand,
+                              resume([size = room.size()](engine e, error_code ec, std::size_t n) {
                                 e.read_after(ec, n, n < size);
                               })));
       return;
     }
-    s_.socket.async_receive(asio::buffer(s_.peek_buffer), stream_socket::message_peek,
-                            asio::bind_executor(s_.strand, resume([](engine e, error_code, std::size_t) {
+    s_.socket.async_receive(
+        asio::buffer(s_.peek_buffer), stream_socket::message_peek,
+        asio::bind_executor(s_.strand, resume([](engine e, error_code, std::size_t) {
                               // EOF and socket errors are read() to find, as recvmsg reports them.
                               e.read();
                             })));
@@ -388,7 +392,8 @@ class engine {
     if (!s_.any_frame_received && s_.options.first_frame_timeout.count() > 0) {
       key = state::timer_first_frame;
       deadline = s_.opened_at + s_.options.first_frame_timeout;
-    } else if (!s_.read_paused() && !s_.reader.empty() && s_.options.partial_frame_timeout.count() > 0) {
+    } else if (!s_.read_paused() && !s_.reader.empty() &&
+               s_.options.partial_frame_timeout.count() > 0) {
       key = s_.reader.consumed();
       deadline += s_.options.partial_frame_timeout;
     }
@@ -404,7 +409,8 @@ class engine {
       auto self = weak.lock();
       if (ec || !self) return;
       auto& s = detail::connection_access::state(*self);
-      if (generation != s.timer_generation || !s.open) return;  // re-armed after this expiry was queued
+      if (generation != s.timer_generation || !s.open)
+        return;  // re-armed after this expiry was queued
       s.timer_key = connection::impl::timer_none;
       engine(s, self).fail(make_error_code(errc::timed_out), salvage::no, notify::peer);
     });
@@ -427,7 +433,8 @@ connection::~connection() {
   engine(*impl_, nullptr).fail(asio::error::operation_aborted);
 }
 
-result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd fd, connection_options options) {
+result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd fd,
+                                              connection_options options) {
   const int raw = fd.get();
   auto cred = detail::claim_unix_stream(raw);
   if (!cred) return cred.error();
@@ -442,7 +449,8 @@ result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd f
   if (ec) return ec;
   auto state = std::make_unique<impl>(ctx, std::move(socket), std::move(options));
   state->peer = *cred;
-  auto c = pointer(new connection(std::move(state)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
+  auto c = pointer(new connection(
+      std::move(state)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
   asio::dispatch(c->impl_->strand, [self = c] { engine(*self->impl_, self).read(); });
   return c;
 }
@@ -456,8 +464,8 @@ result<connection::pointer> connection::connect(asio::io_context& ctx, const std
   return adopt(ctx, std::move(*fd), std::move(options));
 }
 
-result<std::pair<connection::pointer, connection::pointer>> connection::pair(asio::io_context& ctx,
-                                                                              connection_options options) {
+result<std::pair<connection::pointer, connection::pointer>> connection::pair(
+    asio::io_context& ctx, connection_options options) {
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return socket_error(errno);
   unique_fd a(fds[0]);
@@ -472,15 +480,17 @@ result<std::pair<connection::pointer, connection::pointer>> connection::pair(asi
 void connection::start_send(frame f, send_handler handler) {
   error_code ec = detail::check_outgoing(f, impl_->options);
   const bool is_reply = f.kind == frame_kind::reply;
-  result<std::string> encoded = ec ? result<std::string>(ec) : detail::encode_frame(f, impl_->options.max_frame_size);
+  result<std::string> encoded =
+      ec ? result<std::string>(ec) : detail::encode_frame(f, impl_->options.max_frame_size);
   pending_handler<send_handler> pending(std::move(handler));
-  asio::dispatch(impl_->strand, [self = shared_from_this(), encoded = std::move(encoded), fds = std::move(f.fds),
-                                 pending = std::move(pending), is_reply]() mutable {
-    auto& s = *self->impl_;
-    if (!encoded) return complete(std::move(pending), s.strand, encoded.error());
-    if (!s.open) return complete(std::move(pending), s.strand, s.reason);
-    self->enqueue({std::move(*encoded), 0, std::move(fds), std::move(pending), is_reply});
-  });
+  asio::dispatch(
+      impl_->strand, [self = shared_from_this(), encoded = std::move(encoded),
+                      fds = std::move(f.fds), pending = std::move(pending), is_reply]() mutable {
+        auto& s = *self->impl_;
+        if (!encoded) return complete(std::move(pending), s.strand, encoded.error());
+        if (!s.open) return complete(std::move(pending), s.strand, s.reason);
+        self->enqueue({std::move(*encoded), 0, std::move(fds), std::move(pending), is_reply});
+      });
 }
 
 error_code connection::send(frame f) {
@@ -488,8 +498,8 @@ error_code connection::send(frame f) {
   const bool is_reply = f.kind == frame_kind::reply;
   auto encoded = detail::encode_frame(f, impl_->options.max_frame_size);
   if (!encoded) return encoded.error();
-  asio::dispatch(impl_->strand, [self = shared_from_this(), encoded = std::move(*encoded), fds = std::move(f.fds),
-                                 is_reply]() mutable {
+  asio::dispatch(impl_->strand, [self = shared_from_this(), encoded = std::move(*encoded),
+                                 fds = std::move(f.fds), is_reply]() mutable {
     if (!self->impl_->open) return;
     self->enqueue({std::move(encoded), 0, std::move(fds), std::nullopt, is_reply});
   });
@@ -537,16 +547,19 @@ void connection::start_call(frame f, frame_handler handler) {
     });
   }
   error_code ec = detail::check_outgoing(f, impl_->options);
-  result<std::string> encoded = ec ? result<std::string>(ec) : detail::encode_frame(f, impl_->options.max_frame_size);
+  result<std::string> encoded =
+      ec ? result<std::string>(ec) : detail::encode_frame(f, impl_->options.max_frame_size);
   pending_handler<frame_handler> pending(std::move(handler));
-  asio::dispatch(impl_->strand, [self = shared_from_this(), id = f.correlation_id, encoded = std::move(encoded),
-                                 fds = std::move(f.fds), pending = std::move(pending)]() mutable {
-    auto& s = *self->impl_;
-    if (!encoded) return complete(std::move(pending), s.strand, encoded.error(), frame{});
-    if (!s.open) return complete(std::move(pending), s.strand, s.reason, frame{});
-    s.calls.emplace(id, std::move(pending));
-    self->enqueue({std::move(*encoded), 0, std::move(fds), std::nullopt, false});
-  });
+  asio::dispatch(impl_->strand,
+                 [self = shared_from_this(), id = f.correlation_id, encoded = std::move(encoded),
+                  fds = std::move(f.fds), pending = std::move(pending)]() mutable {
+                   auto& s = *self->impl_;
+                   if (!encoded)
+                     return complete(std::move(pending), s.strand, encoded.error(), frame{});
+                   if (!s.open) return complete(std::move(pending), s.strand, s.reason, frame{});
+                   s.calls.emplace(id, std::move(pending));
+                   self->enqueue({std::move(*encoded), 0, std::move(fds), std::nullopt, false});
+                 });
 }
 
 void connection::start_receive(frame_handler handler) {
@@ -558,7 +571,8 @@ void connection::start_receive(frame_handler handler) {
       if (!self) return;
       asio::dispatch(self->impl_->strand, [self, id] {
         auto& s = *self->impl_;
-        auto it = std::find_if(s.receivers.begin(), s.receivers.end(), [id](auto& r) { return r.first == id; });
+        auto it = std::find_if(s.receivers.begin(), s.receivers.end(),
+                               [id](auto& r) { return r.first == id; });
         if (it == s.receivers.end()) return;  // already completed
         auto pending = std::move(it->second);
         s.receivers.erase(it);
@@ -567,19 +581,20 @@ void connection::start_receive(frame_handler handler) {
     });
   }
   pending_handler<frame_handler> pending(std::move(handler));
-  asio::dispatch(impl_->strand, [self = shared_from_this(), pending = std::move(pending), id]() mutable {
-    auto& s = *self->impl_;
-    if (!s.inbox.empty()) {
-      frame f = std::move(s.inbox.front());
-      s.inbox.pop_front();
-      complete(std::move(pending), s.strand, error_code{}, std::move(f));
-      engine(s, self).read();  // resumes reading if the inbox limit had paused it
-      s.publish();
-      return;
-    }
-    if (!s.open) return complete(std::move(pending), s.strand, s.reason, frame{});
-    s.receivers.emplace_back(id, std::move(pending));
-  });
+  asio::dispatch(impl_->strand,
+                 [self = shared_from_this(), pending = std::move(pending), id]() mutable {
+                   auto& s = *self->impl_;
+                   if (!s.inbox.empty()) {
+                     frame f = std::move(s.inbox.front());
+                     s.inbox.pop_front();
+                     complete(std::move(pending), s.strand, error_code{}, std::move(f));
+                     engine(s, self).read();  // resumes reading if the inbox limit had paused it
+                     s.publish();
+                     return;
+                   }
+                   if (!s.open) return complete(std::move(pending), s.strand, s.reason, frame{});
+                   s.receivers.emplace_back(id, std::move(pending));
+                 });
 }
 
 void connection::close() {

@@ -1,9 +1,8 @@
 // The state of one framed connection, shared by its engine and its public face.
 #pragma once
 
-#include "frame_io.hpp"
-#include "uipc/core/framed.hpp"
-
+#include <array>
+#include <atomic>
 #include <boost/asio/any_completion_executor.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/execution/outstanding_work.hpp>
@@ -13,16 +12,15 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/system_executor.hpp>
-
-#include <typeinfo>
-
-#include <array>
-#include <atomic>
 #include <deque>
-#include <optional>
 #include <list>
 #include <mutex>
+#include <optional>
+#include <typeinfo>
 #include <unordered_map>
+
+#include "frame_io.hpp"
+#include "uipc/core/framed.hpp"
 
 namespace uipc {
 
@@ -55,8 +53,12 @@ struct outgoing_frame {
 };
 
 struct connection::impl {
-  impl(boost::asio::io_context& ctx, boost::asio::local::stream_protocol::socket s, connection_options o)
-      : strand(boost::asio::make_strand(ctx)), socket(std::move(s)), options(std::move(o)), timer(strand) {}
+  impl(boost::asio::io_context& ctx, boost::asio::local::stream_protocol::socket s,
+       connection_options o)
+      : strand(boost::asio::make_strand(ctx)),
+        socket(std::move(s)),
+        options(std::move(o)),
+        timer(strand) {}
 
   connection_strand strand;
   boost::asio::local::stream_protocol::socket socket;
@@ -77,7 +79,7 @@ struct connection::impl {
   connection_stats counters;
 
   detail::frame_reader reader;
-  bool read_waiting = false;  // a peek for readability is pending
+  bool read_waiting = false;           // a peek for readability is pending
   std::array<char, 64> peek_buffer{};  // what the peek copies, never looked at
   bool in_read = false;
   bool any_frame_received = false;
@@ -113,7 +115,8 @@ struct connection::impl {
   // requests and never reads). Our own requests do not count: two peers
   // streaming at each other must not both stop reading.
   bool read_paused() const {
-    return inbox.size() >= options.max_queued_frames || outbox_reply_bytes > options.max_queued_send_bytes;
+    return inbox.size() >= options.max_queued_frames ||
+           outbox_reply_bytes > options.max_queued_send_bytes;
   }
 
   void publish() {

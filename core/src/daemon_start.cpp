@@ -80,7 +80,8 @@ struct search_state {
   }
 
   result<std::string> not_found() const {
-    return make_error_code(saw_unexecutable ? errc::program_not_executable : errc::program_not_found);
+    return make_error_code(saw_unexecutable ? errc::program_not_executable
+                                            : errc::program_not_found);
   }
 };
 
@@ -104,14 +105,16 @@ result<std::string> search_path(const std::string& name, search_state& state) {
     candidate += name;
     if (state.consider(candidate)) return candidate;
   }
-  if (!any && state.report != nullptr) state.report->tried.push_back("$PATH (no absolute directory)");
+  if (!any && state.report != nullptr)
+    state.report->tried.push_back("$PATH (no absolute directory)");
   return state.not_found();
 }
 
 // ---- detached start -------------------------------------------------------------
 
 struct spawn_message {
-  int kind;  // 1: the daemon's pid (with its pidfd when there is one); 2: exec failed with errno `value`
+  int kind;  // 1: the daemon's pid (with its pidfd when there is one); 2: exec failed with errno
+             // `value`
   int value;
 };
 
@@ -149,7 +152,8 @@ int receive_message(int fd, spawn_message& m, unique_fd& passed) {
   } while (n < 0 && errno == EINTR);
   if (n <= 0) return static_cast<int>(n);
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len == CMSG_LEN(sizeof(int))) {
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS &&
+        c->cmsg_len == CMSG_LEN(sizeof(int))) {
       int got = -1;
       std::memcpy(&got, CMSG_DATA(c), sizeof got);
       passed.reset(got);
@@ -160,7 +164,8 @@ int receive_message(int fd, spawn_message& m, unique_fd& passed) {
 
 // In the grandchild. Only async-signal-safe calls between fork and exec: the
 // caller may be multithreaded.
-[[noreturn]] void exec_daemon(int report_fd, const char* program, char* const* argv, bool keep_stderr) {
+[[noreturn]] void exec_daemon(int report_fd, const char* program, char* const* argv,
+                              bool keep_stderr) {
   const int null_fd = ::open("/dev/null", O_RDWR | O_CLOEXEC);
   if (null_fd >= 0) {
     ::dup2(null_fd, 0);
@@ -203,7 +208,8 @@ result<std::string> find_program(const program_search& search, start_report* rep
   search_state state{report};
   std::string given = search.explicit_path;
   if (given.empty() && !search.environment_variable.empty()) {
-    if (const char* env = std::getenv(search.environment_variable.c_str()); env != nullptr) given = env;
+    if (const char* env = std::getenv(search.environment_variable.c_str()); env != nullptr)
+      given = env;
   }
   if (!given.empty()) {
     if (given.find('/') == std::string::npos) return search_path(given, state);
@@ -217,7 +223,8 @@ result<std::string> find_program(const program_search& search, start_report* rep
     return make_error_code(errc::invalid_name);
   }
   const std::string beside = directory_of_self();
-  if (!beside.empty() && state.consider(beside + "/" + search.name)) return beside + "/" + search.name;
+  if (!beside.empty() && state.consider(beside + "/" + search.name))
+    return beside + "/" + search.name;
   const std::string bindir = install_bindir();
   if (!bindir.empty() && bindir != beside && state.consider(bindir + "/" + search.name)) {
     return bindir + "/" + search.name;
@@ -225,8 +232,9 @@ result<std::string> find_program(const program_search& search, start_report* rep
   return search_path(search.name, state);
 }
 
-result<started_daemon> spawn_detached(const std::string& program, const std::vector<std::string>& arguments,
-                                      bool keep_stderr, start_report* report) {
+result<started_daemon> spawn_detached(const std::string& program,
+                                      const std::vector<std::string>& arguments, bool keep_stderr,
+                                      start_report* report) {
   if (report != nullptr) report->program = program;
   std::vector<std::string> args{program};
   args.insert(args.end(), arguments.begin(), arguments.end());
@@ -274,7 +282,8 @@ result<started_daemon> spawn_detached(const std::string& program, const std::vec
   }
   if (report != nullptr) report->pid = started.pid;
   if (exec_errno != 0) {
-    if (report != nullptr) report->outcome = std::string("exec failed: ") + std::strerror(exec_errno);
+    if (report != nullptr)
+      report->outcome = std::string("exec failed: ") + std::strerror(exec_errno);
     return make_error_code(exec_errno == ENOENT && ::access(program.c_str(), F_OK) != 0
                                ? errc::program_not_found
                                : errc::program_not_executable);
@@ -286,7 +295,8 @@ result<started_daemon> spawn_detached(const std::string& program, const std::vec
   return started;
 }
 
-error_code reach_or_start(const server_start& how, const reach_function& reach, const absent_function& absent,
+error_code reach_or_start(const server_start& how, const reach_function& reach,
+                          const absent_function& absent,
                           std::chrono::steady_clock::time_point deadline, start_report* report) {
   using steady = std::chrono::steady_clock;
   auto ec = reach(deadline);
@@ -331,7 +341,8 @@ error_code reach_or_start(const server_start& how, const reach_function& reach, 
       return make_error_code(errc::program_exited);
     }
     if (steady::now() >= deadline) {
-      if (report != nullptr) report->outcome = "did not serve in time (pid " + std::to_string(daemon->pid) + ")";
+      if (report != nullptr)
+        report->outcome = "did not serve in time (pid " + std::to_string(daemon->pid) + ")";
       return make_error_code(errc::start_timeout);
     }
   }

@@ -1,12 +1,11 @@
 // event_loop: io_context on N threads with signal handling and stop hooks.
 #include "uipc/core/event_loop.hpp"
 
+#include <atomic>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
-
-#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
@@ -70,7 +69,8 @@ struct event_loop::impl {
   }
 };
 
-event_loop::event_loop(unsigned threads, bool catch_signals) : impl_(std::make_unique<impl>(threads)) {
+event_loop::event_loop(unsigned threads, bool catch_signals)
+    : impl_(std::make_unique<impl>(threads)) {
   if (catch_signals) {
     impl_->signals.emplace(impl_->context, SIGINT, SIGTERM);
   }

@@ -1,8 +1,6 @@
 // Receive buffer and descriptor-carrying sendmsg shared by both connection kinds.
 #include "frame_io.hpp"
 
-#include "wire.hpp"
-
 #include <fcntl.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -11,6 +9,8 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+
+#include "wire.hpp"
 
 namespace uipc::detail {
 
@@ -24,7 +24,8 @@ std::span<char> frame_reader::space(std::size_t max_frame_size) {
   return {buffer_.data() + end_, buffer_.size() - end_};
 }
 
-ssize_t frame_reader::receive(int fd, int flags, std::size_t max_frame_size, bool& fds_complete, bool& drained) {
+ssize_t frame_reader::receive(int fd, int flags, std::size_t max_frame_size, bool& fds_complete,
+                              bool& drained) {
   if (buffer_.empty()) {
     // Nothing received yet: allocate only once a byte is there (a connection
     // that never sends costs no buffer). The peek leaves descriptors queued.
@@ -48,7 +49,8 @@ ssize_t frame_reader::receive(int fd, int flags, std::size_t max_frame_size, boo
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
     const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-    const auto* in = reinterpret_cast<const int*>(CMSG_DATA(c));  // NOLINT: the cmsg layout is the kernel's
+    const auto* in =
+        reinterpret_cast<const int*>(CMSG_DATA(c));  // NOLINT: the cmsg layout is the kernel's
     for (std::size_t i = 0; i < count; ++i) fds_.emplace_back(in[i]);
   }
   fds_complete = (msg.msg_flags & MSG_CTRUNC) == 0;
@@ -65,7 +67,8 @@ std::optional<result<frame>> frame_reader::next(const connection_options& option
   if (length > options.max_frame_size) return result<frame>(make_error_code(errc::frame_too_large));
   if (length == 0) return result<frame>(make_error_code(errc::bad_frame));
   if (have < 4 + length) return std::nullopt;
-  auto f = decode_frame(scratch_, base + 4, length, fds_, options.peer_sends_fds ? options.max_fds_per_frame : 0);
+  auto f = decode_frame(scratch_, base + 4, length, fds_,
+                        options.peer_sends_fds ? options.max_fds_per_frame : 0);
   if (f) {
     begin_ += 4 + length;
     consumed_ += 4 + length;
@@ -116,7 +119,8 @@ error_code check_outgoing(const frame& f, const connection_options& options) {
   return {};
 }
 
-ssize_t send_with_fds(int fd, std::span<const iovec> iov, std::span<const unique_fd> fds, int flags) {
+ssize_t send_with_fds(int fd, std::span<const iovec> iov, std::span<const unique_fd> fds,
+                      int flags) {
   msghdr msg{};
   msg.msg_iov = const_cast<iovec*>(iov.data());  // NOLINT: sendmsg does not write it
   msg.msg_iovlen = iov.size();
@@ -141,7 +145,8 @@ result<peer_credentials> claim_unix_stream(int fd) {
   if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return socket_error(errno);
   len = sizeof type;
   if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return socket_error(errno);
-  if (domain != AF_UNIX || type != SOCK_STREAM) return make_error_code(boost::system::errc::invalid_argument);
+  if (domain != AF_UNIX || type != SOCK_STREAM)
+    return make_error_code(boost::system::errc::invalid_argument);
   if (::fcntl(fd, F_SETFD, FD_CLOEXEC) != 0) return socket_error(errno);
   ucred cred{};
   len = sizeof cred;
@@ -158,7 +163,8 @@ result<unique_fd> connect_unix(const std::string& path) {
   std::memcpy(addr.sun_path, path.data(), path.size());
   int rc;
   do {
-    rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr);  // NOLINT: sockets API
+    rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr),
+                   sizeof addr);  // NOLINT: sockets API
   } while (rc != 0 && errno == EINTR);
   if (rc != 0) return socket_error(errno);
   return fd;

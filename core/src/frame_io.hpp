@@ -3,9 +3,6 @@
 // descriptors into frames, and a sendmsg that carries descriptors.
 #pragma once
 
-#include "uipc/core/framed.hpp"
-#include "uipc/proto/envelope.pb.h"
-
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -15,6 +12,9 @@
 #include <optional>
 #include <span>
 #include <vector>
+
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
 
 namespace uipc::detail {
 
@@ -65,6 +65,7 @@ class frame_reader {
   std::uint64_t consumed() const noexcept { return consumed_; }
   /// Descriptors received and not yet claimed by a frame.
   std::deque<unique_fd>& pending_fds() noexcept { return fds_; }
+
  private:
   /// Gives a buffer grown for a large frame back once it is empty.
   void shrink();
@@ -84,7 +85,8 @@ error_code check_outgoing(const frame& f, const connection_options& options);
 
 /// One sendmsg of `iov`, with `fds` (if any) attached as SCM_RIGHTS to its
 /// first byte. MSG_NOSIGNAL is added to `flags`. Returns what sendmsg returned.
-ssize_t send_with_fds(int fd, std::span<const iovec> iov, std::span<const unique_fd> fds, int flags);
+ssize_t send_with_fds(int fd, std::span<const iovec> iov, std::span<const unique_fd> fds,
+                      int flags);
 
 /// Takes `fd` on as a connection: it must be a Unix stream socket; it is made
 /// close-on-exec (accepted sockets do not inherit it, and a child must never

@@ -6,22 +6,21 @@
 // released it with its last descriptor: its socket file is then stale and is
 // replaced. A socket file without a lock holder is probed with connect() before
 // it is removed, in case a program outside uipc serves it.
-#include "uipc/core/framed.hpp"
-#include "uipc/core/rendezvous.hpp"
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/local/stream_protocol.hpp>
-#include <boost/asio/append.hpp>
-#include <boost/asio/dispatch.hpp>
-
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <boost/asio/append.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
 #include <cerrno>
 #include <cstring>
+
+#include "uipc/core/framed.hpp"
+#include "uipc/core/rendezvous.hpp"
 
 namespace uipc {
 
@@ -34,7 +33,8 @@ error_code last_error() { return {errno, boost::system::system_category()}; }
 
 result<sockaddr_un> address_of(const std::string& path) {
   sockaddr_un addr{};
-  if (path.empty() || path.size() >= sizeof addr.sun_path) return error_code(ENAMETOOLONG, boost::system::system_category());
+  if (path.empty() || path.size() >= sizeof addr.sun_path)
+    return error_code(ENAMETOOLONG, boost::system::system_category());
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path.data(), path.size());
   return addr;
@@ -47,7 +47,8 @@ error_code clear_path(const std::string& path, const sockaddr_un& addr) {
   if (!S_ISSOCK(st.st_mode)) return make_error_code(errc::not_a_socket);
   unique_fd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!probe) return last_error();
-  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {  // NOLINT: sockets API
+  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) ==
+      0) {  // NOLINT: sockets API
     return make_error_code(errc::address_in_use);
   }
   if (errno != ECONNREFUSED && errno != ENOENT) return last_error();
@@ -83,14 +84,16 @@ result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const st
 
   unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd) return last_error();
-  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&*addr), sizeof *addr) != 0) {  // NOLINT: sockets API
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&*addr), sizeof *addr) !=
+      0) {  // NOLINT: sockets API
     return last_error();
   }
   // Nobody can connect before listen(), so setting the mode between the two
   // leaves no window; AT_SYMLINK_NOFOLLOW refuses a symlink swapped in meanwhile.
   struct stat st {};
   if (::fchmodat(AT_FDCWD, path.c_str(), options.mode & 0777, AT_SYMLINK_NOFOLLOW) != 0 ||
-      ::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode) || ::listen(fd.get(), options.backlog) != 0) {
+      ::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode) ||
+      ::listen(fd.get(), options.backlog) != 0) {
     auto ec = last_error();
     ::unlink(path.c_str());
     return ec ? ec : make_error_code(errc::not_a_socket);
@@ -106,7 +109,8 @@ result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const st
     return ec;
   }
   fd.release();
-  return std::unique_ptr<listener>(new listener(std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
+  return std::unique_ptr<listener>(
+      new listener(std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
 }
 
 listener::listener(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -116,29 +120,33 @@ listener::~listener() { close(); }
 void listener::start_accept(accept_handler handler) {
   // The handler may run after the listener is gone (an accept that completed
   // just before close()), so it holds what it needs itself, not `this`.
-  impl_->acceptor.async_accept([&ctx = impl_->ctx, options = impl_->options.connection,
-                                handler = std::move(handler)](error_code ec, stream_protocol::socket s) mutable {
-    connection::pointer accepted;
-    if (!ec) {
-      unique_fd fd(s.release(ec));
-      if (!ec) {
-        auto c = connection::adopt(ctx, std::move(fd), std::move(options));
-        if (c) accepted = std::move(*c);
-        else ec = c.error();
-      }
-    }
-    asio::dispatch(s.get_executor(), asio::append(std::move(handler), ec, std::move(accepted)));
-  });
+  impl_->acceptor.async_accept(
+      [&ctx = impl_->ctx, options = impl_->options.connection, handler = std::move(handler)](
+          error_code ec, stream_protocol::socket s) mutable {
+        connection::pointer accepted;
+        if (!ec) {
+          unique_fd fd(s.release(ec));
+          if (!ec) {
+            auto c = connection::adopt(ctx, std::move(fd), std::move(options));
+            if (c)
+              accepted = std::move(*c);
+            else
+              ec = c.error();
+          }
+        }
+        asio::dispatch(s.get_executor(), asio::append(std::move(handler), ec, std::move(accepted)));
+      });
 }
 
 void listener::start_accept_socket(socket_handler handler) {
-  impl_->acceptor.async_accept([handler = std::move(handler)](error_code ec, stream_protocol::socket s) mutable {
-    unique_fd fd;
-    if (!ec) fd.reset(s.release(ec));
-    if (!ec && ::fcntl(fd.get(), F_SETFD, FD_CLOEXEC) != 0) ec = last_error();
-    if (ec) fd.reset();
-    asio::dispatch(s.get_executor(), asio::append(std::move(handler), ec, std::move(fd)));
-  });
+  impl_->acceptor.async_accept(
+      [handler = std::move(handler)](error_code ec, stream_protocol::socket s) mutable {
+        unique_fd fd;
+        if (!ec) fd.reset(s.release(ec));
+        if (!ec && ::fcntl(fd.get(), F_SETFD, FD_CLOEXEC) != 0) ec = last_error();
+        if (ec) fd.reset();
+        asio::dispatch(s.get_executor(), asio::append(std::move(handler), ec, std::move(fd)));
+      });
 }
 
 void listener::close() {

@@ -40,8 +40,9 @@ error_code check_name(std::string_view name, const name_rules& rules) {
   return {};
 }
 
-result<rendezvous_paths> derive_rendezvous_paths(const std::string& directory, std::string_view prefix,
-                                                 std::string_view name, const name_rules& rules) {
+result<rendezvous_paths> derive_rendezvous_paths(const std::string& directory,
+                                                 std::string_view prefix, std::string_view name,
+                                                 const name_rules& rules) {
   if (auto ec = check_name(name, rules)) return ec;
   if (directory.empty()) return error_code(ENOENT, boost::system::system_category());
   rendezvous_paths p;
@@ -97,7 +98,8 @@ result<instance_lock> instance_lock::try_acquire(const std::string& path) {
   // A few rounds at most: each one that loses is a holder that removed the
   // file between our open and our lock, which ends once nobody is releasing.
   for (int attempt = 0; attempt < 8; ++attempt) {
-    unique_fd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0600));
+    unique_fd fd(
+        ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0600));
     if (!fd) return last_error();
     struct stat held {};
     if (::fstat(fd.get(), &held) != 0) return last_error();
@@ -110,7 +112,8 @@ result<instance_lock> instance_lock::try_acquire(const std::string& path) {
     // The previous holder may have removed the file between our open and our
     // lock: then we hold a lock on a dead inode and must start over.
     struct stat named {};
-    if (::stat(path.c_str(), &named) == 0 && held.st_ino == named.st_ino && held.st_dev == named.st_dev) {
+    if (::stat(path.c_str(), &named) == 0 && held.st_ino == named.st_ino &&
+        held.st_dev == named.st_dev) {
       return instance_lock(path, std::move(fd));
     }
   }

@@ -1,7 +1,7 @@
 // request_router: one place where a frame becomes a handler call and its outcome a reply.
-#include "uipc/core/typed.hpp"
-
 #include <algorithm>
+
+#include "uipc/core/typed.hpp"
 
 namespace uipc {
 
@@ -21,7 +21,8 @@ const request_router::entry* request_router::find(std::uint32_t type) const noex
   return at != entries_.end() && at->type == type ? &*at : nullptr;
 }
 
-std::optional<frame> request_router::serve(server_session& session, const frame& f, bool& failed) const {
+std::optional<frame> request_router::serve(server_session& session, const frame& f,
+                                           bool& failed) const {
   const entry* e = find(f.type);
   if (f.kind != frame_kind::request) {
     // Notices get no reply whatever happens; replies to nothing we asked mean nothing.
@@ -41,7 +42,8 @@ std::optional<frame> request_router::serve(server_session& session, const frame&
   result<std::string> payload = e->handler(ctx);
   if (!payload) {
     failed = true;
-    const error_code ec = payload.error() == errc::bad_request ? errors_.bad_request : payload.error();
+    const error_code ec =
+        payload.error() == errc::bad_request ? errors_.bad_request : payload.error();
     return make_error_reply(f, ec);
   }
   frame reply = make_reply(f, f.type, std::move(*payload));

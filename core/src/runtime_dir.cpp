@@ -2,14 +2,14 @@
 // the shared directory for servers that admit other users, with its own checks.
 #include "uipc/core/runtime_dir.hpp"
 
-#include "uipc/core/unique_fd.hpp"
-
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
+
+#include "uipc/core/unique_fd.hpp"
 
 namespace uipc {
 

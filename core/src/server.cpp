@@ -8,12 +8,6 @@
 // at `stopped` (both sequentially consistent: either the stop sees the
 // request, or the request sees the stop).
 #include "uipc/core/server.hpp"
-#include "uipc/core/process.hpp"
-#include "wire.hpp"
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/posix/stream_descriptor.hpp>
-#include <boost/asio/steady_timer.hpp>
 
 #include <malloc.h>
 #include <sys/eventfd.h>
@@ -22,9 +16,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+
+#include "uipc/core/process.hpp"
+#include "wire.hpp"
 
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD 77  // Linux 6.5; Debian 12's headers predate it
@@ -70,7 +70,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
   std::size_t high_water = 0;  // most sessions since memory was last given back
   std::size_t ended_since_trim = 0;
   std::size_t starting = 0;  // admitted, start hook running, not yet in `sessions`
-  server_stats counters;       // sessions and requests fields unused: see below
+  server_stats counters;     // sessions and requests fields unused: see below
 
   std::atomic<bool> stopped{false};
   std::atomic<std::uint64_t> in_flight{0};
@@ -85,8 +85,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
 
   void accept_next() {  // mutex held
     if (!accept_socket) return;
-    accept_socket->async_accept_socket(
-        [self = shared_from_this()](error_code ec, unique_fd fd) { self->accepted(ec, std::move(fd)); });
+    accept_socket->async_accept_socket([self = shared_from_this()](error_code ec, unique_fd fd) {
+      self->accepted(ec, std::move(fd));
+    });
   }
 
   void accepted(error_code ec, unique_fd fd) {
@@ -102,8 +103,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
       // spin. Pause, growing to a second while it lasts.
       ++counters.accept_failures;
       ++consecutive_accept_failures;
-      const auto pause = std::chrono::milliseconds(
-          std::min<std::uint64_t>(1000, 10u << std::min<std::uint64_t>(consecutive_accept_failures, 7)));
+      const auto pause = std::chrono::milliseconds(std::min<std::uint64_t>(
+          1000, 10u << std::min<std::uint64_t>(consecutive_accept_failures, 7)));
       accept_timer.expires_after(pause);
       accept_timer.async_wait([self = shared_from_this()](error_code timer_ec) {
         if (timer_ec) return;
@@ -129,7 +130,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
       if (stopped || !accept_socket) return;  // the descriptor closes unread
       consecutive_accept_failures = 0;
       accept_next();
-      if (!refusal && sessions.size() >= options.max_sessions) refusal = make_error_code(errc::shutting_down);
+      if (!refusal && sessions.size() >= options.max_sessions)
+        refusal = make_error_code(errc::shutting_down);
       if (refusal) {
         ++counters.refusals;
         tell_refused(fd.get(), refusal);
@@ -142,7 +144,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
         ++counters.refusals;
         return;
       }
-      session = std::make_shared<server_session>(next_id++, std::move(*identity), std::move(pidfd), std::move(*conn));
+      session = std::make_shared<server_session>(next_id++, std::move(*identity), std::move(pidfd),
+                                                 std::move(*conn));
       ++counters.sessions_total;
       ++starting;
       ++idle_epoch;
@@ -164,7 +167,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
     if (!joined) {
       session->close();
-      if (options.on_session_end) options.on_session_end(*session, make_error_code(errc::shutting_down));
+      if (options.on_session_end)
+        options.on_session_end(*session, make_error_code(errc::shutting_down));
       return;
     }
     receive(session);
@@ -281,8 +285,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
         // admitted and then dropped: one still in the backlog finds the socket
         // gone and can start a successor.
         std::lock_guard lock(self->mutex);
-        if (self->stopped || !self->sessions.empty() || self->starting > 0 || self->idle_epoch != epoch ||
-            !self->accept_socket)
+        if (self->stopped || !self->sessions.empty() || self->starting > 0 ||
+            self->idle_epoch != epoch || !self->accept_socket)
           return;
         self->accept_socket->close();
         self->accept_socket.reset();
@@ -304,8 +308,10 @@ struct server::impl : std::enable_shared_from_this<impl> {
     // Handlers already running on other threads finish first; new ones see `stopped`.
     const std::uint64_t own = serving == this ? 1 : 0;
     for (int spins = 0; in_flight.load() > own; ++spins) {
-      if (spins < 64) std::this_thread::yield();
-      else std::this_thread::sleep_for(std::chrono::microseconds(200));
+      if (spins < 64)
+        std::this_thread::yield();
+      else
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
     {
       std::lock_guard lock(mutex);
@@ -325,14 +331,16 @@ thread_local const server::impl* server::impl::serving = nullptr;
 unique_fd server::impl::peer_pidfd(int socket_fd, pid_t pid) {
   int fd = -1;
   socklen_t len = sizeof fd;
-  if (::getsockopt(socket_fd, SOL_SOCKET, SO_PEERPIDFD, &fd, &len) == 0 && fd >= 0) return unique_fd(fd);
+  if (::getsockopt(socket_fd, SOL_SOCKET, SO_PEERPIDFD, &fd, &len) == 0 && fd >= 0)
+    return unique_fd(fd);
   return uipc::open_pidfd(pid);
 }
 
 // ---- server -------------------------------------------------------------------
 
 result<std::unique_ptr<server>> server::start(asio::io_context& ctx, const std::string& path,
-                                              const request_router& router, server_options options) {
+                                              const request_router& router,
+                                              server_options options) {
   auto p = std::make_shared<impl>(ctx, router, std::move(options));
   p->session_options = p->options.listen.connection;
   p->session_options.first_frame_timeout = p->options.first_frame_timeout;
@@ -345,7 +353,8 @@ result<std::unique_ptr<server>> server::start(asio::io_context& ctx, const std::
     p->accept_next();
     p->arm_idle_timer(std::max(p->options.linger, p->options.startup_grace));
   }
-  return std::unique_ptr<server>(new server(std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
+  return std::unique_ptr<server>(
+      new server(std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
 }
 
 server::server(std::shared_ptr<impl> p) : impl_(std::move(p)) {}

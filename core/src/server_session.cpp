@@ -1,13 +1,13 @@
 // server_session and peer_identity: what the kernel says about a server's peer.
-#include "frame_io.hpp"
-#include "uipc/core/server.hpp"
-#include "uipc/core/process.hpp"
-
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <array>
 #include <cerrno>
+
+#include "frame_io.hpp"
+#include "uipc/core/process.hpp"
+#include "uipc/core/server.hpp"
 
 namespace uipc {
 
@@ -37,7 +37,8 @@ result<peer_identity> read_peer_identity(int socket_fd) {
   return id;
 }
 
-server_session::server_session(std::uint64_t id, peer_identity peer, unique_fd pidfd, connection::pointer conn)
+server_session::server_session(std::uint64_t id, peer_identity peer, unique_fd pidfd,
+                               connection::pointer conn)
     : id_(id), peer_(std::move(peer)), pidfd_(std::move(pidfd)), conn_(std::move(conn)) {}
 
 server_session::~server_session() = default;

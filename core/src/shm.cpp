@@ -1,23 +1,22 @@
 // shm_segment: header layout, creation, checked opening and name cleanup.
 #include "uipc/core/shm.hpp"
 
-#include "uipc/core/rendezvous.hpp"
-
-#include <boost/interprocess/mapped_region.hpp>
-#include <boost/interprocess/shared_memory_object.hpp>
-
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <atomic>
-#include <cerrno>
 #include <algorithm>
+#include <atomic>
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+#include <cerrno>
 #include <cstdlib>
 #include <mutex>
 #include <optional>
 #include <set>
+
+#include "uipc/core/rendezvous.hpp"
 
 namespace uipc {
 
@@ -62,7 +61,8 @@ struct owned_names {
 
   static owned_names& get() {
     static owned_names* instance = [] {
-      auto* r = new owned_names;  // NOLINT(cppcoreguidelines-owning-memory): lives until exit, used by atexit
+      auto* r = new owned_names;  // NOLINT(cppcoreguidelines-owning-memory): lives until exit, used
+                                  // by atexit
       std::atexit([] {
         auto& self = get();
         std::lock_guard lock(self.mutex);
@@ -133,8 +133,8 @@ shm_segment::shm_segment(shm_segment&&) noexcept = default;
 shm_segment& shm_segment::operator=(shm_segment&&) noexcept = default;
 shm_segment::~shm_segment() = default;
 
-result<shm_segment> shm_segment::create(const std::string& name, std::size_t size, segment_identity id,
-                                        unsigned mode) {
+result<shm_segment> shm_segment::create(const std::string& name, std::size_t size,
+                                        segment_identity id, unsigned mode) {
   if (!valid_name(name)) return system_error(EINVAL);
   if (size > max_segment_size) return system_error(EFBIG);
   const std::size_t total = header_size + size;
@@ -164,7 +164,8 @@ result<shm_segment> shm_segment::create_anonymous(std::size_t size, segment_iden
   if (!fd) return system_error(errno);
   if (::ftruncate(fd.get(), static_cast<off_t>(total)) != 0) return system_error(errno);
   // Sealed: whoever maps it can trust the size (no SIGBUS from a shrink).
-  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) return system_error(errno);
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+    return system_error(errno);
   void* base = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   if (base == MAP_FAILED) return system_error(errno);
   auto p = std::make_unique<impl>();

@@ -1,13 +1,12 @@
 // The byte format of a frame: 4-byte little-endian length, then an Envelope.
 #pragma once
 
-#include "uipc/core/framed.hpp"
-
 #include <boost/endian/conversion.hpp>
-
 #include <cstring>
 #include <deque>
 #include <span>
+
+#include "uipc/core/framed.hpp"
 
 namespace uipc::proto {
 class Envelope;
@@ -37,6 +36,7 @@ std::string encode_error_notice(error_code ec);
 
 /// The error_code a wire error stands for: a category among `known` (or core's,
 /// the system's or the generic one) by name, else errc::remote_error.
-error_code from_wire_error(const wire_error& e, std::span<const boost::system::error_category* const> known);
+error_code from_wire_error(const wire_error& e,
+                           std::span<const boost::system::error_category* const> known);
 
 }  // namespace uipc::detail

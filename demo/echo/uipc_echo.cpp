@@ -4,26 +4,25 @@
 //   uipc-echo                 serve and ping in two processes for a few seconds (the demo)
 //   uipc-echo serve [--socket PATH]
 //   uipc-echo ping  [--socket PATH] [--seconds N] [--size BYTES] [--inflight N]
-#include "uipc/core/event_loop.hpp"
-#include "uipc/core/framed.hpp"
-#include "uipc/core/runtime_dir.hpp"
-#include "uipc/core/server.hpp"
-#include "uipc/core/typed.hpp"
-#include "uipc/proto/echo.pb.h"
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/steady_timer.hpp>
-
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
+
+#include "uipc/core/event_loop.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/core/runtime_dir.hpp"
+#include "uipc/core/server.hpp"
+#include "uipc/core/typed.hpp"
+#include "uipc/proto/echo.pb.h"
 
 namespace {
 
@@ -43,10 +42,12 @@ int serve(const settings& s, bool quiet = false) {
   event_loop loop(1, /*catch_signals=*/true);
   request_router router;
   router.on<proto::echo::Echo, proto::echo::Echo>(
-      echo_type, [](request_context&, const proto::echo::Echo& in) { return result<proto::echo::Echo>(in); });
+      echo_type,
+      [](request_context&, const proto::echo::Echo& in) { return result<proto::echo::Echo>(in); });
   auto srv = server::start(loop.context(), s.socket, router);
   if (!srv) {
-    std::fprintf(stderr, "uipc-echo: cannot listen on %s: %s\n", s.socket.c_str(), srv.error().message().c_str());
+    std::fprintf(stderr, "uipc-echo: cannot listen on %s: %s\n", s.socket.c_str(),
+                 srv.error().message().c_str());
     return 1;
   }
   loop.on_stop([&] { (*srv)->stop(); });
@@ -55,9 +56,11 @@ int serve(const settings& s, bool quiet = false) {
   loop.run();
   const server_stats st = (*srv)->stats();
   if (!quiet) {
-    std::printf("uipc-echo: stopped after %llu sessions, %llu requests, %llu errors, %llu refused\n",
-                static_cast<unsigned long long>(st.sessions_total), static_cast<unsigned long long>(st.requests),
-                static_cast<unsigned long long>(st.errors), static_cast<unsigned long long>(st.refusals));
+    std::printf(
+        "uipc-echo: stopped after %llu sessions, %llu requests, %llu errors, %llu refused\n",
+        static_cast<unsigned long long>(st.sessions_total),
+        static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.errors),
+        static_cast<unsigned long long>(st.refusals));
   }
   return 0;
 }
@@ -72,12 +75,13 @@ int ping(const settings& s) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   if (!c) {
-    std::fprintf(stderr, "uipc-echo: cannot connect to %s: %s\n", s.socket.c_str(), c.error().message().c_str());
+    std::fprintf(stderr, "uipc-echo: cannot connect to %s: %s\n", s.socket.c_str(),
+                 c.error().message().c_str());
     return 1;
   }
   auto conn = *c;
-  std::printf("uipc-echo: connected to %s (server pid %d), %zu-byte frames, %d in flight\n", s.socket.c_str(),
-              static_cast<int>(conn->peer().pid), s.size, s.inflight);
+  std::printf("uipc-echo: connected to %s (server pid %d), %zu-byte frames, %d in flight\n",
+              s.socket.c_str(), static_cast<int>(conn->peer().pid), s.size, s.inflight);
   proto::echo::Echo request;
   request.set_payload(std::string(s.size, 'e'));
   std::uint64_t done = 0;
@@ -87,16 +91,17 @@ int ping(const settings& s) {
   auto next_report = start + std::chrono::seconds(1);
   const auto end = start + std::chrono::seconds(s.seconds);
   std::function<void()> issue = [&] {
-    async_typed_call<proto::echo::Echo>(*conn, echo_type, request, [&](error_code ec, proto::echo::Echo reply) {
-      if (ec || reply.payload() != request.payload()) {
-        if (!failed) std::fprintf(stderr, "uipc-echo: call failed: %s\n", ec.message().c_str());
-        failed = true;
-        return;
-      }
-      ++done;
-      ++in_second;
-      if (clock_type::now() < end) issue();
-    });
+    async_typed_call<proto::echo::Echo>(
+        *conn, echo_type, request, [&](error_code ec, proto::echo::Echo reply) {
+          if (ec || reply.payload() != request.payload()) {
+            if (!failed) std::fprintf(stderr, "uipc-echo: call failed: %s\n", ec.message().c_str());
+            failed = true;
+            return;
+          }
+          ++done;
+          ++in_second;
+          if (clock_type::now() < end) issue();
+        });
   };
   for (int i = 0; i < s.inflight; ++i) issue();
   while (!failed && clock_type::now() < end + std::chrono::milliseconds(200)) {
@@ -133,7 +138,8 @@ int demo(const settings& s) {
 
 int usage() {
   std::fprintf(stderr,
-               "usage: uipc-echo [serve|ping|demo] [--socket PATH] [--seconds N] [--size BYTES] [--inflight N]\n");
+               "usage: uipc-echo [serve|ping|demo] [--socket PATH] [--seconds N] [--size BYTES] "
+               "[--inflight N]\n");
   return 2;
 }
 
@@ -148,11 +154,16 @@ int main(int argc, char** argv) {
     const std::string arg = argv[i];
     if (i + 1 >= argc) return usage();
     const char* value = argv[++i];
-    if (arg == "--socket") s.socket = value;
-    else if (arg == "--seconds") s.seconds = std::atoi(value);
-    else if (arg == "--size") s.size = static_cast<std::size_t>(std::atol(value));
-    else if (arg == "--inflight") s.inflight = std::atoi(value);
-    else return usage();
+    if (arg == "--socket")
+      s.socket = value;
+    else if (arg == "--seconds")
+      s.seconds = std::atoi(value);
+    else if (arg == "--size")
+      s.size = static_cast<std::size_t>(std::atol(value));
+    else if (arg == "--inflight")
+      s.inflight = std::atoi(value);
+    else
+      return usage();
   }
   if (s.seconds <= 0 || s.inflight <= 0 || s.size > (1u << 20) - 64) return usage();
   if (s.socket.empty()) {

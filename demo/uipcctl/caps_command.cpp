@@ -1,5 +1,6 @@
 // `uipcctl caps`: the live caps points, a call to one, and a watch of points
 // coming and going.
+#include <boost/asio/io_context.hpp>
 #include <charconv>
 #include <chrono>
 #include <cstdio>
@@ -7,8 +8,6 @@
 #include <optional>
 #include <string>
 #include <string_view>
-
-#include <boost/asio/io_context.hpp>
 
 #include "commands.hpp"
 #include "uipc/caps/client.hpp"
@@ -26,18 +25,19 @@ constexpr int exit_error = 3;
 constexpr int exit_usage = 64;
 
 int usage() {
-  std::fprintf(stderr,
-               "usage: uipcctl caps [--dir DIR] ACTION\n"
-               "actions:\n"
-               "  list                          live points: name, owner uid and gid, who may connect,\n"
-               "                                exclusive or shared, server pid, clients, generation\n"
-               "  call NAME DATA [--uid UID] [--gid GID] [--timeout MS] [--count N]\n"
-               "                                send DATA to the point NAME of user UID (default: you)\n"
-               "                                and print the reply; with --count, N calls in a row\n"
-               "                                (each reply's size checked) and their rate\n"
-               "  watch [--seconds N]           print points as they appear (+) and disappear (-)\n"
-               "DIR: the rendezvous directory (default: $UIPC_SHARED_DIR, else /tmp/uipc-shared).\n"
-               "Errors exit with 3.\n");
+  std::fprintf(
+      stderr,
+      "usage: uipcctl caps [--dir DIR] ACTION\n"
+      "actions:\n"
+      "  list                          live points: name, owner uid and gid, who may connect,\n"
+      "                                exclusive or shared, server pid, clients, generation\n"
+      "  call NAME DATA [--uid UID] [--gid GID] [--timeout MS] [--count N]\n"
+      "                                send DATA to the point NAME of user UID (default: you)\n"
+      "                                and print the reply; with --count, N calls in a row\n"
+      "                                (each reply's size checked) and their rate\n"
+      "  watch [--seconds N]           print points as they appear (+) and disappear (-)\n"
+      "DIR: the rendezvous directory (default: $UIPC_SHARED_DIR, else /tmp/uipc-shared).\n"
+      "Errors exit with 3.\n");
   return exit_usage;
 }
 
@@ -48,23 +48,27 @@ int fail(const char* what, uipc::error_code ec) {
 
 const char* access_name(uipc::caps::access a) {
   switch (a) {
-    case uipc::caps::access::group: return "group";
-    case uipc::caps::access::world: return "world";
-    case uipc::caps::access::user: break;
+    case uipc::caps::access::group:
+      return "group";
+    case uipc::caps::access::world:
+      return "world";
+    case uipc::caps::access::user:
+      break;
   }
   return "user";
 }
 
 void print_point(const char* prefix, const point_info& p) {
-  std::printf("%s%-24s %6u %6u %-6s %-9s %7d %7llu %llu\n", prefix, p.name.c_str(), static_cast<unsigned>(p.uid),
-              static_cast<unsigned>(p.gid), access_name(p.who), p.exclusive ? "exclusive" : "shared",
-              static_cast<int>(p.pid), static_cast<unsigned long long>(p.clients),
+  std::printf("%s%-24s %6u %6u %-6s %-9s %7d %7llu %llu\n", prefix, p.name.c_str(),
+              static_cast<unsigned>(p.uid), static_cast<unsigned>(p.gid), access_name(p.who),
+              p.exclusive ? "exclusive" : "shared", static_cast<int>(p.pid),
+              static_cast<unsigned long long>(p.clients),
               static_cast<unsigned long long>(p.generation));
 }
 
 void print_header(const char* prefix) {
-  std::printf("%s%-24s %6s %6s %-6s %-9s %7s %7s %s\n", prefix, "NAME", "UID", "GID", "ACCESS", "MODE", "PID",
-              "CLIENTS", "GENERATION");
+  std::printf("%s%-24s %6s %6s %-6s %-9s %7s %7s %s\n", prefix, "NAME", "UID", "GID", "ACCESS",
+              "MODE", "PID", "CLIENTS", "GENERATION");
 }
 
 int list(const std::string& dir) {
@@ -117,7 +121,8 @@ int call(const std::string& dir, std::span<char* const> args) {
       auto r = (*c)->call(data, clock::now() + timeout);
       if (!r) return fail(("call " + std::to_string(i + 1)).c_str(), r.error());
       if (r->size() != data.size()) {
-        std::fprintf(stderr, "uipcctl caps: call %lu: a reply of %zu bytes to %zu\n", i + 1, r->size(), data.size());
+        std::fprintf(stderr, "uipcctl caps: call %lu: a reply of %zu bytes to %zu\n", i + 1,
+                     r->size(), data.size());
         return exit_error;
       }
     }

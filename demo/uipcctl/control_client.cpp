@@ -47,7 +47,8 @@ void print_table(std::string_view body) {
 
 // Sends one control request. On success returns true and the body in `body`;
 // on failure prints the reason and returns false.
-bool ask(const char* command, const control_target& t, const std::string& request, std::string& body) {
+bool ask(const char* command, const control_target& t, const std::string& request,
+         std::string& body) {
   boost::asio::io_context io;
   uipc::caps::client_options options;
   options.handshake_timeout = t.timeout;
@@ -58,7 +59,8 @@ bool ask(const char* command, const control_target& t, const std::string& reques
       std::fprintf(stderr, "uipcctl %s: the %s at %s did not answer within %lld ms\n", command,
                    t.server, t.address.name.c_str(), static_cast<long long>(t.timeout.count()));
     else
-      std::fprintf(stderr, "uipcctl %s: %s%s: %s\n", command, what, t.address.name.c_str(), ec.message().c_str());
+      std::fprintf(stderr, "uipcctl %s: %s%s: %s\n", command, what, t.address.name.c_str(),
+                   ec.message().c_str());
     return false;
   };
   if (!c) return fail((std::string("no ") + t.server + " at ").c_str(), c.error());
@@ -76,14 +78,16 @@ bool ask(const char* command, const control_target& t, const std::string& reques
   } else {
     reason = "the host's answer is not the control protocol";
   }
-  std::fprintf(stderr, "uipcctl %s: %.*s\n", command, static_cast<int>(reason.size()), reason.data());
+  std::fprintf(stderr, "uipcctl %s: %.*s\n", command, static_cast<int>(reason.size()),
+               reason.data());
   return false;
 }
 
 // Parses [--point NAME] [--dir DIR] [--timeout MS]; returns the index of the action, or -1.
 option_result take_target_option(std::span<char* const> args, std::size_t& i, control_target& t) {
   const std::string_view option = args[i];
-  if (option != "--point" && option != "--dir" && option != "--timeout") return option_result::other;
+  if (option != "--point" && option != "--dir" && option != "--timeout")
+    return option_result::other;
   if (i + 1 >= args.size()) return option_result::bad;
   const std::string_view value = args[i + 1];
   if (option == "--point") {

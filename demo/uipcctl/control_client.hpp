@@ -32,7 +32,8 @@ bool split_target(std::span<char* const> args, control_target& t, std::string_vi
 
 /// Sends one request. On success returns true and the body in `body`; on
 /// failure prints why (prefixed "uipcctl COMMAND: ") and returns false.
-bool ask(const char* command, const control_target& t, const std::string& request, std::string& body);
+bool ask(const char* command, const control_target& t, const std::string& request,
+         std::string& body);
 
 /// Prints TAB-separated rows as aligned columns (the last one not padded).
 void print_table(std::string_view body);

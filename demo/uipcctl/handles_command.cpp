@@ -86,8 +86,8 @@ int clients(client& c) {
   if (!all) return fail("clients", all.error());
   std::printf("%-8s %8s %6s %8s %8s\n", "SESSION", "PID", "UID", "HANDLES", "SCRATCH");
   for (const auto& e : *all) {
-    std::printf("%-8llu %8d %6u %8u %8u\n", static_cast<unsigned long long>(e.session), e.pid, e.uid,
-                e.handles, e.scratch_blocks);
+    std::printf("%-8llu %8d %6u %8u %8u\n", static_cast<unsigned long long>(e.session), e.pid,
+                e.uid, e.handles, e.scratch_blocks);
   }
   return exit_ok;
 }
@@ -272,7 +272,8 @@ int churn(client& c, std::span<char* const> args) {
     auto w = e->wait(std::chrono::nanoseconds(0));
     if (!w) return fail("wait", w.error());
     if (*w != wait_status::signalled) {
-      std::fprintf(stderr, "uipcctl handles: churn: an event just signalled did not satisfy a wait\n");
+      std::fprintf(stderr,
+                   "uipcctl handles: churn: an event just signalled did not satisfy a wait\n");
       return exit_error;
     }
     if (auto ec = e->close()) return fail("close", ec);
@@ -282,8 +283,10 @@ int churn(client& c, std::span<char* const> args) {
     if (auto ec = m->close()) return fail("close", ec);
     ++cycles;
   }
-  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
-  std::printf("cycles %llu seconds %.3f cycles_per_second %.0f\n", cycles, took, static_cast<double>(cycles) / took);
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+  std::printf("cycles %llu seconds %.3f cycles_per_second %.0f\n", cycles, took,
+              static_cast<double>(cycles) / took);
   return exit_ok;
 }
 
@@ -314,8 +317,8 @@ int run_handles(std::span<char* const> args) {
   if (i >= args.size()) return usage();
   const std::string_view action = args[i];
   const auto rest = args.subspan(i + 1);
-  constexpr std::string_view actions[] = {"list",    "stats", "clients", "create", "signal",
-                                          "reset",   "release", "wait",  "close",   "churn"};
+  constexpr std::string_view actions[] = {"list",  "stats",   "clients", "create", "signal",
+                                          "reset", "release", "wait",    "close",  "churn"};
   if (std::find(std::begin(actions), std::end(actions), action) == std::end(actions))
     return usage();
   // The search client::connect would make, done here first so that a failure

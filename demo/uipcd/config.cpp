@@ -25,21 +25,26 @@ struct key {
 };
 
 std::string_view trim(std::string_view s) {
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t' || s.front() == '\r')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t' || s.front() == '\r'))
+    s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r'))
+    s.remove_suffix(1);
   return s;
 }
 
 template <class Int>
-key number(const char* section, const char* name, const char* doc, bool reloadable, Int config::*field, Int low,
-           Int high) {
-  return {section, name, doc, reloadable,
+key number(const char* section, const char* name, const char* doc, bool reloadable,
+           Int config::*field, Int low, Int high) {
+  return {section,
+          name,
+          doc,
+          reloadable,
           [=](config& c, std::string_view v) -> std::string {
             Int value{};
             auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), value);
             if (ec != std::errc() || end != v.data() + v.size() || value < low || value > high)
-              return "'" + std::string(v) + "' is not a whole number from " + std::to_string(low) + " to " +
-                     std::to_string(high);
+              return "'" + std::string(v) + "' is not a whole number from " + std::to_string(low) +
+                     " to " + std::to_string(high);
             c.*field = value;
             return {};
           },
@@ -48,13 +53,16 @@ key number(const char* section, const char* name, const char* doc, bool reloadab
 
 key milliseconds(const char* section, const char* name, const char* doc, bool reloadable,
                  std::chrono::milliseconds config::*field, long long low, long long high) {
-  return {section, name, doc, reloadable,
+  return {section,
+          name,
+          doc,
+          reloadable,
           [=](config& c, std::string_view v) -> std::string {
             long long value = 0;
             auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), value);
             if (ec != std::errc() || end != v.data() + v.size() || value < low || value > high)
-              return "'" + std::string(v) + "' is not a whole number of milliseconds from " + std::to_string(low) +
-                     " to " + std::to_string(high);
+              return "'" + std::string(v) + "' is not a whole number of milliseconds from " +
+                     std::to_string(low) + " to " + std::to_string(high);
             c.*field = std::chrono::milliseconds(value);
             return {};
           },
@@ -62,7 +70,10 @@ key milliseconds(const char* section, const char* name, const char* doc, bool re
 }
 
 key boolean(const char* section, const char* name, const char* doc, bool config::*field) {
-  return {section, name, doc, false,
+  return {section,
+          name,
+          doc,
+          false,
           [=](config& c, std::string_view v) -> std::string {
             if (v == "true" || v == "yes" || v == "on") {
               c.*field = true;
@@ -77,9 +88,12 @@ key boolean(const char* section, const char* name, const char* doc, bool config:
 }
 
 // A text value; `check` says why a value is refused ("" when it is fine).
-key text(const char* section, const char* name, const char* doc, bool reloadable, std::string config::*field,
-         std::function<std::string(std::string_view)> check = {}) {
-  return {section, name, doc, reloadable,
+key text(const char* section, const char* name, const char* doc, bool reloadable,
+         std::string config::*field, std::function<std::string(std::string_view)> check = {}) {
+  return {section,
+          name,
+          doc,
+          reloadable,
           [=](config& c, std::string_view v) -> std::string {
             if (check) {
               if (auto why = check(v); !why.empty()) return why;
@@ -93,7 +107,8 @@ key text(const char* section, const char* name, const char* doc, bool reloadable
 std::string address_with_port(std::string_view v, bool loopback_only) {
   // ADDR:PORT or [ADDR]:PORT; the address itself is checked when it is bound.
   const auto colon = v.rfind(':');
-  if (colon == std::string_view::npos || colon == 0) return "'" + std::string(v) + "' is not ADDRESS:PORT";
+  if (colon == std::string_view::npos || colon == 0)
+    return "'" + std::string(v) + "' is not ADDRESS:PORT";
   unsigned port = 0;
   const auto p = v.substr(colon + 1);
   auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), port);
@@ -108,44 +123,53 @@ std::string address_with_port(std::string_view v, bool loopback_only) {
 }
 
 std::string no_separator(std::string_view v) {
-  if (v.find_first_of("\n\t") != std::string_view::npos) return "the value holds a TAB or a line break";
+  if (v.find_first_of("\n\t") != std::string_view::npos)
+    return "the value holds a TAB or a line break";
   return {};
 }
 
 const std::vector<key>& keys() {
   static const std::vector<key> table = {
-      number<unsigned>("server", "threads", "event-loop threads every module shares", false, &config::threads, 1, 64),
-      milliseconds("server", "drain_ms", "on SIGTERM, the longest wait for queries and calls in flight", true,
+      number<unsigned>("server", "threads", "event-loop threads every module shares", false,
+                       &config::threads, 1, 64),
+      milliseconds("server", "drain_ms",
+                   "on SIGTERM, the longest wait for queries and calls in flight", true,
                    &config::drain, 0, 600000),
 
-      boolean("handles", "enabled", "serve as the handle daemon (clients find it as they find uipc-handled)",
+      boolean("handles", "enabled",
+              "serve as the handle daemon (clients find it as they find uipc-handled)",
               &config::handles),
       text("handles", "directory", "the daemon's private directory; empty: as uipc-handled", false,
            &config::handles_directory, no_separator),
-      text("handles", "name", "the daemon instance's name (socket uipc-NAME.sock)", false, &config::handles_name,
-           no_separator),
-      number<std::uint32_t>("handles", "capacity", "slots of the handle table", false, &config::handles_capacity, 2,
-                            1u << 20),
-      number<std::uint64_t>("handles", "scratch_bytes", "bytes of the scratch area", false, &config::handles_scratch,
-                            4096, std::uint64_t{1} << 32),
+      text("handles", "name", "the daemon instance's name (socket uipc-NAME.sock)", false,
+           &config::handles_name, no_separator),
+      number<std::uint32_t>("handles", "capacity", "slots of the handle table", false,
+                            &config::handles_capacity, 2, 1u << 20),
+      number<std::uint64_t>("handles", "scratch_bytes", "bytes of the scratch area", false,
+                            &config::handles_scratch, 4096, std::uint64_t{1} << 32),
 
       boolean("dns", "enabled", "serve DNS over UDP, answered by a plug-in service", &config::dns),
-      text("dns", "listen", "address and port (port 0: any free one, printed at start)", false, &config::dns_listen,
-           [](std::string_view v) { return address_with_port(v, false); }),
-      text("dns", "service", "the plug-in service answering each query (bytes: query in, answer out)", true,
+      text("dns", "listen", "address and port (port 0: any free one, printed at start)", false,
+           &config::dns_listen, [](std::string_view v) { return address_with_port(v, false); }),
+      text("dns", "service",
+           "the plug-in service answering each query (bytes: query in, answer out)", true,
            &config::dns_service, no_separator),
-      text("dns", "zone", "the zone file the dns_zone plug-in serves; empty: its built-in zone (uipc.test)", true,
+      text("dns", "zone",
+           "the zone file the dns_zone plug-in serves; empty: its built-in zone (uipc.test)", true,
            &config::dns_zone, no_separator),
-      number<std::uint32_t>("dns", "buffers", "receive buffers of the dispatcher (queries held at once)", false,
+      number<std::uint32_t>("dns", "buffers",
+                            "receive buffers of the dispatcher (queries held at once)", false,
                             &config::dns_buffers, 16, 1u << 20),
-      milliseconds("dns", "timeout_ms", "a query's deadline inside the plug-in; past it the answer is SERVFAIL", true,
+      milliseconds("dns", "timeout_ms",
+                   "a query's deadline inside the plug-in; past it the answer is SERVFAIL", true,
                    &config::dns_timeout, 1, 60000),
 
       text("plugins", "directory",
-           "every *.so here is loaded at start and at SIGHUP; empty: the example plug-ins beside uipcd", true,
-           &config::plugins_directory, no_separator),
-      {"plugins", "isolate", "plug-ins (file names without .so, comma-separated) run each in a process of its own",
-       true,
+           "every *.so here is loaded at start and at SIGHUP; empty: the example plug-ins beside "
+           "uipcd",
+           true, &config::plugins_directory, no_separator),
+      {"plugins", "isolate",
+       "plug-ins (file names without .so, comma-separated) run each in a process of its own", true,
        [](config& c, std::string_view v) -> std::string {
          std::vector<std::string> names;
          while (!v.empty()) {
@@ -165,17 +189,22 @@ const std::vector<key>& keys() {
          return out;
        }},
 
-      text("caps", "directory", "where caps points live; empty: $UIPC_SHARED_DIR, else /tmp/uipc-shared", false,
+      text("caps", "directory",
+           "where caps points live; empty: $UIPC_SHARED_DIR, else /tmp/uipc-shared", false,
            &config::caps_directory, no_separator),
-      text("caps", "control", "the point uipcctl status, stats and reload talk to", false, &config::control_point,
-           no_separator),
-      text("caps", "plugins", "the plug-in host's point (uipcctl plugins, services); empty: none", false,
-           &config::plugins_point, no_separator),
+      text("caps", "control", "the point uipcctl status, stats and reload talk to", false,
+           &config::control_point, no_separator),
+      text("caps", "plugins", "the plug-in host's point (uipcctl plugins, services); empty: none",
+           false, &config::plugins_point, no_separator),
       text("caps", "echo", "a point answering each request with its own bytes; empty: none", false,
            &config::echo_point, no_separator),
 
-      text("metrics", "listen", "Prometheus text at http://ADDRESS:PORT/metrics, loopback only; empty: off", false,
-           &config::metrics, [](std::string_view v) { return v.empty() ? std::string() : address_with_port(v, true); }),
+      text("metrics", "listen",
+           "Prometheus text at http://ADDRESS:PORT/metrics, loopback only; empty: off", false,
+           &config::metrics,
+           [](std::string_view v) {
+             return v.empty() ? std::string() : address_with_port(v, true);
+           }),
   };
   return table;
 }
@@ -190,7 +219,8 @@ const key* find(std::string_view section, std::string_view name) {
 
 std::string set(config& c, std::string_view dotted, std::string_view value) {
   const auto dot = dotted.find('.');
-  const key* k = dot == std::string_view::npos ? nullptr : find(dotted.substr(0, dot), dotted.substr(dot + 1));
+  const key* k =
+      dot == std::string_view::npos ? nullptr : find(dotted.substr(0, dot), dotted.substr(dot + 1));
   if (k == nullptr) return "unknown key " + std::string(dotted);
   return k->set(c, trim(value));
 }
@@ -204,14 +234,16 @@ std::string apply_text(config& c, std::string_view text) {
     const auto eol = text.find('\n');
     std::string_view line = text.substr(0, eol);
     text = eol == std::string_view::npos ? std::string_view() : text.substr(eol + 1);
-    if (const auto hash = line.find('#'); hash != std::string_view::npos) line = line.substr(0, hash);
+    if (const auto hash = line.find('#'); hash != std::string_view::npos)
+      line = line.substr(0, hash);
     line = trim(line);
     if (line.empty()) continue;
     const auto at = "line " + std::to_string(line_number) + ": ";
     if (line.front() == '[') {
       if (line.back() != ']') return at + "a section line is [NAME]";
       section = trim(line.substr(1, line.size() - 2));
-      if (std::none_of(keys().begin(), keys().end(), [&](const key& k) { return k.section == section; }))
+      if (std::none_of(keys().begin(), keys().end(),
+                       [&](const key& k) { return k.section == section; }))
         return at + "unknown section [" + section + "]";
       continue;
     }
@@ -256,7 +288,8 @@ std::string print(const config& c) {
 std::vector<std::string> needs_restart(const config& before, const config& after) {
   std::vector<std::string> out;
   for (const auto& k : keys())
-    if (!k.reloadable && k.get(before) != k.get(after)) out.push_back(std::string(k.section) + "." + k.name);
+    if (!k.reloadable && k.get(before) != k.get(after))
+      out.push_back(std::string(k.section) + "." + k.name);
   return out;
 }
 
@@ -266,7 +299,8 @@ namespace uipcd {
 
 std::vector<std::string> adopt_reloadable(config& running, const config& next) {
   for (const auto& k : keys())
-    if (k.reloadable) (void)k.set(running, k.get(next));  // a value printed by get() always reads back
+    if (k.reloadable)
+      (void)k.set(running, k.get(next));  // a value printed by get() always reads back
   return needs_restart(running, next);
 }
 

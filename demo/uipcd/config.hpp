@@ -17,31 +17,34 @@ namespace uipcd {
 
 struct config {
   // [server]
-  unsigned threads = 2;                     ///< event-loop threads
-  std::chrono::milliseconds drain{5000};    ///< SIGTERM: the longest wait for work in flight
+  unsigned threads = 2;                   ///< event-loop threads
+  std::chrono::milliseconds drain{5000};  ///< SIGTERM: the longest wait for work in flight
   // [handles]
   bool handles = true;
-  std::string handles_directory;            ///< empty: as uipc-handled ($XDG_RUNTIME_DIR/uipc, ...)
+  std::string handles_directory;  ///< empty: as uipc-handled ($XDG_RUNTIME_DIR/uipc, ...)
   std::string handles_name = "handles";
   std::uint32_t handles_capacity = 4096;
   std::uint64_t handles_scratch = 1 << 20;
   // [dns]
   bool dns = true;
   std::string dns_listen = "127.0.0.1:5300";
-  std::string dns_service = "dns answer";   ///< the plug-in service that answers
-  std::string dns_zone;                     ///< empty: the zone plug-in's built-in zone
+  std::string dns_service = "dns answer";  ///< the plug-in service that answers
+  std::string dns_zone;                    ///< empty: the zone plug-in's built-in zone
   std::uint32_t dns_buffers = 1024;
   std::chrono::milliseconds dns_timeout{1000};  ///< a query's deadline inside the plug-in
   // [plugins]
-  std::string plugins_directory;            ///< empty: the example plug-ins of this build or install
-  std::vector<std::string> isolate{"hello"};  ///< plug-ins (file names without .so) run in their own process
+  std::string plugins_directory;  ///< empty: the example plug-ins of this build or install
+  std::vector<std::string> isolate{
+      "hello"};  ///< plug-ins (file names without .so) run in their own process
   // [caps]
-  std::string caps_directory;               ///< empty: the shared rendezvous directory
+  std::string caps_directory;  ///< empty: the shared rendezvous directory
   std::string control_point = "uipc.control";
-  std::string plugins_point = "uipc.plugins";  ///< the plug-in host's own control point; empty: none
-  std::string echo_point = "uipc.echo";     ///< a point answering each request with its bytes; empty: none
+  std::string plugins_point =
+      "uipc.plugins";  ///< the plug-in host's own control point; empty: none
+  std::string echo_point =
+      "uipc.echo";  ///< a point answering each request with its bytes; empty: none
   // [metrics]
-  std::string metrics;                      ///< empty: off; else 127.0.0.1:PORT or [::1]:PORT
+  std::string metrics;  ///< empty: off; else 127.0.0.1:PORT or [::1]:PORT
 
   bool operator==(const config&) const = default;
 };

@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
   uipcd::config_source source;
   bool print = false;
   const std::pair<std::string_view, const char*> shorthands[] = {
-      {"--listen", "dns.listen"},     {"--plugins", "plugins.directory"}, {"--zone", "dns.zone"},
+      {"--listen", "dns.listen"},      {"--plugins", "plugins.directory"}, {"--zone", "dns.zone"},
       {"--metrics", "metrics.listen"}, {"--threads", "server.threads"},
   };
   for (int i = 1; i < argc; ++i) {

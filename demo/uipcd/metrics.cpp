@@ -27,8 +27,9 @@ std::string prometheus_text(const std::vector<figure>& rows) {
   for (const auto& r : rows) {
     const bool duration = r.name.size() > 3 && r.name.compare(r.name.size() - 3, 3, "_ns") == 0;
     const std::string family = "uipc_" + r.module + "_" +
-                               (duration ? r.name.substr(0, r.name.size() - 3) + "_seconds"
-                                         : r.counter ? r.name + "_total" : r.name);
+                               (duration    ? r.name.substr(0, r.name.size() - 3) + "_seconds"
+                                : r.counter ? r.name + "_total"
+                                            : r.name);
     if (family != family_done) {
       out += "# TYPE " + family + (duration ? " summary\n" : r.counter ? " counter\n" : " gauge\n");
       family_done = family;
@@ -38,7 +39,8 @@ std::string prometheus_text(const std::vector<figure>& rows) {
     if (duration) {  // "POINT p50" or "p50": the point (if any), then the quantile
       const auto space = label.rfind(' ');
       const std::string_view q = space == std::string_view::npos ? label : label.substr(space + 1);
-      if (space != std::string_view::npos) labels = "point=\"" + std::string(label.substr(0, space)) + "\",";
+      if (space != std::string_view::npos)
+        labels = "point=\"" + std::string(label.substr(0, space)) + "\",";
       labels += "quantile=\"0." + std::string(q.substr(1)) + "\"";
     } else if (!label.empty()) {
       labels = "point=\"" + std::string(label) + "\"";
@@ -90,9 +92,9 @@ class connection : public std::enable_shared_from_this<connection> {
     parser_->body_limit(0);
     parser_->header_limit(8 * 1024);
     stream_.expires_after(std::chrono::seconds(5));
-    http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
-      self->on_read(ec);
-    });
+    http::async_read(
+        stream_, buffer_, *parser_,
+        [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_read(ec); });
   }
   void close() {
     asio::post(stream_.get_executor(), [self = shared_from_this()] {
@@ -128,9 +130,9 @@ class connection : public std::enable_shared_from_this<connection> {
       }
     }
     if (!response_.has_content_length()) response_.prepare_payload();
-    http::async_write(stream_, response_, [self = shared_from_this()](beast::error_code, std::size_t) {
-      self->finish();
-    });
+    http::async_write(
+        stream_, response_,
+        [self = shared_from_this()](beast::error_code, std::size_t) { self->finish(); });
   }
   void finish() {
     beast::error_code ignored;
@@ -161,17 +163,19 @@ void metrics_server::impl::accept() {
                               self->open.insert(c);
                             }
                           }
-                          if (c) c->start();  // else: too many at once, this one is closed unanswered
+                          if (c)
+                            c->start();  // else: too many at once, this one is closed unanswered
                           self->accept();
                         });
 }
 
-uipc::result<std::unique_ptr<metrics_server>> metrics_server::start(asio::io_context& io, const std::string& listen,
-                                                                     std::function<std::string()> render) {
+uipc::result<std::unique_ptr<metrics_server>> metrics_server::start(
+    asio::io_context& io, const std::string& listen, std::function<std::string()> render) {
   const auto colon = listen.rfind(':');
   if (colon == std::string::npos) return make_error_code(std::errc::invalid_argument);
   std::string host = listen.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
   if (host == "localhost") host = "127.0.0.1";
   boost::system::error_code ec;
   const auto address = asio::ip::make_address(host, ec);

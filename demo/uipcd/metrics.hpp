@@ -28,8 +28,9 @@ class metrics_server {
  public:
   /// `listen`: ADDRESS:PORT on loopback (port 0: any free one). Errors: the
   /// system's, invalid_argument for an address that is not loopback.
-  static uipc::result<std::unique_ptr<metrics_server>> start(boost::asio::io_context& io, const std::string& listen,
-                                                              std::function<std::string()> render);
+  static uipc::result<std::unique_ptr<metrics_server>> start(boost::asio::io_context& io,
+                                                             const std::string& listen,
+                                                             std::function<std::string()> render);
   ~metrics_server();
   /// Closes the listening socket and every connection. Idempotent; any thread.
   void stop();

@@ -15,14 +15,16 @@ namespace uipcd {
 
 /// Exit statuses of uipcd.
 inline constexpr int exit_ok = 0;
-inline constexpr int exit_cannot_start = 1;  ///< a module could not start (a port or point taken, ...)
+inline constexpr int exit_cannot_start =
+    1;  ///< a module could not start (a port or point taken, ...)
 inline constexpr int exit_bad_config = 2;
 inline constexpr int exit_usage = 64;
 
 /// Where the configuration came from, so a reload can read it again.
 struct config_source {
-  std::string path;                                         ///< empty: no file
-  std::vector<std::pair<std::string, std::string>> overrides;  ///< the flags' key = value, applied over the file
+  std::string path;  ///< empty: no file
+  std::vector<std::pair<std::string, std::string>>
+      overrides;  ///< the flags' key = value, applied over the file
 };
 
 /// Reads the configuration: defaults, then the file, then the overrides.

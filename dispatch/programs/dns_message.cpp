@@ -72,8 +72,8 @@ bool split_fields(std::string_view line, std::vector<std::string>& fields, std::
       fields.push_back(std::move(field));
     } else {
       const std::size_t start = i;
-      while (i < line.size() && line[i] != ' ' && line[i] != '\t' && line[i] != '\r' && line[i] != ';' &&
-             line[i] != '"')
+      while (i < line.size() && line[i] != ' ' && line[i] != '\t' && line[i] != '\r' &&
+             line[i] != ';' && line[i] != '"')
         ++i;
       fields.emplace_back(line.substr(start, i - start));
     }
@@ -83,7 +83,8 @@ bool split_fields(std::string_view line, std::vector<std::string>& fields, std::
 
 // `text` as a name: absolute when it ends in a dot, else relative to `origin`;
 // lower case, without the final dot. Empty optional when it breaks the rules.
-std::optional<std::string> make_name(std::string_view text, const std::string& origin, std::string& why) {
+std::optional<std::string> make_name(std::string_view text, const std::string& origin,
+                                     std::string& why) {
   std::string name;
   if (text == "@") {
     name = origin;
@@ -93,13 +94,16 @@ std::optional<std::string> make_name(std::string_view text, const std::string& o
     name = lower(text);
     if (!origin.empty()) name += '.' + origin;
   }
-  if (name.size() > 253) return why = "the name " + std::string(text) + " is longer than 253 bytes", std::nullopt;
+  if (name.size() > 253)
+    return why = "the name " + std::string(text) + " is longer than 253 bytes", std::nullopt;
   std::string_view rest = name;
   while (!rest.empty()) {
     const std::size_t dot = rest.find('.');
     const std::size_t length = dot == std::string_view::npos ? rest.size() : dot;
-    if (length == 0) return why = "the name " + std::string(text) + " has an empty label", std::nullopt;
-    if (length > 63) return why = "a label of " + std::string(text) + " is longer than 63 bytes", std::nullopt;
+    if (length == 0)
+      return why = "the name " + std::string(text) + " has an empty label", std::nullopt;
+    if (length > 63)
+      return why = "a label of " + std::string(text) + " is longer than 63 bytes", std::nullopt;
     rest = dot == std::string_view::npos ? std::string_view() : rest.substr(dot + 1);
   }
   return name;
@@ -113,25 +117,28 @@ std::optional<std::uint32_t> parse_ttl(std::string_view text) {
 }
 
 bool all_digits(std::string_view text) {
-  return !text.empty() && std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
+  return !text.empty() &&
+         std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
 }
 
 // The RDATA of (type, fields); false with `why` when it is malformed.
-bool make_rdata(std::uint16_t type, std::span<const std::string> fields, std::vector<std::uint8_t>& out,
-                std::string& why) {
+bool make_rdata(std::uint16_t type, std::span<const std::string> fields,
+                std::vector<std::uint8_t>& out, std::string& why) {
   if (fields.empty()) return why = "the record has no data", false;
   if (type == type_a || type == type_aaaa) {
     if (fields.size() != 1) return why = "an address record takes one address", false;
     std::uint8_t bytes[16];
     const int family = type == type_a ? AF_INET : AF_INET6;
     if (::inet_pton(family, fields[0].c_str(), bytes) != 1)
-      return why = "'" + fields[0] + "' is not an IPv" + (type == type_a ? "4" : "6") + " address", false;
+      return why = "'" + fields[0] + "' is not an IPv" + (type == type_a ? "4" : "6") + " address",
+             false;
     out.assign(bytes, bytes + (type == type_a ? 4 : 16));
     return true;
   }
   // TXT: one character-string per field, each at most 255 bytes.
   for (const std::string& f : fields) {
-    const std::string_view text = f.starts_with('"') ? std::string_view(f).substr(1) : std::string_view(f);
+    const std::string_view text =
+        f.starts_with('"') ? std::string_view(f).substr(1) : std::string_view(f);
     if (text.size() > 255) return why = "a TXT string is longer than 255 bytes", false;
     out.push_back(static_cast<std::uint8_t>(text.size()));
     out.insert(out.end(), text.begin(), text.end());
@@ -152,7 +159,8 @@ const zone& zone::builtin() {
     add("a.uipc.test", type_a, {127, 0, 0, 1});
     add("www.uipc.test", type_a, {192, 0, 2, 10});
     add("www.uipc.test", type_a, {192, 0, 2, 11});
-    add("www.uipc.test", type_aaaa, {0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10});
+    add("www.uipc.test", type_aaaa,
+        {0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10});
     add("mail.uipc.test", type_a, {192, 0, 2, 25});
     add("txt.uipc.test", type_txt, {4, 'u', 'i', 'p', 'c'});
     return out;
@@ -225,10 +233,14 @@ std::optional<zone> zone::parse(std::string_view text, std::string& error) {
     if (at >= fields.size()) return fail("the record has no type");
     const std::string type_text = lower(fields[at]);
     std::uint16_t type = 0;
-    if (type_text == "a") type = type_a;
-    else if (type_text == "aaaa") type = type_aaaa;
-    else if (type_text == "txt") type = type_txt;
-    else return fail("type " + fields[at] + " is not supported (A, AAAA, TXT)");
+    if (type_text == "a")
+      type = type_a;
+    else if (type_text == "aaaa")
+      type = type_aaaa;
+    else if (type_text == "txt")
+      type = type_txt;
+    else
+      return fail("type " + fields[at] + " is not supported (A, AAAA, TXT)");
     record r{owner, type, record_ttl, {}};
     if (!make_rdata(type, std::span(fields).subspan(at + 1), r.rdata, why)) return fail(why);
     z.add(std::move(r));
@@ -360,7 +372,8 @@ std::size_t error_in_place(std::span<std::byte> buf, std::size_t length, std::ui
   if (length < 12 || length > buf.size()) return 0;
   const auto flags = std::to_integer<std::uint8_t>(buf[2]);
   if ((flags & 0x80) != 0) return 0;  // a response: never answer those
-  const auto q = get16(buf, 4) == 1 ? parse_question(std::span<const std::byte>(buf.data(), length)) : std::nullopt;
+  const auto q = get16(buf, 4) == 1 ? parse_question(std::span<const std::byte>(buf.data(), length))
+                                    : std::nullopt;
   buf[2] = static_cast<std::byte>(0x80 | (flags & 0x79));  // QR, opcode, RD; not authoritative
   buf[3] = static_cast<std::byte>(code & 0x0f);
   put16(buf, 4, q ? 1 : 0);

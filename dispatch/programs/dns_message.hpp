@@ -89,7 +89,8 @@ class zone {
 /// that do not fit in the buffer are left out. Returns the answer's length,
 /// or 0 when the message must be dropped (too short for a header, or a
 /// response).
-std::size_t answer_in_place(std::span<std::byte> buffer, std::size_t length, const zone& z = zone::builtin());
+std::size_t answer_in_place(std::span<std::byte> buffer, std::size_t length,
+                            const zone& z = zone::builtin());
 
 /// Turns the query in buffer[0, length) into an answer with response code
 /// `code` and no records (its question kept when it has a readable one).

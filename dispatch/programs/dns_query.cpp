@@ -249,8 +249,8 @@ int main(int argc, char** argv) {
     } else if (arg == "--port-range") {
       const auto dash = value.find('-');
       const auto a = dns::parse_count(value.substr(0, dash));
-      const auto b = dash == std::string_view::npos ? std::nullopt
-                                                    : dns::parse_count(value.substr(dash + 1));
+      const auto b =
+          dash == std::string_view::npos ? std::nullopt : dns::parse_count(value.substr(dash + 1));
       if (!a || !b || *a == 0 || *a > *b || *b > 65535) {
         std::fprintf(stderr, "uipc-dns-query: --port-range wants FIRST-LAST within 1-65535\n");
         return 2;

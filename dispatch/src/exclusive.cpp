@@ -224,7 +224,8 @@ result<response> engine::attach_exclusive(dispatcher& owner, const udp::endpoint
   return response(p.release());
 }
 
-void engine::detach_exclusive_locked(party& p, std::shared_ptr<exclusive_socket>& closing) noexcept {
+void engine::detach_exclusive_locked(party& p,
+                                     std::shared_ptr<exclusive_socket>& closing) noexcept {
   unlink_timeout_locked(p);
   exclusive_[p.exclusive_slot_] = exclusive_.back();
   exclusive_[p.exclusive_slot_]->exclusive_slot_ = p.exclusive_slot_;
@@ -271,8 +272,8 @@ void engine::start_add_response(dispatcher& owner, const udp::endpoint& peer,
     // will serve the waiter. Otherwise nothing would ever come back.
     if (ec == errc::no_free_port && exclusive_reserved_ > 0) {
       try {
-        port_waiters_.push_back(
-            std::make_unique<port_waiter>(port_waiter{ref_ptr<dispatcher>(&owner), peer, options, {}}));
+        port_waiters_.push_back(std::make_unique<port_waiter>(
+            port_waiter{ref_ptr<dispatcher>(&owner), peer, options, {}}));
         port_waiters_.back()->handler.swap(handler);
         return;
       } catch (const std::bad_alloc&) {

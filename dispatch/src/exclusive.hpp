@@ -33,7 +33,7 @@ struct exclusive_socket {
   std::uint32_t slot = 0;        // in the engine's epoll slots (under its slots mutex)
   std::uint32_t generation = 0;  // of that slot, in the epoll event's data
   bool registered = false;       // under the slots mutex
-  party* owner = nullptr;  // under the engine's mutex; null once the response detached
+  party* owner = nullptr;        // under the engine's mutex; null once the response detached
 };
 
 /// An entry of the engine's epoll set of exclusive sockets: an event names its
@@ -59,8 +59,8 @@ class port_draw {
  private:
   std::uint16_t first_, last_;
   std::uint32_t limit_;
-  std::vector<bool> recent_set_;        // by port
-  std::vector<std::uint16_t> recent_;   // a ring of the last limit_ released
+  std::vector<bool> recent_set_;       // by port
+  std::vector<std::uint16_t> recent_;  // a ring of the last limit_ released
   std::size_t next_ = 0;
   std::array<std::uint32_t, 256> random_{};
   std::size_t random_left_ = 0;

@@ -91,10 +91,9 @@ void engine::arm_exclusive_set_locked() {
   // Numbered: a wait cancelled and replaced by a new one completes later,
   // and must then leave the new one's state alone.
   const std::uint64_t wait = ++exclusive_set_waits_;
-  exclusive_set_->async_wait(asio::posix::descriptor_base::wait_read,
-                             [self = shared_from_this(), wait](error_code ec) {
-                               self->on_exclusive_set_ready(ec, wait);
-                             });
+  exclusive_set_->async_wait(
+      asio::posix::descriptor_base::wait_read,
+      [self = shared_from_this(), wait](error_code ec) { self->on_exclusive_set_ready(ec, wait); });
 }
 
 void engine::on_exclusive_set_ready(error_code ec, std::uint64_t wait) {
@@ -103,7 +102,7 @@ void engine::on_exclusive_set_ready(error_code ec, std::uint64_t wait) {
     if (wait != exclusive_set_waits_) return;  // a cancelled wait, replaced since
     exclusive_set_armed_ = false;
     if (ec || !exclusive_set_) return;  // cancelled: nothing watched, a shutdown, or closing
-    exclusive_set_busy_ = true;  // one reader of the set at a time: replies stay in order
+    exclusive_set_busy_ = true;         // one reader of the set at a time: replies stay in order
   }
   using ready_list = boost::container::static_vector<std::shared_ptr<exclusive_socket>, 64>;
   bool more = true;

@@ -122,8 +122,11 @@ result<void> engine::reply(party* p, event&& ev, std::span<const std::byte> answ
   if (refused) {
     held.buffer_.reset();
     restart_if_needed(false);
-  } else if (!enqueue(s, outgoing{held.peer_, held.buffer_.data(), answer.size(),
-                                  std::move(held.buffer_), {}})) {
+  } else if (!enqueue(s, outgoing{held.peer_,
+                                  held.buffer_.data(),
+                                  answer.size(),
+                                  std::move(held.buffer_),
+                                  {}})) {
     refused = make_error_code(errc::shutting_down);
   }
   if (!ready.empty()) post_completions(ready);

@@ -119,8 +119,9 @@ error_code waiter_core::start() noexcept {
   try {
     thread_ = std::thread([self = shared_from_this()] { self->run(); });
   } catch (const std::system_error& e) {  // out of threads or memory: the wait fails, nothing else
-    return e.code().value() == EAGAIN ? make_error_code(boost::system::errc::resource_unavailable_try_again)
-                                      : error_code(e.code().value(), boost::system::system_category());
+    return e.code().value() == EAGAIN
+               ? make_error_code(boost::system::errc::resource_unavailable_try_again)
+               : error_code(e.code().value(), boost::system::system_category());
   }
   thread_id_ = thread_.get_id();
   return {};

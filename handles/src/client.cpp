@@ -175,9 +175,11 @@ std::span<std::byte> client::scratch_area() const {
   return {v.scratch, v.scratch_size()};
 }
 
-error_code client::build_wait_set(std::span<const object* const> objects, bool all, detail::wait_set& set) const {
+error_code client::build_wait_set(std::span<const object* const> objects, bool all,
+                                  detail::wait_set& set) const {
   if (!session_) return make_error_code(errc::daemon_lost);
-  if (objects.empty() || objects.size() > max_wait_objects) return make_error_code(errc::invalid_argument);
+  if (objects.empty() || objects.size() > max_wait_objects)
+    return make_error_code(errc::invalid_argument);
   if (!session_->usable()) return session_->map->lost_reason();
   for (std::size_t i = 0; i < objects.size(); ++i) {
     const object* o = objects[i];
@@ -188,8 +190,9 @@ error_code client::build_wait_set(std::span<const object* const> objects, bool a
     set.push_back({{*s, o->type(), o->handle().generation}, i});
   }
   if (all) {
-    std::sort(set.begin(), set.end(),
-              [](const detail::wait_entry& a, const detail::wait_entry& b) { return a.target.s < b.target.s; });
+    std::sort(set.begin(), set.end(), [](const detail::wait_entry& a, const detail::wait_entry& b) {
+      return a.target.s < b.target.s;
+    });
     for (std::size_t i = 1; i < set.size(); ++i) {
       if (set[i].target.s == set[i - 1].target.s) return make_error_code(errc::invalid_argument);
     }
@@ -203,8 +206,8 @@ result<wait_result> client::wait_many(std::span<const object* const> objects, bo
   if (auto ec = build_wait_set(objects, all, set)) return ec;
   boost::container::static_vector<detail::wait_target, max_wait_objects> targets;
   for (const auto& e : set) targets.push_back(e.target);
-  auto r = detail::wait(session_->map->view, std::span(targets.data(), targets.size()), all, timeout,
-                        session_->options.spin);
+  auto r = detail::wait(session_->map->view, std::span(targets.data(), targets.size()), all,
+                        timeout, session_->options.spin);
   if (!r) return r.error();
   if (r->status != wait_status::timed_out) r->index = set[r->index].position;
   return r;

@@ -1,7 +1,5 @@
 // Connecting a client: the session (socket + mapped segment), fork handling,
 // the control round trip, and client::connect with daemon autostart.
-#include "uipc/handles/client.hpp"
-
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -18,6 +16,7 @@
 #include "owned_mutexes.hpp"
 #include "session.hpp"
 #include "uipc/core/rendezvous.hpp"
+#include "uipc/handles/client.hpp"
 #include "uipc/proto/handles.pb.h"
 
 namespace uipc::handles {
@@ -78,7 +77,8 @@ void after_fork_in_child() {
 
 session::session() {
   static std::once_flag once;
-  std::call_once(once, [] { ::pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); });
+  std::call_once(once,
+                 [] { ::pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); });
   std::lock_guard lock(registry().mutex);
   registry().live.push_back(this);
 }
@@ -94,7 +94,8 @@ result<frame> session::call(request_type type, std::string payload,
   frame request;
   request.type = static_cast<std::uint32_t>(type);
   request.payload = std::move(payload);
-  auto reply = conn->call(std::move(request), deadline ? *deadline : steady::now() + options.call_timeout);
+  auto reply =
+      conn->call(std::move(request), deadline ? *deadline : steady::now() + options.call_timeout);
   if (reply) return reply;
   const error_code ec = reply.error();
   if (conn->is_open()) {
@@ -139,7 +140,8 @@ result<std::shared_ptr<session>> open_session(const client_options& options,
   s->conn.emplace(std::move(*c));
   // A socket in our private directory could still be served by another uid
   // (root, say): its daemon would not be ours.
-  if (check_server_uid(s->conn->peer(), ::geteuid())) return make_error_code(errc::permission_denied);
+  if (check_server_uid(s->conn->peer(), ::geteuid()))
+    return make_error_code(errc::permission_denied);
   auto hello = s->call(request_type::hello, pb::HelloRequest{}.SerializeAsString(),
                        std::min(deadline, steady::now() + options.call_timeout));
   if (!hello) return hello.error();

@@ -1,7 +1,5 @@
 // The object types (object, event, mutex, semaphore, scratch_block): operations
 // that run in the shared segment, and the closes their destructors post.
-#include "uipc/handles/client.hpp"
-
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -18,6 +16,7 @@
 
 #include "owned_mutexes.hpp"
 #include "session.hpp"
+#include "uipc/handles/client.hpp"
 #include "uipc/proto/handles.pb.h"
 
 namespace uipc::handles {

@@ -20,16 +20,11 @@ error_code start_daemon(const client_options& options, const resolved_location& 
   how.keep_stderr = std::getenv("UIPC_HANDLED_STDERR") != nullptr;
   // The daemon runs in "/": a relative directory means the client's.
   std::error_code ignored;
-  how.arguments = {"--directory",
-                   std::filesystem::absolute(where.directory, ignored).string(),
-                   "--name",
-                   options.where.name,
-                   "--linger-ms",
-                   std::to_string(options.daemon_linger.count()),
-                   "--capacity",
-                   std::to_string(options.daemon_capacity),
-                   "--scratch",
-                   std::to_string(options.daemon_scratch_size)};
+  how.arguments = {"--directory", std::filesystem::absolute(where.directory, ignored).string(),
+                   "--name",      options.where.name,
+                   "--linger-ms", std::to_string(options.daemon_linger.count()),
+                   "--capacity",  std::to_string(options.daemon_capacity),
+                   "--scratch",   std::to_string(options.daemon_scratch_size)};
   const error_code ec = reach_or_start(how, reach, retryable, deadline, report);
   // The program's own faults (not found, not executable) are clearest as core
   // says them; these two keep the handles codes callers already test for.

@@ -50,10 +50,18 @@ static void shutdown(uipc_plugin_context* ctx) {
   host = NULL;
 }
 
-static const uipc_plugin_info info = {
-    sizeof(uipc_plugin_info), UIPC_PLUGIN_ABI_MAJOR, UIPC_PLUGIN_ABI_MINOR, "hello", 0, 0, init, shutdown, NULL};
+static const uipc_plugin_info info = {sizeof(uipc_plugin_info),
+                                      UIPC_PLUGIN_ABI_MAJOR,
+                                      UIPC_PLUGIN_ABI_MINOR,
+                                      "hello",
+                                      0,
+                                      0,
+                                      init,
+                                      shutdown,
+                                      NULL};
 
-UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry(uint32_t host_major, uint32_t host_minor) {
+UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry(uint32_t host_major,
+                                                             uint32_t host_minor) {
   (void)host_minor;
   return host_major == UIPC_PLUGIN_ABI_MAJOR ? &info : NULL;
 }

@@ -24,19 +24,21 @@ constexpr int exit_no_point = 2;
 constexpr int exit_usage = 64;
 
 int usage(int status) {
-  std::fprintf(status ? stderr : stdout,
-               "usage: uipc-plugin-host [--point NAME] [--dir DIR] [--isolate PLUGIN.so]... [PLUGIN.so | DIR]...\n"
-               "Loads the plug-ins named (a directory: every *.so in it, in name order) into one\n"
-               "host, each --isolate one into a process of its own (uipc-plugin-runner), and serves\n"
-               "until SIGTERM or SIGINT. A plug-in that does not load is reported and skipped.\n"
-               "  --point NAME   the control point (default: %s), reachable by this user:\n"
-               "                 uipcctl plugins list|stats|reload NAME, uipcctl services list|call\n"
-               "  --dir DIR      the caps rendezvous directory (default: $UIPC_SHARED_DIR, else\n"
-               "                 /tmp/uipc-shared)\n"
-               "Prints \"serving\" and the point's name on stdout once the point answers.\n"
-               "Exit status: 0 stopped by SIGTERM or SIGINT; 2 the control point could not be\n"
-               "registered; 64 usage.\n",
-               std::string(uipc::plugin::default_control_point).c_str());
+  std::fprintf(
+      status ? stderr : stdout,
+      "usage: uipc-plugin-host [--point NAME] [--dir DIR] [--isolate PLUGIN.so]... [PLUGIN.so | "
+      "DIR]...\n"
+      "Loads the plug-ins named (a directory: every *.so in it, in name order) into one\n"
+      "host, each --isolate one into a process of its own (uipc-plugin-runner), and serves\n"
+      "until SIGTERM or SIGINT. A plug-in that does not load is reported and skipped.\n"
+      "  --point NAME   the control point (default: %s), reachable by this user:\n"
+      "                 uipcctl plugins list|stats|reload NAME, uipcctl services list|call\n"
+      "  --dir DIR      the caps rendezvous directory (default: $UIPC_SHARED_DIR, else\n"
+      "                 /tmp/uipc-shared)\n"
+      "Prints \"serving\" and the point's name on stdout once the point answers.\n"
+      "Exit status: 0 stopped by SIGTERM or SIGINT; 2 the control point could not be\n"
+      "registered; 64 usage.\n",
+      std::string(uipc::plugin::default_control_point).c_str());
   return status;
 }
 
@@ -87,15 +89,16 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "uipc-plugin-host: loaded %s from %s%s\n", name->c_str(), path.c_str(),
                    isolated ? " (isolated)" : "");
     } else {
-      std::fprintf(stderr, "uipc-plugin-host: %s: %s (skipped)\n", path.c_str(), name.error().message().c_str());
+      std::fprintf(stderr, "uipc-plugin-host: %s: %s (skipped)\n", path.c_str(),
+                   name.error().message().c_str());
     }
   }
 
   boost::asio::io_context io;
   auto control = uipc::plugin::control::start(io, **h, control_options);
   if (!control) {
-    std::fprintf(stderr, "uipc-plugin-host: cannot register %s: %s\n", control_options.point.c_str(),
-                 control.error().message().c_str());
+    std::fprintf(stderr, "uipc-plugin-host: cannot register %s: %s\n",
+                 control_options.point.c_str(), control.error().message().c_str());
     return exit_no_point;
   }
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
@@ -103,7 +106,8 @@ int main(int argc, char** argv) {
     (*control)->stop();  // a request in progress ends first
     io.stop();
   });
-  std::printf("serving %zu of %zu plug-ins on %s\n", loaded, plugins.size(), control_options.point.c_str());
+  std::printf("serving %zu of %zu plug-ins on %s\n", loaded, plugins.size(),
+              control_options.point.c_str());
   std::fflush(stdout);
   io.run();
   return exit_ok;  // the host's destructor shuts every plug-in down

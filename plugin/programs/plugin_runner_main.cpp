@@ -23,20 +23,22 @@ namespace {
 namespace proto = uipc::plugin::detail::runner_protocol;
 
 int usage(int status) {
-  std::fprintf(status ? stderr : stdout,
-               "usage: uipc-plugin-runner --point NAME [--dir DIR] [--parent PID] [--threads N] PLUGIN.so\n"
-               "Runs one plug-in for a uipc plug-in host, serving its bytes services on the caps\n"
-               "point NAME (of this user; DIR: the rendezvous directory). With --parent, ends\n"
-               "when that process (the host) does.\n"
-               "Exit status: 0 stopped by SIGTERM or SIGINT; 1 the plug-in did not load;\n"
-               "2 the point could not be registered; 64 usage.\n");
+  std::fprintf(
+      status ? stderr : stdout,
+      "usage: uipc-plugin-runner --point NAME [--dir DIR] [--parent PID] [--threads N] PLUGIN.so\n"
+      "Runs one plug-in for a uipc plug-in host, serving its bytes services on the caps\n"
+      "point NAME (of this user; DIR: the rendezvous directory). With --parent, ends\n"
+      "when that process (the host) does.\n"
+      "Exit status: 0 stopped by SIGTERM or SIGINT; 1 the plug-in did not load;\n"
+      "2 the point could not be registered; 64 usage.\n");
   return status;
 }
 
 std::string describe(uipc::plugin::host& h) {
   std::string out;
   for (const auto& p : h.plugins()) {
-    out += "plugin\t" + p.name + "\t" + std::to_string(p.preemptive ? UIPC_PLUGIN_PREEMPTIVE : 0) + "\n";
+    out += "plugin\t" + p.name + "\t" + std::to_string(p.preemptive ? UIPC_PLUGIN_PREEMPTIVE : 0) +
+           "\n";
     for (const auto& s : p.services) {
       auto flags = h.service_flags(s);
       out += "service\t" + s + "\t" + std::to_string(flags ? *flags : 0u) + "\n";
@@ -71,16 +73,20 @@ void serve(uipc::caps::service& svc, uipc::plugin::host& h) {
       if (r)
         answer = *r;
       else
-        status = r.error().category() == uipc::plugin::plugin_category() ? r.error().value()
-                                                                          : UIPC_PLUGIN_E_PLUGIN_FAILED;
+        status = r.error().category() == uipc::plugin::plugin_category()
+                     ? r.error().value()
+                     : UIPC_PLUGIN_E_PLUGIN_FAILED;
     }
-    auto sent = svc.reply_in_place(e->client, e->id, proto::reply_header + answer.size(), [&](std::span<std::byte> b) {
-      proto::put_header(b, status, value);
-      if (!answer.empty()) std::memcpy(b.data() + proto::reply_header, answer.data(), answer.size());
-    });
+    auto sent = svc.reply_in_place(
+        e->client, e->id, proto::reply_header + answer.size(), [&](std::span<std::byte> b) {
+          proto::put_header(b, status, value);
+          if (!answer.empty())
+            std::memcpy(b.data() + proto::reply_header, answer.data(), answer.size());
+        });
     if (sent == uipc::caps::errc::message_too_large) {
-      auto small = svc.reply_in_place(e->client, e->id, proto::reply_header,
-                                      [&](std::span<std::byte> b) { proto::put_header(b, UIPC_PLUGIN_E_NO_MEMORY, 0); });
+      auto small = svc.reply_in_place(
+          e->client, e->id, proto::reply_header,
+          [&](std::span<std::byte> b) { proto::put_header(b, UIPC_PLUGIN_E_NO_MEMORY, 0); });
       (void)small;
     }
   }
@@ -119,7 +125,8 @@ int main(int argc, char** argv) {
   if (!h) return 1;
   auto loaded = (*h)->load(plugin);
   if (!loaded) {
-    std::fprintf(stderr, "uipc-plugin-runner: %s: %s\n", plugin.c_str(), loaded.error().message().c_str());
+    std::fprintf(stderr, "uipc-plugin-runner: %s: %s\n", plugin.c_str(),
+                 loaded.error().message().c_str());
     return 1;
   }
   boost::asio::io_context io;
@@ -128,7 +135,8 @@ int main(int argc, char** argv) {
   options.max_spin = std::chrono::nanoseconds(0);  // calls may be slow; sleep while idle
   auto svc = uipc::caps::service::register_point(io, point, options);
   if (!svc) {
-    std::fprintf(stderr, "uipc-plugin-runner: cannot register %s: %s\n", point.c_str(), svc.error().message().c_str());
+    std::fprintf(stderr, "uipc-plugin-runner: cannot register %s: %s\n", point.c_str(),
+                 svc.error().message().c_str());
     return 2;
   }
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);

@@ -47,7 +47,8 @@ class baton {
       inside_.store(0, std::memory_order_release);  // revoked meanwhile: take the slow way
     }
     std::uint32_t free = 0;
-    if (!state_.compare_exchange_strong(free, 1, std::memory_order_acquire, std::memory_order_relaxed) &&
+    if (!state_.compare_exchange_strong(free, 1, std::memory_order_acquire,
+                                        std::memory_order_relaxed) &&
         !take_slow(deadline()))
       return false;
     return revoke_bias(me, deadline);
@@ -108,7 +109,8 @@ class baton {
       cpu_relax();
       std::uint32_t free = 0;
       if (state_.load(std::memory_order_relaxed) == 0 &&
-          state_.compare_exchange_strong(free, 1, std::memory_order_acquire, std::memory_order_relaxed))
+          state_.compare_exchange_strong(free, 1, std::memory_order_acquire,
+                                         std::memory_order_relaxed))
         return true;
     }
     // 2: held, with sleepers. Whoever takes it from here marks it 2 as well,
@@ -124,10 +126,10 @@ class baton {
     if (state_.exchange(0, std::memory_order_release) == 2) futex::wake(state_, 1);
   }
 
-  std::atomic<std::uint32_t> state_{0};     // the futex lock: 0 free, 1 held, 2 held with sleepers
-  std::atomic<std::uintptr_t> bias_{0};     // the thread entering without the lock, or 0
-  std::atomic<std::uintptr_t> inside_{0};   // the biased thread while it holds the baton
-  std::uintptr_t last_taker_ = 0;           // under the lock: who took it last, and how often in a row
+  std::atomic<std::uint32_t> state_{0};    // the futex lock: 0 free, 1 held, 2 held with sleepers
+  std::atomic<std::uintptr_t> bias_{0};    // the thread entering without the lock, or 0
+  std::atomic<std::uintptr_t> inside_{0};  // the biased thread while it holds the baton
+  std::uintptr_t last_taker_ = 0;  // under the lock: who took it last, and how often in a row
   unsigned streak_ = 0;
 };
 

@@ -16,7 +16,8 @@ inline uipc_plugin_context::clock::time_point entry_deadline(const uipc_plugin_c
   return uipc_plugin_context::clock::now() + ctx->host->options.cooperative_wait;
 }
 
-[[gnu::always_inline]] inline int call_fast(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg,
+[[gnu::always_inline]] inline int call_fast(uipc_plugin_context* ctx,
+                                            const uipc_plugin_service_ref* slot, void* arg,
                                             std::uint64_t* out) {
   reader_slot* reader = fast_slot;
   if (!reader || ctx->holds_baton || ctx->user.load(std::memory_order_acquire) != 0) [[unlikely]]
@@ -24,7 +25,8 @@ inline uipc_plugin_context::clock::time_point entry_deadline(const uipc_plugin_c
   const std::uint64_t seq = reader->seq.load(std::memory_order_relaxed);
   if (seq & 1) [[unlikely]]
     return ctx->host->call(ctx, slot, arg, out);  // inside a call already: nested
-  ctx->user.store(reinterpret_cast<std::uintptr_t>(reader), std::memory_order_relaxed);  // thread_token()
+  ctx->user.store(reinterpret_cast<std::uintptr_t>(reader),
+                  std::memory_order_relaxed);  // thread_token()
   // Enter the read section (see epoch.hpp): membarrier on the writer's side
   // makes a compiler barrier enough here.
   reader->seq.store(seq + 1, std::memory_order_relaxed);

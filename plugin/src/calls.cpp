@@ -39,7 +39,8 @@ void resume(uipc_plugin_context* ctx, caller_frame frame) noexcept {
 
 }  // namespace
 
-int host_impl::run(uipc_plugin_context* ctx, const service_entry& entry, void* arg, std::uint64_t* out) {
+int host_impl::run(uipc_plugin_context* ctx, const service_entry& entry, void* arg,
+                   std::uint64_t* out) {
   if (entry.flags & internal_flags) [[unlikely]] {
     if (entry.flags & remote_pointer_service) return UIPC_PLUGIN_E_SERVICE_NOT_COMPATIBLE;
     // An isolated plug-in's service: a caps call, which waits; the caller's
@@ -90,7 +91,8 @@ int host_impl::run(uipc_plugin_context* ctx, const service_entry& entry, void* a
   return status;
 }
 
-int host_impl::call(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg, std::uint64_t* out) {
+int host_impl::call(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg,
+                    std::uint64_t* out) {
   context_use use(ctx);
   if (use.busy()) [[unlikely]]
     return UIPC_PLUGIN_E_CONTEXT_BUSY;
@@ -101,7 +103,8 @@ int host_impl::call(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slo
   return run(ctx, *entry, arg, out);
 }
 
-int host_impl::enter(uipc_plugin_context* ctx, plugin_record& target, const std::function<void()>& body) {
+int host_impl::enter(uipc_plugin_context* ctx, plugin_record& target,
+                     const std::function<void()>& body) {
   context_use use(ctx);
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
   caller_frame frame = yield(ctx);
@@ -130,15 +133,18 @@ namespace {
 // -- the C ABI callbacks ----------------------------------------------------
 
 pool* pool_of(uipc_plugin_pool* p) noexcept { return reinterpret_cast<pool*>(p); }
-uipc_plugin_context* context_of(pool* p) noexcept { return static_cast<uipc_plugin_context*>(p->user()); }
+uipc_plugin_context* context_of(pool* p) noexcept {
+  return static_cast<uipc_plugin_context*>(p->user());
+}
 
-int api_register_service(uipc_plugin_context* ctx, const char* name, uipc_plugin_service_fn fn, void* data,
-                         std::uint32_t flags) {
+int api_register_service(uipc_plugin_context* ctx, const char* name, uipc_plugin_service_fn fn,
+                         void* data, std::uint32_t flags) {
   if (!ctx || !name) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   return ctx->host->register_service(ctx, name, fn, data, flags);
 }
 
-int api_resolve_service(uipc_plugin_context* ctx, const char* name, const uipc_plugin_service_ref** out) {
+int api_resolve_service(uipc_plugin_context* ctx, const char* name,
+                        const uipc_plugin_service_ref** out) {
   if (!ctx || !name || !out) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   context_use use(ctx);
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
@@ -153,7 +159,8 @@ int api_resolve_service(uipc_plugin_context* ctx, const char* name, const uipc_p
   return UIPC_PLUGIN_OK;
 }
 
-int api_call_resolved(uipc_plugin_context* ctx, const uipc_plugin_service_ref* ref, void* arg, std::uint64_t* out) {
+int api_call_resolved(uipc_plugin_context* ctx, const uipc_plugin_service_ref* ref, void* arg,
+                      std::uint64_t* out) {
   if (!ctx || !ref) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   std::uint64_t ignored;
   return call_fast(ctx, ref, arg, out ? out : &ignored);
@@ -177,7 +184,8 @@ int api_list_services(uipc_plugin_context* ctx, char** out, std::size_t* length)
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
   std::string list = ctx->host->list();
   void* block = nullptr;
-  if (int status = ctx->memory.allocate(list.size() + 1, &block); status != UIPC_PLUGIN_OK) return status;
+  if (int status = ctx->memory.allocate(list.size() + 1, &block); status != UIPC_PLUGIN_OK)
+    return status;
   std::memcpy(block, list.c_str(), list.size() + 1);
   *out = static_cast<char*>(block);
   if (length) *length = list.size();
@@ -254,7 +262,8 @@ int api_context_new(uipc_plugin_context* parent, uipc_plugin_context** out) {
 }
 
 int api_context_dispose(uipc_plugin_context* ctx) {
-  if (!ctx || !ctx->owner) return UIPC_PLUGIN_E_INVALID_ARGUMENT;  // request contexts end with their request
+  if (!ctx || !ctx->owner)
+    return UIPC_PLUGIN_E_INVALID_ARGUMENT;  // request contexts end with their request
   {
     context_use use(ctx);
     if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;

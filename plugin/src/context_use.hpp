@@ -12,7 +12,9 @@ namespace uipc::plugin::detail {
 
 /// A number of the calling thread, unique among live threads: its reader
 /// slot's address (the call fast path has it in hand).
-inline std::uintptr_t thread_token() noexcept { return reinterpret_cast<std::uintptr_t>(&this_thread_slot()); }
+inline std::uintptr_t thread_token() noexcept {
+  return reinterpret_cast<std::uintptr_t>(&this_thread_slot());
+}
 
 class context_use {
  public:

@@ -21,20 +21,23 @@ constexpr std::size_t max_request = std::size_t{1} << 20;
 // bytes) of paths and reasons become '?', so rows stay rows.
 std::string field(std::string_view text) {
   std::string out(text);
-  std::replace_if(out.begin(), out.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; },
-                  '?');
+  std::replace_if(
+      out.begin(), out.end(),
+      [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; }, '?');
   return out;
 }
 
 std::string error_reply(std::string_view reason) { return "error\t" + field(reason) + "\n"; }
 
 std::string plugins_table(const host& h) {
-  std::string out = "ok\nNAME\tSTATE\tGENERATION\tMODEL\tWHERE\tABI\tSERVICES\tCRASHES\tPATH\tLAST ERROR\n";
+  std::string out =
+      "ok\nNAME\tSTATE\tGENERATION\tMODEL\tWHERE\tABI\tSERVICES\tCRASHES\tPATH\tLAST ERROR\n";
   for (const auto& p : h.plugins()) {
     out += p.name + '\t' + field(p.state) + '\t' + std::to_string(p.generation) + '\t' +
-           (p.preemptive ? "preemptive" : "cooperative") + '\t' + (p.isolated ? "isolated" : "in-process") + '\t' +
-           std::to_string(p.abi_major) + '.' + std::to_string(p.abi_minor) + '\t' + std::to_string(p.services.size()) +
-           '\t' + std::to_string(p.crashes) + '\t' + (p.path.empty() ? "-" : field(p.path)) + '\t' +
+           (p.preemptive ? "preemptive" : "cooperative") + '\t' +
+           (p.isolated ? "isolated" : "in-process") + '\t' + std::to_string(p.abi_major) + '.' +
+           std::to_string(p.abi_minor) + '\t' + std::to_string(p.services.size()) + '\t' +
+           std::to_string(p.crashes) + '\t' + (p.path.empty() ? "-" : field(p.path)) + '\t' +
            (p.last_error.empty() ? "-" : field(p.last_error)) + '\n';
   }
   return out;
@@ -53,7 +56,8 @@ std::string services_table(const host& h) {
       rows.push_back({s, p.name, (*flags & UIPC_PLUGIN_SERVICE_BYTES) ? "bytes" : "pointer"});
     }
   }
-  std::sort(rows.begin(), rows.end(), [](const row& a, const row& b) { return a.service < b.service; });
+  std::sort(rows.begin(), rows.end(),
+            [](const row& a, const row& b) { return a.service < b.service; });
   std::string out = "ok\nSERVICE\tPLUGIN\tKIND\n";
   for (const auto& r : rows) out += r.service + '\t' + r.plugin + '\t' + r.kind + '\n';
   return out;
@@ -75,18 +79,21 @@ std::string stats_table(const host& h) {
       {"retired_pending", s.retired_pending},
       {"pool_bytes_cached", s.pool_bytes_cached},
   };
-  for (const auto& [name, value] : counters) out += std::string(name) + '\t' + std::to_string(value) + '\n';
+  for (const auto& [name, value] : counters)
+    out += std::string(name) + '\t' + std::to_string(value) + '\n';
   return out;
 }
 
 std::string reload(host& h, std::string_view name) {
-  if (auto ec = h.reload(name)) return error_reply("reload " + std::string(name) + ": " + ec.message());
+  if (auto ec = h.reload(name))
+    return error_reply("reload " + std::string(name) + ": " + ec.message());
   return "ok\n";
 }
 
 std::string call(host& h, std::string_view rest, std::chrono::milliseconds timeout) {
   const auto tab = rest.find('\t');
-  if (tab == std::string_view::npos) return error_reply("call needs a service name and bytes, TAB-separated");
+  if (tab == std::string_view::npos)
+    return error_reply("call needs a service name and bytes, TAB-separated");
   const std::string_view service = rest.substr(0, tab);
   const std::string_view bytes = rest.substr(tab + 1);
   auto ctx = h.new_context();
@@ -101,17 +108,20 @@ std::string call(host& h, std::string_view rest, std::chrono::milliseconds timeo
 
 }  // namespace
 
-std::string control_answer(host& h, std::string_view request, std::chrono::milliseconds call_timeout) {
+std::string control_answer(host& h, std::string_view request,
+                           std::chrono::milliseconds call_timeout) {
   const auto tab = request.find('\t');
   const std::string_view verb = request.substr(0, tab);
-  const std::string_view rest = tab == std::string_view::npos ? std::string_view() : request.substr(tab + 1);
+  const std::string_view rest =
+      tab == std::string_view::npos ? std::string_view() : request.substr(tab + 1);
   const bool bare = tab == std::string_view::npos;
   if (verb == "plugins" && bare) return plugins_table(h);
   if (verb == "services" && bare) return services_table(h);
   if (verb == "stats" && bare) return stats_table(h);
   if (verb == "reload" && !bare) return reload(h, rest);
   if (verb == "call" && !bare) return call(h, rest, call_timeout);
-  return error_reply("unknown request (plugins, services, stats, reload\\tNAME, call\\tSERVICE\\tBYTES)");
+  return error_reply(
+      "unknown request (plugins, services, stats, reload\\tNAME, call\\tSERVICE\\tBYTES)");
 }
 
 struct control::impl {
@@ -143,7 +153,8 @@ struct control::impl {
   }
 };
 
-result<std::unique_ptr<control>> control::start(boost::asio::io_context& io, host& h, control_options options) {
+result<std::unique_ptr<control>> control::start(boost::asio::io_context& io, host& h,
+                                                control_options options) {
   auto p = std::make_unique<impl>(h, std::move(options));
   caps::service_options so;
   so.directory = p->options.directory;
@@ -167,6 +178,8 @@ void control::stop() {
   if (impl_->worker.joinable()) impl_->worker.join();
 }
 
-std::uint64_t control::requests() const noexcept { return impl_->requests.load(std::memory_order_relaxed); }
+std::uint64_t control::requests() const noexcept {
+  return impl_->requests.load(std::memory_order_relaxed);
+}
 
 }  // namespace uipc::plugin

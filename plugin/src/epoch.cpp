@@ -30,7 +30,8 @@ reader_slot& acquire_slot() {
   auto* s = new reader_slot;  // never freed: grace periods may hold its address
   s->in_use.store(true, std::memory_order_relaxed);
   s->next = slots.load(std::memory_order_relaxed);
-  while (!slots.compare_exchange_weak(s->next, s, std::memory_order_release, std::memory_order_relaxed)) {
+  while (!slots.compare_exchange_weak(s->next, s, std::memory_order_release,
+                                      std::memory_order_relaxed)) {
   }
   return *s;
 }

@@ -61,7 +61,8 @@ class read_section {
     }
   }
   ~read_section() {
-    if (outer_) slot_.seq.store(slot_.seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+    if (outer_)
+      slot_.seq.store(slot_.seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
   }
   read_section(const read_section&) = delete;
   read_section& operator=(const read_section&) = delete;

@@ -11,9 +11,10 @@ namespace uipc::plugin {
 
 namespace detail {
 const uipc_plugin_host_api& host_api_table() noexcept;
-result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path, isolation_options options,
+result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path,
+                                  isolation_options options,
                                   const std::shared_ptr<plugin_record>& old);
-}
+}  // namespace detail
 
 using detail::host_impl;
 
@@ -52,12 +53,14 @@ result<std::uint64_t> context::call(std::string_view name, void* arg) {
   }
   if (!slot) return errc::service_not_found;
   std::uint64_t out = 0;
-  if (int status = detail::call_fast(ctx_, slot, arg, &out); status != UIPC_PLUGIN_OK) return status_code(status);
+  if (int status = detail::call_fast(ctx_, slot, arg, &out); status != UIPC_PLUGIN_OK)
+    return status_code(status);
   return out;
 }
 
-result<std::span<const std::byte>> context::call_bytes(std::string_view name, std::span<const std::byte> request,
-                                                      std::uint64_t* value) {
+result<std::span<const std::byte>> context::call_bytes(std::string_view name,
+                                                       std::span<const std::byte> request,
+                                                       std::uint64_t* value) {
   if (!ctx_) return errc::invalid_argument;
   const uipc_plugin_service_ref* slot;
   {
@@ -65,7 +68,8 @@ result<std::span<const std::byte>> context::call_bytes(std::string_view name, st
     slot = ctx_->host->find_slot(name);
   }
   if (!slot) return errc::service_not_found;
-  uipc_plugin_bytes_call call{sizeof(uipc_plugin_bytes_call), 0, request.data(), request.size(), nullptr, 0};
+  uipc_plugin_bytes_call call{
+      sizeof(uipc_plugin_bytes_call), 0, request.data(), request.size(), nullptr, 0};
   int status;
   {
     detail::context_use use(ctx_);
@@ -78,7 +82,8 @@ result<std::span<const std::byte>> context::call_bytes(std::string_view name, st
     status = ctx_->host->run(ctx_, *entry, &call, value ? value : &ignored);
   }
   if (status != UIPC_PLUGIN_OK) return status_code(status);
-  return std::span<const std::byte>(static_cast<const std::byte*>(call.out), call.out ? call.out_size : 0);
+  return std::span<const std::byte>(static_cast<const std::byte*>(call.out),
+                                    call.out ? call.out_size : 0);
 }
 
 // -- host ---------------------------------------------------------------------
@@ -125,12 +130,14 @@ error_code host::reload(std::string_view name, const std::filesystem::path& shar
   }
   if (old->isolated) {
     // A new runner for the new build, started as the old one was.
-    auto loaded = detail::load_isolated(*impl_, shared_object.empty() ? std::filesystem::path(old->path) : shared_object,
-                                        old->isolated->options(), old);
+    auto loaded = detail::load_isolated(
+        *impl_, shared_object.empty() ? std::filesystem::path(old->path) : shared_object,
+        old->isolated->options(), old);
     return loaded ? error_code() : loaded.error();
   }
   auto record = std::make_shared<detail::plugin_record>();
-  record->path = shared_object.empty() ? old->path : std::filesystem::absolute(shared_object).string();
+  record->path =
+      shared_object.empty() ? old->path : std::filesystem::absolute(shared_object).string();
   record->entry = record->path.empty() ? old->entry : nullptr;
   auto loaded = impl_->load(std::move(record), old);
   return loaded ? error_code() : loaded.error();
@@ -180,13 +187,15 @@ std::string host::list_services() const { return impl_->list(); }
 
 result<std::uint32_t> host::service_flags(std::string_view name) const {
   std::lock_guard lock(impl_->registry_mutex);
-  auto* slot = impl_->names_owner ? impl_->names_owner->find(name, detail::hash_name(name)) : nullptr;
+  auto* slot =
+      impl_->names_owner ? impl_->names_owner->find(name, detail::hash_name(name)) : nullptr;
   const detail::service_entry* entry = slot ? slot->entry.load(std::memory_order_relaxed) : nullptr;
   if (!entry) return errc::service_not_found;
   return entry->flags & UIPC_PLUGIN_SERVICE_BYTES;
 }
 
-result<std::string> host::load_isolated(const std::filesystem::path& shared_object, isolation_options options) {
+result<std::string> host::load_isolated(const std::filesystem::path& shared_object,
+                                        isolation_options options) {
   return detail::load_isolated(*impl_, shared_object, std::move(options), nullptr);
 }
 
@@ -237,7 +246,8 @@ error_code host::quiesce(std::chrono::milliseconds timeout) {
     impl_->reap_done.wait(lock, done);
     return {};
   }
-  return impl_->reap_done.wait_for(lock, timeout, done) ? error_code() : make_error_code(errc::timed_out);
+  return impl_->reap_done.wait_for(lock, timeout, done) ? error_code()
+                                                        : make_error_code(errc::timed_out);
 }
 
 const uipc_plugin_host_api& host::api() noexcept { return detail::host_api_table(); }

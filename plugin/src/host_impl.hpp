@@ -125,18 +125,19 @@ struct host_impl {
   // -- registry (registry.cpp)
   uipc_plugin_service_ref* find_slot(std::string_view name) const noexcept;
   result<uipc_plugin_service_ref*> slot_for(std::string_view name);  // registry_mutex held
-  int register_service(uipc_plugin_context* ctx, const char* name, uipc_plugin_service_fn fn, void* data,
-                       std::uint32_t flags);
+  int register_service(uipc_plugin_context* ctx, const char* name, uipc_plugin_service_fn fn,
+                       void* data, std::uint32_t flags);
   /// Stages a service of a plug-in being loaded (registry_mutex held): published by commit().
   int stage(plugin_record& owner, std::string_view name, service_entry entry);
-  int unregister(plugin_record& owner, std::string_view name, std::vector<std::pair<std::string, int>>& events,
-                 retired& out);
+  int unregister(plugin_record& owner, std::string_view name,
+                 std::vector<std::pair<std::string, int>>& events, retired& out);
   std::string list() const;
   void notify(uipc_plugin_context* ctx, const plugin_record* source,
               const std::vector<std::pair<std::string, int>>& events);
 
   // -- calls (calls.cpp)
-  int call(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg, std::uint64_t* out);
+  int call(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg,
+           std::uint64_t* out);
   int run(uipc_plugin_context* ctx, const service_entry& entry, void* arg, std::uint64_t* out);
   /// Runs `body` as plug-in `target`'s code on `ctx` (baton, yield of the caller's).
   int enter(uipc_plugin_context* ctx, plugin_record& target, const std::function<void()>& body);
@@ -146,10 +147,12 @@ struct host_impl {
   void end_context(uipc_plugin_context* ctx);
 
   // -- lifecycle (lifecycle.cpp)
-  result<std::string> load(std::shared_ptr<plugin_record> record, const std::shared_ptr<plugin_record>& old);
+  result<std::string> load(std::shared_ptr<plugin_record> record,
+                           const std::shared_ptr<plugin_record>& old);
   /// Publishes a loaded build's staged services (its name reserved in `loading`);
   /// for a reload, takes over `old`'s names and retires it.
-  result<std::string> commit(std::shared_ptr<plugin_record> record, const std::shared_ptr<plugin_record>& old);
+  result<std::string> commit(std::shared_ptr<plugin_record> record,
+                             const std::shared_ptr<plugin_record>& old);
   void retire(retired item);
   void reap_loop();
   void finish(retired& item);
@@ -175,10 +178,10 @@ struct uipc_plugin_context {
   uipc::plugin::detail::host_impl* host;
   uipc::plugin::pool memory;
   uipc::plugin::detail::plugin_record* running = nullptr;  // whose code runs with this context now
-  bool holds_baton = false;                                 // the running (cooperative) plug-in's baton
-  bool yielded = false;                                     // gave it back in blocking_begin
-  uipc::plugin::detail::plugin_record* owner = nullptr;     // out-of-context: the plug-in that made it
-  std::atomic<std::uintptr_t> user{0};                      // the thread using it now
+  bool holds_baton = false;  // the running (cooperative) plug-in's baton
+  bool yielded = false;      // gave it back in blocking_begin
+  uipc::plugin::detail::plugin_record* owner = nullptr;  // out-of-context: the plug-in that made it
+  std::atomic<std::uintptr_t> user{0};                   // the thread using it now
   clock::time_point deadline = clock::time_point::max();
   std::uint64_t calls = 0;
   std::uint64_t failed = 0;

@@ -13,7 +13,8 @@ namespace uipc::plugin::detail {
 struct isolation {
   virtual ~isolation() = default;
   /// "running", "restarting" or "stopped", the crash count and the last error.
-  virtual void status(std::string& state, std::uint32_t& crashes, std::string& last_error) const = 0;
+  virtual void status(std::string& state, std::uint32_t& crashes,
+                      std::string& last_error) const = 0;
   /// How it was started (a reload starts the new build the same way).
   virtual const isolation_options& options() const = 0;
 };

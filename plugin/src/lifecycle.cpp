@@ -51,13 +51,15 @@ bool valid_described_name(const char* name) {
 }
 
 // The smallest description a plug-in may give: through `init`.
-constexpr std::size_t minimal_info_size = offsetof(uipc_plugin_info, init) + sizeof(uipc_plugin_info::init);
+constexpr std::size_t minimal_info_size =
+    offsetof(uipc_plugin_info, init) + sizeof(uipc_plugin_info::init);
 
 // Copies the shared object into a sealed memfd and opens that. The memfd stays
 // open while the object is loaded: the dynamic loader knows objects by path
 // first, and a reused descriptor number would make a new build's
 // /proc/self/fd/N look like the old one.
-result<void*> open_library(const std::filesystem::path& path, unique_fd& copy_out, std::string& why) {
+result<void*> open_library(const std::filesystem::path& path, unique_fd& copy_out,
+                           std::string& why) {
   unique_fd file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!file) {
     why = path.string() + ": " + std::strerror(errno);
@@ -107,10 +109,12 @@ void host_impl::log(int level, std::string_view text) const {
     options.log(level, text);
     return;
   }
-  if (level <= 1) std::fprintf(stderr, "uipc.plugin: %.*s\n", static_cast<int>(text.size()), text.data());
+  if (level <= 1)
+    std::fprintf(stderr, "uipc.plugin: %.*s\n", static_cast<int>(text.size()), text.data());
 }
 
-result<std::string> host_impl::load(std::shared_ptr<plugin_record> record, const std::shared_ptr<plugin_record>& old) {
+result<std::string> host_impl::load(std::shared_ptr<plugin_record> record,
+                                    const std::shared_ptr<plugin_record>& old) {
   std::string why;
   auto fail = [&](errc e, std::string text) -> result<std::string> {
     log(0, "load of " + (record->path.empty() ? std::string("a linked-in plug-in") : record->path) +
@@ -145,20 +149,24 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record, const
                                         std::to_string(info->abi_minor) + ", host has " +
                                         std::to_string(UIPC_PLUGIN_ABI_MAJOR) + "." +
                                         std::to_string(UIPC_PLUGIN_ABI_MINOR));
-  if (!valid_described_name(info->name)) return fail(errc::invalid_name, "plug-in name breaks the rules");
+  if (!valid_described_name(info->name))
+    return fail(errc::invalid_name, "plug-in name breaks the rules");
   if (!info->init) return fail(errc::abi_mismatch, "no init function");
   std::memcpy(&record->info, info, std::min<std::size_t>(info->size, sizeof(uipc_plugin_info)));
-  record->info.size = static_cast<std::uint32_t>(std::min<std::size_t>(info->size, sizeof(uipc_plugin_info)));
+  record->info.size =
+      static_cast<std::uint32_t>(std::min<std::size_t>(info->size, sizeof(uipc_plugin_info)));
   record->name = info->name;
   record->cooperative = !(record->info.flags & UIPC_PLUGIN_PREEMPTIVE);
   if (old && old->name != record->name)
-    return fail(errc::invalid_name, "the new build calls itself " + record->name + ", not " + old->name);
+    return fail(errc::invalid_name,
+                "the new build calls itself " + record->name + ", not " + old->name);
 
   {
     std::lock_guard lock(registry_mutex);
     if (!old && (plugins.count(record->name) || loading.count(record->name)))
       return fail(errc::duplicate_plugin, record->name + " is loaded");
-    if (old && loading.count(record->name)) return fail(errc::duplicate_plugin, record->name + " is being loaded");
+    if (old && loading.count(record->name))
+      return fail(errc::duplicate_plugin, record->name + " is being loaded");
     loading.insert(record->name);
     record->predecessor = old.get();
     record->generation = old ? old->generation + 1 : 0;
@@ -178,18 +186,21 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record, const
   }
   uipc_plugin_context* ctx = *made;
   int init_status = 0;
-  int entered = enter(ctx, *record, [&] { init_status = record->info.init(ctx, &host_api_table()); });
+  int entered =
+      enter(ctx, *record, [&] { init_status = record->info.init(ctx, &host_api_table()); });
   end_context(ctx);
   if (entered != UIPC_PLUGIN_OK || init_status != 0) {
     unreserve();
-    return fail(entered != UIPC_PLUGIN_OK ? errc::plugin_failed : errc::init_failed,
-                entered != UIPC_PLUGIN_OK ? "init threw" : "init returned " + std::to_string(init_status));
+    return fail(
+        entered != UIPC_PLUGIN_OK ? errc::plugin_failed : errc::init_failed,
+        entered != UIPC_PLUGIN_OK ? "init threw" : "init returned " + std::to_string(init_status));
   }
 
   return commit(std::move(record), old);
 }
 
-result<std::string> host_impl::commit(std::shared_ptr<plugin_record> record, const std::shared_ptr<plugin_record>& old) {
+result<std::string> host_impl::commit(std::shared_ptr<plugin_record> record,
+                                      const std::shared_ptr<plugin_record>& old) {
   // Publish what Init registered; for a reload, take over the old build's names
   // and drop those the new one no longer serves.
   std::vector<std::pair<std::string, int>> events;
@@ -208,7 +219,8 @@ result<std::string> host_impl::commit(std::shared_ptr<plugin_record> record, con
       } else {
         ++registered;
       }
-      events.emplace_back(slot->name, current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
+      events.emplace_back(slot->name,
+                          current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
     }
     record->staged.clear();
     if (old) {
@@ -231,7 +243,8 @@ result<std::string> host_impl::commit(std::shared_ptr<plugin_record> record, con
     retire(std::move(out));
   }
   notify(nullptr, record.get(), events);
-  log(2, "loaded " + record->name + (old ? " (generation " + std::to_string(record->generation) + ")" : ""));
+  log(2, "loaded " + record->name +
+             (old ? " (generation " + std::to_string(record->generation) + ")" : ""));
   return record->name;
 }
 
@@ -263,7 +276,8 @@ void host_impl::finish(retired& item) {
     leftovers.swap(p.own_contexts);
   }
   if (!leftovers.empty())
-    log(1, p.name + ": " + std::to_string(leftovers.size()) + " context(s) not disposed at shutdown; released");
+    log(1, p.name + ": " + std::to_string(leftovers.size()) +
+               " context(s) not disposed at shutdown; released");
   for (auto* ctx : leftovers) {
     ctx->owner = nullptr;
     end_context(ctx);

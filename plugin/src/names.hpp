@@ -11,7 +11,8 @@ inline constexpr std::size_t max_name_length = 63;
 inline bool alnum_or(std::string_view name, char extra) noexcept {
   if (name.empty() || name.size() > max_name_length) return false;
   return std::all_of(name.begin(), name.end(), [extra](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == extra;
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == extra;
   });
 }
 

@@ -44,7 +44,9 @@ constexpr std::size_t class_index(std::size_t capacity) noexcept {
 }
 
 block_header* header_of(void* block) noexcept { return static_cast<block_header*>(block) - 1; }
-block_header*& next_free(block_header* h) noexcept { return *reinterpret_cast<block_header**>(h + 1); }
+block_header*& next_free(block_header* h) noexcept {
+  return *reinterpret_cast<block_header**>(h + 1);
+}
 
 }  // namespace
 
@@ -143,7 +145,9 @@ std::size_t pool::subtree_use() const noexcept {
   return n;
 }
 
-std::size_t pool::bytes_in_use() const noexcept { return parent_ ? in_use_ : live_ - subtree_use(); }
+std::size_t pool::bytes_in_use() const noexcept {
+  return parent_ ? in_use_ : live_ - subtree_use();
+}
 
 std::size_t pool::peak() const noexcept {
   const pool& r = root();
@@ -216,7 +220,8 @@ int pool::check(void* block, block_header*& header) noexcept {
   if (!block) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   header = header_of(block);
   const std::uintptr_t tag = header->tag;
-  if ((tag & ~(freed_bit | large_bit)) != reinterpret_cast<std::uintptr_t>(this)) return UIPC_PLUGIN_E_WRONG_CONTEXT;
+  if ((tag & ~(freed_bit | large_bit)) != reinterpret_cast<std::uintptr_t>(this))
+    return UIPC_PLUGIN_E_WRONG_CONTEXT;
   if (tag & freed_bit) return UIPC_PLUGIN_E_DOUBLE_FREE;
   return UIPC_PLUGIN_OK;
 }
@@ -259,7 +264,8 @@ int pool::reallocate(void* block, std::size_t size, void** out) noexcept {
     return UIPC_PLUGIN_OK;
   }
   // The last block carved grows in place while its chunk has room.
-  if (size <= small_max && !(h->tag & large_bit) && top_ == reinterpret_cast<char*>(h + 1) + h->capacity) {
+  if (size <= small_max && !(h->tag & large_bit) &&
+      top_ == reinterpret_cast<char*>(h + 1) + h->capacity) {
     const std::size_t capacity = class_capacity(size);
     const std::size_t more = capacity - h->capacity;
     if (static_cast<std::size_t>(end_ - top_) >= more) {
@@ -271,7 +277,8 @@ int pool::reallocate(void* block, std::size_t size, void** out) noexcept {
     }
   }
   void* moved = nullptr;
-  if (int status = allocate(size, &moved); status != UIPC_PLUGIN_OK) return status;  // the old block stands
+  if (int status = allocate(size, &moved); status != UIPC_PLUGIN_OK)
+    return status;  // the old block stands
   std::memcpy(moved, block, h->capacity);
   (void)free_slow(block);
   *out = moved;

@@ -76,7 +76,8 @@ int host_impl::stage(plugin_record& owner, std::string_view name, service_entry 
   auto slot = slot_for(name);
   if (!slot) return slot.error().value();
   service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
-  if ((current && current->owner != owner.predecessor) || ((*slot)->staged_by && (*slot)->staged_by != &owner))
+  if ((current && current->owner != owner.predecessor) ||
+      ((*slot)->staged_by && (*slot)->staged_by != &owner))
     return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
   (*slot)->staged_by = &owner;
   entry.owner = &owner;
@@ -89,7 +90,8 @@ int host_impl::stage(plugin_record& owner, std::string_view name, service_entry 
   return UIPC_PLUGIN_OK;
 }
 
-int host_impl::unregister(plugin_record& owner, std::string_view name, event_list& events, retired& out) {
+int host_impl::unregister(plugin_record& owner, std::string_view name, event_list& events,
+                          retired& out) {
   uipc_plugin_service_ref* slot = names_owner ? names_owner->find(name, hash_name(name)) : nullptr;
   if (!slot) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
   service_entry* current = slot->entry.load(std::memory_order_relaxed);
@@ -103,8 +105,8 @@ int host_impl::unregister(plugin_record& owner, std::string_view name, event_lis
   return UIPC_PLUGIN_OK;
 }
 
-int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name, uipc_plugin_service_fn fn,
-                                void* data, std::uint32_t flags) {
+int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name,
+                                uipc_plugin_service_fn fn, void* data, std::uint32_t flags) {
   context_use use(ctx);
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
   plugin_record* owner = ctx->running ? ctx->running : ctx->owner;
@@ -122,7 +124,8 @@ int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name, 
     if (owner->stage == plugin_record::phase::init) {
       // Staged: visible when Init has returned (lifecycle.cpp publishes them).
       auto& staged = owner->staged;
-      auto it = std::find_if(staged.begin(), staged.end(), [&](auto& s) { return s.first->name == name; });
+      auto it = std::find_if(staged.begin(), staged.end(),
+                             [&](auto& s) { return s.first->name == name; });
       if (!fn) {
         if (it == staged.end()) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
         it->first->staged_by = nullptr;
@@ -132,12 +135,14 @@ int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name, 
       return stage(*owner, name, service_entry{fn, data, flags, owner});
     }
     if (!fn) {
-      if (int status = unregister(*owner, name, events, old); status != UIPC_PLUGIN_OK) return status;
+      if (int status = unregister(*owner, name, events, old); status != UIPC_PLUGIN_OK)
+        return status;
     } else {
       auto slot = slot_for(name);
       if (!slot) return slot.error().value();
       service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
-      if ((current && current->owner != owner) || ((*slot)->staged_by && (*slot)->staged_by != owner))
+      if ((current && current->owner != owner) ||
+          ((*slot)->staged_by && (*slot)->staged_by != owner))
         return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
       (*slot)->entry.store(new service_entry{fn, data, flags, owner}, std::memory_order_release);
       if (current) {
@@ -146,7 +151,8 @@ int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name, 
         ++registered;
         owner->services.emplace(name);
       }
-      events.emplace_back(std::string(name), current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
+      events.emplace_back(std::string(name),
+                          current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
     }
   }
   if (!old.entries.empty()) {
@@ -173,14 +179,16 @@ std::string host_impl::list() const {
   return out;
 }
 
-void host_impl::notify(uipc_plugin_context* ctx, const plugin_record* source, const event_list& events) {
+void host_impl::notify(uipc_plugin_context* ctx, const plugin_record* source,
+                       const event_list& events) {
   if (events.empty()) return;
   read_section section;  // a listener unloaded meanwhile stays mapped until we are done
   std::vector<std::shared_ptr<plugin_record>> listeners;
   {
     std::lock_guard lock(registry_mutex);
     for (const auto& [name, record] : plugins)
-      if (record.get() != source && record->info.service_event && record->stage == plugin_record::phase::serving)
+      if (record.get() != source && record->info.service_event &&
+          record->stage == plugin_record::phase::serving)
         listeners.push_back(record);
   }
   if (listeners.empty()) return;

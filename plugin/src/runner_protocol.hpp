@@ -38,8 +38,10 @@ inline std::optional<request> parse(std::span<const std::byte> bytes) {
   if (bytes.size() < 2) return std::nullopt;
   const auto kind = static_cast<std::uint8_t>(bytes[0]);
   const auto length = static_cast<std::size_t>(bytes[1]);
-  if ((kind != list && kind != call) || length > max_name || bytes.size() < 2 + length) return std::nullopt;
-  return request{static_cast<op>(kind), std::string_view(reinterpret_cast<const char*>(bytes.data() + 2), length),
+  if ((kind != list && kind != call) || length > max_name || bytes.size() < 2 + length)
+    return std::nullopt;
+  return request{static_cast<op>(kind),
+                 std::string_view(reinterpret_cast<const char*>(bytes.data() + 2), length),
                  bytes.subspan(2 + length)};
 }
 
@@ -75,7 +77,8 @@ inline std::optional<listing> parse_listing(std::string_view text) {
                            digits = line.substr(t2 + 1);
     std::uint32_t flags = 0;
     const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), flags);
-    if (ec != std::errc() || end != digits.data() + digits.size() || digits.empty()) return std::nullopt;
+    if (ec != std::errc() || end != digits.data() + digits.size() || digits.empty())
+      return std::nullopt;
     if (kind == "plugin") {
       if (have_plugin || !valid_plugin_name(name)) return std::nullopt;
       have_plugin = true;

@@ -1,10 +1,10 @@
 // The private allocator of a payload arena.
+#include "arena.hpp"
+
 #include <gtest/gtest.h>
 
 #include <random>
 #include <set>
-
-#include "arena.hpp"
 
 namespace uipc::caps::detail {
 namespace {
@@ -21,10 +21,10 @@ TEST(Arena, AllocatesFreesAndCoalesces) {
   EXPECT_EQ(a.in_use(), 256u);
   EXPECT_FALSE(a.allocate(64 * 7));
   EXPECT_TRUE(a.free(*y));
-  EXPECT_FALSE(a.free(*y));        // twice
-  EXPECT_FALSE(a.free(12345));     // never given
+  EXPECT_FALSE(a.free(*y));     // twice
+  EXPECT_FALSE(a.free(12345));  // never given
   EXPECT_TRUE(a.free(*x));
-  auto w = a.allocate(192);        // the freed neighbours joined
+  auto w = a.allocate(192);  // the freed neighbours joined
   ASSERT_TRUE(w);
   EXPECT_EQ(*w, 0u);
   EXPECT_TRUE(a.free(*w));

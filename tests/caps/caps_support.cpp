@@ -6,7 +6,9 @@
 
 namespace uipc::caps::test {
 
-std::span<const std::byte> bytes(std::string_view s) { return std::as_bytes(std::span(s.data(), s.size())); }
+std::span<const std::byte> bytes(std::string_view s) {
+  return std::as_bytes(std::span(s.data(), s.size()));
+}
 
 loop_thread::loop_thread() : work_(ctx_.get_executor()), thread_([this] { ctx_.run(); }) {}
 
@@ -18,7 +20,9 @@ loop_thread::~loop_thread() {
 
 responder::responder(service& s, answer_fn answer)
     : service_(s),
-      answer_(answer ? std::move(answer) : [](service& svc, const event& e) { (void)svc.reply(e.client, e.id, e.view()); }),
+      answer_(
+          answer ? std::move(answer)
+                 : [](service& svc, const event& e) { (void)svc.reply(e.client, e.id, e.view()); }),
       thread_([this] {
         while (!stop_.load()) {
           auto e = service_.receive(in(20ms));
@@ -75,7 +79,8 @@ event caps_test::next_event(service& s, event_kind kind) {
   return {};
 }
 
-child_service::child_service(const std::string& name, service_options options, std::function<void(service&, const child_service&)> serve,
+child_service::child_service(const std::string& name, service_options options,
+                             std::function<void(service&, const child_service&)> serve,
                              const std::function<void()>& setup) {
   if (::pipe(pipe_) != 0) return;
   pid_ = ::fork();
@@ -132,4 +137,3 @@ int in_child(const std::function<int()>& body) {
 }
 
 }  // namespace uipc::caps::test
-

@@ -77,11 +77,12 @@ class caps_test : public ::testing::Test {
 /// A service in a forked child process: `setup` runs first in the child (to
 /// drop privileges, say), then it registers `name` (in `options.directory`),
 /// calls `serve` (which may start async receives) and runs the loop on its one
-/// thread for up to a minute. Without `serve` it answers nothing. The parent continues once the registration is done. The
-/// destructor, or kill(), ends the child with SIGKILL.
+/// thread for up to a minute. Without `serve` it answers nothing. The parent continues once the
+/// registration is done. The destructor, or kill(), ends the child with SIGKILL.
 class child_service {
  public:
-  child_service(const std::string& name, service_options options, std::function<void(service&, const child_service&)> serve = {},
+  child_service(const std::string& name, service_options options,
+                std::function<void(service&, const child_service&)> serve = {},
                 const std::function<void()>& setup = {});
   ~child_service();
   bool registered() const { return registered_; }

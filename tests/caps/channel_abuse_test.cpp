@@ -16,8 +16,8 @@
 #include "caps_support.hpp"
 #include "channel.hpp"
 #include "points_dir.hpp"
-#include "uipc/core/futex.hpp"
 #include "uipc/core/blocking_connection.hpp"
+#include "uipc/core/futex.hpp"
 #include "uipc/core/shm.hpp"
 #include "uipc/proto/caps.pb.h"
 
@@ -43,7 +43,8 @@ struct raw_client {
     auto welcome = c->receive(in(5s));
     EXPECT_TRUE(welcome);
     EXPECT_EQ(welcome->fds.size(), 3u);
-    auto seg = shm_segment::open_fd(std::move(welcome->fds[0]), {detail::channel_magic, detail::channel_version});
+    auto seg = shm_segment::open_fd(std::move(welcome->fds[0]),
+                                    {detail::channel_magic, detail::channel_version});
     EXPECT_TRUE(seg);
     frame hello;
     hello.kind = frame_kind::notice;
@@ -78,7 +79,8 @@ class ChannelAbuse : public caps_test {
     auto g = connect("abused");
     ASSERT_TRUE(g);
     good_ = std::move(*g);
-    for (const auto& f : std::filesystem::directory_iterator(*points_directory(::geteuid(), dir_.path()))) {
+    for (const auto& f :
+         std::filesystem::directory_iterator(*points_directory(::geteuid(), dir_.path()))) {
       if (f.path().extension() == ".sock") path_ = f.path().string();
     }
   }
@@ -121,7 +123,8 @@ TEST_F(ChannelAbuse, ALengthThatWrapsAround) {
 
 TEST_F(ChannelAbuse, AnIdTwiceInFlight) {
   auto bad = raw_client::connect(path_);
-  echo_ = std::make_unique<responder>(*svc_, [](service&, const event&) {});  // nobody answers: both in flight
+  echo_ = std::make_unique<responder>(
+      *svc_, [](service&, const event&) {});  // nobody answers: both in flight
   bad.put({static_cast<std::uint32_t>(entry_kind::request), 0, 7, 0, 8});
   bad.put({static_cast<std::uint32_t>(entry_kind::request), 0, 7, 64, 8});
   bad.ring();
@@ -131,7 +134,8 @@ TEST_F(ChannelAbuse, AnIdTwiceInFlight) {
 TEST_F(ChannelAbuse, MoreInFlightThanTheLimit) {
   auto bad = raw_client::connect(path_);
   echo_ = std::make_unique<responder>(*svc_, [](service&, const event&) {});
-  for (std::uint64_t id = 1; id <= 129; ++id) bad.put({static_cast<std::uint32_t>(entry_kind::request), 0, id, 0, 8});
+  for (std::uint64_t id = 1; id <= 129; ++id)
+    bad.put({static_cast<std::uint32_t>(entry_kind::request), 0, id, 0, 8});
   bad.ring();
   EXPECT_EQ(bad.hung_up_because(), make_error_code(errc::protocol_violation));
 }
@@ -203,9 +207,11 @@ class hostile_server {
 
   // Accepts the client and sends it a proper welcome.
   void welcome() {
-    conn_.emplace(*blocking_connection::adopt(unique_fd(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC))));
+    conn_.emplace(*blocking_connection::adopt(
+        unique_fd(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC))));
     const auto layout = detail::channel_layout::of(64 << 10, 64 << 10);
-    auto seg = shm_segment::create_anonymous(layout.total, {detail::channel_magic, detail::channel_version});
+    auto seg = shm_segment::create_anonymous(layout.total,
+                                             {detail::channel_magic, detail::channel_version});
     ASSERT_TRUE(seg);
     segment_.emplace(std::move(*seg));
     shared_ = new (segment_->data()) detail::channel_shared{};
@@ -228,7 +234,8 @@ class hostile_server {
 
   // Waits for the client's first request; returns its id.
   std::uint64_t first_request() {
-    for (int i = 0; i < 5000 && shared_->to_server.tail.load() == 0; ++i) std::this_thread::sleep_for(1ms);
+    for (int i = 0; i < 5000 && shared_->to_server.tail.load() == 0; ++i)
+      std::this_thread::sleep_for(1ms);
     detail::entry e;
     std::memcpy(&e, &shared_->to_server.entries[0], sizeof e);
     return e.id;

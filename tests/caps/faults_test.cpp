@@ -2,11 +2,10 @@
 // become DISPOSE, a killed server fails pending calls, garbage closes only the
 // sender, stop() ends everyone cleanly.
 #include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <future>
@@ -52,7 +51,8 @@ TEST_F(Faults, AKilledClientsMessagesAreDisposed) {
     if (e->kind == event_kind::disconnected) break;
   }
   EXPECT_EQ(disposed, requested);
-  EXPECT_EQ((*svc)->reply(who, *requested.rbegin(), "too late"), make_error_code(errc::disconnected));
+  EXPECT_EQ((*svc)->reply(who, *requested.rbegin(), "too late"),
+            make_error_code(errc::disconnected));
   EXPECT_EQ((*svc)->stats().clients, 0u);
 }
 
@@ -61,7 +61,8 @@ TEST_F(Faults, AKilledServerFailsPendingCallsWithoutAHang) {
   ASSERT_TRUE(server.registered());
   auto cl = connect("server.dies");
   ASSERT_TRUE(cl) << cl.error().message();
-  auto pending = std::async(std::launch::async, [&] { return (*cl)->call("anyone?"); });  // no deadline
+  auto pending =
+      std::async(std::launch::async, [&] { return (*cl)->call("anyone?"); });  // no deadline
   std::this_thread::sleep_for(100ms);
   const auto killed = clock::now();
   server.kill();
@@ -126,7 +127,8 @@ TEST_F(Faults, GarbageOnTheControlLineClosesOnlyTheSender) {
     auto raw = blocking_connection::connect(path);
     ASSERT_TRUE(raw);
     std::string junk(64 + round * 13, '\0');
-    for (std::size_t i = 0; i < junk.size(); ++i) junk[i] = static_cast<char>((i * 131 + round * 7) & 0xff);
+    for (std::size_t i = 0; i < junk.size(); ++i)
+      junk[i] = static_cast<char>((i * 131 + round * 7) & 0xff);
     frame f;
     f.kind = frame_kind::request;
     f.type = static_cast<std::uint32_t>(round * 1000);  // unknown types
@@ -161,7 +163,8 @@ TEST_F(Faults, TheEchoProgramServesAndStopsOnSigterm) {
   const pid_t child = ::fork();
   if (child == 0) {
     ::dup2(out[1], 1);
-    ::execl(UIPC_TEST_CAPS_ECHO_PATH, "uipc-caps-echo", "--name", "program.echo", "--dir", dir.c_str(), nullptr);
+    ::execl(UIPC_TEST_CAPS_ECHO_PATH, "uipc-caps-echo", "--name", "program.echo", "--dir",
+            dir.c_str(), nullptr);
     ::_exit(127);
   }
   ::close(out[1]);
@@ -244,7 +247,8 @@ TEST_F(Faults, AServerKilledWhileWritingAReplyFailsTheCall) {
   ASSERT_TRUE(server.registered());
   auto cl = connect("dies.replying");
   ASSERT_TRUE(cl);
-  auto pending = std::async(std::launch::async, [&] { return (*cl)->call("write me a reply", in(10s)); });
+  auto pending =
+      std::async(std::launch::async, [&] { return (*cl)->call("write me a reply", in(10s)); });
   ASSERT_TRUE(server.wait_note());
   server.kill();
   ASSERT_EQ(pending.wait_for(5s), std::future_status::ready);

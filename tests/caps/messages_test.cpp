@@ -53,7 +53,8 @@ TEST_F(Messages, ReplyToAnUnknownIdOrClientIsRefused) {
   const event hello = next_event(**svc, event_kind::connected);
   EXPECT_EQ((*svc)->reply(hello.client, 12345, "x"), make_error_code(errc::unknown_message));
   EXPECT_EQ((*svc)->reply(hello.client + 1000, 1, "x"), make_error_code(errc::disconnected));
-  EXPECT_EQ((*svc)->reject(hello.client, 777, errc::no_buffers), make_error_code(errc::unknown_message));
+  EXPECT_EQ((*svc)->reject(hello.client, 777, errc::no_buffers),
+            make_error_code(errc::unknown_message));
   // The client is unharmed.
   responder echo(**svc);
   auto r = (*c)->call("still fine", in(5s));
@@ -64,7 +65,8 @@ TEST_F(Messages, ReplyToAnUnknownIdOrClientIsRefused) {
 TEST_F(Messages, RejectFailsTheCallWithTheCode) {
   auto svc = serve("rejects");
   ASSERT_TRUE(svc);
-  responder no(**svc, [](service& s, const event& e) { (void)s.reject(e.client, e.id, errc::no_buffers); });
+  responder no(
+      **svc, [](service& s, const event& e) { (void)s.reject(e.client, e.id, errc::no_buffers); });
   auto c = connect("rejects");
   ASSERT_TRUE(c);
   auto r = (*c)->call("x", in(5s));
@@ -139,7 +141,8 @@ TEST_F(Messages, ManyInFlightThenNoBuffersOrWaiting) {
       return r ? r->copy() : r.error().message();
     }));
   }
-  for (int i = 0; i < 40; ++i) EXPECT_EQ(calls[static_cast<std::size_t>(i)].get(), std::to_string(i));
+  for (int i = 0; i < 40; ++i)
+    EXPECT_EQ(calls[static_cast<std::size_t>(i)].get(), std::to_string(i));
 }
 
 TEST_F(Messages, AbortWithdrawsAndGivesOneOutcome) {
@@ -200,15 +203,20 @@ TEST_F(Messages, LargePayloadsInPlaceAndTooLarge) {
   responder twice(**svc, [](service& s, const event& e) {
     const auto in = e.view();
     (void)s.reply_in_place(e.client, e.id, in.size(), [&](std::span<std::byte> out) {
-      for (std::size_t i = 0; i < in.size(); ++i) out[i] = std::byte(static_cast<unsigned char>(in[i]) ^ 0xff);
+      for (std::size_t i = 0; i < in.size(); ++i)
+        out[i] = std::byte(static_cast<unsigned char>(in[i]) ^ 0xff);
     });
   });
   auto c = connect("large");
   ASSERT_TRUE(c);
   const std::size_t mib = 1 << 20;
-  auto r = (*c)->call_in_place(mib, [](std::span<std::byte> out) {
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] = std::byte(static_cast<unsigned char>(i * 7));
-  }, in(10s));
+  auto r = (*c)->call_in_place(
+      mib,
+      [](std::span<std::byte> out) {
+        for (std::size_t i = 0; i < out.size(); ++i)
+          out[i] = std::byte(static_cast<unsigned char>(i * 7));
+      },
+      in(10s));
   ASSERT_TRUE(r) << r.error().message();
   ASSERT_EQ(r->size(), mib);
   for (std::size_t i = 0; i < mib; i += 4099) {
@@ -325,7 +333,8 @@ class echo_on_two_threads {
   }
 
   boost::asio::io_context io_{2};
-  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_ = boost::asio::make_work_guard(io_);
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_ =
+      boost::asio::make_work_guard(io_);
   std::unique_ptr<service> svc_;
   std::thread a_, b_;
 };
@@ -368,7 +377,8 @@ TEST_F(Messages, OneReceiverOnTwoThreadsTakesEachEventOnce) {
           return;
         }
         for (int i = 0; i < calls; ++i) {
-          const std::string text = std::to_string(t) + "." + std::to_string(s) + "." + std::to_string(i);
+          const std::string text =
+              std::to_string(t) + "." + std::to_string(s) + "." + std::to_string(i);
           auto r = (*c)->call(text, std::chrono::steady_clock::now() + 5s);
           if (!r) {
             ADD_FAILURE() << "call " << text << ": " << r.error().message();
@@ -382,7 +392,8 @@ TEST_F(Messages, OneReceiverOnTwoThreadsTakesEachEventOnce) {
   EXPECT_EQ(answered.load(), clients * sessions * calls);
   EXPECT_EQ(server.requests.load(), clients * sessions * calls);
   const auto give_up = std::chrono::steady_clock::now() + 5s;
-  while (server.disconnected.load() < clients * sessions && std::chrono::steady_clock::now() < give_up)
+  while (server.disconnected.load() < clients * sessions &&
+         std::chrono::steady_clock::now() < give_up)
     std::this_thread::sleep_for(1ms);
   EXPECT_EQ(server.connected.load(), clients * sessions);
   EXPECT_EQ(server.disconnected.load(), clients * sessions);
@@ -396,9 +407,9 @@ TEST_F(Messages, AsyncCallCancellationAborts) {
   boost::asio::cancellation_signal cancel;
   std::promise<error_code> outcome;
   boost::asio::post(loop_.ctx(), [&] {
-    (*c)->async_call(bytes("hang"), boost::asio::bind_cancellation_slot(cancel.slot(), [&](error_code ec, reply) {
-                       outcome.set_value(ec);
-                     }));
+    (*c)->async_call(bytes("hang"),
+                     boost::asio::bind_cancellation_slot(
+                         cancel.slot(), [&](error_code ec, reply) { outcome.set_value(ec); }));
   });
   (void)next_event(**svc, event_kind::request);
   boost::asio::post(loop_.ctx(), [&] { cancel.emit(boost::asio::cancellation_type::terminal); });

@@ -13,7 +13,9 @@ using uipc::test::run_command;
 
 class Uipcctl : public caps_test {
  protected:
-  std::string ctl() const { return std::string(UIPC_TEST_UIPCCTL_PATH) + " caps --dir " + dir_.path() + " "; }
+  std::string ctl() const {
+    return std::string(UIPC_TEST_UIPCCTL_PATH) + " caps --dir " + dir_.path() + " ";
+  }
 };
 
 TEST_F(Uipcctl, ListsCallsAndReportsErrors) {
@@ -21,7 +23,8 @@ TEST_F(Uipcctl, ListsCallsAndReportsErrors) {
   o.who = access::world;
   auto svc = serve("ctl.echo", o);
   ASSERT_TRUE(svc);
-  responder echo(**svc, [](service& s, const event& e) { (void)s.reply(e.client, e.id, "got " + e.copy()); });
+  responder echo(
+      **svc, [](service& s, const event& e) { (void)s.reply(e.client, e.id, "got " + e.copy()); });
 
   auto [status, out] = run_command(ctl() + "call ctl.echo hello");
   EXPECT_EQ(status, 0) << out;

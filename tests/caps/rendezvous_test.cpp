@@ -1,9 +1,9 @@
 // Registering, finding and watching points: names, exclusivity, shared names,
 // leftovers of killed servers, waiting for a point, access by credentials.
-#include <signal.h>
-#include <sys/stat.h>
 #include <grp.h>
+#include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,8 +18,9 @@ namespace {
 class Rendezvous : public caps_test {};
 
 TEST_F(Rendezvous, NamesThatBreakTheRulesAreRefused) {
-  for (const std::string& bad : {std::string(), std::string("a/b"), std::string("a-b"), std::string("sp ace"),
-                                std::string(".."), std::string("."), std::string(64, 'n'), std::string("nul\0x", 5)}) {
+  for (const std::string& bad :
+       {std::string(), std::string("a/b"), std::string("a-b"), std::string("sp ace"),
+        std::string(".."), std::string("."), std::string(64, 'n'), std::string("nul\0x", 5)}) {
     auto s = serve(bad);
     ASSERT_FALSE(s) << bad;
     EXPECT_EQ(s.error(), make_error_code(uipc::errc::invalid_name)) << bad;
@@ -60,7 +61,8 @@ TEST_F(Rendezvous, ServersOfASharedNameShareItsClients) {
   auto b = serve("shared.name", o);
   ASSERT_TRUE(a);
   ASSERT_TRUE(b);
-  EXPECT_EQ(serve("shared.name").error(), make_error_code(errc::name_taken));  // an exclusive one is refused
+  EXPECT_EQ(serve("shared.name").error(),
+            make_error_code(errc::name_taken));  // an exclusive one is refused
   responder ra(**a, [](service& s, const event& e) { (void)s.reply(e.client, e.id, "a"); });
   responder rb(**b, [](service& s, const event& e) { (void)s.reply(e.client, e.id, "b"); });
   std::multiset<std::string> served;
@@ -88,7 +90,8 @@ TEST_F(Rendezvous, AKilledServersLeftoversAreReclaimed) {
   auto dir = points_directory(::geteuid(), dir_.path());
   ASSERT_TRUE(dir);
   std::size_t sockets = 0;
-  for (const auto& f : std::filesystem::directory_iterator(*dir)) sockets += f.path().extension() == ".sock";
+  for (const auto& f : std::filesystem::directory_iterator(*dir))
+    sockets += f.path().extension() == ".sock";
   EXPECT_EQ(sockets, 1u);  // the dead one's files are gone
   responder echo(**again);
   auto cl = connect("phoenix");
@@ -112,7 +115,8 @@ TEST_F(Rendezvous, AClientWaitsForAPointWithoutPolling) {
   rusage after{};
   ::getrusage(RUSAGE_SELF, &after);
   const auto cpu_us = [](const rusage& u) {
-    return u.ru_utime.tv_sec * 1'000'000L + u.ru_utime.tv_usec + u.ru_stime.tv_sec * 1'000'000L + u.ru_stime.tv_usec;
+    return u.ru_utime.tv_sec * 1'000'000L + u.ru_utime.tv_usec + u.ru_stime.tv_sec * 1'000'000L +
+           u.ru_stime.tv_usec;
   };
   EXPECT_LT(cpu_us(after) - cpu_us(before), 20'000);  // the whole process, over 100 ms
   auto svc = serve("late.comer");
@@ -121,8 +125,10 @@ TEST_F(Rendezvous, AClientWaitsForAPointWithoutPolling) {
   responder echo(**svc);
   auto [c, connected_at] = waiting.get();
   ASSERT_TRUE(c) << c.error().message();
-  const auto woke_after = std::chrono::duration_cast<std::chrono::microseconds>(connected_at - registered.load());
-  std::printf("connected %lld us after the registration\n", static_cast<long long>(woke_after.count()));
+  const auto woke_after =
+      std::chrono::duration_cast<std::chrono::microseconds>(connected_at - registered.load());
+  std::printf("connected %lld us after the registration\n",
+              static_cast<long long>(woke_after.count()));
   EXPECT_LT(woke_after, 500ms);  // within 10 ms on an idle machine; CI machines are not idle
   EXPECT_TRUE((*c)->call("hi", in(5s)));
 
@@ -192,13 +198,19 @@ class AsAnotherUser : public caps_test {
     if (::geteuid() != 0) GTEST_SKIP() << "needs root to become another uid";
   }
   // Connects and calls as uid/gid 65534 (nobody), with `groups` as supplementary groups.
-  int call_as_nobody(const std::string& name, std::vector<gid_t> groups, const std::string& expect) {
+  int call_as_nobody(const std::string& name, std::vector<gid_t> groups,
+                     const std::string& expect) {
     const auto a = address(name);
     return in_child([&] {
-      if (::setgroups(groups.size(), groups.data()) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0) return 2;
+      if (::setgroups(groups.size(), groups.data()) != 0 || ::setgid(65534) != 0 ||
+          ::setuid(65534) != 0)
+        return 2;
       boost::asio::io_context ctx;
       auto c = client::connect(ctx, a);
-      if (!c) return c.error() == make_error_code(uipc::errc::permission_denied) && expect == "denied" ? 0 : 3;
+      if (!c)
+        return c.error() == make_error_code(uipc::errc::permission_denied) && expect == "denied"
+                   ? 0
+                   : 3;
       auto r = (*c)->call("who am i", in(5s));
       return r && r->copy() == expect ? 0 : 4;
     });
@@ -228,7 +240,8 @@ TEST_F(AsAnotherUser, GroupPointsAdmitMembersBySupplementaryGroup) {
   o.gid = 4242;
   auto svc = serve("the.group", o);
   ASSERT_TRUE(svc) << svc.error().message();
-  responder echo(**svc, [](service& s, const event& e) { (void)s.reply(e.client, e.id, "member"); });
+  responder echo(**svc,
+                 [](service& s, const event& e) { (void)s.reply(e.client, e.id, "member"); });
   EXPECT_EQ(call_as_nobody("the.group", {}, "denied"), 0);
   EXPECT_EQ(call_as_nobody("the.group", {4242}, "member"), 0);
 }

@@ -2,23 +2,22 @@
 // deadlines, the peer's error notices, bad bytes, closing from another thread.
 #include "uipc/core/blocking_connection.hpp"
 
-#include "raw_peer.hpp"
-#include "test_support.hpp"
-#include "uipc/core/framed.hpp"
-#include "uipc/proto/envelope.pb.h"
-
-#include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/post.hpp>
-#include <boost/asio/io_context.hpp>
-
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <cstring>
 #include <functional>
 #include <future>
 #include <thread>
+
+#include "raw_peer.hpp"
+#include "test_support.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
 
 namespace uipc {
 namespace {
@@ -64,7 +63,8 @@ class server_side {
 
   serve_fn serve_;
   boost::asio::io_context ctx_{1};
-  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_{ctx_.get_executor()};
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_{
+      ctx_.get_executor()};
   connection::pointer conn_;
   std::jthread thread_;  // last: joined before the rest goes
 };
@@ -127,8 +127,10 @@ TEST_F(BlockingConnectionTest, ConnectsToAListenerPath) {
   });
   auto client = blocking_connection::connect(dir.file("sock"));
   ASSERT_TRUE(client);
-  auto reply = std::async(std::launch::async, [&] { return client->call(request_with("hi"), clock::now() + 10s); });
-  ASSERT_TRUE(test::run_until(ctx, [&] { return reply.wait_for(0s) == std::future_status::ready; }));
+  auto reply = std::async(std::launch::async,
+                          [&] { return client->call(request_with("hi"), clock::now() + 10s); });
+  ASSERT_TRUE(
+      test::run_until(ctx, [&] { return reply.wait_for(0s) == std::future_status::ready; }));
   auto r = reply.get();
   ASSERT_TRUE(r);
   EXPECT_EQ(r->payload, "hi");
@@ -244,7 +246,8 @@ TEST_F(BlockingConnectionTest, GarbageFromThePeerClosesWithBadFrameAndTellsIt) {
   auto client = blocking_connection::adopt(std::move(mine));
   ASSERT_TRUE(client);
   const std::string garbage = test::prefix(5) + "\xff\xff\xff\xff\xff";
-  ASSERT_EQ(::write(theirs.get(), garbage.data(), garbage.size()), static_cast<ssize_t>(garbage.size()));
+  ASSERT_EQ(::write(theirs.get(), garbage.data(), garbage.size()),
+            static_cast<ssize_t>(garbage.size()));
   auto r = client->call(request_with("x"), clock::now() + 10s);
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error(), errc::bad_frame);

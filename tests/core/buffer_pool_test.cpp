@@ -1,12 +1,10 @@
 // The bounded buffer pool: try, wait, order, cancel, threads.
-#include "test_support.hpp"
 #include "uipc/core/buffer_pool.hpp"
-
-#include <boost/asio/io_context.hpp>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <boost/asio/io_context.hpp>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -17,6 +15,8 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include "test_support.hpp"
 
 namespace uipc {
 namespace {
@@ -158,7 +158,8 @@ TEST(BufferPoolTest, WaitersAndReleasersOnManyThreadsLoseNothing) {
   next();
   next();
   next();  // one more waiter than buffers
-  ASSERT_TRUE(run_until(ctx, [&] { return served.load() >= rounds; }, std::chrono::seconds(30)));
+  ASSERT_TRUE(run_until(
+      ctx, [&] { return served.load() >= rounds; }, std::chrono::seconds(30)));
   releaser.request_stop();
   releaser.join();
   pool->cancel();  // a waiter still queued completes aborted
@@ -167,7 +168,6 @@ TEST(BufferPoolTest, WaitersAndReleasersOnManyThreadsLoseNothing) {
   held.clear();
   EXPECT_EQ(pool->in_use(), 0u);
 }
-
 
 // ---------------------------------------------------------------- bulk acquire and release
 

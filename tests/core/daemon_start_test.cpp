@@ -1,10 +1,8 @@
 // Daemon start: the program search, the detached start, and racing starters
 // against working and broken daemon programs.
 #include "uipc/core/daemon_start.hpp"
-#include "uipc/core/process.hpp"
 
 #include <gtest/gtest.h>
-
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -22,6 +20,7 @@
 #include <vector>
 
 #include "test_support.hpp"
+#include "uipc/core/process.hpp"
 
 namespace uipc {
 namespace {
@@ -103,7 +102,8 @@ TEST(DaemonStartTest, PathIsSearchedLastAndEmptyEntriesAreSkipped) {
     EXPECT_EQ(*found, dir.file(name));
     // Beside the caller and the install bindir were tried first, and said so.
     ASSERT_GE(report.tried.size(), 1u);
-    EXPECT_NE(report.tried[0].find(std::filesystem::read_symlink("/proc/self/exe").parent_path().string()),
+    EXPECT_NE(report.tried[0].find(
+                  std::filesystem::read_symlink("/proc/self/exe").parent_path().string()),
               std::string::npos);
   }
   {
@@ -130,7 +130,8 @@ TEST(DaemonStartTest, AnExplicitPathOrTheEnvironmentIsTheOnlyCandidate) {
               dir.file("mine"));
     // The option outranks the environment.
     start_report report;
-    auto missing = find_program(program_search{"x", dir.file("absent"), "UIPC_TEST_PROGRAM"}, &report);
+    auto missing =
+        find_program(program_search{"x", dir.file("absent"), "UIPC_TEST_PROGRAM"}, &report);
     EXPECT_EQ(missing.error(), errc::program_not_found);
     ASSERT_EQ(report.tried.size(), 1u);
     EXPECT_EQ(report.tried[0].rfind(dir.file("absent"), 0), 0u) << report.tried[0];
@@ -163,7 +164,8 @@ TEST(DaemonStartTest, AProgramThatCannotBeExecutedIsReportedAsSuch) {
 TEST(DaemonStartTest, ADetachedDaemonIsNobodysChildAndRunsInRootWithATightUmask) {
   temp_dir dir;
   const std::string out = dir.file("out");
-  write_script(dir.file("d"), "echo \"$(pwd) $(umask) $1\" > " + out + ".tmp; mv " + out + ".tmp " + out);
+  write_script(dir.file("d"),
+               "echo \"$(pwd) $(umask) $1\" > " + out + ".tmp; mv " + out + ".tmp " + out);
   auto started = spawn_detached(dir.file("d"), {"argument"});
   ASSERT_TRUE(started) << started.error().message();
   EXPECT_GT(started->pid, 0);
@@ -198,7 +200,8 @@ bool absent(const error_code& ec) { return ec == boost::system::errc::no_such_fi
 
 // Eight threads at once, each with its own report; the errors they got.
 std::vector<error_code> race(const file_server& server, const server_start& how,
-                             std::chrono::milliseconds timeout, std::vector<start_report>* reports = nullptr) {
+                             std::chrono::milliseconds timeout,
+                             std::vector<start_report>* reports = nullptr) {
   std::vector<error_code> got(8);
   std::vector<start_report> own(8);
   std::vector<std::thread> racers;
@@ -224,7 +227,8 @@ TEST(DaemonStartTest, RacingStartersStartExactlyOneDaemon) {
   const std::string pids = read_file(starts);
   EXPECT_EQ(std::count(pids.begin(), pids.end(), '\n'), 1) << pids;
   std::istringstream each(pids);
-  for (pid_t pid = 0; each >> pid;) ::kill(pid, SIGKILL);  // every one started, should there be more
+  for (pid_t pid = 0; each >> pid;)
+    ::kill(pid, SIGKILL);  // every one started, should there be more
   EXPECT_FALSE(std::filesystem::exists(server.dir.file("x.start"))) << "the start lock was left";
 }
 
@@ -255,8 +259,8 @@ TEST(DaemonStartTest, ADaemonThatNeverServesTimesOut) {
   start_report report;
   const auto start = steady::now();
   const auto ec = reach_or_start(
-      server.how(server.dir.file("silent")), [&](steady::time_point d) { return server.reach(d); }, absent,
-      start + 300ms, &report);
+      server.how(server.dir.file("silent")), [&](steady::time_point d) { return server.reach(d); },
+      absent, start + 300ms, &report);
   EXPECT_EQ(ec, errc::start_timeout);
   EXPECT_GE(steady::now() - start, 300ms);
   EXPECT_LT(steady::now() - start, 5s);
@@ -271,8 +275,8 @@ TEST(DaemonStartTest, AnErrorThatIsNotAnAbsenceEndsTheAttemptWithoutAStart) {
   write_script(server.dir.file("d"), "echo $$ >> " + starts);
   const auto ec = reach_or_start(
       server.how(server.dir.file("d")),
-      [](steady::time_point) { return error_code(EACCES, boost::system::system_category()); }, absent,
-      steady::now() + 5s);
+      [](steady::time_point) { return error_code(EACCES, boost::system::system_category()); },
+      absent, steady::now() + 5s);
   EXPECT_EQ(ec, boost::system::errc::permission_denied);
   std::this_thread::sleep_for(50ms);
   EXPECT_FALSE(std::filesystem::exists(starts));

@@ -1,19 +1,19 @@
 // The event loop: threads, stop hooks, signals.
-#include "test_support.hpp"
 #include "uipc/core/event_loop.hpp"
+
+#include <gtest/gtest.h>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
-
-#include <gtest/gtest.h>
-
 #include <chrono>
 #include <csignal>
 #include <future>
 #include <mutex>
 #include <set>
 #include <thread>
+
+#include "test_support.hpp"
 
 namespace uipc {
 namespace {
@@ -56,7 +56,8 @@ TEST(EventLoopTest, CompletionsCausedByHooksRunBeforeReturn) {
   event_loop loop;
   boost::asio::steady_timer timer(loop.context(), std::chrono::hours(1));
   bool aborted = false;
-  timer.async_wait([&](boost::system::error_code ec) { aborted = ec == boost::asio::error::operation_aborted; });
+  timer.async_wait(
+      [&](boost::system::error_code ec) { aborted = ec == boost::asio::error::operation_aborted; });
   loop.on_stop([&] { timer.cancel(); });
   boost::asio::post(loop.context(), [&] { loop.stop(); });
   ASSERT_TRUE(run_within(loop));

@@ -1,18 +1,17 @@
 // The framed transport against peers that misbehave: each gets a clear error,
 // its connection is closed, and other connections carry on.
-#include "raw_peer.hpp"
-#include "test_support.hpp"
-#include "uipc/core/framed.hpp"
-#include "uipc/proto/envelope.pb.h"
-
-#include <boost/asio/io_context.hpp>
-
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <boost/asio/io_context.hpp>
 #include <cstring>
+
+#include "raw_peer.hpp"
+#include "test_support.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
 
 namespace uipc {
 namespace {
@@ -68,7 +67,8 @@ class FramedBadInputTest : public test::loop_test {
     bool ok = false;
     frame ping;
     ping.payload = "ping";
-    a->async_call(std::move(ping), [&](error_code ec, frame f) { ok = !ec && f.payload == "pong"; });
+    a->async_call(std::move(ping),
+                  [&](error_code ec, frame f) { ok = !ec && f.payload == "pong"; });
     ASSERT_TRUE(run_until(ctx_, [&] { return ok; }));
     a->close();
     b->close();
@@ -218,7 +218,8 @@ TEST_F(FramedBadInputTest, PeerThatSendsFasterThanItReadsIsThrottled) {
   EXPECT_LT(written, 20000u) << "the sender was never slowed down";
   const auto stats = peer.conn->stats();
   // Bounded: the send limit plus the replies to frames already queued when reading paused.
-  EXPECT_LE(stats.queued_send_bytes, options.max_queued_send_bytes + (options.max_queued_frames + 1) * 4200);
+  EXPECT_LE(stats.queued_send_bytes,
+            options.max_queued_send_bytes + (options.max_queued_frames + 1) * 4200);
   EXPECT_LE(stats.queued_frames, options.max_queued_frames);
   EXPECT_TRUE(peer.conn->is_open());
   expect_others_carry_on();
@@ -279,7 +280,8 @@ TEST_F(FramedBadInputTest, RandomBytesNeverCrashOrHang) {
     };
     drain();
     ASSERT_TRUE(run_until(ctx_, [&] { return ended; })) << "round " << round;
-    EXPECT_EQ(&reason.category(), &core_category()) << "round " << round << ": " << reason.message();
+    EXPECT_EQ(&reason.category(), &core_category())
+        << "round " << round << ": " << reason.message();
   }
 }
 

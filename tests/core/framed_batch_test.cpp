@@ -2,23 +2,22 @@
 // written together (several to a sendmsg): whatever the batching, every frame
 // arrives whole, in order, with its own descriptors, and nothing queued before
 // a close or a protocol error is lost.
-#include "raw_peer.hpp"
-#include "test_support.hpp"
-#include "uipc/core/framed.hpp"
-#include "uipc/proto/envelope.pb.h"
-
-#include <boost/asio/io_context.hpp>
-
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <boost/asio/io_context.hpp>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "raw_peer.hpp"
+#include "test_support.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
 
 namespace uipc {
 namespace {
@@ -305,7 +304,8 @@ TEST_F(FramedBatchTest, ReplyLimitReachedInsideABatchDoesNotStallTheRest) {
       ++*replies;
     });
   }
-  EXPECT_TRUE(run_until(ctx_, [&] { return *replies == requests; }, std::chrono::seconds(5)));
+  EXPECT_TRUE(run_until(
+      ctx_, [&] { return *replies == requests; }, std::chrono::seconds(5)));
   client->close();
   server->close();
   ctx_.restart();

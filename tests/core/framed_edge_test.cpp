@@ -1,23 +1,22 @@
 // The framed transport at its edges: big frames, split prefixes, descriptors in
 // a row, busy peers under timeouts, two-way streaming, cancellation, modes.
-#include "raw_peer.hpp"
-#include "test_support.hpp"
-#include "uipc/core/event_loop.hpp"
-#include "uipc/core/framed.hpp"
-#include "uipc/proto/envelope.pb.h"
-
-#include <boost/asio/bind_cancellation_slot.hpp>
-#include <boost/asio/cancellation_signal.hpp>
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/post.hpp>
-
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <cstring>
 #include <thread>
+
+#include "raw_peer.hpp"
+#include "test_support.hpp"
+#include "uipc/core/event_loop.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
 
 namespace uipc {
 namespace {
@@ -176,7 +175,8 @@ TEST_F(FramedEdgeTest, BusyPeerIsNotTimedOutByThePartialFrameTimeout) {
   for (int i = 0; i < 8; ++i) {
     ASSERT_EQ(::write(raw.get(), bytes.data(), 500), 500);
     ctx_.run_for(std::chrono::milliseconds(60));
-    ASSERT_EQ(::write(raw.get(), bytes.data() + 500, bytes.size() - 500), static_cast<ssize_t>(bytes.size() - 500));
+    ASSERT_EQ(::write(raw.get(), bytes.data() + 500, bytes.size() - 500),
+              static_cast<ssize_t>(bytes.size() - 500));
     ctx_.restart();
   }
   ASSERT_TRUE(run_until(ctx_, [&] { return got.size() == 8 || end; }));
@@ -198,7 +198,8 @@ TEST_F(FramedEdgeTest, BothSidesStreamingAtOnceDoNotDeadlock) {
   ctx_.poll();  // both sides fill their socket before either reads
   auto in_a = collect(a);
   auto in_b = collect(b);
-  ASSERT_TRUE(run_until(ctx_, [&] { return in_a->frames.size() == count && in_b->frames.size() == count; }));
+  ASSERT_TRUE(run_until(
+      ctx_, [&] { return in_a->frames.size() == count && in_b->frames.size() == count; }));
   a->close();
   b->close();
 }
@@ -236,7 +237,8 @@ TEST_F(FramedEdgeTest, CancelledCallCompletesAbortedAndItsLateReplyIsDropped) {
   bool call_done = false;
   frame request;
   request.payload = "slow";
-  client->async_call(std::move(request), boost::asio::bind_cancellation_slot(cancel.slot(), [&](error_code ec, frame) {
+  client->async_call(std::move(request),
+                     boost::asio::bind_cancellation_slot(cancel.slot(), [&](error_code ec, frame) {
                        call_ec = ec;
                        call_done = true;
                      }));
@@ -374,7 +376,8 @@ TEST(EventLoopStopTest, StopWaitsForCompletionsThatTakeSeveralHops) {
   ASSERT_TRUE(test::run_within(loop));
   EXPECT_TRUE(done);
   EXPECT_EQ(got, boost::asio::error::operation_aborted);
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1)) << "waited for the grace period";
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1))
+      << "waited for the grace period";
 }
 
 }  // namespace

@@ -1,11 +1,6 @@
 // The framed transport between well-behaved peers: calls, notices, descriptors,
 // credentials, socket paths.
-#include "test_support.hpp"
-#include "uipc/core/event_loop.hpp"
 #include "uipc/core/framed.hpp"
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/use_future.hpp>
 
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -15,11 +10,16 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <functional>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_future.hpp>
 #include <cstring>
-#include <thread>
+#include <functional>
 #include <memory>
+#include <thread>
 #include <vector>
+
+#include "test_support.hpp"
+#include "uipc/core/event_loop.hpp"
 
 namespace uipc {
 namespace {
@@ -320,9 +320,8 @@ TEST_F(FramedTest, OversizedSendFailsLocallyAndKeepsTheConnection) {
   ASSERT_TRUE(run_until(ctx_, [&] { return sent; }));
   EXPECT_EQ(send_ec, make_error_code(errc::frame_too_large));
   bool answered = false;
-  client->async_call(request(1, "ok"), [&](error_code ec, frame f) {
-    answered = !ec && f.payload == "ko";
-  });
+  client->async_call(request(1, "ok"),
+                     [&](error_code ec, frame f) { answered = !ec && f.payload == "ko"; });
   ASSERT_TRUE(run_until(ctx_, [&] { return answered; }));
   client->close();
   server->close();
@@ -441,7 +440,8 @@ TEST_F(FramedTest, SecondListenerOnALivePathIsRefused) {
   auto client = connection::connect(ctx_, dir_.file("s"));
   ASSERT_TRUE(client);
   bool answered = false;
-  (*client)->async_call(request(1, "ab"), [&](error_code ec, frame f) { answered = !ec && f.payload == "ba"; });
+  (*client)->async_call(request(1, "ab"),
+                        [&](error_code ec, frame f) { answered = !ec && f.payload == "ba"; });
   ASSERT_TRUE(run_until(ctx_, [&] { return answered; }));
   (*client)->close();
 }
@@ -456,7 +456,8 @@ TEST_F(FramedTest, ForeignLiveSocketIsNotStolen) {
   ASSERT_EQ(::listen(raw, 4), 0);
   auto l = listener::bind(ctx_, dir_.file("s"));
   EXPECT_EQ(l.error(), make_error_code(errc::address_in_use));
-  EXPECT_NE(::access((dir_.file("s") + ".lock").c_str(), F_OK), 0) << "a failed bind left its lock file";
+  EXPECT_NE(::access((dir_.file("s") + ".lock").c_str(), F_OK), 0)
+      << "a failed bind left its lock file";
   ::close(raw);
 }
 
@@ -474,7 +475,8 @@ TEST_F(FramedTest, StaleSocketOfAKilledServerIsReclaimed) {
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   ASSERT_TRUE(WIFSIGNALED(status));
-  ASSERT_EQ(::access(path.c_str(), F_OK), 0) << "the killed server should have left its socket file";
+  ASSERT_EQ(::access(path.c_str(), F_OK), 0)
+      << "the killed server should have left its socket file";
   auto l = listener::bind(ctx_, path);
   ASSERT_TRUE(l) << l.error().message();
   (*l)->async_accept([](error_code, connection::pointer c) {
@@ -483,7 +485,8 @@ TEST_F(FramedTest, StaleSocketOfAKilledServerIsReclaimed) {
   auto client = connection::connect(ctx_, path);
   ASSERT_TRUE(client);
   bool answered = false;
-  (*client)->async_call(request(1, "xy"), [&](error_code ec, frame f) { answered = !ec && f.payload == "yx"; });
+  (*client)->async_call(request(1, "xy"),
+                        [&](error_code ec, frame f) { answered = !ec && f.payload == "yx"; });
   ASSERT_TRUE(run_until(ctx_, [&] { return answered; }));
   (*client)->close();
 }

@@ -2,17 +2,16 @@
 // is a raw socket, and the bytes of a frame.
 #pragma once
 
-#include "uipc/core/framed.hpp"
-#include "uipc/proto/envelope.pb.h"
-
-#include <boost/asio/io_context.hpp>
-
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <boost/asio/io_context.hpp>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+
+#include "uipc/core/framed.hpp"
+#include "uipc/proto/envelope.pb.h"
 
 namespace uipc::test {
 
@@ -50,7 +49,8 @@ inline unique_fd raw_connect(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
-  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) return {};  // NOLINT: sockets API
+  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0)
+    return {};  // NOLINT: sockets API
   return fd;
 }
 

@@ -1,14 +1,14 @@
 // ref_ptr counting and the per-holder ledger.
-#include "uipc/core/error.hpp"
-#include "uipc/core/ledger.hpp"
-#include "uipc/core/ref.hpp"
-
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "uipc/core/error.hpp"
+#include "uipc/core/ledger.hpp"
+#include "uipc/core/ref.hpp"
 
 namespace uipc {
 namespace {

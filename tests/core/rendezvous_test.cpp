@@ -2,10 +2,9 @@
 // directory and its ownership checks, and the server uid check.
 #include "uipc/core/rendezvous.hpp"
 
-#include <gtest/gtest.h>
-
 #include <fcntl.h>
 #include <grp.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -56,7 +55,8 @@ TEST(RendezvousTest, NameRulesRefuseAnEmbeddedNul) {
   using namespace std::string_view_literals;
   EXPECT_EQ(check_name("ab\0cd"sv, name_rules{}), errc::invalid_name);
   // Even when a careless rule set lists NUL as allowed.
-  EXPECT_EQ(check_name("ab\0cd"sv, name_rules{1, 64, std::string_view("\0", 1)}), errc::invalid_name);
+  EXPECT_EQ(check_name("ab\0cd"sv, name_rules{1, 64, std::string_view("\0", 1)}),
+            errc::invalid_name);
 }
 
 TEST(RendezvousTest, NameRulesRefuseANameOfOnlyDots) {
@@ -299,7 +299,8 @@ TEST(RendezvousTest, AServerOfAnotherUidIsTheWrongServer) {
       sockaddr_un addr{};
       addr.sun_family = AF_UNIX;
       std::memcpy(addr.sun_path, socket_path.c_str(), socket_path.size());
-      if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 && ::listen(fd, 4) == 0) ok = 'y';
+      if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 && ::listen(fd, 4) == 0)
+        ok = 'y';
     }
     (void)::write(ready[1], &ok, 1);
     for (;;) ::pause();

@@ -2,22 +2,21 @@
 // 8 KB each, and once they close the server's memory returns to within 2 MB of
 // where it started. Resident memory is the measure, so the plain build only
 // (sanitizers keep freed memory in quarantine on purpose).
-#include "raw_peer.hpp"
-#include "test_support.hpp"
-#include "uipc/core/server.hpp"
-
-#include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/io_context.hpp>
-
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
 #include <cstring>
 #include <fstream>
 #include <thread>
 #include <vector>
+
+#include "raw_peer.hpp"
+#include "test_support.hpp"
+#include "uipc/core/server.hpp"
 
 namespace uipc {
 namespace {
@@ -97,8 +96,8 @@ TEST_P(ServerMemoryTest, ThousandIdleSessionsAreCheapAndGiveTheirMemoryBack) {
   const std::size_t after = resident_bytes();
   EXPECT_LE(after, before + 2 * 1024 * 1024) << "before " << before << " after " << after;
   RecordProperty("bytes_per_idle_session", static_cast<int>(per_session));
-  std::printf("idle session: %.0f bytes; before %zu KiB, held %zu KiB, after %zu KiB\n", per_session,
-              before / 1024, held / 1024, after / 1024);
+  std::printf("idle session: %.0f bytes; before %zu KiB, held %zu KiB, after %zu KiB\n",
+              per_session, before / 1024, held / 1024, after / 1024);
 
   (*s)->stop();
   guard.reset();

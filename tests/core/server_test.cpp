@@ -1,18 +1,10 @@
 // The server kit through its public face: admission, typed requests, sessions that
 // end exactly once, the first-frame deadline, idle exit, ordered stop, accept
 // under descriptor exhaustion.
-#include "raw_peer.hpp"
-#include "test_support.hpp"
 #include "uipc/core/server.hpp"
-#include "uipc/core/typed.hpp"
-
-#include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/post.hpp>
-#include <boost/asio/use_future.hpp>
-#include <google/protobuf/wrappers.pb.h>
 
 #include <fcntl.h>
+#include <google/protobuf/wrappers.pb.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -21,6 +13,10 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/use_future.hpp>
 #include <cstring>
 #include <future>
 #include <map>
@@ -28,12 +24,16 @@
 #include <thread>
 #include <vector>
 
+#include "raw_peer.hpp"
+#include "test_support.hpp"
+#include "uipc/core/typed.hpp"
+
 namespace uipc {
 namespace {
 
-using test::raw_connect;
 using google::protobuf::StringValue;
 using google::protobuf::UInt32Value;
+using test::raw_connect;
 using clock_type = std::chrono::steady_clock;
 
 constexpr std::uint32_t echo_type = 1;
@@ -59,13 +59,14 @@ bool closed_by_peer(int fd) {
 class ServerTest : public ::testing::Test {
  protected:
   ServerTest() {
-    router_.on<StringValue, StringValue>(echo_type, [this](request_context& ctx, const StringValue& in) {
-      ++handled_;
-      last_peer_pid_ = ctx.session.peer().pid;
-      StringValue out;
-      out.set_value(std::string(in.value().rbegin(), in.value().rend()));
-      return result<StringValue>(out);
-    });
+    router_.on<StringValue, StringValue>(
+        echo_type, [this](request_context& ctx, const StringValue& in) {
+          ++handled_;
+          last_peer_pid_ = ctx.session.peer().pid;
+          StringValue out;
+          out.set_value(std::string(in.value().rbegin(), in.value().rend()));
+          return result<StringValue>(out);
+        });
     router_.on<UInt32Value, UInt32Value>(
         count_type,
         [this](request_context& ctx, const UInt32Value& in) -> result<UInt32Value> {
@@ -78,13 +79,14 @@ class ServerTest : public ::testing::Test {
           return out;
         },
         request_router::notices::served);
-    router_.on<UInt32Value, UInt32Value>(slow_type, [this](request_context&, const UInt32Value& in) {
-      ++handled_;
-      slow_started_ = true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(in.value()));
-      slow_finished_ = true;
-      return result<UInt32Value>(in);
-    });
+    router_.on<UInt32Value, UInt32Value>(
+        slow_type, [this](request_context&, const UInt32Value& in) {
+          ++handled_;
+          slow_started_ = true;
+          std::this_thread::sleep_for(std::chrono::milliseconds(in.value()));
+          slow_finished_ = true;
+          return result<UInt32Value>(in);
+        });
   }
 
   ~ServerTest() override {
@@ -95,7 +97,8 @@ class ServerTest : public ::testing::Test {
   }
 
   void start(server_options o = {}) {
-    o.on_session_end = [this, user = std::move(o.on_session_end)](server_session& s, error_code reason) {
+    o.on_session_end = [this, user = std::move(o.on_session_end)](server_session& s,
+                                                                  error_code reason) {
       {
         std::lock_guard lock(mutex_);
         ++ended_[s.id()];
@@ -134,7 +137,8 @@ class ServerTest : public ::testing::Test {
   test::temp_dir dir_;
   std::string path_ = dir_.file("server.sock");
   boost::asio::io_context ctx_;
-  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard_{ctx_.get_executor()};
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard_{
+      ctx_.get_executor()};
   request_router router_;
   std::unique_ptr<server> server_;
   std::thread thread_;
@@ -171,7 +175,8 @@ TEST_F(ServerTest, AsyncTypedCallParsesTheReply) {
   StringValue in;
   in.set_value("loop");
   auto f = async_typed_call<StringValue>(**c, echo_type, in, boost::asio::use_future);
-  test::run_until(client_ctx, [&] { return f.wait_for(std::chrono::seconds(0)) == std::future_status::ready; });
+  test::run_until(client_ctx,
+                  [&] { return f.wait_for(std::chrono::seconds(0)) == std::future_status::ready; });
   EXPECT_EQ(f.get().value(), "pool");
 }
 

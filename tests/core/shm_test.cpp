@@ -1,9 +1,8 @@
 // Shared-memory segments: header checks, anonymous segments by descriptor, cleanup.
 #include "uipc/core/shm.hpp"
 
-#include <gtest/gtest.h>
-
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -22,7 +21,9 @@ std::string unique_name(const char* what) {
   return std::string("uipc-test-") + what + "-" + std::to_string(::getpid());
 }
 
-bool name_exists(const std::string& name) { return ::access(("/dev/shm/" + name).c_str(), F_OK) == 0; }
+bool name_exists(const std::string& name) {
+  return ::access(("/dev/shm/" + name).c_str(), F_OK) == 0;
+}
 
 // Every test leaves /dev/shm as it found it.
 class ShmLeakCheck : public ::testing::EmptyTestEventListener {
@@ -39,7 +40,8 @@ class ShmLeakCheck : public ::testing::EmptyTestEventListener {
   }
 };
 const bool leak_check_installed = [] {
-  ::testing::UnitTest::GetInstance()->listeners().Append(new ShmLeakCheck);  // NOLINT(cppcoreguidelines-owning-memory): gtest owns listeners
+  ::testing::UnitTest::GetInstance()->listeners().Append(
+      new ShmLeakCheck);  // NOLINT(cppcoreguidelines-owning-memory): gtest owns listeners
   return true;
 }();
 
@@ -90,7 +92,8 @@ TEST(ShmTest, CreatingAnExistingNameFails) {
 
 TEST(ShmTest, BadNamesAreRefused) {
   for (const char* bad : {"", "a/b", "..", "with space", "nul\x01"}) {
-    EXPECT_EQ(shm_segment::create(bad, 64, test_id).error(), boost::system::errc::invalid_argument) << bad;
+    EXPECT_EQ(shm_segment::create(bad, 64, test_id).error(), boost::system::errc::invalid_argument)
+        << bad;
   }
 }
 
@@ -181,7 +184,8 @@ TEST(ShmTest, UnsealedDescriptorIsRefused) {
   int fd = ::memfd_create("not-ours", MFD_CLOEXEC);
   ASSERT_GE(fd, 0);
   ASSERT_EQ(::ftruncate(fd, 4096), 0);
-  EXPECT_EQ(shm_segment::open_fd(unique_fd(fd), test_id).error(), make_error_code(errc::bad_segment));
+  EXPECT_EQ(shm_segment::open_fd(unique_fd(fd), test_id).error(),
+            make_error_code(errc::bad_segment));
 }
 
 }  // namespace

@@ -43,8 +43,7 @@ TEST_F(DispatcherTest, ExclusiveReplyFromTheRightPortButAnotherAddressIsDropped)
   std::optional<received> got;
   receive_into(*r, got);
   send(other_address, message(r->id(), true, 1), port_of(server, *r));
-  send(server, message(static_cast<std::uint16_t>(r->id() ^ 0x8000), true, 2),
-       port_of(server, *r));
+  send(server, message(static_cast<std::uint16_t>(r->id() ^ 0x8000), true, 2), port_of(server, *r));
   ASSERT_TRUE(run_until(ctx_, [&] { return d->stats().exclusive_received >= 1; }));
   ctx_.poll();
   EXPECT_FALSE(got.has_value());
@@ -212,8 +211,9 @@ TEST_F(DispatcherTest, ExclusiveSocketsRunOutThenTheCallerFailsOrWaits) {
   EXPECT_TRUE(d->add_response(server.local_endpoint()));
   std::vector<std::pair<error_code, response>> waited;
   for (int i = 0; i < 2; ++i) {
-    d->async_add_response(server.local_endpoint(), exclusive_options(),
-                          [&](error_code ec, response r) { waited.emplace_back(ec, std::move(r)); });
+    d->async_add_response(
+        server.local_endpoint(), exclusive_options(),
+        [&](error_code ec, response r) { waited.emplace_back(ec, std::move(r)); });
   }
   ctx_.poll();
   EXPECT_TRUE(waited.empty());

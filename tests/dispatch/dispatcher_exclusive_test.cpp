@@ -65,8 +65,8 @@ TEST_F(DispatcherTest, PortModeIsChosenPerDispatcherAndPerResponse) {
   receive_into(*by_default, got_exclusive);
   send(server, message(by_default->id(), true, 1), d->local_endpoint());
   send(server, message(shared->id(), true, 2), d->local_endpoint());
-  send(server, message(by_default->id(), true, 3), udp::endpoint(server.local_endpoint().address(),
-                                                                 by_default->local_port()));
+  send(server, message(by_default->id(), true, 3),
+       udp::endpoint(server.local_endpoint().address(), by_default->local_port()));
   ASSERT_TRUE(run_until(ctx_, [&] { return got_shared && got_exclusive; }));
   EXPECT_EQ(tag_of(got_shared->ev), 2);
   EXPECT_EQ(tag_of(got_exclusive->ev), 3);

@@ -116,8 +116,8 @@ TEST_F(DnsInteropTest, QueryToolResolvesNamesServedByUnbound) {
   // Each query on its own random port, its name in random case: unbound
   // answers every one, and echoes the case (checked exactly).
   out = run(dir_,
-            {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "2000", "--inflight", "32",
-             "--timeout", "3000", "--random-ports", "--0x20"},
+            {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "2000", "--inflight",
+             "32", "--timeout", "3000", "--random-ports", "--0x20"},
             30s, &code);
   ASSERT_TRUE(out);
   const auto r = parse_counts(*out);
@@ -138,8 +138,10 @@ TEST_F(DnsInteropTest, QueryToolCountsTimeoutsWhenNoServerAnswers) {
   boost::asio::ip::udp::socket silent(ctx, {boost::asio::ip::make_address("127.0.0.1"), 0});
   const std::string at = "127.0.0.1:" + std::to_string(silent.local_endpoint().port());
   int code = -1;
-  auto out = run(dir_, {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "5",
-                        "--inflight", "5", "--timeout", "100"}, 20s, &code);
+  auto out = run(dir_,
+                 {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "5", "--inflight",
+                  "5", "--timeout", "100"},
+                 20s, &code);
   ASSERT_TRUE(out);
   const auto c = parse_counts(*out);
   EXPECT_EQ(c.completed, 0) << *out;
@@ -165,8 +167,10 @@ TEST_F(DnsInteropTest, QueryToolSaysInItsExitStatusWhenOnlySomeQueriesWereAnswer
     server.send_to(boost::asio::buffer(buf.data(), n), from, 0, ec);
   });
   int code = -1;
-  auto out = run(dir_, {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "3",
-                        "--inflight", "1", "--timeout", "200"}, 20s, &code);
+  auto out = run(dir_,
+                 {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "3", "--inflight",
+                  "1", "--timeout", "200"},
+                 20s, &code);
   answer_once.join();
   ASSERT_TRUE(out);
   const auto c = parse_counts(*out);
@@ -186,8 +190,9 @@ TEST_F(DnsInteropTest, QueryToolEndsWithOneWhenNoQueryCanBeSent) {
   const std::string port = std::to_string(taken.local_endpoint().port());
   const std::string at = "127.0.0.1:" + std::to_string(server.local_endpoint().port());
   int code = -1;
-  auto out = run(dir_, {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "3", "--inflight", "1",
-                        "--random-ports", "--port-range", port + "-" + port, "--timeout", "200"},
+  auto out = run(dir_,
+                 {UIPC_DNS_QUERY, "--server", at, "--names", names, "--count", "3", "--inflight",
+                  "1", "--random-ports", "--port-range", port + "-" + port, "--timeout", "200"},
                  20s, &code);
   ASSERT_TRUE(out) << "the run did not end";
   const auto c = parse_counts(*out);
@@ -199,7 +204,9 @@ TEST_F(DnsInteropTest, QueryToolExitsWithTwoOnUsageErrors) {
   int code = -1;
   ASSERT_TRUE(run(dir_, {UIPC_DNS_QUERY, "--frobnicate"}, 20s, &code));
   EXPECT_EQ(code, 2);
-  ASSERT_TRUE(run(dir_, {UIPC_DNS_QUERY, "--server", "127.0.0.1:53", "--names", dir_.file("none.txt")}, 20s, &code));
+  ASSERT_TRUE(run(dir_,
+                  {UIPC_DNS_QUERY, "--server", "127.0.0.1:53", "--names", dir_.file("none.txt")},
+                  20s, &code));
   EXPECT_EQ(code, 2) << "an unreadable names file";
   ASSERT_TRUE(run(dir_, {UIPC_DNS_QUERY, "--help"}, 20s, &code));
   EXPECT_EQ(code, 0);

@@ -51,15 +51,18 @@ std::vector<answer_record> answers_of(std::span<const std::byte> a) {
   for (unsigned i = 0; i < answer_count(a) && at + 12 <= a.size(); ++i) {
     const std::uint32_t length = u8(at + 10) << 8 | u8(at + 11);
     answer_record r{static_cast<std::uint16_t>(u8(at + 2) << 8 | u8(at + 3)),
-                    u8(at + 6) << 24 | u8(at + 7) << 16 | u8(at + 8) << 8 | u8(at + 9), {}};
-    for (std::size_t b = 0; b < length && at + 12 + b < a.size(); ++b) r.rdata.push_back(static_cast<std::uint8_t>(u8(at + 12 + b)));
+                    u8(at + 6) << 24 | u8(at + 7) << 16 | u8(at + 8) << 8 | u8(at + 9),
+                    {}};
+    for (std::size_t b = 0; b < length && at + 12 + b < a.size(); ++b)
+      r.rdata.push_back(static_cast<std::uint8_t>(u8(at + 12 + b)));
     out.push_back(std::move(r));
     at += 12 + length;
   }
   return out;
 }
 
-std::vector<std::byte> answer(const zone& z, const char* name, std::uint16_t type, std::size_t room = 512) {
+std::vector<std::byte> answer(const zone& z, const char* name, std::uint16_t type,
+                              std::size_t room = 512) {
   auto q = query(7, name, type);
   std::vector<std::byte> buf(room);
   std::copy(q.begin(), q.end(), buf.begin());
@@ -109,7 +112,8 @@ TEST(DnsZoneTest, ZoneFileRecordsAreAnsweredWithTheirTtls) {
 
   records = answers_of(answer(*z, "txt.example.test", type_txt));
   ASSERT_EQ(records.size(), 1u);
-  const std::string expected = std::string("\x0bhello world") + "\x04" + "bare" + "\x0e" + "semi;colon \"q\"";
+  const std::string expected =
+      std::string("\x0bhello world") + "\x04" + "bare" + "\x0e" + "semi;colon \"q\"";
   EXPECT_EQ(std::string(records[0].rdata.begin(), records[0].rdata.end()), expected);
 
   EXPECT_EQ(rcode(answer(*z, "nosuch.example.test", type_a)), rcode_nxdomain);
@@ -141,7 +145,8 @@ TEST(DnsZoneTest, BadZoneFilesAreRefusedWithTheLineAndTheReason) {
       {"www AAAA 192.0.2.1\n", "line 1: '192.0.2.1' is not an IPv6 address"},
       {"www A 192.0.2.1 192.0.2.2\n", "line 1: an address record takes one address"},
       {"  A 192.0.2.1\n", "line 1: the first record needs an owner name"},
-      {"www 99999999999 A 192.0.2.1\n", "line 1: '99999999999' is not a TTL (0 to 2147483647 seconds)"},
+      {"www 99999999999 A 192.0.2.1\n",
+       "line 1: '99999999999' is not a TTL (0 to 2147483647 seconds)"},
       {"$TTL forever\n", "line 1: 'forever' is not a TTL (0 to 2147483647 seconds)"},
       {"$ORIGIN relative\n", "line 1: $ORIGIN needs an absolute name (ending in '.')"},
       {"$INCLUDE other.zone\n", "line 1: unknown directive $INCLUDE"},
@@ -231,9 +236,9 @@ TEST(DnsMessageTest, NameEndingInAnEmptyLabelIsRefused) {
 // label holding a dot read like two labels, so a reply for the name
 // ["www.uipc", "test"] matched a query for www.uipc.test.
 TEST(DnsMessageTest, LabelHoldingADotIsMalformedAndMatchesNothing) {
-  const unsigned char wire[] = {0x12, 0x34, 0x81, 0x00, 0, 1, 0, 0, 0, 0, 0, 0,
-                                8, 'w', 'w', 'w', '.', 'u', 'i', 'p', 'c', 4, 't', 'e', 's', 't', 0,
-                                0, 1, 0, 1};
+  const unsigned char wire[] = {0x12, 0x34, 0x81, 0x00, 0,   1,   0,   0,   0,   0,   0,
+                                0,    8,    'w',  'w',  'w', '.', 'u', 'i', 'p', 'c', 4,
+                                't',  'e',  's',  't',  0,   0,   1,   0,   1};
   std::array<std::byte, 512> buf{};
   std::memcpy(buf.data(), wire, sizeof wire);
   const std::span<const std::byte> reply(buf.data(), sizeof wire);

@@ -47,9 +47,9 @@ TEST_F(ForkTest, AForkedChildNeitherUsesNorKeepsItsParentsConnection) {
     const pid_t child = ::fork();
     if (child == 0) {
       // C: P's client is not C's either; then C lives on until released.
-      const char verdict = own->stats().error() == errc::forked_copy && ev->signal() == errc::forked_copy
-                               ? 'y'
-                               : 'n';
+      const char verdict =
+          own->stats().error() == errc::forked_copy && ev->signal() == errc::forked_copy ? 'y'
+                                                                                         : 'n';
       (void)::write(ready[1], &verdict, 1);
       char c;
       (void)::read(release[0], &c, 1);
@@ -93,7 +93,8 @@ TEST_F(ForkTest, AStartedDaemonRunsInTheRootDirectoryWithAPrivateUmask) {
   std::filesystem::current_path(elsewhere.dir.path());
   const mode_t old_mask = ::umask(0);
   auto o = loc.options();
-  o.daemon_path = std::filesystem::relative(UIPC_TEST_HANDLED_PATH).string();  // relative on purpose
+  o.daemon_path =
+      std::filesystem::relative(UIPC_TEST_HANDLED_PATH).string();  // relative on purpose
   auto c = client::connect(o);
   ::umask(old_mask);
   std::filesystem::current_path(cwd);

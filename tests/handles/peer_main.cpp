@@ -152,20 +152,26 @@ int main(int argc, char** argv) {
         case 0: {
           auto e = c->create_event(event_reset::automatic, rng() % 2 == 0,
                                    rng() % 3 == 0 ? "churn-" + std::to_string(rng() % 8) : "");
-          if (!e) ec = e.error();
-          else objects.push_back(std::move(*e));
+          if (!e)
+            ec = e.error();
+          else
+            objects.push_back(std::move(*e));
           break;
         }
         case 1: {
           auto sem = c->create_semaphore(0, 4);
-          if (!sem) ec = sem.error();
-          else objects.push_back(std::move(*sem));
+          if (!sem)
+            ec = sem.error();
+          else
+            objects.push_back(std::move(*sem));
           break;
         }
         case 2: {
           auto b = c->store_scratch(1 + rng() % 256);
-          if (!b) ec = b.error();
-          else blocks.push_back(std::move(*b));
+          if (!b)
+            ec = b.error();
+          else
+            blocks.push_back(std::move(*b));
           break;
         }
         case 3: {

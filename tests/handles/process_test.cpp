@@ -3,9 +3,9 @@
 // killed and restarted under live clients, linger and SIGTERM cleanup, startup
 // failures that must not hang (and racing starters that each report them), and
 // what another uid would try, refused.
-#include <gtest/gtest.h>
 #include <dirent.h>
 #include <grp.h>
+#include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -37,7 +37,9 @@ std::int32_t daemon_pid_from(child_process& p) {
 // daemon (it exits with the last client), no socket.
 class ProcessTest : public ::testing::Test {
  protected:
-  void TearDown() override { EXPECT_TRUE(loc.wait_until_clean()) << "a daemon or its socket was left"; }
+  void TearDown() override {
+    EXPECT_TRUE(loc.wait_until_clean()) << "a daemon or its socket was left";
+  }
   private_location loc;
 };
 
@@ -409,7 +411,8 @@ TEST_F(ProcessTest, AnotherUserCannotConnectOrMap) {
   ASSERT_FALSE(memfd_path.empty()) << "no memfd among the daemon's descriptors";
   {
     const int fd = ::open(memfd_path.c_str(), O_RDONLY | O_CLOEXEC);
-    ASSERT_GE(fd, 0) << "root cannot open " << memfd_path << ": the check below would prove nothing";
+    ASSERT_GE(fd, 0) << "root cannot open " << memfd_path
+                     << ": the check below would prove nothing";
     ::close(fd);
   }
 

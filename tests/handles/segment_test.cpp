@@ -2,8 +2,6 @@
 // at any instruction of an update — holding a slot's transaction lock, owning
 // a mutex, halfway through taking one — leaves nothing blocked or inconsistent.
 #include "segment.hpp"
-#include "uipc/core/futex.hpp"
-#include "uipc/core/wait_policy.hpp"
 
 #include <gtest/gtest.h>
 #include <sys/mman.h>
@@ -16,6 +14,9 @@
 #include <future>
 #include <memory>
 #include <thread>
+
+#include "uipc/core/futex.hpp"
+#include "uipc/core/wait_policy.hpp"
 
 namespace uipc::handles::detail {
 namespace {

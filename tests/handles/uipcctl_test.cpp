@@ -1,10 +1,10 @@
 // uipcctl's handles subcommand, run as a program against a daemon it starts.
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 
 #include <algorithm>
 #include <fstream>
 #include <utility>
-#include <gtest/gtest.h>
 
 #include "handles_support.hpp"
 
@@ -44,7 +44,9 @@ int run(const private_location& loc, std::vector<std::string> action, std::strin
 // daemon (it exits with the last client), no socket, no segment.
 class UipcctlTest : public ::testing::Test {
  protected:
-  void TearDown() override { EXPECT_TRUE(loc.wait_until_clean()) << "a daemon, socket or segment was left"; }
+  void TearDown() override {
+    EXPECT_TRUE(loc.wait_until_clean()) << "a daemon, socket or segment was left";
+  }
   private_location loc;
 };
 
@@ -176,8 +178,9 @@ TEST_F(UipcctlTest, ABrokenDaemonProgramIsReportedWithThePathTried) {
   for (const auto& [program, message] : cases) {
     // stderr is what it says: run through sh to read it.
     child_process p({"/bin/sh", "-c",
-                     std::string(UIPC_TEST_UIPCCTL_PATH) + " handles --dir '" + loc.where.directory +
-                         "' --name " + loc.where.name + " --daemon '" + program + "' list 2>&1"});
+                     std::string(UIPC_TEST_UIPCCTL_PATH) + " handles --dir '" +
+                         loc.where.directory + "' --name " + loc.where.name + " --daemon '" +
+                         program + "' list 2>&1"});
     std::string out;
     while (auto line = p.read_line(10s)) out += *line + "\n";
     EXPECT_EQ(p.wait_exit(), 3) << out;

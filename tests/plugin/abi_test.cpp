@@ -1,10 +1,11 @@
 // The C ABI: the header's layout is the same in C99 and C++, and every struct
 // starts with its size.
+#include "uipc/plugin/abi.h"
+
 #include <gtest/gtest.h>
 
 #include <cstddef>
 
-#include "uipc/plugin/abi.h"
 #include "uipc/plugin/error.hpp"
 
 extern "C" const std::size_t uipc_test_c_layout[];
@@ -30,7 +31,8 @@ TEST(Abi, LayoutIsTheSameInCAndCxx) {
       offsetof(uipc_plugin_bytes_call, out_size),
   };
   ASSERT_EQ(uipc_test_c_layout_count, std::size(cxx));
-  for (std::size_t i = 0; i < std::size(cxx); ++i) EXPECT_EQ(uipc_test_c_layout[i], cxx[i]) << "row " << i;
+  for (std::size_t i = 0; i < std::size(cxx); ++i)
+    EXPECT_EQ(uipc_test_c_layout[i], cxx[i]) << "row " << i;
 }
 
 TEST(Abi, EveryStructStartsWithItsSize) {

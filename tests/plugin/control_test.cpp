@@ -76,7 +76,8 @@ class Control : public ::testing::Test {
   uipc::test::temp_dir dir_;
   logged_host h_;
   boost::asio::io_context io_;
-  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_{io_.get_executor()};
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_{
+      io_.get_executor()};
   std::unique_ptr<control> control_;
   std::thread loop_;
   std::unique_ptr<caps::client> client_;
@@ -105,7 +106,8 @@ TEST_F(Control, ListsPluginsServicesAndCounters) {
   const std::string stats = ask("stats");
   ASSERT_EQ(stats.rfind("ok\nCOUNTER\tVALUE\n", 0), 0u) << stats;
   EXPECT_EQ(cell(stats, "plugins", 1), "2");
-  EXPECT_EQ(cell(stats, "services", 1), std::to_string(std::count(services.begin(), services.end(), '\n') - 2));
+  EXPECT_EQ(cell(stats, "services", 1),
+            std::to_string(std::count(services.begin(), services.end(), '\n') - 2));
   EXPECT_GE(std::stoul(cell(stats, "calls", 1)), 1u);
   EXPECT_EQ(control_->requests(), 4u);
 }
@@ -125,16 +127,19 @@ TEST_F(Control, ReloadsAPluginFromItsFile) {
 TEST_F(Control, RefusesBadRequestsAndServesOn) {
   const std::string plugins = ask("plugins");
   const std::string refused = "error\tunknown request";
-  for (const std::string& bad : {std::string(), std::string("PLUGINS"), std::string("plugins\textra"),
-                                std::string("plugins\n"), std::string("reload"), std::string(" reload\tvariant"),
-                                std::string("\xff\xfe\x00\x01", 4), std::string("call")}) {
+  for (const std::string& bad :
+       {std::string(), std::string("PLUGINS"), std::string("plugins\textra"),
+        std::string("plugins\n"), std::string("reload"), std::string(" reload\tvariant"),
+        std::string("\xff\xfe\x00\x01", 4), std::string("call")}) {
     EXPECT_EQ(ask(bad).rfind(refused, 0), 0u) << "request: " << bad;
   }
   EXPECT_EQ(ask("call\thello"), "error\tcall needs a service name and bytes, TAB-separated\n");
   EXPECT_EQ(ask("call\tno such\tx").rfind("error\tcall no such: ", 0), 0u);
-  EXPECT_EQ(ask("call\tversion\tx").rfind("error\tcall version: ", 0), 0u) << "a pointer service does not cross";
+  EXPECT_EQ(ask("call\tversion\tx").rfind("error\tcall version: ", 0), 0u)
+      << "a pointer service does not cross";
   EXPECT_EQ(ask("call\tbad/name\tx").rfind("error\tcall bad/name: ", 0), 0u);
-  EXPECT_EQ(ask("reload\tbad\nname").rfind("error\treload bad?name: ", 0), 0u) << "no line break in a reply row";
+  EXPECT_EQ(ask("reload\tbad\nname").rfind("error\treload bad?name: ", 0), 0u)
+      << "no line break in a reply row";
   EXPECT_EQ(ask(std::string(std::size_t{1} << 21, 'x')), "error\trequest too large\n");
   EXPECT_EQ(ask("plugins"), plugins) << "nothing changed";
 }
@@ -145,7 +150,8 @@ TEST_F(Control, ACallDeadlineBoundsAHangingService) {
   isolation_options iso;
   iso.runner = UIPC_TEST_RUNNER_PATH;
   iso.directory = dir_.path();
-  ASSERT_TRUE(isolated_host.h->load_isolated(variants + "/variant_v1.so", iso)) << isolated_host.log();
+  ASSERT_TRUE(isolated_host.h->load_isolated(variants + "/variant_v1.so", iso))
+      << isolated_host.log();
   control_options o;
   o.directory = dir_.path();
   o.point = "test.control.isolated";
@@ -171,7 +177,8 @@ TEST_F(Control, ACallDeadlineBoundsAHangingService) {
 // uipc-plugin-host running in the background.
 class host_process : public uipc::test::child_process {
  public:
-  explicit host_process(std::vector<std::string> args) : child_process(with_program(std::move(args))) {}
+  explicit host_process(std::vector<std::string> args)
+      : child_process(with_program(std::move(args))) {}
   std::string first_line(std::chrono::milliseconds limit) { return line(limit); }
   int terminate(std::chrono::milliseconds limit) { return stop(limit); }
 
@@ -259,10 +266,12 @@ TEST_F(Programs, UipcctlGivesUpOnAnUnresponsiveHostWithinItsDeadline) {
 TEST_F(Programs, HostRefusesATakenPointAndBadUsage) {
   host_process first({"--dir", dir_.path(), "--point", "taken.host"});
   ASSERT_EQ(first.first_line(10s), "serving 0 of 0 plug-ins on taken.host\n");
-  auto [status, out] = run_command(std::string(UIPC_TEST_PLUGIN_HOST_PATH) + " --dir " + dir_.path() + " --point taken.host");
+  auto [status, out] = run_command(std::string(UIPC_TEST_PLUGIN_HOST_PATH) + " --dir " +
+                                   dir_.path() + " --point taken.host");
   EXPECT_EQ(status, 2) << out;
   EXPECT_NE(out.find("cannot register taken.host"), std::string::npos) << out;
-  std::tie(status, out) = run_command(std::string(UIPC_TEST_PLUGIN_HOST_PATH) + " --dir " + dir_.path() + " --point bad/name");
+  std::tie(status, out) = run_command(std::string(UIPC_TEST_PLUGIN_HOST_PATH) + " --dir " +
+                                      dir_.path() + " --point bad/name");
   EXPECT_EQ(status, 2) << out;
   std::tie(status, out) = run_command(std::string(UIPC_TEST_PLUGIN_HOST_PATH) + " --frobnicate");
   EXPECT_EQ(status, 64) << out;

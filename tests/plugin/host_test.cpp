@@ -40,7 +40,8 @@ TEST_F(Host, LoadsThePlainCExampleAndCallsItsBytesService) {
 
 TEST_F(Host, BrokenSharedObjectsAreRefusedWithClearErrorsAndTheHostServesOn) {
   logged_host h;
-  ASSERT_TRUE(h.h->load(examples + "/hello.so"));  // the variants call themselves "variant": that name stays free
+  ASSERT_TRUE(h.h->load(
+      examples + "/hello.so"));  // the variants call themselves "variant": that name stays free
   struct case_ {
     const char* file;
     errc expected;
@@ -96,9 +97,9 @@ TEST_F(Host, ServiceNamesFollowTheRules) {
   };
   logged_host h;
   ASSERT_TRUE(h.h->load(p.entry()));
-  EXPECT_EQ(results, (std::vector<int>{UIPC_PLUGIN_OK, UIPC_PLUGIN_E_INVALID_NAME, UIPC_PLUGIN_E_INVALID_NAME,
+  EXPECT_EQ(results, (std::vector<int>{UIPC_PLUGIN_OK, UIPC_PLUGIN_E_INVALID_NAME,
                                        UIPC_PLUGIN_E_INVALID_NAME, UIPC_PLUGIN_E_INVALID_NAME,
-                                       UIPC_PLUGIN_E_INVALID_NAME}));
+                                       UIPC_PLUGIN_E_INVALID_NAME, UIPC_PLUGIN_E_INVALID_NAME}));
   EXPECT_EQ(h.h->list_services(), "ok name_1");
 }
 
@@ -120,7 +121,8 @@ TEST_F(Host, ANameOfAnotherPluginIsNeitherTakenNorUnregistered) {
   };
   thief.init = [&](uipc_plugin_context* ctx) {
     return thief.serve(ctx, "steal", [&](uipc_plugin_context* c, void*) {
-      return static_cast<std::uint64_t>(thief.api->register_service(c, "a only", nullptr, nullptr, 0));
+      return static_cast<std::uint64_t>(
+          thief.api->register_service(c, "a only", nullptr, nullptr, 0));
     });
   };
   logged_host h;
@@ -131,7 +133,8 @@ TEST_F(Host, ANameOfAnotherPluginIsNeitherTakenNorUnregistered) {
   EXPECT_EQ(unknown, UIPC_PLUGIN_E_SERVICE_NOT_FOUND);
   EXPECT_EQ(during_init, UIPC_PLUGIN_E_SERVICE_NOT_FOUND);  // not among what b staged
   auto ctx = h.h->new_context().value();
-  EXPECT_EQ(ctx.call("steal", nullptr).value(), static_cast<std::uint64_t>(UIPC_PLUGIN_E_NOT_OWNER));
+  EXPECT_EQ(ctx.call("steal", nullptr).value(),
+            static_cast<std::uint64_t>(UIPC_PLUGIN_E_NOT_OWNER));
   // Nothing changed: a still serves both names.
   EXPECT_EQ(ctx.call("shared name", nullptr).value(), 1u);
   EXPECT_EQ(ctx.call("a only", nullptr).value(), 2u);
@@ -171,7 +174,9 @@ TEST_F(Host, AResolvedNameFollowsRegistrations) {
   EXPECT_EQ(ctx.call(ref, nullptr).error(), errc::service_not_found);
   fake_plugin p;
   p.name = "late";
-  p.init = [&](uipc_plugin_context* c) { return p.serve(c, "later", [](auto*, void*) { return 9u; }); };
+  p.init = [&](uipc_plugin_context* c) {
+    return p.serve(c, "later", [](auto*, void*) { return 9u; });
+  };
   ASSERT_TRUE(h.h->load(p.entry()));
   EXPECT_EQ(ctx.call(ref, nullptr).value(), 9u);
   ASSERT_FALSE(h.h->unload("late"));
@@ -232,7 +237,9 @@ TEST_F(Host, AFailingInitPublishesNothingAndGetsNoShutdown) {
   // The name is free again, and so is the service name.
   fake_plugin q;
   q.name = "failing";
-  q.init = [&](uipc_plugin_context* c) { return q.serve(c, "half", [](auto*, void*) { return 2u; }); };
+  q.init = [&](uipc_plugin_context* c) {
+    return q.serve(c, "half", [](auto*, void*) { return 2u; });
+  };
   ASSERT_TRUE(h.h->load(q.entry()));
   EXPECT_EQ(h.h->new_context().value().call("half", nullptr).value(), 2u);
 }
@@ -270,10 +277,14 @@ TEST_F(Host, InterestedPluginsAreToldWhenServicesComeAndGo) {
   fake_plugin listener, other;
   listener.name = "listener";
   std::vector<std::string> events;
-  listener.on_event = [&](const std::string& name, int what) { events.push_back(name + ":" + std::to_string(what)); };
+  listener.on_event = [&](const std::string& name, int what) {
+    events.push_back(name + ":" + std::to_string(what));
+  };
   ASSERT_TRUE(h.h->load(listener.entry()));
   other.name = "other";
-  other.init = [&](uipc_plugin_context* c) { return other.serve(c, "svc", [](auto*, void*) { return 0u; }); };
+  other.init = [&](uipc_plugin_context* c) {
+    return other.serve(c, "svc", [](auto*, void*) { return 0u; });
+  };
   ASSERT_TRUE(h.h->load(other.entry()));
   ASSERT_FALSE(h.h->unload("other"));
   EXPECT_EQ(events, (std::vector<std::string>{"svc:1", "svc:2"}));
@@ -296,7 +307,8 @@ TEST_F(Host, OutOfContextContextsForAPluginsOwnThread) {
       // Init has returned once the service is visible.
       for (int i = 0; i < 2000 && s == UIPC_PLUGIN_E_SERVICE_NOT_FOUND; ++i) {
         s = p.api->call_service(own, "double", &arg, &out);
-        if (s == UIPC_PLUGIN_E_SERVICE_NOT_FOUND) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        if (s == UIPC_PLUGIN_E_SERVICE_NOT_FOUND)
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
       void* block = nullptr;
       if (s == UIPC_PLUGIN_OK) s = p.api->pool_alloc(p.api->context_pool(own), 100, &block);
@@ -334,9 +346,12 @@ TEST_F(Host, RequestContextsCannotBeDisposedByAPluginAndBadArgumentsAreRefused) 
   EXPECT_EQ(api.context_dispose(ctx.get()), UIPC_PLUGIN_E_INVALID_ARGUMENT);
   EXPECT_EQ(api.context_new(nullptr, nullptr), UIPC_PLUGIN_E_INVALID_ARGUMENT);
   uipc_plugin_context* out = nullptr;
-  EXPECT_EQ(api.context_new(ctx.get(), &out), UIPC_PLUGIN_E_INVALID_ARGUMENT);  // a request is nobody's thread
-  EXPECT_EQ(api.call_service(ctx.get(), "nothing", nullptr, nullptr), UIPC_PLUGIN_E_SERVICE_NOT_FOUND);
-  EXPECT_EQ(api.register_service(ctx.get(), "x", test::run_body, nullptr, 0), UIPC_PLUGIN_E_INVALID_ARGUMENT);
+  EXPECT_EQ(api.context_new(ctx.get(), &out),
+            UIPC_PLUGIN_E_INVALID_ARGUMENT);  // a request is nobody's thread
+  EXPECT_EQ(api.call_service(ctx.get(), "nothing", nullptr, nullptr),
+            UIPC_PLUGIN_E_SERVICE_NOT_FOUND);
+  EXPECT_EQ(api.register_service(ctx.get(), "x", test::run_body, nullptr, 0),
+            UIPC_PLUGIN_E_INVALID_ARGUMENT);
   EXPECT_EQ(api.call_service(nullptr, "x", nullptr, nullptr), UIPC_PLUGIN_E_INVALID_ARGUMENT);
   EXPECT_EQ(api.pool_alloc(nullptr, 1, nullptr), UIPC_PLUGIN_E_INVALID_ARGUMENT);
   EXPECT_STREQ(api.status_text(UIPC_PLUGIN_E_SERVICE_NOT_FOUND), "no service of this name");

@@ -37,7 +37,8 @@ struct fake_plugin {
   std::list<service_body> bodies;  // stable addresses
 
   /// Registers `body` as service `name` (call from init or a service).
-  int serve(uipc_plugin_context* ctx, const char* service, service_body body, std::uint32_t service_flags = 0) {
+  int serve(uipc_plugin_context* ctx, const char* service, service_body body,
+            std::uint32_t service_flags = 0) {
     bodies.push_back(std::move(body));
     return api->register_service(ctx, service, run_body, &bodies.back(), service_flags);
   }
@@ -124,6 +125,8 @@ struct logged_host {
 inline std::string text(std::span<const std::byte> bytes) {
   return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
 }
-inline std::span<const std::byte> bytes(std::string_view s) { return std::as_bytes(std::span(s.data(), s.size())); }
+inline std::span<const std::byte> bytes(std::string_view s) {
+  return std::as_bytes(std::span(s.data(), s.size()));
+}
 
 }  // namespace uipc::plugin::test

@@ -2,6 +2,8 @@
 // reallocation, foreign and double frees, sub-pools and cleanups in order,
 // the limit over sub-pools, memory flat across requests, the cache shared by
 // threads — and the same through the C ABI of a context.
+#include "uipc/plugin/pool.hpp"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -10,7 +12,6 @@
 #include <thread>
 
 #include "plugin_support.hpp"
-#include "uipc/plugin/pool.hpp"
 
 namespace uipc::plugin {
 namespace {
@@ -134,8 +135,8 @@ TEST(Pool, ReleaseRunsSubPoolsThenCleanupsNewestFirst) {
     auto* entry = static_cast<std::pair<std::vector<std::string>*, std::string>*>(data);
     entry->first->push_back(entry->second);
   };
-  std::pair<std::vector<std::string>*, std::string> r1{&order, "root 1"}, r2{&order, "root 2"}, s1{&order, "sub 1"},
-      s2{&order, "sub 2"}, g{&order, "grandchild"};
+  std::pair<std::vector<std::string>*, std::string> r1{&order, "root 1"}, r2{&order, "root 2"},
+      s1{&order, "sub 1"}, s2{&order, "sub 2"}, g{&order, "grandchild"};
   {
     pool root(cache);
     pool *sub1 = nullptr, *sub2 = nullptr, *grand = nullptr;
@@ -162,7 +163,8 @@ void request(pool& p, std::mt19937& random) {
     }
   }
   void* buffer = nullptr;
-  for (std::size_t n : {1, 1024, 8192, 65536}) ASSERT_EQ(p.reallocate(buffer, n, &buffer), UIPC_PLUGIN_OK);
+  for (std::size_t n : {1, 1024, 8192, 65536})
+    ASSERT_EQ(p.reallocate(buffer, n, &buffer), UIPC_PLUGIN_OK);
   p.release();
 }
 

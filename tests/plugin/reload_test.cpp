@@ -7,9 +7,9 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <future>
 #include <set>
 #include <sstream>
-#include <future>
 #include <thread>
 
 #include "plugin_support.hpp"
@@ -60,7 +60,7 @@ TEST(Reload, NewCallsGoToTheNewBuildAndCallsInFlightFinishInTheOld) {
   std::this_thread::sleep_for(50ms);  // let it get inside
 
   ASSERT_FALSE(h.h->reload("variant", variants + "/variant_v2.so")) << h.log();
-  EXPECT_EQ(ctx.call(ref, nullptr).value(), 2u);              // new calls: the new build
+  EXPECT_EQ(ctx.call(ref, nullptr).value(), 2u);  // new calls: the new build
   EXPECT_EQ(ctx.call("only in one", nullptr).error(), errc::service_not_found);  // dropped by v2
   EXPECT_EQ(h.h->plugins().at(0).generation, 1u);
   // The old build stays mapped while its call runs.
@@ -70,7 +70,7 @@ TEST(Reload, NewCallsGoToTheNewBuildAndCallsInFlightFinishInTheOld) {
   ASSERT_EQ(::write(fd, &one, sizeof one), 8);
   EXPECT_EQ(in_flight.get().value(), 1u);  // finished in the old build
   ASSERT_FALSE(h.h->quiesce(5s));
-  EXPECT_EQ(mapped_plugin_objects(), 1);   // the old one is unmapped
+  EXPECT_EQ(mapped_plugin_objects(), 1);  // the old one is unmapped
   ::close(fd);
 }
 
@@ -111,7 +111,8 @@ TEST(Reload, ManyReloadsUnderLoadLeaveMemoryFlatAndNoOldCodeMapped) {
   });
   long rss_before = 0;
   for (int i = 0; i < reloads; ++i) {
-    ASSERT_FALSE(h.h->reload("variant", variants + (i % 2 ? "/variant_v1.so" : "/variant_v2.so"))) << h.log();
+    ASSERT_FALSE(h.h->reload("variant", variants + (i % 2 ? "/variant_v1.so" : "/variant_v2.so")))
+        << h.log();
     if (i == reloads / 10) {
       ASSERT_FALSE(h.h->quiesce(5s));
       rss_before = resident_kib();  // after warm-up: allocator and loader caches filled
@@ -126,7 +127,8 @@ TEST(Reload, ManyReloadsUnderLoadLeaveMemoryFlatAndNoOldCodeMapped) {
   EXPECT_EQ(mapped_plugin_objects(), 1);
   EXPECT_EQ(h.h->stats().reloads, static_cast<std::uint64_t>(reloads));
   // Flat: well under what leaking one object per reload would cost (each maps > 16 KiB).
-  EXPECT_LT(rss_after - rss_before, 4 * 1024) << "RSS grew from " << rss_before << " to " << rss_after << " KiB";
+  EXPECT_LT(rss_after - rss_before, 4 * 1024)
+      << "RSS grew from " << rss_before << " to " << rss_after << " KiB";
 }
 
 }  // namespace

@@ -53,7 +53,8 @@ int most_inside(std::uint32_t flags, std::chrono::microseconds patience) {
     return p.serve(c, "work", [&](auto*, void*) {
       o.enter();
       auto until = std::chrono::steady_clock::now() + (wait_for_company ? patience : 200us);
-      while (o.most.load() < 2 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(50us);
+      while (o.most.load() < 2 && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(50us);
       o.leave();
       return 0u;
     });
@@ -78,9 +79,13 @@ int most_inside(std::uint32_t flags, std::chrono::microseconds patience) {
   return o.most.load();
 }
 
-TEST_F(Threading, ACooperativePluginNeverHasTwoThreadsInside) { EXPECT_EQ(most_inside(0, 500us), 1); }
+TEST_F(Threading, ACooperativePluginNeverHasTwoThreadsInside) {
+  EXPECT_EQ(most_inside(0, 500us), 1);
+}
 
-TEST_F(Threading, APreemptivePluginRunsConcurrently) { EXPECT_GT(most_inside(UIPC_PLUGIN_PREEMPTIVE, 10s), 1); }
+TEST_F(Threading, APreemptivePluginRunsConcurrently) {
+  EXPECT_GT(most_inside(UIPC_PLUGIN_PREEMPTIVE, 10s), 1);
+}
 
 TEST_F(Threading, WaitingInACallbackLetsAnotherThreadIntoACooperativePlugin) {
   fake_plugin p;
@@ -102,8 +107,10 @@ TEST_F(Threading, WaitingInACallbackLetsAnotherThreadIntoACooperativePlugin) {
   };
   logged_host h;
   ASSERT_TRUE(h.h->load(p.entry()));
-  auto waiter = std::async(std::launch::async, [&] { return h.h->new_context().value().call("wait", nullptr); });
-  ASSERT_TRUE(uipc::test::eventually([&] { return waiting.load(); }, 10s)) << "the waiter never got inside";
+  auto waiter = std::async(std::launch::async,
+                           [&] { return h.h->new_context().value().call("wait", nullptr); });
+  ASSERT_TRUE(uipc::test::eventually([&] { return waiting.load(); }, 10s))
+      << "the waiter never got inside";
   // The plug-in is cooperative and one thread is inside it, waiting: we get in.
   auto ctx = h.h->new_context().value();
   EXPECT_EQ(ctx.call("wake", nullptr).value(), 8u);
@@ -134,7 +141,8 @@ TEST_F(Threading, ACallBackIntoTheCallerOnTheSameThreadDoesNotDeadlock) {
   logged_host h;
   ASSERT_TRUE(h.h->load(a.entry()));
   ASSERT_TRUE(h.h->load(b.entry()));
-  auto done = std::async(std::launch::async, [&] { return h.h->new_context().value().call("a calls b", nullptr); });
+  auto done = std::async(std::launch::async,
+                         [&] { return h.h->new_context().value().call("a calls b", nullptr); });
   ASSERT_EQ(done.wait_for(10s), std::future_status::ready) << "A -> B -> A deadlocked";
   EXPECT_EQ(done.get().value(), 8u);
 }
@@ -157,14 +165,16 @@ TEST_F(Threading, ACallBackIntoTheCallerFromAnotherThreadDoesNotDeadlock) {
   logged_host h;
   b.init = [&](uipc_plugin_context* c) {
     return b.serve(c, "b via thread", [&](uipc_plugin_context*, void*) {
-      auto other = std::async(std::launch::async, [&] { return h.h->new_context().value().call("a leaf", nullptr); });
+      auto other = std::async(std::launch::async,
+                              [&] { return h.h->new_context().value().call("a leaf", nullptr); });
       auto r = other.get();
       return r ? *r * 10 : 2000u;
     });
   };
   ASSERT_TRUE(h.h->load(a.entry()));
   ASSERT_TRUE(h.h->load(b.entry()));
-  auto done = std::async(std::launch::async, [&] { return h.h->new_context().value().call("a calls b", nullptr); });
+  auto done = std::async(std::launch::async,
+                         [&] { return h.h->new_context().value().call("a calls b", nullptr); });
   ASSERT_EQ(done.wait_for(10s), std::future_status::ready) << "A -> B -> (thread) -> A deadlocked";
   EXPECT_EQ(done.get().value(), 50u);
 }
@@ -184,8 +194,10 @@ TEST_F(Threading, ABusyCooperativePluginCostsACallerItsDeadlineOnly) {
   };
   logged_host h;
   ASSERT_TRUE(h.h->load(p.entry()));
-  auto hog = std::async(std::launch::async, [&] { return h.h->new_context().value().call("hog", nullptr); });
-  ASSERT_TRUE(uipc::test::eventually([&] { return inside.load(); }, 10s)) << "the hog never got inside";
+  auto hog = std::async(std::launch::async,
+                        [&] { return h.h->new_context().value().call("hog", nullptr); });
+  ASSERT_TRUE(uipc::test::eventually([&] { return inside.load(); }, 10s))
+      << "the hog never got inside";
   auto ctx = h.h->new_context().value();
   ctx.set_deadline(std::chrono::steady_clock::now() + 50ms);
   auto start = std::chrono::steady_clock::now();
@@ -261,7 +273,8 @@ TEST_F(Threading, CallsRacingUnregistrationEndOrFailCleanly) {
   // Each caller's first calls succeed: "target" is there before the toggles.
   auto ok_passes = [&](int mark) {
     const auto give_up = std::chrono::steady_clock::now() + 20s;
-    while (ok.load() <= mark && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(1ms);
+    while (ok.load() <= mark && std::chrono::steady_clock::now() < give_up)
+      std::this_thread::sleep_for(1ms);
     return ok.load() > mark;
   };
   EXPECT_TRUE(ok_passes(0));
@@ -275,7 +288,8 @@ TEST_F(Threading, CallsRacingUnregistrationEndOrFailCleanly) {
     auto ctx = h.h->new_context().value();
     const int before = ok.load() + not_found.load();
     const auto give_up = std::chrono::steady_clock::now() + 20s;
-    for (; i < 2000 || (ok.load() + not_found.load() - before < 1000 && std::chrono::steady_clock::now() < give_up);
+    for (; i < 2000 || (ok.load() + not_found.load() - before < 1000 &&
+                        std::chrono::steady_clock::now() < give_up);
          ++i)
       ASSERT_EQ(ctx.call("toggle", nullptr).value(), 0u);
     EXPECT_GE(ok.load() + not_found.load() - before, 1000);

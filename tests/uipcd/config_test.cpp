@@ -60,10 +60,13 @@ TEST(UipcdConfig, FileKeysCommentsAndBlankLines) {
 TEST(UipcdConfig, BadLinesAreRefusedWithTheLineAndTheReasonAndChangeNothing) {
   const std::pair<const char*, const char*> cases[] = {
       {"[dns]\nlisten = 127.0.0.1\n", "line 2: dns.listen: '127.0.0.1' is not ADDRESS:PORT"},
-      {"[dns]\nlisten = 127.0.0.1:99999\n", "line 2: dns.listen: '127.0.0.1:99999' has no port from 0 to 65535"},
+      {"[dns]\nlisten = 127.0.0.1:99999\n",
+       "line 2: dns.listen: '127.0.0.1:99999' has no port from 0 to 65535"},
       {"[server]\nthreads = 0\n", "line 2: server.threads: '0' is not a whole number from 1 to 64"},
-      {"[server]\nthreads = two\n", "line 2: server.threads: 'two' is not a whole number from 1 to 64"},
-      {"[server]\nthreads = -1\n", "line 2: server.threads: '-1' is not a whole number from 1 to 64"},
+      {"[server]\nthreads = two\n",
+       "line 2: server.threads: 'two' is not a whole number from 1 to 64"},
+      {"[server]\nthreads = -1\n",
+       "line 2: server.threads: '-1' is not a whole number from 1 to 64"},
       {"[dns]\nenabled = maybe\n", "line 2: dns.enabled: 'maybe' is not true or false"},
       {"listen = 127.0.0.1:53\n", "line 1: a key before any [section]"},
       {"[dns]\nport = 53\n", "line 2: unknown key port in [dns]"},
@@ -73,7 +76,8 @@ TEST(UipcdConfig, BadLinesAreRefusedWithTheLineAndTheReasonAndChangeNothing) {
       {"[metrics]\nlisten = 0.0.0.0:9100\n",
        "line 2: metrics.listen: '0.0.0.0:9100' is not on loopback (127.0.0.1 or [::1])"},
       {"[plugins]\nisolate = a,,b\n", "line 2: plugins.isolate: '' is not a plug-in file name"},
-      {"[dns]\ntimeout_ms = 0\n", "line 2: dns.timeout_ms: '0' is not a whole number of milliseconds from 1 to 60000"},
+      {"[dns]\ntimeout_ms = 0\n",
+       "line 2: dns.timeout_ms: '0' is not a whole number of milliseconds from 1 to 60000"},
   };
   for (const auto& [text, expected] : cases) {
     config c;
@@ -84,16 +88,19 @@ TEST(UipcdConfig, BadLinesAreRefusedWithTheLineAndTheReasonAndChangeNothing) {
   }
   config c;
   const std::string before = print(c);
-  EXPECT_EQ(apply_text(c, "[server]\nthreads = 8\n[dns]\nlisten = x\n"), "line 4: dns.listen: 'x' is not ADDRESS:PORT");
+  EXPECT_EQ(apply_text(c, "[server]\nthreads = 8\n[dns]\nlisten = x\n"),
+            "line 4: dns.listen: 'x' is not ADDRESS:PORT");
   EXPECT_EQ(print(c), before) << "the lines before the bad one are not applied either";
 }
 
 TEST(UipcdConfig, FilesAreNamedInTheirErrors) {
   uipc::test::temp_dir dir;
   config c;
-  EXPECT_EQ(apply_file(c, dir.file("missing.conf")), dir.file("missing.conf") + ": No such file or directory");
+  EXPECT_EQ(apply_file(c, dir.file("missing.conf")),
+            dir.file("missing.conf") + ": No such file or directory");
   std::ofstream(dir.file("bad.conf")) << "[dns]\n\nlisten = nowhere\n";
-  EXPECT_EQ(apply_file(c, dir.file("bad.conf")), dir.file("bad.conf") + ": line 3: dns.listen: 'nowhere' is not ADDRESS:PORT");
+  EXPECT_EQ(apply_file(c, dir.file("bad.conf")),
+            dir.file("bad.conf") + ": line 3: dns.listen: 'nowhere' is not ADDRESS:PORT");
   std::ofstream(dir.file("good.conf")) << "[dns]\nlisten = 127.0.0.1:5353\n";
   EXPECT_EQ(apply_file(c, dir.file("good.conf")), "");
   EXPECT_EQ(c.dns_listen, "127.0.0.1:5353");

@@ -49,11 +49,15 @@ std::shared_ptr<const zone> load(const std::string& path, std::string& error) {
   return std::make_shared<const zone>(std::move(*z));
 }
 
-std::shared_ptr<const zone> builtin() { return {&zone::builtin(), [](const zone*) {}}; }
+std::shared_ptr<const zone> builtin() {
+  return {&zone::builtin(), [](const zone*) {}};
+}
 
-bool reply(uipc_plugin_context* ctx, uipc_plugin_bytes_call* call, const void* bytes, std::size_t size) {
+bool reply(uipc_plugin_context* ctx, uipc_plugin_bytes_call* call, const void* bytes,
+           std::size_t size) {
   void* out = nullptr;
-  if (host->pool_alloc(host->context_pool(ctx), size == 0 ? 1 : size, &out) != UIPC_PLUGIN_OK) return false;
+  if (host->pool_alloc(host->context_pool(ctx), size == 0 ? 1 : size, &out) != UIPC_PLUGIN_OK)
+    return false;
   std::memcpy(out, bytes, size);
   call->out = out;
   call->out_size = size;
@@ -111,7 +115,8 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
   } else {
     current.store(builtin());
   }
-  if (int s = host->register_service(ctx, "dns answer", answer, nullptr, UIPC_PLUGIN_SERVICE_BYTES)) return s;
+  if (int s = host->register_service(ctx, "dns answer", answer, nullptr, UIPC_PLUGIN_SERVICE_BYTES))
+    return s;
   return host->register_service(ctx, "dns zone", load_zone, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
 }
 
@@ -120,12 +125,19 @@ void shutdown(uipc_plugin_context*) {
   host = nullptr;
 }
 
-const uipc_plugin_info info = {
-    sizeof(uipc_plugin_info), UIPC_PLUGIN_ABI_MAJOR, UIPC_PLUGIN_ABI_MINOR, "dns_zone", UIPC_PLUGIN_PREEMPTIVE, 0,
-    init, shutdown, nullptr};
+const uipc_plugin_info info = {sizeof(uipc_plugin_info),
+                               UIPC_PLUGIN_ABI_MAJOR,
+                               UIPC_PLUGIN_ABI_MINOR,
+                               "dns_zone",
+                               UIPC_PLUGIN_PREEMPTIVE,
+                               0,
+                               init,
+                               shutdown,
+                               nullptr};
 
 }  // namespace
 
-extern "C" UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry(uint32_t host_major, uint32_t) {
+extern "C" UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry(uint32_t host_major,
+                                                                        uint32_t) {
   return host_major == UIPC_PLUGIN_ABI_MAJOR ? &info : nullptr;
 }

@@ -1,10 +1,8 @@
 // Uses the installed uipc::core: one framed call over a socket pair.
+#include <boost/asio/io_context.hpp>
+#include <cstdio>
 #include <uipc/core/event_loop.hpp>
 #include <uipc/core/framed.hpp>
-
-#include <boost/asio/io_context.hpp>
-
-#include <cstdio>
 
 int main() {
   uipc::event_loop loop;

@@ -17,7 +17,9 @@ namespace {
 const uipc_plugin_host_api* host;
 
 // "version": returns the build's version.
-[[maybe_unused]] std::uint64_t version(uipc_plugin_context*, void*, void*) { return VARIANT_VERSION; }
+[[maybe_unused]] std::uint64_t version(uipc_plugin_context*, void*, void*) {
+  return VARIANT_VERSION;
+}
 
 // "block": arg points to a descriptor; waits (a yield point) until it is
 // readable, then returns the version.
@@ -31,7 +33,9 @@ const uipc_plugin_host_api* host;
 [[maybe_unused]] std::uint64_t echo(uipc_plugin_context* ctx, void*, void* arg) {
   auto* call = static_cast<uipc_plugin_bytes_call*>(arg);
   void* out = nullptr;
-  if (call->in_size && host->pool_alloc(host->context_pool(ctx), call->in_size, &out) != UIPC_PLUGIN_OK) return 1;
+  if (call->in_size &&
+      host->pool_alloc(host->context_pool(ctx), call->in_size, &out) != UIPC_PLUGIN_OK)
+    return 1;
   if (call->in_size) std::memcpy(out, call->in, call->in_size);
   call->out = out;
   call->out_size = call->in_size;
@@ -48,7 +52,9 @@ const uipc_plugin_host_api* host;
 }
 
 // "throws": a C++ exception out of a service.
-[[maybe_unused]] std::uint64_t throws(uipc_plugin_context*, void*, void*) { throw std::runtime_error("service failed"); }
+[[maybe_unused]] std::uint64_t throws(uipc_plugin_context*, void*, void*) {
+  throw std::runtime_error("service failed");
+}
 
 int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
 #ifdef VARIANT_INIT_FAILS
@@ -60,9 +66,12 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
   int s = host->register_service(ctx, "version", version, nullptr, 0);
   if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "block", block, nullptr, 0);
   if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "throws", throws, nullptr, 0);
-  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "echo", echo, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "crash", crash, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "hang", hang, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK)
+    s = host->register_service(ctx, "echo", echo, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK)
+    s = host->register_service(ctx, "crash", crash, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK)
+    s = host->register_service(ctx, "hang", hang, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
 #if VARIANT_VERSION == 1
   // Only the first build serves this: a reload to version 2 drops it.
   if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "only in one", version, nullptr, 0);
@@ -90,11 +99,13 @@ uipc_plugin_info info{sizeof(uipc_plugin_info),
 }  // namespace
 
 #ifdef VARIANT_NO_ENTRY
-extern "C" UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry_misspelt(std::uint32_t, std::uint32_t) {
+extern "C" UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry_misspelt(std::uint32_t,
+                                                                                 std::uint32_t) {
   return &info;
 }
 #else
-extern "C" UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry(std::uint32_t, std::uint32_t) {
+extern "C" UIPC_PLUGIN_EXPORT const uipc_plugin_info* uipc_plugin_entry(std::uint32_t,
+                                                                        std::uint32_t) {
 #ifdef VARIANT_REFUSES
   return nullptr;
 #endif

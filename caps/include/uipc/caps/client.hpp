@@ -83,7 +83,8 @@ class client {
   /// system: the point's access rule refuses us), wrong_server (core: the
   /// server runs as another uid — a squatter), errc::wrong_gid, foreign_owner
   /// (core: the uid's points directory belongs to someone else).
-  static result<std::unique_ptr<client>> connect(boost::asio::io_context& ctx, const point_address& address,
+  static result<std::unique_ptr<client>> connect(boost::asio::io_context& ctx,
+                                                 const point_address& address,
                                                  client_options options = {});
   ~client();
   client(const client&) = delete;
@@ -91,17 +92,21 @@ class client {
 
   /// Sends `request` and waits for the reply until `deadline`; then the call
   /// is aborted and fails with errc::timed_out.
-  result<reply> call(std::span<const std::byte> request, clock::time_point deadline = clock::time_point::max());
-  result<reply> call(std::string_view request, clock::time_point deadline = clock::time_point::max()) {
+  result<reply> call(std::span<const std::byte> request,
+                     clock::time_point deadline = clock::time_point::max());
+  result<reply> call(std::string_view request,
+                     clock::time_point deadline = clock::time_point::max()) {
     return call(std::as_bytes(std::span(request.data(), request.size())), deadline);
   }
   /// A call whose `size` request bytes `fill` writes in place in the channel.
-  result<reply> call_in_place(std::size_t size, const std::function<void(std::span<std::byte>)>& fill,
+  result<reply> call_in_place(std::size_t size,
+                              const std::function<void(std::span<std::byte>)>& fill,
                               clock::time_point deadline = clock::time_point::max());
 
   /// Sends without waiting; the reply is taken with wait() (or given up with abort()).
   result<message_id> send(std::span<const std::byte> request);
-  result<message_id> send_in_place(std::size_t size, const std::function<void(std::span<std::byte>)>& fill);
+  result<message_id> send_in_place(std::size_t size,
+                                   const std::function<void(std::span<std::byte>)>& fill);
   /// The reply to `id`, waiting until `deadline` (then errc::timed_out; the
   /// message stays in flight: wait again or abort it).
   result<reply> wait(message_id id, clock::time_point deadline = clock::time_point::max());
@@ -117,7 +122,9 @@ class client {
   template <class Token>
   auto async_call(std::span<const std::byte> request, Token&& token) {
     return boost::asio::async_initiate<Token, void(error_code, reply)>(
-        [this](auto handler, std::span<const std::byte> r) { start_call(r, call_handler(std::move(handler))); },
+        [this](auto handler, std::span<const std::byte> r) {
+          start_call(r, call_handler(std::move(handler)));
+        },
         token, request);
   }
 

@@ -21,16 +21,18 @@ enum class errc {
   withdrawn,           ///< the message was aborted by its client, or its client went
   protocol_violation,  ///< the peer broke the channel protocol; the connection is closed
   disconnected,        ///< the peer went away
-  forked_copy,         ///< an object inherited through fork(): only the process that made it uses it
-  wrong_gid,           ///< the point's group is not the one asked for
-  timed_out,           ///< the call got no reply before its deadline (it was aborted)
-  stopped,             ///< the service or client was stopped
+  forked_copy,  ///< an object inherited through fork(): only the process that made it uses it
+  wrong_gid,    ///< the point's group is not the one asked for
+  timed_out,    ///< the call got no reply before its deadline (it was aborted)
+  stopped,      ///< the service or client was stopped
 };
 
 /// The category of errc, named "uipc.caps".
 const boost::system::error_category& caps_category() noexcept;
 
-inline error_code make_error_code(errc e) noexcept { return {static_cast<int>(e), caps_category()}; }
+inline error_code make_error_code(errc e) noexcept {
+  return {static_cast<int>(e), caps_category()};
+}
 
 }  // namespace uipc::caps
 

@@ -117,7 +117,8 @@ class service {
   /// Registers `name` with the rules of `options`. Errors: invalid_name (core),
   /// errc::name_taken, foreign_owner / unsafe_directory (core) for a points
   /// directory someone else made, system errors.
-  static result<std::unique_ptr<service>> register_point(boost::asio::io_context& ctx, std::string_view name,
+  static result<std::unique_ptr<service>> register_point(boost::asio::io_context& ctx,
+                                                         std::string_view name,
                                                          service_options options = {});
   ~service();
   service(const service&) = delete;

@@ -2,11 +2,11 @@
 // read and written by the calling thread itself, with no event loop.
 #pragma once
 
-#include "uipc/core/framed.hpp"
-
 #include <chrono>
 #include <memory>
 #include <string>
+
+#include "uipc/core/framed.hpp"
 
 namespace uipc {
 
@@ -34,7 +34,8 @@ class blocking_connection {
 
   /// Connects to a listener's socket path. A listener whose backlog is full
   /// gives EAGAIN (resource_unavailable_try_again) instead of blocking.
-  static result<blocking_connection> connect(const std::string& path, connection_options options = {});
+  static result<blocking_connection> connect(const std::string& path,
+                                             connection_options options = {});
   /// Takes over a connected Unix stream socket (made close-on-exec and blocking).
   static result<blocking_connection> adopt(unique_fd socket, connection_options options = {});
 

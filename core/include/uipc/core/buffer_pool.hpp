@@ -1,13 +1,10 @@
 // A bounded pool of fixed-size buffers: acquire fails, or waits, when it runs dry.
 #pragma once
 
-#include "uipc/core/error.hpp"
-
+#include <atomic>
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
-
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -15,6 +12,8 @@
 #include <mutex>
 #include <span>
 #include <utility>
+
+#include "uipc/core/error.hpp"
 
 namespace uipc {
 

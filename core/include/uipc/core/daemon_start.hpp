@@ -68,7 +68,8 @@ struct started_daemon {
 /// Errors: errc::program_not_executable (exec refused it; the errno is in the
 /// report's outcome), errc::program_not_found (gone since it was found), or
 /// the system error of pipe/fork.
-result<started_daemon> spawn_detached(const std::string& program, const std::vector<std::string>& arguments,
+result<started_daemon> spawn_detached(const std::string& program,
+                                      const std::vector<std::string>& arguments,
                                       bool keep_stderr = false, start_report* report = nullptr);
 
 /// How to start a server when none answers.
@@ -99,7 +100,9 @@ using absent_function = std::function<bool(const error_code&)>;
 /// by the deadline, the start lock held by another included); those of the
 /// start lock. Each caller in a race that fails reports its own attempt.
 /// `report`, when given, says what was tried.
-error_code reach_or_start(const server_start& how, const reach_function& reach, const absent_function& absent,
-                          std::chrono::steady_clock::time_point deadline, start_report* report = nullptr);
+error_code reach_or_start(const server_start& how, const reach_function& reach,
+                          const absent_function& absent,
+                          std::chrono::steady_clock::time_point deadline,
+                          start_report* report = nullptr);
 
 }  // namespace uipc

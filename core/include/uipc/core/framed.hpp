@@ -2,14 +2,10 @@
 // with request/reply correlation, peer credentials and file-descriptor passing.
 #pragma once
 
-#include "uipc/core/error.hpp"
-#include "uipc/core/unique_fd.hpp"
+#include <sys/types.h>
 
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/async_result.hpp>
-
-#include <sys/types.h>
-
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -17,6 +13,9 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "uipc/core/error.hpp"
+#include "uipc/core/unique_fd.hpp"
 
 namespace boost::asio {
 class io_context;
@@ -158,7 +157,9 @@ class connection : public std::enable_shared_from_this<connection> {
   template <class Token>
   auto async_send(frame f, Token&& token) {
     return boost::asio::async_initiate<Token, void(error_code)>(
-        [this](auto handler, frame f) { start_send(std::move(f), send_handler(std::move(handler))); },
+        [this](auto handler, frame f) {
+          start_send(std::move(f), send_handler(std::move(handler)));
+        },
         token, std::move(f));
   }
 
@@ -176,7 +177,9 @@ class connection : public std::enable_shared_from_this<connection> {
   template <class Token>
   auto async_call(frame request, Token&& token) {
     return boost::asio::async_initiate<Token, void(error_code, frame)>(
-        [this](auto handler, frame f) { start_call(std::move(f), frame_handler(std::move(handler))); },
+        [this](auto handler, frame f) {
+          start_call(std::move(f), frame_handler(std::move(handler)));
+        },
         token, std::move(request));
   }
 
@@ -234,7 +237,8 @@ class listener {
  public:
   using accept_handler = boost::asio::any_completion_handler<void(error_code, connection::pointer)>;
 
-  static result<std::unique_ptr<listener>> bind(boost::asio::io_context& ctx, const std::string& path,
+  static result<std::unique_ptr<listener>> bind(boost::asio::io_context& ctx,
+                                                const std::string& path,
                                                 listener_options options = {});
   ~listener();
   listener(const listener&) = delete;

@@ -2,14 +2,14 @@
 // is released exactly once when it goes away, however it goes away.
 #pragma once
 
-#include "uipc/core/error.hpp"
-
 #include <cstdint>
 #include <functional>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include "uipc/core/error.hpp"
 
 namespace uipc {
 
@@ -21,10 +21,12 @@ namespace uipc {
 /// Thread-safe: every member may be called from any thread. Nothing the ledger
 /// returns is destroyed under its lock, so releasing a ref_ptr key (and running the
 /// object's destructor) never happens while the ledger is locked.
-template <class Holder, class Key, class KeyHash = std::hash<Key>, class HolderHash = std::hash<Holder>>
+template <class Holder, class Key, class KeyHash = std::hash<Key>,
+          class HolderHash = std::hash<Holder>>
 class ledger {
  public:
-  using entry = std::pair<Key, std::uint32_t>;  ///< an object and how many references were held on it
+  using entry =
+      std::pair<Key, std::uint32_t>;  ///< an object and how many references were held on it
 
   /// Records one more reference of `holder` on `key`; returns the holder's count after it.
   std::uint32_t acquire(const Holder& holder, const Key& key) {

@@ -2,11 +2,11 @@
 // otherwise. Every module that watches a peer or a daemon asks here.
 #pragma once
 
-#include "uipc/core/unique_fd.hpp"
-
 #include <sys/types.h>
 
 #include <cstdint>
+
+#include "uipc/core/unique_fd.hpp"
 
 namespace uipc {
 

@@ -3,7 +3,6 @@
 
 #include <boost/smart_ptr/intrusive_ptr.hpp>
 #include <boost/smart_ptr/intrusive_ref_counter.hpp>
-
 #include <utility>
 
 namespace uipc {
@@ -21,7 +20,8 @@ using ref_ptr = boost::intrusive_ptr<T>;
 /// Builds a T and returns the first reference to it.
 template <class T, class... Args>
 ref_ptr<T> make_ref(Args&&... args) {
-  return ref_ptr<T>(new T(std::forward<Args>(args)...));  // NOLINT(cppcoreguidelines-owning-memory): adopted by the ref
+  return ref_ptr<T>(new T(
+      std::forward<Args>(args)...));  // NOLINT(cppcoreguidelines-owning-memory): adopted by the ref
 }
 
 /// How many references exist right now (for tests and statistics only: racy by nature).

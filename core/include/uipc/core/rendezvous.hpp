@@ -39,16 +39,18 @@ error_code check_name(std::string_view name, const name_rules& rules);
 /// The files of one server instance in its rendezvous directory.
 struct rendezvous_paths {
   std::string directory;
-  std::string socket_path;      ///< <directory>/<prefix><name>.sock
-  std::string start_lock_path;  ///< <directory>/<prefix><name>.start: held by whoever starts the server
+  std::string socket_path;  ///< <directory>/<prefix><name>.sock
+  std::string
+      start_lock_path;  ///< <directory>/<prefix><name>.start: held by whoever starts the server
 };
 
 /// Derives the paths of instance `name` (checked against `rules`: errc::invalid_name)
 /// in `directory` (taken as given: check it first with runtime_directory(),
 /// checked_private_directory() or checked_shared_directory()). A socket path
 /// too long for a Unix socket address is ENAMETOOLONG (system category).
-result<rendezvous_paths> derive_rendezvous_paths(const std::string& directory, std::string_view prefix,
-                                                 std::string_view name, const name_rules& rules = {});
+result<rendezvous_paths> derive_rendezvous_paths(const std::string& directory,
+                                                 std::string_view prefix, std::string_view name,
+                                                 const name_rules& rules = {});
 
 /// The lock file a listener holds beside its socket: "<socket_path>.lock".
 std::string listener_lock_path(std::string_view socket_path);

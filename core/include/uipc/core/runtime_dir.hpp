@@ -2,9 +2,9 @@
 // runtime directory, and the shared one for servers that admit other users.
 #pragma once
 
-#include "uipc/core/error.hpp"
-
 #include <string>
+
+#include "uipc/core/error.hpp"
 
 namespace uipc {
 

@@ -4,10 +4,6 @@
 // end-of-session hook that runs exactly once, idle exit and ordered stop.
 #pragma once
 
-#include "uipc/core/error.hpp"
-#include "uipc/core/framed.hpp"
-#include "uipc/core/typed.hpp"
-
 #include <sys/types.h>
 
 #include <chrono>
@@ -16,6 +12,10 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "uipc/core/error.hpp"
+#include "uipc/core/framed.hpp"
+#include "uipc/core/typed.hpp"
 
 namespace boost::asio {
 class io_context;
@@ -74,13 +74,13 @@ class server_session {
 
 /// Counters of a server, for a stats call.
 struct server_stats {
-  std::uint64_t sessions = 0;        ///< open now
-  std::uint64_t sessions_total = 0;  ///< admitted since start
-  std::uint64_t requests = 0;        ///< frames served (requests and notices)
-  std::uint64_t errors = 0;          ///< requests answered with an error, notices that failed
-  std::uint64_t refusals = 0;        ///< connections refused by admission or the session limit
-  std::uint64_t accept_failures = 0; ///< accepts that failed for lack of descriptors or memory
-  std::uint64_t protocol_errors = 0; ///< sessions closed for bad frames or a silent peer
+  std::uint64_t sessions = 0;         ///< open now
+  std::uint64_t sessions_total = 0;   ///< admitted since start
+  std::uint64_t requests = 0;         ///< frames served (requests and notices)
+  std::uint64_t errors = 0;           ///< requests answered with an error, notices that failed
+  std::uint64_t refusals = 0;         ///< connections refused by admission or the session limit
+  std::uint64_t accept_failures = 0;  ///< accepts that failed for lack of descriptors or memory
+  std::uint64_t protocol_errors = 0;  ///< sessions closed for bad frames or a silent peer
 };
 
 /// How a server is set up.
@@ -131,8 +131,10 @@ class server {
  public:
   /// Binds `path` (see listener::bind: address_in_use when a live server holds it)
   /// and starts accepting on `ctx`.
-  static result<std::unique_ptr<server>> start(boost::asio::io_context& ctx, const std::string& path,
-                                               const request_router& router, server_options options = {});
+  static result<std::unique_ptr<server>> start(boost::asio::io_context& ctx,
+                                               const std::string& path,
+                                               const request_router& router,
+                                               server_options options = {});
   ~server();
   server(const server&) = delete;
   server& operator=(const server&) = delete;

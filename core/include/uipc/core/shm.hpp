@@ -1,13 +1,13 @@
 // Shared-memory segments with a checked header, named or memfd-backed.
 #pragma once
 
-#include "uipc/core/error.hpp"
-#include "uipc/core/unique_fd.hpp"
-
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
+
+#include "uipc/core/error.hpp"
+#include "uipc/core/unique_fd.hpp"
 
 namespace uipc {
 
@@ -40,7 +40,8 @@ class shm_segment {
   static result<shm_segment> open(const std::string& name, segment_identity id);
   /// Maps a segment received as a descriptor; errc::bad_segment as for open(),
   /// and for one that is not sealed against shrinking or is over `max_size`.
-  static result<shm_segment> open_fd(unique_fd fd, segment_identity id, std::size_t max_size = std::size_t{1} << 32);
+  static result<shm_segment> open_fd(unique_fd fd, segment_identity id,
+                                     std::size_t max_size = std::size_t{1} << 32);
   /// Removes a named segment (e.g. one left by a killed owner). No error if absent.
   static error_code remove(const std::string& name);
 

@@ -7,18 +7,17 @@
 // generated header of the caller's messages, never protobuf's own.
 #pragma once
 
-#include "uipc/core/blocking_connection.hpp"
-#include "uipc/core/error.hpp"
-#include "uipc/core/framed.hpp"
-
 #include <boost/asio/compose.hpp>
-
 #include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "uipc/core/blocking_connection.hpp"
+#include "uipc/core/error.hpp"
+#include "uipc/core/framed.hpp"
 
 namespace uipc {
 
@@ -39,7 +38,8 @@ struct request_context {
 struct router_errors {
   error_code bad_request = make_error_code(errc::bad_request);          ///< payload does not parse
   error_code unknown_request = make_error_code(errc::unknown_request);  ///< no handler for the type
-  error_code reply_too_large = make_error_code(errc::frame_too_large);  ///< reply over the frame limit
+  error_code reply_too_large =
+      make_error_code(errc::frame_too_large);  ///< reply over the frame limit
 };
 
 /// Maps frame types to typed handlers. Build it before the server starts;

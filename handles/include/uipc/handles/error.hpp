@@ -35,7 +35,7 @@ enum class errc {
   permission_denied,       ///< the peer runs as another user
   daemon_timeout,          ///< the daemon did not answer a request in time (stopped or stuck)
   reply_too_large,         ///< the daemon's reply would exceed its frame limit
-  forked_copy,             ///< a client inherited through fork(): only the process that connected uses it
+  forked_copy,  ///< a client inherited through fork(): only the process that connected uses it
 };
 
 /// The category of errc, named "uipc.handles".

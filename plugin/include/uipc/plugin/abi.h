@@ -60,14 +60,16 @@ typedef enum uipc_plugin_status {
   UIPC_PLUGIN_E_LOAD_FAILED = 17,           /* the shared object did not load */
   UIPC_PLUGIN_E_DUPLICATE_PLUGIN = 18,      /* a plug-in of this name is loaded */
   UIPC_PLUGIN_E_PLUGIN_NOT_FOUND = 19,      /* no plug-in of this name is loaded */
-  UIPC_PLUGIN_E_UNAVAILABLE = 20,           /* the isolated plug-in's process is down (restarting or stopped) */
-  UIPC_PLUGIN_E_STOPPED = 21,               /* the host is shutting down */
-  UIPC_PLUGIN_E_TOO_MANY = 22               /* the host's limit of services or contexts is reached */
+  UIPC_PLUGIN_E_UNAVAILABLE =
+      20,                     /* the isolated plug-in's process is down (restarting or stopped) */
+  UIPC_PLUGIN_E_STOPPED = 21, /* the host is shutting down */
+  UIPC_PLUGIN_E_TOO_MANY = 22 /* the host's limit of services or contexts is reached */
 } uipc_plugin_status;
 
 /* Opaque handles the host gives out. */
-typedef struct uipc_plugin_context uipc_plugin_context; /* one request, or one of a plug-in's own threads */
-typedef struct uipc_plugin_pool uipc_plugin_pool;       /* memory of a context, or a sub-pool of it */
+typedef struct uipc_plugin_context
+    uipc_plugin_context; /* one request, or one of a plug-in's own threads */
+typedef struct uipc_plugin_pool uipc_plugin_pool; /* memory of a context, or a sub-pool of it */
 typedef struct uipc_plugin_service_ref uipc_plugin_service_ref; /* a resolved service name */
 
 /* A service. `arg` is what the caller passed: for a bytes service, a
@@ -77,17 +79,18 @@ typedef struct uipc_plugin_service_ref uipc_plugin_service_ref; /* a resolved se
 typedef uint64_t (*uipc_plugin_service_fn)(uipc_plugin_context* ctx, void* data, void* arg);
 
 /* Service flags. */
-#define UIPC_PLUGIN_SERVICE_BYTES 0x1u /* arg is a uipc_plugin_bytes_call: callable across processes */
+#define UIPC_PLUGIN_SERVICE_BYTES \
+  0x1u /* arg is a uipc_plugin_bytes_call: callable across processes */
 
 /* The argument of a bytes service: request bytes in, reply bytes out. The
  * service allocates `out` from the caller's context (pool_alloc on
  * context_pool(ctx)); it lives until that context ends. */
 typedef struct uipc_plugin_bytes_call {
-  uint32_t size;        /* sizeof(uipc_plugin_bytes_call) as the caller knows it */
+  uint32_t size; /* sizeof(uipc_plugin_bytes_call) as the caller knows it */
   uint32_t reserved;
   const void* in;
   size_t in_size;
-  void* out;            /* set by the service; may stay NULL */
+  void* out; /* set by the service; may stay NULL */
   size_t out_size;
 } uipc_plugin_bytes_call;
 
@@ -108,13 +111,15 @@ typedef struct uipc_plugin_host_api {
 
   /* Services. Names: letters, digits, '_' and ' ', 1 to 63 bytes. A null fn
    * unregisters the caller's own service of that name. */
-  int (*register_service)(uipc_plugin_context* ctx, const char* name, uipc_plugin_service_fn fn, void* data,
-                          uint32_t flags);
+  int (*register_service)(uipc_plugin_context* ctx, const char* name, uipc_plugin_service_fn fn,
+                          void* data, uint32_t flags);
   int (*call_service)(uipc_plugin_context* ctx, const char* name, void* arg, uint64_t* result);
   /* Resolves a name once; the reference stays valid for the host's life and
    * follows the name (a reload, an unregistration, a new registration). */
-  int (*resolve_service)(uipc_plugin_context* ctx, const char* name, const uipc_plugin_service_ref** out);
-  int (*call_resolved)(uipc_plugin_context* ctx, const uipc_plugin_service_ref* ref, void* arg, uint64_t* result);
+  int (*resolve_service)(uipc_plugin_context* ctx, const char* name,
+                         const uipc_plugin_service_ref** out);
+  int (*call_resolved)(uipc_plugin_context* ctx, const uipc_plugin_service_ref* ref, void* arg,
+                       uint64_t* result);
   /* The registered services' names, TAB-delimited, in memory of ctx's pool. */
   int (*list_services)(uipc_plugin_context* ctx, char** out, size_t* length);
 
@@ -158,8 +163,8 @@ typedef struct uipc_plugin_info {
   uint32_t size;      /* sizeof(uipc_plugin_info) as the plug-in knows it */
   uint16_t abi_major; /* UIPC_PLUGIN_ABI_MAJOR the plug-in was built with */
   uint16_t abi_minor;
-  const char* name;   /* letters, digits, '_' and '.', 1 to 63 bytes */
-  uint32_t flags;     /* UIPC_PLUGIN_PREEMPTIVE, or 0 for cooperative */
+  const char* name; /* letters, digits, '_' and '.', 1 to 63 bytes */
+  uint32_t flags;   /* UIPC_PLUGIN_PREEMPTIVE, or 0 for cooperative */
   uint32_t reserved;
   /* Init: register services here; `host` stays valid until shutdown returns.
    * Non-zero refuses the load (the host reports the value). */
@@ -173,7 +178,8 @@ typedef struct uipc_plugin_info {
 
 /* The entry point: the Register command. The host passes its own ABI version;
  * the plug-in returns its description (static storage), or null to refuse. */
-typedef const uipc_plugin_info* (*uipc_plugin_entry_fn)(uint32_t host_abi_major, uint32_t host_abi_minor);
+typedef const uipc_plugin_info* (*uipc_plugin_entry_fn)(uint32_t host_abi_major,
+                                                        uint32_t host_abi_minor);
 
 #ifdef __cplusplus
 }

@@ -49,7 +49,8 @@ struct control_options {
 /// protocol on a point of its own (uipcd's uipc.control); `control` uses it.
 /// A "reload" runs the new build's Register and Init and a "call" may wait
 /// up to `call_timeout`: call it where blocking is fine.
-std::string control_answer(host& h, std::string_view request, std::chrono::milliseconds call_timeout);
+std::string control_answer(host& h, std::string_view request,
+                           std::chrono::milliseconds call_timeout);
 
 /// Serves the control protocol for one host.
 ///
@@ -62,7 +63,8 @@ class control {
  public:
   /// Registers the point and starts serving. Errors: those of registering a
   /// caps point (invalid_name, name_taken, ...).
-  static result<std::unique_ptr<control>> start(boost::asio::io_context& io, host& h, control_options options = {});
+  static result<std::unique_ptr<control>> start(boost::asio::io_context& io, host& h,
+                                                control_options options = {});
   ~control();
   control(const control&) = delete;
   control& operator=(const control&) = delete;

@@ -41,7 +41,9 @@ enum class errc {
 /// The category of errc, named "uipc.plugin".
 const boost::system::error_category& plugin_category() noexcept;
 
-inline error_code make_error_code(errc e) noexcept { return {static_cast<int>(e), plugin_category()}; }
+inline error_code make_error_code(errc e) noexcept {
+  return {static_cast<int>(e), plugin_category()};
+}
 
 /// A status of the C ABI as an error_code (UIPC_PLUGIN_OK: no error).
 inline error_code status_code(int status) noexcept {

@@ -94,7 +94,8 @@ class pool {
         return allocate_slow(size, out);
       }
       h->tag = reinterpret_cast<std::uintptr_t>(this);
-      live_ += capacity;  // a root pool's own use is live_ less its sub-pools'; the peak is noted at decreases
+      live_ += capacity;  // a root pool's own use is live_ less its sub-pools'; the peak is noted
+                          // at decreases
       *out = h + 1;
       return UIPC_PLUGIN_OK;
     }
@@ -174,7 +175,8 @@ class pool {
   pool* parent_ = nullptr;
   void* user_ = nullptr;
   std::size_t limit_ = 0;
-  std::size_t inline_room_ = 0;  // a root: its limit (or all); a sub-pool: 0, so it takes the slow path
+  std::size_t inline_room_ =
+      0;                    // a root: its limit (or all); a sub-pool: 0, so it takes the slow path
   std::size_t live_ = 0;    // root: live capacity of the whole tree
   std::size_t peak_ = 0;    // root: the most live_ seen at a decrease (peak() adds the present)
   std::size_t in_use_ = 0;  // a sub-pool's own live capacity (a root's is derived)
