@@ -40,6 +40,7 @@ int run_services(std::span<char* const> args);
 int run_status(std::span<char* const> args);
 int run_stats(std::span<char* const> args);
 int run_clients(std::span<char* const> args);
+int run_objects(std::span<char* const> args);
 int run_points(std::span<char* const> args);
 int run_reload(std::span<char* const> args);
 

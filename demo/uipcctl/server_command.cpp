@@ -1,4 +1,4 @@
-// `uipcctl status`, `stats`, `clients`, `reload`: a running uipcd, through
+// `uipcctl status`, `stats`, `clients`, `objects`, `points`, `reload`: a running uipcd, through
 // its control point (demo/uipcd/control.cpp has the protocol).
 #include <unistd.h>
 
@@ -22,27 +22,33 @@ constexpr int exit_usage = 64;
 constexpr std::string_view default_point = "uipc.control";
 
 int usage() {
-  std::fprintf(stderr,
-               "usage: uipcctl status|clients|points [--point NAME] [--dir DIR] [--timeout MS]\n"
-               "       uipcctl stats [--watch [SECONDS]] [--count N] [--point NAME] [--dir DIR] [--timeout MS]\n"
-               "       uipcctl reload [NAME] [--point NAME] [--dir DIR] [--timeout MS]\n"
-               "  status    what uipcd serves where, its state, reload errors, plug-ins that failed\n"
-               "  stats     every module's figures: counters, queue depths, pool use, latency\n"
-               "            percentiles; --watch refreshes them every SECONDS (default 1) with rates\n"
-               "            per second, until interrupted or --count refreshes\n"
-               "  clients   the clients of uipcd's caps points (pid, uid, gid)\n"
-               "  points    every live caps point of the rendezvous directory\n"
-               "  reload    the configuration file and the plug-ins that changed, as SIGHUP does;\n"
-               "            with NAME, plug-in NAME from its file\n"
-               "NAME of --point: uipcd's control point (default: %s, of your user).\n"
-               "DIR: the rendezvous directory (default: $UIPC_SHARED_DIR, else /tmp/uipc-shared).\n"
-               "MS: how long to wait for the answer (default: 5000). Errors exit with 3.\n",
-               std::string(default_point).c_str());
+  std::fprintf(
+      stderr,
+      "usage: uipcctl status|clients|objects|points [--point NAME] [--dir DIR] [--timeout MS]\n"
+      "       uipcctl stats [--watch [SECONDS]] [--count N] [--point NAME] [--dir DIR] [--timeout "
+      "MS]\n"
+      "       uipcctl reload [NAME] [--point NAME] [--dir DIR] [--timeout MS]\n"
+      "  status    what uipcd serves where, its state, reload errors, plug-ins that failed\n"
+      "  stats     every module's figures: counters, queue depths, pool use, latency\n"
+      "            percentiles; --watch refreshes them every SECONDS (default 1) with rates\n"
+      "            per second, until interrupted or --count refreshes\n"
+      "  clients   the clients of uipcd's caps points and of its handle daemon\n"
+      "            (pid, uid, gid)\n"
+      "  objects   the live objects of uipcd's handle daemon (handle, type,\n"
+      "            references, value, name)\n"
+      "  points    every live caps point of the rendezvous directory\n"
+      "  reload    the configuration file and the plug-ins that changed, as SIGHUP does;\n"
+      "            with NAME, plug-in NAME from its file\n"
+      "NAME of --point: uipcd's control point (default: %s, of your user).\n"
+      "DIR: the rendezvous directory (default: $UIPC_SHARED_DIR, else /tmp/uipc-shared).\n"
+      "MS: how long to wait for the answer (default: 5000). Errors exit with 3.\n",
+      std::string(default_point).c_str());
   return exit_usage;
 }
 
 // The target options (anywhere in `args`) into `t`, the rest into `rest`.
-bool split_args(std::span<char* const> args, control_target& t, std::vector<std::string_view>& rest) {
+bool split_args(std::span<char* const> args, control_target& t,
+                std::vector<std::string_view>& rest) {
   t.server = "uipcd";
   return split_target(args, t, default_point, rest);
 }
@@ -63,7 +69,8 @@ std::string duration(std::string_view ns_text) {
 
 // The stats rows (MODULE, NAME, LABEL, KIND, VALUE) as a table; with `previous`
 // and `seconds`, a column of rates per second for counters.
-std::string stats_view(std::string_view body, std::map<std::string, unsigned long long>* previous, double seconds) {
+std::string stats_view(std::string_view body, std::map<std::string, unsigned long long>* previous,
+                       double seconds) {
   std::string table = previous ? "MODULE\tFIGURE\tVALUE\tPER SECOND\n" : "MODULE\tFIGURE\tVALUE\n";
   bool header = true;
   while (!body.empty()) {
@@ -85,7 +92,8 @@ std::string stats_view(std::string_view body, std::map<std::string, unsigned lon
     const bool is_duration = name.size() > 3 && name.ends_with("_ns");
     if (is_duration) name.resize(name.size() - 3);
     if (f[2] != "-") name += " " + std::string(f[2]);
-    table += std::string(f[0]) + '\t' + name + '\t' + (is_duration ? duration(f[4]) : std::string(f[4]));
+    table +=
+        std::string(f[0]) + '\t' + name + '\t' + (is_duration ? duration(f[4]) : std::string(f[4]));
     if (previous) {
       const std::string key = std::string(f[0]) + '\t' + name;
       const auto value = number<unsigned long long>(f[4]);
@@ -94,7 +102,8 @@ std::string stats_view(std::string_view body, std::map<std::string, unsigned lon
         auto it = previous->find(key);
         if (it != previous->end() && seconds > 0 && *value >= it->second) {
           char text[32];
-          std::snprintf(text, sizeof text, "%.0f", static_cast<double>(*value - it->second) / seconds);
+          std::snprintf(text, sizeof text, "%.0f",
+                        static_cast<double>(*value - it->second) / seconds);
           rate = text;
         }
         (*previous)[key] = *value;
@@ -165,7 +174,8 @@ int simple(const char* command, std::span<char* const> args, const std::string& 
   std::string body;
   if (!ask(command, t, request, body)) return exit_error;
   if (request_verb == "reload")
-    std::printf("reloaded %s\n", rest.empty() ? "the configuration and the plug-ins" : std::string(rest[0]).c_str());
+    std::printf("reloaded %s\n",
+                rest.empty() ? "the configuration and the plug-ins" : std::string(rest[0]).c_str());
   else
     print_table(body);
   return exit_ok;
@@ -176,6 +186,7 @@ int simple(const char* command, std::span<char* const> args, const std::string& 
 int run_status(std::span<char* const> args) { return simple("status", args, "status"); }
 int run_stats(std::span<char* const> args) { return stats(args); }
 int run_clients(std::span<char* const> args) { return simple("clients", args, "clients"); }
+int run_objects(std::span<char* const> args) { return simple("objects", args, "handles"); }
 int run_points(std::span<char* const> args) { return simple("points", args, "points"); }
 int run_reload(std::span<char* const> args) { return simple("reload", args, "reload"); }
 

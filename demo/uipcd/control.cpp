@@ -7,7 +7,9 @@
 // uipcd adds:
 //   "status"          KEY, VALUE rows: what serves where, reload errors
 //   "stats"           MODULE, COUNTER, LABEL, VALUE rows
-//   "clients"         the clients of uipcd's own caps points
+//   "clients"         the clients of uipcd's own caps points and of its
+//                     handle daemon
+//   "handles"         the handle daemon's live objects
 //   "points"          every live caps point of the rendezvous directory
 //   "reload"          the configuration and the plug-ins, as SIGHUP does
 // Requests are untrusted: each is copied before it is read, anything else
@@ -32,9 +34,12 @@ std::string error_reply(std::string_view why) {
 
 const char* access_text(uipc::caps::access a) {
   switch (a) {
-    case uipc::caps::access::user: return "user";
-    case uipc::caps::access::group: return "group";
-    case uipc::caps::access::world: return "world";
+    case uipc::caps::access::user:
+      return "user";
+    case uipc::caps::access::group:
+      return "group";
+    case uipc::caps::access::world:
+      return "world";
   }
   return "?";
 }
@@ -44,9 +49,9 @@ std::string points_table(const std::string& directory) {
   if (!points) return error_reply("points: " + points.error().message());
   std::string out = "ok\nPOINT\tUID\tGID\tACCESS\tMODE\tPID\tCLIENTS\n";
   for (const auto& p : *points)
-    out += p.name + '\t' + std::to_string(p.uid) + '\t' + std::to_string(p.gid) + '\t' + access_text(p.who) + '\t' +
-           (p.exclusive ? "exclusive" : "shared") + '\t' + std::to_string(p.pid) + '\t' + std::to_string(p.clients) +
-           '\n';
+    out += p.name + '\t' + std::to_string(p.uid) + '\t' + std::to_string(p.gid) + '\t' +
+           access_text(p.who) + '\t' + (p.exclusive ? "exclusive" : "shared") + '\t' +
+           std::to_string(p.pid) + '\t' + std::to_string(p.clients) + '\n';
   return out;
 }
 
@@ -67,8 +72,8 @@ uipc::error_code server::impl::start_points() {
   o.max_spin = std::chrono::nanoseconds(0);  // served on the loop: never spin there
   auto c = uipc::caps::service::register_point(loop.context(), cfg.control_point, o);
   if (!c) {
-    std::fprintf(stderr, "uipcd: cannot register the control point %s: %s\n", cfg.control_point.c_str(),
-                 c.error().message().c_str());
+    std::fprintf(stderr, "uipcd: cannot register the control point %s: %s\n",
+                 cfg.control_point.c_str(), c.error().message().c_str());
     return c.error();
   }
   control.service = std::move(*c);
@@ -80,8 +85,8 @@ uipc::error_code server::impl::start_points() {
     po.directory = cfg.caps_directory;
     auto p = uipc::plugin::control::start(loop.context(), *host, po);
     if (!p) {
-      std::fprintf(stderr, "uipcd: cannot register the plug-ins point %s: %s\n", cfg.plugins_point.c_str(),
-                   p.error().message().c_str());
+      std::fprintf(stderr, "uipcd: cannot register the plug-ins point %s: %s\n",
+                   cfg.plugins_point.c_str(), p.error().message().c_str());
       return p.error();
     }
     plugin_control = std::move(*p);
@@ -111,21 +116,38 @@ void server::impl::serve_echo() {
       // Echoed, never read: the bytes go back as they are.
       (void)echo.service->reply(e.client, e.id, e.view());
       echo.latency.record(clock::now() - began);
-    } else if (e.kind == uipc::caps::event_kind::connected || e.kind == uipc::caps::event_kind::disconnected) {
+    } else if (e.kind == uipc::caps::event_kind::connected ||
+               e.kind == uipc::caps::event_kind::disconnected) {
       echo.note_client(e);
     }
     serve_echo();
   });
 }
 
+std::string server::impl::handles_table() const {
+  if (!handles) return error_reply("the handle daemon is not enabled");
+  std::string out = "ok\nHANDLE\tTYPE\tREFS\tVALUE\tNAME\n";
+  for (const auto& h : handles->objects())
+    out += uipc::handles::to_string(h.handle) + '\t' + uipc::handles::to_string(h.type) + '\t' +
+           std::to_string(h.refcount) + '\t' + std::to_string(h.value) + '\t' +
+           (h.name.empty() ? "-" : h.name) + '\n';
+  return out;
+}
+
 std::string server::impl::clients_table() {
   std::string out = "ok\nPOINT\tCLIENT\tPID\tUID\tGID\n";
+  // The handle daemon's sessions, under the name of its module (the daemon
+  // learns no gid: "-").
+  if (handles)
+    for (const auto& c : handles->clients())
+      out += "handles\t" + std::to_string(c.session) + '\t' + std::to_string(c.pid) + '\t' +
+             std::to_string(c.uid) + "\t-\n";
   for (own_point* p : {&control, &echo}) {
     if (!p->service) continue;
     std::lock_guard lock(p->clients_mutex);
     for (const auto& [id, who] : p->clients)
-      out += p->service->name() + '\t' + std::to_string(id) + '\t' + std::to_string(who.pid) + '\t' +
-             std::to_string(who.uid) + '\t' + std::to_string(who.gid) + '\n';
+      out += p->service->name() + '\t' + std::to_string(id) + '\t' + std::to_string(who.pid) +
+             '\t' + std::to_string(who.uid) + '\t' + std::to_string(who.gid) + '\n';
   }
   return out;
 }
@@ -133,7 +155,8 @@ std::string server::impl::clients_table() {
 void server::impl::serve_control() {
   control.service->async_receive([this](uipc::error_code ec, uipc::caps::event e) {
     if (ec) return;  // stopped
-    if (e.kind == uipc::caps::event_kind::connected || e.kind == uipc::caps::event_kind::disconnected) {
+    if (e.kind == uipc::caps::event_kind::connected ||
+        e.kind == uipc::caps::event_kind::disconnected) {
       control.note_client(e);
     } else if (e.kind == uipc::caps::event_kind::request) {
       const auto began = clock::now();
@@ -141,7 +164,8 @@ void server::impl::serve_control() {
       const auto id = e.id;
       auto answer = [this, client, id, began](const std::string& reply) {
         if (control.service->reply(client, id, reply) == uipc::caps::errc::message_too_large)
-          (void)control.service->reply(client, id, error_reply("the reply is too large for the channel"));
+          (void)control.service->reply(client, id,
+                                       error_reply("the reply is too large for the channel"));
         control.latency.record(clock::now() - began);
       };
       if (e.size() > max_request) {
@@ -157,6 +181,8 @@ void server::impl::serve_control() {
           answer("ok\n" + stats_table(collect()));
         } else if (verb == "clients" && bare) {
           answer(clients_table());
+        } else if (verb == "handles" && bare) {
+          answer(handles_table());
         } else if (verb == "points" && bare) {
           answer(points_table(cfg.caps_directory));
         } else if (verb == "reload" && bare) {
@@ -171,9 +197,9 @@ void server::impl::serve_control() {
         } else if ((verb == "plugins" || verb == "services") && bare) {
           answer(uipc::plugin::control_answer(*host, request, std::chrono::seconds(5)));
         } else {
-          answer(error_reply(
-              "unknown request (status, stats, clients, points, reload, reload\\tNAME, plugins, services, "
-              "call\\tSERVICE\\tBYTES)"));
+          answer(
+              error_reply("unknown request (status, stats, clients, handles, points, reload, "
+                          "reload\\tNAME, plugins, services, call\\tSERVICE\\tBYTES)"));
         }
       }
     }

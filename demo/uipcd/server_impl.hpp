@@ -70,7 +70,7 @@ struct server::impl {
   shared_slot<dns_settings> dns;
   std::atomic<std::uint64_t> config_reloads{0};
   mutable std::mutex status_mutex;  // guards the reloadable part of cfg and the strings below
-  std::string last_reload_error;  // why the last reload was refused, or ""
+  std::string last_reload_error;    // why the last reload was refused, or ""
   std::vector<std::string> plugin_failures;  // "FILE: why" of the last load or reload
 
   // -- modules --------------------------------------------------------------
@@ -118,6 +118,7 @@ struct server::impl {
   void serve_control();
   void serve_echo();
   std::string clients_table();
+  std::string handles_table() const;
 };
 
 }  // namespace uipcd

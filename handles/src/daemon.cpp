@@ -16,7 +16,8 @@ namespace asio = boost::asio;
 handle_daemon::impl::impl(asio::io_context& c, daemon_options o)
     : ctx(c),
       options(std::move(o)),
-      router(router_errors{make_error_code(errc::bad_request), make_error_code(errc::unknown_request),
+      router(router_errors{make_error_code(errc::bad_request),
+                           make_error_code(errc::unknown_request),
                            make_error_code(errc::reply_too_large)}),
       repair_timer(c),
       scratch(0) {}
@@ -25,19 +26,21 @@ error_code handle_daemon::impl::open() {
   auto resolved = resolve(options.where);
   if (!resolved) return resolved.error();
   where = *resolved;
-  if (options.capacity < 2 || options.capacity > (1u << 24)) return make_error_code(errc::invalid_argument);
+  if (options.capacity < 2 || options.capacity > (1u << 24))
+    return make_error_code(errc::invalid_argument);
   if (options.scratch_size > (std::size_t{1} << 32)) return make_error_code(errc::invalid_argument);
 
   // Anonymous (a sealed memfd), handed to each client in the hello reply: no
   // name another uid could take first, no size another process could change
   // under our mappings (the seals forbid it), nothing left behind by a kill.
-  auto seg = shm_segment::create_anonymous(detail::segment_bytes(options.capacity, options.scratch_size),
-                                           detail::identity);
+  auto seg = shm_segment::create_anonymous(
+      detail::segment_bytes(options.capacity, options.scratch_size), detail::identity);
   if (!seg) return seg.error();
   segment.emplace(std::move(*seg));
   std::random_device entropy;
   const std::uint64_t epoch = (static_cast<std::uint64_t>(entropy()) << 32) | entropy();
-  view = detail::format_segment(segment->data(), segment->size(), options.capacity, options.scratch_size, epoch);
+  view = detail::format_segment(segment->data(), segment->size(), options.capacity,
+                                options.scratch_size, epoch);
 
   records.assign(options.capacity, detail::slot_record{});
   record_types.assign(options.capacity, object_type::none);
@@ -175,10 +178,38 @@ daemon_stats handle_daemon::impl::stats_locked() const {
   return s;
 }
 
-result<std::unique_ptr<handle_daemon>> handle_daemon::start(asio::io_context& ctx, daemon_options options) {
+handle_info handle_daemon::impl::object_locked(std::uint32_t index) const {
+  const detail::slot_record& r = records[index];
+  handle_info h;
+  h.handle = handle_id{index, r.generation};
+  h.type = r.type;
+  h.refcount = r.refs;
+  h.name = r.name;
+  h.value = detail::slot_value(view.at(index));
+  return h;
+}
+
+std::vector<client_info> handle_daemon::impl::clients_locked() const {
+  std::vector<client_info> out;
+  if (!serving) return out;
+  for (const auto& s : serving->sessions()) {
+    client_info c;
+    c.session = s->id();
+    c.pid = s->peer().pid;
+    c.uid = s->peer().uid;
+    c.handles = static_cast<std::uint32_t>(handle_refs.objects_held(s->id()));
+    c.scratch_blocks = static_cast<std::uint32_t>(scratch_refs.objects_held(s->id()));
+    out.push_back(c);
+  }
+  return out;
+}
+
+result<std::unique_ptr<handle_daemon>> handle_daemon::start(asio::io_context& ctx,
+                                                            daemon_options options) {
   auto p = std::make_shared<impl>(ctx, std::move(options));
   if (auto ec = p->open()) return ec;
-  return std::unique_ptr<handle_daemon>(new handle_daemon(std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory)
+  return std::unique_ptr<handle_daemon>(
+      new handle_daemon(std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory)
 }
 
 handle_daemon::handle_daemon(std::shared_ptr<impl> p) : impl_(std::move(p)) {}
@@ -188,6 +219,20 @@ void handle_daemon::stop() { impl_->stop(); }
 daemon_stats handle_daemon::stats() const {
   std::lock_guard lock(impl_->mutex);
   return impl_->stats_locked();
+}
+
+std::vector<handle_info> handle_daemon::objects() const {
+  std::lock_guard lock(impl_->mutex);
+  std::vector<handle_info> out;
+  if (impl_->stopped) return out;
+  for (std::uint32_t i = 1; i < impl_->records.size(); ++i)
+    if (impl_->records[i].type != object_type::none) out.push_back(impl_->object_locked(i));
+  return out;
+}
+
+std::vector<client_info> handle_daemon::clients() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->clients_locked();
 }
 
 const resolved_location& handle_daemon::where() const noexcept { return impl_->where; }

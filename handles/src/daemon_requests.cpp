@@ -59,7 +59,8 @@ void handle_daemon::impl::register_requests() {
   auto checked_index = [this](const pb::HandleId& h) -> result<std::uint32_t> {
     if (h.index() == 0 || h.index() >= records.size()) return fail(errc::invalid_handle);
     const detail::slot_record& r = records[h.index()];
-    if (r.type == object_type::none || r.generation != h.generation()) return fail(errc::stale_handle);
+    if (r.type == object_type::none || r.generation != h.generation())
+      return fail(errc::stale_handle);
     return h.index();
   };
   auto handle_reply = [this](std::uint32_t index, bool existed) {
@@ -77,7 +78,8 @@ void handle_daemon::impl::register_requests() {
   };
 
   router.on<pb::HelloRequest, pb::HelloReply>(
-      type_of(request_type::hello), locked([this](request_context& ctx, const pb::HelloRequest&) -> result<pb::HelloReply> {
+      type_of(request_type::hello),
+      locked([this](request_context& ctx, const pb::HelloRequest&) -> result<pb::HelloReply> {
         unique_fd memfd(::fcntl(segment->fd(), F_DUPFD_CLOEXEC, 0));
         if (!memfd) return error_code(errno, boost::system::system_category());
         ctx.reply_fds.push_back(std::move(memfd));
@@ -91,53 +93,55 @@ void handle_daemon::impl::register_requests() {
 
   router.on<pb::CreateRequest, pb::HandleReply>(
       type_of(request_type::create),
-      locked([=, this](request_context& ctx, const pb::CreateRequest& in) -> result<pb::HandleReply> {
-        const auto type = static_cast<object_type>(in.type());
-        detail::object_init init;
-        init.type = type;
-        switch (type) {
-          case object_type::manual_event:
-          case object_type::auto_event:
-            init.value = in.initial_state() ? 1 : 0;
-            break;
-          case object_type::semaphore:
-            if (in.max_count() == 0 || in.initial_count() > in.max_count()) return fail(errc::bad_request);
-            init.value = in.initial_count();
-            init.max_count = in.max_count();
-            break;
-          case object_type::mutex:
-            if (in.initial_state()) {
-              if (in.owner_tid() == 0) return fail(errc::bad_request);
-              init.value = in.owner_tid();
-              init.owner_pid = ctx.session.peer().pid;
+      locked(
+          [=, this](request_context& ctx, const pb::CreateRequest& in) -> result<pb::HandleReply> {
+            const auto type = static_cast<object_type>(in.type());
+            detail::object_init init;
+            init.type = type;
+            switch (type) {
+              case object_type::manual_event:
+              case object_type::auto_event:
+                init.value = in.initial_state() ? 1 : 0;
+                break;
+              case object_type::semaphore:
+                if (in.max_count() == 0 || in.initial_count() > in.max_count())
+                  return fail(errc::bad_request);
+                init.value = in.initial_count();
+                init.max_count = in.max_count();
+                break;
+              case object_type::mutex:
+                if (in.initial_state()) {
+                  if (in.owner_tid() == 0) return fail(errc::bad_request);
+                  init.value = in.owner_tid();
+                  init.owner_pid = ctx.session.peer().pid;
+                }
+                break;
+              default:
+                return fail(errc::bad_request);
             }
-            break;
-          default:
-            return fail(errc::bad_request);
-        }
-        if (in.name().size() > max_name_length) return fail(errc::name_too_long);
-        if (in.name().find('\0') != std::string::npos) return fail(errc::bad_request);
-        if (!in.name().empty()) {
-          if (auto it = names.find(in.name()); it != names.end()) {
-            if (records[it->second].type != type) return fail(errc::name_in_use);
-            add_ref(ctx.session.id(), it->second);
-            return handle_reply(it->second, true);
-          }
-        }
-        if (free_slots.empty()) return fail(errc::table_full);
-        const std::uint32_t index = free_slots.front();
-        free_slots.pop_front();
-        detail::slot_record& r = records[index];
-        r.type = type;
-        record_types[index] = type;
-        r.refs = 0;
-        r.name = in.name();
-        init.name = r.name;
-        detail::publish_slot(view, index, r.generation, init);
-        if (!r.name.empty()) names.emplace(r.name, index);
-        add_ref(ctx.session.id(), index);
-        return handle_reply(index, false);
-      }));
+            if (in.name().size() > max_name_length) return fail(errc::name_too_long);
+            if (in.name().find('\0') != std::string::npos) return fail(errc::bad_request);
+            if (!in.name().empty()) {
+              if (auto it = names.find(in.name()); it != names.end()) {
+                if (records[it->second].type != type) return fail(errc::name_in_use);
+                add_ref(ctx.session.id(), it->second);
+                return handle_reply(it->second, true);
+              }
+            }
+            if (free_slots.empty()) return fail(errc::table_full);
+            const std::uint32_t index = free_slots.front();
+            free_slots.pop_front();
+            detail::slot_record& r = records[index];
+            r.type = type;
+            record_types[index] = type;
+            r.refs = 0;
+            r.name = in.name();
+            init.name = r.name;
+            detail::publish_slot(view, index, r.generation, init);
+            if (!r.name.empty()) names.emplace(r.name, index);
+            add_ref(ctx.session.id(), index);
+            return handle_reply(index, false);
+          }));
 
   router.on<pb::OpenRequest, pb::HandleReply>(
       type_of(request_type::open),
@@ -167,8 +171,9 @@ void handle_daemon::impl::register_requests() {
         auto left = handle_refs.release(ctx.session.id(), *checked);
         if (!left) {
           // The seed's lesson: a close with no reference held warns and changes nothing.
-          std::fprintf(stderr, "uipc-handled: close of %u:%u by pid %d, which holds no reference\n", *checked,
-                       in.handle().generation(), static_cast<int>(ctx.session.peer().pid));
+          std::fprintf(stderr, "uipc-handled: close of %u:%u by pid %d, which holds no reference\n",
+                       *checked, in.handle().generation(),
+                       static_cast<int>(ctx.session.peer().pid));
           return fail(errc::not_held);
         }
         drop_refs(*checked, 1);
@@ -181,7 +186,8 @@ void handle_daemon::impl::register_requests() {
 
   router.on<pb::ScratchStoreRequest, pb::ScratchStoreReply>(
       type_of(request_type::scratch_store),
-      locked([this](request_context& ctx, const pb::ScratchStoreRequest& in) -> result<pb::ScratchStoreReply> {
+      locked([this](request_context& ctx,
+                    const pb::ScratchStoreRequest& in) -> result<pb::ScratchStoreReply> {
         if (in.size() == 0) return fail(errc::bad_request);
         auto offset = scratch.allocate(in.size());
         if (!offset) return fail(errc::scratch_exhausted);
@@ -197,37 +203,42 @@ void handle_daemon::impl::register_requests() {
   router.on<pb::ScratchFreeRequest, pb::Empty>(
       type_of(request_type::scratch_free),
       locked([this](request_context& ctx, const pb::ScratchFreeRequest& in) -> result<pb::Empty> {
-        if (!scratch_refs.release(ctx.session.id(), in.offset())) return fail(errc::bad_scratch_offset);
+        if (!scratch_refs.release(ctx.session.id(), in.offset()))
+          return fail(errc::bad_scratch_offset);
         free_scratch_block(in.offset());
         return pb::Empty{};
       }),
       request_router::notices::served);
 
   router.on<pb::ListRequest, pb::ListReply>(
-      type_of(request_type::list), locked([this](request_context&, const pb::ListRequest& in) -> result<pb::ListReply> {
+      type_of(request_type::list),
+      locked([this](request_context&, const pb::ListRequest& in) -> result<pb::ListReply> {
         pb::ListReply out;
         // Paged: a whole table of long names would not fit in one frame.
         constexpr int page_entries = 256;  // at most ~100 bytes each: well under 64 KiB
-        for (std::uint32_t i = std::max<std::uint32_t>(1, in.start_index()); i < records.size(); ++i) {
+        for (std::uint32_t i = std::max<std::uint32_t>(1, in.start_index()); i < records.size();
+             ++i) {
           const detail::slot_record& r = records[i];
           if (r.type == object_type::none) continue;
           if (out.entries_size() == page_entries) {
             out.set_next_index(i);
             break;
           }
+          const handle_info h = object_locked(i);
           auto* e = out.add_entries();
-          e->mutable_handle()->set_index(i);
-          e->mutable_handle()->set_generation(r.generation);
-          e->set_type(static_cast<pb::ObjectType>(r.type));
-          e->set_refcount(r.refs);
-          e->set_name(r.name);
-          e->set_value(detail::slot_value(view.at(i)));
+          e->mutable_handle()->set_index(h.handle.index);
+          e->mutable_handle()->set_generation(h.handle.generation);
+          e->set_type(static_cast<pb::ObjectType>(h.type));
+          e->set_refcount(h.refcount);
+          e->set_name(h.name);
+          e->set_value(h.value);
         }
         return out;
       }));
 
   router.on<pb::StatsRequest, pb::StatsReply>(
-      type_of(request_type::stats), locked([this](request_context&, const pb::StatsRequest&) -> result<pb::StatsReply> {
+      type_of(request_type::stats),
+      locked([this](request_context&, const pb::StatsRequest&) -> result<pb::StatsReply> {
         const daemon_stats s = stats_locked();
         pb::StatsReply out;
         out.set_capacity(s.capacity);
@@ -249,13 +260,13 @@ void handle_daemon::impl::register_requests() {
       type_of(request_type::clients),
       locked([this](request_context&, const pb::ClientsRequest&) -> result<pb::ClientsReply> {
         pb::ClientsReply out;
-        for (const auto& s : serving->sessions()) {
+        for (const client_info& c : clients_locked()) {
           auto* e = out.add_clients();
-          e->set_session(s->id());
-          e->set_pid(s->peer().pid);
-          e->set_uid(s->peer().uid);
-          e->set_handles(static_cast<std::uint32_t>(handle_refs.objects_held(s->id())));
-          e->set_scratch_blocks(static_cast<std::uint32_t>(scratch_refs.objects_held(s->id())));
+          e->set_session(c.session);
+          e->set_pid(c.pid);
+          e->set_uid(c.uid);
+          e->set_handles(c.handles);
+          e->set_scratch_blocks(c.scratch_blocks);
         }
         return out;
       }));

@@ -81,6 +81,8 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
   void arm_repair_timer();
   void stop();
   daemon_stats stats_locked() const;
+  handle_info object_locked(std::uint32_t index) const;  // a live slot's record
+  std::vector<client_info> clients_locked() const;
 
   // daemon_requests.cpp
   void register_requests();

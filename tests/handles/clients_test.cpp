@@ -32,9 +32,8 @@ TEST(ClientsTest, EachConnectionIsListedWithWhatItHolds) {
   };
   EXPECT_EQ(holding(2), 1);  // a: two events
   EXPECT_EQ(holding(1), 1);  // b: one
-  const auto with_scratch = std::count_if(all->begin(), all->end(), [](const client_info& e) {
-    return e.scratch_blocks == 1;
-  });
+  const auto with_scratch = std::count_if(
+      all->begin(), all->end(), [](const client_info& e) { return e.scratch_blocks == 1; });
   EXPECT_EQ(with_scratch, 1);
   EXPECT_NE((*all)[0].session, (*all)[1].session);
 
@@ -50,6 +49,53 @@ TEST(ClientsTest, EachConnectionIsListedWithWhatItHolds) {
   }
   ASSERT_EQ(all->size(), 1u);
   EXPECT_EQ(all->front().handles, 2u);
+}
+
+// The daemon's own view, for the process that runs it (uipcd's control point):
+// the same objects and clients its clients are told, and nothing once stopped.
+TEST(ClientsTest, TheDaemonListsItsObjectsAndClientsInProcess) {
+  test::private_location loc;
+  test::in_process_daemon daemon(loc.where);
+  ASSERT_TRUE(static_cast<bool>(daemon));
+  EXPECT_TRUE(daemon->objects().empty());
+  EXPECT_TRUE(daemon->clients().empty());
+  auto a = client::connect(loc.options());
+  ASSERT_TRUE(a) << a.error().message();
+  auto ev = a->create_event(event_reset::manual, true, "listed");
+  auto mx = a->create_mutex(false);
+  ASSERT_TRUE(ev && mx);
+
+  const auto objects = daemon->objects();
+  auto listed = a->list();
+  ASSERT_TRUE(listed);
+  ASSERT_EQ(objects.size(), 2u);
+  ASSERT_EQ(listed->size(), 2u);
+  for (std::size_t i = 0; i < objects.size(); ++i) {
+    EXPECT_EQ(objects[i].handle, (*listed)[i].handle);
+    EXPECT_EQ(objects[i].type, (*listed)[i].type);
+    EXPECT_EQ(objects[i].name, (*listed)[i].name);
+    EXPECT_EQ(objects[i].refcount, 1u);
+  }
+  const auto named = std::find_if(objects.begin(), objects.end(),
+                                  [](const handle_info& h) { return h.name == "listed"; });
+  ASSERT_NE(named, objects.end());
+  EXPECT_EQ(named->handle, ev->handle());
+  EXPECT_EQ(named->type, object_type::manual_event);
+  EXPECT_EQ(named->value, 1u);  // signalled
+
+  const auto clients = daemon->clients();
+  ASSERT_EQ(clients.size(), 1u);
+  EXPECT_EQ(clients[0].pid, ::getpid());
+  EXPECT_EQ(clients[0].uid, ::geteuid());
+  EXPECT_EQ(clients[0].handles, 2u);
+
+  ev = make_error_code(errc::daemon_lost);
+  mx = make_error_code(errc::daemon_lost);
+  a = make_error_code(errc::daemon_lost);
+  EXPECT_TRUE(uipc::test::eventually([&] { return daemon->clients().empty(); }));
+  EXPECT_TRUE(daemon->objects().empty());
+  daemon->stop();
+  EXPECT_TRUE(daemon->objects().empty());
 }
 
 }  // namespace

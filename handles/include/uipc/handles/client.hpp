@@ -67,24 +67,6 @@ struct client_options {
   std::chrono::nanoseconds spin{std::chrono::microseconds(50)};
 };
 
-/// One entry of client::list().
-struct handle_info {
-  handle_id handle;
-  object_type type = object_type::none;
-  std::uint32_t refcount = 0;
-  std::string name;
-  std::uint32_t value = 0;  ///< event: signalled 0/1; semaphore: count; mutex: owner tid (0: free)
-};
-
-/// One entry of client::clients(): a connection to the daemon.
-struct client_info {
-  std::uint64_t session = 0;  ///< the daemon's number for the connection
-  std::int32_t pid = 0;       ///< as the kernel reported it at connect time
-  std::uint32_t uid = 0;
-  std::uint32_t handles = 0;  ///< distinct objects it holds references on
-  std::uint32_t scratch_blocks = 0;
-};
-
 /// A reference to a kernel object. Move-only; the destructor closes the reference
 /// (a round trip to the daemon), and the object dies with its last reference in
 /// any process. Threading: one object may be used from several threads at once
@@ -334,7 +316,8 @@ class client {
   /// Checks a wait set and resolves its slots (sorted by slot for a wait-all:
   /// one lock order for every wait-all, so two never deadlock). Shared by the
   /// blocking and the async waits, so both refuse the same sets the same way.
-  error_code build_wait_set(std::span<const object* const> objects, bool all, detail::wait_set& out) const;
+  error_code build_wait_set(std::span<const object* const> objects, bool all,
+                            detail::wait_set& out) const;
 
   using async_wait_handler = boost::asio::any_completion_handler<void(error_code, wait_status)>;
   using async_wait_many_handler =

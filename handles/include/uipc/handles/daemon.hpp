@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "uipc/core/error.hpp"
 #include "uipc/handles/types.hpp"
@@ -73,6 +74,10 @@ class handle_daemon {
   void stop();
 
   daemon_stats stats() const;
+  /// Every live object, by slot (what client::list() pages through).
+  std::vector<handle_info> objects() const;
+  /// Every connected client (what client::clients() returns).
+  std::vector<client_info> clients() const;
   const resolved_location& where() const noexcept;
 
   struct impl;

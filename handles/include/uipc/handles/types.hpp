@@ -83,4 +83,23 @@ inline constexpr std::size_t max_name_length = 63;
 /// Most objects in one wait_any / wait_all.
 inline constexpr std::size_t max_wait_objects = 64;
 
+/// One entry of client::list() and handle_daemon::objects(): a live object.
+struct handle_info {
+  handle_id handle;
+  object_type type = object_type::none;
+  std::uint32_t refcount = 0;
+  std::string name;
+  std::uint32_t value = 0;  ///< event: signalled 0/1; semaphore: count; mutex: owner tid (0: free)
+};
+
+/// One entry of client::clients() and handle_daemon::clients(): a connection
+/// to the daemon.
+struct client_info {
+  std::uint64_t session = 0;  ///< the daemon's number for the connection
+  std::int32_t pid = 0;       ///< as the kernel reported it at connect time
+  std::uint32_t uid = 0;
+  std::uint32_t handles = 0;  ///< distinct objects it holds references on
+  std::uint32_t scratch_blocks = 0;
+};
+
 }  // namespace uipc::handles
