@@ -1,7 +1,5 @@
 // uipcd's server: bringing the modules up and down, DNS answered by a plug-in,
 // reloads, and the figures.
-#include "server_impl.hpp"
-
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -15,6 +13,7 @@
 #include "dns_message.hpp"
 #include "metrics.hpp"
 #include "program_args.hpp"
+#include "server_impl.hpp"
 
 namespace uipcd {
 
@@ -154,7 +153,8 @@ server::impl::impl(config c, config_source s)
   dns.store(std::make_shared<const dns_settings>(dns_settings{cfg.dns_service, cfg.dns_timeout}));
 }
 
-server::server(config c, config_source source) : impl_(std::make_unique<impl>(std::move(c), std::move(source))) {}
+server::server(config c, config_source source)
+    : impl_(std::make_unique<impl>(std::move(c), std::move(source))) {}
 
 server::~server() = default;
 
@@ -165,7 +165,8 @@ void server::impl::start_plugins() {
   uipc::plugin::host_options options;
   options.log = [](int level, std::string_view text) {
     // Errors and warnings (crashes, restarts); loads are logged by sync_plugins.
-    if (level <= 1) std::fprintf(stderr, "uipcd: plugins: %.*s\n", static_cast<int>(text.size()), text.data());
+    if (level <= 1)
+      std::fprintf(stderr, "uipcd: plugins: %.*s\n", static_cast<int>(text.size()), text.data());
   };
   auto h = uipc::plugin::host::create(options);
   if (!h) throw std::runtime_error("plug-in host: " + h.error().message());
@@ -178,7 +179,16 @@ void server::impl::sync_plugins() {
   std::vector<std::string> failures;
   uipc::plugin::isolation_options isolation;
   isolation.directory = cfg.caps_directory;
-  auto load = [&](const std::string& file, const fs::path& path, bool isolated, const struct stat& st) {
+  // A restarted zone plug-in starts from the environment uipcd started with:
+  // give it the zone that serves now (from the admin thread, as reloads do).
+  isolation.on_restart = [this] {
+    boost::asio::post(admin, [this] {
+      if (auto why = apply_zone(); !why.empty())
+        log("plugins: the restarted zone plug-in refused the zone: " + why);
+    });
+  };
+  auto load = [&](const std::string& file, const fs::path& path, bool isolated,
+                  const struct stat& st) {
     auto name = isolated ? host->load_isolated(path, isolation) : host->load(path);
     if (!name) {
       failures.push_back(file + ".so: " + name.error().message());
@@ -202,7 +212,8 @@ void server::impl::sync_plugins() {
   for (const auto& [file, path] : files) {
     struct stat st {};
     if (::stat(path.c_str(), &st) != 0) continue;
-    const bool isolated = std::find(cfg.isolate.begin(), cfg.isolate.end(), file) != cfg.isolate.end();
+    const bool isolated =
+        std::find(cfg.isolate.begin(), cfg.isolate.end(), file) != cfg.isolate.end();
     auto it = plugins.find(file);
     if (it == plugins.end()) {
       load(file, path, isolated, st);
@@ -213,7 +224,8 @@ void server::impl::sync_plugins() {
     } else if (!same_file(it->second, st)) {  // a new build: calls in flight finish in the old one
       if (auto ec = host->reload(it->second.name, path)) {
         failures.push_back(file + ".so: " + ec.message());
-        log("plugins: reload of " + it->second.name + " failed, the old build serves on: " + ec.message());
+        log("plugins: reload of " + it->second.name +
+            " failed, the old build serves on: " + ec.message());
       } else {
         remember_file(it->second, st);
         log("plugins: reloaded " + it->second.name + " from " + path.string());
@@ -230,7 +242,8 @@ std::string server::impl::apply_zone() {
   if (!ctx) return ctx.error().message();
   ctx->set_deadline(clock::now() + std::chrono::seconds(10));
   std::uint64_t status = 0;
-  auto r = ctx->call_bytes("dns zone", std::as_bytes(std::span(cfg.dns_zone.data(), cfg.dns_zone.size())), &status);
+  auto r = ctx->call_bytes(
+      "dns zone", std::as_bytes(std::span(cfg.dns_zone.data(), cfg.dns_zone.size())), &status);
   if (!r) return "dns zone: " + r.error().message();
   const std::string text(reinterpret_cast<const char*>(r->data()), r->size());
   if (status != 0) return text.rfind("error\t", 0) == 0 ? text.substr(6) : text;
@@ -296,7 +309,8 @@ int server::impl::start() {
   if (auto ec = start_points()) return exit_cannot_start;  // start_points says why
 
   if (!cfg.metrics.empty()) {
-    auto m = metrics_server::start(loop.context(), cfg.metrics, [this] { return prometheus_text(collect()); });
+    auto m = metrics_server::start(loop.context(), cfg.metrics,
+                                   [this] { return prometheus_text(collect()); });
     if (!m) {
       log("cannot serve metrics on " + cfg.metrics + ": " + m.error().message());
       return exit_cannot_start;
@@ -327,20 +341,25 @@ int server::impl::start() {
 
 void server::impl::begin_drain(int signal) {
   if (draining.exchange(true)) return;
-  log(std::string("stopping (") + (signal == SIGINT ? "SIGINT" : "SIGTERM") + "): draining work in flight");
+  log(std::string("stopping (") + (signal == SIGINT ? "SIGINT" : "SIGTERM") +
+      "): draining work in flight");
+  // Queries that arrive from now on stay unread (their clients retry or time
+  // out, as with any server that stops); every one read so far is answered.
+  if (dispatcher) dispatcher->stop_receiving();
   drain_step(clock::now() + cfg.drain);
 }
 
 // Every 2 ms: done once no query is being answered or waits in the queue, or
 // at the deadline; then the loop stops (its hooks stop every module).
 void server::impl::drain_step(clock::time_point deadline) {
-  // Idle: every datagram read so far was answered or dropped (a batch being
-  // delivered is in neither the queue nor in flight, so count, not look).
+  // Idle: every datagram read was answered or dropped (a batch being delivered
+  // is in neither the queue nor in flight, so count, not look). The dispatcher
+  // reads no more since begin_drain, so `received` is final.
   bool idle = true;
   if (dispatcher) {
     const auto d = dispatcher->stats();
-    const std::uint64_t dealt = dns_answered.load() + dns_dropped.load() + d.dropped_short + d.dropped_no_listener +
-                                d.dropped_queue_full + d.dropped_no_memory;
+    const std::uint64_t dealt = dns_answered.load() + dns_dropped.load() + d.dropped_short +
+                                d.dropped_no_listener + d.dropped_queue_full + d.dropped_no_memory;
     idle = dns_in_flight.load() == 0 && d.queued_queries == 0 && dealt >= d.received;
   }
   if (idle || clock::now() >= deadline) {
@@ -358,7 +377,8 @@ int server::impl::run() {
   std::function<void()> wait_signal = [this, &wait_signal] {
     signals.async_wait([this, &wait_signal](boost::system::error_code ec, int signal) {
       if (ec) return;
-      if (signal != SIGHUP) return begin_drain(signal);  // no new wait: the stop hook may have run already
+      if (signal != SIGHUP)
+        return begin_drain(signal);  // no new wait: the stop hook may have run already
       boost::asio::post(admin, [this] { (void)reload_all(); });
       wait_signal();
     });
@@ -375,8 +395,8 @@ int server::impl::run() {
   if (dispatcher) {
     // Every query read was answered (servfail included) or dropped as not one.
     log("stopped; DNS received " + std::to_string(dispatcher->stats().received) + " answered " +
-        std::to_string(dns_answered.load()) + " servfail " + std::to_string(dns_servfail.load()) + " dropped " +
-        std::to_string(dns_dropped.load()));
+        std::to_string(dns_answered.load()) + " servfail " + std::to_string(dns_servfail.load()) +
+        " dropped " + std::to_string(dns_dropped.load()));
   } else {
     log("stopped");
   }
@@ -399,7 +419,8 @@ std::string server::impl::reload_all() {
     std::lock_guard lock(status_mutex);  // status_table() reads cfg on the loop
     later = adopt_reloadable(cfg, next);
   }
-  for (const auto& key : later) log("reload: " + key + " changed; it takes effect at the next start");
+  for (const auto& key : later)
+    log("reload: " + key + " changed; it takes effect at the next start");
   dns.store(std::make_shared<const dns_settings>(dns_settings{cfg.dns_service, cfg.dns_timeout}));
   sync_plugins();
   std::string why = apply_zone();
@@ -424,7 +445,8 @@ std::vector<figure> server::impl::collect() const {
     add(module, "latency_ns", h.percentile(0.99), false, "p99");
   };
   add("server", "uptime_s",
-      static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::seconds>(clock::now() - started).count()),
+      static_cast<std::uint64_t>(
+          std::chrono::duration_cast<std::chrono::seconds>(clock::now() - started).count()),
       false);
   add("server", "threads", loop.threads(), false);
   add("server", "config_reloads", config_reloads.load());
@@ -497,12 +519,15 @@ std::vector<figure> server::impl::collect() const {
 std::string server::impl::status_table() const {
   std::string out = "KEY\tVALUE\n";
   auto row = [&out](const char* key, std::string value) {
-    std::replace_if(value.begin(), value.end(), [](char c) { return c == '\t' || c == '\n'; }, ' ');
+    std::replace_if(
+        value.begin(), value.end(), [](char c) { return c == '\t' || c == '\n'; }, ' ');
     out += std::string(key) + '\t' + value + '\n';
   };
   row("pid", std::to_string(::getpid()));
   row("state", draining.load() ? "draining" : "serving");
-  row("uptime_s", std::to_string(std::chrono::duration_cast<std::chrono::seconds>(clock::now() - started).count()));
+  row("uptime_s",
+      std::to_string(
+          std::chrono::duration_cast<std::chrono::seconds>(clock::now() - started).count()));
   row("threads", std::to_string(loop.threads()));
   row("config", source.path.empty() ? "-" : source.path);
   row("handles", handles ? handles->where().socket_path : "off");

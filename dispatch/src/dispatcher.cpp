@@ -46,9 +46,7 @@ response& response::operator=(response&& other) noexcept {
 
 std::uint16_t response::id() const noexcept { return party_ ? party_->key_.id : 0; }
 
-port_mode response::ports() const noexcept {
-  return party_ ? party_->mode_ : port_mode::shared;
-}
+port_mode response::ports() const noexcept { return party_ ? party_->mode_ : port_mode::shared; }
 
 std::uint16_t response::local_port() const noexcept { return party_ ? party_->local_port_ : 0; }
 
@@ -259,7 +257,8 @@ result<void> engine::open_send_sockets() {
   if (count == 1) {
     code[length++] = BPF_STMT(BPF_RET | BPF_K, 0);
   } else {
-    code[length++] = BPF_STMT(BPF_LD | BPF_H | BPF_ABS, static_cast<std::uint32_t>(options_.frame.id_offset));
+    code[length++] =
+        BPF_STMT(BPF_LD | BPF_H | BPF_ABS, static_cast<std::uint32_t>(options_.frame.id_offset));
     code[length++] = BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, count);
     code[length++] = BPF_STMT(BPF_RET | BPF_A, 0);
   }
@@ -366,6 +365,7 @@ dispatcher_stats engine::stats() const {
   st.listeners = listeners_.size();
   for (const auto& s : sockets_) st.receiving_sockets += s->receiving ? 1 : 0;
   st.shutting_down = shutting_down_;
+  st.receiving_stopped = receiving_stopped_.load(std::memory_order_relaxed);
   return st;
 }
 
@@ -433,6 +433,7 @@ const framing& dispatcher::frame() const noexcept { return engine_->frame(); }
 
 dispatcher_stats dispatcher::stats() const { return engine_->stats(); }
 
+void dispatcher::stop_receiving() { engine_->stop_receiving(); }
 void dispatcher::shutdown() { engine_->fail(asio::error::operation_aborted, /*from_loop=*/false); }
 
 }  // namespace uipc::dispatch

@@ -17,8 +17,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "uipc/core/buffer_pool.hpp"
 #include "exclusive.hpp"
+#include "uipc/core/buffer_pool.hpp"
 #include "uipc/dispatch/dispatcher.hpp"
 
 namespace uipc::dispatch::detail {
@@ -236,7 +236,7 @@ struct socket_state {
   std::vector<mmsghdr> send_headers;
   std::vector<iovec> send_vectors;
   std::vector<pooled_buffer> spent_buffers;  // a sendmmsg's sent buffers, given back together
-  bool receiving = false;  // guarded by the engine's mutex
+  bool receiving = false;                    // guarded by the engine's mutex
 };
 
 /// What a flush did: completions to post, buffers given back, a socket error.
@@ -293,6 +293,8 @@ class engine : public std::enable_shared_from_this<engine> {
   /// The failsafe shutdown (see dispatcher); idempotent. `from_loop`: called
   /// from one of our completions, where handlers may run at once.
   void fail(error_code reason, bool from_loop);
+  /// dispatcher::stop_receiving().
+  void stop_receiving();
 
  private:
   using completions = std::vector<completion>;
@@ -395,7 +397,7 @@ class engine : public std::enable_shared_from_this<engine> {
   std::uint32_t exclusive_reserved_ = 0;
   std::deque<std::unique_ptr<port_waiter>> port_waiters_;
   bool serving_waiters_ = false;  // a thread is in serve_port_waiters
-  std::mutex port_mutex_;  // a leaf: nothing else is locked while it is held
+  std::mutex port_mutex_;         // a leaf: nothing else is locked while it is held
   std::optional<port_draw> ports_;
   // The exclusive sockets' own epoll set, itself waited on by the loop: one
   // epoll_ctl per socket (its descriptor leaves the set when it closes), where
@@ -404,13 +406,16 @@ class engine : public std::enable_shared_from_this<engine> {
   std::mutex slots_mutex_;
   std::unique_ptr<boost::asio::posix::stream_descriptor> exclusive_set_;
   bool exclusive_set_armed_ = false;
-  bool exclusive_set_busy_ = false;  // a thread is reading the set's ready sockets
+  bool exclusive_set_busy_ = false;        // a thread is reading the set's ready sockets
   std::uint64_t exclusive_set_waits_ = 0;  // waits armed so far: the last one is current
   std::vector<exclusive_slot> slots_;
   std::vector<std::uint32_t> free_slots_;
   std::size_t watched_ = 0;
   std::atomic<unsigned> idle_sockets_{0};  // sockets with no receive armed (restart hint)
   std::atomic<bool> stopping_{false};      // shutting_down_, readable without the lock
+  // stop_receiving(): checked before every arm and every read of a shared socket
+  // (the read under its io_mutex, so taking each io_mutex once is a barrier).
+  std::atomic<bool> receiving_stopped_{false};
   // Buffers taken by receive batches and not yet classified (counted before
   // they are taken): the pool is not "dry with nothing lent" while any are out.
   std::atomic<std::size_t> in_batch_{0};

@@ -16,6 +16,7 @@
 #include <new>
 #include <optional>
 #include <stdexcept>
+#include <thread>
 
 #include "engine.hpp"
 
@@ -32,7 +33,7 @@ void engine::restart_locked(sockets_to_arm& to_arm, completions& out) {
   if (idle_sockets_.load(std::memory_order_relaxed) == 0) return;
   for (auto& s : sockets_) {
     if (s->receiving) continue;
-    if (closed_ || shutting_down_) return;
+    if (closed_ || shutting_down_ || receiving_stopped_.load(std::memory_order_relaxed)) return;
     if (responses_.empty() && listeners_.empty()) return;  // no one attached
     if (pool_->available() == 0) {
       if (lent_buffers_ > 0) return;  // wait for a lent buffer to come back
@@ -99,7 +100,8 @@ void engine::arm(socket_state& s) {
   // stopping_ is set (under mutex_) before fail() cancels the sockets under
   // io_mutex: checked here under io_mutex, a re-arm either is cancelled by
   // fail() or sees stopping_ and does not arm.
-  if (s.closed || stopping_.load(std::memory_order_relaxed)) {
+  if (s.closed || stopping_.load(std::memory_order_relaxed) ||
+      receiving_stopped_.load(std::memory_order_relaxed)) {
     std::lock_guard lock(mutex_);
     s.receiving = false;
     idle_sockets_.fetch_add(1, std::memory_order_relaxed);
@@ -110,22 +112,23 @@ void engine::arm(socket_state& s) {
 }
 
 void engine::on_readable(socket_state& s, error_code ec) {
-  auto stop_receiving = [&] {
+  auto end_receive = [&] {
     std::lock_guard lock(mutex_);
     s.receiving = false;
     idle_sockets_.fetch_add(1, std::memory_order_relaxed);
   };
   if (ec == asio::error::operation_aborted) {
-    stop_receiving();
+    end_receive();
     return;
   }
   if (ec) {
-    stop_receiving();
+    end_receive();
     fail(ec, true);
     return;
   }
-  if (stopping_.load(std::memory_order_relaxed)) {
-    stop_receiving();
+  if (stopping_.load(std::memory_order_relaxed) ||
+      receiving_stopped_.load(std::memory_order_relaxed)) {
+    end_receive();
     return;
   }
   // Restores the thread's batch socket, and on a throw (a handler run inline)
@@ -191,7 +194,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
     int err = 0;
     {
       std::lock_guard io(s.io_mutex);
-      if (s.closed) {
+      if (s.closed || receiving_stopped_.load(std::memory_order_relaxed)) {
         got = -1;
         err = ECANCELED;
       } else {
@@ -209,7 +212,7 @@ void engine::on_readable(socket_state& s, error_code ec) {
       if (err == EINTR) continue;
       guard->unwinding = false;
       guard.reset();
-      stop_receiving();
+      end_receive();
       if (err != ECANCELED) fail(errno_code(err), true);
       return;
     }
@@ -232,6 +235,18 @@ void engine::on_readable(socket_state& s, error_code ec) {
   guard->unwinding = false;
   guard.reset();
   restart(true, &s);
+}
+
+void engine::stop_receiving() {
+  receiving_stopped_.store(true, std::memory_order_relaxed);
+  // A barrier: a read holds its socket's io_mutex from its check of the flag
+  // to the end of recvmmsg, so once each lock was taken no read can start.
+  for (auto& s : sockets_) std::lock_guard io(s->io_mutex);
+  // A batch read before that is classified under mutex_ and then leaves
+  // in_batch_: wait for it (another thread's, never this one's: a handler runs
+  // after its batch left in_batch_). Classification does not block, so this
+  // wait is a few microseconds at most.
+  while (in_batch_.load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
 }
 
 // The seed's receive flow for one batch: short datagrams dropped, queries to

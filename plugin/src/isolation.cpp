@@ -99,8 +99,9 @@ class runner_link final : public isolation {
       client = client_;
     }
     if (!client) return UIPC_PLUGIN_E_UNAVAILABLE;
-    const auto deadline =
-        ctx->deadline != clock::time_point::max() ? ctx->deadline : clock::now() + options_.call_timeout;
+    const auto deadline = ctx->deadline != clock::time_point::max()
+                              ? ctx->deadline
+                              : clock::now() + options_.call_timeout;
     const std::size_t size = 2 + service.size() + bc->in_size;
     auto reply = client->call_in_place(
         size,
@@ -139,9 +140,10 @@ class runner_link final : public isolation {
     program_search search{"uipc-plugin-runner", options_.runner, "UIPC_PLUGIN_RUNNER"};
     auto program = find_program(search);
     if (!program) return program.error();
-    const std::string point =
-        "uipc.runner." + std::to_string(::getpid()) + "." + std::to_string(runner_counter.fetch_add(1));
-    std::vector<std::string> args{*program, "--point", point, "--parent", std::to_string(::getpid())};
+    const std::string point = "uipc.runner." + std::to_string(::getpid()) + "." +
+                              std::to_string(runner_counter.fetch_add(1));
+    std::vector<std::string> args{*program, "--point", point, "--parent",
+                                  std::to_string(::getpid())};
     if (!options_.directory.empty()) {
       args.push_back("--dir");
       args.push_back(options_.directory);
@@ -151,7 +153,8 @@ class runner_link final : public isolation {
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
     pid_t pid = 0;
-    if (int e = ::posix_spawn(&pid, program->c_str(), nullptr, nullptr, argv.data(), environ); e != 0)
+    if (int e = ::posix_spawn(&pid, program->c_str(), nullptr, nullptr, argv.data(), environ);
+        e != 0)
       return error_code(e, boost::system::system_category());
     {
       std::lock_guard lock(mutex_);
@@ -170,7 +173,8 @@ class runner_link final : public isolation {
       if (::waitpid(pid, &status, WNOHANG) == pid) {
         std::lock_guard lock(mutex_);
         pid_ = 0;
-        const bool refused = WIFEXITED(status) && WEXITSTATUS(status) == 1;  // the runner's "did not load"
+        const bool refused =
+            WIFEXITED(status) && WEXITSTATUS(status) == 1;  // the runner's "did not load"
         host_.log(0, path_ + ": the runner ended before serving (" +
                          (WIFEXITED(status) ? "exit status " + std::to_string(WEXITSTATUS(status))
                                             : "signal " + std::to_string(WTERMSIG(status))) +
@@ -257,7 +261,8 @@ class runner_link final : public isolation {
           break;
         }
         state_ = "restarting";
-        host_.log(1, path_ + ": " + why + "; restarting in " + std::to_string(backoff.count()) + " ms");
+        host_.log(
+            1, path_ + ": " + why + "; restarting in " + std::to_string(backoff.count()) + " ms");
         if (wake_.wait_for(lock, backoff, [&] { return stopping_; })) break;
       }
       backoff *= 2;
@@ -281,8 +286,11 @@ class runner_link final : public isolation {
         }
         backoff *= 2;
       }
-      std::lock_guard lock(mutex_);
-      if (stopping_) break;
+      {
+        std::lock_guard lock(mutex_);
+        if (stopping_) break;
+      }
+      if (options_.on_restart) options_.on_restart();  // no lock of ours held
     }
     kill_and_reap();
     end_supervising();
@@ -315,13 +323,16 @@ class runner_link final : public isolation {
   std::thread supervisor_;
 };
 
-int proxy::call(uipc_plugin_context* ctx, void* arg, std::uint64_t* out) { return link_.call(ctx, name_, arg, out); }
+int proxy::call(uipc_plugin_context* ctx, void* arg, std::uint64_t* out) {
+  return link_.call(ctx, name_, arg, out);
+}
 
 }  // namespace
 
 // Starts a runner for `path` and loads what it serves as a build of its own:
 // a new plug-in, or (with `old`) the next build of `old`.
-result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path, isolation_options options,
+result<std::string> load_isolated(host_impl& host, const std::filesystem::path& path,
+                                  isolation_options options,
                                   const std::shared_ptr<plugin_record>& old) {
   if (host.stopping.load()) return errc::stopped;
   auto record = std::make_shared<plugin_record>();
@@ -333,7 +344,8 @@ result<std::string> load_isolated(host_impl& host, const std::filesystem::path& 
     return served.error();
   }
   if (old && served->plugin != old->name) {
-    host.log(0, "isolated reload of " + old->name + " refused: the new build calls itself " + served->plugin);
+    host.log(0, "isolated reload of " + old->name + " refused: the new build calls itself " +
+                    served->plugin);
     return errc::invalid_name;
   }
   record->name = served->plugin;
@@ -346,7 +358,8 @@ result<std::string> load_isolated(host_impl& host, const std::filesystem::path& 
   record->isolated = std::move(link);
   {
     std::lock_guard lock(host.registry_mutex);
-    if ((!old && host.plugins.count(record->name)) || host.loading.count(record->name)) return errc::duplicate_plugin;
+    if ((!old && host.plugins.count(record->name)) || host.loading.count(record->name))
+      return errc::duplicate_plugin;
     host.loading.insert(record->name);
     record->predecessor = old.get();
     record->generation = old ? old->generation + 1 : 0;

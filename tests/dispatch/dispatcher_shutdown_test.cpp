@@ -143,5 +143,85 @@ TEST_F(DispatcherTest, ReceivingStopsWhenNoOneIsAttached) {
   EXPECT_EQ(got->ev.id(), 2);
 }
 
+// ---------------------------------------------------------------- stop_receiving
+
+// A draining server: queries already read are answered, later ones stay in the
+// kernel, and the count it drains against no longer moves.
+TEST_F(DispatcherTest, StopReceivingLeavesNewDatagramsInTheKernelAndKeepsWhatWasRead) {
+  auto d = make();
+  auto l = d->add_listener();
+  ASSERT_TRUE(l);
+  auto p = peer();
+  for (std::uint8_t i = 1; i <= 3; ++i) send(p, message(i, false, i), d->local_endpoint());
+  until_received(d, 3);  // queued: the listener has not asked yet
+  EXPECT_EQ(d->stats().queued_queries, 3u);
+  d->stop_receiving();
+  d->stop_receiving();  // idempotent
+  EXPECT_TRUE(d->stats().receiving_stopped);
+  for (std::uint8_t i = 4; i <= 5; ++i) send(p, message(i, false, i), d->local_endpoint());
+  ctx_.run_for(std::chrono::milliseconds(30));
+  EXPECT_EQ(d->stats().received, 3u);
+  // What was read is still delivered, in order, and can be answered.
+  for (std::uint8_t i = 1; i <= 3; ++i) {
+    std::optional<received> got;
+    receive_into(*l, got);
+    ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+    ASSERT_FALSE(got->ec) << got->ec.message();
+    EXPECT_EQ(tag_of(got->ev), i);
+    ASSERT_TRUE(l->reply(std::move(got->ev), message(i, true, i)));
+  }
+  for (std::uint8_t i = 1; i <= 3; ++i) EXPECT_EQ(read(p)[12], std::byte{i});
+  // A listener asking now waits: nothing more is read.
+  std::optional<received> waiting;
+  receive_into(*l, waiting);
+  ctx_.run_for(std::chrono::milliseconds(30));
+  EXPECT_FALSE(waiting.has_value());
+  EXPECT_EQ(d->stats().received, 3u);
+  EXPECT_EQ(d->stats().receiving_sockets, 0u);
+  // The two late datagrams are still in the socket's kernel buffer.
+  std::array<std::byte, 64> buf{};
+  const int fd = d->native_handles().front();
+  for (std::uint8_t i = 4; i <= 5; ++i) {
+    const ssize_t n = ::recv(fd, buf.data(), buf.size(), MSG_DONTWAIT);
+    ASSERT_EQ(n, 13);
+    EXPECT_EQ(buf[12], std::byte{i});
+  }
+  d->shutdown();
+  ASSERT_TRUE(run_until(ctx_, [&] { return waiting.has_value(); }));
+  EXPECT_EQ(waiting->ev.kind(), event_kind::shutdown);
+  waiting->ev.release();
+  l->detach();
+  EXPECT_EQ(d->stats().buffers_in_use, 0u);
+}
+
+// Called from the handler that took a query (as a server's drain may be), it
+// returns at once: the handler's own batch is already classified.
+TEST_F(DispatcherTest, StopReceivingFromAHandlerReturnsAndTheRestOfTheBatchIsDelivered) {
+  auto d = make();
+  auto l = d->add_listener();
+  ASSERT_TRUE(l);
+  auto p = peer();
+  int delivered = 0;
+  std::function<void()> next = [&] {
+    l->async_receive([&](error_code ec, event ev) {
+      if (ec) return;
+      if (++delivered == 1) d->stop_receiving();
+      ev.release();
+      next();
+    });
+  };
+  next();
+  for (std::uint8_t i = 1; i <= 4; ++i) send(p, message(i, false, i), d->local_endpoint());
+  ASSERT_TRUE(run_until(ctx_, [&] { return delivered >= 1; }));
+  ctx_.run_for(std::chrono::milliseconds(30));
+  const auto st = d->stats();
+  EXPECT_TRUE(st.receiving_stopped);
+  EXPECT_EQ(static_cast<std::uint64_t>(delivered), st.received) << "read but not delivered";
+  EXPECT_LE(st.received, 4u);
+  d->shutdown();
+  ctx_.run_for(std::chrono::milliseconds(10));
+  l->detach();
+}
+
 }  // namespace
 }  // namespace uipc::dispatch

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "plugin_support.hpp"
+#include "test_support.hpp"
 #include "uipc/caps/point.hpp"
 
 namespace uipc::plugin {
@@ -86,6 +87,28 @@ TEST_F(Isolation, ACrashFailsItsCallAndTheRunnerComesBack) {
   EXPECT_EQ(s.state, "running");
   EXPECT_EQ(s.crashes, 1u);
   EXPECT_NE(s.last_error.find("signal"), std::string::npos) << s.last_error;
+}
+
+// on_restart: called once per restart, once the new runner serves (a call
+// from inside it is answered), and never for the first start.
+TEST_F(Isolation, OnRestartIsCalledOncePerRestartWhenTheNewRunnerServes) {
+  std::atomic<int> restarts{0}, answered{0};
+  logged_host h;
+  options_.on_restart = [&] {
+    ++restarts;
+    auto ctx = h.h->new_context().value();
+    auto r = ctx.call_bytes("echo", test::bytes("again"));
+    if (r && test::text(*r) == "again") ++answered;
+  };
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  EXPECT_EQ(restarts.load(), 0);
+  for (int i = 1; i <= 2; ++i) {
+    auto ctx = h.h->new_context().value();
+    EXPECT_EQ(ctx.call_bytes("crash", test::bytes("now")).error(), errc::unavailable);
+    EXPECT_TRUE(uipc::test::eventually([&] { return restarts.load() == i; }, 10s)) << h.log();
+  }
+  EXPECT_EQ(answered.load(), 2);
+  EXPECT_EQ(status(*h.h, "variant").crashes, 2u);
 }
 
 TEST_F(Isolation, APluginThatKeepsCrashingIsStoppedNotRestartedForever) {
@@ -185,9 +208,11 @@ TEST_F(Isolation, AFailedReloadLeavesTheRunningBuildServing) {
   logged_host h;
   ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
   const auto start = std::chrono::steady_clock::now();
-  EXPECT_EQ(h.h->reload("variant", variants + "/variant_init_fails.so"), errc::load_failed) << h.log();
+  EXPECT_EQ(h.h->reload("variant", variants + "/variant_init_fails.so"), errc::load_failed)
+      << h.log();
   EXPECT_EQ(h.h->reload("variant", "/nonexistent/variant.so"), errc::load_failed) << h.log();
-  EXPECT_LT(std::chrono::steady_clock::now() - start, 1900ms) << "a runner that ends is noticed before the timeout";
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1900ms)
+      << "a runner that ends is noticed before the timeout";
   EXPECT_EQ(echo_version(*h.h), 1u);
   EXPECT_EQ(status(*h.h, "variant").generation, 0u);
   EXPECT_EQ(status(*h.h, "variant").state, "running");
@@ -202,7 +227,8 @@ TEST_F(Isolation, ABrokenPluginOrRunnerIsReported) {
   logged_host h;
   EXPECT_FALSE(h.h->load_isolated(variants + "/variant_init_fails.so", options_));
   options_.runner = "/nonexistent/uipc-plugin-runner";
-  EXPECT_EQ(h.h->load_isolated(variants + "/variant_v1.so", options_).error(), uipc::errc::program_not_found);
+  EXPECT_EQ(h.h->load_isolated(variants + "/variant_v1.so", options_).error(),
+            uipc::errc::program_not_found);
   EXPECT_TRUE(h.h->plugins().empty());
 }
 

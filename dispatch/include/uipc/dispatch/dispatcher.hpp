@@ -412,6 +412,7 @@ struct dispatcher_stats {
   std::size_t responses = 0;       ///< attached responses
   std::size_t listeners = 0;       ///< attached listeners
   unsigned receiving_sockets = 0;  ///< sockets with a receive running or armed
+  bool receiving_stopped = false;  ///< stop_receiving() was called
   unsigned send_sockets = 0;       ///< separate send sockets (see dispatcher_options)
   bool shutting_down = false;
   // Exclusive ports. Datagrams from any source but the peer never reach these
@@ -421,11 +422,11 @@ struct dispatcher_stats {
   /// Read on an exclusive socket but not its reply (another ID, a query, too
   /// short, or after the response detached): forged or stale replies.
   std::uint64_t exclusive_dropped_unmatched = 0;
-  std::uint64_t exclusive_port_redraws = 0;  ///< ports drawn again because they were busy
+  std::uint64_t exclusive_port_redraws = 0;   ///< ports drawn again because they were busy
   std::uint64_t exclusive_socket_errors = 0;  ///< responses failed by their socket's error
-  std::uint64_t exclusive_no_port = 0;  ///< adds refused or made to wait: no port free
-  std::size_t exclusive_open = 0;        ///< exclusive sockets open now
-  std::size_t port_waiters = 0;          ///< async_add_response calls waiting for a port
+  std::uint64_t exclusive_no_port = 0;        ///< adds refused or made to wait: no port free
+  std::size_t exclusive_open = 0;             ///< exclusive sockets open now
+  std::size_t port_waiters = 0;               ///< async_add_response calls waiting for a port
 };
 
 /// The dispatcher. Refcounted: the creator's ref_ptr and every attached response
@@ -482,6 +483,16 @@ class dispatcher : public ref_counted<dispatcher> {
   std::vector<int> native_handles() const;
   const framing& frame() const noexcept;
   dispatcher_stats stats() const;
+
+  /// Stops reading the shared socket(s), for good: datagrams that arrive from
+  /// now on stay in the kernel's buffers (and go with the sockets). Returns once
+  /// no read of them runs or can start and every datagram read so far is
+  /// counted in stats().received and classified (queued, delivered or
+  /// dropped): a server that drains before it stops knows exactly what it has
+  /// to answer. Parties stay attached, queued queries stay queued, sends and
+  /// exclusive ports go on. Call it from any thread, a handler included.
+  /// Idempotent.
+  void stop_receiving();
 
   /// Starts the same shutdown as a socket error, with reason operation_aborted:
   /// receiving stops, each attached party gets its one shutdown event, adds

@@ -44,9 +44,9 @@ struct host_options {
 /// What the host knows of one plug-in.
 struct plugin_status {
   std::string name;
-  std::string path;            ///< empty for one linked in
+  std::string path;  ///< empty for one linked in
   bool preemptive = false;
-  bool isolated = false;       ///< runs in its own process (uipc-plugin-runner)
+  bool isolated = false;  ///< runs in its own process (uipc-plugin-runner)
   std::uint16_t abi_major = 0;
   std::uint16_t abi_minor = 0;
   std::uint64_t generation = 0;  ///< 0 when first loaded, +1 per reload
@@ -58,11 +58,12 @@ struct plugin_status {
 
 /// Counters of a host.
 struct host_stats {
-  std::uint64_t calls = 0;           ///< service calls made through a context
-  std::uint64_t failed_calls = 0;    ///< calls that threw or timed out
+  std::uint64_t calls = 0;         ///< service calls made through a context
+  std::uint64_t failed_calls = 0;  ///< calls that threw or timed out
   std::uint64_t contexts_alive = 0;
   std::uint64_t reloads = 0;
-  std::uint64_t retired_pending = 0;  ///< unloaded or replaced builds waiting for their calls to end
+  std::uint64_t retired_pending =
+      0;  ///< unloaded or replaced builds waiting for their calls to end
   std::uint64_t pool_bytes_cached = 0;
 };
 
@@ -82,6 +83,13 @@ struct isolation_options {
   /// This many crashes within `crash_window` stop the plug-in for good.
   std::uint32_t max_crashes = 5;
   std::chrono::seconds crash_window{60};
+  /// Called each time the plug-in's process was restarted after a crash and
+  /// serves again: what the program told the plug-in through its services
+  /// since it was loaded died with the old process, so tell it again here.
+  /// Runs on the plug-in's supervising thread with no host lock held, and
+  /// that thread watches the new process only once it returns: post longer
+  /// work elsewhere.
+  std::function<void()> on_restart;
 };
 
 class host;
@@ -127,7 +135,8 @@ class context {
   /// Calls a bytes service; the reply lives in this context's pool, and the
   /// service's return value goes to `*value` when given.
   /// service_not_compatible for a pointer service.
-  result<std::span<const std::byte>> call_bytes(std::string_view name, std::span<const std::byte> request,
+  result<std::span<const std::byte>> call_bytes(std::string_view name,
+                                                std::span<const std::byte> request,
                                                 std::uint64_t* value = nullptr);
 
  private:
@@ -171,7 +180,8 @@ class host {
   /// options.max_crashes crashes in options.crash_window it stays stopped
   /// (plugins() says why). Errors: as load(), and those of starting the
   /// runner (program_not_found of core, errc::timed_out).
-  result<std::string> load_isolated(const std::filesystem::path& shared_object, isolation_options options = {});
+  result<std::string> load_isolated(const std::filesystem::path& shared_object,
+                                    isolation_options options = {});
   /// Replaces plug-in `name` with a new build (default: the file it was
   /// loaded from). New calls go to the new build at once; calls in flight
   /// finish in the old one, which then gets Shutdown and is unloaded. When
