@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "commands.hpp"
+#include "paced.hpp"
 #include "uipc/caps/client.hpp"
 #include "uipc/caps/point.hpp"
 
@@ -31,10 +32,11 @@ int usage() {
       "actions:\n"
       "  list                          live points: name, owner uid and gid, who may connect,\n"
       "                                exclusive or shared, server pid, clients, generation\n"
-      "  call NAME DATA [--uid UID] [--gid GID] [--timeout MS] [--count N]\n"
+      "  call NAME DATA [--uid UID] [--gid GID] [--timeout MS] [--count N [--rate R]]\n"
       "                                send DATA to the point NAME of user UID (default: you)\n"
       "                                and print the reply; with --count, N calls in a row\n"
-      "                                (each reply's size checked) and their rate\n"
+      "                                (each reply's size checked), flat out or R per second,\n"
+      "                                and their rate and latency (mean, p50, p99)\n"
       "  watch [--seconds N]           print points as they appear (+) and disappear (-)\n"
       "DIR: the rendezvous directory (default: $UIPC_SHARED_DIR, else /tmp/uipc-shared).\n"
       "Errors exit with 3.\n");
@@ -88,6 +90,7 @@ int call(const std::string& dir, std::span<char* const> args) {
   const std::string data = args[1];
   auto timeout = std::chrono::milliseconds(5000);
   unsigned long count = 0;  // 0: one call, its reply printed
+  unsigned long rate = 0;   // calls per second offered; 0: flat out
   for (std::size_t i = 2; i < args.size(); ++i) {
     const std::string_view arg = args[i];
     if (i + 1 >= args.size()) return usage();
@@ -108,27 +111,32 @@ int call(const std::string& dir, std::span<char* const> args) {
       auto v = number<unsigned long>(value);
       if (!v || *v == 0) return usage();
       count = *v;
+    } else if (arg == "--rate") {
+      auto v = number<unsigned long>(value);
+      if (!v || *v == 0) return usage();
+      rate = *v;
     } else {
       return usage();
     }
   }
+  if (rate != 0 && count == 0) return usage();
   boost::asio::io_context ctx;
   auto c = client::connect(ctx, a);
   if (!c) return fail(("connect to " + a.name).c_str(), c.error());
-  if (count != 0) {  // a loop: every reply checked, the rate printed
-    const auto began = clock::now();
+  if (count != 0) {  // a loop: every reply checked, the rate and latency printed
+    paced_loop loop(static_cast<double>(rate));
     for (unsigned long i = 0; i < count; ++i) {
-      auto r = (*c)->call(data, clock::now() + timeout);
+      const auto started = loop.start(i);
+      auto r = (*c)->call(data, started + timeout);
       if (!r) return fail(("call " + std::to_string(i + 1)).c_str(), r.error());
       if (r->size() != data.size()) {
         std::fprintf(stderr, "uipcctl caps: call %lu: a reply of %zu bytes to %zu\n", i + 1,
                      r->size(), data.size());
         return exit_error;
       }
+      loop.done(started);
     }
-    const double seconds = std::chrono::duration<double>(clock::now() - began).count();
-    std::printf("calls %lu seconds %.3f calls_per_second %.0f mean_us %.2f\n", count, seconds,
-                static_cast<double>(count) / seconds, seconds * 1e6 / static_cast<double>(count));
+    loop.report("calls");
     return exit_ok;
   }
   auto r = (*c)->call(data, clock::now() + timeout);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "commands.hpp"
+#include "paced.hpp"
 #include "uipc/core/daemon_start.hpp"
 #include "uipc/handles/client.hpp"
 
@@ -47,9 +48,11 @@ int usage() {
       "                                exit 0 signalled, 1 abandoned, 2 timed out; a mutex\n"
       "                                won is held for --hold MS, then released\n"
       "  close HANDLE                  drop a reference (only its holder can: else not_held)\n"
-      "  churn [--seconds N]           a load for N (3) seconds: named events created,\n"
-      "                                signalled, waited for and closed, mutexes created,\n"
-      "                                released and closed; prints cycles per second\n"
+      "  churn [--seconds N] [--rate R]\n"
+      "                                a load for N (3) seconds, flat out or R cycles per\n"
+      "                                second: named events created, signalled, waited for\n"
+      "                                and closed, mutexes created, released and closed;\n"
+      "                                prints cycles per second and a cycle's latency\n"
       "TARGET is a name or a handle INDEX:GENERATION. Errors exit with 3.\n"
       "The daemon program: --daemon PATH, else $UIPC_HANDLED_PATH, else uipc-handled beside\n"
       "uipcctl, in the install prefix's bin directory, then on $PATH.\n");
@@ -254,18 +257,28 @@ int close(client& c, std::span<char* const> args) {
 // a mutex created, taken, released and closed).
 int churn(client& c, std::span<char* const> args) {
   long long seconds = 3;
-  if (args.size() == 2 && std::strcmp(args[0], "--seconds") == 0) {
-    auto n = number<long long>(args[1]);
-    if (!n || *n <= 0) return usage();
-    seconds = *n;
-  } else if (!args.empty()) {
-    return usage();
+  unsigned long rate = 0;  // cycles per second offered; 0: flat out
+  for (std::size_t i = 0; i < args.size(); i += 2) {
+    if (i + 1 >= args.size()) return usage();
+    if (std::strcmp(args[i], "--seconds") == 0) {
+      auto n = number<long long>(args[i + 1]);
+      if (!n || *n <= 0) return usage();
+      seconds = *n;
+    } else if (std::strcmp(args[i], "--rate") == 0) {
+      auto n = number<unsigned long>(args[i + 1]);
+      if (!n || *n == 0) return usage();
+      rate = *n;
+    } else {
+      return usage();
+    }
   }
   const std::string prefix = "churn." + std::to_string(::getpid()) + ".";
-  const auto began = std::chrono::steady_clock::now();
-  const auto end = began + std::chrono::seconds(seconds);
+  paced_loop loop(static_cast<double>(rate));
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
   unsigned long long cycles = 0;
-  while (std::chrono::steady_clock::now() < end) {
+  for (;;) {
+    const auto started = loop.start(cycles);
+    if (started >= end) break;
     auto e = c.create_event(event_reset::automatic, false, prefix + std::to_string(cycles % 16));
     if (!e) return fail("create", e.error());
     if (auto ec = e->signal()) return fail("signal", ec);
@@ -281,12 +294,10 @@ int churn(client& c, std::span<char* const> args) {
     if (!m) return fail("create", m.error());
     if (auto ec = m->release()) return fail("release", ec);
     if (auto ec = m->close()) return fail("close", ec);
+    loop.done(started);
     ++cycles;
   }
-  const double took =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
-  std::printf("cycles %llu seconds %.3f cycles_per_second %.0f\n", cycles, took,
-              static_cast<double>(cycles) / took);
+  loop.report("cycles");
   return exit_ok;
 }
 

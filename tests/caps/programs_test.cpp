@@ -2,6 +2,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 
 #include "caps_support.hpp"
@@ -48,6 +49,38 @@ TEST_F(Uipcctl, ListsCallsAndReportsErrors) {
 
   std::tie(status, out) = run_command(ctl() + "frobnicate");
   EXPECT_EQ(status, 64);
+}
+
+// --count N [--rate R]: N calls, paced at R per second, with their latency.
+TEST_F(Uipcctl, CountedCallsArePacedAtTheRateAskedAndReportTheirLatency) {
+  auto svc = serve("ctl.echo", options());
+  ASSERT_TRUE(svc);
+  responder echo(**svc,
+                 [](service& s, const event& e) { (void)s.reply(e.client, e.id, e.copy()); });
+
+  const auto began = std::chrono::steady_clock::now();
+  auto [status, out] = run_command(ctl() + "call ctl.echo hello --count 40 --rate 100");
+  const auto took = std::chrono::steady_clock::now() - began;
+  ASSERT_EQ(status, 0) << out;
+  EXPECT_GE(took, std::chrono::milliseconds(390));  // the 40th call starts at 390 ms
+  unsigned long calls = 0;
+  double seconds = 0, rate = 0, mean = 0, p50 = 0, p99 = 0;
+  ASSERT_EQ(std::sscanf(out.c_str(),
+                        "calls %lu seconds %lf calls_per_second %lf mean_us %lf p50_us %lf "
+                        "p99_us %lf",
+                        &calls, &seconds, &rate, &mean, &p50, &p99),
+            6)
+      << out;
+  EXPECT_EQ(calls, 40u);
+  EXPECT_GE(seconds, 0.39);
+  EXPECT_LE(rate, 103.0);
+  EXPECT_GT(p50, 0.0);
+  EXPECT_LE(p50, p99);
+
+  // A rate needs a count, and is a positive whole number.
+  EXPECT_EQ(run_command(ctl() + "call ctl.echo hello --rate 10").first, 64);
+  EXPECT_EQ(run_command(ctl() + "call ctl.echo hello --count 5 --rate 0").first, 64);
+  EXPECT_EQ(run_command(ctl() + "call ctl.echo hello --count 5 --rate fast").first, 64);
 }
 
 TEST_F(Uipcctl, WatchPrintsPointsComingAndGoing) {

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <utility>
 
@@ -147,6 +148,28 @@ TEST_F(UipcctlTest, HugeWaitTimeoutSaturatesInsteadOfWrapping) {
   holder.kill(SIGKILL);
   holder.wait_exit();
   EXPECT_TRUE(loc.wait_until_clean());
+}
+
+// churn --rate R: R cycles a second for the seconds asked, with a cycle's
+// latency; a bad rate is a usage error.
+TEST_F(UipcctlTest, ChurnRunsAtTheRateAskedAndReportsItsLatency) {
+  std::string out;
+  ASSERT_EQ(run(loc, {"churn", "--seconds", "1", "--rate", "200"}, &out), 0) << out;
+  unsigned long long cycles = 0;
+  double seconds = 0, rate = 0, mean = 0, p50 = 0, p99 = 0;
+  ASSERT_EQ(std::sscanf(out.c_str(),
+                        "cycles %llu seconds %lf cycles_per_second %lf mean_us %lf p50_us %lf "
+                        "p99_us %lf",
+                        &cycles, &seconds, &rate, &mean, &p50, &p99),
+            6)
+      << out;
+  EXPECT_LE(cycles, 200u);  // slots at 0, 5, ... 995 ms
+  EXPECT_GE(cycles, 100u) << "a loaded machine, but not this loaded";
+  EXPECT_GE(seconds, 0.9);
+  EXPECT_GT(p50, 0.0);
+  EXPECT_LE(p50, p99);
+  EXPECT_EQ(run(loc, {"churn", "--rate", "0"}), 64);
+  EXPECT_EQ(run(loc, {"churn", "--seconds", "1", "--rate"}), 64);
 }
 
 // What a new user does in a fresh build tree: run uipcctl with nothing

@@ -447,7 +447,7 @@ TEST_F(Uipcd, ARestartedIsolatedZonePluginServesTheZoneOfTheLastReload) {
   const pid_t runner = runner_pid();
   ASSERT_GT(runner, 0);
   ASSERT_EQ(::kill(runner, SIGKILL), 0);
-  // Back, and with the reloaded zone: never the start-up one once it answers.
+  // Back, and with the reloaded zone (re-applied by on_restart once the new runner serves).
   bool back = false;
   for (auto end = clock::now() + 10s; !back && clock::now() < end;
        std::this_thread::sleep_for(20ms)) {
