@@ -179,13 +179,12 @@ void server::impl::sync_plugins() {
   std::vector<std::string> failures;
   uipc::plugin::isolation_options isolation;
   isolation.directory = cfg.caps_directory;
-  // A restarted zone plug-in starts from the environment uipcd started with:
-  // give it the zone that serves now (from the admin thread, as reloads do).
-  isolation.on_restart = [this] {
-    boost::asio::post(admin, [this] {
-      if (auto why = apply_zone(); !why.empty())
-        log("plugins: the restarted zone plug-in refused the zone: " + why);
-    });
+  // The zone plug-in reads its zone at Init from the environment: a process
+  // of its own starts (and restarts after a crash) with the zone that serves
+  // now, not the one uipcd started with, and answers no query from the old.
+  isolation.environment = [this] {
+    std::lock_guard lock(status_mutex);
+    return std::vector<std::string>{"UIPC_DNS_ZONE=" + zone_serving};
   };
   auto load = [&](const std::string& file, const fs::path& path, bool isolated,
                   const struct stat& st) {
@@ -247,6 +246,10 @@ std::string server::impl::apply_zone() {
   if (!r) return "dns zone: " + r.error().message();
   const std::string text(reinterpret_cast<const char*>(r->data()), r->size());
   if (status != 0) return text.rfind("error\t", 0) == 0 ? text.substr(6) : text;
+  {
+    std::lock_guard lock(status_mutex);
+    zone_serving = cfg.dns_zone;
+  }
   log("dns: " + text);
   return {};
 }
@@ -256,6 +259,7 @@ int server::impl::start() {
   // The zone plug-in reads its zone at init from the environment: set it now,
   // while this is the only thread (isolated plug-ins inherit it).
   if (!cfg.dns_zone.empty()) ::setenv("UIPC_DNS_ZONE", cfg.dns_zone.c_str(), 1);
+  zone_serving = cfg.dns_zone;
   try {
     start_plugins();
   } catch (const std::exception& e) {

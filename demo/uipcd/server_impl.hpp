@@ -72,6 +72,8 @@ struct server::impl {
   mutable std::mutex status_mutex;  // guards the reloadable part of cfg and the strings below
   std::string last_reload_error;    // why the last reload was refused, or ""
   std::vector<std::string> plugin_failures;  // "FILE: why" of the last load or reload
+  std::string zone_serving;  // the zone file the zone plug-in took last (an isolated one
+                             // restarts with it)
 
   // -- modules --------------------------------------------------------------
   uipc::event_loop loop;

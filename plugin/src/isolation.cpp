@@ -10,12 +10,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <future>
+#include <string_view>
 
 #include "host_impl.hpp"
 #include "runner_protocol.hpp"
@@ -152,8 +154,12 @@ class runner_link final : public isolation {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
+    std::vector<std::string> env = runner_environment();
+    std::vector<char*> envp;
+    for (auto& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
     pid_t pid = 0;
-    if (int e = ::posix_spawn(&pid, program->c_str(), nullptr, nullptr, argv.data(), environ);
+    if (int e = ::posix_spawn(&pid, program->c_str(), nullptr, nullptr, argv.data(), envp.data());
         e != 0)
       return error_code(e, boost::system::system_category());
     {
@@ -193,6 +199,26 @@ class runner_link final : public isolation {
     client_ = std::shared_ptr<caps::client>(std::move(*client));
     state_ = "running";
     return std::move(*out);
+  }
+
+  // This process's environment with options_.environment's entries over it
+  // (an entry without '=' unsets its name).
+  std::vector<std::string> runner_environment() const {
+    std::vector<std::string> extra;
+    if (options_.environment) extra = options_.environment();  // no lock of ours held
+    auto name_of = [](std::string_view entry) { return entry.substr(0, entry.find('=')); };
+    std::vector<std::string> env;
+    for (char** e = environ; *e != nullptr; ++e) {
+      const std::string_view entry(*e);
+      const bool replaced = std::any_of(extra.begin(), extra.end(), [&](const std::string& x) {
+        return name_of(x) == name_of(entry);
+      });
+      if (!replaced) env.emplace_back(entry);
+    }
+    for (auto& x : extra) {
+      if (x.find('=') != std::string::npos) env.push_back(std::move(x));
+    }
+    return env;
   }
 
   void kill_and_reap() {

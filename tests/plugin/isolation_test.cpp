@@ -6,7 +6,9 @@
 
 #include <atomic>
 #include <filesystem>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "plugin_support.hpp"
 #include "test_support.hpp"
@@ -109,6 +111,48 @@ TEST_F(Isolation, OnRestartIsCalledOncePerRestartWhenTheNewRunnerServes) {
   }
   EXPECT_EQ(answered.load(), 2);
   EXPECT_EQ(status(*h.h, "variant").crashes, 2u);
+}
+
+// environment: asked before every start, so a restarted process starts from
+// what the program holds now; "NAME" alone unsets NAME.
+TEST_F(Isolation, EachStartOfTheRunnerGetsTheEnvironmentOfThatMoment) {
+  ASSERT_EQ(::setenv("UIPC_TEST_INHERITED", "from the host", 1), 0);
+  ASSERT_EQ(::setenv("UIPC_TEST_UNSET", "should be gone", 1), 0);
+  std::mutex m;
+  std::string generation = "first";
+  int asked = 0;
+  options_.environment = [&] {
+    std::lock_guard lock(m);
+    ++asked;
+    return std::vector<std::string>{"UIPC_TEST_GENERATION=" + generation, "UIPC_TEST_UNSET"};
+  };
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto env = [&](const char* name) {
+    auto ctx = h.h->new_context().value();
+    auto r = ctx.call_bytes("getenv", test::bytes(name));
+    return r ? test::text(*r) : "error: " + r.error().message();
+  };
+  EXPECT_EQ(env("UIPC_TEST_GENERATION"), "first");
+  EXPECT_EQ(env("UIPC_TEST_INHERITED"), "from the host");
+  EXPECT_EQ(env("UIPC_TEST_UNSET"), "");
+
+  {
+    std::lock_guard lock(m);
+    generation = "second";
+  }
+  auto ctx = h.h->new_context().value();
+  EXPECT_EQ(ctx.call_bytes("crash", test::bytes("now")).error(), errc::unavailable);
+  ASSERT_TRUE(echo_answers(*h.h, 10s)) << h.log();
+  // The first request the new process answers already sees the new value.
+  EXPECT_EQ(env("UIPC_TEST_GENERATION"), "second");
+  EXPECT_EQ(env("UIPC_TEST_INHERITED"), "from the host");
+  {
+    std::lock_guard lock(m);
+    EXPECT_EQ(asked, 2);
+  }
+  ::unsetenv("UIPC_TEST_INHERITED");
+  ::unsetenv("UIPC_TEST_UNSET");
 }
 
 TEST_F(Isolation, APluginThatKeepsCrashingIsStoppedNotRestartedForever) {

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "uipc/plugin/abi.h"
@@ -51,6 +52,21 @@ const uipc_plugin_host_api* host;
   return 0;
 }
 
+// "getenv" (bytes): the value of the environment variable the request names
+// (empty if unset).
+[[maybe_unused]] std::uint64_t get_env(uipc_plugin_context* ctx, void*, void* arg) {
+  auto* call = static_cast<uipc_plugin_bytes_call*>(arg);
+  const std::string name(static_cast<const char*>(call->in), call->in_size);
+  const char* value = std::getenv(name.c_str());
+  const std::size_t n = value ? std::strlen(value) : 0;
+  void* out = nullptr;
+  if (n && host->pool_alloc(host->context_pool(ctx), n, &out) != UIPC_PLUGIN_OK) return 1;
+  if (n) std::memcpy(out, value, n);
+  call->out = out;
+  call->out_size = n;
+  return 0;
+}
+
 // "throws": a C++ exception out of a service.
 [[maybe_unused]] std::uint64_t throws(uipc_plugin_context*, void*, void*) {
   throw std::runtime_error("service failed");
@@ -72,6 +88,8 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
     s = host->register_service(ctx, "crash", crash, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
   if (s == UIPC_PLUGIN_OK)
     s = host->register_service(ctx, "hang", hang, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK)
+    s = host->register_service(ctx, "getenv", get_env, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
 #if VARIANT_VERSION == 1
   // Only the first build serves this: a reload to version 2 drops it.
   if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "only in one", version, nullptr, 0);

@@ -90,6 +90,12 @@ struct isolation_options {
   /// that thread watches the new process only once it returns: post longer
   /// work elsewhere.
   std::function<void()> on_restart;
+  /// Asked before each start of the plug-in's process (the first, every
+  /// restart, the new process of a reload): "NAME=VALUE" entries set in its
+  /// environment over this process's own ("NAME" alone unsets it). What a plug-in reads at Init
+  /// from its environment is then what the program holds now, from the first request a restarted
+  /// process serves. Runs with no host lock held, on the thread starting the process.
+  std::function<std::vector<std::string>()> environment;
 };
 
 class host;
