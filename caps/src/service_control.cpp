@@ -1,0 +1,142 @@
+// The service's control line, on the loop threads: admission by the
+// client's credentials, the channel set up for each session and torn down
+// when it ends, the published point information.
+#include <sys/epoll.h>
+
+#include "points_dir.hpp"
+#include "service_impl.hpp"
+#include "uipc/proto/caps.pb.h"
+
+namespace uipc::caps {
+
+using detail::duplicate;
+using detail::error_notice;
+using detail::make_eventfd;
+using detail::system_error;
+
+error_code service::impl::admit(const peer_identity& peer) {
+  bool ok = peer.uid == info.uid;
+  if (options.who == access::group) ok = ok || peer.in_group(info.gid);
+  if (options.who == access::world) ok = true;
+  if (ok) return {};
+  counters.refusals.fetch_add(1, std::memory_order_relaxed);
+  return make_error_code(uipc::errc::permission_denied);
+}
+
+void service::impl::session_started(const std::shared_ptr<server_session>& session) {
+  auto ch = open_channel(session);
+  if (!ch) {
+    (void)session->send(error_notice(ch.error()));
+    session->close();
+    return;
+  }
+  // The connected event is queued before the channel can be read: it comes
+  // before any request of the client.
+  counters.clients_total.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::lock_guard lock(channels_mutex);
+    channels.emplace(session->id(), *ch);
+  }
+  (void)publish_info();
+  push_events({(*ch)->make_event(event_kind::connected)});
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = session->id();
+  ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, (*ch)->server_bell.get(), &ev);
+}
+
+result<std::shared_ptr<server_channel>> service::impl::open_channel(
+    const std::shared_ptr<server_session>& session) {
+  const auto layout = detail::channel_layout::of(options.request_arena, options.reply_arena);
+  auto segment =
+      shm_segment::create_anonymous(layout.total, {detail::channel_magic, detail::channel_version});
+  if (!segment) return segment.error();
+  unique_fd server_bell = make_eventfd(), client_bell = make_eventfd();
+  if (!server_bell || !client_bell) return system_error();
+  unique_fd memfd = duplicate(segment->fd()), server_bell_copy = duplicate(server_bell.get()),
+            client_bell_copy = duplicate(client_bell.get());
+  if (!memfd || !server_bell_copy || !client_bell_copy) return system_error();
+  auto ch =
+      std::make_shared<server_channel>(session, std::move(*segment), layout, options.max_in_flight,
+                                       std::move(server_bell), std::move(client_bell));
+  proto::caps::Welcome w;
+  w.set_version(detail::channel_version);
+  w.set_generation(info.generation);
+  w.set_gid(info.gid);
+  w.set_access(static_cast<proto::caps::Access>(options.who));
+  w.set_exclusive(options.exclusive);
+  w.set_max_in_flight(options.max_in_flight);
+  w.set_request_arena(layout.request_arena_size);
+  w.set_reply_arena(layout.reply_arena_size);
+  w.set_client_id(session->id());
+  frame f;
+  f.kind = frame_kind::notice;
+  f.type = proto::caps::WELCOME;
+  f.payload = w.SerializeAsString();
+  f.fds.push_back(std::move(memfd));
+  f.fds.push_back(std::move(server_bell_copy));
+  f.fds.push_back(std::move(client_bell_copy));
+  if (auto ec = session->send(std::move(f))) return ec;
+  return ch;
+}
+
+void service::impl::session_ended(server_session& session) {
+  std::shared_ptr<server_channel> ch;
+  {
+    std::lock_guard lock(channels_mutex);
+    auto it = channels.find(session.id());
+    if (it == channels.end()) return;
+    ch = std::move(it->second);
+    channels.erase(it);
+  }
+  ::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, ch->server_bell.get(), nullptr);
+  std::vector<event> events;
+  {
+    std::lock_guard read_lock(ch->read_mutex);  // after any drain in progress
+    ch->read_closed = true;
+    std::lock_guard lock(ch->state_mutex);
+    ch->closed = true;
+    for (auto& [id, m] : ch->messages) events.push_back(ch->make_event(event_kind::dispose, id));
+    ch->messages.clear();
+    ch->awaiting = 0;
+  }
+  ch->shared->server_closed.store(1, std::memory_order_seq_cst);
+  ch->wake_client();
+  events.push_back(ch->make_event(event_kind::disconnected));
+  (void)publish_info();
+  push_events(std::move(events));
+}
+
+error_code service::impl::publish_info() {
+  std::lock_guard lock(info_mutex);
+  point_info now = info;
+  {
+    std::lock_guard channels_lock(channels_mutex);
+    now.clients = channels.size();
+  }
+  return detail::write_info(now);
+}
+
+void service::impl::push_events(std::vector<event> events) {
+  {
+    std::lock_guard lock(queue_mutex);
+    for (auto& e : events) queue.push_back(std::move(e));
+  }
+  const eventfd_t one = 1;
+  (void)::write(control_bell.get(), &one, sizeof one);
+}
+
+void service::impl::violation(const std::shared_ptr<server_channel>& ch) {
+  counters.violations.fetch_add(1, std::memory_order_relaxed);
+  auto conn = ch->session->conn();
+  conn->async_send(error_notice(make_error_code(errc::protocol_violation)),
+                   [conn](error_code) { conn->close(); });
+}
+
+std::shared_ptr<server_channel> service::impl::find(client_id client) const {
+  std::lock_guard lock(channels_mutex);
+  auto it = channels.find(client);
+  return it == channels.end() ? nullptr : it->second;
+}
+
+}  // namespace uipc::caps

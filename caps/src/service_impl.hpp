@@ -1,0 +1,198 @@
+// The service's shared state: what registration builds, the control line
+// (service_control.cpp) and the receiver (service_receive.cpp) work on, and the
+// answers (service.cpp) write through.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <cerrno>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "fork_guard.hpp"
+#include "server_channel.hpp"
+#include "uipc/caps/service.hpp"
+
+namespace uipc::caps {
+
+namespace detail {
+
+inline error_code system_error() { return {errno, boost::system::system_category()}; }
+
+inline unique_fd make_eventfd() { return unique_fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)); }
+
+inline unique_fd duplicate(int fd) { return unique_fd(::fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
+
+inline void clear_eventfd(int fd) {
+  eventfd_t value;
+  (void)::read(fd, &value, sizeof value);
+}
+
+inline frame error_notice(error_code ec) {
+  frame f;
+  f.kind = frame_kind::notice;
+  f.error = to_wire_error(ec);
+  return f;
+}
+
+}  // namespace detail
+
+using detail::server_channel;
+
+struct service::impl : std::enable_shared_from_this<impl> {
+  impl(boost::asio::io_context& c, service_options o)
+      : ctx(c), options(std::move(o)), epoll_desc(c) {}
+
+  boost::asio::io_context& ctx;
+  service_options options;
+  std::string name;
+  std::string socket_path;
+  unique_fd name_lock;
+  point_info info;
+  std::uint64_t epoch = detail::fork_epoch();
+  request_router router;
+  std::unique_ptr<server> srv;
+  unique_fd epoll;
+  unique_fd control_bell;  // rung when control events wait in the queue
+  boost::asio::posix::stream_descriptor epoll_desc;
+
+  mutable std::mutex channels_mutex;
+  std::unordered_map<client_id, std::shared_ptr<server_channel>> channels;
+
+  std::mutex queue_mutex;
+  std::deque<event> queue;
+
+  // Receivers take turns. A flag under a plain mutex, not std::timed_mutex:
+  // its timed lock (pthread_mutex_clocklock) is invisible to ThreadSanitizer.
+  class turn {
+   public:
+    bool try_lock() {
+      std::lock_guard lock(mutex_);
+      return !std::exchange(taken_, true);
+    }
+    bool try_lock_until(clock::time_point deadline) {
+      std::unique_lock lock(mutex_);
+      const auto free = [this] { return !taken_; };
+      if (deadline == clock::time_point::max()) {
+        freed_.wait(lock, free);  // a wait_until(max) would overflow converting clocks
+      } else if (!freed_.wait_until(lock, deadline, free)) {
+        return false;
+      }
+      taken_ = true;
+      return true;
+    }
+    void unlock() {
+      {
+        std::lock_guard lock(mutex_);
+        taken_ = false;
+      }
+      freed_.notify_one();
+    }
+
+   private:
+    std::mutex mutex_;
+    std::condition_variable freed_;
+    bool taken_ = false;
+  };
+  turn pump_mutex;
+  std::vector<std::shared_ptr<server_channel>> hot;
+  std::uint32_t sweeps_since_poll = 0;
+
+  std::mutex async_mutex;
+  std::deque<receive_handler> async_waiters;
+  bool async_armed = false;
+
+  std::mutex info_mutex;  // one publish_info() at a time
+
+  std::atomic<bool> stopped{false};
+  struct counters {
+    std::atomic<std::uint64_t> clients_total{0}, requests{0}, replies{0}, disposals{0},
+        withdrawals{0}, violations{0}, refusals{0}, doorbells{0};
+  } counters;
+
+  // ---- control line (loop threads) ----------------------------------------------
+
+  error_code admit(const peer_identity& peer);
+  void session_started(const std::shared_ptr<server_session>& session);
+  result<std::shared_ptr<server_channel>> open_channel(
+      const std::shared_ptr<server_session>& session);
+
+  void session_ended(server_session& session);
+
+  // One writer at a time: a client that connects while register_point() still
+  // publishes would otherwise race it for the file written aside.
+  error_code publish_info();
+
+  // Queues events from a loop thread and wakes the receiver.
+  void push_events(std::vector<event> events);
+
+  // A client that broke the channel protocol loses its connection.
+  void violation(const std::shared_ptr<server_channel>& ch);
+  std::shared_ptr<server_channel> find(client_id client) const;
+
+  // ---- the receiver (pump lock held) ----------------------------------------------
+
+  // Reads one channel into the queue. Returns how many events it gave.
+  std::size_t drain(const std::shared_ptr<server_channel>& ch);
+  void make_hot(const std::shared_ptr<server_channel>& ch);
+
+  // Stops watching a channel; false (and it stays watched) if it has work.
+  bool cool(server_channel& ch);
+
+  // Reads the watched channels; now and then (or when they are quiet) also
+  // the doorbells of the others, so a busy channel never starves a quiet one.
+  std::size_t sweep();
+
+  // Waits up to `timeout_ms` (-1: forever) for doorbells; answers those rung.
+  std::size_t poll_bells(int timeout_ms);
+
+  // Before sleeping: stop watching every channel, unless one has work.
+  bool quiesce();
+  bool any_hot_ready() const noexcept;
+
+  // The front of the queue, unless it is a request too large for `into`.
+  result<event> pop(std::span<std::byte>* into, std::size_t* size);
+  bool queue_empty();
+  result<event> receive(clock::time_point deadline, std::span<std::byte>* into, std::size_t* size,
+                        bool wait);
+
+  // ---- async receivers ---------------------------------------------------------
+
+  void serve_async();
+
+  // Waits for the doorbells on the loop. The epoll descriptor is edge
+  // triggered in the loop's reactor, so a bell that rang just before the wait
+  // was queued is looked for after queueing it: then the wait is cancelled
+  // and its handler reads again.
+  void arm();
+  void fail_async(error_code ec);
+
+  // ---- answers -------------------------------------------------------------------
+
+  // Takes request `id` of `ch` for answering, with a reply block of `size`.
+  result<std::uint64_t> begin_reply(server_channel& ch, message_id id, std::size_t size);
+
+  // Publishes the outcome of `id` to the client: a reply, aborted or failed.
+  error_code finish(server_channel& ch, message_id id, detail::entry_kind kind,
+                    std::uint32_t status, std::uint64_t offset, std::uint64_t length);
+
+  error_code answer(client_id client, message_id id, std::size_t size,
+                    const std::function<void(std::span<std::byte>)>& fill);
+  void stop();
+};
+
+}  // namespace uipc::caps
