@@ -92,10 +92,10 @@ load_handles() {  # file
   [ "$mode" = fixed ] && pace=(--rate "$churn_rate")
   for i in $(seq "$churners"); do
     "${pin[@]}" "$bin/uipcctl" handles --dir "$world" --no-start churn --seconds "$each" \
-      "${pace[@]}" >"$world/churn.$i" 2>&1 &
+      "${pace[@]}" >"$world/churn.$i" &
     churns+=($!)
   done
-  wait "${churns[@]}"
+  for i in "${churns[@]}"; do wait "$i"; done  # each: a failed churner fails the script
   # rate: all churners together; latency: the mean of their means, their worst p99.
   cat "$world"/churn.* | awk '{ c += $6; l += $8; if ($12 > m) m = $12 }
     END { printf "%.0f %.1f %.1f\n", c, l / NR, m }' >"$1"
@@ -105,11 +105,12 @@ phase() {  # name modules...
   local name=$1 before after m jobs=()
   shift
   before=$(cpu_ticks)
+  rm -f "$world/$name".*  # no figure left from an earlier table
   for m in "$@"; do
     "load_$m" "$world/$name.$m" &
     jobs+=($!)
   done
-  wait "${jobs[@]}"  # not a bare wait: uipcd is a child too
+  for m in "${jobs[@]}"; do wait "$m"; done  # each, not a bare wait: uipcd is a child too
   after=$(cpu_ticks)
   echo "$after $before" | awk -v t="$ticks_per_s" '{ printf "%.2f\n", ($1 - $2) / t }' >"$world/$name.cpu"
 }

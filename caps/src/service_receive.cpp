@@ -4,6 +4,7 @@
 #include <sys/epoll.h>
 
 #include <cstring>
+#include <optional>
 
 #include "completion.hpp"
 #include "service_impl.hpp"
