@@ -20,6 +20,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -301,5 +302,23 @@ class loop_test : public ::testing::Test {
   boost::asio::io_context ctx_;
   std::size_t fds_before_ = descriptors_with_reactor(ctx_);
 };
+
+/// A load loop's report line as uipcctl prints it ("calls N seconds S
+/// calls_per_second R mean_us M p50_us P p99_us Q", with `unit` for "calls"),
+/// or nullopt if `text` does not start with one.
+struct load_report {
+  unsigned long long count = 0;
+  double seconds = 0, rate = 0, mean_us = 0, p50_us = 0, p99_us = 0;
+};
+inline std::optional<load_report> parse_load_report(const std::string& text,
+                                                    const std::string& unit) {
+  load_report r;
+  const std::string format =
+      unit + " %llu seconds %lf " + unit + "_per_second %lf mean_us %lf p50_us %lf p99_us %lf";
+  if (std::sscanf(text.c_str(), format.c_str(), &r.count, &r.seconds, &r.rate, &r.mean_us,
+                  &r.p50_us, &r.p99_us) != 6)
+    return std::nullopt;
+  return r;
+}
 
 }  // namespace uipc::test

@@ -63,19 +63,13 @@ TEST_F(Uipcctl, CountedCallsArePacedAtTheRateAskedAndReportTheirLatency) {
   const auto took = std::chrono::steady_clock::now() - began;
   ASSERT_EQ(status, 0) << out;
   EXPECT_GE(took, std::chrono::milliseconds(390));  // the 40th call starts at 390 ms
-  unsigned long calls = 0;
-  double seconds = 0, rate = 0, mean = 0, p50 = 0, p99 = 0;
-  ASSERT_EQ(std::sscanf(out.c_str(),
-                        "calls %lu seconds %lf calls_per_second %lf mean_us %lf p50_us %lf "
-                        "p99_us %lf",
-                        &calls, &seconds, &rate, &mean, &p50, &p99),
-            6)
-      << out;
-  EXPECT_EQ(calls, 40u);
-  EXPECT_GE(seconds, 0.39);
-  EXPECT_LE(rate, 103.0);
-  EXPECT_GT(p50, 0.0);
-  EXPECT_LE(p50, p99);
+  const auto report = uipc::test::parse_load_report(out, "calls");
+  ASSERT_TRUE(report) << out;
+  EXPECT_EQ(report->count, 40u);
+  EXPECT_GE(report->seconds, 0.39);
+  EXPECT_LE(report->rate, 103.0);
+  EXPECT_GT(report->p50_us, 0.0);
+  EXPECT_LE(report->p50_us, report->p99_us);
 
   // A rate needs a count, and is a positive whole number.
   EXPECT_EQ(run_command(ctl() + "call ctl.echo hello --rate 10").first, 64);
