@@ -6,6 +6,9 @@
 // released it with its last descriptor: its socket file is then stale and is
 // replaced. A socket file without a lock holder is probed with connect() before
 // it is removed, in case a program outside uipc serves it.
+//
+// A socket passed by the service manager (socket activation) is taken with the
+// same lock, but its file is the manager's: never cleared, chmod-ed or removed.
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -19,6 +22,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "socket_activation.hpp"
 #include "uipc/core/framed.hpp"
 #include "uipc/core/rendezvous.hpp"
 
@@ -69,6 +73,7 @@ struct listener::impl {
   stream_protocol::acceptor acceptor;
   ino_t socket_inode = 0;
   dev_t socket_device = 0;
+  bool owns_file = true;  // false: the service manager's socket, left in place
   bool closed = false;
 };
 
@@ -80,6 +85,18 @@ result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const st
   // is left behind.
   auto lock = instance_lock::try_acquire(listener_lock_path(path));
   if (!lock) return lock.error();
+  if (options.inherited) {
+    if (auto passed = detail::take_inherited_listener(path)) {
+      auto p = std::make_unique<impl>(ctx, path, std::move(options), std::move(*lock));
+      p->owns_file = false;
+      boost::system::error_code ec;
+      p->acceptor.assign(stream_protocol(), passed.get(), ec);
+      if (ec) return ec;
+      passed.release();
+      return std::unique_ptr<listener>(new listener(
+          std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
+    }
+  }
   if (auto ec = clear_path(path, *addr)) return ec;
 
   unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -157,8 +174,8 @@ void listener::close() {
   // Remove the socket file only if it is still ours, then the lock (which
   // removes its file while still holding it).
   struct stat st {};
-  if (::lstat(impl_->path.c_str(), &st) == 0 && st.st_ino == impl_->socket_inode &&
-      st.st_dev == impl_->socket_device) {
+  if (impl_->owns_file && ::lstat(impl_->path.c_str(), &st) == 0 &&
+      st.st_ino == impl_->socket_inode && st.st_dev == impl_->socket_device) {
     ::unlink(impl_->path.c_str());
   }
   impl_->lock.release();

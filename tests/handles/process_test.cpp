@@ -326,6 +326,40 @@ TEST_F(ProcessTest, DaemonLingersForItsConfiguredTime) {
   EXPECT_TRUE(loc.wait_until_clean());
 }
 
+// Socket activation, as systemd's uipc-handled.socket does it: the manager
+// holds the socket and starts the daemon at the first connection. The library
+// finds the socket served and starts nothing itself (its daemon program does
+// not even exist here); the daemon leaves the manager's socket file in place
+// when it exits idle, so that the next client starts it again.
+TEST_F(ProcessTest, ASocketActivatedDaemonServesAndTheLibraryStartsNoOther) {
+  const std::string activate = "/usr/bin/systemd-socket-activate";
+  if (::access(activate.c_str(), X_OK) != 0) GTEST_SKIP() << "no " << activate;
+  const std::string socket = loc.resolved().socket_path;
+  child_process manager({activate, "--listen=" + socket, UIPC_TEST_HANDLED_PATH, "--directory",
+                         loc.where.directory, "--name", loc.where.name, "--linger-ms", "100"});
+  ASSERT_TRUE(uipc::test::eventually([&] { return loc.socket_exists(); }, 10s));
+  const auto exe = "/proc/" + std::to_string(manager.pid()) + "/exe";
+  EXPECT_NE(std::filesystem::read_symlink(exe).filename(), "uipc-handled")
+      << "started before anyone connected";
+
+  auto o = loc.options();
+  o.daemon_path = loc.dir.file("no-such-daemon");  // an autostart would fail
+  {
+    auto c = client::connect(o);
+    ASSERT_TRUE(c) << c.error().message();
+    EXPECT_EQ(c->daemon_pid(), manager.pid());  // the manager became the daemon
+    auto e = c->create_event(event_reset::manual, false, "activated");
+    ASSERT_TRUE(e);
+    ASSERT_FALSE(e->signal());
+    auto w = e->wait(1s);
+    ASSERT_TRUE(w);
+    EXPECT_EQ(*w, wait_status::signalled);
+  }
+  EXPECT_EQ(manager.wait_exit(), std::optional<int>(0));  // left idle, cleanly
+  EXPECT_TRUE(loc.socket_exists()) << "the manager's socket file was removed";
+  std::filesystem::remove(socket);
+}
+
 TEST_F(ProcessTest, DaemonThatDiesAtStartupIsReportedNotWaitedFor) {
   // A regular file where the socket belongs: the daemon cannot bind and says so.
   {

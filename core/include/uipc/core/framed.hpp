@@ -224,14 +224,23 @@ struct listener_options {
   int backlog = 128;
   /// Permission bits of the socket file, e.g. 0600 for the owner only.
   unsigned mode = 0600;
+  /// Socket activation: when the service manager passed this process a
+  /// listening socket bound to the path (systemd's LISTEN_FDS protocol), take
+  /// it instead of binding one. The manager then owns the socket file: its
+  /// mode and backlog are the manager's, and close() leaves the file in place
+  /// so that the next connection starts the server again.
+  bool inherited = true;
 };
 
 /// Listens on a Unix-domain socket path. A socket file left by a dead server is
 /// reclaimed; a live listener on the path is never displaced (errc::address_in_use).
+/// A socket passed by the service manager for the path is taken instead of
+/// binding one (listener_options::inherited).
 ///
 /// Threading: not thread-safe; call it from the loop (or one strand). Lifetime:
 /// the socket file is removed by close() or the destructor, unless another
-/// listener has taken the path since; an accept still pending then completes
+/// listener has taken the path since or the service manager owns it; an
+/// accept still pending then completes
 /// with operation_aborted.
 class listener {
  public:

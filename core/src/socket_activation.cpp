@@ -1,0 +1,98 @@
+// Socket activation (see socket_activation.hpp). The protocol is three
+// environment variables and a run of descriptors from 3; reading it by hand
+// keeps libsystemd out of everything that links uipc::core.
+#include "socket_activation.hpp"
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string_view>
+#include <vector>
+
+namespace uipc::detail {
+
+namespace {
+
+constexpr int first_passed_fd = 3;  // SD_LISTEN_FDS_START
+constexpr long most_passed_fds = 4096;
+
+template <class Int>
+bool parse_whole(const char* text, Int& out) {
+  if (text == nullptr) return false;
+  const std::string_view s(text);
+  auto r = std::from_chars(s.data(), s.data() + s.size(), out);
+  return !s.empty() && r.ec == std::errc{} && r.ptr == s.data() + s.size();
+}
+
+// The descriptors passed to this process, read from the environment once.
+std::vector<int> read_passed() {
+  std::vector<int> fds;
+  long pid = 0;
+  long count = 0;
+  const bool ours = parse_whole(std::getenv("LISTEN_PID"), pid) && pid == ::getpid() &&
+                    parse_whole(std::getenv("LISTEN_FDS"), count) && count > 0 &&
+                    count <= most_passed_fds;
+  ::unsetenv("LISTEN_PID");
+  ::unsetenv("LISTEN_FDS");
+  ::unsetenv("LISTEN_FDNAMES");
+  if (!ours) return fds;
+  for (int fd = first_passed_fd; fd < first_passed_fd + count; ++fd) {
+    const int flags = ::fcntl(fd, F_GETFD);
+    if (flags < 0) continue;  // not open after all: nothing to take
+    ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+    fds.push_back(fd);
+  }
+  return fds;
+}
+
+int socket_option(int fd, int name) {
+  int value = -1;
+  socklen_t size = sizeof value;
+  return ::getsockopt(fd, SOL_SOCKET, name, &value, &size) == 0 ? value : -1;
+}
+
+// Whether `fd` is a listening Unix stream socket bound to `path`.
+bool listens_at(int fd, const std::string& path) {
+  if (socket_option(fd, SO_DOMAIN) != AF_UNIX || socket_option(fd, SO_TYPE) != SOCK_STREAM ||
+      socket_option(fd, SO_ACCEPTCONN) != 1) {
+    return false;
+  }
+  sockaddr_un addr{};
+  socklen_t size = sizeof addr;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &size) != 0) return false;  // NOLINT
+  const auto offset = offsetof(sockaddr_un, sun_path);
+  if (size <= offset || addr.sun_path[0] == '\0') return false;  // unnamed or abstract
+  const std::string bound(addr.sun_path, ::strnlen(addr.sun_path, size - offset));
+  if (bound == path) return true;
+  // The same file under another spelling ("//run/user/1000/x.sock", a symlinked directory).
+  struct stat a {};
+  struct stat b {};
+  return ::stat(bound.c_str(), &a) == 0 && ::stat(path.c_str(), &b) == 0 && S_ISSOCK(a.st_mode) &&
+         a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+}  // namespace
+
+unique_fd take_inherited_listener(const std::string& path) {
+  static std::mutex mutex;
+  static std::vector<int> passed = read_passed();
+  std::lock_guard lock(mutex);
+  for (auto it = passed.begin(); it != passed.end(); ++it) {
+    if (listens_at(*it, path)) {
+      const int fd = *it;
+      passed.erase(it);
+      return unique_fd(fd);
+    }
+  }
+  return {};
+}
+
+}  // namespace uipc::detail
