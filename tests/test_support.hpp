@@ -17,10 +17,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <future>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <utility>
@@ -44,6 +46,23 @@ inline bool run_until(boost::asio::io_context& ctx, const std::function<bool()>&
     if (ctx.stopped()) ctx.restart();
   }
   return true;
+}
+
+/// Whether some process listens on the Unix socket `path` (a listening socket
+/// bound to it is in /proc/net/unix with the accept-connections flag). Unlike
+/// connecting, asking does not disturb the listener: a socket-activation
+/// manager would take a probe for its first client.
+inline bool unix_socket_listening(const std::string& path) {
+  std::ifstream table("/proc/net/unix");
+  std::string line;
+  std::getline(table, line);  // the header
+  while (std::getline(table, line)) {
+    std::istringstream fields(line);
+    std::string slot, refs, protocol, flags, type, state, inode, bound;
+    fields >> slot >> refs >> protocol >> flags >> type >> state >> inode >> bound;
+    if (bound == path && flags == "00010000") return true;
+  }
+  return false;
 }
 
 /// Polls `done()` until it holds or `limit` passes; returns whether it held.

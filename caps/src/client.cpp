@@ -79,7 +79,7 @@ void client_core::ring_server() {
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (shared->server_watching.load(std::memory_order_seq_cst) == 0) {
     const eventfd_t one = 1;
-    (void)::write(server_bell.get(), &one, sizeof one);
+    (void)::eventfd_write(server_bell.get(), one);
   }
 }
 
@@ -338,7 +338,7 @@ void client_core::listen() {
     bell_armed = true;
     bell_desc.async_wait(asio::posix::stream_descriptor::wait_read, [self](error_code ec) {
       eventfd_t value;
-      (void)::read(self->client_bell.get(), &value, sizeof value);
+      (void)::eventfd_read(self->client_bell.get(), &value);
       {
         std::unique_lock lock(self->mutex);
         self->bell_armed = false;

@@ -88,7 +88,7 @@ void server_channel::wake_client() noexcept {
     futex::wake(shared->reply_seq, INT_MAX);
   if (shared->client_listening.load(std::memory_order_seq_cst) != 0) {
     const eventfd_t one = 1;
-    (void)::write(client_bell.get(), &one, sizeof one);
+    (void)::eventfd_write(client_bell.get(), one);
   }
 }
 

@@ -116,7 +116,7 @@ void service::impl::stop() {
   if (stopped.exchange(true)) return;
   if (srv) srv->stop();  // ends every session: session_ended for each
   const eventfd_t one = 1;
-  (void)::write(control_bell.get(), &one, sizeof one);
+  (void)::eventfd_write(control_bell.get(), one);
   fail_async(make_error_code(errc::stopped));
   ::unlink(detail::info_path(socket_path).c_str());
   name_lock.reset();

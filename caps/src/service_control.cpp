@@ -123,7 +123,7 @@ void service::impl::push_events(std::vector<event> events) {
     for (auto& e : events) queue.push_back(std::move(e));
   }
   const eventfd_t one = 1;
-  (void)::write(control_bell.get(), &one, sizeof one);
+  (void)::eventfd_write(control_bell.get(), one);
 }
 
 void service::impl::violation(const std::shared_ptr<server_channel>& ch) {

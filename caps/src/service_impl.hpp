@@ -39,7 +39,7 @@ inline unique_fd duplicate(int fd) { return unique_fd(::fcntl(fd, F_DUPFD_CLOEXE
 
 inline void clear_eventfd(int fd) {
   eventfd_t value;
-  (void)::read(fd, &value, sizeof value);
+  (void)::eventfd_read(fd, &value);  // EAGAIN: already clear
 }
 
 inline frame error_notice(error_code ec) {

@@ -177,7 +177,9 @@ int receive_message(int fd, spawn_message& m, unique_fd& passed) {
   // A daemon outlives the client that started it: it must not pin the client's
   // working directory (an unmountable file system), nor inherit a umask that
   // could loosen what it creates.
-  (void)::chdir("/");
+  if (::chdir("/") != 0) {
+    // "/" always exists; if it cannot be entered, the daemon runs where it was started.
+  }
   ::umask(077);
   sigset_t none;
   sigemptyset(&none);

@@ -40,9 +40,10 @@ std::vector<int> read_passed() {
   const bool ours = parse_whole(std::getenv("LISTEN_PID"), pid) && pid == ::getpid() &&
                     parse_whole(std::getenv("LISTEN_FDS"), count) && count > 0 &&
                     count <= most_passed_fds;
-  ::unsetenv("LISTEN_PID");
-  ::unsetenv("LISTEN_FDS");
-  ::unsetenv("LISTEN_FDNAMES");
+  // Only what is there is removed: a process that was passed nothing does not
+  // touch its environment, which other threads may be reading.
+  for (const char* name : {"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"})
+    if (std::getenv(name) != nullptr) ::unsetenv(name);
   if (!ours) return fds;
   for (int fd = first_passed_fd; fd < first_passed_fd + count; ++fd) {
     const int flags = ::fcntl(fd, F_GETFD);

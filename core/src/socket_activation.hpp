@@ -17,9 +17,9 @@ namespace uipc::detail {
 /// are descriptors 3 .. 3 + $LISTEN_FDS - 1 when $LISTEN_PID is this process
 /// (the sd_listen_fds(3) protocol). They are made close-on-exec and
 /// LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES are removed from the environment,
-/// so a program this process starts does not take them for its own. Like
-/// every change of the environment, that first call must not race with
-/// another thread reading it: daemons make it while starting.
+/// so a program this process starts does not take them for its own. When
+/// they are there, that first call changes the environment, which must not
+/// race with another thread reading it: a daemon binds while it starts.
 unique_fd take_inherited_listener(const std::string& path);
 
 }  // namespace uipc::detail

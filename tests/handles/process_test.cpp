@@ -337,7 +337,8 @@ TEST_F(ProcessTest, ASocketActivatedDaemonServesAndTheLibraryStartsNoOther) {
   const std::string socket = loc.resolved().socket_path;
   child_process manager({activate, "--listen=" + socket, UIPC_TEST_HANDLED_PATH, "--directory",
                          loc.where.directory, "--name", loc.where.name, "--linger-ms", "100"});
-  ASSERT_TRUE(uipc::test::eventually([&] { return loc.socket_exists(); }, 10s));
+  ASSERT_TRUE(
+      uipc::test::eventually([&] { return uipc::test::unix_socket_listening(socket); }, 10s));
   const auto exe = "/proc/" + std::to_string(manager.pid()) + "/exe";
   EXPECT_NE(std::filesystem::read_symlink(exe).filename(), "uipc-handled")
       << "started before anyone connected";

@@ -255,6 +255,37 @@ TEST_F(Uipcd, ServesEveryModuleAndUipcctlSeesThem) {
       << d->errors();
 }
 
+// Socket activation, as uipcd.socket does it: the manager holds the handle
+// daemon's socket and starts uipcd when the first handles client connects;
+// uipcd serves the passed socket, and the client's library starts nothing.
+TEST_F(Uipcd, SocketActivatedItServesThePassedHandlesSocket) {
+  const std::string activate = "/usr/bin/systemd-socket-activate";
+  if (::access(activate.c_str(), X_OK) != 0) GTEST_SKIP() << "no " << activate;
+  const std::string socket = dir_.file("uipc-handles.sock");
+  child_process manager({activate, "--listen=" + socket, UIPC_TEST_UIPCD_PATH, "--dir", dir_.path(),
+                         "--plugins", plugins_.path(), "--listen", "127.0.0.1:0"});
+  ASSERT_TRUE(
+      uipc::test::eventually([&] { return uipc::test::unix_socket_listening(socket); }, 10s));
+
+  uipc::handles::client_options ho;
+  ho.where.directory = dir_.path();
+  ho.autostart = false;
+  {
+    auto c = uipc::handles::client::connect(ho);  // starts uipcd
+    ASSERT_TRUE(c) << c.error().message();
+    EXPECT_EQ(c->daemon_pid(), manager.pid());
+    const std::string banner = manager.lines_until("uipcd: serving", 20s);
+    EXPECT_NE(banner.find("handles: " + socket + "\n"), std::string::npos) << banner;
+    auto ev = c->create_event(uipc::handles::event_reset::manual, false, "activated");
+    ASSERT_TRUE(ev) << ev.error().message();
+    auto [status, out] = ctl("objects");
+    EXPECT_EQ(status, 0) << out;
+    EXPECT_NE(out.find("activated"), std::string::npos) << out;
+  }
+  EXPECT_EQ(manager.stop(10s), 0) << manager.errors();
+  EXPECT_TRUE(fs::exists(socket)) << "the manager's socket file was removed";
+}
+
 TEST_F(Uipcd, BadConfigurationIsRefusedAtStartWithTheLineAndTheReason) {
   std::ofstream(dir_.file("bad.conf")) << "[dns]\nenabled = true\nlisten = 127.0.0.1:70000\n";
   auto [status, out] =
