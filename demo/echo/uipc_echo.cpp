@@ -136,10 +136,19 @@ int demo(const settings& s) {
   return rc != 0 || !clean ? 1 : 0;
 }
 
-int usage() {
-  std::fprintf(stderr,
+int usage(std::FILE* out = stderr) {
+  std::fprintf(out,
                "usage: uipc-echo [serve|ping|demo] [--socket PATH] [--seconds N] [--size BYTES] "
-               "[--inflight N]\n");
+               "[--inflight N]\n"
+               "Framed echo over a Unix socket, the smallest uipc server and client.\n"
+               "  serve            answer every frame with its payload until SIGTERM\n"
+               "  ping             call the server for N seconds and print calls per second\n"
+               "  demo             both, the server in a child process (the default)\n"
+               "  --socket PATH    the socket (default: the runtime directory's echo.sock)\n"
+               "  --seconds N      how long ping calls (default: 3)\n"
+               "  --size BYTES     payload of each call (default: 64; at most 1 MiB - 64)\n"
+               "  --inflight N     calls in flight at once (default: 1)\n"
+               "Exit status: 0 success; 1 a call or the server failed; 2 usage.\n");
   return 2;
 }
 
@@ -152,6 +161,7 @@ int main(int argc, char** argv) {
   if (i < argc && argv[i][0] != '-') mode = argv[i++];
   for (; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") return usage(stdout), 0;
     if (i + 1 >= argc) return usage();
     const char* value = argv[++i];
     if (arg == "--socket")

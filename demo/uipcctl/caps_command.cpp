@@ -25,9 +25,9 @@ constexpr int exit_ok = 0;
 constexpr int exit_error = 3;
 constexpr int exit_usage = 64;
 
-int usage() {
+int usage(std::FILE* out = stderr) {
   std::fprintf(
-      stderr,
+      out,
       "usage: uipcctl caps [--dir DIR] ACTION\n"
       "actions:\n"
       "  list                          live points: name, owner uid and gid, who may connect,\n"
@@ -185,5 +185,7 @@ int run_caps(std::span<char* const> args) {
   if (action == "watch") return watch(dir, rest);
   return usage();
 }
+
+void help_caps(std::FILE* out) { usage(out); }
 
 }  // namespace uipcctl

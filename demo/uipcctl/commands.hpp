@@ -2,6 +2,7 @@
 #pragma once
 
 #include <charconv>
+#include <cstdio>
 #include <optional>
 #include <span>
 #include <string_view>
@@ -19,22 +20,28 @@ std::optional<Int> number(std::string_view text) {
 }
 
 /// One subcommand: `uipcctl <name> args...`. `run` gets the arguments after the
-/// name and returns the process's exit status.
+/// name and returns the process's exit status; `help` prints its usage
+/// (`uipcctl <name> --help`).
 struct command {
   const char* name;
   const char* summary;
   int (*run)(std::span<char* const> args);
+  void (*help)(std::FILE* out);
 };
 
 /// `uipcctl handles ...`: the handle daemon (handles_command.cpp).
 int run_handles(std::span<char* const> args);
+void help_handles(std::FILE* out);
 
 /// `uipcctl caps ...`: capability rendezvous points (caps_command.cpp).
 int run_caps(std::span<char* const> args);
+void help_caps(std::FILE* out);
 
 /// `uipcctl plugins ...` and `uipcctl services ...`: a plug-in host (plugins_command.cpp).
 int run_plugins(std::span<char* const> args);
 int run_services(std::span<char* const> args);
+void help_plugins(std::FILE* out);
+void help_services(std::FILE* out);
 
 /// `uipcctl status|stats|clients|points|reload`: a running uipcd (server_command.cpp).
 int run_status(std::span<char* const> args);
@@ -43,5 +50,6 @@ int run_clients(std::span<char* const> args);
 int run_objects(std::span<char* const> args);
 int run_points(std::span<char* const> args);
 int run_reload(std::span<char* const> args);
+void help_server(std::FILE* out);
 
 }  // namespace uipcctl

@@ -28,9 +28,9 @@ constexpr int exit_timed_out = 2;
 constexpr int exit_error = 3;
 constexpr int exit_usage = 64;
 
-int usage() {
+int usage(std::FILE* out = stderr) {
   std::fprintf(
-      stderr,
+      out,
       "usage: uipcctl handles [--dir DIR] [--name NAME] [--daemon PATH] [--no-start] [--linger MS] "
       "ACTION\n"
       "actions:\n"
@@ -363,5 +363,7 @@ int run_handles(std::span<char* const> args) {
   if (action == "churn") return churn(*c, rest);
   return usage();
 }
+
+void help_handles(std::FILE* out) { usage(out); }
 
 }  // namespace uipcctl

@@ -17,9 +17,9 @@ constexpr int exit_ok = 0;
 constexpr int exit_error = 3;
 constexpr int exit_usage = 64;
 
-int usage(const char* command) {
+int usage(const char* command, std::FILE* out = stderr) {
   std::fprintf(
-      stderr,
+      out,
       "usage: uipcctl %s [--point NAME] [--dir DIR] [--timeout MS] ACTION\n"
       "actions of uipcctl plugins:\n"
       "  list                the plug-ins: name, state, generation (reloads), threading model,\n"
@@ -80,5 +80,8 @@ int run_services(std::span<char* const> args) {
   }
   return usage("services");
 }
+
+void help_plugins(std::FILE* out) { usage("plugins", out); }
+void help_services(std::FILE* out) { usage("services", out); }
 
 }  // namespace uipcctl

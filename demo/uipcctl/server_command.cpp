@@ -21,9 +21,9 @@ constexpr int exit_error = 3;
 constexpr int exit_usage = 64;
 constexpr std::string_view default_point = "uipc.control";
 
-int usage() {
+int usage(std::FILE* out = stderr) {
   std::fprintf(
-      stderr,
+      out,
       "usage: uipcctl status|clients|objects|points [--point NAME] [--dir DIR] [--timeout MS]\n"
       "       uipcctl stats [--watch [SECONDS]] [--count N] [--point NAME] [--dir DIR] [--timeout "
       "MS]\n"
@@ -189,5 +189,7 @@ int run_clients(std::span<char* const> args) { return simple("clients", args, "c
 int run_objects(std::span<char* const> args) { return simple("objects", args, "handles"); }
 int run_points(std::span<char* const> args) { return simple("points", args, "points"); }
 int run_reload(std::span<char* const> args) { return simple("reload", args, "reload"); }
+
+void help_server(std::FILE* out) { usage(out); }
 
 }  // namespace uipcctl

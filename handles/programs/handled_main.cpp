@@ -16,11 +16,26 @@
 
 namespace {
 
-void usage() {
+int usage(std::FILE* out = stderr) {
   std::fprintf(
-      stderr,
+      out,
       "usage: uipc-handled [--directory DIR] [--name NAME] [--capacity N] [--scratch BYTES]\n"
-      "                    [--linger-ms MS] [--no-idle-exit]\n");
+      "                    [--linger-ms MS] [--no-idle-exit]\n"
+      "Serves named events, mutexes and semaphores (the handle daemon) on the socket\n"
+      "DIR/uipc-NAME.sock. Clients start it on demand; it leaves when its last client has\n"
+      "been gone for the linger time, or at SIGTERM or SIGINT.\n"
+      "  --directory DIR  where the socket lives (default: $XDG_RUNTIME_DIR, else\n"
+      "                   /tmp/uipc-UID)\n"
+      "  --name NAME      the instance (default: handles; letters, digits, '_', '-')\n"
+      "  --capacity N     slots in the handle table (default: 1024; N - 1 objects fit)\n"
+      "  --scratch BYTES  the scratch area clients borrow from (default: 262144)\n"
+      "  --linger-ms MS   how long to stay once the last client left (default: 1000)\n"
+      "  --no-idle-exit   serve until a signal, with or without clients\n"
+      "Under socket activation (a unit's uipc-handled.socket) the socket is the service\n"
+      "manager's, passed with LISTEN_FDS, and left in place when the daemon leaves.\n"
+      "Exit status: 0 stopped or idle; 1 could not start (another daemon serves the\n"
+      "socket, a bad directory); 2 usage.\n");
+  return 2;
 }
 
 template <class Int>
@@ -43,16 +58,18 @@ int main(int argc, char** argv) {
     } else if (arg == "--name" && has_value) {
       options.where.name = argv[++i];
     } else if (arg == "--capacity" && has_value) {
-      if (!parse_number(argv[++i], options.capacity)) return usage(), 2;
+      if (!parse_number(argv[++i], options.capacity)) return usage();
     } else if (arg == "--scratch" && has_value) {
-      if (!parse_number(argv[++i], options.scratch_size)) return usage(), 2;
+      if (!parse_number(argv[++i], options.scratch_size)) return usage();
     } else if (arg == "--linger-ms" && has_value) {
-      if (!parse_number(argv[++i], linger_ms) || linger_ms < 0) return usage(), 2;
+      if (!parse_number(argv[++i], linger_ms) || linger_ms < 0) return usage();
     } else if (arg == "--no-idle-exit") {
       idle_exit = false;
+    } else if (arg == "--help" || arg == "-h") {
+      usage(stdout);
+      return 0;
     } else {
-      usage();
-      return 2;
+      return usage();
     }
   }
   ::signal(SIGPIPE, SIG_IGN);

@@ -1,5 +1,8 @@
 # Installs the build into a private prefix, then configures, builds and runs an
-# outside project that uses find_package(uipc) and links every installed module.
+# outside project that uses find_package(uipc) and links every installed module;
+# with PKG_CONFIG, builds and runs a program of caps with nothing but
+# `pkg-config --cflags --libs uipc-caps`, after checking every module's .pc file.
+cmake_minimum_required(VERSION 3.25)
 file(REMOVE_RECURSE ${WORK_DIR})
 execute_process(COMMAND ${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_DIR}/prefix
                 RESULT_VARIABLE rc OUTPUT_QUIET)
@@ -25,5 +28,39 @@ endif()
 execute_process(COMMAND ${WORK_DIR}/build/consumer RESULT_VARIABLE rc)
 if(rc)
   message(FATAL_ERROR "the outside program failed: ${rc}")
+endif()
+if(PKG_CONFIG)
+  set(ENV{PKG_CONFIG_PATH} "${WORK_DIR}/prefix/${LIBDIR}/pkgconfig")
+  # The files say the configured prefix; this install is elsewhere.
+  set(pc ${PKG_CONFIG} --define-variable=prefix=${WORK_DIR}/prefix)
+  foreach(module ${module_list})
+    execute_process(COMMAND ${pc} --validate uipc-${module} RESULT_VARIABLE rc)
+    if(rc)
+      message(FATAL_ERROR "uipc-${module}.pc is not valid")
+    endif()
+  endforeach()
+  if("caps" IN_LIST module_list)
+    execute_process(COMMAND ${pc} --cflags --libs uipc-caps OUTPUT_VARIABLE pc_flags
+                    RESULT_VARIABLE rc OUTPUT_STRIP_TRAILING_WHITESPACE)
+    if(rc)
+      message(FATAL_ERROR "pkg-config --cflags --libs uipc-caps failed")
+    endif()
+    message(STATUS "pkg-config --cflags --libs uipc-caps: ${pc_flags}")
+    separate_arguments(pc_flags UNIX_COMMAND "${pc_flags}")
+    set(sanitize_flags "")
+    if(SANITIZE)
+      set(sanitize_flags -fsanitize=${SANITIZE})
+    endif()
+    execute_process(COMMAND ${CXX} -std=c++20 ${sanitize_flags} ${PKG_CONFIG_SOURCE} ${pc_flags}
+                            -o ${WORK_DIR}/caps_echo RESULT_VARIABLE rc)
+    if(rc)
+      message(FATAL_ERROR "building with pkg-config's flags failed")
+    endif()
+    file(MAKE_DIRECTORY ${WORK_DIR}/points)
+    execute_process(COMMAND ${WORK_DIR}/caps_echo ${WORK_DIR}/points RESULT_VARIABLE rc)
+    if(rc)
+      message(FATAL_ERROR "the program built with pkg-config failed: ${rc}")
+    endif()
+  endif()
 endif()
 file(REMOVE_RECURSE ${WORK_DIR})
