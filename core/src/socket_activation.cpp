@@ -60,18 +60,24 @@ int socket_option(int fd, int name) {
   return ::getsockopt(fd, SOL_SOCKET, name, &value, &size) == 0 ? value : -1;
 }
 
+// The path a Unix socket is bound to; empty when unnamed or abstract.
+std::string bound_path(int fd) {
+  sockaddr_un addr{};
+  socklen_t size = sizeof addr;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &size) != 0) return {};  // NOLINT
+  const auto offset = offsetof(sockaddr_un, sun_path);
+  if (size <= offset || addr.sun_family != AF_UNIX || addr.sun_path[0] == '\0') return {};
+  return std::string(addr.sun_path, ::strnlen(addr.sun_path, size - offset));
+}
+
 // Whether `fd` is a listening Unix stream socket bound to `path`.
 bool listens_at(int fd, const std::string& path) {
   if (socket_option(fd, SO_DOMAIN) != AF_UNIX || socket_option(fd, SO_TYPE) != SOCK_STREAM ||
       socket_option(fd, SO_ACCEPTCONN) != 1) {
     return false;
   }
-  sockaddr_un addr{};
-  socklen_t size = sizeof addr;
-  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &size) != 0) return false;  // NOLINT
-  const auto offset = offsetof(sockaddr_un, sun_path);
-  if (size <= offset || addr.sun_path[0] == '\0') return false;  // unnamed or abstract
-  const std::string bound(addr.sun_path, ::strnlen(addr.sun_path, size - offset));
+  const std::string bound = bound_path(fd);
+  if (bound.empty()) return false;
   if (bound == path) return true;
   // The same file under another spelling ("//run/user/1000/x.sock", a symlinked directory).
   struct stat a {};
@@ -80,16 +86,26 @@ bool listens_at(int fd, const std::string& path) {
          a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 }
 
+// The passed descriptors no listener has taken yet, read by the first use.
+struct passed_set {
+  std::mutex mutex;
+  std::vector<int> fds = read_passed();
+};
+
+passed_set& passed() {
+  static passed_set set;
+  return set;
+}
+
 }  // namespace
 
 unique_fd take_inherited_listener(const std::string& path) {
-  static std::mutex mutex;
-  static std::vector<int> passed = read_passed();
-  std::lock_guard lock(mutex);
-  for (auto it = passed.begin(); it != passed.end(); ++it) {
+  auto& set = passed();
+  std::lock_guard lock(set.mutex);
+  for (auto it = set.fds.begin(); it != set.fds.end(); ++it) {
     if (listens_at(*it, path)) {
       const int fd = *it;
-      passed.erase(it);
+      set.fds.erase(it);
       return unique_fd(fd);
     }
   }
@@ -97,3 +113,15 @@ unique_fd take_inherited_listener(const std::string& path) {
 }
 
 }  // namespace uipc::detail
+
+namespace uipc {
+
+std::vector<std::string> untaken_passed_sockets() {
+  auto& set = detail::passed();
+  std::lock_guard lock(set.mutex);
+  std::vector<std::string> out;
+  for (int fd : set.fds) out.push_back(detail::bound_path(fd));
+  return out;
+}
+
+}  // namespace uipc

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "uipc/core/error.hpp"
+#include "uipc/core/framed.hpp"
 #include "uipc/core/unique_fd.hpp"
 
 namespace uipc::detail {

@@ -14,6 +14,7 @@
 #include "metrics.hpp"
 #include "program_args.hpp"
 #include "server_impl.hpp"
+#include "uipc/core/framed.hpp"
 
 namespace uipcd {
 
@@ -338,6 +339,8 @@ int server::impl::start() {
     signals.cancel();
     drain_timer.cancel();
   });
+  for (const auto& path : uipc::untaken_passed_sockets())
+    log("the service manager passed a socket for '" + path + "', which uipcd does not serve");
   std::printf("uipcd: serving\n");
   std::fflush(stdout);
   return exit_ok;

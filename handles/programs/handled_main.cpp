@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "uipc/core/event_loop.hpp"
+#include "uipc/core/framed.hpp"
 #include "uipc/handles/daemon.hpp"
 
 namespace {
@@ -81,6 +82,12 @@ int main(int argc, char** argv) {
   if (!daemon) {
     std::fprintf(stderr, "uipc-handled: cannot start: %s\n", daemon.error().message().c_str());
     return 1;
+  }
+  for (const auto& path : uipc::untaken_passed_sockets()) {
+    std::fprintf(stderr,
+                 "uipc-handled: the service manager passed a socket for '%s', but this daemon "
+                 "serves %s\n",
+                 path.c_str(), (*daemon)->where().socket_path.c_str());
   }
   loop.on_stop([&daemon] { (*daemon)->stop(); });
   loop.run();

@@ -19,6 +19,7 @@
 #include <functional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "test_support.hpp"
 #include "uipc/core/framed.hpp"
@@ -129,12 +130,15 @@ TEST(SocketActivation, APathNotPassedIsBoundAsUsualAndThePassedSocketWaitsForIts
               auto l = listener::bind(ctx, mine);
               if (!l) return 2;
               if (!is_socket_file(mine) || !connects(mine)) return 3;
+              // What a daemon reports: a socket passed for a path it does not serve.
+              if (untaken_passed_sockets() != std::vector<std::string>{passed}) return 4;
               (*l)->close();
-              if (is_socket_file(mine)) return 4;  // ours: removed
+              if (is_socket_file(mine)) return 5;  // ours: removed
               auto p = listener::bind(ctx, passed);
-              if (!p) return 5;
+              if (!p) return 6;
+              if (!untaken_passed_sockets().empty()) return 7;
               (*p)->close();
-              if (!is_socket_file(passed)) return 6;
+              if (!is_socket_file(passed)) return 8;
               return 0;
             }),
             0);

@@ -232,6 +232,13 @@ struct listener_options {
   bool inherited = true;
 };
 
+/// The sockets the service manager passed this process (listener_options::
+/// inherited) that no listener has taken, each by its bound path (empty when
+/// it is not a named Unix socket). A daemon expects none once it serves: one
+/// left means its unit's ListenStream= and the path it serves differ, which
+/// it should say, since clients of that socket would wait for nobody.
+std::vector<std::string> untaken_passed_sockets();
+
 /// Listens on a Unix-domain socket path. A socket file left by a dead server is
 /// reclaimed; a live listener on the path is never displaced (errc::address_in_use).
 /// A socket passed by the service manager for the path is taken instead of
