@@ -28,28 +28,36 @@ mkdir -p "$work/points"
 step "$work/with_pkg_config" "$work/points"
 
 cp -r "$here/tests/integration/consumer" "$work/consumer"
-step cmake -S "$work/consumer" -B "$work/consumer/build" -G Ninja -DUIPC_MODULES="core;handles;dispatch;caps;plugin" | tail -1
-step cmake --build "$work/consumer/build" | tail -1
+echo "\$ cmake -S consumer -B consumer/build -G Ninja -DUIPC_MODULES='core;handles;dispatch;caps;plugin'"
+cmake -S "$work/consumer" -B "$work/consumer/build" -G Ninja -DUIPC_MODULES="core;handles;dispatch;caps;plugin" | tail -1
+echo "\$ cmake --build consumer/build"
+cmake --build "$work/consumer/build" | tail -1
 step "$work/consumer/build/consumer"
 
 step sh -c 'MANWIDTH=80 man uipcctl | head -8'
 step sh -c 'man -w uipc-handled uipcd uipc.7'
-step systemd-analyze --user verify /usr/lib/systemd/user/uipc-handled.socket \
-  /usr/lib/systemd/user/uipc-handled.service /usr/lib/systemd/user/uipcd.socket \
-  /usr/lib/systemd/user/uipcd.service 2>&1 | grep -v 'Failed to connect' || true
+if command -v systemd-analyze >/dev/null; then
+  step systemd-analyze --user verify /usr/lib/systemd/user/uipc-handled.socket \
+    /usr/lib/systemd/user/uipc-handled.service /usr/lib/systemd/user/uipcd.socket \
+    /usr/lib/systemd/user/uipcd.service 2>&1 | grep -v 'Failed to connect' || true
+fi
 
 # Socket activation without systemd as init: the daemon starts at the first
 # client and the client's library starts no daemon of its own.
-sock="$XDG_RUNTIME_DIR/uipc-handles.sock"
-# It passes the launched program only the variables named with -E.
-systemd-socket-activate -E XDG_RUNTIME_DIR -l "$sock" uipc-handled --linger-ms 200 >"$work/activate.log" 2>&1 &
-manager=$!
-# Listening, not only bound: /proc/net/unix flags a listening socket 00010000.
-for _ in $(seq 200); do
-  awk -v p="$sock" '$4 == "00010000" && $8 == p { found = 1 } END { exit !found }' /proc/net/unix && break
-  sleep 0.05
-done
-step env UIPC_HANDLED_PATH=/nonexistent uipcctl handles create manual-event activated --signalled --hold 300
-wait "$manager"
-echo "socket activation: the daemon served and left; $(cat "$work/activate.log" | tr '\n' ' ')"
+if ! command -v systemd-socket-activate >/dev/null; then
+  echo "socket activation: skipped (no systemd-socket-activate; the systemd package has it)"
+else
+  sock="$XDG_RUNTIME_DIR/uipc-handles.sock"
+  # It passes the launched program only the variables named with -E.
+  systemd-socket-activate -E XDG_RUNTIME_DIR -l "$sock" uipc-handled --linger-ms 200 >"$work/activate.log" 2>&1 &
+  manager=$!
+  # Listening, not only bound: /proc/net/unix flags a listening socket 00010000.
+  for _ in $(seq 200); do
+    awk -v p="$sock" '$4 == "00010000" && $8 == p { found = 1 } END { exit !found }' /proc/net/unix && break
+    sleep 0.05
+  done
+  step env UIPC_HANDLED_PATH=/nonexistent uipcctl handles create manual-event activated --signalled --hold 300
+  wait "$manager"
+  echo "socket activation: the daemon served and left; $(cat "$work/activate.log" | tr '\n' ' ')"
+fi
 echo "check: every step passed"
