@@ -274,7 +274,8 @@ int churn(client& c, std::span<char* const> args) {
   }
   const std::string prefix = "churn." + std::to_string(::getpid()) + ".";
   paced_loop loop(static_cast<double>(rate));
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+  // The slots before the end: seconds * rate of them at a fixed rate.
+  const auto end = loop.began() + std::chrono::seconds(seconds);
   unsigned long long cycles = 0;
   for (;;) {
     const auto started = loop.start(cycles);

@@ -2,10 +2,14 @@
 // and `handles churn`: flat out, or at a fixed offered rate (each operation
 // starts at its slot, began + i / rate, so that a slow one does not lower the
 // rate offered after it), with every operation's latency kept for percentiles.
+// At a fixed rate a latency counts from the slot, not from the moment the
+// operation could start: one that waited behind a slow one waited for real,
+// as a client arriving at that rate would (no coordinated omission).
 #pragma once
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <thread>
@@ -20,15 +24,19 @@ class paced_loop {
   /// rate: operations per second; 0 runs flat out.
   explicit paced_loop(double rate) : rate_(rate) {}
 
-  /// Waits for operation i's slot; returns when it starts.
+  /// Waits for operation i's slot; returns the time its latency counts from:
+  /// the slot at a fixed rate (already past when the loop runs late), now
+  /// when flat out.
   clock::time_point start(unsigned long long i) {
-    if (rate_ > 0) {
-      std::this_thread::sleep_until(
-          began_ + std::chrono::duration_cast<clock::duration>(
-                       std::chrono::duration<double>(static_cast<double>(i) / rate_)));
-    }
-    return clock::now();
+    if (rate_ <= 0) return clock::now();
+    const auto slot = began_ + std::chrono::duration_cast<clock::duration>(
+                                   std::chrono::duration<double>(static_cast<double>(i) / rate_));
+    std::this_thread::sleep_until(slot);
+    return slot;
   }
+
+  /// When the loop began: slot 0.
+  clock::time_point began() const { return began_; }
 
   /// Operation started at `started` ended now.
   void done(clock::time_point started) {
@@ -48,9 +56,13 @@ class paced_loop {
   }
 
  private:
+  // The nearest-rank percentile: the smallest latency that at least a
+  // fraction q of the operations did not exceed.
   double percentile(double q) {
     if (latencies_.empty()) return 0;
-    const auto at = static_cast<std::size_t>(q * static_cast<double>(latencies_.size() - 1));
+    const auto n = latencies_.size();
+    const auto rank = static_cast<std::size_t>(std::ceil(q * static_cast<double>(n)));
+    const auto at = std::clamp<std::size_t>(rank, 1, n) - 1;
     std::nth_element(latencies_.begin(), latencies_.begin() + static_cast<long>(at),
                      latencies_.end());
     return latencies_[at];
