@@ -154,9 +154,10 @@ class runner_link final : public isolation {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    std::vector<std::string> env = runner_environment();
+    auto env = runner_environment();
+    if (!env) return env.error();
     std::vector<char*> envp;
-    for (auto& e : env) envp.push_back(e.data());
+    for (auto& e : *env) envp.push_back(e.data());
     envp.push_back(nullptr);
     pid_t pid = 0;
     if (int e = ::posix_spawn(&pid, program->c_str(), nullptr, nullptr, argv.data(), envp.data());
@@ -202,10 +203,19 @@ class runner_link final : public isolation {
   }
 
   // This process's environment with options_.environment's entries over it
-  // (an entry without '=' unsets its name).
-  std::vector<std::string> runner_environment() const {
+  // (an entry without '=' unsets its name). A hook that throws fails this
+  // start (load_failed, and the host's log says why) instead of the program.
+  result<std::vector<std::string>> runner_environment() const {
     std::vector<std::string> extra;
-    if (options_.environment) extra = options_.environment();  // no lock of ours held
+    try {
+      if (options_.environment) extra = options_.environment();  // no lock of ours held
+    } catch (const std::exception& e) {
+      host_.log(0, path_ + ": the environment hook threw: " + e.what());
+      return make_error_code(errc::load_failed);
+    } catch (...) {
+      host_.log(0, path_ + ": the environment hook threw");
+      return make_error_code(errc::load_failed);
+    }
     auto name_of = [](std::string_view entry) { return entry.substr(0, entry.find('=')); };
     std::vector<std::string> env;
     for (char** e = environ; *e != nullptr; ++e) {
@@ -316,7 +326,13 @@ class runner_link final : public isolation {
         std::lock_guard lock(mutex_);
         if (stopping_) break;
       }
-      if (options_.on_restart) options_.on_restart();  // no lock of ours held
+      try {
+        if (options_.on_restart) options_.on_restart();  // no lock of ours held
+      } catch (const std::exception& e) {
+        host_.log(0, path_ + ": the on_restart hook threw: " + e.what());
+      } catch (...) {
+        host_.log(0, path_ + ": the on_restart hook threw");
+      }
     }
     kill_and_reap();
     end_supervising();

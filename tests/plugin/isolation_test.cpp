@@ -155,6 +155,37 @@ TEST_F(Isolation, EachStartOfTheRunnerGetsTheEnvironmentOfThatMoment) {
   ::unsetenv("UIPC_TEST_UNSET");
 }
 
+// A hook that throws is the program's bug, not a reason to end it: a throwing
+// environment hook fails that start, a throwing on_restart is logged, and the
+// host serves on either way.
+TEST_F(Isolation, HooksThatThrowFailTheStartOrAreLoggedAndTheHostServesOn) {
+  logged_host h;
+  auto throwing = options_;
+  throwing.environment = []() -> std::vector<std::string> {
+    throw std::runtime_error("no zone yet");
+  };
+  EXPECT_EQ(h.h->load_isolated(variants + "/variant_v1.so", throwing).error(), errc::load_failed);
+  EXPECT_NE(h.log().find("the environment hook threw: no zone yet"), std::string::npos) << h.log();
+
+  std::atomic<int> restarts{0};
+  options_.on_restart = [&] {
+    ++restarts;
+    throw std::logic_error("restart hook bug");
+  };
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto ctx = h.h->new_context().value();
+  EXPECT_EQ(ctx.call_bytes("crash", test::bytes("now")).error(), errc::unavailable);
+  ASSERT_TRUE(echo_answers(*h.h, 10s)) << h.log();
+  EXPECT_TRUE(uipc::test::eventually([&] { return restarts.load() == 1; }, 10s));
+  EXPECT_TRUE(uipc::test::eventually(
+      [&] {
+        return h.log().find("the on_restart hook threw: restart hook bug") != std::string::npos;
+      },
+      10s))
+      << h.log();
+  EXPECT_TRUE(echo_answers(*h.h, 10s)) << h.log();
+}
+
 TEST_F(Isolation, APluginThatKeepsCrashingIsStoppedNotRestartedForever) {
   options_.max_crashes = 3;
   logged_host h;

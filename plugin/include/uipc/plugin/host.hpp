@@ -88,13 +88,15 @@ struct isolation_options {
   /// since it was loaded died with the old process, so tell it again here.
   /// Runs on the plug-in's supervising thread with no host lock held, and
   /// that thread watches the new process only once it returns: post longer
-  /// work elsewhere.
+  /// work elsewhere. An exception it throws is logged and dropped.
   std::function<void()> on_restart;
   /// Asked before each start of the plug-in's process (the first, every
   /// restart, the new process of a reload): "NAME=VALUE" entries set in its
   /// environment over this process's own ("NAME" alone unsets it). What a plug-in reads at Init
   /// from its environment is then what the program holds now, from the first request a restarted
-  /// process serves. Runs with no host lock held, on the thread starting the process.
+  /// process serves. Runs with no host lock held, on the thread starting the
+  /// process, while a load_isolated() or reload() caller waits for that start.
+  /// A hook that throws fails the start (errc::load_failed; the log says why).
   std::function<std::vector<std::string>()> environment;
 };
 
