@@ -22,7 +22,7 @@
 #include <cerrno>
 #include <cstring>
 
-#include "socket_activation.hpp"
+#include "passed_sockets.hpp"
 #include "uipc/core/framed.hpp"
 #include "uipc/core/rendezvous.hpp"
 
@@ -170,6 +170,12 @@ void listener::close() {
   if (impl_->closed) return;
   impl_->closed = true;
   boost::system::error_code ignored;
+  if (!impl_->owns_file) {
+    // The manager's socket goes back to the passed set, open, for the next
+    // listener of the path in this process; a pending accept is aborted.
+    const int fd = impl_->acceptor.release(ignored);
+    if (!ignored) detail::return_inherited_listener(unique_fd(fd));
+  }
   impl_->acceptor.close(ignored);
   // Remove the socket file only if it is still ours, then the lock (which
   // removes its file while still holding it).

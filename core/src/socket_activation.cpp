@@ -1,7 +1,7 @@
-// Socket activation (see socket_activation.hpp). The protocol is three
-// environment variables and a run of descriptors from 3; reading it by hand
-// keeps libsystemd out of everything that links uipc::core.
-#include "socket_activation.hpp"
+// Socket activation (see passed_sockets.hpp and uipc/core/socket_activation.hpp). The protocol is
+// three environment variables and a run of descriptors from 3; reading it by hand keeps libsystemd
+// out of everything that links uipc::core.
+#include "uipc/core/socket_activation.hpp"
 
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -16,6 +16,8 @@
 #include <mutex>
 #include <string_view>
 #include <vector>
+
+#include "passed_sockets.hpp"
 
 namespace uipc::detail {
 
@@ -112,9 +114,18 @@ unique_fd take_inherited_listener(const std::string& path) {
   return {};
 }
 
+void return_inherited_listener(unique_fd fd) {
+  if (!fd) return;
+  auto& set = passed();
+  std::lock_guard lock(set.mutex);
+  set.fds.push_back(fd.release());
+}
+
 }  // namespace uipc::detail
 
 namespace uipc {
+
+void adopt_passed_sockets() { (void)detail::passed(); }
 
 std::vector<std::string> untaken_passed_sockets() {
   auto& set = detail::passed();

@@ -274,12 +274,13 @@ int churn(client& c, std::span<char* const> args) {
   }
   const std::string prefix = "churn." + std::to_string(::getpid()) + ".";
   paced_loop loop(static_cast<double>(rate));
-  // The slots before the end: seconds * rate of them at a fixed rate.
+  // The slots before the end (seconds * rate of them at a fixed rate), and no
+  // later than the end when the daemon cannot keep up.
   const auto end = loop.began() + std::chrono::seconds(seconds);
   unsigned long long cycles = 0;
   for (;;) {
     const auto started = loop.start(cycles);
-    if (started >= end) break;
+    if (started >= end || paced_loop::clock::now() >= end) break;
     auto e = c.create_event(event_reset::automatic, false, prefix + std::to_string(cycles % 16));
     if (!e) return fail("create", e.error());
     if (auto ec = e->signal()) return fail("signal", ec);

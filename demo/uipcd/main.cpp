@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "server.hpp"
+#include "uipc/core/socket_activation.hpp"
 
 namespace {
 
@@ -37,6 +38,8 @@ int usage(int status) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before any thread or plug-in process: see uipc::adopt_passed_sockets().
+  uipc::adopt_passed_sockets();
   uipcd::config_source source;
   bool print = false;
   const std::pair<std::string_view, const char*> shorthands[] = {

@@ -23,9 +23,9 @@ namespace {
 using namespace uipc;
 using namespace uipc::dispatch;
 
-void usage() {
+void usage(std::FILE* out = stderr) {
   std::fprintf(
-      stderr,
+      out,
       "usage: uipc-dns-query --server ADDR:PORT --names FILE [--count N] [--inflight M] [--timeout "
       "MS]\n"
       "                      [--random-ports | --shared-port] [--port-range FIRST-LAST] [--0x20]\n"
@@ -215,7 +215,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h") {
-      usage();
+      usage(stdout);
       return 0;
     }
     if (arg == "--verbose") {

@@ -16,8 +16,8 @@ namespace {
 using namespace uipc;
 using namespace uipc::dispatch;
 
-void usage() {
-  std::fprintf(stderr,
+void usage(std::FILE* out = stderr) {
+  std::fprintf(out,
                "usage: uipc-dns-responder [--listen ADDR:PORT] [--threads N] [--no-send-socket]\n"
                "  answers DNS queries for *.uipc.test from a built-in zone, NXDOMAIN otherwise.\n"
                "  --listen   address and port (default 127.0.0.1:5300; port 0 picks one)\n"
@@ -70,7 +70,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h") {
-      usage();
+      usage(stdout);
       return 0;
     }
     if (arg == "--no-send-socket") {

@@ -1,6 +1,7 @@
 // uipc-handled: the standalone handle daemon. Serves one location until its last
 // client has been gone for --linger-ms, or until SIGTERM/SIGINT; removes its
-// segment and socket either way.
+// segment and socket either way (a socket passed by the service manager stays,
+// for the manager to start the next daemon at the next client).
 #include <signal.h>
 
 #include <boost/asio/io_context.hpp>

@@ -114,6 +114,16 @@ TEST(SocketActivation, ThePassedSocketForThePathIsTakenAndItsFileLeftInPlace) {
         (*l)->close();
         if (!is_socket_file(path)) return 9;  // the manager's file
         if (::access(listener_lock_path(path).c_str(), F_OK) == 0) return 10;
+        // Given back, open: a server of the path started again takes it again.
+        if (untaken_passed_sockets() != std::vector<std::string>{path}) return 11;
+        auto again = listener::bind(ctx, path);
+        if (!again) return 12;
+        if (!connects(path)) return 13;
+        accepted = false;
+        (*again)->async_accept_socket([&](error_code ec, unique_fd fd) { accepted = !ec && fd; });
+        ctx.restart();
+        ctx.run_for(5s);
+        if (!accepted) return 14;
         return 0;
       }),
       0);

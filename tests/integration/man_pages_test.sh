@@ -27,14 +27,15 @@ for program in "$@"; do
     warnings=$(LC_ALL=C.UTF-8 groff -man -ww -z "$page" 2>&1)
     [ -z "$warnings" ] || fail "$page: $warnings"
   fi
-  if ! help=$("$bin/$program" --help 2>&1); then fail "$program --help failed"; continue; fi
-  [ -n "$help" ] || fail "$program --help printed nothing"
+  # Help goes to standard output (`PROGRAM --help | less`), with status 0.
+  if ! help=$("$bin/$program" --help 2>/dev/null); then fail "$program --help failed"; continue; fi
+  [ -n "$help" ] || fail "$program --help printed nothing on standard output"
   if [ "$program" = uipcctl ]; then
     commands=$(printf '%s\n' "$help" | sed -n 's/^  \([a-z]*\)  .*/\1/p')
     [ -n "$commands" ] || fail "uipcctl --help lists no command"
     for c in $commands; do
       grep -qE "^\.(SS|B) .*\b$c\b" "$page" || fail "uipcctl.1 does not describe the command $c"
-      help+=$'\n'$("$bin/uipcctl" "$c" --help 2>&1) || fail "uipcctl $c --help failed"
+      help+=$'\n'$("$bin/uipcctl" "$c" --help 2>/dev/null) || fail "uipcctl $c --help failed"
     done
   fi
   missing=$(comm -23 <(printf '%s\n' "$help" | options_of_help) <(options_of_page "$page"))

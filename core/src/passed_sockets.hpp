@@ -23,4 +23,9 @@ namespace uipc::detail {
 /// race with another thread reading it: a daemon binds while it starts.
 unique_fd take_inherited_listener(const std::string& path);
 
+/// Gives a socket taken with take_inherited_listener() back when its listener
+/// closes: the manager's socket stays open in this process for a later
+/// listener of the same path (a daemon that stops and starts a server).
+void return_inherited_listener(unique_fd fd);
+
 }  // namespace uipc::detail
