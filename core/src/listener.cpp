@@ -60,6 +60,30 @@ error_code clear_path(const std::string& path, const sockaddr_un& addr) {
   return {};
 }
 
+// With the lock held: a new listening socket bound to `path` (a stale file
+// cleared first), with the options' mode and backlog; `st` gets the socket
+// file's identity, so that close() removes only that file.
+result<unique_fd> listen_at(const std::string& path, const sockaddr_un& addr,
+                            const listener_options& options, struct stat& st) {
+  if (auto ec = clear_path(path, addr)) return ec;
+  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return last_error();
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) !=
+      0) {  // NOLINT: sockets API
+    return last_error();
+  }
+  // Nobody can connect before listen(), so setting the mode between the two
+  // leaves no window; AT_SYMLINK_NOFOLLOW refuses a symlink swapped in meanwhile.
+  if (::fchmodat(AT_FDCWD, path.c_str(), options.mode & 0777, AT_SYMLINK_NOFOLLOW) != 0 ||
+      ::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode) ||
+      ::listen(fd.get(), options.backlog) != 0) {
+    auto ec = last_error();
+    ::unlink(path.c_str());
+    return ec ? ec : make_error_code(errc::not_a_socket);
+  }
+  return fd;
+}
+
 }  // namespace
 
 struct listener::impl {
@@ -85,44 +109,24 @@ result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const st
   // is left behind.
   auto lock = instance_lock::try_acquire(listener_lock_path(path));
   if (!lock) return lock.error();
-  if (options.inherited) {
-    if (auto passed = detail::take_inherited_listener(path)) {
-      auto p = std::make_unique<impl>(ctx, path, std::move(options), std::move(*lock));
-      p->owns_file = false;
-      boost::system::error_code ec;
-      p->acceptor.assign(stream_protocol(), passed.get(), ec);
-      if (ec) return ec;
-      passed.release();
-      return std::unique_ptr<listener>(new listener(
-          std::move(p)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
-    }
-  }
-  if (auto ec = clear_path(path, *addr)) return ec;
-
-  unique_fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!fd) return last_error();
-  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&*addr), sizeof *addr) !=
-      0) {  // NOLINT: sockets API
-    return last_error();
-  }
-  // Nobody can connect before listen(), so setting the mode between the two
-  // leaves no window; AT_SYMLINK_NOFOLLOW refuses a symlink swapped in meanwhile.
-  struct stat st {};
-  if (::fchmodat(AT_FDCWD, path.c_str(), options.mode & 0777, AT_SYMLINK_NOFOLLOW) != 0 ||
-      ::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode) ||
-      ::listen(fd.get(), options.backlog) != 0) {
-    auto ec = last_error();
-    ::unlink(path.c_str());
-    return ec ? ec : make_error_code(errc::not_a_socket);
+  unique_fd fd;
+  if (options.inherited) fd = detail::take_inherited_listener(path);
+  const bool passed = static_cast<bool>(fd);
+  struct stat st {};  // our own socket file's identity; none for a passed one
+  if (!passed) {
+    auto own = listen_at(path, *addr, options, st);
+    if (!own) return own.error();
+    fd = std::move(*own);
   }
 
   auto p = std::make_unique<impl>(ctx, path, std::move(options), std::move(*lock));
+  p->owns_file = !passed;
   p->socket_inode = st.st_ino;
   p->socket_device = st.st_dev;
   boost::system::error_code ec;
   p->acceptor.assign(stream_protocol(), fd.get(), ec);
   if (ec) {
-    ::unlink(path.c_str());
+    if (!passed) ::unlink(path.c_str());
     return ec;
   }
   fd.release();
