@@ -10,7 +10,9 @@
 #    range (random-port mode). Every NXDOMAIN the tool counts is an accepted forgery.
 # Usage: bench/dispatch/run_ports.sh [BUILD_DIR]
 #   env: ROUNDS=3 QUERIES=200000 INFLIGHT=64 FORGE_INFLIGHT=256
-#        FORGE_SHARED=1000000 FORGE_RANDOM=10000000
+#        FORGE_SHARED=1000000 FORGE_RANDOM=10000000 (FORGE=0: the rates only)
+#        PLACE=same (unbound and the clients on CPU 0) | split (unbound on
+#        CPU 1, the clients on CPU 0); unset: where the scheduler puts them
 # Needs: unbound, root (the forger's raw socket), ss (iproute2).
 set -euo pipefail
 
@@ -22,6 +24,12 @@ inflight=${INFLIGHT:-64}
 forge_inflight=${FORGE_INFLIGHT:-256}
 forge_shared=${FORGE_SHARED:-1000000}
 forge_random=${FORGE_RANDOM:-10000000}
+case "${PLACE:-}" in
+  "") server_cpu=(); client_cpu=() ;;
+  same) server_cpu=(taskset -c 0); client_cpu=(taskset -c 0) ;;
+  split) server_cpu=(taskset -c 1); client_cpu=(taskset -c 0) ;;
+  *) echo "PLACE is same or split" >&2; exit 2 ;;
+esac
 query=$build/bin/uipc-dns-query
 floor_query=$build/bin/bench_dispatch_floor_query
 forger=$build/bin/bench_dispatch_forger
@@ -66,7 +74,7 @@ server:
 remote-control:
   control-enable: no
 CONF
-"$unbound" -d -c "$tmp/unbound.conf" > "$tmp/unbound.log" 2>&1 &
+"${server_cpu[@]}" "$unbound" -d -c "$tmp/unbound.conf" > "$tmp/unbound.log" 2>&1 &
 pids+=($!)
 printf 'www.uipc.test A\na.uipc.test A\nmail.uipc.test A\n' > "$tmp/names"
 echo 'a.uipc.test A' > "$tmp/one"
@@ -76,14 +84,14 @@ done
 
 field() { echo "$2" | sed -n "s/.* $1 \([0-9.]*\).*/\1/p"; }
 
-echo "== rate: $queries queries, $inflight in flight, against unbound, $rounds rounds"
+echo "== rate: $queries queries, $inflight in flight, against unbound, $rounds rounds, placement: ${PLACE:-unpinned}"
 declare -A qps cpu
 for round in $(seq "$rounds"); do
   for client in shared random floor; do
     case $client in
-      shared) line=$("$query" --shared-port --server "127.0.0.1:$port" --names "$tmp/names" --count "$queries" --inflight "$inflight") ;;
-      random) line=$("$query" --random-ports --server "127.0.0.1:$port" --names "$tmp/names" --count "$queries" --inflight "$inflight") ;;
-      floor) line=$("$floor_query" --server "127.0.0.1:$port" --names "$tmp/names" --count "$queries" --inflight "$inflight") ;;
+      shared) line=$("${client_cpu[@]}" "$query" --shared-port --server "127.0.0.1:$port" --names "$tmp/names" --count "$queries" --inflight "$inflight") ;;
+      random) line=$("${client_cpu[@]}" "$query" --random-ports --server "127.0.0.1:$port" --names "$tmp/names" --count "$queries" --inflight "$inflight") ;;
+      floor) line=$("${client_cpu[@]}" "$floor_query" --server "127.0.0.1:$port" --names "$tmp/names" --count "$queries" --inflight "$inflight") ;;
     esac
     completed=$(echo "$line" | sed -n 's/^completed \([0-9]*\).*/\1/p')
     qps[$client-$round]=$(field qps "$line")
@@ -135,5 +143,6 @@ echo "   expected per forgery: shared ~ M/65536 = $(awk -v m="$forge_inflight" '
   "random ~ M/(65536 x $((range_last - range_first + 1))) = $(awk -v m="$forge_inflight" -v r=$((range_last - range_first + 1)) 'BEGIN{printf "%.2e", m / 65536 / r}')" \
   "(at most: a forgery counts only if it arrives before the real reply; one that passes"\
   "the port check is then accepted with odds 1/65536)"
+[ "${FORGE:-1}" = 0 ] && exit 0
 forge shared "$forge_shared"
 forge random "$forge_random"

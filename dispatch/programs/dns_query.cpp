@@ -28,13 +28,16 @@ void usage(std::FILE* out = stderr) {
       out,
       "usage: uipc-dns-query --server ADDR:PORT --names FILE [--count N] [--inflight M] [--timeout "
       "MS]\n"
-      "                      [--random-ports | --shared-port] [--port-range FIRST-LAST] [--0x20]\n"
+      "                      [--random-ports | --shared-port] [--port-range FIRST-LAST]\n"
+      "                      [--port-uses N] [--0x20]\n"
       "  FILE: one query per line, 'NAME [TYPE]' (TYPE: A, AAAA, TXT or a number; default A);\n"
       "        the lines are used in turn until N queries were sent (default: one round).\n"
       "  --random-ports: each query from its own socket on a random port (the default when\n"
       "        the server is not on loopback); --shared-port: all from one socket (the default\n"
       "        on loopback); --port-range: where random ports are drawn (default: the system's\n"
-      "        ephemeral range); --0x20: random case in each query name, checked in the reply.\n"
+      "        ephemeral range); --port-uses: queries one random port carries, one after\n"
+      "        another, within a second (default 16; 1: a fresh port for every query);\n"
+      "        --0x20: random case in each query name, checked in the reply.\n"
       "Prints: completed C timed_out T mismatched X errors E nxdomain N elapsed_s S qps Q cpu_s "
       "U\n"
       "        ports shared|random unmatched_shared A unmatched_random B,\n"
@@ -212,6 +215,7 @@ int main(int argc, char** argv) {
   bool mixed_case = false;
   std::optional<bool> random_ports;
   std::uint16_t first_port = 0, last_port = 0;
+  std::uint32_t port_uses = 0;  // 0: the dispatcher's default
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h") {
@@ -246,6 +250,8 @@ int main(int argc, char** argv) {
       inflight = *n;
     } else if (arg == "--timeout" && (n = dns::parse_count(value)) && *n > 0) {
       timeout_ms = *n;
+    } else if (arg == "--port-uses" && (n = dns::parse_count(value)) && *n > 0 && *n <= 1000000) {
+      port_uses = static_cast<std::uint32_t>(*n);
     } else if (arg == "--port-range") {
       const auto dash = value.find('-');
       const auto a = dns::parse_count(value.substr(0, dash));
@@ -301,6 +307,7 @@ int main(int argc, char** argv) {
   const bool use_random_ports = random_ports.value_or(!peer->address().is_loopback());
   options.ports = use_random_ports ? port_mode::exclusive : port_mode::shared;
   options.exclusive_sockets = static_cast<std::uint32_t>(inflight);  // one per query in flight
+  if (port_uses != 0) options.port_uses = port_uses;
   options.first_port = first_port;
   options.last_port = last_port;
   if (first_port != 0)

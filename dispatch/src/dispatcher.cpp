@@ -301,7 +301,9 @@ void engine::close() noexcept {
     timer_.cancel();
   }
   // Exclusive reads waiting for a buffer hold the engine: let them go. The
-  // exclusive sockets are all closed (their responses held the dispatcher).
+  // exclusive sockets of responses are all closed (the responses held the
+  // dispatcher); the kept ones close now.
+  close_kept();
   pool_->cancel();
   {
     std::lock_guard lock(slots_mutex_);
@@ -351,6 +353,7 @@ dispatcher_stats engine::stats() const {
   st.exclusive_port_redraws = exclusive_port_redraws_.load(std::memory_order_relaxed);
   st.exclusive_socket_errors = exclusive_socket_errors_.load(std::memory_order_relaxed);
   st.exclusive_no_port = exclusive_no_port_.load(std::memory_order_relaxed);
+  st.exclusive_reused = exclusive_reused_.load(std::memory_order_relaxed);
   st.buffers_in_use = pool_->in_use();
   for (const auto& s : sockets_) {
     std::lock_guard io(s->io_mutex);  // before mutex_: io_mutex comes first
@@ -361,6 +364,7 @@ dispatcher_stats engine::stats() const {
   st.queued_queries = queries_.size();
   st.responses = responses_.size() + exclusive_.size();
   st.exclusive_open = exclusive_reserved_;
+  st.exclusive_kept = kept_count_;
   st.port_waiters = port_waiters_.size();
   st.listeners = listeners_.size();
   for (const auto& s : sockets_) st.receiving_sockets += s->receiving ? 1 : 0;
@@ -383,7 +387,8 @@ result<ref_ptr<dispatcher>> dispatcher::create(asio::io_context& context,
                                                const dispatcher_options& options) {
   if (!options.frame.valid() || options.buffer_size < options.frame.header_size ||
       options.buffers == 0 || options.max_receives == 0 || options.max_receives > 1024 ||
-      options.sockets > 64 || options.max_queued_per_response == 0)
+      options.sockets > 64 || options.max_queued_per_response == 0 || options.port_uses == 0 ||
+      options.port_lifetime.count() < 0)
     return make_error_code(errc::bad_options);
   // The exclusive ports' range: both ends given, or neither (the system's).
   std::uint16_t first_port = options.first_port, last_port = options.last_port;

@@ -139,6 +139,10 @@ class party {
   std::size_t exclusive_slot_ = 0;
   error_code failed_;
   bool failure_delivered_ = false;
+  // Exclusive ports: a reply was queued, and datagrams sent; one of each lets
+  // the port be kept for the next response (engine::keep_exclusive_locked).
+  bool answered_ = false;
+  std::uint32_t exclusive_sends_ = 0;
   id_key key_;
   std::uint64_t serial_ = 0;
   // The response's place in its timeout_list, while its timeout runs.
@@ -317,8 +321,29 @@ class engine : public std::enable_shared_from_this<engine> {
   port_mode mode_of(const response_options& o) const noexcept {
     return o.ports.value_or(options_.ports);
   }
-  /// Takes one of the exclusive_sockets (or says why not): under mutex_.
-  error_code reserve_exclusive_locked();
+  /// Sockets set aside under mutex_ to be closed once unlocked: a few at a
+  /// time, on the stack (setting aside never allocates).
+  using socket_list = boost::container::static_vector<std::shared_ptr<exclusive_socket>, 8>;
+  /// Takes one of the exclusive_sockets (or says why not): under mutex_. At
+  /// the limit, a kept socket gives its place up (to `closing`).
+  error_code reserve_exclusive_locked(socket_list& closing);
+  /// A kept socket for `peer`, no longer kept (it brings its place), or null.
+  /// Expired ones met on the way go to `closing`, their places given back.
+  std::shared_ptr<exclusive_socket> take_kept_locked(const peer_key& peer, socket_list& closing);
+  /// Kept sockets past their lifetime (all of them with `all`) go to
+  /// `closing`, as many as fit leaving `room` places free.
+  void sweep_kept_locked(socket_list& closing, bool all = false, std::size_t room = 0);
+  /// Closes every kept socket (shutdown, close). Not under mutex_.
+  void close_kept() noexcept;
+  /// Closes what the above set aside, then serves the port waiters. Not under mutex_.
+  void close_set_aside(socket_list& closing) noexcept;
+  /// Keeps a detached response's socket for the next response to its peer
+  /// when its transaction ended well; false: the caller closes it.
+  bool keep_exclusive_locked(party& p, const std::shared_ptr<exclusive_socket>& xs) noexcept;
+  /// The socket carries a transaction again / no longer: the set is waited on
+  /// while any does (exclusive_io.cpp).
+  void activate_exclusive(exclusive_socket& xs) noexcept;
+  void park_exclusive(exclusive_socket& xs) noexcept;
   /// Gives a reserved socket back and serves the waiters. Not under mutex_.
   void unreserve_exclusive() noexcept;
   /// Opens a socket on a fresh random port, connected to `peer`.
@@ -328,7 +353,12 @@ class engine : public std::enable_shared_from_this<engine> {
                                     const response_options& options,
                                     std::shared_ptr<exclusive_socket> xs);
   result<response> add_exclusive(dispatcher& owner, const udp::endpoint& peer,
-                                 const response_options& options, bool reserved);
+                                 const response_options& options);
+  /// Attaches a response on `kept`, or on a fresh socket when it is null or
+  /// spoiled; the caller holds the place (kept sockets bring theirs).
+  result<response> open_and_attach(dispatcher& owner, const udp::endpoint& peer,
+                                   const response_options& options,
+                                   std::shared_ptr<exclusive_socket> kept);
   /// Closes a detached response's socket; its port goes to the recent ring.
   void close_exclusive(exclusive_socket& xs) noexcept;
   void serve_port_waiters() noexcept;
@@ -339,6 +369,10 @@ class engine : public std::enable_shared_from_this<engine> {
   void arm_exclusive_set_locked();
   void on_exclusive_set_ready(error_code ec, std::uint64_t wait);
   void read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer);
+  /// One datagram read on an exclusive socket: checked, queued for its
+  /// response or dropped (then the buffer goes back).
+  void deliver_exclusive(exclusive_socket& xs, pooled_buffer buffer, std::size_t size,
+                         bool truncated, const sockaddr_storage& from);
   void deliver_exclusive_locked(exclusive_socket& xs, queued_message& m, bool truncated,
                                 const sockaddr_storage& from, completions& out);
   void fail_transaction(exclusive_socket& xs, error_code ec);
@@ -394,7 +428,11 @@ class engine : public std::enable_shared_from_this<engine> {
   // Exclusive ports: the attached exclusive responses, the sockets reserved
   // (opened or opening), the waiters; under mutex_. The draw: under port_mutex_.
   std::vector<party*> exclusive_;
-  std::uint32_t exclusive_reserved_ = 0;
+  std::uint32_t exclusive_reserved_ = 0;  // sockets open or opening, kept ones included
+  // Sockets kept for the next response to their peer (port_uses), and how many.
+  std::unordered_map<peer_key, std::vector<std::shared_ptr<exclusive_socket>>, peer_key_hash> kept_;
+  std::size_t kept_count_ = 0;
+  std::chrono::steady_clock::time_point next_sweep_{};
   std::deque<std::unique_ptr<port_waiter>> port_waiters_;
   bool serving_waiters_ = false;  // a thread is in serve_port_waiters
   std::mutex port_mutex_;         // a leaf: nothing else is locked while it is held
@@ -410,7 +448,8 @@ class engine : public std::enable_shared_from_this<engine> {
   std::uint64_t exclusive_set_waits_ = 0;  // waits armed so far: the last one is current
   std::vector<exclusive_slot> slots_;
   std::vector<std::uint32_t> free_slots_;
-  std::size_t watched_ = 0;
+  std::size_t watched_ = 0;                // registered sockets
+  std::size_t active_ = 0;                 // of those, carrying a transaction: the set is waited on
   std::atomic<unsigned> idle_sockets_{0};  // sockets with no receive armed (restart hint)
   std::atomic<bool> stopping_{false};      // shutting_down_, readable without the lock
   // stop_receiving(): checked before every arm and every read of a shared socket
@@ -424,7 +463,7 @@ class engine : public std::enable_shared_from_this<engine> {
       dropped_unmatched_{0}, dropped_queue_full_{0}, no_buffer_events_{0}, timeouts_{0},
       send_errors_{0}, dropped_no_memory_{0}, exclusive_received_{0},
       exclusive_dropped_unmatched_{0}, exclusive_port_redraws_{0}, exclusive_socket_errors_{0},
-      exclusive_no_port_{0};
+      exclusive_no_port_{0}, exclusive_reused_{0};
 };
 
 // Shared by the dispatcher's source files (dispatcher, parties, receive, send).

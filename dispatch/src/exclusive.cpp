@@ -66,13 +66,25 @@ std::pair<std::uint16_t, std::uint16_t> system_port_range() {
 
 // ---------------------------------------------------------------- the bounded set
 
-error_code engine::reserve_exclusive_locked() {
+error_code engine::reserve_exclusive_locked(socket_list& closing) {
   if (shutting_down_) return make_error_code(errc::shutting_down);
   if (options_.exclusive_sockets == 0) return make_error_code(errc::bad_options);
-  // Waiters first: a new caller does not overtake them.
-  if (exclusive_reserved_ >= options_.exclusive_sockets || !port_waiters_.empty()) {
+  // Waiters first: a new caller does not overtake them. (No socket is kept
+  // while any wait: keep_exclusive_locked gives way to them.)
+  if (!port_waiters_.empty() ||
+      (exclusive_reserved_ >= options_.exclusive_sockets && kept_count_ == 0)) {
     exclusive_no_port_.fetch_add(1, std::memory_order_relaxed);
     return make_error_code(errc::no_free_port);
+  }
+  if (exclusive_reserved_ >= options_.exclusive_sockets) {
+    // At the limit: a kept socket, a possible saving, gives its place to a
+    // transaction that needs one now.
+    auto it = kept_.begin();
+    closing.push_back(std::move(it->second.back()));  // room: take_kept_locked leaves one
+    it->second.pop_back();
+    if (it->second.empty()) kept_.erase(it);
+    --kept_count_;
+    --exclusive_reserved_;
   }
   ++exclusive_reserved_;
   return {};
@@ -84,6 +96,94 @@ void engine::unreserve_exclusive() noexcept {
     --exclusive_reserved_;
   }
   serve_port_waiters();
+}
+
+std::shared_ptr<exclusive_socket> engine::take_kept_locked(const peer_key& peer,
+                                                           socket_list& closing) {
+  if (kept_count_ == 0 || shutting_down_) return nullptr;
+  const auto now = std::chrono::steady_clock::now();
+  if (now >= next_sweep_) {
+    // Ports kept for peers no longer asked close within about a lifetime and a half.
+    sweep_kept_locked(closing, false, 1);  // room for reserve_exclusive_locked's
+    next_sweep_ = now + options_.port_lifetime / 2;
+  }
+  auto it = kept_.find(peer);
+  if (it == kept_.end()) return nullptr;
+  std::shared_ptr<exclusive_socket> found;
+  socket_list& unused = closing;
+  auto& list = it->second;
+  while (!list.empty() && !found && unused.size() + 1 < unused.capacity()) {
+    auto xs = std::move(list.back());
+    list.pop_back();
+    --kept_count_;
+    if (!xs->spoiled && now - xs->opened < options_.port_lifetime) {
+      found = std::move(xs);
+    } else {
+      --exclusive_reserved_;
+      unused.push_back(std::move(xs));
+    }
+  }
+  if (list.empty()) kept_.erase(it);
+  return found;
+}
+
+void engine::sweep_kept_locked(socket_list& closing, bool all, std::size_t room) {
+  const auto now = std::chrono::steady_clock::now();
+  const std::size_t limit = closing.capacity() - room;
+  for (auto it = kept_.begin(); it != kept_.end() && closing.size() < limit;) {
+    auto& list = it->second;
+    for (std::size_t i = 0; i < list.size() && closing.size() < limit;) {
+      if (all || list[i]->spoiled || now - list[i]->opened >= options_.port_lifetime) {
+        closing.push_back(std::move(list[i]));
+        list[i] = std::move(list.back());
+        list.pop_back();
+        --kept_count_;
+        --exclusive_reserved_;
+      } else {
+        ++i;
+      }
+    }
+    it = list.empty() ? kept_.erase(it) : std::next(it);
+  }
+}
+
+void engine::close_set_aside(socket_list& closing) noexcept {
+  if (closing.empty()) return;
+  for (auto& xs : closing) close_exclusive(*xs);
+  closing.clear();
+  serve_port_waiters();  // their places were given back when they were set aside
+}
+
+void engine::close_kept() noexcept {
+  for (;;) {
+    socket_list closing;
+    {
+      std::lock_guard lock(mutex_);
+      sweep_kept_locked(closing, /*all=*/true);
+    }
+    if (closing.empty()) return;
+    close_set_aside(closing);
+  }
+}
+
+bool engine::keep_exclusive_locked(party& p, const std::shared_ptr<exclusive_socket>& xs) noexcept {
+  // A transaction that did not end well may still have datagrams coming (a
+  // late reply, an ICMP error): its port closes, and they find no socket. One
+  // that sent more than one datagram too: the peer answered the first, but
+  // may have gone before a later one came, whose ICMP error is still on its
+  // way. One datagram, answered, leaves nothing legitimate to come; what may
+  // still come is dropped (another ID), and an error spoils the port.
+  if (!p.answered_ || p.exclusive_sends_ != 1 || p.failed_ || xs->spoiled || shutting_down_ ||
+      !port_waiters_.empty() || xs->uses >= options_.port_uses ||
+      std::chrono::steady_clock::now() - xs->opened >= options_.port_lifetime)
+    return false;
+  try {
+    kept_[p.key_.peer].push_back(xs);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  ++kept_count_;
+  return true;
 }
 
 result<std::shared_ptr<exclusive_socket>> engine::open_exclusive(const udp::endpoint& peer) {
@@ -155,16 +255,33 @@ result<std::shared_ptr<exclusive_socket>> engine::open_exclusive(const udp::endp
   xs->fd = std::exchange(guard.fd, -1);  // owned by xs from here on
   xs->port = port;
   xs->peer = peer;
+  xs->opened = std::chrono::steady_clock::now();
   return xs;
 }
 
 result<response> engine::add_exclusive(dispatcher& owner, const udp::endpoint& peer,
-                                       const response_options& options, bool reserved) {
+                                       const response_options& options) {
   if (peer.address().is_v6() != local_.address().is_v6())
     return make_error_code(asio::error::address_family_not_supported);
-  if (!reserved) {
+  std::shared_ptr<exclusive_socket> kept;
+  socket_list closing;
+  error_code ec;
+  {
     std::lock_guard lock(mutex_);
-    if (auto ec = reserve_exclusive_locked()) return ec;
+    kept = take_kept_locked(peer_key::of(peer), closing);
+    if (!kept) ec = reserve_exclusive_locked(closing);
+  }
+  close_set_aside(closing);
+  if (ec) return ec;
+  return open_and_attach(owner, peer, options, std::move(kept));
+}
+
+result<response> engine::open_and_attach(dispatcher& owner, const udp::endpoint& peer,
+                                         const response_options& options,
+                                         std::shared_ptr<exclusive_socket> kept) {
+  if (kept) {
+    exclusive_reused_.fetch_add(1, std::memory_order_relaxed);
+    return attach_exclusive(owner, peer, options, std::move(kept));
   }
   result<std::shared_ptr<exclusive_socket>> xs = make_error_code(errc::no_free_port);
   try {
@@ -199,8 +316,12 @@ result<response> engine::attach_exclusive(dispatcher& owner, const udp::endpoint
       refused = make_error_code(errc::shutting_down);
     } else {
       // Any ID will do (the port and the connected peer tell transactions
-      // apart); still unpredictable, so a forger who finds the port must guess it.
-      p->key_ = {peer_key::of(peer), next_random_locked()};
+      // apart); still unpredictable, so a forger who finds the port must guess
+      // it, and never the port's previous one, so that a duplicate of the
+      // previous reply is not taken for this one's.
+      std::uint16_t id = next_random_locked();
+      while (xs->uses != 0 && id == xs->last_id) id = next_random_locked();
+      p->key_ = {peer_key::of(peer), id};
       p->serial_ = next_serial_++;
       exclusive_.push_back(p.get());  // may throw: nothing else changed yet
       p->exclusive_slot_ = exclusive_.size() - 1;
@@ -210,8 +331,11 @@ result<response> engine::attach_exclusive(dispatcher& owner, const udp::endpoint
         exclusive_.pop_back();
         throw;
       }
+      xs->last_id = id;
+      ++xs->uses;
       p->exclusive_ = xs;
       xs->owner = p.get();
+      activate_exclusive(*xs);
     }
   } catch (const std::bad_alloc&) {
     refused = make_error_code(boost::system::errc::not_enough_memory);
@@ -230,8 +354,10 @@ void engine::detach_exclusive_locked(party& p,
   exclusive_[p.exclusive_slot_] = exclusive_.back();
   exclusive_[p.exclusive_slot_]->exclusive_slot_ = p.exclusive_slot_;
   exclusive_.pop_back();
-  closing = std::move(p.exclusive_);
-  closing->owner = nullptr;
+  std::shared_ptr<exclusive_socket> xs = std::move(p.exclusive_);
+  xs->owner = nullptr;
+  park_exclusive(*xs);
+  if (!keep_exclusive_locked(p, xs)) closing = std::move(xs);
 }
 
 void engine::close_exclusive(exclusive_socket& xs) noexcept {
@@ -264,10 +390,17 @@ void engine::start_add_response(dispatcher& owner, const udp::endpoint& peer,
     complete(add_response(owner, peer, options));
     return;
   }
+  if (peer.address().is_v6() != local_.address().is_v6()) {
+    complete(make_error_code(asio::error::address_family_not_supported));
+    return;
+  }
   error_code ec;
+  std::shared_ptr<exclusive_socket> kept;
+  socket_list closing;
   {
     std::lock_guard lock(mutex_);
-    ec = reserve_exclusive_locked();
+    kept = take_kept_locked(peer_key::of(peer), closing);
+    if (!kept) ec = reserve_exclusive_locked(closing);
     // Wait only while some exclusive socket is open or opening: its release
     // will serve the waiter. Otherwise nothing would ever come back.
     if (ec == errc::no_free_port && exclusive_reserved_ > 0) {
@@ -275,17 +408,19 @@ void engine::start_add_response(dispatcher& owner, const udp::endpoint& peer,
         port_waiters_.push_back(std::make_unique<port_waiter>(
             port_waiter{ref_ptr<dispatcher>(&owner), peer, options, {}}));
         port_waiters_.back()->handler.swap(handler);
-        return;
+        ec = {};
       } catch (const std::bad_alloc&) {
         ec = make_error_code(boost::system::errc::not_enough_memory);
       }
     }
   }
+  close_set_aside(closing);
+  if (!handler) return;  // waiting
   if (ec) {
     complete(ec);
     return;
   }
-  complete(add_exclusive(owner, peer, options, /*reserved=*/true));
+  complete(open_and_attach(owner, peer, options, std::move(kept)));
 }
 
 void engine::serve_port_waiters() noexcept {
@@ -310,7 +445,7 @@ void engine::serve_port_waiters() noexcept {
       port_waiters_.pop_front();
       ++exclusive_reserved_;
     }
-    result<response> r = add_exclusive(*w->owner, w->peer, w->options, /*reserved=*/true);
+    result<response> r = open_and_attach(*w->owner, w->peer, w->options, nullptr);
     try {
       if (r) {
         asio::post(ctx_, asio::append(std::move(w->handler), error_code{}, std::move(*r)));

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <boost/asio/any_completion_handler.hpp>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -33,7 +34,15 @@ struct exclusive_socket {
   std::uint32_t slot = 0;        // in the engine's epoll slots (under its slots mutex)
   std::uint32_t generation = 0;  // of that slot, in the epoll event's data
   bool registered = false;       // under the slots mutex
-  party* owner = nullptr;        // under the engine's mutex; null once the response detached
+  // A transaction on it now: counted in the engine's active sockets, whose
+  // number decides whether the epoll set is waited on. Under the slots mutex.
+  bool active = false;
+  party* owner = nullptr;  // under the engine's mutex; null once the response detached
+  // Reuse (dispatcher_options::port_uses, port_lifetime), under the engine's mutex.
+  std::chrono::steady_clock::time_point opened;
+  std::uint32_t uses = 0;     // transactions carried so far
+  std::uint16_t last_id = 0;  // the last one's ID: the next one draws another
+  bool spoiled = false;       // an error came while it was kept: never reused
 };
 
 /// An entry of the engine's epoll set of exclusive sockets: an event names its

@@ -61,8 +61,7 @@ error_code engine::watch_exclusive(const std::shared_ptr<exclusive_socket>& xs) 
     xs->generation = entry.generation;
     xs->registered = true;
     ++watched_;
-    if (!exclusive_set_armed_ && !exclusive_set_busy_) arm_exclusive_set_locked();
-    return {};
+    return {};  // waited on once a transaction is on it (activate_exclusive)
   } catch (const std::bad_alloc&) {
     return make_error_code(boost::system::errc::not_enough_memory);
   }
@@ -76,9 +75,35 @@ void engine::unwatch_exclusive(exclusive_socket& xs) noexcept {
   exclusive_slot& entry = slots_[xs.slot];
   last = std::move(entry.socket);
   free_slots_.push_back(xs.slot);  // no allocation: reserved as slots_ grew
-  if (--watched_ == 0 && exclusive_set_armed_) {
-    // Nothing left to wait for: the loop must be free to finish. The
-    // cancelled wait's completion is stale (see arm_exclusive_set_locked).
+  --watched_;
+}
+
+// Under the engine's mutex (the slots mutex nests inside it).
+void engine::activate_exclusive(exclusive_socket& xs) noexcept {
+  std::lock_guard lock(slots_mutex_);
+  if (xs.active || !xs.registered) return;
+  xs.active = true;
+  ++active_;
+  if (!exclusive_set_armed_ && !exclusive_set_busy_) {
+    try {
+      arm_exclusive_set_locked();
+    } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch)
+      // asio could not allocate the wait: the reply is read at the next
+      // arming (another transaction's, or the set's busy reader's end); until
+      // then this transaction's timeout stands.
+    }
+  }
+}
+
+// Under the engine's mutex, like activate_exclusive.
+void engine::park_exclusive(exclusive_socket& xs) noexcept {
+  std::lock_guard lock(slots_mutex_);
+  if (!xs.active) return;
+  xs.active = false;
+  if (--active_ == 0 && exclusive_set_armed_) {
+    // Nothing left to wait for: the loop must be free to finish (kept sockets
+    // do not hold it). The cancelled wait's completion is stale (see
+    // arm_exclusive_set_locked).
     error_code ignored;
     exclusive_set_->cancel(ignored);
     exclusive_set_armed_ = false;
@@ -86,14 +111,14 @@ void engine::unwatch_exclusive(exclusive_socket& xs) noexcept {
 }
 
 void engine::arm_exclusive_set_locked() {
-  if (stopping_.load(std::memory_order_relaxed) || watched_ == 0) return;
-  exclusive_set_armed_ = true;
+  if (stopping_.load(std::memory_order_relaxed) || active_ == 0) return;
   // Numbered: a wait cancelled and replaced by a new one completes later,
   // and must then leave the new one's state alone.
   const std::uint64_t wait = ++exclusive_set_waits_;
   exclusive_set_->async_wait(
       asio::posix::descriptor_base::wait_read,
       [self = shared_from_this(), wait](error_code ec) { self->on_exclusive_set_ready(ec, wait); });
+  exclusive_set_armed_ = true;  // once asio took the wait (it may throw bad_alloc)
 }
 
 void engine::on_exclusive_set_ready(error_code ec, std::uint64_t wait) {
@@ -150,52 +175,74 @@ void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_
       });
       return;
     }
-    sockaddr_storage from{};
-    iovec iov{buffer.data(), buffer.size()};
-    msghdr h{};
-    h.msg_name = &from;
-    h.msg_namelen = sizeof from;
-    h.msg_iov = &iov;
-    h.msg_iovlen = 1;
-    ssize_t got;
+    // Two at a time: a read that fills only the first shows the socket
+    // drained (edge-triggered: the next datagram is a new edge) without a
+    // second read that fails with EAGAIN, which would cost a system call per reply.
+    pooled_buffer second = pool_->try_acquire();
+    std::array<sockaddr_storage, 2> from{};
+    std::array<iovec, 2> iov{iovec{buffer.data(), buffer.size()},
+                             iovec{second ? second.data() : nullptr, second ? second.size() : 0}};
+    std::array<mmsghdr, 2> h{};
+    for (std::size_t i = 0; i < h.size(); ++i) {
+      h[i].msg_hdr.msg_name = &from[i];
+      h[i].msg_hdr.msg_namelen = sizeof from[i];
+      h[i].msg_hdr.msg_iov = &iov[i];
+      h[i].msg_hdr.msg_iovlen = 1;
+    }
+    const int want = second ? 2 : 1;
+    int got;
     int err = 0;
     {
       std::lock_guard io(xs->io_mutex);
       if (xs->closed) return;
-      got = ::recvmsg(xs->fd, &h, MSG_DONTWAIT);
+      got = ::recvmmsg(xs->fd, h.data(), static_cast<unsigned>(want), MSG_DONTWAIT, nullptr);
       if (got < 0) err = errno;
     }
     if (got < 0) {
       if (err == EINTR) continue;
       if (err == EAGAIN || err == EWOULDBLOCK) return;  // drained: the next datagram is a new edge
       // ECONNREFUSED, EHOSTUNREACH, ...: the peer's ICMP error, reported on this
-      // connected socket alone. This transaction fails; nothing else does.
+      // connected socket alone. This transaction fails; nothing else does (a
+      // kept socket with no transaction is spoiled: it closes instead of serving).
       buffer.reset();
+      second.reset();
       fail_transaction(*xs, errno_code(err));
       return;
     }
-    exclusive_received_.fetch_add(1, std::memory_order_relaxed);
-    received_.fetch_add(1, std::memory_order_relaxed);
-    queued_message m{std::move(buffer), static_cast<std::size_t>(got), xs->peer, 0, 0};
-    completions out;
-    {
-      std::lock_guard lock(mutex_);
-      try {
-        deliver_exclusive_locked(*xs, m, (h.msg_flags & MSG_TRUNC) != 0, from, out);
-      } catch (const std::bad_alloc&) {
-        dropped_no_memory_.fetch_add(1, std::memory_order_relaxed);
-      }
+    deliver_exclusive(*xs, std::move(buffer), h[0].msg_len,
+                      (h[0].msg_hdr.msg_flags & MSG_TRUNC) != 0, from[0]);
+    if (got == 2) {
+      deliver_exclusive(*xs, std::move(second), h[1].msg_len,
+                        (h[1].msg_hdr.msg_flags & MSG_TRUNC) != 0, from[1]);
     }
-    const bool dropped = static_cast<bool>(m.buffer);
-    m.buffer.reset();  // not under the lock: the pool may serve a waiter
-    run_completions(out);
-    // A buffer given back may be what a shared socket stopped on the dry pool waits for.
-    if (dropped) restart_if_needed(true);
+    second.reset();
+    if (got < want) return;  // drained
   }
   // Bounded per turn: the rest is read in a turn of its own (no new edge would
   // come for datagrams already waiting).
   buffer.reset();
   asio::post(ctx_, [self = shared_from_this(), xs] { self->read_exclusive(xs, pooled_buffer{}); });
+}
+
+void engine::deliver_exclusive(exclusive_socket& xs, pooled_buffer buffer, std::size_t size,
+                               bool truncated, const sockaddr_storage& from) {
+  exclusive_received_.fetch_add(1, std::memory_order_relaxed);
+  received_.fetch_add(1, std::memory_order_relaxed);
+  queued_message m{std::move(buffer), size, xs.peer, 0, 0};
+  completions out;
+  {
+    std::lock_guard lock(mutex_);
+    try {
+      deliver_exclusive_locked(xs, m, truncated, from, out);
+    } catch (const std::bad_alloc&) {
+      dropped_no_memory_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  const bool dropped = static_cast<bool>(m.buffer);
+  m.buffer.reset();  // not under the lock: the pool may serve a waiter
+  run_completions(out);
+  // A buffer given back may be what a shared socket stopped on the dry pool waits for.
+  if (dropped) restart_if_needed(true);
 }
 
 // Checks a datagram read on an exclusive socket once, then queues it for its
@@ -226,6 +273,7 @@ void engine::deliver_exclusive_locked(exclusive_socket& xs, queued_message& m, b
     return;
   }
   p->queue_.push_back(std::move(m));
+  p->answered_ = true;
   collect_locked(*p, out);
 }
 
@@ -234,6 +282,7 @@ void engine::fail_transaction(exclusive_socket& xs, error_code ec) {
   {
     std::lock_guard lock(mutex_);
     party* p = xs.owner;
+    if (p == nullptr) xs.spoiled = true;
     if (p == nullptr || !p->attached_ || p->failed_ || shutting_down_) return;
     p->failed_ = ec;
     unlink_timeout_locked(*p);  // over: no timeout follows
@@ -254,6 +303,7 @@ result<void> engine::send_exclusive(party* p, std::span<const std::byte> message
     if (!p->attached_) return make_error_code(errc::detached);
     if (shutting_down_) return make_error_code(errc::shutting_down);
     xs = p->exclusive_;
+    ++p->exclusive_sends_;
   }
   if (!xs) return make_error_code(errc::detached);
   ssize_t sent;

@@ -62,11 +62,13 @@ void engine::arm_timer_locked() {
 
 void engine::on_timer() {
   completions out;
+  socket_list closing;
   {
     std::lock_guard lock(mutex_);
     // A wait that completed before shutdown() cancelled the timer still runs:
     // nothing may follow the shutdown event, and nothing is re-armed.
     if (shutting_down_) return;
+    sweep_kept_locked(closing);  // a kept port past its lifetime closes
     const auto now = std::chrono::steady_clock::now();
     // Due responses in deadline order across the lists (a late timer may find
     // several lists due at once).
@@ -86,6 +88,7 @@ void engine::on_timer() {
     }
     arm_timer_locked();
   }
+  close_set_aside(closing);
   run_completions(out);
 }
 
@@ -124,6 +127,7 @@ void engine::fail(error_code reason, bool from_loop) {
     asio::post(ctx_, asio::append(std::move(w->handler), make_error_code(errc::shutting_down),
                                   response{}));
   }
+  close_kept();  // no response is made from here on
   // Nothing more is read: cancel the armed receives, so that a loop with no
   // other work can finish.
   for (auto& s : sockets_) {

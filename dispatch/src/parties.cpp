@@ -61,8 +61,7 @@ result<std::uint16_t> engine::allocate_id_locked(const peer_key& peer) {
 
 result<response> engine::add_response(dispatcher& owner, const udp::endpoint& peer,
                                       const response_options& options) {
-  if (mode_of(options) == port_mode::exclusive)
-    return add_exclusive(owner, peer, options, /*reserved=*/false);
+  if (mode_of(options) == port_mode::exclusive) return add_exclusive(owner, peer, options);
   if (peer.address().is_v6() != local_.address().is_v6())
     return make_error_code(asio::error::address_family_not_supported);
   auto p = std::make_unique<party>(*this, ref_ptr<dispatcher>(&owner), party::role::response);

@@ -266,6 +266,11 @@ TEST_F(DnsInteropTest, QueryToolAndResponderTalkOverIpv6) {
   const auto random = parse_counts(*out);
   EXPECT_EQ(random.completed, 1000) << *out;
   EXPECT_NE(out->find("ports random"), std::string::npos) << *out;
+  // And with a fresh port for every query.
+  out = run(dir_, {UIPC_DNS_QUERY, "--server", "[::1]:" + r.port, "--names", names, "--count",
+                   "300", "--inflight", "16", "--random-ports", "--port-uses", "1"});
+  ASSERT_TRUE(out);
+  EXPECT_EQ(parse_counts(*out).completed, 300) << *out;
   r.proc.signal(SIGTERM);
   EXPECT_EQ(r.proc.wait(10s), std::optional<int>(0));
 }
@@ -308,7 +313,7 @@ TEST_F(DnsInteropTest, QueryToolUsesRandomPortsByDefaultOffLoopback) {
   EXPECT_EQ(r.proc.wait(10s), std::optional<int>(0));
 }
 
-TEST_F(DnsInteropTest, QueryToolRefusesABadPortRange) {
+TEST_F(DnsInteropTest, QueryToolRefusesABadPortRangeOrPortUses) {
   const std::string names = dir_.file("names.txt");
   std::ofstream(names) << "a.uipc.test\n";
   for (const char* range : {"5-3", "0-10", "100", "1-70000", "a-b"}) {
@@ -318,6 +323,14 @@ TEST_F(DnsInteropTest, QueryToolRefusesABadPortRange) {
                     "--port-range", range},
                    10s, &code);
     EXPECT_EQ(code, 2) << range;
+  }
+  for (const char* uses : {"0", "x", "2000000", "-1"}) {
+    int code = -1;
+    auto out = run(dir_,
+                   {UIPC_DNS_QUERY, "--server", "127.0.0.1:53", "--names", names, "--random-ports",
+                    "--port-uses", uses},
+                   10s, &code);
+    EXPECT_EQ(code, 2) << uses;
   }
 }
 

@@ -217,8 +217,11 @@ enum class port_mode : std::uint8_t {
   /// A socket of its own, bound to a port drawn from a CSPRNG out of the
   /// dispatcher's port range and connected to the peer: the kernel drops
   /// datagrams from any other address or port, and a forger must guess the
-  /// port as well as the ID (odds M/(65536 * range size) per datagram). Costs a
-  /// socket, bind, connect and close per response, and one descriptor while it lives.
+  /// port as well as the ID (odds M/(65536 * range size) per datagram with M
+  /// exclusive responses live). Opening a port costs a socket, bind, connect
+  /// and close; a port whose transaction ended well is kept for the next
+  /// response to the same peer, one transaction at a time, a bounded number of
+  /// times (dispatcher_options::port_uses, port_lifetime). One descriptor per port.
   exclusive,
 };
 
@@ -391,6 +394,18 @@ struct dispatcher_options {
   /// one finds no socket rather than the next transaction's). Must be smaller
   /// than the range; with the system's range it is capped at half of it.
   std::uint32_t recent_ports = 1024;
+  /// Transactions one exclusive port carries, one after another, before it
+  /// closes. A port is kept for the next response to the same peer only when
+  /// its transaction ended well: its reply came, no socket error, and no
+  /// async_add_response waits for a port. One that timed out, failed or was
+  /// detached before its reply closes at once (a late reply may still come).
+  /// Each transaction on a kept port has a fresh random ID, never its
+  /// predecessor's. 1: a fresh port for every response. 0 is refused.
+  std::uint32_t port_uses = 16;
+  /// No transaction starts on a port opened longer ago than this (0: ports
+  /// are never kept). Kept ports that wait longer close when the dispatcher
+  /// next adds an exclusive response, when a response times out, and at shutdown.
+  std::chrono::milliseconds port_lifetime{1000};
 };
 
 /// Counters since creation, and the current state.
@@ -425,7 +440,9 @@ struct dispatcher_stats {
   std::uint64_t exclusive_port_redraws = 0;   ///< ports drawn again because they were busy
   std::uint64_t exclusive_socket_errors = 0;  ///< responses failed by their socket's error
   std::uint64_t exclusive_no_port = 0;        ///< adds refused or made to wait: no port free
-  std::size_t exclusive_open = 0;             ///< exclusive sockets open now
+  std::uint64_t exclusive_reused = 0;         ///< responses given a kept port
+  std::size_t exclusive_open = 0;             ///< exclusive sockets open now (kept ones too)
+  std::size_t exclusive_kept = 0;             ///< of those, kept for the next response
   std::size_t port_waiters = 0;               ///< async_add_response calls waiting for a port
 };
 
