@@ -5,11 +5,13 @@
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -34,9 +36,88 @@ int usage(int status) {
   return status;
 }
 
+// Services registered or gone in this runner's host after Init, for the
+// host's watch requests (a long poll: answered when something changed).
+class change_watch {
+ public:
+  std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
+
+  /// Where watches are answered; null before the service is up and once it
+  /// is going (a plug-in's Shutdown may still unregister services then).
+  void serve_on(uipc::caps::service* svc) {
+    std::lock_guard lock(mutex_);
+    svc_ = svc;
+    if (svc == nullptr) pending_.clear();
+  }
+
+  /// A service came or went: every pending watch is answered.
+  void changed() {
+    version_.fetch_add(1, std::memory_order_acq_rel);
+    // Answered under the lock, so that serve_on(nullptr) waits for it before
+    // the service goes (reply() is the service's code, not a plug-in's).
+    std::lock_guard lock(mutex_);
+    if (svc_ != nullptr)
+      for (const auto& w : pending_) answer(*svc_, w.client, w.id);
+    pending_.clear();
+  }
+
+  /// A watch of `known`: answered now when the version moved on since, else
+  /// at the next change. (The version is read under the lock that changed()
+  /// takes after moving it, so no change is missed between.)
+  void watch(uipc::caps::service& svc, uipc::caps::client_id client, uipc::caps::message_id id,
+             std::uint64_t known) {
+    {
+      std::lock_guard lock(mutex_);
+      if (version() == known) {
+        pending_.push_back({client, id});
+        return;
+      }
+    }
+    answer(svc, client, id);
+  }
+
+ private:
+  struct waiting {
+    uipc::caps::client_id client;
+    uipc::caps::message_id id;
+  };
+  void answer(uipc::caps::service& svc, uipc::caps::client_id client, uipc::caps::message_id id) {
+    const std::uint64_t v = version();
+    // A host that went away meanwhile: nothing to answer.
+    (void)svc.reply(client, id, std::as_bytes(std::span(&v, 1)));
+  }
+
+  std::atomic<std::uint64_t> version_{0};
+  std::mutex mutex_;
+  std::vector<waiting> pending_;
+  uipc::caps::service* svc_ = nullptr;
+};
+
+change_watch watch_state;
+
+// A plug-in of the runner's own, loaded first, told of every service event of
+// the plug-in it runs; not listed to the host.
+constexpr const char* watcher_name = "uipc.runner.watch";
+int watcher_init(uipc_plugin_context*, const uipc_plugin_host_api*) { return UIPC_PLUGIN_OK; }
+void watcher_event(uipc_plugin_context*, const char*, int) { watch_state.changed(); }
+const uipc_plugin_info watcher_info{sizeof(uipc_plugin_info),
+                                    UIPC_PLUGIN_ABI_MAJOR,
+                                    UIPC_PLUGIN_ABI_MINOR,
+                                    watcher_name,
+                                    UIPC_PLUGIN_PREEMPTIVE,
+                                    0,
+                                    watcher_init,
+                                    nullptr,
+                                    watcher_event};
+const uipc_plugin_info* watcher_entry(std::uint32_t, std::uint32_t) { return &watcher_info; }
+
 std::string describe(uipc::plugin::host& h) {
+  // The version first: a change while listing makes the host's next watch
+  // return at once, so it lists again.
   std::string out;
+  const std::string version = "version\t" + std::to_string(watch_state.version()) + "\t0\n";
   for (const auto& p : h.plugins()) {
+    if (p.name == watcher_name) continue;
     out += "plugin\t" + p.name + "\t" + std::to_string(p.preemptive ? UIPC_PLUGIN_PREEMPTIVE : 0) +
            "\n";
     for (const auto& s : p.services) {
@@ -44,7 +125,7 @@ std::string describe(uipc::plugin::host& h) {
       out += "service\t" + s + "\t" + std::to_string(flags ? *flags : 0u) + "\n";
     }
   }
-  return out;
+  return out + version;
 }
 
 void serve(uipc::caps::service& svc, uipc::plugin::host& h) {
@@ -60,6 +141,10 @@ void serve(uipc::caps::service& svc, uipc::plugin::host& h) {
     }
     if (parsed->kind == proto::list) {
       (void)svc.reply(e->client, e->id, describe(h));
+      continue;
+    }
+    if (parsed->kind == proto::watch) {
+      watch_state.watch(svc, e->client, e->id, proto::get_version(parsed->payload));
       continue;
     }
     std::int32_t status = UIPC_PLUGIN_OK;
@@ -123,6 +208,7 @@ int main(int argc, char** argv) {
 
   auto h = uipc::plugin::host::create();
   if (!h) return 1;
+  if (!(*h)->load(watcher_entry)) return 1;
   auto loaded = (*h)->load(plugin);
   if (!loaded) {
     std::fprintf(stderr, "uipc-plugin-runner: %s: %s\n", plugin.c_str(),
@@ -139,12 +225,14 @@ int main(int argc, char** argv) {
                  svc.error().message().c_str());
     return 2;
   }
+  watch_state.serve_on(svc->get());
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code, int) { (*svc)->stop(); });
   std::thread loop([&] { io.run(); });
   std::vector<std::thread> workers;
   for (unsigned t = 0; t < threads; ++t) workers.emplace_back([&] { serve(**svc, **h); });
   for (auto& w : workers) w.join();
+  watch_state.serve_on(nullptr);
   io.stop();
   loop.join();
   return 0;  // the host's destructor sends Shutdown

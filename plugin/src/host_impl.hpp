@@ -43,6 +43,12 @@ inline constexpr std::uint32_t remote_pointer_service = 0x80000000u;
 inline constexpr std::uint32_t isolated_service = 0x40000000u;
 inline constexpr std::uint32_t internal_flags = remote_pointer_service | isolated_service;
 
+/// A service an isolated plug-in's runner lists, with the entry that calls it.
+struct relayed_service {
+  std::string name;
+  service_entry entry;
+};
+
 /// One loaded build of a plug-in.
 struct plugin_record {
   enum class phase { init, serving, retired };
@@ -131,6 +137,13 @@ struct host_impl {
   int stage(plugin_record& owner, std::string_view name, service_entry entry);
   int unregister(plugin_record& owner, std::string_view name,
                  std::vector<std::pair<std::string, int>>& events, retired& out);
+  /// Publishes a serving plug-in's service (registry_mutex held); an entry it
+  /// replaces goes to `out`.
+  int publish(plugin_record& owner, std::string_view name, service_entry entry,
+              std::vector<std::pair<std::string, int>>& events, retired& out);
+  /// An isolated plug-in's services as its runner lists them now: new ones
+  /// published, gone ones unregistered, the events told. Not under registry_mutex.
+  void relay(plugin_record& owner, const std::vector<relayed_service>& now);
   std::string list() const;
   void notify(uipc_plugin_context* ctx, const plugin_record* source,
               const std::vector<std::pair<std::string, int>>& events);

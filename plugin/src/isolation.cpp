@@ -1,6 +1,8 @@
 // Isolated plug-ins: a runner process per plug-in, its services registered
-// here as proxies that call it through caps, and a supervisor thread that
-// restarts it with back-off when it dies, and stops it after too many crashes.
+// here as proxies that call it through caps, a supervisor thread that
+// restarts it with back-off when it dies, and stops it after too many crashes,
+// and a watcher thread that follows the services it registers or drops after
+// Init (a long-poll watch request the runner answers when they change).
 //
 // The supervisor thread starts every runner, so that the runner's parent-death
 // signal (PR_SET_PDEATHSIG fires when the creating thread ends) ties it to the
@@ -11,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <condition_variable>
@@ -40,6 +43,7 @@ class proxy final : public isolation_proxy {
  public:
   proxy(runner_link& link, std::string name) : link_(link), name_(std::move(name)) {}
   int call(uipc_plugin_context* ctx, void* arg, std::uint64_t* out) override;
+  const std::string& name() const noexcept { return name_; }
 
  private:
   runner_link& link_;
@@ -69,6 +73,7 @@ class runner_link final : public isolation {
       lock.unlock();
       supervisor_.join();
     }
+    join_watcher();  // its call failed when the runner ended
   }
 
   /// Starts the supervisor and waits for the first start: what the runner serves.
@@ -89,7 +94,33 @@ class runner_link final : public isolation {
 
   const isolation_options& options() const override { return options_; }
 
-  proxy& make_proxy(const std::string& name) { return proxies_.emplace_back(*this, name); }
+  /// The entries that call what the runner lists: a proxy per bytes service
+  /// (one per name for the link's life), pointer services listed only.
+  std::vector<relayed_service> entries_for(const proto::listing& listed) {
+    std::vector<relayed_service> out;
+    for (const auto& [name, flags] : listed.services) {
+      service_entry entry;
+      if (flags & UIPC_PLUGIN_SERVICE_BYTES) {
+        std::lock_guard lock(proxies_mutex_);
+        auto it = std::find_if(proxies_.begin(), proxies_.end(),
+                               [&](const proxy& p) { return p.name() == name; });
+        proxy& p = it != proxies_.end() ? *it : proxies_.emplace_back(*this, name);
+        entry.data = static_cast<isolation_proxy*>(&p);
+        entry.flags = UIPC_PLUGIN_SERVICE_BYTES | isolated_service;
+      } else {
+        entry.flags = remote_pointer_service;
+      }
+      out.push_back({name, entry});
+    }
+    return out;
+  }
+
+  /// The build is serving as `record`: from now on its services follow the runner's.
+  void start_watching(plugin_record& record, proto::listing listed) {
+    std::lock_guard lock(mutex_);
+    record_ = &record;
+    start_watcher_locked(std::move(listed));
+  }
 
   int call(uipc_plugin_context* ctx, const std::string& service, void* arg, std::uint64_t* out) {
     auto* bc = static_cast<uipc_plugin_bytes_call*>(arg);
@@ -198,6 +229,7 @@ class runner_link final : public isolation {
     if (!out) return errc::plugin_failed;
     std::lock_guard lock(mutex_);
     client_ = std::shared_ptr<caps::client>(std::move(*client));
+    address_ = address;
     state_ = "running";
     return std::move(*out);
   }
@@ -277,12 +309,13 @@ class runner_link final : public isolation {
       first.set_value(started.error());
       return;
     }
-    first.set_value(std::move(started));
+    first.set_value(std::move(started));  // load_isolated starts the watcher once it serves
     std::deque<clock::time_point> recent;
     std::chrono::milliseconds backoff = options_.first_backoff;
     for (;;) {
       std::string why;
       if (wait_for_exit(why)) break;  // stopped by the host
+      join_watcher();                 // its call failed with the runner
       const auto now = clock::now();
       recent.push_back(now);
       while (!recent.empty() && now - recent.front() > options_.crash_window) recent.pop_front();
@@ -304,7 +337,12 @@ class runner_link final : public isolation {
       backoff *= 2;
       for (;;) {
         auto again = launch();
-        if (again) break;
+        if (again) {
+          // The new process may serve other services than the last one did.
+          std::lock_guard lock(mutex_);
+          if (record_ != nullptr && !stopping_) start_watcher_locked(std::move(*again));
+          break;
+        }
         kill_and_reap();
         std::unique_lock lock(mutex_);
         ++crashes_;
@@ -342,6 +380,52 @@ class runner_link final : public isolation {
     std::lock_guard lock(mutex_);
     end_supervising_locked();
   }
+
+  // The watcher: publishes what `listed` says, then waits for the runner's
+  // next change and lists again, until the runner goes (the call fails).
+  void start_watcher_locked(proto::listing listed) {
+    // No runner to watch (it died; its restart starts one), or one watched already.
+    if (!client_ || watcher_.joinable()) return;
+    watcher_ = std::thread([this, address = address_, l = std::move(listed)]() mutable {
+      watch(address, std::move(l));
+    });
+  }
+
+  void watch(const caps::point_address& address, proto::listing listed) {
+    // A connection of its own: a call waiting on the proxies' connection
+    // would be woken by every reply to them.
+    caps::client_options copts;
+    copts.handshake_timeout = options_.start_timeout;
+    copts.max_spin = std::chrono::nanoseconds(0);  // it waits long: sleep at once
+    auto connected = caps::client::connect(io_, address, copts);
+    if (!connected) return;  // the runner went already: a restart watches again
+    caps::client& client = **connected;
+    for (;;) {
+      host_.relay(*record_, entries_for(listed));
+      std::array<std::byte, 10> request{static_cast<std::byte>(proto::watch), std::byte{0}};
+      std::memcpy(request.data() + 2, &listed.version, sizeof listed.version);
+      auto changed = client.call(std::span<const std::byte>(request), clock::time_point::max());
+      if (!changed) return;  // the runner went: a restart watches again
+      const std::byte list_request[2] = {static_cast<std::byte>(proto::list), std::byte{0}};
+      auto reply = client.call(std::span(list_request), clock::now() + options_.start_timeout);
+      if (!reply) return;
+      auto parsed = proto::parse_listing(reply->copy());
+      if (!parsed) {
+        host_.log(1, path_ + ": the runner's list of services is malformed; not followed");
+        return;
+      }
+      listed = std::move(*parsed);
+    }
+  }
+
+  void join_watcher() {
+    std::thread w;
+    {
+      std::lock_guard lock(mutex_);
+      w = std::move(watcher_);
+    }
+    if (w.joinable()) w.join();
+  }
   void end_supervising_locked() {
     supervising_ = false;
     wake_.notify_all();
@@ -351,7 +435,8 @@ class runner_link final : public isolation {
   std::string path_;
   isolation_options options_;
   boost::asio::io_context io_;  // the clients' (blocking calls need it not running)
-  std::deque<proxy> proxies_;
+  std::mutex proxies_mutex_;
+  std::deque<proxy> proxies_;  // stable addresses: registered entries point at them
 
   mutable std::mutex mutex_;
   std::condition_variable wake_;
@@ -363,6 +448,9 @@ class runner_link final : public isolation {
   std::uint32_t crashes_ = 0;
   std::string last_error_;
   std::thread supervisor_;
+  plugin_record* record_ = nullptr;  // the build it serves, once serving (it owns this link)
+  caps::point_address address_{};    // the running runner's point
+  std::thread watcher_;
 };
 
 int proxy::call(uipc_plugin_context* ctx, void* arg, std::uint64_t* out) {
@@ -405,19 +493,17 @@ result<std::string> load_isolated(host_impl& host, const std::filesystem::path& 
     host.loading.insert(record->name);
     record->predecessor = old.get();
     record->generation = old ? old->generation + 1 : 0;
-    for (const auto& [name, flags] : served->services) {
-      service_entry entry;
-      if (flags & UIPC_PLUGIN_SERVICE_BYTES) {
-        entry.data = static_cast<isolation_proxy*>(&raw_link->make_proxy(name));
-        entry.flags = UIPC_PLUGIN_SERVICE_BYTES | isolated_service;
-      } else {
-        entry.flags = remote_pointer_service;
-      }
+    for (auto& [name, entry] : raw_link->entries_for(*served)) {
       if (int s = host.stage(*record, name, entry); s != UIPC_PLUGIN_OK)
         host.log(1, record->name + ": service " + name + " not registered here: " + status_text(s));
     }
   }
-  return host.commit(std::move(record), old);
+  // Held across the start of the watcher: an unload racing this load may
+  // retire the build at once.
+  const std::shared_ptr<plugin_record> keep = record;
+  auto committed = host.commit(std::move(record), old);
+  if (committed) raw_link->start_watching(*keep, std::move(*served));
+  return committed;
 }
 
 }  // namespace uipc::plugin::detail

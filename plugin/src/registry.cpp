@@ -105,6 +105,57 @@ int host_impl::unregister(plugin_record& owner, std::string_view name, event_lis
   return UIPC_PLUGIN_OK;
 }
 
+int host_impl::publish(plugin_record& owner, std::string_view name, service_entry entry,
+                       event_list& events, retired& out) {
+  auto slot = slot_for(name);
+  if (!slot) return slot.error().value();
+  service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
+  if ((current && current->owner != &owner) || ((*slot)->staged_by && (*slot)->staged_by != &owner))
+    return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
+  entry.owner = &owner;
+  (*slot)->entry.store(new service_entry(entry), std::memory_order_release);
+  if (current) {
+    out.entries.emplace_back(current);
+  } else {
+    ++registered;
+    owner.services.emplace(name);
+  }
+  events.emplace_back(std::string(name),
+                      current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
+  return UIPC_PLUGIN_OK;
+}
+
+void host_impl::relay(plugin_record& owner, const std::vector<relayed_service>& now) {
+  event_list events;
+  retired old;
+  std::vector<std::string> refused;
+  if (stopping.load(std::memory_order_relaxed)) return;
+  {
+    std::lock_guard lock(registry_mutex);
+    if (stopping.load(std::memory_order_relaxed) || owner.stage != plugin_record::phase::serving)
+      return;  // a build replaced or unloaded meanwhile: its successor lists its own
+    std::vector<std::string> gone;
+    for (const auto& name : owner.services) {
+      if (std::none_of(now.begin(), now.end(), [&](const auto& s) { return s.name == name; }))
+        gone.push_back(name);
+    }
+    for (const auto& name : gone) (void)unregister(owner, name, events, old);
+    for (const auto& s : now) {
+      if (owner.services.count(s.name)) continue;  // kept as it was
+      if (!valid_service_name(s.name) ||
+          publish(owner, s.name, s.entry, events, old) != UIPC_PLUGIN_OK)
+        refused.push_back(s.name);
+    }
+  }
+  if (!old.entries.empty()) {
+    old.grace = grace_period::begin();
+    retire(std::move(old));
+  }
+  for (const auto& name : refused)
+    log(1, owner.name + ": service " + name + " not registered here (invalid or taken)");
+  notify(nullptr, &owner, events);
+}
+
 int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name,
                                 uipc_plugin_service_fn fn, void* data, std::uint32_t flags) {
   context_use use(ctx);
@@ -134,26 +185,10 @@ int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name,
       }
       return stage(*owner, name, service_entry{fn, data, flags, owner});
     }
-    if (!fn) {
-      if (int status = unregister(*owner, name, events, old); status != UIPC_PLUGIN_OK)
-        return status;
-    } else {
-      auto slot = slot_for(name);
-      if (!slot) return slot.error().value();
-      service_entry* current = (*slot)->entry.load(std::memory_order_relaxed);
-      if ((current && current->owner != owner) ||
-          ((*slot)->staged_by && (*slot)->staged_by != owner))
-        return UIPC_PLUGIN_E_DUPLICATE_SERVICE;
-      (*slot)->entry.store(new service_entry{fn, data, flags, owner}, std::memory_order_release);
-      if (current) {
-        old.entries.emplace_back(current);
-      } else {
-        ++registered;
-        owner->services.emplace(name);
-      }
-      events.emplace_back(std::string(name),
-                          current ? UIPC_PLUGIN_SERVICE_REPLACED : UIPC_PLUGIN_SERVICE_ADDED);
-    }
+    const int status =
+        fn ? publish(*owner, name, service_entry{fn, data, flags, owner}, events, old)
+           : unregister(*owner, name, events, old);
+    if (status != UIPC_PLUGIN_OK) return status;
   }
   if (!old.entries.empty()) {
     old.grace = grace_period::begin();

@@ -2,9 +2,13 @@
 //
 // Request:  [u8 op][u8 name length][name][payload]
 //   op list: no name, no payload. Reply: text lines,
-//     "plugin\t<name>\t<flags>\n" then "service\t<name>\t<flags>\n" per service.
+//     "plugin\t<name>\t<flags>\n", "version\t<n>\t0\n" (the runner's count of
+//     service changes), then "service\t<name>\t<flags>\n" per service.
 //   op call: the bytes service <name> with <payload> as its request.
 //     Reply: [i32 status][u64 result][reply bytes], little-endian.
+//   op watch: no name; payload [u64 version]. Answered when the runner's
+//     version differs from it (at once if it does already): [u64 version].
+//     The host then lists again: services registered or gone after Init.
 // The host treats every reply as untrusted: sizes checked, bytes copied.
 #pragma once
 
@@ -23,7 +27,7 @@
 
 namespace uipc::plugin::detail::runner_protocol {
 
-enum op : std::uint8_t { list = 1, call = 2 };
+enum op : std::uint8_t { list = 1, call = 2, watch = 3 };
 inline constexpr std::size_t reply_header = 12;
 inline constexpr std::size_t max_name = max_name_length;
 
@@ -38,8 +42,10 @@ inline std::optional<request> parse(std::span<const std::byte> bytes) {
   if (bytes.size() < 2) return std::nullopt;
   const auto kind = static_cast<std::uint8_t>(bytes[0]);
   const auto length = static_cast<std::size_t>(bytes[1]);
-  if ((kind != list && kind != call) || length > max_name || bytes.size() < 2 + length)
+  if ((kind != list && kind != call && kind != watch) || length > max_name ||
+      bytes.size() < 2 + length)
     return std::nullopt;
+  if (kind == watch && (length != 0 || bytes.size() != 2 + 8)) return std::nullopt;
   return request{static_cast<op>(kind),
                  std::string_view(reinterpret_cast<const char*>(bytes.data() + 2), length),
                  bytes.subspan(2 + length)};
@@ -50,10 +56,18 @@ inline void put_header(std::span<std::byte> out, std::int32_t status, std::uint6
   std::memcpy(out.data() + 4, &result, 8);
 }
 
+/// A version as a watch request's payload or its answer carries it.
+inline std::uint64_t get_version(std::span<const std::byte> bytes) {
+  std::uint64_t v = 0;
+  std::memcpy(&v, bytes.data(), sizeof v);
+  return v;
+}
+
 /// What a runner serves, from its answer to `list`.
 struct listing {
   std::string plugin;
   std::uint32_t flags = 0;
+  std::uint64_t version = 0;
   std::vector<std::pair<std::string, std::uint32_t>> services;  // name, flags
 };
 
@@ -84,6 +98,10 @@ inline std::optional<listing> parse_listing(std::string_view text) {
       have_plugin = true;
       out.plugin = std::string(name);
       out.flags = flags;
+    } else if (kind == "version") {
+      const auto [vend, vec] = std::from_chars(name.data(), name.data() + name.size(), out.version);
+      if (vec != std::errc() || vend != name.data() + name.size() || name.empty())
+        return std::nullopt;
     } else if (kind == "service") {
       if (name.empty() || name.size() > max_name) return std::nullopt;
       out.services.emplace_back(std::string(name), flags);

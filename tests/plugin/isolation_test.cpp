@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <mutex>
@@ -89,6 +90,51 @@ TEST_F(Isolation, ACrashFailsItsCallAndTheRunnerComesBack) {
   EXPECT_EQ(s.state, "running");
   EXPECT_EQ(s.crashes, 1u);
   EXPECT_NE(s.last_error.find("signal"), std::string::npos) << s.last_error;
+}
+
+bool listed(host& h, const std::string& name) {
+  const std::string all = "\t" + h.list_services() + "\t";
+  return all.find("\t" + name + "\t") != std::string::npos;
+}
+
+// Services an isolated plug-in registers or drops after Init are followed
+// here (the runner answers the host's watch when they change); a restarted
+// runner's services replace the last one's.
+TEST_F(Isolation, ServicesRegisteredOrDroppedAfterInitAreFollowed) {
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto ctx = h.h->new_context().value();
+  std::uint64_t code = 99;
+  ASSERT_TRUE(ctx.call_bytes("add", test::bytes("late one"), &code));
+  EXPECT_EQ(code, static_cast<std::uint64_t>(UIPC_PLUGIN_OK));
+  ASSERT_TRUE(uipc::test::eventually([&] { return listed(*h.h, "late one"); }, 10s)) << h.log();
+  auto r = ctx.call_bytes("late one", test::bytes("relayed"));
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(test::text(*r), "relayed");
+  const auto services = status(*h.h, "variant").services;
+  EXPECT_NE(std::find(services.begin(), services.end(), "late one"), services.end());
+
+  // Dropped in the runner: gone here too, and a call says so.
+  ASSERT_TRUE(ctx.call_bytes("drop", test::bytes("late one"), &code));
+  EXPECT_EQ(code, static_cast<std::uint64_t>(UIPC_PLUGIN_OK));
+  ASSERT_TRUE(uipc::test::eventually([&] { return !listed(*h.h, "late one"); }, 10s)) << h.log();
+  EXPECT_EQ(ctx.call_bytes("late one", test::bytes("x")).error(), errc::service_not_found);
+
+  // A name that breaks the rules is refused in the runner, and nothing changes here.
+  ASSERT_TRUE(ctx.call_bytes("add", test::bytes("bad-name"), &code));
+  EXPECT_EQ(code, static_cast<std::uint64_t>(UIPC_PLUGIN_E_INVALID_NAME));
+
+  // Added, then the runner crashes: the new one serves what its Init
+  // registers, so the late service goes and "echo" is there.
+  ASSERT_TRUE(ctx.call_bytes("add", test::bytes("late two"), &code));
+  ASSERT_TRUE(uipc::test::eventually([&] { return listed(*h.h, "late two"); }, 10s)) << h.log();
+  EXPECT_EQ(ctx.call_bytes("crash", test::bytes("now")).error(), errc::unavailable);
+  EXPECT_TRUE(echo_answers(*h.h, 10s)) << h.log();
+  ASSERT_TRUE(uipc::test::eventually([&] { return !listed(*h.h, "late two"); }, 10s)) << h.log();
+  EXPECT_TRUE(listed(*h.h, "echo"));
+  // And the new runner is watched as well.
+  ASSERT_TRUE(ctx.call_bytes("add", test::bytes("late three"), &code));
+  ASSERT_TRUE(uipc::test::eventually([&] { return listed(*h.h, "late three"); }, 10s)) << h.log();
 }
 
 // on_restart: called once per restart, once the new runner serves (a call

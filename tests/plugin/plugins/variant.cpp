@@ -72,6 +72,22 @@ const uipc_plugin_host_api* host;
   throw std::runtime_error("service failed");
 }
 
+// "add" (bytes): registers, after Init, a bytes service named by the request
+// that echoes; the status as the result.
+[[maybe_unused]] std::uint64_t add(uipc_plugin_context* ctx, void*, void* arg) {
+  auto* call = static_cast<uipc_plugin_bytes_call*>(arg);
+  const std::string name(static_cast<const char*>(call->in), call->in_size);
+  return static_cast<std::uint64_t>(
+      host->register_service(ctx, name.c_str(), echo, nullptr, UIPC_PLUGIN_SERVICE_BYTES));
+}
+
+// "drop" (bytes): unregisters its service named by the request; the status.
+[[maybe_unused]] std::uint64_t drop(uipc_plugin_context* ctx, void*, void* arg) {
+  auto* call = static_cast<uipc_plugin_bytes_call*>(arg);
+  const std::string name(static_cast<const char*>(call->in), call->in_size);
+  return static_cast<std::uint64_t>(host->register_service(ctx, name.c_str(), nullptr, nullptr, 0));
+}
+
 int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
 #ifdef VARIANT_INIT_FAILS
   (void)ctx;
@@ -90,6 +106,10 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
     s = host->register_service(ctx, "hang", hang, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
   if (s == UIPC_PLUGIN_OK)
     s = host->register_service(ctx, "getenv", get_env, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK)
+    s = host->register_service(ctx, "add", add, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK)
+    s = host->register_service(ctx, "drop", drop, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
 #if VARIANT_VERSION == 1
   // Only the first build serves this: a reload to version 2 drops it.
   if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "only in one", version, nullptr, 0);
