@@ -112,13 +112,35 @@ struct blocking_connection::impl {
                                 offset == 0 ? std::span(fds) : std::span<const unique_fd>(), 0);
       if (n < 0) {
         if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
-        fail(detail::socket_error(errno));
+        const int err = errno;
+        if (err == EPIPE || err == ECONNRESET) read_parting_words();
+        fail(detail::socket_error(err));  // kept if the peer said why it went
         return closed_reason();
       }
       offset += static_cast<std::size_t>(n);
     }
     ++counters.frames_sent;
     return {};
+  }
+
+  // The peer closed before our frame went out: what it sent before it went
+  // (a server's refusal, sent before it read a byte of ours) may still wait
+  // in our socket, and says why better than the close does. Reads what is
+  // there, without waiting, and files it; a notice fails the connection
+  // with its reason.
+  void read_parting_words() {
+    for (int round = 0; round < 16 && open; ++round) {
+      bool fds_complete = true;
+      bool drained = false;
+      const ssize_t n =
+          reader.receive(fd.get(), MSG_DONTWAIT, options.max_frame_size, fds_complete, drained);
+      if (n <= 0 || !fds_complete) return;
+      while (open) {
+        auto f = reader.next(options);
+        if (!f || !*f) return;
+        take(std::move(**f));
+      }
+    }
   }
 
   // Files one frame from the peer: the awaited reply, a stray reply, the

@@ -297,6 +297,26 @@ TEST_F(ServerTest, AdmissionSeesTheKernelIdentityAndRefusesBeforeReading) {
   EXPECT_EQ(sessions_ended(), 0u);  // never started, so never ended
 }
 
+// The refusal and the close come before the client's first byte: its write
+// fails (the server is gone), and the refusal waiting in its socket still
+// tells it why.
+TEST_F(ServerTest, AClientRefusedBeforeItWritesStillLearnsWhy) {
+  server_options o;
+  o.admit = [](const peer_identity&) { return make_error_code(errc::permission_denied); };
+  start(std::move(o));
+  auto fd = raw_connect(path_);
+  ASSERT_TRUE(fd);
+  ASSERT_TRUE(test::eventually([&] { return server_->stats().refusals == 1; }));
+  auto c = blocking_connection::adopt(std::move(fd));
+  ASSERT_TRUE(c);
+  StringValue in;
+  in.set_value("x");
+  auto r = typed_call<StringValue>(*c, echo_type, in, soon());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), make_error_code(errc::permission_denied));
+  EXPECT_EQ(handled_.load(), 0);
+}
+
 TEST_F(ServerTest, AnotherUserIsRefusedByDefault) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to connect as another uid";
   start();
