@@ -117,7 +117,12 @@ class engine {
           wait_writable();
           break;
         }
-        fail(socket_error(errno), salvage::yes);
+        const int err = errno;
+        // The peer went before this went out: what it sent first (a
+        // server's refusal, sent before it read a byte of ours) may still
+        // wait in the socket, and says why better than the close does.
+        if (err == EPIPE || err == ECONNRESET) read_parting_words();
+        fail(socket_error(err), salvage::yes);
         break;
       }
       first.fds.clear();  // they went with the first byte
@@ -150,7 +155,9 @@ class engine {
       (void)::send(s_.socket.native_handle(), notice.data(), notice.size(),
                    MSG_DONTWAIT | MSG_NOSIGNAL);
     }
-    if (keep == salvage::yes) salvage_frames();
+    if (keep == salvage::yes) {
+      if (error_code why = salvage_frames()) ec = why;  // the peer said why it went
+    }
     s_.open = false;
     s_.reason = ec;
     boost::system::error_code ignored;
@@ -243,15 +250,31 @@ class engine {
 
   // Whole frames the peer sent before it went: replies answer their calls,
   // the rest wait in the inbox whatever its limit (they are already in memory).
-  void salvage_frames() {
+  // Returns the reason of a parting notice among them, if any.
+  error_code salvage_frames() {
+    error_code why;
     while (auto f = s_.reader.next(s_.options)) {
-      if (!*f) return;
+      if (!*f) break;
       frame& got = **f;
       if (got.kind == frame_kind::reply) {
         deliver(std::move(got));
-      } else if (!(got.kind == frame_kind::notice && got.error && got.correlation_id == 0)) {
+      } else if (got.kind == frame_kind::notice && got.error && got.correlation_id == 0) {
+        if (!why) why = detail::from_wire_error(*got.error, s_.options.error_categories);
+      } else {
         s_.inbox.push_back(std::move(got));
       }
+    }
+    return why;
+  }
+
+  // Reads, without waiting, what the peer sent before it went (for fail's salvage).
+  void read_parting_words() {
+    for (int round = 0; round < 16; ++round) {
+      bool fds_complete = true;
+      bool drained = false;
+      const ssize_t n = s_.reader.receive(s_.socket.native_handle(), MSG_DONTWAIT,
+                                          s_.options.max_frame_size, fds_complete, drained);
+      if (n <= 0 || !fds_complete || drained) return;
     }
   }
 

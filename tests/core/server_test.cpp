@@ -317,6 +317,39 @@ TEST_F(ServerTest, AClientRefusedBeforeItWritesStillLearnsWhy) {
   EXPECT_EQ(handled_.load(), 0);
 }
 
+// The same through the asynchronous connection, idle and waiting to read when
+// the refusal comes: its call's write runs before the wait completes and
+// fails (the server is gone), and the refusal read from the socket then is
+// the reason the call gets.
+TEST_F(ServerTest, AnAsyncClientRefusedBeforeItWritesStillLearnsWhy) {
+  std::promise<void> gate;
+  server_options o;
+  o.admit = [opened = gate.get_future().share()](const peer_identity&) {
+    opened.wait();
+    return make_error_code(errc::permission_denied);
+  };
+  start(std::move(o));
+  boost::asio::io_context client_ctx;
+  auto c = connection::connect(client_ctx, path_);
+  ASSERT_TRUE(c);
+  client_ctx.run_for(std::chrono::milliseconds(20));  // its first read finds nothing and waits
+  gate.set_value();
+  ASSERT_TRUE(test::eventually([&] { return server_->stats().refusals == 1; }));
+  StringValue in;
+  in.set_value("x");
+  auto f = async_typed_call<StringValue>(**c, echo_type, in, boost::asio::use_future);
+  test::run_until(client_ctx,
+                  [&] { return f.wait_for(std::chrono::seconds(0)) == std::future_status::ready; });
+  error_code got;
+  try {
+    (void)f.get();
+  } catch (const boost::system::system_error& e) {
+    got = e.code();
+  }
+  EXPECT_EQ(got, make_error_code(errc::permission_denied));
+  EXPECT_EQ(handled_.load(), 0);
+}
+
 TEST_F(ServerTest, AnotherUserIsRefusedByDefault) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to connect as another uid";
   start();
