@@ -88,26 +88,42 @@ bool listens_at(int fd, const std::string& path) {
          a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 }
 
-// The passed descriptors no listener has taken yet, read by the first use.
+// The passed descriptors no listener has taken yet, read by the first use in
+// each process: a child forked after the first read starts from its own
+// environment, never from the descriptors its parent was passed.
 struct passed_set {
   std::mutex mutex;
-  std::vector<int> fds = read_passed();
+  pid_t reader = 0;
+  std::vector<int> fds;
 };
 
-passed_set& passed() {
-  static passed_set set;
-  return set;
-}
+class passed_fds {
+ public:
+  passed_fds() : lock_(set().mutex) {
+    if (set().reader != ::getpid()) {
+      set().fds = read_passed();
+      set().reader = ::getpid();
+    }
+  }
+  std::vector<int>& operator*() { return set().fds; }
+  std::vector<int>* operator->() { return &set().fds; }
+
+ private:
+  static passed_set& set() {
+    static passed_set s;
+    return s;
+  }
+  std::lock_guard<std::mutex> lock_;
+};
 
 }  // namespace
 
 unique_fd take_inherited_listener(const std::string& path) {
-  auto& set = passed();
-  std::lock_guard lock(set.mutex);
-  for (auto it = set.fds.begin(); it != set.fds.end(); ++it) {
+  passed_fds fds;
+  for (auto it = fds->begin(); it != fds->end(); ++it) {
     if (listens_at(*it, path)) {
       const int fd = *it;
-      set.fds.erase(it);
+      fds->erase(it);
       return unique_fd(fd);
     }
   }
@@ -116,22 +132,20 @@ unique_fd take_inherited_listener(const std::string& path) {
 
 void return_inherited_listener(unique_fd fd) {
   if (!fd) return;
-  auto& set = passed();
-  std::lock_guard lock(set.mutex);
-  set.fds.push_back(fd.release());
+  passed_fds fds;
+  fds->push_back(fd.release());
 }
 
 }  // namespace uipc::detail
 
 namespace uipc {
 
-void adopt_passed_sockets() { (void)detail::passed(); }
+void adopt_passed_sockets() { detail::passed_fds read; }
 
 std::vector<std::string> untaken_passed_sockets() {
-  auto& set = detail::passed();
-  std::lock_guard lock(set.mutex);
+  detail::passed_fds fds;
   std::vector<std::string> out;
-  for (int fd : set.fds) out.push_back(detail::bound_path(fd));
+  for (int fd : *fds) out.push_back(detail::bound_path(fd));
   return out;
 }
 

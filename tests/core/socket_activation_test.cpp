@@ -3,6 +3,8 @@
 // manager's socket file in place, and binds its own for any other path. Each
 // case runs in a child process: the protocol is per process and fixes the
 // descriptor numbers.
+#include "uipc/core/socket_activation.hpp"
+
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -206,6 +208,31 @@ TEST(SocketActivation, APassedDescriptorThatIsNotAListeningSocketIsLeftAlone) {
               return 0;
             }),
             0);
+}
+
+// The protocol is per process: a child forked after its parent read (and took)
+// what was passed reads its own variables, and never gets the parent's sockets.
+TEST(SocketActivation, AChildForkedAfterTheParentReadReadsItsOwn) {
+  temp_dir dir;
+  const std::string parents = dir.file("parent.sock");
+  const std::string childs = dir.file("child.sock");
+  EXPECT_EQ(
+      in_child([&] {
+        if (!listen_at_fd(parents, 3)) return 1;
+        pass_sockets(::getpid(), 1);
+        adopt_passed_sockets();
+        if (untaken_passed_sockets() != std::vector<std::string>{parents}) return 2;
+        const int status = in_child([&] {
+          // Its own two, the first in the place of the parent's.
+          ::close(3);
+          if (!listen_at_fd(childs, 3) || !listen_at_fd(childs + "2", 4)) return 1;
+          pass_sockets(::getpid(), 2);
+          adopt_passed_sockets();  // this process was not read yet
+          return untaken_passed_sockets() == std::vector<std::string>{childs, childs + "2"} ? 0 : 2;
+        });
+        return status == 0 ? 0 : 10 + status;
+      }),
+      0);
 }
 
 }  // namespace

@@ -6,8 +6,9 @@
 
 namespace uipc {
 
-/// Reads the sockets the service manager passed this process, once (later
-/// calls do nothing): they are made close-on-exec and LISTEN_PID, LISTEN_FDS
+/// Reads the sockets the service manager passed this process, once per
+/// process (later calls do nothing; a child forked after it reads its own
+/// environment, not its parent's sockets): they are made close-on-exec and LISTEN_PID, LISTEN_FDS
 /// and LISTEN_FDNAMES leave the environment. listener::bind does it by itself;
 /// a daemon that starts threads or processes before its first listener (uipcd
 /// loads plug-ins, some in processes of their own) calls it first thing, so
