@@ -220,7 +220,7 @@ result<message_id> client_core::send(std::size_t size,
   for (;;) {
     if (auto ec = usable()) return ec;
     if (in_flight < max_in_flight) {
-      const auto free = to_server.free_entries();
+      const auto free = to_server.free_entries(static_cast<std::uint32_t>(backlog.size()) + 1);
       if (!free) {
         fail_all(make_error_code(errc::protocol_violation));
         continue;

@@ -153,9 +153,13 @@ struct service::impl : std::enable_shared_from_this<impl> {
   // Stops watching a channel; false (and it stays watched) if it has work.
   bool cool(server_channel& ch);
 
-  // Reads the watched channels; now and then (or when they are quiet) also
-  // the doorbells of the others, so a busy channel never starves a quiet one.
-  std::size_t sweep();
+  // Reads the watched channels; every 64th sweep (or always, with
+  // `with_bells`) also the doorbells of the others, so a busy channel never
+  // starves a quiet one. A waiting receiver that finds nothing spins on the
+  // watched channels and then sleeps on the doorbells; checking the bells on
+  // each empty sweep cost it a system call (an epoll_wait) per request, the
+  // request arriving meanwhile.
+  std::size_t sweep(bool with_bells);
 
   // Waits up to `timeout_ms` (-1: forever) for doorbells; answers those rung.
   std::size_t poll_bells(int timeout_ms);

@@ -64,7 +64,7 @@ bool service::impl::cool(server_channel& ch) {
   return true;
 }
 
-std::size_t service::impl::sweep() {
+std::size_t service::impl::sweep(bool with_bells) {
   std::size_t found = 0;
   for (std::size_t i = 0; i < hot.size();) {
     auto& ch = hot[i];
@@ -79,7 +79,7 @@ std::size_t service::impl::sweep() {
     if (n > 0) ch->idle_sweeps = 0;
     ++i;
   }
-  if (found == 0 || ++sweeps_since_poll >= 64) {
+  if (with_bells || ++sweeps_since_poll >= 64) {
     sweeps_since_poll = 0;
     found += poll_bells(0);
   }
@@ -160,7 +160,8 @@ result<event> service::impl::receive(clock::time_point deadline, std::span<std::
     // Once stopped, only errc::stopped: not the events the stop itself queued.
     if (stopped.load()) return make_error_code(errc::stopped);
     if (e || e.error() != make_error_code(uipc::errc::timed_out)) return e;
-    if (sweep() > 0) continue;
+    // A receiver that waits reads the bells before it sleeps, after its spin.
+    if (sweep(!wait || hot.empty()) > 0) continue;
     if (!wait) return make_error_code(uipc::errc::timed_out);
     if (!hot.empty()) {
       const auto budget = policy.spin_budget(options.max_spin);
@@ -222,7 +223,7 @@ void service::impl::serve_async() {
       ec = make_error_code(errc::stopped);
     } else {
       auto e = pop(nullptr, nullptr);
-      if (!e && sweep() > 0) e = pop(nullptr, nullptr);
+      if (!e && sweep(true) > 0) e = pop(nullptr, nullptr);
       if (e) {
         ev = std::move(*e);
       } else {

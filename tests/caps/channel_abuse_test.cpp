@@ -310,5 +310,31 @@ TEST_F(HostileServer, AFailureWithAnUnknownCode) {
   EXPECT_EQ(ec, make_error_code(errc::protocol_violation));
 }
 
+// The writing end reads the peer's head only when the head it read last leaves
+// too little room, and checks it then: ahead of the tail, more than a ring
+// behind it, or behind the head read before are all broken protocol.
+TEST(RingWriter, ReadsThePeersHeadOnlyWhenShortAndChecksIt) {
+  using detail::ring_entries;
+  using detail::ring_shared;
+  using detail::ring_writer;
+  auto ring = std::make_unique<ring_shared>();
+  ring_writer w(ring.get());
+  ring->head.store(12345);  // garbage, but not read while there is room
+  EXPECT_EQ(w.free_entries(), ring_entries);
+  for (std::uint32_t i = 0; i < ring_entries; ++i) w.put(entry{});
+  w.publish();
+  EXPECT_EQ(w.free_entries(), std::nullopt);  // full by the head read last: read now, and refused
+
+  ring->head.store(5);
+  EXPECT_EQ(w.free_entries(), 5u);
+  EXPECT_EQ(w.free_entries(6), 5u);  // read again: still 5
+  ring->head.store(3);               // went back
+  EXPECT_EQ(w.free_entries(6), std::nullopt);
+  ring->head.store(ring_entries + 1);  // beyond our tail
+  EXPECT_EQ(w.free_entries(6), std::nullopt);
+  ring->head.store(ring_entries);  // everything read
+  EXPECT_EQ(w.free_entries(ring_entries), ring_entries);
+}
+
 }  // namespace
 }  // namespace uipc::caps::test
