@@ -1,7 +1,8 @@
 // Fuzz target: the server's reader of a client's shared-memory channel
 // (server_channel::drain), the code that faces whatever a client writes into
 // its mapping. The input is the ring as a hostile client leaves it: entries,
-// 32 bytes each, then an optional tail. Checked beyond "no crash": a reader
+// 32 bytes each, then an optional count of those in sequence (caps_ring.hpp).
+// Checked beyond "no crash": a reader
 // that accepts the ring hands over only payload views inside the request
 // arena and never more unanswered messages than the limit.
 #include <cstdint>
@@ -10,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "caps_ring.hpp"
 #include "server_channel.hpp"
 
 namespace {
@@ -34,12 +36,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto session = std::make_shared<server_session>(1, peer_identity{}, unique_fd{}, nullptr);
   auto ch = std::make_shared<detail::server_channel>(session, std::move(*segment), layout,
                                                      max_in_flight, unique_fd{}, unique_fd{});
-  const std::size_t n = std::min<std::size_t>(size / sizeof(detail::entry), detail::ring_entries);
-  std::memcpy(ch->shared->to_server.entries, data, n * sizeof(detail::entry));
-  std::uint32_t tail = static_cast<std::uint32_t>(n);
-  const std::size_t rest = size - n * sizeof(detail::entry);
-  if (rest >= sizeof tail) std::memcpy(&tail, data + n * sizeof(detail::entry), sizeof tail);
-  ch->shared->to_server.tail.store(tail);
+  uipc::fuzz::write_hostile_ring(ch->shared->to_server, data, size);
 
   std::vector<event> out;
   if (ch->drain(out)) {

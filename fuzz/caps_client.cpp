@@ -3,7 +3,7 @@
 // into the mapping both share. The mirror of caps_channel.
 //
 // Input: [calls u8][aborts u8] then the ring as a hostile server leaves it:
-// entries of 32 bytes, then an optional tail.
+// entries of 32 bytes, then an optional count of those in sequence (caps_ring.hpp).
 //   calls: 1 + calls % 8 requests are sent first (ids 1, 2, ...);
 //   aborts: bit i withdraws call i + 1 before the ring is read.
 // Checked beyond "no crash": every reply handed over is a view inside the
@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 
+#include "caps_ring.hpp"
 #include "client_core.hpp"
 #include "uipc/core/blocking_connection.hpp"
 
@@ -72,12 +73,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   // What the server wrote: its ring to us.
   auto& ring = core->shared->to_client;
-  const std::size_t n = std::min<std::size_t>(size / sizeof(detail::entry), detail::ring_entries);
-  std::memcpy(ring.entries, data, n * sizeof(detail::entry));
-  std::uint32_t tail = static_cast<std::uint32_t>(n);
-  const std::size_t rest = size - n * sizeof(detail::entry);
-  if (rest >= sizeof tail) std::memcpy(&tail, data + n * sizeof(detail::entry), sizeof tail);
-  ring.tail.store(tail);
+  uipc::fuzz::write_hostile_ring(ring, data, size);
 
   const auto* arena = core->reply_arena;
   for (unsigned i = 0; i < calls; ++i) {

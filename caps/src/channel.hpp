@@ -16,7 +16,7 @@
 namespace uipc::caps::detail {
 
 inline constexpr std::uint64_t channel_magic = 0x7569706363617073;  // "uipccaps"
-inline constexpr std::uint32_t channel_version = 1;
+inline constexpr std::uint32_t channel_version = 2;  ///< 2: entries carry their sequence, no tail
 /// Entries per ring: room for a request, an abort and a dispose of every
 /// message in flight at the largest limit.
 inline constexpr std::uint32_t ring_entries = 512;
@@ -35,6 +35,10 @@ enum class entry_kind : std::uint32_t {
   failed = 6,   ///< id was refused: status is the caps errc
 };
 
+/// One entry as the rings' users see it. In the ring, the first word holds the
+/// kind in its low 8 bits and the entry's sequence (its position + 1, modulo
+/// 2^24) above them, written last: a reader waiting for an entry watches the
+/// entry itself, and one cache line brings both the news and the entry.
 struct entry {
   std::uint32_t kind;
   std::uint32_t status;
@@ -43,8 +47,16 @@ struct entry {
   std::uint64_t length;
 };
 
+inline constexpr std::uint32_t entry_kind_bits = 8;
+inline constexpr std::uint32_t entry_sequence_mask = (1u << (32 - entry_kind_bits)) - 1;
+
+/// The first word of the entry at `position` once it is written.
+constexpr std::uint32_t stamped_kind(std::uint32_t position, std::uint32_t kind) noexcept {
+  return ((position + 1) & entry_sequence_mask) << entry_kind_bits |
+         (kind & ((1u << entry_kind_bits) - 1));
+}
+
 struct ring_shared {
-  alignas(64) std::atomic<std::uint32_t> tail;  ///< written by the writer: entries published
   alignas(64) std::atomic<std::uint32_t> head;  ///< written by the reader: entries consumed
   alignas(64) entry entries[ring_entries];
 };
@@ -92,67 +104,79 @@ inline bool in_arena(std::uint64_t offset, std::uint64_t length, std::size_t siz
   return offset <= size && length <= size - offset;
 }
 
-/// The writing end of a ring. The tail is ours (kept here, only stored to the
-/// ring); the head is the peer's, read and checked only when the head last
-/// read leaves too little room: the line the reader writes it to is not pulled
-/// across on every put, which cost a cache miss per message.
+/// The writing end of a ring. The position is ours; the head is the peer's,
+/// read and checked only when the head last read leaves too little room: the
+/// line the reader writes it to is not pulled across on every put.
 class ring_writer {
  public:
   explicit ring_writer(ring_shared* r) noexcept : ring_(r) {}
 
   /// Free entries, at least `wanted` when there are: the count from the head
   /// last read, and when that is short, from the peer's head read again.
-  /// Nothing when that head is impossible (ahead of our tail, or more than a
-  /// ring behind it): the peer broke the protocol.
+  /// Nothing when that head is impossible (ahead of our position, more than a
+  /// ring behind it, or behind the head read before): the peer broke the
+  /// protocol.
   std::optional<std::uint32_t> free_entries(std::uint32_t wanted = 1) noexcept {
-    if (ring_entries - (tail_ - head_) >= wanted) return ring_entries - (tail_ - head_);
+    if (ring_entries - (next_ - head_) >= wanted) return ring_entries - (next_ - head_);
     const std::uint32_t head = ring_->head.load(std::memory_order_acquire);
-    const std::uint32_t used = tail_ - head;
-    // Also impossible: a head behind the one already read (the reader only advances).
-    if (used > ring_entries || head - head_ > tail_ - head_) return std::nullopt;
+    const std::uint32_t used = next_ - head;
+    if (used > ring_entries || head - head_ > next_ - head_) return std::nullopt;
     head_ = head;
     return ring_entries - used;
   }
-  /// Writes one entry after the last; publish() makes the written ones visible.
+  /// Writes one entry after the last (call only within free_entries()); the
+  /// reader may take it at once.
   void put(const entry& e) noexcept {
-    std::memcpy(&ring_->entries[tail_ % ring_entries], &e, sizeof e);
-    ++tail_;
+    entry& slot = ring_->entries[next_ % ring_entries];
+    std::memcpy(reinterpret_cast<char*>(&slot) + sizeof e.kind,
+                reinterpret_cast<const char*>(&e) + sizeof e.kind, sizeof e - sizeof e.kind);
+    std::atomic_ref(slot.kind).store(stamped_kind(next_, e.kind), std::memory_order_release);
+    ++next_;
   }
-  void publish() noexcept { ring_->tail.store(tail_, std::memory_order_release); }
 
  private:
   ring_shared* ring_;
-  std::uint32_t tail_ = 0;
+  std::uint32_t next_ = 0;  // the position of the next put
   std::uint32_t head_ = 0;  // the peer's head as last read and checked
 };
 
-/// The reading end of a ring: the head is ours, the tail the peer's.
+/// The reading end of a ring: the head is ours (kept here: the one in the ring
+/// is the peer's to scribble on), the entries the peer's, each taken once its
+/// first word says it is the next one.
 class ring_reader {
  public:
   explicit ring_reader(ring_shared* r) noexcept : ring_(r) {}
 
-  /// Entries waiting, or nothing when the peer's tail is impossible.
-  std::optional<std::uint32_t> available() const noexcept {
-    const std::uint32_t tail = ring_->tail.load(std::memory_order_acquire);
-    const std::uint32_t waiting = tail - head_;
-    if (waiting > ring_entries) return std::nullopt;
-    return waiting;
+  /// Whether the next entry may be there: one relaxed look at it, for
+  /// spinning and for the sleep handshakes; may be asked from any thread.
+  bool maybe_ready() const noexcept {
+    const std::uint32_t head = head_.load(std::memory_order_relaxed);
+    const auto word =
+        std::atomic_ref(ring_->entries[head % ring_entries].kind).load(std::memory_order_relaxed);
+    return word >> entry_kind_bits == ((head + 1) & entry_sequence_mask);
   }
-  /// Whether anything may be waiting: one relaxed load, for spinning.
-  bool maybe_ready() const noexcept { return ring_->tail.load(std::memory_order_relaxed) != head_; }
-  /// Copies the next entry out (call only within available()).
-  entry take() noexcept {
+  /// Copies the next entry out, if the writer wrote it (an entry of any
+  /// other sequence is not written yet, or garbage: either way not taken).
+  /// One taker at a time.
+  std::optional<entry> take() noexcept {
+    const std::uint32_t head = head_.load(std::memory_order_relaxed);
+    entry& slot = ring_->entries[head % ring_entries];
+    const std::uint32_t word = std::atomic_ref(slot.kind).load(std::memory_order_acquire);
+    if (word != stamped_kind(head, word)) return std::nullopt;
     entry e;
-    std::memcpy(&e, &ring_->entries[head_ % ring_entries], sizeof e);
-    ++head_;
+    std::memcpy(&e, &slot, sizeof e);  // a copy: the writer may rewrite the slot meanwhile
+    e.kind = word & ((1u << entry_kind_bits) - 1);
+    head_.store(head + 1, std::memory_order_relaxed);
     return e;
   }
   /// Tells the writer the taken entries are free.
-  void release() noexcept { ring_->head.store(head_, std::memory_order_release); }
+  void release() noexcept {
+    ring_->head.store(head_.load(std::memory_order_relaxed), std::memory_order_release);
+  }
 
  private:
   ring_shared* ring_;
-  std::uint32_t head_ = 0;
+  std::atomic<std::uint32_t> head_{0};  // atomic: maybe_ready() looks from other threads
 };
 
 }  // namespace uipc::caps::detail

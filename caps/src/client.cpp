@@ -47,9 +47,7 @@ error_code client_core::usable() const {
 }
 
 bool client_core::maybe_ready() const noexcept {
-  return shared->to_client.tail.load(std::memory_order_relaxed) !=
-             shared->to_client.head.load(std::memory_order_relaxed) ||
-         shared->server_closed.load(std::memory_order_relaxed) != 0;
+  return from_server.maybe_ready() || shared->server_closed.load(std::memory_order_relaxed) != 0;
 }
 
 bool client_core::push(const entry& e) {
@@ -60,7 +58,6 @@ bool client_core::push(const entry& e) {
     return true;
   }
   to_server.put(e);
-  to_server.publish();
   return true;
 }
 
@@ -71,7 +68,6 @@ void client_core::flush_backlog() {
     to_server.put(backlog.front());
     backlog.pop_front();
   }
-  to_server.publish();
 }
 
 void client_core::ring_server() {
@@ -123,10 +119,11 @@ void client_core::fail_all(error_code ec) {
 // can write this memory too.
 void client_core::drain(std::unique_lock<std::mutex>&) {
   if (closed) return;
-  const auto waiting = from_server.available();
-  if (!waiting) return fail_all(make_error_code(errc::protocol_violation));
-  for (std::uint32_t i = 0; i < *waiting; ++i) {
-    const entry e = from_server.take();
+  // At most a ring's worth: a server that keeps writing does not keep us here.
+  for (std::uint32_t i = 0; i < ring_entries; ++i) {
+    const auto next = from_server.take();
+    if (!next) break;
+    const entry& e = *next;
     const auto it = calls.find(e.id);
     if (it == calls.end() || it->second.server_done)
       return fail_all(make_error_code(errc::protocol_violation));

@@ -32,12 +32,13 @@ event server_channel::make_event(event_kind kind, message_id message) {
 }
 
 bool server_channel::drain(std::vector<event>& out) {
-  const auto waiting = from_client.available();
-  if (!waiting) return false;
-  if (*waiting == 0) return true;
+  if (!from_client.maybe_ready()) return true;
   std::lock_guard lock(state_mutex);
-  for (std::uint32_t i = 0; i < *waiting; ++i) {
-    const entry e = from_client.take();  // a copy: the client may rewrite the slot meanwhile
+  // At most a ring's worth: a client that keeps writing does not keep us here.
+  for (std::uint32_t i = 0; i < ring_entries; ++i) {
+    const auto next = from_client.take();  // a copy: the client may rewrite the slot meanwhile
+    if (!next) break;
+    const entry& e = *next;
     switch (static_cast<entry_kind>(e.kind)) {
       case entry_kind::request: {
         if (!in_arena(e.offset, e.length, layout.request_arena_size)) return false;

@@ -87,7 +87,6 @@ error_code service::impl::finish(server_channel& ch, message_id id, detail::entr
       return make_error_code(free ? errc::no_buffers : errc::protocol_violation);
     }
     ch.to_client.put({static_cast<std::uint32_t>(kind), status, id, offset, length});
-    ch.to_client.publish();
     --ch.awaiting;
     if (kind == detail::entry_kind::reply) {
       m->second.state = server_channel::message_state::replied;

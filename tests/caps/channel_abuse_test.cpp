@@ -33,7 +33,7 @@ struct raw_client {
   shm_segment segment;
   detail::channel_shared* shared;
   unique_fd server_bell;
-  std::uint32_t tail = 0;
+  std::uint32_t next = 0;  // the position of the next entry
 
   static raw_client connect(const std::string& socket_path) {
     connection_options co;
@@ -54,9 +54,16 @@ struct raw_client {
     return raw_client{std::move(*c), std::move(*seg), shared, std::move(welcome->fds[1])};
   }
 
+  // Writes `e` at `position` with the sequence of `stamp` (the right one: the same).
+  void put_at(std::uint32_t position, entry e, std::uint32_t stamp) {
+    entry& slot = shared->to_server.entries[position % detail::ring_entries];
+    std::memcpy(reinterpret_cast<char*>(&slot) + 4, reinterpret_cast<const char*>(&e) + 4,
+                sizeof e - 4);
+    std::atomic_ref(slot.kind).store(detail::stamped_kind(stamp, e.kind));
+  }
   void put(entry e) {
-    std::memcpy(&shared->to_server.entries[tail % detail::ring_entries], &e, sizeof e);
-    shared->to_server.tail.store(++tail);
+    put_at(next, e, next);
+    ++next;
   }
   void ring() {
     const eventfd_t one = 1;
@@ -100,9 +107,20 @@ class ChannelAbuse : public caps_test {
   std::string path_;
 };
 
-TEST_F(ChannelAbuse, ATailBeyondTheRing) {
+// An entry whose sequence is not the next one is not written yet, as far as
+// the server can tell: it is not taken, and the next entry in its place is.
+TEST_F(ChannelAbuse, AnEntryOutOfSequenceIsNotTaken) {
   auto bad = raw_client::connect(path_);
-  bad.shared->to_server.tail.store(10'000);
+  for (std::uint32_t stamp : {5u, 0u - 1, detail::ring_entries}) {
+    bad.put_at(0, {static_cast<std::uint32_t>(entry_kind::request), 0, 1, 0, 8}, stamp);
+    bad.ring();
+  }
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(svc_->stats().requests, 0u);
+  EXPECT_EQ(svc_->stats().clients, 2u);
+  EXPECT_EQ(svc_->stats().protocol_violations, 0u);
+  // In sequence: taken from position 0, so this broken one ends the client.
+  bad.put({static_cast<std::uint32_t>(entry_kind::dispose), 0, 1, 0, 0});
   bad.ring();
   expect_dropped(bad);
 }
@@ -163,6 +181,10 @@ TEST_F(ChannelAbuse, RandomWritesWhileCallsRun) {
     const std::size_t span = sizeof(detail::channel_shared);
     while (!stop.load()) {
       for (int i = 0; i < 256; ++i) base[random() % span] = static_cast<unsigned char>(random());
+      // And entries of random content in sequence, as a client that knows the
+      // format would write them: these the server takes.
+      bad.put({static_cast<std::uint32_t>(random()), static_cast<std::uint32_t>(random()), random(),
+               random(), random()});
       bad.ring();
     }
   });
@@ -234,16 +256,20 @@ class hostile_server {
 
   // Waits for the client's first request; returns its id.
   std::uint64_t first_request() {
-    for (int i = 0; i < 5000 && shared_->to_server.tail.load() == 0; ++i)
+    detail::entry& first = shared_->to_server.entries[0];
+    for (int i = 0; i < 5000 && std::atomic_ref(first.kind).load() == 0; ++i)
       std::this_thread::sleep_for(1ms);
     detail::entry e;
-    std::memcpy(&e, &shared_->to_server.entries[0], sizeof e);
+    std::memcpy(&e, &first, sizeof e);
     return e.id;
   }
 
-  void answer(detail::entry e) {
-    std::memcpy(&shared_->to_client.entries[0], &e, sizeof e);
-    shared_->to_client.tail.store(1);
+  // Writes `e` as the first entry to the client, with the sequence of `stamp`.
+  void answer(detail::entry e, std::uint32_t stamp = 0) {
+    detail::entry& slot = shared_->to_client.entries[0];
+    std::memcpy(reinterpret_cast<char*>(&slot) + 4, reinterpret_cast<const char*>(&e) + 4,
+                sizeof e - 4);
+    std::atomic_ref(slot.kind).store(detail::stamped_kind(stamp, e.kind));
     wake();
   }
   void wake() {
@@ -295,12 +321,19 @@ TEST_F(HostileServer, AReplyToAnIdNeverSent) {
   EXPECT_EQ(ec, make_error_code(errc::protocol_violation));
 }
 
-TEST_F(HostileServer, ATailBeyondTheRing) {
-  const auto ec = call_answered_by([](hostile_server& s, std::uint64_t) {
-    s.shared()->to_client.tail.store(1u << 30);
-    s.wake();
-  });
-  EXPECT_EQ(ec, make_error_code(errc::protocol_violation));
+// A reply whose sequence is not the next one is not taken: the call ends at
+// its deadline, as with a server that never answers.
+TEST_F(HostileServer, AReplyOutOfSequenceIsNotTaken) {
+  hostile_server bad(dir_.path(), "hostile");
+  auto connecting = std::async(std::launch::async, [&] { return connect("hostile"); });
+  bad.welcome();
+  auto c = connecting.get();
+  ASSERT_TRUE(c) << c.error().message();
+  auto call = std::async(std::launch::async, [&] { return (*c)->call("hello?", in(300ms)); });
+  bad.answer({static_cast<std::uint32_t>(entry_kind::reply), 0, bad.first_request(), 0, 8}, 1);
+  auto r = call.get();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), make_error_code(errc::timed_out));
 }
 
 TEST_F(HostileServer, AFailureWithAnUnknownCode) {
@@ -322,7 +355,6 @@ TEST(RingWriter, ReadsThePeersHeadOnlyWhenShortAndChecksIt) {
   ring->head.store(12345);  // garbage, but not read while there is room
   EXPECT_EQ(w.free_entries(), ring_entries);
   for (std::uint32_t i = 0; i < ring_entries; ++i) w.put(entry{});
-  w.publish();
   EXPECT_EQ(w.free_entries(), std::nullopt);  // full by the head read last: read now, and refused
 
   ring->head.store(5);
