@@ -50,26 +50,8 @@ fixture& the_fixture() {
 // Reads and discards what the connection wrote to the peer, closing any
 // descriptors that came with it.
 void drain(int peer) {
-  for (;;) {
-    std::array<char, 4096> buf;
-    std::array<char, CMSG_SPACE(sizeof(int) * 64)> control{};
-    iovec iov{buf.data(), buf.size()};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.data();
-    msg.msg_controllen = control.size();
-    const ssize_t n = ::recvmsg(peer, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-    if (n <= 0) return;
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      for (std::size_t i = 0; i < count; ++i) {
-        int fd;
-        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-        ::close(fd);
-      }
-    }
+  std::array<char, 4096> buf;
+  while (fuzz::receive_closing_fds(peer, buf.data(), buf.size()) > 0) {
   }
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <sys/socket.h>
 #ifdef UIPC_FUZZING
 #include <sanitizer/common_interface_defs.h>
 #endif
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <span>
 #include <string>
@@ -127,6 +129,31 @@ inline void check_no_descriptor_changed(const std::unique_ptr<fd_census>& census
   const int leaked = census->changed();
   if (leaked != -1) std::fprintf(stderr, "descriptor %d changed state\n", leaked);
   UIPC_FUZZ_CHECK(leaked == -1);
+}
+
+/// Reads what is waiting on a stream socket, without waiting, into `buf`, and
+/// closes any descriptors that came with it (the harness's side never keeps
+/// them). recvmsg's result: bytes read, 0 at the end, -1 with errno.
+inline ssize_t receive_closing_fds(int fd, char* buf, std::size_t size) {
+  char control[CMSG_SPACE(sizeof(int) * 64)] = {};
+  iovec iov{buf, size};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  const ssize_t n = ::recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  if (n <= 0) return n;
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < count; ++i) {
+      int passed;
+      std::memcpy(&passed, CMSG_DATA(c) + i * sizeof(int), sizeof passed);
+      ::close(passed);
+    }
+  }
+  return n;
 }
 
 /// One input of a target whose fixture (`fx.census`) counts descriptors: the

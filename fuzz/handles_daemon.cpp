@@ -156,26 +156,10 @@ class session {
  private:
   void read() {
     for (;;) {
-      std::array<char, 4096> buf;
-      std::array<char, CMSG_SPACE(sizeof(int) * 16)> control{};
-      iovec iov{buf.data(), buf.size()};
-      msghdr msg{};
-      msg.msg_iov = &iov;
-      msg.msg_iovlen = 1;
-      msg.msg_control = control.data();
-      msg.msg_controllen = control.size();
-      const ssize_t n = ::recvmsg(fd_, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+      std::array<char, 4096> buf;  // descriptors: the segment of a hello, not ours to map here
+      const ssize_t n = fuzz::receive_closing_fds(fd_, buf.data(), buf.size());
       if (n == 0 || (n < 0 && errno != EAGAIN)) closed_ = true;
       if (n <= 0) return;
-      for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-        const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (std::size_t i = 0; i < count; ++i) {
-          int fd;
-          std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-          ::close(fd);  // the segment of a hello: not ours to map here
-        }
-      }
       received_.append(buf.data(), static_cast<std::size_t>(n));
     }
   }
