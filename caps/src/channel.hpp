@@ -48,12 +48,11 @@ struct entry {
 };
 
 inline constexpr std::uint32_t entry_kind_bits = 8;
-inline constexpr std::uint32_t entry_sequence_mask = (1u << (32 - entry_kind_bits)) - 1;
+inline constexpr std::uint32_t entry_kind_mask = (1u << entry_kind_bits) - 1;
 
 /// The first word of the entry at `position` once it is written.
 constexpr std::uint32_t stamped_kind(std::uint32_t position, std::uint32_t kind) noexcept {
-  return ((position + 1) & entry_sequence_mask) << entry_kind_bits |
-         (kind & ((1u << entry_kind_bits) - 1));
+  return (position + 1) << entry_kind_bits | (kind & entry_kind_mask);
 }
 
 struct ring_shared {
@@ -153,7 +152,7 @@ class ring_reader {
     const std::uint32_t head = head_.load(std::memory_order_relaxed);
     const auto word =
         std::atomic_ref(ring_->entries[head % ring_entries].kind).load(std::memory_order_relaxed);
-    return word >> entry_kind_bits == ((head + 1) & entry_sequence_mask);
+    return word == stamped_kind(head, word);
   }
   /// Copies the next entry out, if the writer wrote it (an entry of any
   /// other sequence is not written yet, or garbage: either way not taken).
@@ -165,7 +164,7 @@ class ring_reader {
     if (word != stamped_kind(head, word)) return std::nullopt;
     entry e;
     std::memcpy(&e, &slot, sizeof e);  // a copy: the writer may rewrite the slot meanwhile
-    e.kind = word & ((1u << entry_kind_bits) - 1);
+    e.kind = word & entry_kind_mask;
     head_.store(head + 1, std::memory_order_relaxed);
     return e;
   }
