@@ -16,83 +16,39 @@
 #include <thread>
 #include <vector>
 
-#include "runner_protocol.hpp"
+#include "change_watch.hpp"
+#include "host_impl.hpp"
+#include "protocol_server.hpp"
+#include "remote_services.hpp"
+#include "uipc/caps/client.hpp"
 #include "uipc/caps/service.hpp"
 #include "uipc/plugin/host.hpp"
+#include "worker_set.hpp"
 
 namespace {
 
-namespace proto = uipc::plugin::detail::runner_protocol;
+namespace detail = uipc::plugin::detail;
 
 int usage(int status) {
-  std::fprintf(
-      status ? stderr : stdout,
-      "usage: uipc-plugin-runner --point NAME [--dir DIR] [--parent PID] [--threads N] PLUGIN.so\n"
-      "Runs one plug-in for a uipc plug-in host, serving its bytes services on the caps\n"
-      "point NAME (of this user; DIR: the rendezvous directory). With --parent, ends\n"
-      "when that process (the host) does.\n"
-      "Exit status: 0 stopped by SIGTERM or SIGINT; 1 the plug-in did not load;\n"
-      "2 the point could not be registered; 64 usage.\n");
+  std::fprintf(status ? stderr : stdout,
+               "usage: uipc-plugin-runner --point NAME [--dir DIR] [--parent PID] [--threads N]\n"
+               "                          [--host-point HOST] PLUGIN.so\n"
+               "Runs one plug-in for a uipc plug-in host, serving its bytes services on the caps\n"
+               "point NAME (of this user; DIR: the rendezvous directory). With --parent, ends\n"
+               "when that process (the host) does. With --host-point, the plug-in calls the\n"
+               "host's bytes services through the host's point HOST as if they were here.\n"
+               "N threads serve calls (default 2); calls that nest through the host (this\n"
+               "plug-in -> host -> this plug-in) start more, at most N + 8.\n"
+               "Exit status: 0 stopped by SIGTERM or SIGINT; 1 the plug-in did not load;\n"
+               "2 the point could not be registered; 3 the host's point could not be reached;\n"
+               "64 usage.\n");
   return status;
 }
 
+using detail::change_watch;
+
 // Services registered or gone in this runner's host after Init, for the
 // host's watch requests (a long poll: answered when something changed).
-class change_watch {
- public:
-  std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
-
-  /// Where watches are answered; null before the service is up and once it
-  /// is going (a plug-in's Shutdown may still unregister services then).
-  void serve_on(uipc::caps::service* svc) {
-    std::lock_guard lock(mutex_);
-    svc_ = svc;
-    if (svc == nullptr) pending_.clear();
-  }
-
-  /// A service came or went: every pending watch is answered.
-  void changed() {
-    version_.fetch_add(1, std::memory_order_acq_rel);
-    // Answered under the lock, so that serve_on(nullptr) waits for it before
-    // the service goes (reply() is the service's code, not a plug-in's).
-    std::lock_guard lock(mutex_);
-    if (svc_ != nullptr)
-      for (const auto& w : pending_) answer(*svc_, w.client, w.id);
-    pending_.clear();
-  }
-
-  /// A watch of `known`: answered now when the version moved on since, else
-  /// at the next change. (The version is read under the lock that changed()
-  /// takes after moving it, so no change is missed between.)
-  void watch(uipc::caps::service& svc, uipc::caps::client_id client, uipc::caps::message_id id,
-             std::uint64_t known) {
-    {
-      std::lock_guard lock(mutex_);
-      if (version() == known) {
-        pending_.push_back({client, id});
-        return;
-      }
-    }
-    answer(svc, client, id);
-  }
-
- private:
-  struct waiting {
-    uipc::caps::client_id client;
-    uipc::caps::message_id id;
-  };
-  void answer(uipc::caps::service& svc, uipc::caps::client_id client, uipc::caps::message_id id) {
-    const std::uint64_t v = version();
-    // A host that went away meanwhile: nothing to answer.
-    (void)svc.reply(client, id, std::as_bytes(std::span(&v, 1)));
-  }
-
-  std::atomic<std::uint64_t> version_{0};
-  std::mutex mutex_;
-  std::vector<waiting> pending_;
-  uipc::caps::service* svc_ = nullptr;
-};
-
 change_watch watch_state;
 
 // A plug-in of the runner's own, loaded first, told of every service event of
@@ -111,82 +67,78 @@ const uipc_plugin_info watcher_info{sizeof(uipc_plugin_info),
                                     watcher_event};
 const uipc_plugin_info* watcher_entry(std::uint32_t, std::uint32_t) { return &watcher_info; }
 
-std::string describe(uipc::plugin::host& h) {
-  // The version first: a change while listing makes the host's next watch
-  // return at once, so it lists again.
-  std::string out;
-  const std::string version = "version\t" + std::to_string(watch_state.version()) + "\t0\n";
-  for (const auto& p : h.plugins()) {
-    if (p.name == watcher_name) continue;
-    out += "plugin\t" + p.name + "\t" + std::to_string(p.preemptive ? UIPC_PLUGIN_PREEMPTIVE : 0) +
-           "\n";
-    for (const auto& s : p.services) {
-      auto flags = h.service_flags(s);
-      out += "service\t" + s + "\t" + std::to_string(flags ? *flags : 0u) + "\n";
-    }
-  }
-  return out + version;
+// The host's bytes services, relayed into this runner's host as the services
+// of a plug-in of the runner's own (calls to them go to the host's point).
+constexpr const char* host_plugin_name = "uipc.host";
+int host_plugin_init(uipc_plugin_context*, const uipc_plugin_host_api*) { return UIPC_PLUGIN_OK; }
+const uipc_plugin_info host_plugin_info{sizeof(uipc_plugin_info),
+                                        UIPC_PLUGIN_ABI_MAJOR,
+                                        UIPC_PLUGIN_ABI_MINOR,
+                                        host_plugin_name,
+                                        UIPC_PLUGIN_PREEMPTIVE,
+                                        0,
+                                        host_plugin_init,
+                                        nullptr,
+                                        nullptr};
+const uipc_plugin_info* host_plugin_entry(std::uint32_t, std::uint32_t) {
+  return &host_plugin_info;
 }
 
-void serve(uipc::caps::service& svc, uipc::plugin::host& h) {
-  for (;;) {
-    auto e = svc.receive();
-    if (!e) return;  // stopped
-    if (e->kind != uipc::caps::event_kind::request) continue;
-    const std::string request = e->copy();  // the channel is the client's to write: copy first
-    auto parsed = proto::parse(std::as_bytes(std::span(request.data(), request.size())));
-    if (!parsed) {
-      (void)svc.reject(e->client, e->id, uipc::caps::errc::protocol_violation);
-      continue;
-    }
-    if (parsed->kind == proto::list) {
-      (void)svc.reply(e->client, e->id, describe(h));
-      continue;
-    }
-    if (parsed->kind == proto::watch) {
-      watch_state.watch(svc, e->client, e->id, proto::get_version(parsed->payload));
-      continue;
-    }
-    std::int32_t status = UIPC_PLUGIN_OK;
-    std::uint64_t value = 0;
-    std::span<const std::byte> answer;
-    auto ctx = h.new_context();
-    if (!ctx) {
-      status = UIPC_PLUGIN_E_TOO_MANY;
-    } else {
-      auto r = ctx->call_bytes(parsed->name, parsed->payload, &value);
-      if (r)
-        answer = *r;
-      else
-        status = r.error().category() == uipc::plugin::plugin_category()
-                     ? r.error().value()
-                     : UIPC_PLUGIN_E_PLUGIN_FAILED;
-    }
-    auto sent = svc.reply_in_place(
-        e->client, e->id, proto::reply_header + answer.size(), [&](std::span<std::byte> b) {
-          proto::put_header(b, status, value);
-          if (!answer.empty())
-            std::memcpy(b.data() + proto::reply_header, answer.data(), answer.size());
-        });
-    if (sent == uipc::caps::errc::message_too_large) {
-      auto small = svc.reply_in_place(
-          e->client, e->id, proto::reply_header,
-          [&](std::span<std::byte> b) { proto::put_header(b, UIPC_PLUGIN_E_NO_MEMORY, 0); });
-      (void)small;
-    }
+// Only the services of the plug-in this runner runs cross to the host.
+bool served_here(const detail::service_entry& e) {
+  return e.owner != nullptr && e.owner->name != watcher_name && e.owner->name != host_plugin_name;
+}
+
+std::string describe(uipc::plugin::host& h) {
+  std::string plugin;
+  std::uint32_t flags = 0;
+  for (const auto& p : h.plugins()) {
+    if (p.name == watcher_name || p.name == host_plugin_name) continue;
+    plugin = p.name;
+    flags = p.preemptive ? UIPC_PLUGIN_PREEMPTIVE : 0;
   }
+  return h.impl().describe(plugin, flags, watch_state.version(), served_here);
+}
+
+// Connects to the host's point and relays what it serves into `h` (before the
+// plug-in loads: its Init may call them). False when the host cannot be reached.
+bool follow_host(uipc::plugin::host& h, detail::remote_services& remote, const std::string& point,
+                 const std::string& dir) {
+  uipc::caps::client_options copts;
+  copts.wait_for_point = std::chrono::seconds(1);  // registered before we were started
+  const uipc::caps::point_address address{point, ::getuid(), std::nullopt, dir};
+  auto client = uipc::caps::client::connect(remote.io(), address, copts);
+  if (!client) {
+    std::fprintf(stderr, "uipc-plugin-runner: cannot reach the host at %s: %s\n", point.c_str(),
+                 client.error().message().c_str());
+    return false;
+  }
+  auto listed = remote.list(**client);
+  if (!listed || !h.load(host_plugin_entry)) return false;
+  std::shared_ptr<detail::plugin_record> record;
+  {
+    std::lock_guard lock(h.impl().registry_mutex);
+    record = h.impl().plugins.at(host_plugin_name);
+  }
+  // Published now, before the plug-in's Init; the watcher follows from here.
+  h.impl().relay(*record, remote.entries_for(*listed));
+  remote.connect(std::shared_ptr<uipc::caps::client>(std::move(*client)), address);
+  remote.start_watching(*record, std::move(*listed));
+  return true;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string point, dir, plugin;
+  std::string point, dir, plugin, host_point;
   long parent = 0;
   unsigned threads = 2;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--point" && i + 1 < argc)
       point = argv[++i];
+    else if (arg == "--host-point" && i + 1 < argc)
+      host_point = argv[++i];
     else if (arg == "--dir" && i + 1 < argc)
       dir = argv[++i];
     else if (arg == "--parent" && i + 1 < argc)
@@ -209,6 +161,12 @@ int main(int argc, char** argv) {
   auto h = uipc::plugin::host::create();
   if (!h) return 1;
   if (!(*h)->load(watcher_entry)) return 1;
+  std::unique_ptr<detail::remote_services> remote;  // the host's services, when it offers them
+  if (!host_point.empty()) {
+    remote = std::make_unique<detail::remote_services>(
+        (*h)->impl(), "the host", std::chrono::seconds(5), std::chrono::seconds(5));
+    if (!follow_host(**h, *remote, host_point, dir)) return 3;
+  }
   auto loaded = (*h)->load(plugin);
   if (!loaded) {
     std::fprintf(stderr, "uipc-plugin-runner: %s: %s\n", plugin.c_str(),
@@ -233,11 +191,15 @@ int main(int argc, char** argv) {
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code, int) { (*svc)->stop(); });
   std::thread loop([&] { io.run(); });
-  std::vector<std::thread> workers;
-  for (unsigned t = 0; t < threads; ++t) workers.emplace_back([&] { serve(**svc, **h); });
-  for (auto& w : workers) w.join();
+  const detail::protocol_rules rules{[&] { return describe(**h); }, {}, served_here, &watch_state};
+  detail::worker_set workers(threads, threads + 8,
+                             [&] { detail::serve_protocol(**svc, (*h)->impl(), rules); });
+  workers.start();
+  workers.join();
   watch_state.serve_on(nullptr);
   io.stop();
   loop.join();
-  return 0;  // the host's destructor sends Shutdown
+  if (remote) remote->stop_watching();
+  h->reset();  // Shutdown: the plug-in may still call the host's services
+  return 0;
 }

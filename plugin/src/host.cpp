@@ -62,29 +62,39 @@ result<std::span<const std::byte>> context::call_bytes(std::string_view name,
                                                        std::span<const std::byte> request,
                                                        std::uint64_t* value) {
   if (!ctx_) return errc::invalid_argument;
+  return detail::call_bytes(ctx_, name, request, value);
+}
+
+namespace detail {
+
+result<std::span<const std::byte>> call_bytes(uipc_plugin_context* ctx, std::string_view name,
+                                              std::span<const std::byte> request,
+                                              std::uint64_t* value, const bytes_filter& callable) {
   const uipc_plugin_service_ref* slot;
   {
-    detail::read_section section;
-    slot = ctx_->host->find_slot(name);
+    read_section section;
+    slot = ctx->host->find_slot(name);
   }
   if (!slot) return errc::service_not_found;
   uipc_plugin_bytes_call call{
       sizeof(uipc_plugin_bytes_call), 0, request.data(), request.size(), nullptr, 0};
   int status;
   {
-    detail::context_use use(ctx_);
+    context_use use(ctx);
     if (use.busy()) return errc::context_busy;
-    detail::read_section section;
-    const detail::service_entry* entry = slot->entry.load(std::memory_order_acquire);
-    if (!entry) return errc::service_not_found;
+    read_section section;
+    const service_entry* entry = slot->entry.load(std::memory_order_acquire);
+    if (!entry || (callable && !callable(*entry))) return errc::service_not_found;
     if (!(entry->flags & UIPC_PLUGIN_SERVICE_BYTES)) return errc::service_not_compatible;
     std::uint64_t ignored;
-    status = ctx_->host->run(ctx_, *entry, &call, value ? value : &ignored);
+    status = ctx->host->run(ctx, *entry, &call, value ? value : &ignored);
   }
   if (status != UIPC_PLUGIN_OK) return status_code(status);
   return std::span<const std::byte>(static_cast<const std::byte*>(call.out),
                                     call.out ? call.out_size : 0);
 }
+
+}  // namespace detail
 
 // -- host ---------------------------------------------------------------------
 

@@ -26,6 +26,7 @@
 namespace uipc::plugin::detail {
 
 struct plugin_record;
+class change_watch;
 
 /// What a slot points to while a service is registered. Never changed once
 /// published: a new registration publishes a new entry.
@@ -42,6 +43,9 @@ struct service_entry {
 inline constexpr std::uint32_t remote_pointer_service = 0x80000000u;
 inline constexpr std::uint32_t isolated_service = 0x40000000u;
 inline constexpr std::uint32_t internal_flags = remote_pointer_service | isolated_service;
+
+/// Which services a caller may reach or see (empty: all).
+using bytes_filter = std::function<bool(const service_entry&)>;
 
 /// A service an isolated plug-in's runner lists, with the entry that calls it.
 struct relayed_service {
@@ -116,6 +120,10 @@ struct host_impl {
   std::vector<uipc_plugin_context*> free_contexts;
   std::size_t contexts_alive = 0;
 
+  // Told of every change of the registry: runners watching this host's services.
+  std::mutex change_watches_mutex;
+  std::vector<change_watch*> change_watches;
+
   // Counters.
   std::atomic<std::uint64_t> calls{0}, failed_calls{0}, reloads{0};
   std::atomic<bool> stopping{false};
@@ -145,6 +153,13 @@ struct host_impl {
   /// published, gone ones unregistered, the events told. Not under registry_mutex.
   void relay(plugin_record& owner, const std::vector<relayed_service>& now);
   std::string list() const;
+  /// runner_protocol's answer to `list`: the plug-in line for `plugin`, the
+  /// version, then the services `visible` lets through, with their flags
+  /// (pointer services, and those of other processes, as pointer ones).
+  std::string describe(std::string_view plugin, std::uint32_t flags, std::uint64_t version,
+                       const bytes_filter& visible) const;
+  void add_change_watch(change_watch* w);
+  void remove_change_watch(change_watch* w);
   void notify(uipc_plugin_context* ctx, const plugin_record* source,
               const std::vector<std::pair<std::string, int>>& events);
 
@@ -171,6 +186,13 @@ struct host_impl {
   void finish(retired& item);
   void log(int level, std::string_view text) const;
 };
+
+/// Calls bytes service `name` on `ctx`: context::call_bytes, and the same
+/// refusing (service_not_found) a service `callable` turns down.
+result<std::span<const std::byte>> call_bytes(uipc_plugin_context* ctx, std::string_view name,
+                                              std::span<const std::byte> request,
+                                              std::uint64_t* value,
+                                              const bytes_filter& callable = {});
 
 /// Contexts: one request's, or one of a plug-in's own threads.
 }  // namespace uipc::plugin::detail

@@ -1,8 +1,10 @@
 // Isolated plug-ins: a runner process per plug-in, its services registered
-// here as proxies that call it through caps, a supervisor thread that
-// restarts it with back-off when it dies, and stops it after too many crashes,
-// and a watcher thread that follows the services it registers or drops after
-// Init (a long-poll watch request the runner answers when they change).
+// here as proxies that call it through caps (remote_services: a watcher
+// thread follows what it registers or drops after Init), a supervisor thread
+// that restarts it with back-off when it dies and stops it after too many
+// crashes, and a caps point of the host's own for the runner, through which
+// its plug-in calls the host's bytes services (the same protocol the other
+// way, served by workers that grow while calls nest: A -> host -> A).
 //
 // The supervisor thread starts every runner, so that the runner's parent-death
 // signal (PR_SET_PDEATHSIG fires when the creating thread ends) ties it to the
@@ -22,10 +24,15 @@
 #include <future>
 #include <string_view>
 
+#include "change_watch.hpp"
 #include "host_impl.hpp"
+#include "protocol_server.hpp"
+#include "remote_services.hpp"
 #include "runner_protocol.hpp"
 #include "uipc/caps/client.hpp"
+#include "uipc/caps/service.hpp"
 #include "uipc/core/daemon_start.hpp"
+#include "worker_set.hpp"
 
 extern char** environ;
 
@@ -37,32 +44,89 @@ using clock = std::chrono::steady_clock;
 
 std::atomic<std::uint64_t> runner_counter{0};
 
-class runner_link;
-
-class proxy final : public isolation_proxy {
+// The host's own point for one runner: its plug-in calls the host's bytes
+// services through it (not its own: those it calls in the runner).
+class host_point {
  public:
-  proxy(runner_link& link, std::string name) : link_(link), name_(std::move(name)) {}
-  int call(uipc_plugin_context* ctx, void* arg, std::uint64_t* out) override;
-  const std::string& name() const noexcept { return name_; }
+  host_point(host_impl& host, std::function<bool(pid_t)> is_runner,
+             std::function<bool(const plugin_record&)> is_served)
+      : host_(host),
+        rules_{
+            [this] { return host_.describe("uipc.host", 0, changes_.version(), visible_); },
+            [is_runner = std::move(is_runner)](const peer_identity& p) { return is_runner(p.pid); },
+            {},
+            &changes_},
+        workers_(1, 1 + max_nesting, [this] { serve_protocol(*svc_, host_, rules_); }) {
+    visible_ = [is_served = std::move(is_served)](const service_entry& e) {
+      return e.owner != nullptr && !is_served(*e.owner);
+    };
+    rules_.callable = visible_;
+  }
+  ~host_point() { stop(); }
+
+  /// Registers the point (this user's only) and starts serving it.
+  error_code start(const std::string& name, const std::string& directory) {
+    caps::service_options o;
+    o.directory = directory;
+    o.exclusive = true;
+    auto svc = caps::service::register_point(io_, name, o);
+    if (!svc) return svc.error();
+    svc_ = std::move(*svc);
+    changes_.serve_on(svc_.get());
+    host_.add_change_watch(&changes_);
+    loop_ = std::thread([this] { io_.run(); });
+    workers_.start();
+    return {};
+  }
+
+  void stop() {
+    if (!svc_) return;
+    host_.remove_change_watch(&changes_);
+    changes_.serve_on(nullptr);
+    svc_->stop();
+    workers_.join();
+    io_.stop();
+    if (loop_.joinable()) loop_.join();
+    svc_.reset();
+  }
+
+  /// How deep calls may nest through one runner (A -> host -> A -> ...).
+  static constexpr unsigned max_nesting = 8;
 
  private:
-  runner_link& link_;
-  std::string name_;
+  host_impl& host_;
+  change_watch changes_;
+  bytes_filter visible_;
+  protocol_rules rules_;
+  boost::asio::io_context io_;
+  std::unique_ptr<caps::service> svc_;
+  worker_set workers_;
+  std::thread loop_;
 };
 
 class runner_link final : public isolation {
  public:
-  runner_link(host_impl& host, std::string path, isolation_options options)
-      : host_(host), path_(std::move(path)), options_(std::move(options)) {}
+  runner_link(host_impl& host, std::string path, isolation_options options, std::string name)
+      : host_(host),
+        path_(std::move(path)),
+        options_(std::move(options)),
+        remote_(host, path_, options_.call_timeout, options_.start_timeout),
+        host_point_(
+            host, [this](pid_t pid) { return is_runner(pid); },
+            [this](const plugin_record& r) { return serves_as(r.name); }),
+        name_(std::move(name)) {}
 
   ~runner_link() override {
+    // The host's point first: what the runner's plug-in calls of ours ends
+    // (its calls fail), and so does its watch of our services.
+    host_point_.stop();
     pid_t pid;
     {
       std::lock_guard lock(mutex_);
       stopping_ = true;
       pid = pid_;
-      client_.reset();
     }
+    remote_.disconnect();
     wake_.notify_all();
     if (pid > 0) ::kill(pid, SIGTERM);
     // Escalate if the runner does not end within a second (its plug-in's Shutdown hangs).
@@ -73,16 +137,25 @@ class runner_link final : public isolation {
       lock.unlock();
       supervisor_.join();
     }
-    join_watcher();  // its call failed when the runner ended
+    remote_.join_watcher();  // its call failed when the runner ended
   }
 
-  /// Starts the supervisor and waits for the first start: what the runner serves.
+  /// Registers the host's point for the runner, starts the supervisor and
+  /// waits for the first start: what the runner serves.
   result<proto::listing> start() {
+    host_point_name_ = "uipc.host." + std::to_string(::getpid()) + "." +
+                       std::to_string(runner_counter.fetch_add(1));
+    if (auto ec = host_point_.start(host_point_name_, options_.directory)) return ec;
     std::promise<result<proto::listing>> first;
     auto answer = first.get_future();
     supervising_ = true;
     supervisor_ = std::thread([this, p = std::move(first)]() mutable { supervise(p); });
-    return answer.get();
+    auto listed = answer.get();
+    if (listed) {
+      std::lock_guard lock(name_mutex_);
+      name_ = listed->plugin;
+    }
+    return listed;
   }
 
   void status(std::string& state, std::uint32_t& crashes, std::string& last_error) const override {
@@ -94,77 +167,15 @@ class runner_link final : public isolation {
 
   const isolation_options& options() const override { return options_; }
 
-  /// The entries that call what the runner lists: a proxy per bytes service
-  /// (one per name for the link's life), pointer services listed only.
   std::vector<relayed_service> entries_for(const proto::listing& listed) {
-    std::vector<relayed_service> out;
-    for (const auto& [name, flags] : listed.services) {
-      service_entry entry;
-      if (flags & UIPC_PLUGIN_SERVICE_BYTES) {
-        std::lock_guard lock(proxies_mutex_);
-        auto it = std::find_if(proxies_.begin(), proxies_.end(),
-                               [&](const proxy& p) { return p.name() == name; });
-        proxy& p = it != proxies_.end() ? *it : proxies_.emplace_back(*this, name);
-        entry.data = static_cast<isolation_proxy*>(&p);
-        entry.flags = UIPC_PLUGIN_SERVICE_BYTES | isolated_service;
-      } else {
-        entry.flags = remote_pointer_service;
-      }
-      out.push_back({name, entry});
-    }
-    return out;
+    return remote_.entries_for(listed);
   }
 
   /// The build is serving as `record`: from now on its services follow the runner's.
   void start_watching(plugin_record& record, proto::listing listed) {
     std::lock_guard lock(mutex_);
     record_ = &record;
-    start_watcher_locked(std::move(listed));
-  }
-
-  int call(uipc_plugin_context* ctx, const std::string& service, void* arg, std::uint64_t* out) {
-    auto* bc = static_cast<uipc_plugin_bytes_call*>(arg);
-    if (!bc || bc->size < sizeof(uipc_plugin_bytes_call) || (bc->in_size && !bc->in))
-      return UIPC_PLUGIN_E_INVALID_ARGUMENT;
-    std::shared_ptr<caps::client> client;
-    {
-      std::lock_guard lock(mutex_);
-      client = client_;
-    }
-    if (!client) return UIPC_PLUGIN_E_UNAVAILABLE;
-    const auto deadline = ctx->deadline != clock::time_point::max()
-                              ? ctx->deadline
-                              : clock::now() + options_.call_timeout;
-    const std::size_t size = 2 + service.size() + bc->in_size;
-    auto reply = client->call_in_place(
-        size,
-        [&](std::span<std::byte> b) {
-          b[0] = static_cast<std::byte>(proto::call);
-          b[1] = static_cast<std::byte>(service.size());
-          std::memcpy(b.data() + 2, service.data(), service.size());
-          if (bc->in_size) std::memcpy(b.data() + 2 + service.size(), bc->in, bc->in_size);
-        },
-        deadline);
-    if (!reply) {
-      if (reply.error() == caps::errc::timed_out) return UIPC_PLUGIN_E_TIMED_OUT;
-      if (reply.error() == caps::errc::message_too_large) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
-      return UIPC_PLUGIN_E_UNAVAILABLE;  // the runner died: the supervisor restarts it
-    }
-    // The runner's bytes: checked and copied before anything else. (The
-    // runner can still write them meanwhile: the copy is what counts.)
-    auto answer = proto::parse_reply(reply->view());
-    if (!answer) return UIPC_PLUGIN_E_PLUGIN_FAILED;
-    if (answer->status != UIPC_PLUGIN_OK) return answer->status;
-    const std::size_t n = answer->bytes.size();
-    void* copy = nullptr;
-    if (n) {
-      if (int s = ctx->memory.allocate(n, &copy); s != UIPC_PLUGIN_OK) return s;
-      std::memcpy(copy, answer->bytes.data(), n);
-    }
-    bc->out = copy;
-    bc->out_size = n;
-    *out = answer->result;
-    return UIPC_PLUGIN_OK;
+    remote_.start_watching(record, std::move(listed));
   }
 
  private:
@@ -175,8 +186,9 @@ class runner_link final : public isolation {
     if (!program) return program.error();
     const std::string point = "uipc.runner." + std::to_string(::getpid()) + "." +
                               std::to_string(runner_counter.fetch_add(1));
-    std::vector<std::string> args{*program, "--point", point, "--parent",
-                                  std::to_string(::getpid())};
+    std::vector<std::string> args{
+        *program,       "--point",       point, "--parent", std::to_string(::getpid()),
+        "--host-point", host_point_name_};
     if (!options_.directory.empty()) {
       args.push_back("--dir");
       args.push_back(options_.directory);
@@ -205,7 +217,7 @@ class runner_link final : public isolation {
     copts.wait_for_point = std::chrono::milliseconds(50);
     copts.handshake_timeout = options_.start_timeout;
     const caps::point_address address{point, ::getuid(), std::nullopt, options_.directory};
-    auto client = caps::client::connect(io_, address, copts);
+    auto client = caps::client::connect(remote_.io(), address, copts);
     while (!client && client.error() == caps::errc::not_registered && clock::now() < give_up) {
       int status = 0;
       if (::waitpid(pid, &status, WNOHANG) == pid) {
@@ -219,19 +231,15 @@ class runner_link final : public isolation {
                          ")");
         return refused ? errc::load_failed : errc::unavailable;
       }
-      client = caps::client::connect(io_, address, copts);
+      client = caps::client::connect(remote_.io(), address, copts);
     }
     if (!client) return client.error();
-    const std::byte list_request[2] = {static_cast<std::byte>(proto::list), std::byte{0}};
-    auto reply = (*client)->call(std::span(list_request), clock::now() + options_.start_timeout);
-    if (!reply) return reply.error();
-    auto out = proto::parse_listing(reply->copy());
-    if (!out) return errc::plugin_failed;
+    auto out = remote_.list(**client);
+    if (!out) return out.error();
+    remote_.connect(std::shared_ptr<caps::client>(std::move(*client)), address);
     std::lock_guard lock(mutex_);
-    client_ = std::shared_ptr<caps::client>(std::move(*client));
-    address_ = address;
     state_ = "running";
-    return std::move(*out);
+    return out;
   }
 
   // This process's environment with options_.environment's entries over it
@@ -268,8 +276,8 @@ class runner_link final : public isolation {
     {
       std::lock_guard lock(mutex_);
       pid = pid_;
-      client_.reset();
     }
+    remote_.disconnect();
     if (pid <= 0) return;
     ::kill(pid, SIGKILL);
     while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
@@ -289,9 +297,9 @@ class runner_link final : public isolation {
     pid_t r;
     while ((r = ::waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
     }
+    remote_.disconnect();
     std::lock_guard lock(mutex_);
     pid_ = 0;
-    client_.reset();
     if (r < 0)
       why = "lost track of the runner: " + std::string(std::strerror(errno));
     else if (WIFSIGNALED(status))
@@ -315,7 +323,7 @@ class runner_link final : public isolation {
     for (;;) {
       std::string why;
       if (wait_for_exit(why)) break;  // stopped by the host
-      join_watcher();                 // its call failed with the runner
+      remote_.join_watcher();         // its call failed with the runner
       const auto now = clock::now();
       recent.push_back(now);
       while (!recent.empty() && now - recent.front() > options_.crash_window) recent.pop_front();
@@ -340,7 +348,7 @@ class runner_link final : public isolation {
         if (again) {
           // The new process may serve other services than the last one did.
           std::lock_guard lock(mutex_);
-          if (record_ != nullptr && !stopping_) start_watcher_locked(std::move(*again));
+          if (record_ != nullptr && !stopping_) remote_.start_watching(*record_, std::move(*again));
           break;
         }
         kill_and_reap();
@@ -381,66 +389,33 @@ class runner_link final : public isolation {
     end_supervising_locked();
   }
 
-  // The watcher: publishes what `listed` says, then waits for the runner's
-  // next change and lists again, until the runner goes (the call fails).
-  void start_watcher_locked(proto::listing listed) {
-    // No runner to watch (it died; its restart starts one), or one watched already.
-    if (!client_ || watcher_.joinable()) return;
-    watcher_ = std::thread([this, address = address_, l = std::move(listed)]() mutable {
-      watch(address, std::move(l));
-    });
-  }
-
-  void watch(const caps::point_address& address, proto::listing listed) {
-    // A connection of its own: a call waiting on the proxies' connection
-    // would be woken by every reply to them.
-    caps::client_options copts;
-    copts.handshake_timeout = options_.start_timeout;
-    copts.max_spin = std::chrono::nanoseconds(0);  // it waits long: sleep at once
-    auto connected = caps::client::connect(io_, address, copts);
-    if (!connected) return;  // the runner went already: a restart watches again
-    caps::client& client = **connected;
-    for (;;) {
-      host_.relay(*record_, entries_for(listed));
-      std::array<std::byte, 10> request{static_cast<std::byte>(proto::watch), std::byte{0}};
-      std::memcpy(request.data() + 2, &listed.version, sizeof listed.version);
-      auto changed = client.call(std::span<const std::byte>(request), clock::time_point::max());
-      if (!changed) return;  // the runner went: a restart watches again
-      const std::byte list_request[2] = {static_cast<std::byte>(proto::list), std::byte{0}};
-      auto reply = client.call(std::span(list_request), clock::now() + options_.start_timeout);
-      if (!reply) return;
-      auto parsed = proto::parse_listing(reply->copy());
-      if (!parsed) {
-        host_.log(1, path_ + ": the runner's list of services is malformed; not followed");
-        return;
-      }
-      listed = std::move(*parsed);
-    }
-  }
-
-  void join_watcher() {
-    std::thread w;
-    {
-      std::lock_guard lock(mutex_);
-      w = std::move(watcher_);
-    }
-    if (w.joinable()) w.join();
-  }
   void end_supervising_locked() {
     supervising_ = false;
     wake_.notify_all();
   }
 
+  bool is_runner(pid_t pid) const {
+    std::lock_guard lock(mutex_);
+    return pid != 0 && pid == pid_;
+  }
+  // Whether `plugin` is the plug-in this runner serves (any build of it).
+  bool serves_as(const std::string& plugin) const {
+    std::lock_guard lock(name_mutex_);
+    return !name_.empty() && plugin == name_;
+  }
+
   host_impl& host_;
   std::string path_;
   isolation_options options_;
-  boost::asio::io_context io_;  // the clients' (blocking calls need it not running)
-  std::mutex proxies_mutex_;
-  std::deque<proxy> proxies_;  // stable addresses: registered entries point at them
+  remote_services remote_;  // what the runner serves, relayed here
+  host_point host_point_;   // what the host serves, for the runner
+  std::string host_point_name_;
+
+  mutable std::mutex name_mutex_;
+  std::string name_;  // the plug-in's name: the old build's at a reload, then as listed
 
   mutable std::mutex mutex_;
   std::condition_variable wake_;
-  std::shared_ptr<caps::client> client_;
   pid_t pid_ = 0;
   bool stopping_ = false;
   bool supervising_ = false;
@@ -449,13 +424,7 @@ class runner_link final : public isolation {
   std::string last_error_;
   std::thread supervisor_;
   plugin_record* record_ = nullptr;  // the build it serves, once serving (it owns this link)
-  caps::point_address address_{};    // the running runner's point
-  std::thread watcher_;
 };
-
-int proxy::call(uipc_plugin_context* ctx, void* arg, std::uint64_t* out) {
-  return link_.call(ctx, name_, arg, out);
-}
 
 }  // namespace
 
@@ -467,7 +436,8 @@ result<std::string> load_isolated(host_impl& host, const std::filesystem::path& 
   if (host.stopping.load()) return errc::stopped;
   auto record = std::make_shared<plugin_record>();
   record->path = std::filesystem::absolute(path).string();
-  auto link = std::make_unique<runner_link>(host, record->path, std::move(options));
+  auto link =
+      std::make_unique<runner_link>(host, record->path, std::move(options), old ? old->name : "");
   auto served = link->start();
   if (!served) {
     host.log(0, "isolated load of " + record->path + " failed: " + served.error().message());

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "change_watch.hpp"
 #include "context_use.hpp"
 #include "host_impl.hpp"
 #include "names.hpp"
@@ -214,9 +215,42 @@ std::string host_impl::list() const {
   return out;
 }
 
+std::string host_impl::describe(std::string_view plugin, std::uint32_t flags, std::uint64_t version,
+                                const bytes_filter& visible) const {
+  // The version first: a change while listing makes the next watch return at
+  // once, so the watcher lists again.
+  std::string out = "version\t" + std::to_string(version) + "\t0\n";
+  out += "plugin\t";
+  out += plugin;
+  out += "\t" + std::to_string(flags) + "\n";
+  std::lock_guard lock(registry_mutex);
+  for (const auto& slot : slots) {
+    const service_entry* entry = slot->entry.load(std::memory_order_relaxed);
+    if (!entry || (visible && !visible(*entry))) continue;
+    const std::uint32_t crossing =
+        (entry->flags & remote_pointer_service) ? 0 : entry->flags & UIPC_PLUGIN_SERVICE_BYTES;
+    out += "service\t" + slot->name + "\t" + std::to_string(crossing) + "\n";
+  }
+  return out;
+}
+
+void host_impl::add_change_watch(change_watch* w) {
+  std::lock_guard lock(change_watches_mutex);
+  change_watches.push_back(w);
+}
+
+void host_impl::remove_change_watch(change_watch* w) {
+  std::lock_guard lock(change_watches_mutex);
+  std::erase(change_watches, w);
+}
+
 void host_impl::notify(uipc_plugin_context* ctx, const plugin_record* source,
                        const event_list& events) {
   if (events.empty()) return;
+  {
+    std::lock_guard lock(change_watches_mutex);  // answers caps watches: no plug-in code
+    for (auto* w : change_watches) w->changed();
+  }
   read_section section;  // a listener unloaded meanwhile stays mapped until we are done
   std::vector<std::shared_ptr<plugin_record>> listeners;
   {

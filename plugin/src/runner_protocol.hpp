@@ -1,4 +1,7 @@
-// The protocol between a host and uipc-plugin-runner, over one caps point.
+// The protocol between a host and uipc-plugin-runner, over caps points: the
+// host asks the runner's point for the isolated plug-in's services, and the
+// runner asks the host's point for the host's (the same requests both ways;
+// "the runner" below is whichever side serves).
 //
 // Request:  [u8 op][u8 name length][name][payload]
 //   op list: no name, no payload. Reply: text lines,
@@ -9,7 +12,7 @@
 //   op watch: no name; payload [u64 version]. Answered when the runner's
 //     version differs from it (at once if it does already): [u64 version].
 //     The host then lists again: services registered or gone after Init.
-// The host treats every reply as untrusted: sizes checked, bytes copied.
+// Each side treats every reply as untrusted: sizes checked, bytes copied.
 #pragma once
 
 #include <charconv>

@@ -3,16 +3,22 @@
 // back with back-off, and one that keeps crashing is stopped.
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <cctype>
+#include <cstring>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 #include "plugin_support.hpp"
 #include "test_support.hpp"
+#include "uipc/caps/client.hpp"
 #include "uipc/caps/point.hpp"
 
 namespace uipc::plugin {
@@ -33,7 +39,10 @@ class Isolation : public ::testing::Test {
     options_.directory = dir_;
     options_.first_backoff = 20ms;
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void TearDown() override {
+    test::forget_fake_plugins();
+    std::filesystem::remove_all(dir_);
+  }
 
   plugin_status status(host& h, const std::string& name) {
     for (auto& p : h.plugins())
@@ -52,6 +61,16 @@ class Isolation : public ::testing::Test {
       std::this_thread::sleep_for(10ms);
     }
     return false;
+  }
+
+  // The live points of the test's directory whose names begin with
+  // `prefix`: "uipc.runner." a runner's, "uipc.host." the host's for one.
+  std::size_t points_named(const std::string& prefix) {
+    auto points = caps::list_points(dir_);
+    EXPECT_TRUE(points);
+    if (!points) return 0;
+    return static_cast<std::size_t>(std::count_if(
+        points->begin(), points->end(), [&](auto& p) { return p.name.rfind(prefix, 0) == 0; }));
   }
 
   std::string dir_;
@@ -267,14 +286,13 @@ TEST_F(Isolation, AHangingServiceCostsTheCallerItsDeadline) {
 TEST_F(Isolation, UnloadEndsTheRunner) {
   logged_host h;
   ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
-  auto points = caps::list_points(dir_);
-  ASSERT_TRUE(points);
-  EXPECT_EQ(points->size(), 1u);
+  EXPECT_EQ(points_named("uipc.runner."), 1u);
+  EXPECT_EQ(points_named("uipc.host."), 1u);
   ASSERT_FALSE(h.h->unload("variant"));
   ASSERT_FALSE(h.h->quiesce(10s));
-  points = caps::list_points(dir_);
+  auto points = caps::list_points(dir_);
   ASSERT_TRUE(points);
-  EXPECT_EQ(points->size(), 0u);
+  EXPECT_EQ(points->size(), 0u) << "the runner's point and the host's for it are gone";
   EXPECT_EQ(h.h->list_services(), "");
 }
 
@@ -315,9 +333,8 @@ TEST_F(Isolation, ReloadStartsTheNewBuildInANewRunnerWithoutFailingACall) {
   EXPECT_EQ(h.h->stats().reloads, 1u);
   // The old runner ends once its calls have: one point is left.
   ASSERT_FALSE(h.h->quiesce(10s));
-  auto points = caps::list_points(dir_);
-  ASSERT_TRUE(points);
-  EXPECT_EQ(points->size(), 1u);
+  EXPECT_EQ(points_named("uipc.runner."), 1u);
+  EXPECT_EQ(points_named("uipc.host."), 1u);
   // From the file it was last loaded from, by default.
   EXPECT_EQ(h.h->reload("variant"), error_code()) << h.log();
   EXPECT_EQ(echo_version(*h.h), 2u);
@@ -338,9 +355,8 @@ TEST_F(Isolation, AFailedReloadLeavesTheRunningBuildServing) {
   EXPECT_EQ(status(*h.h, "variant").generation, 0u);
   EXPECT_EQ(status(*h.h, "variant").state, "running");
   ASSERT_FALSE(h.h->quiesce(10s));
-  auto points = caps::list_points(dir_);
-  ASSERT_TRUE(points);
-  EXPECT_EQ(points->size(), 1u) << "no runner of a failed reload is left";
+  EXPECT_EQ(points_named("uipc.runner."), 1u) << "no runner of a failed reload is left";
+  EXPECT_EQ(points_named("uipc.host."), 1u) << "nor the host's point for one";
 }
 
 TEST_F(Isolation, ABrokenPluginOrRunnerIsReported) {
@@ -351,6 +367,214 @@ TEST_F(Isolation, ABrokenPluginOrRunnerIsReported) {
   EXPECT_EQ(h.h->load_isolated(variants + "/variant_v1.so", options_).error(),
             uipc::errc::program_not_found);
   EXPECT_TRUE(h.h->plugins().empty());
+}
+
+namespace {
+
+// A bytes call's reply as text, or "error: " and why it failed.
+std::string call_text(host& h, const std::string& service, const std::string& request,
+                      std::uint64_t* value = nullptr) {
+  auto ctx = h.new_context().value();
+  auto r = ctx.call_bytes(service, test::bytes(request), value);
+  return r ? test::text(*r) : "error: " + r.error().message();
+}
+
+// "hostside", an in-process plug-in of the host serving bytes services whose
+// answers are text (and, if asked, a pointer service). Declared before the
+// host: it must outlive it (its Shutdown runs in the host's destructor).
+struct host_side {
+  using answer = std::function<std::string(host_side&, uipc_plugin_context*, std::string)>;
+
+  explicit host_side(std::vector<std::pair<std::string, answer>> services,
+                     const char* pointer_service = nullptr)
+      : answers(std::move(services)) {
+    p.name = "hostside";
+    p.flags = UIPC_PLUGIN_PREEMPTIVE;
+    p.init = [this, pointer_service](uipc_plugin_context* ctx) {
+      int s = 0;
+      for (auto& [name, fn] : answers) {
+        if (s != 0) break;
+        s = p.serve(
+            ctx, name.c_str(),
+            [this, &fn = fn](uipc_plugin_context* c, void* arg) {
+              auto* call = static_cast<uipc_plugin_bytes_call*>(arg);
+              const std::string request(static_cast<const char*>(call->in), call->in_size);
+              return reply(c, call, fn(*this, c, request));
+            },
+            UIPC_PLUGIN_SERVICE_BYTES);
+      }
+      if (s == 0 && pointer_service)
+        s = p.serve(ctx, pointer_service, [](uipc_plugin_context*, void*) { return 7u; });
+      return s;
+    };
+  }
+
+  /// Calls bytes service `name` from this plug-in: its reply, or the text of
+  /// the status it failed with.
+  std::string call(uipc_plugin_context* ctx, const char* name, const std::string& request) {
+    uipc_plugin_bytes_call inner{
+        sizeof(uipc_plugin_bytes_call), 0, request.data(), request.size(), nullptr, 0};
+    std::uint64_t ignored;
+    const int status = p.api->call_service(ctx, name, &inner, &ignored);
+    if (status != UIPC_PLUGIN_OK) return p.api->status_text(status);
+    return std::string(static_cast<const char*>(inner.out), inner.out_size);
+  }
+
+  test::fake_plugin p;
+  std::vector<std::pair<std::string, answer>> answers;
+
+ private:
+  std::uint64_t reply(uipc_plugin_context* ctx, uipc_plugin_bytes_call* call,
+                      const std::string& text) {
+    void* out = nullptr;
+    if (!text.empty() && p.api->pool_alloc(p.api->context_pool(ctx), text.size(), &out) != 0)
+      return 1;
+    if (!text.empty()) std::memcpy(out, text.data(), text.size());
+    call->out = out;
+    call->out_size = text.size();
+    return 0;
+  }
+};
+
+// A NAME NUL PAYLOAD request for the variant's "forward".
+std::string via(const std::string& name, const std::string& payload) {
+  return name + std::string(1, '\0') + payload;
+}
+
+}  // namespace
+
+TEST_F(Isolation, AnIsolatedPluginCallsTheHostsBytesServicesAsIfInProcess) {
+  host_side side({{"upper",
+                   [](host_side&, uipc_plugin_context*, std::string t) {
+                     for (auto& ch : t)
+                       ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+                     return t;
+                   }}},
+                 "pointer only");
+  logged_host h;
+  ASSERT_TRUE(h.h->load(side.p.entry()));
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+
+  std::uint64_t status = 99;
+  EXPECT_EQ(call_text(*h.h, "forward", via("upper", "from the runner"), &status),
+            "FROM THE RUNNER");
+  EXPECT_EQ(status, 0u);
+  // A pointer service cannot cross a process boundary; an unknown name is unknown there too.
+  EXPECT_EQ(call_text(*h.h, "forward", via("pointer only", "x"), &status),
+            host::api().status_text(UIPC_PLUGIN_E_SERVICE_NOT_COMPATIBLE));
+  EXPECT_EQ(status, static_cast<std::uint64_t>(UIPC_PLUGIN_E_SERVICE_NOT_COMPATIBLE));
+  EXPECT_EQ(call_text(*h.h, "forward", via("nosuch", "x"), &status),
+            host::api().status_text(UIPC_PLUGIN_E_SERVICE_NOT_FOUND));
+  // The runner lists the host's services beside its plug-in's own, once each.
+  const std::string listed = call_text(*h.h, "services", "");
+  EXPECT_NE(listed.find("upper"), std::string::npos) << listed;
+  EXPECT_NE(listed.find("pointer only"), std::string::npos) << listed;
+  EXPECT_EQ(listed.find("echo"), listed.rfind("echo")) << listed;
+  EXPECT_EQ(h.log(), "");
+}
+
+TEST_F(Isolation, HostServicesThatComeAndGoAreFollowedInTheRunner) {
+  host_side side({{"late", [](host_side&, uipc_plugin_context*, std::string) {
+                     return std::string("late answer");
+                   }}});
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  const std::string not_found = host::api().status_text(UIPC_PLUGIN_E_SERVICE_NOT_FOUND);
+  constexpr auto npos = std::string::npos;
+  EXPECT_EQ(call_text(*h.h, "forward", via("late", "")), not_found);
+
+  ASSERT_TRUE(h.h->load(side.p.entry()));
+  auto until = [](auto done) {
+    const auto end = std::chrono::steady_clock::now() + 5s;
+    while (!done() && std::chrono::steady_clock::now() < end) std::this_thread::sleep_for(2ms);
+    return done();
+  };
+  EXPECT_TRUE(until([&] { return call_text(*h.h, "forward", via("late", "")) == "late answer"; }));
+  EXPECT_TRUE(until([&] { return call_text(*h.h, "events", "").find("+late\n") != npos; }))
+      << "the isolated plug-in was told";
+
+  ASSERT_FALSE(h.h->unload("hostside"));
+  EXPECT_TRUE(until([&] { return call_text(*h.h, "events", "").find("-late\n") != npos; }));
+  EXPECT_EQ(call_text(*h.h, "forward", via("late", "")), not_found);
+  EXPECT_EQ(call_text(*h.h, "services", "").find("late"), npos) << "gone from the runner's list";
+}
+
+TEST_F(Isolation, ACallThatComesBackIntoTheIsolatedPluginIsServed) {
+  // A -> host -> A: the runner's worker waiting on the host leaves another to
+  // serve the call that comes back.
+  host_side side({{"bounce", [](host_side& self, uipc_plugin_context* c, std::string request) {
+                     return self.call(c, "forward", request);
+                   }}});
+  logged_host h;
+  ASSERT_TRUE(h.h->load(side.p.entry()));
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  EXPECT_EQ(call_text(*h.h, "forward", via("bounce", via("echo", "there and back"))),
+            "there and back");
+  EXPECT_EQ(call_text(*h.h, "forward",
+                      via("bounce", via("forward", via("bounce", via("echo", "twice"))))),
+            "twice");
+  // Twice through the host, from several callers at once.
+  std::vector<std::thread> callers;
+  std::atomic<int> right{0};
+  for (int t = 0; t < 4; ++t)
+    callers.emplace_back([&, t] {
+      const std::string word = "deep " + std::to_string(t);
+      const auto request = via("bounce", via("forward", via("bounce", via("echo", word))));
+      const std::string got = call_text(*h.h, "forward", request);
+      if (got == word)
+        ++right;
+      else
+        ADD_FAILURE() << got;
+    });
+  for (auto& c : callers) c.join();
+  EXPECT_EQ(right.load(), 4);
+}
+
+TEST_F(Isolation, CallsThatNestWithoutEndAreRefusedNotLeftWaiting) {
+  host_side side({{"again", [](host_side& self, uipc_plugin_context* c, std::string) {
+                     return self.call(c, "forward", via("again", ""));
+                   }}});
+  logged_host h;
+  ASSERT_TRUE(h.h->load(side.p.entry()));
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(call_text(*h.h, "forward", via("again", "")),
+            host::api().status_text(UIPC_PLUGIN_E_TOO_MANY));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, options_.call_timeout)
+      << "refused at the bound, not timed out";
+  EXPECT_EQ(call_text(*h.h, "echo", "still serving"), "still serving");
+}
+
+TEST_F(Isolation, OnlyItsRunnerMayCallThroughTheHostsPoint) {
+  host_side side(
+      {{"upper", [](host_side&, uipc_plugin_context*, std::string) { return std::string("X"); }}});
+  logged_host h;
+  ASSERT_TRUE(h.h->load(side.p.entry()));
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto points = caps::list_points(dir_);
+  ASSERT_TRUE(points);
+  auto it = std::find_if(points->begin(), points->end(),
+                         [](auto& p) { return p.name.rfind("uipc.host.", 0) == 0; });
+  ASSERT_NE(it, points->end());
+  boost::asio::io_context io;
+  auto stranger = caps::client::connect(io, {it->name, ::getuid(), std::nullopt, dir_});
+  ASSERT_TRUE(stranger) << stranger.error().message();
+  const std::string call_upper = std::string("\x02\x05upper", 7) + "x";
+  auto reply = (*stranger)->call(call_upper, std::chrono::steady_clock::now() + 5s);
+  EXPECT_FALSE(reply) << "another process of the user is not the runner";
+  EXPECT_EQ(call_text(*h.h, "forward", via("upper", "")), "X") << "the runner still is";
+}
+
+TEST_F(Isolation, ARunnerThatCannotReachItsHostsPointSaysSoInItsExitStatus) {
+  const std::string command = std::string(UIPC_TEST_RUNNER_PATH) + " --point uipc.runner.alone" +
+                              " --dir " + dir_ + " --host-point uipc.host.nobody " + variants +
+                              "/variant_v1.so 2>/dev/null";
+  const int status = std::system(command.c_str());
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 3);
+  auto points = caps::list_points(dir_);
+  ASSERT_TRUE(points);
+  EXPECT_TRUE(points->empty()) << "it never served";
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -88,6 +89,70 @@ const uipc_plugin_host_api* host;
   return static_cast<std::uint64_t>(host->register_service(ctx, name.c_str(), nullptr, nullptr, 0));
 }
 
+// Replies with `text`, copied into the caller's pool.
+std::uint64_t reply_text(uipc_plugin_context* ctx, uipc_plugin_bytes_call* call,
+                         const std::string& text, std::uint64_t value) {
+  void* out = nullptr;
+  if (!text.empty() &&
+      host->pool_alloc(host->context_pool(ctx), text.size(), &out) != UIPC_PLUGIN_OK)
+    return 1;
+  if (!text.empty()) std::memcpy(out, text.data(), text.size());
+  call->out = out;
+  call->out_size = text.size();
+  return value;
+}
+
+// "forward" (bytes): the request is NAME, a NUL, then a payload; calls bytes
+// service NAME with the payload (wherever it is: here, or in the host for an
+// isolated build). Replies with its reply, or with the text of the status it
+// failed with; the status is the result.
+[[maybe_unused]] std::uint64_t forward(uipc_plugin_context* ctx, void*, void* arg) {
+  auto* call = static_cast<uipc_plugin_bytes_call*>(arg);
+  const std::string request(static_cast<const char*>(call->in), call->in_size);
+  const auto nul = request.find('\0');
+  const std::string name = request.substr(0, nul);
+  const std::string payload = nul == std::string::npos ? "" : request.substr(nul + 1);
+  uipc_plugin_bytes_call inner{
+      sizeof(uipc_plugin_bytes_call), 0, payload.data(), payload.size(), nullptr, 0};
+  std::uint64_t ignored = 0;
+  const int status = host->call_service(ctx, name.c_str(), &inner, &ignored);
+  if (status != UIPC_PLUGIN_OK)
+    return reply_text(ctx, call, host->status_text(status), static_cast<std::uint64_t>(status));
+  call->out = inner.out;
+  call->out_size = inner.out_size;
+  return UIPC_PLUGIN_OK;
+}
+
+// "services" (bytes): the services this plug-in's host lists.
+[[maybe_unused]] std::uint64_t services(uipc_plugin_context* ctx, void*, void* arg) {
+  char* list = nullptr;
+  std::size_t length = 0;
+  const int status = host->list_services(ctx, &list, &length);
+  if (status != UIPC_PLUGIN_OK) return static_cast<std::uint64_t>(status);
+  auto* call = static_cast<uipc_plugin_bytes_call*>(arg);
+  call->out = list;
+  call->out_size = length;
+  return UIPC_PLUGIN_OK;
+}
+
+// Service events this plug-in was told of: "+NAME\n" added, "-NAME\n" removed.
+std::mutex events_mutex;
+std::string events_seen;
+[[maybe_unused]] void on_service_event(uipc_plugin_context*, const char* name, int event) {
+  std::lock_guard lock(events_mutex);
+  events_seen += (event == UIPC_PLUGIN_SERVICE_REMOVED ? "-" : "+") + std::string(name) + "\n";
+}
+
+// "events" (bytes): the service events so far.
+[[maybe_unused]] std::uint64_t events(uipc_plugin_context* ctx, void*, void* arg) {
+  std::string seen;
+  {
+    std::lock_guard lock(events_mutex);
+    seen = events_seen;
+  }
+  return reply_text(ctx, static_cast<uipc_plugin_bytes_call*>(arg), seen, UIPC_PLUGIN_OK);
+}
+
 int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
 #ifdef VARIANT_INIT_FAILS
   (void)ctx;
@@ -110,6 +175,12 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
     s = host->register_service(ctx, "add", add, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
   if (s == UIPC_PLUGIN_OK)
     s = host->register_service(ctx, "drop", drop, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK)
+    s = host->register_service(ctx, "forward", forward, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK)
+    s = host->register_service(ctx, "services", services, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  if (s == UIPC_PLUGIN_OK)
+    s = host->register_service(ctx, "events", events, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
 #if VARIANT_VERSION == 1
   // Only the first build serves this: a reload to version 2 drops it.
   if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "only in one", version, nullptr, 0);
@@ -132,7 +203,7 @@ uipc_plugin_info info{sizeof(uipc_plugin_info),
                       0,
                       init,
                       shutdown,
-                      nullptr};
+                      on_service_event};
 
 }  // namespace
 
