@@ -37,7 +37,7 @@ client_core::client_core(asio::io_context& c, client_options o, blocking_connect
       client_bell(std::move(client_b)),
       to_server(&shared->to_server),
       from_server(&shared->to_client),
-      request_space(l.request_arena_size),
+      request_space(l.request_arena_size, payload_alignment),
       bell_desc(c),
       pidfd_desc(c) {}
 

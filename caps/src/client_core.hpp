@@ -12,10 +12,10 @@
 #include <unordered_map>
 #include <vector>
 
-#include "arena.hpp"
 #include "channel.hpp"
 #include "uipc/caps/client.hpp"
 #include "uipc/core/blocking_connection.hpp"
+#include "uipc/core/range_allocator.hpp"
 #include "uipc/core/shm.hpp"
 
 namespace uipc::caps::detail {
@@ -83,8 +83,8 @@ struct client_core : std::enable_shared_from_this<client_core> {
   mutable std::mutex mutex;
   ring_writer to_server;
   ring_reader from_server;
-  arena_allocator request_space;
-  std::deque<entry> backlog;  ///< disposals and aborts waiting for ring space
+  range_allocator request_space;  // the request arena: private books of a shared region
+  std::deque<entry> backlog;      ///< disposals and aborts waiting for ring space
   std::uint64_t next_id = 1;
   std::pmr::unsynchronized_pool_resource calls_pool;  // no malloc per call once warm
   std::pmr::unordered_map<message_id, call> calls{&calls_pool};

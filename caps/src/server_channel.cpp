@@ -20,7 +20,7 @@ server_channel::server_channel(std::shared_ptr<server_session> s, shm_segment se
       client_bell(std::move(client_b)),
       from_client(&shared->to_server),
       to_client(&shared->to_client),
-      reply_space(l.reply_arena_size) {}
+      reply_space(l.reply_arena_size, payload_alignment) {}
 
 event server_channel::make_event(event_kind kind, message_id message) {
   event ev;

@@ -10,9 +10,9 @@
 #include <unordered_map>
 #include <vector>
 
-#include "arena.hpp"
 #include "channel.hpp"
 #include "uipc/caps/service.hpp"
+#include "uipc/core/range_allocator.hpp"
 #include "uipc/core/shm.hpp"
 
 namespace uipc::caps::detail {
@@ -59,7 +59,7 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   // Writing side and the message table.
   std::mutex state_mutex;
   ring_writer to_client;
-  arena_allocator reply_space;
+  range_allocator reply_space;  // the reply arena: private books of a shared region
   std::pmr::unsynchronized_pool_resource messages_pool;  // no malloc per message once warm
   std::pmr::unordered_map<message_id, message> messages{&messages_pool};
   std::uint32_t awaiting = 0;  ///< messages not yet answered (delivered, replying, withdrawn)

@@ -20,7 +20,7 @@ handle_daemon::impl::impl(asio::io_context& c, daemon_options o)
                            make_error_code(errc::unknown_request),
                            make_error_code(errc::reply_too_large)}),
       repair_timer(c),
-      scratch(0) {}
+      scratch(options.scratch_size, 16) {}
 
 error_code handle_daemon::impl::open() {
   auto resolved = resolve(options.where);
@@ -48,7 +48,6 @@ error_code handle_daemon::impl::open() {
     free_slots.push_back(i);
     view.at(i).generation.store(1);
   }
-  scratch = detail::scratch_allocator(options.scratch_size);
   register_requests();
 
   server_options so;

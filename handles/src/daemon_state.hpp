@@ -19,9 +19,9 @@
 #include <vector>
 
 #include "protocol.hpp"
-#include "scratch_allocator.hpp"
 #include "segment.hpp"
 #include "uipc/core/ledger.hpp"
+#include "uipc/core/range_allocator.hpp"
 #include "uipc/core/server.hpp"
 #include "uipc/core/shm.hpp"
 #include "uipc/handles/daemon.hpp"
@@ -65,7 +65,7 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
   std::vector<object_type> record_types;  // records[i].type, contiguous for repairs
   std::deque<std::uint32_t> free_slots;
   std::unordered_map<std::string, std::uint32_t> names;
-  detail::scratch_allocator scratch;
+  range_allocator scratch;  // the segment's scratch area: private books (16-byte blocks)
 
   // Sessions open per process: a process's mutexes are abandoned when its last goes.
   std::unordered_map<std::int32_t, std::uint32_t> sessions_per_pid;

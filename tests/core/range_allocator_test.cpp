@@ -1,16 +1,17 @@
-// The private allocator of a payload arena.
-#include "arena.hpp"
+// The private allocator of a shared region's offsets (caps arenas, the handle
+// daemon's scratch area).
+#include "uipc/core/range_allocator.hpp"
 
 #include <gtest/gtest.h>
 
 #include <random>
 #include <set>
 
-namespace uipc::caps::detail {
+namespace uipc {
 namespace {
 
-TEST(Arena, AllocatesFreesAndCoalesces) {
-  arena_allocator a(64 * 10);
+TEST(RangeAllocator, AllocatesFreesAndCoalesces) {
+  range_allocator a(64 * 10, 64);
   auto x = a.allocate(1);
   auto y = a.allocate(100);  // two blocks
   auto z = a.allocate(64);
@@ -19,6 +20,9 @@ TEST(Arena, AllocatesFreesAndCoalesces) {
   EXPECT_EQ(*y, 64u);
   EXPECT_EQ(*z, 192u);
   EXPECT_EQ(a.in_use(), 256u);
+  EXPECT_EQ(a.blocks(), 3u);
+  EXPECT_EQ(a.block_size(*y), 128u);
+  EXPECT_FALSE(a.block_size(*y + 64)) << "inside a block, not its start";
   EXPECT_FALSE(a.allocate(64 * 7));
   EXPECT_TRUE(a.free(*y));
   EXPECT_FALSE(a.free(*y));     // twice
@@ -30,13 +34,14 @@ TEST(Arena, AllocatesFreesAndCoalesces) {
   EXPECT_TRUE(a.free(*w));
   EXPECT_TRUE(a.free(*z));
   EXPECT_EQ(a.in_use(), 0u);
+  EXPECT_EQ(a.free_ranges(), 1u) << "everything coalesced again";
   auto all = a.allocate(64 * 10);
   ASSERT_TRUE(all);
   EXPECT_FALSE(a.allocate(0));
 }
 
-TEST(Arena, RandomUseNeverOverlapsAndGivesEverythingBack) {
-  arena_allocator a(1 << 16);
+TEST(RangeAllocator, RandomUseNeverOverlapsAndGivesEverythingBack) {
+  range_allocator a(1 << 16, 64);
   std::mt19937 random(7);
   std::map<std::uint64_t, std::size_t> live;
   for (int i = 0; i < 20000; ++i) {
@@ -62,8 +67,22 @@ TEST(Arena, RandomUseNeverOverlapsAndGivesEverythingBack) {
   }
   for (const auto& [off, n] : live) ASSERT_TRUE(a.free(off));
   EXPECT_EQ(a.in_use(), 0u);
+  EXPECT_EQ(a.free_ranges(), 1u);
   EXPECT_TRUE(a.allocate(a.size()));
 }
 
+TEST(RangeAllocator, TheSizeIsRoundedDownToTheAlignment) {
+  range_allocator a(100, 16);
+  EXPECT_EQ(a.size(), 96u);
+  auto x = a.allocate(17);
+  ASSERT_TRUE(x);
+  EXPECT_EQ(*a.block_size(*x), 32u);
+  EXPECT_FALSE(a.allocate(97));
+  auto y = a.allocate(64);
+  ASSERT_TRUE(y);
+  EXPECT_EQ(*y, 32u);
+  EXPECT_FALSE(a.allocate(1)) << "full";
+}
+
 }  // namespace
-}  // namespace uipc::caps::detail
+}  // namespace uipc

@@ -1,25 +1,24 @@
-#include "arena.hpp"
+// First fit with coalescing (range_allocator.hpp).
+#include "uipc/core/range_allocator.hpp"
 
 #include <algorithm>
 #include <iterator>
 
-#include "channel.hpp"
+namespace uipc {
 
-namespace uipc::caps::detail {
-
-arena_allocator::arena_allocator(std::size_t size)
-    : size_(size / payload_alignment * payload_alignment) {
+range_allocator::range_allocator(std::uint64_t size, std::uint64_t alignment)
+    : alignment_(alignment), size_(size & ~(alignment - 1)) {
   if (size_ > 0) free_.emplace(0, size_);
 }
 
-std::optional<std::uint64_t> arena_allocator::allocate(std::size_t length) {
+std::optional<std::uint64_t> range_allocator::allocate(std::uint64_t length) {
   if (length > size_) return std::nullopt;
-  const std::size_t need = std::max<std::size_t>(
-      payload_alignment, (length + payload_alignment - 1) / payload_alignment * payload_alignment);
+  const std::uint64_t need =
+      std::max<std::uint64_t>(alignment_, (length + alignment_ - 1) & ~(alignment_ - 1));
   for (auto it = free_.begin(); it != free_.end(); ++it) {
     if (it->second < need) continue;
     const std::uint64_t offset = it->first;
-    const std::size_t rest = it->second - need;
+    const std::uint64_t rest = it->second - need;
     free_.erase(it);
     if (rest > 0) free_.emplace(offset + need, rest);
     taken_.emplace(offset, need);
@@ -29,11 +28,17 @@ std::optional<std::uint64_t> arena_allocator::allocate(std::size_t length) {
   return std::nullopt;
 }
 
-bool arena_allocator::free(std::uint64_t offset) {
+std::optional<std::uint64_t> range_allocator::block_size(std::uint64_t offset) const {
+  const auto it = taken_.find(offset);
+  if (it == taken_.end()) return std::nullopt;
+  return it->second;
+}
+
+bool range_allocator::free(std::uint64_t offset) {
   const auto t = taken_.find(offset);
   if (t == taken_.end()) return false;
   std::uint64_t start = offset;
-  std::size_t length = t->second;
+  std::uint64_t length = t->second;
   taken_.erase(t);
   in_use_ -= length;
   auto next = free_.lower_bound(start);
@@ -53,4 +58,4 @@ bool arena_allocator::free(std::uint64_t offset) {
   return true;
 }
 
-}  // namespace uipc::caps::detail
+}  // namespace uipc
