@@ -62,16 +62,17 @@ error_code release_mutex(slot& s) {
   }
   const self_id me = self();
   if (value_of(await_unlocked(s.state)) != me.tid) return make_error_code(errc::not_owner);
-  const std::uint32_t depth = s.recursion.load();
+  // Only the owner writes the count while it owns the mutex.
+  const std::uint32_t depth = s.recursion.load(std::memory_order_relaxed);
   if (depth > 1) {
-    s.recursion.store(depth - 1);
+    s.recursion.store(depth - 1, std::memory_order_relaxed);
     return {};
   }
   // owner_pid stays: it names the owner for the daemon's repair until the
   // value is 0, so a death at any step here still abandons (or has freed) the
   // mutex. A stale owner_pid beside value 0 means nothing, and the next owner
   // overwrites it under the lock before it commits its tid.
-  s.recursion.store(0);
+  s.recursion.store(0, std::memory_order_relaxed);  // ordered before the unlock by its CAS
   if (auto hook = release_step_hook) hook(1);
   for (;;) {
     std::uint64_t st = await_unlocked(s.state);

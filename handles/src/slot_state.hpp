@@ -36,19 +36,24 @@ inline std::uint64_t await_unlocked(std::atomic<std::uint64_t>& state) noexcept 
   return await_unlocked_slowly(state);
 }
 
-/// After a change that may satisfy waiters: bumps the futex word and wakes only
-/// if someone sleeps (see wait() in slot_wait.cpp for why the seq_cst order makes
-/// this safe). A wake-one may pick a sleeper that waits on several objects and
-/// then takes nothing (a wait-all missing another object) or another object (a
-/// wait-any): the wake would be lost to a single-object sleeper, who would sleep
-/// on to the end of its slice. So while a multi-object sleeper is registered,
-/// every sleeper is woken.
+/// After a change that may satisfy waiters (a seq_cst store or read-modify-write
+/// of the state, which every caller makes): bumps the futex word and wakes, only
+/// if someone sleeps or is about to. A sleeper (wait() in slot_wait.cpp, an async
+/// wait) registers in `waiters` before it reads seq and retries, all seq_cst: if
+/// this load finds no sleeper, the registration comes later in the single total
+/// order, and so does the retry, which sees the change; if it finds one, the
+/// bump makes its futex sleep return or the wake ends it. So an uncontended
+/// release or signal costs one atomic read-modify-write (the state's), not two.
+/// A wake-one may pick a sleeper that waits on several objects and then takes
+/// nothing (a wait-all missing another object) or another object (a wait-any):
+/// the wake would be lost to a single-object sleeper, who would sleep on to the
+/// end of its slice. So while a multi-object sleeper is registered, every
+/// sleeper is woken.
 inline void notify(slot& s, int count) noexcept {
+  if (s.waiters.load(std::memory_order_seq_cst) == 0) return;
   s.seq.fetch_add(1, std::memory_order_seq_cst);
-  if (s.waiters.load(std::memory_order_seq_cst) != 0) {
-    if (s.multi_waiters.load(std::memory_order_seq_cst) != 0) count = INT_MAX;
-    futex::wake(s.seq, count);
-  }
+  if (s.multi_waiters.load(std::memory_order_seq_cst) != 0) count = INT_MAX;
+  futex::wake(s.seq, count);
 }
 
 /// Zombies count as gone: a killed client stays one until its parent reaps it,

@@ -50,10 +50,15 @@ bool try_take(slot& s, object_type type, const self_id& me, bool& abandoned) noe
         if (owner != 0) return false;
         if (!s.state.compare_exchange_weak(st, make_state(static_cast<std::uint32_t>(me.pid), 0)))
           continue;
-        abandoned = s.abandoned.exchange(0) != 0;
-        s.owner_pid.store(me.pid);
-        s.recursion.store(1);
-        s.state.store(make_state(0, me.tid));
+        // Under our lock nobody else writes these, and the state's release
+        // store publishes them with our tid: plain stores, no locked ones.
+        // (A death before it leaves the lock to the repair, which restores
+        // the free mutex: a stale owner_pid beside value 0 means nothing.)
+        abandoned = s.abandoned.load(std::memory_order_relaxed) != 0;
+        if (abandoned) s.abandoned.store(0, std::memory_order_relaxed);
+        s.owner_pid.store(me.pid, std::memory_order_relaxed);
+        s.recursion.store(1, std::memory_order_relaxed);
+        s.state.store(make_state(0, me.tid), std::memory_order_release);
         return true;
       }
     case object_type::none:
@@ -164,6 +169,19 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     return make_error_code(errc::invalid_argument);
   const self_id me = self();
   const bool forever = timeout.count() < 0;
+
+  // The common case first, returned straight: one object, available now. (Through
+  // the general attempt below, the outcome went through memory and back, a
+  // store-forwarding stall that was most of an uncontended take.)
+  if (targets.size() == 1 && !all) {
+    const wait_target& t = targets[0];
+    if (!still_valid(t)) return make_error_code(errc::stale_handle);
+    bool abandoned = false;
+    if (try_take(*t.s, t.type, me, abandoned)) {
+      if (t.type == object_type::mutex) note_mutex_owned(v, index_in(v, t), me);
+      return wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, 0};
+    }
+  }
 
   // The outcome of a try: taken (a wait_result), failed (stale_handle), or not yet.
   std::optional<result<wait_result>> outcome;

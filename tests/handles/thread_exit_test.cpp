@@ -316,6 +316,9 @@ class ThreadExitSegmentTest : public ::testing::Test {
 };
 
 TEST_F(ThreadExitSegmentTest, ExitingOwnerAbandonsAndBumpsTheFutexWord) {
+  // A sleeper registered as wait() registers before it sleeps: the word it
+  // sleeps on must move (with nobody registered, nothing needs waking).
+  mutex_slot().waiters.fetch_add(1);
   const auto seq_before = mutex_slot().seq.load();
   on_thread_that_exits([&] {
     auto r = take(0ns);
@@ -327,6 +330,7 @@ TEST_F(ThreadExitSegmentTest, ExitingOwnerAbandonsAndBumpsTheFutexWord) {
   EXPECT_EQ(mutex_slot().abandoned.load(), 1u);
   EXPECT_EQ(mutex_slot().recursion.load(), 0u);
   EXPECT_NE(mutex_slot().seq.load(), seq_before);  // sleepers are woken
+  mutex_slot().waiters.fetch_sub(1);
   EXPECT_EQ(detail::pinned_segments(), pins_before_);
 }
 
