@@ -40,7 +40,7 @@ class range_allocator {
   std::uint64_t in_use_ = 0;
   // Nodes come from a pool of the allocator's own: no malloc per block once warm.
   std::pmr::unsynchronized_pool_resource pool_;
-  std::pmr::map<std::uint64_t, std::uint64_t> free_{&pool_};              // offset -> length
+  std::pmr::map<std::uint64_t, std::uint64_t> free_{&pool_};             // offset -> length
   std::pmr::unordered_map<std::uint64_t, std::uint64_t> taken_{&pool_};  // offset -> length
 };
 
