@@ -261,13 +261,9 @@ int server::impl::start() {
   // while this is the only thread (isolated plug-ins inherit it).
   if (!cfg.dns_zone.empty()) ::setenv("UIPC_DNS_ZONE", cfg.dns_zone.c_str(), 1);
   zone_serving = cfg.dns_zone;
-  try {
-    start_plugins();
-  } catch (const std::exception& e) {
-    log(std::string("cannot start: ") + e.what());
-    return exit_cannot_start;
-  }
-
+  // The handle daemon first: it takes its name at once, so a client that
+  // looks for it while the plug-ins load (an isolated one takes a process
+  // start) finds it instead of starting one of its own.
   if (cfg.handles) {
     uipc::handles::daemon_options o;
     o.where.directory = cfg.handles_directory;
@@ -281,6 +277,13 @@ int server::impl::start() {
     }
     handles = std::move(*d);
     std::printf("handles: %s\n", handles->where().socket_path.c_str());
+  }
+
+  try {
+    start_plugins();
+  } catch (const std::exception& e) {
+    log(std::string("cannot start: ") + e.what());
+    return exit_cannot_start;
   }
 
   if (cfg.dns) {
