@@ -32,13 +32,14 @@ namespace detail = uipc::plugin::detail;
 int usage(int status) {
   std::fprintf(status ? stderr : stdout,
                "usage: uipc-plugin-runner --point NAME [--dir DIR] [--parent PID] [--threads N]\n"
-               "                          [--host-point HOST] PLUGIN.so\n"
+               "                          [--host-point HOST] [--call-timeout MS] PLUGIN.so\n"
                "Runs one plug-in for a uipc plug-in host, serving its bytes services on the caps\n"
                "point NAME (of this user; DIR: the rendezvous directory). With --parent, ends\n"
                "when that process (the host) does. With --host-point, the plug-in calls the\n"
-               "host's bytes services through the host's point HOST as if they were here.\n"
+               "host's bytes services through the host's point HOST as if they were here,\n"
+               "each call given MS milliseconds (default 5000).\n"
                "N threads serve calls (default 2); calls that nest through the host (this\n"
-               "plug-in -> host -> this plug-in) start more, at most N + 8.\n"
+               "plug-in -> host -> this plug-in) start more, at most N + 16.\n"
                "Exit status: 0 stopped by SIGTERM or SIGINT; 1 the plug-in did not load;\n"
                "2 the point could not be registered; 3 the host's point could not be reached;\n"
                "64 usage.\n");
@@ -133,6 +134,7 @@ int main(int argc, char** argv) {
   std::string point, dir, plugin, host_point;
   long parent = 0;
   unsigned threads = 2;
+  long call_timeout_ms = 5000;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--point" && i + 1 < argc)
@@ -143,6 +145,8 @@ int main(int argc, char** argv) {
       dir = argv[++i];
     else if (arg == "--parent" && i + 1 < argc)
       parent = std::strtol(argv[++i], nullptr, 10);
+    else if (arg == "--call-timeout" && i + 1 < argc)
+      call_timeout_ms = std::strtol(argv[++i], nullptr, 10);
     else if (arg == "--threads" && i + 1 < argc)
       threads = static_cast<unsigned>(std::strtoul(argv[++i], nullptr, 10));
     else if (arg == "--help" || arg == "-h")
@@ -152,7 +156,8 @@ int main(int argc, char** argv) {
     else
       return usage(64);
   }
-  if (point.empty() || plugin.empty() || threads == 0 || threads > 64) return usage(64);
+  if (point.empty() || plugin.empty() || threads == 0 || threads > 64 || call_timeout_ms <= 0)
+    return usage(64);
   if (parent > 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) return 1;  // the host is gone already
@@ -162,12 +167,28 @@ int main(int argc, char** argv) {
   if (!h) return 1;
   if (!(*h)->load(watcher_entry)) return 1;
   std::unique_ptr<detail::remote_services> remote;  // the host's services, when it offers them
+  std::string loaded_name;
+  // On every way out from here: the plug-in goes first, its Shutdown run while
+  // the host's services are still here to call; then the watcher of those
+  // stops, and the runner's host goes while `remote` (their proxies) lives.
+  struct ending {
+    std::unique_ptr<uipc::plugin::host>& h;
+    std::unique_ptr<detail::remote_services>& remote;
+    const std::string& plugin;
+    ~ending() {
+      if (!plugin.empty() && !h->unload(plugin)) (void)h->quiesce(std::chrono::seconds(5));
+      if (remote) remote->stop_watching();
+      h.reset();
+    }
+  } end{*h, remote, loaded_name};
   if (!host_point.empty()) {
-    remote = std::make_unique<detail::remote_services>(
-        (*h)->impl(), "the host", std::chrono::seconds(5), std::chrono::seconds(5));
+    remote = std::make_unique<detail::remote_services>((*h)->impl(), "the host",
+                                                       std::chrono::milliseconds(call_timeout_ms),
+                                                       std::chrono::seconds(5));
     if (!follow_host(**h, *remote, host_point, dir)) return 3;
   }
   auto loaded = (*h)->load(plugin);
+  if (loaded) loaded_name = *loaded;
   if (!loaded) {
     std::fprintf(stderr, "uipc-plugin-runner: %s: %s\n", plugin.c_str(),
                  loaded.error().message().c_str());
@@ -192,14 +213,12 @@ int main(int argc, char** argv) {
   signals.async_wait([&](boost::system::error_code, int) { (*svc)->stop(); });
   std::thread loop([&] { io.run(); });
   const detail::protocol_rules rules{[&] { return describe(**h); }, {}, served_here, &watch_state};
-  detail::worker_set workers(threads, threads + 8,
+  detail::worker_set workers(threads, threads + 16,
                              [&] { detail::serve_protocol(**svc, (*h)->impl(), rules); });
   workers.start();
   workers.join();
   watch_state.serve_on(nullptr);
   io.stop();
   loop.join();
-  if (remote) remote->stop_watching();
-  h->reset();  // Shutdown: the plug-in may still call the host's services
-  return 0;
+  return 0;  // `end` unloads the plug-in, then the rest
 }

@@ -49,14 +49,16 @@ std::atomic<std::uint64_t> runner_counter{0};
 class host_point {
  public:
   host_point(host_impl& host, std::function<bool(pid_t)> is_runner,
-             std::function<bool(const plugin_record&)> is_served)
+             std::function<bool(const plugin_record&)> is_served,
+             std::chrono::milliseconds call_timeout)
       : host_(host),
         rules_{
             [this] { return host_.describe("uipc.host", 0, changes_.version(), visible_); },
             [is_runner = std::move(is_runner)](const peer_identity& p) { return is_runner(p.pid); },
             {},
-            &changes_},
-        workers_(1, 1 + max_nesting, [this] { serve_protocol(*svc_, host_, rules_); }) {
+            &changes_,
+            call_timeout},
+        workers_(2, 2 + max_nesting, [this] { serve_protocol(*svc_, host_, rules_); }) {
     visible_ = [is_served = std::move(is_served)](const service_entry& e) {
       return e.owner != nullptr && !is_served(*e.owner);
     };
@@ -90,8 +92,9 @@ class host_point {
     svc_.reset();
   }
 
-  /// How deep calls may nest through one runner (A -> host -> A -> ...).
-  static constexpr unsigned max_nesting = 8;
+  /// Workers beyond the first two, for calls that wait on the runner while
+  /// others come back from it (A -> host -> A -> ...).
+  static constexpr unsigned max_nesting = 16;
 
  private:
   host_impl& host_;
@@ -113,13 +116,10 @@ class runner_link final : public isolation {
         remote_(host, path_, options_.call_timeout, options_.start_timeout),
         host_point_(
             host, [this](pid_t pid) { return is_runner(pid); },
-            [this](const plugin_record& r) { return serves_as(r.name); }),
+            [this](const plugin_record& r) { return serves_as(r.name); }, options_.call_timeout),
         name_(std::move(name)) {}
 
   ~runner_link() override {
-    // The host's point first: what the runner's plug-in calls of ours ends
-    // (its calls fail), and so does its watch of our services.
-    host_point_.stop();
     pid_t pid;
     {
       std::lock_guard lock(mutex_);
@@ -138,6 +138,9 @@ class runner_link final : public isolation {
       supervisor_.join();
     }
     remote_.join_watcher();  // its call failed when the runner ended
+    // The host's point last: the plug-in's Shutdown, in the runner's ending,
+    // may still call the host's services.
+    host_point_.stop();
   }
 
   /// Registers the host's point for the runner, starts the supervisor and
@@ -186,9 +189,15 @@ class runner_link final : public isolation {
     if (!program) return program.error();
     const std::string point = "uipc.runner." + std::to_string(::getpid()) + "." +
                               std::to_string(runner_counter.fetch_add(1));
-    std::vector<std::string> args{
-        *program,       "--point",       point, "--parent", std::to_string(::getpid()),
-        "--host-point", host_point_name_};
+    std::vector<std::string> args{*program,
+                                  "--point",
+                                  point,
+                                  "--parent",
+                                  std::to_string(::getpid()),
+                                  "--host-point",
+                                  host_point_name_,
+                                  "--call-timeout",
+                                  std::to_string(options_.call_timeout.count())};
     if (!options_.directory.empty()) {
       args.push_back("--dir");
       args.push_back(options_.directory);
@@ -203,11 +212,13 @@ class runner_link final : public isolation {
     for (auto& e : *env) envp.push_back(e.data());
     envp.push_back(nullptr);
     pid_t pid = 0;
-    if (int e = ::posix_spawn(&pid, program->c_str(), nullptr, nullptr, argv.data(), envp.data());
-        e != 0)
-      return error_code(e, boost::system::system_category());
     {
+      // Held across the spawn: the runner asks the host's point at once, and
+      // the point serves only the pid stored here.
       std::lock_guard lock(mutex_);
+      if (int e = ::posix_spawn(&pid, program->c_str(), nullptr, nullptr, argv.data(), envp.data());
+          e != 0)
+        return error_code(e, boost::system::system_category());
       pid_ = pid;
     }
     // Wait for its point in slices, watching the runner: one whose plug-in

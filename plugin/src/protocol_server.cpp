@@ -39,6 +39,8 @@ void answer_call(caps::service& svc, const caps::event& e, host_impl& host,
   if (!ctx.get()) {
     status = host.stopping.load() ? UIPC_PLUGIN_E_STOPPED : UIPC_PLUGIN_E_TOO_MANY;
   } else {
+    if (rules.call_timeout.count() > 0)
+      ctx.get()->deadline = uipc_plugin_context::clock::now() + rules.call_timeout;
     auto r = call_bytes(ctx.get(), request.name, request.payload, &value, rules.callable);
     if (r)
       answer = *r;

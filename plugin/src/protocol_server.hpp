@@ -3,6 +3,7 @@
 // to the host; a host serves its own to each of its runners.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <string>
 
@@ -22,6 +23,9 @@ struct protocol_rules {
   bytes_filter callable;
   /// Where watches wait.
   change_watch* changes = nullptr;
+  /// The deadline of each call's context (its waits to enter a cooperative
+  /// plug-in, its calls to isolated ones): now + this. Zero: none.
+  std::chrono::milliseconds call_timeout{0};
 };
 
 /// Serves requests from `svc` until it stops; on as many threads as call it.

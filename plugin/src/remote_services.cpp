@@ -125,6 +125,10 @@ void remote_services::watch(plugin_record& record, const caps::point_address& ad
   if (!connected) return;  // the other side went already: a restart watches again
   std::shared_ptr<caps::client> client(std::move(*connected));
   for (;;) {
+    {
+      std::lock_guard lock(mutex_);
+      if (stop_) break;
+    }
     host_.relay(record, entries_for(listed));
     std::array<std::byte, 10> request{static_cast<std::byte>(proto::watch), std::byte{0}};
     std::memcpy(request.data() + 2, &listed.version, sizeof listed.version);

@@ -17,12 +17,18 @@ worker_set::~worker_set() { join(); }
 
 void worker_set::start() {
   std::lock_guard lock(mutex_);
-  while (started_ < first_) launch_locked();
+  while (started_ < first_ && launch_locked()) {
+  }
 }
 
-void worker_set::launch_locked() {
+bool worker_set::launch_locked() noexcept {
+  try {
+    threads_.emplace_back([this] { run(); });
+  } catch (...) {
+    return false;  // no thread (or no memory for it): counted as never started
+  }
   ++started_;
-  threads_.emplace_back([this] { run(); });
+  return true;
 }
 
 void worker_set::run() {
@@ -54,12 +60,11 @@ worker_set::wait_scope::wait_scope() : set_(current) {
   // Every other worker waits already: this wait needs one more to serve
   // whatever comes back meanwhile.
   if (set_->waiting_ + 1 >= set_->started_) {
-    if (set_->started_ >= set_->most_) {
+    if (set_->started_ >= set_->most_ || !set_->launch_locked()) {
       ok_ = false;
       set_ = nullptr;
       return;
     }
-    set_->launch_locked();
   }
   ++set_->waiting_;
 }

@@ -48,7 +48,7 @@ class worker_set {
   };
 
  private:
-  void launch_locked();
+  bool launch_locked() noexcept;
   void run();
 
   std::function<void()> serve_;

@@ -546,8 +546,11 @@ TEST_F(Isolation, CallsThatNestWithoutEndAreRefusedNotLeftWaiting) {
 }
 
 TEST_F(Isolation, OnlyItsRunnerMayCallThroughTheHostsPoint) {
-  host_side side(
-      {{"upper", [](host_side&, uipc_plugin_context*, std::string) { return std::string("X"); }}});
+  std::atomic<int> calls{0};
+  host_side side({{"upper", [&](host_side&, uipc_plugin_context*, std::string) {
+                     ++calls;
+                     return std::string("X");
+                   }}});
   logged_host h;
   ASSERT_TRUE(h.h->load(side.p.entry()));
   ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
@@ -562,7 +565,23 @@ TEST_F(Isolation, OnlyItsRunnerMayCallThroughTheHostsPoint) {
   const std::string call_upper = std::string("\x02\x05upper", 7) + "x";
   auto reply = (*stranger)->call(call_upper, std::chrono::steady_clock::now() + 5s);
   EXPECT_FALSE(reply) << "another process of the user is not the runner";
+  EXPECT_EQ(calls.load(), 0) << "and its call ran nothing";
   EXPECT_EQ(call_text(*h.h, "forward", via("upper", "")), "X") << "the runner still is";
+  EXPECT_EQ(calls.load(), 1);
+}
+
+TEST_F(Isolation, TheIsolatedPluginsShutdownMayStillCallTheHost) {
+  std::atomic<int> farewells{0};
+  host_side side({{"farewell", [&](host_side&, uipc_plugin_context*, std::string request) {
+                     if (request == "bye") ++farewells;
+                     return std::string();
+                   }}});
+  logged_host h;
+  ASSERT_TRUE(h.h->load(side.p.entry()));
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  ASSERT_FALSE(h.h->unload("variant"));
+  ASSERT_FALSE(h.h->quiesce(10s));
+  EXPECT_EQ(farewells.load(), 1) << "its Shutdown reached the host before the host's point went";
 }
 
 TEST_F(Isolation, ARunnerThatCannotReachItsHostsPointSaysSoInItsExitStatus) {

@@ -189,7 +189,14 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
 #endif
 }
 
-void shutdown(uipc_plugin_context*) { host = nullptr; }
+// Shutdown says goodbye through the bytes service "farewell" where one is
+// registered (a test's host serves it to an isolated build).
+void shutdown(uipc_plugin_context* ctx) {
+  uipc_plugin_bytes_call call{sizeof(uipc_plugin_bytes_call), 0, "bye", 3, nullptr, 0};
+  std::uint64_t ignored = 0;
+  (void)host->call_service(ctx, "farewell", &call, &ignored);
+  host = nullptr;
+}
 
 uipc_plugin_info info{sizeof(uipc_plugin_info),
                       UIPC_PLUGIN_ABI_MAJOR,
