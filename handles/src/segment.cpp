@@ -152,7 +152,12 @@ void retire_slot(segment_view v, std::uint32_t index, std::uint32_t next_generat
   s.abandoned.store(0);
   s.name_length = 0;
   std::memset(s.name, 0, sizeof s.name);
-  notify(s, INT_MAX);  // a waiter on a closed slot learns it is stale
+  // A waiter on a closed slot learns it is stale. Bumped whether or not a
+  // sleeper is registered (unlike notify()): a waiter that registers just
+  // after is ordered against this RMW, and so sees the new generation, which
+  // is stored with release only; closing a slot is rare.
+  s.seq.fetch_add(1, std::memory_order_seq_cst);
+  futex::wake(s.seq, INT_MAX);
 }
 
 void publish_state(segment_view v, daemon_state state) {

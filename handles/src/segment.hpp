@@ -16,11 +16,11 @@
 //    unlock by storing the new value. A process that dies holding a lock is found
 //    by its pid: the daemon (told of every client's death by its socket) or a
 //    spinning peer (kill(pid, 0) == ESRCH) restores the old value.
-//  - Each slot has a 32-bit futex word `seq`, bumped after every change that may
-//    satisfy a waiter, and a `waiters` count so that a wake costs no system call
-//    when nobody sleeps. Waits follow the core's wait policy and sleep with the
-//    core's futex wrappers (uipc/core/wait_policy.hpp, futex.hpp), which never
-//    use the private flag: waiter and waker are different processes.
+//  - Each slot has a 32-bit futex word `seq`, bumped after a change that may
+//    satisfy a waiter while one is registered as a sleeper, and a `waiters`
+//    count so that a change costs no bump and no system call when nobody sleeps. Waits follow the
+//    core's wait policy and sleep with the core's futex wrappers (uipc/core/wait_policy.hpp,
+//    futex.hpp), which never use the private flag: waiter and waker are different processes.
 #pragma once
 
 #include <sys/types.h>

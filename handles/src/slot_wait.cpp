@@ -233,9 +233,10 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
   if (policy.spin_then_yield(spin, budget, start, deadline, attempt)) return *outcome;
 
   // Registered as a sleeper before reading seq and retrying: a waker changes the
-  // state, bumps seq and then reads `waiters` (all seq_cst). If it saw no sleeper,
-  // our registration came later in the total order, so our retry sees its change;
-  // if it saw us, it wakes us, or our futex sleep finds seq moved on.
+  // state, then reads `waiters`, and bumps seq and wakes only if it saw one (all
+  // seq_cst; notify() in slot_state.hpp). If it saw no sleeper, our registration
+  // came later in the total order, so our retry sees its change; if it saw us,
+  // it wakes us, or our futex sleep finds seq moved on.
   const bool multi = targets.size() > 1;
   for (const auto& t : targets) {
     if (multi) t.s->multi_waiters.fetch_add(1, std::memory_order_seq_cst);

@@ -334,6 +334,38 @@ TEST_F(ThreadExitSegmentTest, ExitingOwnerAbandonsAndBumpsTheFutexWord) {
   EXPECT_EQ(detail::pinned_segments(), pins_before_);
 }
 
+TEST_F(ThreadExitSegmentTest, ExitingOwnerWakesASleepingWaiterAtOnce) {
+  // A real sleeper this time: a lost wake would leave it asleep for its whole
+  // slice (30 s here), past the deadline below.
+  detail::set_sleep_slice(30s);
+  std::promise<void> owned;
+  std::promise<void> exit_now;
+  std::thread owner([&] {
+    auto r = take(0ns);
+    EXPECT_TRUE(r && r->status == wait_status::signalled);
+    owned.set_value();
+    exit_now.get_future().wait();
+  });  // ends owning it: its record abandons it
+  owned.get_future().wait();
+  std::optional<result<wait_result>> got;
+  std::thread waiter([&] {
+    got = take(20s);
+    if (got && *got) EXPECT_FALSE(detail::release_mutex(mutex_slot()));
+  });
+  // Asleep: registered on the word (no spin: take() waits with a zero budget).
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (mutex_slot().waiters.load() == 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(1ms);
+  ASSERT_EQ(mutex_slot().waiters.load(), 1u);
+  const auto start = std::chrono::steady_clock::now();
+  exit_now.set_value();
+  owner.join();
+  waiter.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << "woken, not timed out of its slice";
+  ASSERT_TRUE(got && *got);
+  EXPECT_EQ((*got)->status, wait_status::abandoned);
+}
+
 TEST_F(ThreadExitSegmentTest, MutexOfAThreadThatVanishedIsAbandonedToASleepingWaiter) {
   // The owner ended without a word (as a thread killed by a raw SYS_exit would):
   // its tid is in the word, its record never saw the mutex.
