@@ -109,17 +109,6 @@ self_id self() noexcept {
   return this_thread.id;
 }
 
-result<slot*> checked_slot(segment_view v, handle_id h, object_type expected) {
-  if (h.index >= v.capacity() || h.generation == 0) return make_error_code(errc::invalid_handle);
-  slot& s = v.at(h.index);
-  const auto type = static_cast<object_type>(s.type.load(std::memory_order_acquire));
-  if (s.generation.load(std::memory_order_acquire) != h.generation || type == object_type::none) {
-    return make_error_code(errc::stale_handle);
-  }
-  if (expected != object_type::none && type != expected) return make_error_code(errc::wrong_type);
-  return &s;
-}
-
 void publish_slot(segment_view v, std::uint32_t index, std::uint32_t generation,
                   const object_init& init) {
   slot& s = v.at(index);
@@ -171,8 +160,6 @@ void publish_state(segment_view v, daemon_state state) {
     }
   }
 }
-
-std::uint32_t slot_value(const slot& s) noexcept { return value_of(s.state.load()); }
 
 void (*release_step_hook)(int step) = nullptr;
 

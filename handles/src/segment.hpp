@@ -128,8 +128,20 @@ self_id self() noexcept;
 // ---- client side: object operations, no daemon round trip -------------------
 
 /// Finds the slot of `h`: errc::invalid_handle, stale_handle or wrong_type
-/// (`expected` none accepts every live type).
-result<slot*> checked_slot(segment_view v, handle_id h, object_type expected);
+/// (`expected` none accepts every live type). Inline: every object operation
+/// starts here.
+inline result<slot*> checked_slot(segment_view v, handle_id h, object_type expected) {
+  if (h.index >= v.capacity() || h.generation == 0) [[unlikely]]
+    return make_error_code(errc::invalid_handle);
+  slot& s = v.at(h.index);
+  const auto type = static_cast<object_type>(s.type.load(std::memory_order_acquire));
+  if (s.generation.load(std::memory_order_acquire) != h.generation || type == object_type::none)
+      [[unlikely]]
+    return make_error_code(errc::stale_handle);
+  if (expected != object_type::none && type != expected) [[unlikely]]
+    return make_error_code(errc::wrong_type);
+  return &s;
+}
 
 error_code signal_event(slot& s);
 error_code reset_event(slot& s);
@@ -194,8 +206,11 @@ repair_result repair_dead_process(segment_view v, std::int32_t pid,
 /// Publishes the daemon's state and wakes everyone waiting on it; for `stopped`
 /// also every object's waiters, who then fail with errc::daemon_lost.
 void publish_state(segment_view v, daemon_state state);
-/// The value half of a slot's state (for list).
-std::uint32_t slot_value(const slot& s) noexcept;
+/// The value half of a slot's state (for list, and the owned-mutex records at
+/// every release: inline).
+inline std::uint32_t slot_value(const slot& s) noexcept {
+  return static_cast<std::uint32_t>(s.state.load());
+}
 
 /// Test hooks (null in production). `release_step` is called between the steps
 /// of release_mutex, so a test can kill the process there.
