@@ -158,6 +158,14 @@ std::uint32_t index_in(const segment_view& v, const wait_target& t) noexcept {
   return static_cast<std::uint32_t>(t.s - v.slots);
 }
 
+// Takes one unit of `t` for a wait-any; a mutex taken goes on this thread's record.
+bool take_one(const segment_view& v, const wait_target& t, const self_id& me,
+              bool& abandoned) noexcept {
+  if (!try_take(*t.s, t.type, me, abandoned)) return false;
+  if (t.type == object_type::mutex) note_mutex_owned(v, index_in(v, t), me);
+  return true;
+}
+
 // How long a sleep lasts before a look at the daemon (set_sleep_slice).
 std::atomic<std::int64_t> sleep_slice_ns{1'000'000'000};
 
@@ -177,10 +185,8 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     const wait_target& t = targets[0];
     if (!still_valid(t)) return make_error_code(errc::stale_handle);
     bool abandoned = false;
-    if (try_take(*t.s, t.type, me, abandoned)) {
-      if (t.type == object_type::mutex) note_mutex_owned(v, index_in(v, t), me);
+    if (take_one(v, t, me, abandoned))
       return wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, 0};
-    }
   }
 
   // The outcome of a try: taken (a wait_result), failed (stale_handle), or not yet.
@@ -202,8 +208,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     }
     for (std::size_t i = 0; i < targets.size(); ++i) {
       bool abandoned = false;
-      if (try_take(*targets[i].s, targets[i].type, me, abandoned)) {
-        if (targets[i].type == object_type::mutex) note_mutex_owned(v, index_in(v, targets[i]), me);
+      if (take_one(v, targets[i], me, abandoned)) {
         outcome = wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, i};
         return true;
       }

@@ -5,16 +5,14 @@
 #include <sys/prctl.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <csignal>
 #include <cstdio>
-#include <cstring>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <thread>
-#include <vector>
 
 #include "change_watch.hpp"
 #include "host_impl.hpp"

@@ -15,11 +15,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <condition_variable>
-#include <cstring>
 #include <deque>
 #include <future>
 #include <string_view>
@@ -53,17 +51,14 @@ class host_point {
              std::chrono::milliseconds call_timeout)
       : host_(host),
         rules_{
-            [this] { return host_.describe("uipc.host", 0, changes_.version(), visible_); },
+            // What the runner may see is what it may call.
+            [this] { return host_.describe("uipc.host", 0, changes_.version(), rules_.callable); },
             [is_runner = std::move(is_runner)](const peer_identity& p) { return is_runner(p.pid); },
-            {},
-            &changes_,
-            call_timeout},
-        workers_(2, 2 + max_nesting, [this] { serve_protocol(*svc_, host_, rules_); }) {
-    visible_ = [is_served = std::move(is_served)](const service_entry& e) {
-      return e.owner != nullptr && !is_served(*e.owner);
-    };
-    rules_.callable = visible_;
-  }
+            [is_served = std::move(is_served)](const service_entry& e) {
+              return e.owner != nullptr && !is_served(*e.owner);
+            },
+            &changes_, call_timeout},
+        workers_(2, 2 + max_nesting, [this] { serve_protocol(*svc_, host_, rules_); }) {}
   ~host_point() { stop(); }
 
   /// Registers the point (this user's only) and starts serving it.
@@ -99,7 +94,6 @@ class host_point {
  private:
   host_impl& host_;
   change_watch changes_;
-  bytes_filter visible_;
   protocol_rules rules_;
   boost::asio::io_context io_;
   std::unique_ptr<caps::service> svc_;

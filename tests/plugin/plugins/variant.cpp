@@ -160,31 +160,35 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
   return 7;
 #else
   host = api;
-  int s = host->register_service(ctx, "version", version, nullptr, 0);
-  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "block", block, nullptr, 0);
-  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "throws", throws, nullptr, 0);
-  if (s == UIPC_PLUGIN_OK)
-    s = host->register_service(ctx, "echo", echo, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK)
-    s = host->register_service(ctx, "crash", crash, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK)
-    s = host->register_service(ctx, "hang", hang, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK)
-    s = host->register_service(ctx, "getenv", get_env, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK)
-    s = host->register_service(ctx, "add", add, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK)
-    s = host->register_service(ctx, "drop", drop, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK)
-    s = host->register_service(ctx, "forward", forward, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK)
-    s = host->register_service(ctx, "services", services, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
-  if (s == UIPC_PLUGIN_OK)
-    s = host->register_service(ctx, "events", events, nullptr, UIPC_PLUGIN_SERVICE_BYTES);
+  struct service {
+    const char* name;
+    uipc_plugin_service_fn fn;
+    std::uint32_t flags;
+  };
+  constexpr std::uint32_t bytes = UIPC_PLUGIN_SERVICE_BYTES;
+  const service served[] = {
+    {"version", version, 0},
+    {"block", block, 0},
+    {"throws", throws, 0},
+    {"echo", echo, bytes},
+    {"crash", crash, bytes},
+    {"hang", hang, bytes},
+    {"getenv", get_env, bytes},
+    {"add", add, bytes},
+    {"drop", drop, bytes},
+    {"forward", forward, bytes},
+    {"services", services, bytes},
+    {"events", events, bytes},
 #if VARIANT_VERSION == 1
-  // Only the first build serves this: a reload to version 2 drops it.
-  if (s == UIPC_PLUGIN_OK) s = host->register_service(ctx, "only in one", version, nullptr, 0);
+    // Only the first build serves this: a reload to version 2 drops it.
+    {"only in one", version, 0},
 #endif
+  };
+  int s = UIPC_PLUGIN_OK;
+  for (const auto& sv : served) {
+    s = host->register_service(ctx, sv.name, sv.fn, nullptr, sv.flags);
+    if (s != UIPC_PLUGIN_OK) break;
+  }
   return s;
 #endif
 }
