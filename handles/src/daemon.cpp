@@ -41,6 +41,12 @@ error_code handle_daemon::impl::open() {
   const std::uint64_t epoch = (static_cast<std::uint64_t>(entropy()) << 32) | entropy();
   view = detail::format_segment(segment->data(), segment->size(), options.capacity,
                                 options.scratch_size, epoch);
+  auto flag = death_flag::arm(view.header->death_word);
+  if (!flag) {
+    segment.reset();
+    return flag.error();
+  }
+  death = std::move(*flag);
 
   records.assign(options.capacity, detail::slot_record{});
   record_types.assign(options.capacity, object_type::none);
@@ -85,6 +91,7 @@ error_code handle_daemon::impl::open() {
   if (!started) {
     // The starting client sees our process go.
     detail::publish_state(view, detail::daemon_state::died_at_startup);
+    death.reset();
     segment.reset();
     return started.error();
   }
@@ -155,6 +162,7 @@ void handle_daemon::impl::stop() {
   }
   if (serving) serving->stop();
   std::lock_guard lock(mutex);
+  death.reset();
   segment.reset();
   view = {};
 }

@@ -53,6 +53,9 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
   bool stopped = false;
   std::optional<shm_segment> segment;
   detail::segment_view view;
+  /// Holds the segment's death word while the daemon serves; let go (and
+  /// destroyed, being declared after it) before the segment is unmapped.
+  std::unique_ptr<death_flag> death;
   std::unique_ptr<server> serving;  // set once open() succeeded; stopped and kept by stop()
 
   // Repairs of dead processes that met a slot locked by a live process: retried

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <utility>
 
 #include "owned_mutexes.hpp"
 #include "session.hpp"
@@ -28,10 +29,15 @@ using steady = std::chrono::steady_clock;
 // ---- objects ----------------------------------------------------------------------
 
 object::object(std::shared_ptr<detail::session> s, handle_id h, object_type t, bool existed)
-    : session_(std::move(s)), handle_(h), type_(t), existed_(existed) {}
+    : session_(std::move(s)),
+      map_(session_ ? session_->map.get() : nullptr),
+      handle_(h),
+      type_(t),
+      existed_(existed) {}
 
 object::object(object&& other) noexcept
     : session_(std::move(other.session_)),
+      map_(std::exchange(other.map_, nullptr)),
       handle_(other.handle_),
       type_(other.type_),
       existed_(other.existed_) {
@@ -43,6 +49,7 @@ object& object::operator=(object&& other) noexcept {
     close();
     session_ = std::move(other.session_);
     other.session_.reset();
+    map_ = std::exchange(other.map_, nullptr);
     handle_ = other.handle_;
     type_ = other.type_;
     existed_ = other.existed_;
@@ -63,6 +70,7 @@ error_code object::close() {
   if (!session_) return {};
   auto s = std::move(session_);
   session_.reset();
+  map_ = nullptr;
   if (!s->usable()) return s->map->lost_reason();
   pb::CloseRequest in;
   in.mutable_handle()->set_index(handle_.index);
@@ -73,47 +81,67 @@ error_code object::close() {
 
 handle_id object::detach() noexcept {
   session_.reset();
+  map_ = nullptr;
   return handle_;
 }
 
-result<detail::slot*> object::checked(object_type expected) const {
-  if (!session_) return make_error_code(errc::invalid_handle);
-  if (!session_->usable()) return session_->map->lost_reason();
-  return detail::checked_slot(session_->map->view, handle_, expected);
+// Returns the slot in a register: a result<slot*> came back through memory,
+// a store-forwarding stall on every operation.
+detail::slot* object::checked(object_type expected, error_code& failure) const noexcept {
+  detail::mapping* m = map_;
+  if (m == nullptr) [[unlikely]] {
+    failure = make_error_code(errc::invalid_handle);
+    return nullptr;
+  }
+  if (!m->usable()) [[unlikely]] {
+    failure = m->lost_reason();
+    return nullptr;
+  }
+  auto s = detail::checked_slot(m->view, handle_, expected);
+  if (!s) [[unlikely]] {
+    failure = s.error();
+    return nullptr;
+  }
+  return *s;
 }
 
 result<wait_status> object::wait(std::chrono::nanoseconds timeout) const {
-  auto s = checked(type_);
-  if (!s) return s.error();
-  const detail::wait_target target{*s, type_, handle_.generation};
-  auto r = detail::wait(session_->map->view, std::span(&target, 1), false, timeout,
-                        session_->options.spin);
+  error_code failure;
+  detail::slot* s = checked(type_, failure);
+  if (s == nullptr) return failure;
+  if (auto now = detail::take_now(map_->view, *s, type_)) return *now;  // free: no wait
+  const detail::wait_target target{s, type_, handle_.generation};
+  auto r = detail::wait(map_->view, std::span(&target, 1), false, timeout, session_->options.spin);
   if (!r) return r.error();
   return r->status;
 }
 
 error_code event::signal() const {
-  auto s = checked(type_);
-  if (!s) return s.error();
-  return detail::signal_event(**s);
+  error_code failure;
+  detail::slot* s = checked(type_, failure);
+  if (s == nullptr) return failure;
+  return detail::signal_event(*s);
 }
 
 error_code event::reset() const {
-  auto s = checked(type_);
-  if (!s) return s.error();
-  return detail::reset_event(**s);
+  error_code failure;
+  detail::slot* s = checked(type_, failure);
+  if (s == nullptr) return failure;
+  return detail::reset_event(*s);
 }
 
 error_code mutex::release() const {
-  auto s = checked(object_type::mutex);
-  if (!s) return s.error();
-  return detail::release_mutex(**s);
+  error_code failure;
+  detail::slot* s = checked(object_type::mutex, failure);
+  if (s == nullptr) return failure;
+  return detail::release_mutex(*s);
 }
 
 result<std::uint32_t> semaphore::release(std::uint32_t count) const {
-  auto s = checked(object_type::semaphore);
-  if (!s) return s.error();
-  return detail::release_semaphore(**s, count);
+  error_code failure;
+  detail::slot* s = checked(object_type::semaphore, failure);
+  if (s == nullptr) return failure;
+  return detail::release_semaphore(*s, count);
 }
 
 // ---- scratch ------------------------------------------------------------------------

@@ -93,11 +93,10 @@ void drop_pin(pin* p) noexcept {
 }
 
 // Whether the daemon of a pinned segment has stopped, or died without saying so.
-bool segment_finished(const pin& p, bool ask_the_kernel) noexcept {
-  if (p.header->state.load(std::memory_order_acquire) !=
-      static_cast<std::uint32_t>(daemon_state::running))
-    return true;
-  return ask_the_kernel && !process_alive(p.header->daemon_pid.load());
+bool segment_finished(const pin& p) noexcept {
+  return p.header->state.load(std::memory_order_acquire) !=
+             static_cast<std::uint32_t>(daemon_state::running) ||
+         death_marked(p.header->death_word);
 }
 
 class thread_record {
@@ -136,7 +135,9 @@ class thread_record {
     // (released by us, or abandoned by a repair and taken) is no longer ours.
     std::erase_if(
         owned_, [tid](const owned_mutex& o) { return slot_value(o.where->slots[o.index]) != tid; });
-    if (owned_.empty()) let_go(false);
+    // With one view, it is the segment of the mutex just released, whose
+    // daemon serves (the release checked it): nothing to let go.
+    if (owned_.empty() && views_.size() > 1) let_go();
   }
 
  private:
@@ -165,7 +166,7 @@ class thread_record {
       // Another segment was mapped where this one was: the address says nothing now.
       k.client_header = nullptr;
     }
-    let_go(true);
+    let_go();
     pin* p = take_pin(v);
     views_.push_back({v.header, epoch, p});
     return p;
@@ -178,9 +179,8 @@ class thread_record {
 
   // Drops views (and pins) this thread no longer needs: those owning nothing
   // whose mapping was replaced or whose daemon is gone, and the oldest idle
-  // ones beyond a few. `thorough` also asks the kernel about daemons that died
-  // unannounced (only where a new pin is being made anyway).
-  void let_go(bool thorough) {
+  // ones beyond a few.
+  void let_go() {
     constexpr std::size_t most_views = 8;
     std::size_t idle_kept = 0;
     for (auto it = views_.rbegin(); it != views_.rend(); ++it) {
@@ -188,7 +188,7 @@ class thread_record {
       const bool idle = k.where == nullptr || !owns_in(k.where);
       if (!idle) continue;
       const bool finished = k.client_header == nullptr ||
-                            (k.where != nullptr && segment_finished(*k.where, thorough)) ||
+                            (k.where != nullptr && segment_finished(*k.where)) ||
                             ++idle_kept > most_views;
       if (!finished) continue;
       if (k.where != nullptr) drop_pin(k.where);

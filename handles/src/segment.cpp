@@ -21,17 +21,9 @@
 
 namespace uipc::handles::detail {
 
-namespace {
-
 // pid and tid cached per thread; a fork gives the child a new identity.
 std::atomic<std::uint32_t> fork_generation{0};
-struct cached_self {
-  std::uint32_t generation = UINT32_MAX;
-  self_id id{};
-};
-thread_local cached_self this_thread;
-
-}  // namespace
+constinit thread_local cached_self this_thread_self;
 
 std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state) noexcept {
   for (unsigned spins = 0;; ++spins) {
@@ -94,19 +86,16 @@ result<segment_view> attach_segment(void* data, std::size_t size, std::uint32_t 
                       scratch_size};
 }
 
-self_id self() noexcept {
+self_id refresh_self() noexcept {
   static const bool registered = [] {
     ::pthread_atfork(nullptr, nullptr, [] { fork_generation.fetch_add(1); });
     return true;
   }();
   (void)registered;
-  const std::uint32_t gen = fork_generation.load(std::memory_order_relaxed);
-  if (this_thread.generation != gen) {
-    this_thread.id = {static_cast<std::int32_t>(::getpid()),
-                      static_cast<std::uint32_t>(::gettid())};
-    this_thread.generation = gen;
-  }
-  return this_thread.id;
+  this_thread_self.generation = fork_generation.load(std::memory_order_relaxed);
+  this_thread_self.id = {static_cast<std::int32_t>(::getpid()),
+                         static_cast<std::uint32_t>(::gettid())};
+  return this_thread_self.id;
 }
 
 void publish_slot(segment_view v, std::uint32_t index, std::uint32_t generation,

@@ -29,9 +29,11 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 
+#include "uipc/core/death_flag.hpp"
 #include "uipc/core/process.hpp"
 #include "uipc/core/shm.hpp"
 #include "uipc/handles/error.hpp"
@@ -40,7 +42,7 @@
 namespace uipc::handles::detail {
 
 /// Magic "uipchdl1" and layout version of the segment.
-inline constexpr segment_identity identity{0x75697063'68646c31ULL, 2};
+inline constexpr segment_identity identity{0x75697063'68646c31ULL, 3};
 
 /// The daemon's life, published in the header (a futex word: publish_state wakes it).
 enum class daemon_state : std::uint32_t {
@@ -53,6 +55,10 @@ enum class daemon_state : std::uint32_t {
 struct alignas(64) segment_header {
   std::atomic<std::uint32_t> state;
   std::atomic<std::int32_t> daemon_pid;
+  /// The daemon's death flag (uipc/core/death_flag.hpp): the kernel marks it
+  /// when the daemon's process dies, so an operation learns of a kill -9 with
+  /// one load instead of asking the kernel.
+  std::atomic<std::uint32_t> death_word;
   std::atomic<std::uint64_t> epoch;
   std::uint32_t capacity;
   std::uint32_t slot_size;
@@ -107,6 +113,8 @@ struct segment_view {
     return header->state.load(std::memory_order_acquire) ==
            static_cast<std::uint32_t>(daemon_state::running);
   }
+  /// Whether the daemon's process died (however: a kill -9 publishes no state).
+  bool daemon_died() const noexcept { return death_marked(header->death_word); }
 };
 
 /// Lays out a fresh (zeroed) segment and publishes state "starting".
@@ -123,7 +131,21 @@ struct self_id {
   std::int32_t pid;
   std::uint32_t tid;
 };
-self_id self() noexcept;
+struct cached_self {
+  std::uint32_t generation = UINT32_MAX;  ///< fork_generation when filled
+  self_id id{};
+};
+/// Bumped in the child of every fork (an atfork handler registered by the
+/// first refresh_self()): a cache filled before it is the parent's.
+extern std::atomic<std::uint32_t> fork_generation;
+extern constinit thread_local cached_self this_thread_self;
+/// Fills this thread's cache (the first call of each thread, and after a fork).
+self_id refresh_self() noexcept;
+inline self_id self() noexcept {
+  if (this_thread_self.generation == fork_generation.load(std::memory_order_relaxed)) [[likely]]
+    return this_thread_self.id;
+  return refresh_self();
+}
 
 // ---- client side: object operations, no daemon round trip -------------------
 
@@ -142,6 +164,10 @@ inline result<slot*> checked_slot(segment_view v, handle_id h, object_type expec
     return make_error_code(errc::wrong_type);
   return &s;
 }
+
+/// One unit of a single checked object if it is free now (a mutex taken goes
+/// on this thread's record); nothing when the caller has to wait for it.
+std::optional<wait_status> take_now(const segment_view& v, slot& s, object_type type) noexcept;
 
 error_code signal_event(slot& s);
 error_code reset_event(slot& s);

@@ -25,16 +25,17 @@ struct mapping {
   std::atomic<bool> lost{false};
   /// Set in a child after fork(): the connection is the parent's (lost is set too).
   std::atomic<bool> forked{false};
-  /// Readable once the daemon's process is gone (empty where pidfd_open is
-  /// missing: then kill(pid, 0) is asked instead).
-  unique_fd daemon_pidfd;
-  /// CLOCK_MONOTONIC_COARSE ns before which daemon_gone() does not ask again.
-  std::atomic<std::int64_t> next_check_ns{0};
-
-  /// Whether the daemon's process has gone (a kill -9 publishes nothing).
-  /// Asks the kernel at most every 10 ms, so object operations stay free of
-  /// system calls; marks the mapping lost when it has.
-  bool daemon_gone() noexcept;
+  /// Whether the daemon's process has died (a kill -9 publishes no state): one
+  /// load of the segment's death word, so object operations stay free of
+  /// system calls. Marks the mapping lost when it has.
+  bool daemon_gone() noexcept {
+    if (!view.daemon_died()) [[likely]]
+      return false;
+    lost.store(true);
+    return true;
+  }
+  /// Whether operations may go on: not lost, and the daemon serves and lives.
+  bool usable() noexcept { return !lost.load() && view.running() && !daemon_gone(); }
 
   /// Why an operation cannot go on: errc::forked_copy or errc::daemon_lost.
   error_code lost_reason() const noexcept {
@@ -80,9 +81,7 @@ struct session {
   /// (a close from a destructor): no round trip.
   void post(request_type type, std::string payload);
 
-  bool usable() const noexcept {
-    return !map->lost.load() && map->view.running() && !map->daemon_gone();
-  }
+  bool usable() const noexcept { return map->usable(); }
 
   client_options options;
   std::optional<blocking_connection> conn;

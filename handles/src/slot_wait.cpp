@@ -166,6 +166,22 @@ bool take_one(const segment_view& v, const wait_target& t, const self_id& me,
   return true;
 }
 
+}  // namespace
+
+std::optional<wait_status> take_now(const segment_view& v, slot& s, object_type type) noexcept {
+  bool abandoned = false;
+  if (type != object_type::mutex) {  // no owner to name: no identity needed
+    if (!try_take(s, type, self_id{}, abandoned)) return std::nullopt;
+    return wait_status::signalled;
+  }
+  const self_id me = self();
+  if (!try_take(s, type, me, abandoned)) return std::nullopt;
+  note_mutex_owned(v, static_cast<std::uint32_t>(&s - v.slots), me);
+  return abandoned ? wait_status::abandoned : wait_status::signalled;
+}
+
+namespace {
+
 // How long a sleep lasts before a look at the daemon (set_sleep_slice).
 std::atomic<std::int64_t> sleep_slice_ns{1'000'000'000};
 
@@ -273,9 +289,9 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     if (slept_out >= slice_length || wakes_since_look >= 64) {
       slept_out = std::chrono::nanoseconds(0);
       wakes_since_look = 0;
-      // A daemon killed before it could say so: whoever notices first tells
-      // every process waiting in this segment.
-      if (!process_alive(v.header->daemon_pid.load())) {
+      // A daemon killed before it could say so (the kernel marked its death
+      // word): whoever notices first tells every process waiting in this segment.
+      if (v.daemon_died()) {
         publish_state(v, daemon_state::stopped);
         outcome = make_error_code(errc::daemon_lost);
         break;

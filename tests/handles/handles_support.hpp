@@ -246,13 +246,34 @@ inline bool process_gone(pid_t pid) {
   return paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'Z';
 }
 
-inline bool wait_process_gone(pid_t pid, std::chrono::milliseconds deadline = 10s) {
+/// Whether every thread of `pid` has ended: none but a zombie leader is left
+/// in /proc/PID/task (or the process is gone altogether).
+inline bool threads_ended(pid_t pid) {
+  std::error_code ec;
+  std::size_t threads = 0;
+  for (std::filesystem::directory_iterator it("/proc/" + std::to_string(pid) + "/task", ec), end;
+       !ec && it != end; it.increment(ec))
+    ++threads;
+  return threads <= 1 && process_gone(pid);
+}
+
+/// Polls `done` every `step` until it holds (true) or `deadline` passes (false).
+template <class Done>
+bool poll_until(Done done, std::chrono::milliseconds deadline, std::chrono::milliseconds step) {
   const auto until = std::chrono::steady_clock::now() + deadline;
-  while (!process_gone(pid)) {
+  while (!done()) {
     if (std::chrono::steady_clock::now() > until) return false;
-    std::this_thread::sleep_for(5ms);
+    std::this_thread::sleep_for(step);
   }
   return true;
+}
+
+inline bool wait_threads_ended(pid_t pid, std::chrono::milliseconds deadline = 10s) {
+  return poll_until([pid] { return threads_ended(pid); }, deadline, 1ms);
+}
+
+inline bool wait_process_gone(pid_t pid, std::chrono::milliseconds deadline = 10s) {
+  return poll_until([pid] { return process_gone(pid); }, deadline, 5ms);
 }
 
 }  // namespace uipc::handles::test

@@ -516,6 +516,36 @@ TEST_F(ProcessTest, StoppedDaemonTimesCallsAndConnectOutInsteadOfHanging) {
   EXPECT_TRUE(test::wait_process_gone(pid));
 }
 
+TEST_F(ProcessTest, TheFirstOperationAfterTheDaemonDiedReportsItLost) {
+  // No grace period: the kernel marks the daemon's death word as it dies, and
+  // every operation reads it (a clock-throttled look at the daemon would let
+  // operations "succeed" on a dead daemon's segment for a while).
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  const auto old_pid = c->daemon_pid();
+  auto e = c->create_event(event_reset::manual, false, "ev");
+  ASSERT_TRUE(e);
+  auto s = c->create_semaphore(0, 10, "sem");
+  ASSERT_TRUE(s);
+  ASSERT_FALSE(e->signal());  // looked at the daemon just now
+  ASSERT_EQ(::kill(old_pid, SIGKILL), 0);
+  // Every thread ended, not only the main one (a zombie leader can be seen
+  // while the others still exit; the kernel marks the word as each ends).
+  ASSERT_TRUE(test::wait_process_gone(old_pid));
+  ASSERT_TRUE(test::wait_threads_ended(old_pid));
+  EXPECT_EQ(e->reset(), make_error_code(errc::daemon_lost));
+  EXPECT_EQ(s->release(1).error(), make_error_code(errc::daemon_lost));
+  EXPECT_EQ(s->wait(0ms).error(), make_error_code(errc::daemon_lost));
+  auto fresh = client::connect(loc.options());
+  ASSERT_TRUE(fresh) << fresh.error().message();
+  const auto new_pid = fresh->daemon_pid();
+  e = event{};
+  s = semaphore{};
+  c = make_error_code(errc::daemon_lost);
+  fresh = make_error_code(errc::daemon_lost);
+  EXPECT_TRUE(test::wait_process_gone(new_pid));
+}
+
 TEST_F(ProcessTest, DaemonKilledWithNoWaiterIsSeenBySignalAndConnected) {
   // Nobody waits, so nobody publishes "stopped": the client itself must see
   // the daemon gone.

@@ -161,7 +161,9 @@ TEST_F(SegmentTest, RetiredSlotFailsItsWaiterAsStale) {
 
 TEST_F(SegmentTest, DeadDaemonIsNoticedByASleepingWaiter) {
   slot& e = make(1, object_type::manual_event);
-  view_.header->daemon_pid.store(dead_pid());  // killed without a word
+  // Killed without a word: the kernel marked the daemon's death word (as
+  // death_flag_test shows it does).
+  view_.header->death_word.store(death_mark);
   const auto start = std::chrono::steady_clock::now();
   auto r = wait_one(e, object_type::manual_event, 30s);
   EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);

@@ -350,7 +350,9 @@ TEST_F(ThreadExitSegmentTest, ExitingOwnerWakesASleepingWaiterAtOnce) {
   std::optional<result<wait_result>> got;
   std::thread waiter([&] {
     got = take(20s);
-    if (got && *got) EXPECT_FALSE(detail::release_mutex(mutex_slot()));
+    if (got && *got) {
+      EXPECT_FALSE(detail::release_mutex(mutex_slot()));
+    }
   });
   // Asleep: registered on the word (no spin: take() waits with a zero budget).
   const auto until = std::chrono::steady_clock::now() + 5s;

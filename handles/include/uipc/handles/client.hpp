@@ -23,6 +23,7 @@ namespace uipc::handles {
 
 namespace detail {
 struct session;
+struct mapping;
 struct slot;
 struct wait_set;
 /// A client's async waits and the one thread that sleeps for them (async_wait.cpp).
@@ -106,11 +107,14 @@ class object {
 
  protected:
   friend class client;
-  friend struct wait_access;
   object(std::shared_ptr<detail::session> s, handle_id h, object_type t, bool existed);
-  result<detail::slot*> checked(object_type expected) const;
+  /// This object's slot, checked (session, daemon, generation, type); null
+  /// with `failure` set when it cannot be used.
+  detail::slot* checked(object_type expected, error_code& failure) const noexcept;
 
   std::shared_ptr<detail::session> session_;
+  /// session_->map, kept by it: the operations reach the segment in one step.
+  detail::mapping* map_ = nullptr;
   handle_id handle_;
   object_type type_ = object_type::none;
   bool existed_ = false;
