@@ -29,15 +29,19 @@ using steady = std::chrono::steady_clock;
 // ---- objects ----------------------------------------------------------------------
 
 object::object(std::shared_ptr<detail::session> s, handle_id h, object_type t, bool existed)
-    : session_(std::move(s)),
-      map_(session_ ? session_->map.get() : nullptr),
-      handle_(h),
-      type_(t),
-      existed_(existed) {}
+    : session_(std::move(s)), handle_(h), type_(t), existed_(existed) {
+  if (!session_) return;
+  map_ = session_->map.get();
+  const detail::segment_view& v = map_->view;
+  header_ = v.header;
+  if (h.index < v.capacity() && h.generation != 0) slot_ = &v.at(h.index);
+}
 
 object::object(object&& other) noexcept
     : session_(std::move(other.session_)),
       map_(std::exchange(other.map_, nullptr)),
+      header_(std::exchange(other.header_, nullptr)),
+      slot_(std::exchange(other.slot_, nullptr)),
       handle_(other.handle_),
       type_(other.type_),
       existed_(other.existed_) {
@@ -50,6 +54,8 @@ object& object::operator=(object&& other) noexcept {
     session_ = std::move(other.session_);
     other.session_.reset();
     map_ = std::exchange(other.map_, nullptr);
+    header_ = std::exchange(other.header_, nullptr);
+    slot_ = std::exchange(other.slot_, nullptr);
     handle_ = other.handle_;
     type_ = other.type_;
     existed_ = other.existed_;
@@ -71,6 +77,8 @@ error_code object::close() {
   auto s = std::move(session_);
   session_.reset();
   map_ = nullptr;
+  header_ = nullptr;
+  slot_ = nullptr;
   if (!s->usable()) return s->map->lost_reason();
   pb::CloseRequest in;
   in.mutable_handle()->set_index(handle_.index);
@@ -82,34 +90,54 @@ error_code object::close() {
 handle_id object::detach() noexcept {
   session_.reset();
   map_ = nullptr;
+  header_ = nullptr;
+  slot_ = nullptr;
   return handle_;
 }
 
-// Returns the slot in a register: a result<slot*> came back through memory,
-// a store-forwarding stall on every operation.
+// Every operation's checks, kept cheap: each word is one load away from a
+// pointer the object holds (the locked instruction that follows waits for
+// these loads, so their chains are its latency), and the slot comes back in a
+// register (a result<slot*> came back through memory, a store-forwarding stall).
 detail::slot* object::checked(object_type expected, error_code& failure) const noexcept {
-  detail::mapping* m = map_;
-  if (m == nullptr) [[unlikely]] {
+  detail::slot* s = slot_;
+  if (s == nullptr) [[unlikely]] {
     failure = make_error_code(errc::invalid_handle);
     return nullptr;
   }
-  if (!m->usable()) [[unlikely]] {
-    failure = m->lost_reason();
+  if (map_->lost.load() ||
+      header_->state.load(std::memory_order_acquire) !=
+          static_cast<std::uint32_t>(detail::daemon_state::running) ||
+      death_marked(header_->death_word)) [[unlikely]] {
+    (void)map_->usable();  // marks the mapping lost when the daemon died
+    failure = map_->lost_reason();
     return nullptr;
   }
-  auto s = detail::checked_slot(m->view, handle_, expected);
-  if (!s) [[unlikely]] {
-    failure = s.error();
+  const auto type = static_cast<object_type>(s->type.load(std::memory_order_acquire));
+  if (s->generation.load(std::memory_order_acquire) != handle_.generation ||
+      type == object_type::none) [[unlikely]] {
+    failure = make_error_code(errc::stale_handle);
     return nullptr;
   }
-  return *s;
+  if (expected != object_type::none && type != expected) [[unlikely]] {
+    failure = make_error_code(errc::wrong_type);
+    return nullptr;
+  }
+  return s;
 }
 
 result<wait_status> object::wait(std::chrono::nanoseconds timeout) const {
   error_code failure;
   detail::slot* s = checked(type_, failure);
   if (s == nullptr) return failure;
-  if (auto now = detail::take_now(map_->view, *s, type_)) return *now;  // free: no wait
+  switch (detail::take_now(map_->view, *s, type_)) {  // free: no wait
+    case detail::take_outcome::signalled:
+      return wait_status::signalled;
+    case detail::take_outcome::abandoned:
+      return wait_status::abandoned;
+    case detail::take_outcome::busy:
+      break;
+  }
   const detail::wait_target target{s, type_, handle_.generation};
   auto r = detail::wait(map_->view, std::span(&target, 1), false, timeout, session_->options.spin);
   if (!r) return r.error();
@@ -141,7 +169,10 @@ result<std::uint32_t> semaphore::release(std::uint32_t count) const {
   error_code failure;
   detail::slot* s = checked(object_type::semaphore, failure);
   if (s == nullptr) return failure;
-  return detail::release_semaphore(*s, count);
+  std::uint32_t previous = 0;
+  if (const errc e = detail::release_semaphore(*s, count, previous); e != errc{})
+    return make_error_code(e);
+  return previous;
 }
 
 // ---- scratch ------------------------------------------------------------------------

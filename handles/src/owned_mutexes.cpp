@@ -125,14 +125,25 @@ class thread_record {
     for (const auto& o : owned_)
       if (o.where == p && o.index == index) return;
     if (owned_.empty()) owner_ = me;
-    owned_.push_back({p, index});
+    owned_.push_back({p, index, &v.slots[index]});
   }
 
-  void released(self_id me) {
+  void released(self_id me, const slot& released) {
     forget_after_fork(me);
+    // Found by the address the release used: the pin's is another mapping of
+    // the same line, and a load through it right after the release's store
+    // through ours stalls (the processor sees the alias late).
+    for (auto& o : owned_) {
+      if (o.seen_at != &released) continue;
+      o = owned_.back();
+      owned_.pop_back();
+      if (owned_.empty() && views_.size() > 1) let_go();
+      return;
+    }
+    // Recorded through another client's mapping: ownership is the slot's word;
+    // a recorded mutex someone else holds now (released by us, or abandoned by
+    // a repair and taken) is no longer ours.
     const std::uint32_t tid = me.tid;
-    // Ownership is the slot's word; a recorded mutex someone else holds now
-    // (released by us, or abandoned by a repair and taken) is no longer ours.
     std::erase_if(
         owned_, [tid](const owned_mutex& o) { return slot_value(o.where->slots[o.index]) != tid; });
     // With one view, it is the segment of the mutex just released, whose
@@ -144,6 +155,7 @@ class thread_record {
   struct owned_mutex {
     pin* where;
     std::uint32_t index;
+    const slot* seen_at;  ///< the slot in the mapping it was taken through (compared, never read)
   };
   // A client mapping this thread has seen, and the pin of its segment (null: not
   // pinnable). Each entry with a pin holds one reference on it.
@@ -163,8 +175,11 @@ class thread_record {
     for (auto& k : views_) {
       if (k.client_header != v.header) continue;
       if (k.epoch == epoch) return k.where;
-      // Another segment was mapped where this one was: the address says nothing now.
+      // Another segment was mapped where this one was: the address says
+      // nothing now, nor do the slot addresses recorded through it.
       k.client_header = nullptr;
+      for (auto& o : owned_)
+        if (o.where == k.where) o.seen_at = nullptr;
     }
     let_go();
     pin* p = take_pin(v);
@@ -219,7 +234,9 @@ void note_mutex_owned(const segment_view& v, std::uint32_t index, self_id me) no
   }
 }
 
-void note_mutex_released(self_id me) noexcept { this_thread_record.released(me); }
+void note_mutex_released(self_id me, const slot& released) noexcept {
+  this_thread_record.released(me, released);
+}
 
 std::size_t pinned_segments() noexcept {
   auto& t = table();

@@ -165,14 +165,19 @@ inline result<slot*> checked_slot(segment_view v, handle_id h, object_type expec
   return &s;
 }
 
+/// What take_now() did. A plain enum, returned in a register: an
+/// optional<wait_status> came back as two stores read as one load, a
+/// store-forwarding stall on every take.
+enum class take_outcome : std::uint32_t { busy, signalled, abandoned };
 /// One unit of a single checked object if it is free now (a mutex taken goes
-/// on this thread's record); nothing when the caller has to wait for it.
-std::optional<wait_status> take_now(const segment_view& v, slot& s, object_type type) noexcept;
+/// on this thread's record); busy when the caller has to wait for it.
+take_outcome take_now(const segment_view& v, slot& s, object_type type) noexcept;
 
 error_code signal_event(slot& s);
 error_code reset_event(slot& s);
-/// Returns the count before the release.
-result<std::uint32_t> release_semaphore(slot& s, std::uint32_t count);
+/// Sets `previous` to the count before the release. errc{} (0) on success:
+/// codes in a register, the facade makes the error_code.
+errc release_semaphore(slot& s, std::uint32_t count, std::uint32_t& previous) noexcept;
 error_code release_mutex(slot& s);
 
 /// Abandons mutex `s` if the thread `owner` holds it (whatever its recursion):

@@ -39,21 +39,20 @@ error_code reset_event(slot& s) {
   }
 }
 
-result<std::uint32_t> release_semaphore(slot& s, std::uint32_t count) {
+errc release_semaphore(slot& s, std::uint32_t count, std::uint32_t& previous) noexcept {
   if (static_cast<object_type>(s.type.load(std::memory_order_acquire)) != object_type::semaphore) {
-    return make_error_code(errc::wrong_type);
+    return errc::wrong_type;
   }
-  if (count == 0) return make_error_code(errc::invalid_argument);
+  if (count == 0) return errc::invalid_argument;
   const std::uint32_t max = s.max_count.load(std::memory_order_relaxed);
-  std::uint32_t previous = 0;
   for (;;) {
     std::uint64_t st = await_unlocked(s.state);
     previous = value_of(st);
-    if (count > max || previous > max - count) return make_error_code(errc::semaphore_limit);
+    if (count > max || previous > max - count) return errc::semaphore_limit;
     if (s.state.compare_exchange_weak(st, make_state(0, previous + count))) break;
   }
   notify(s, count > INT_MAX ? INT_MAX : static_cast<int>(count));
-  return previous;
+  return {};
 }
 
 error_code release_mutex(slot& s) {
@@ -80,7 +79,7 @@ error_code release_mutex(slot& s) {
   }
   if (auto hook = release_step_hook) hook(2);
   notify(s, 1);
-  note_mutex_released(me);
+  note_mutex_released(me, s);
   return {};
 }
 

@@ -168,16 +168,16 @@ bool take_one(const segment_view& v, const wait_target& t, const self_id& me,
 
 }  // namespace
 
-std::optional<wait_status> take_now(const segment_view& v, slot& s, object_type type) noexcept {
+take_outcome take_now(const segment_view& v, slot& s, object_type type) noexcept {
   bool abandoned = false;
   if (type != object_type::mutex) {  // no owner to name: no identity needed
-    if (!try_take(s, type, self_id{}, abandoned)) return std::nullopt;
-    return wait_status::signalled;
+    if (!try_take(s, type, self_id{}, abandoned)) return take_outcome::busy;
+    return take_outcome::signalled;
   }
   const self_id me = self();
-  if (!try_take(s, type, me, abandoned)) return std::nullopt;
+  if (!try_take(s, type, me, abandoned)) return take_outcome::busy;
   note_mutex_owned(v, static_cast<std::uint32_t>(&s - v.slots), me);
-  return abandoned ? wait_status::abandoned : wait_status::signalled;
+  return abandoned ? take_outcome::abandoned : take_outcome::signalled;
 }
 
 namespace {

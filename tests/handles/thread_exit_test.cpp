@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <future>
 #include <optional>
 #include <thread>
@@ -226,6 +227,54 @@ TEST_F(ThreadExitTest, ClientGoneBeforeTheOwnerThreadExitsStillAbandonsIt) {
   exit_now.set_value();
   owner.join();
   EXPECT_EQ(next_owner_status(), wait_status::abandoned);
+}
+
+TEST_F(ThreadExitTest, AnotherSegmentMappedWhereTheOwnersWasDoesNotConfuseItsRecord) {
+  // The owner takes "m" through a second client, whose mapping then goes; a
+  // client of another daemon maps its segment (same size: most often at the
+  // same address), and the owner takes and releases a mutex there, in the
+  // same slot. A release is matched to its record by the address it used, so
+  // an address that now shows another segment must match nothing of the old.
+  auto second = client::connect(loc_.options());
+  ASSERT_TRUE(second);
+  std::optional<mutex> through_second;
+  {
+    auto opened = second->open_mutex("m");
+    ASSERT_TRUE(opened);
+    through_second.emplace(std::move(*opened));
+  }
+  const std::byte* first_mapping = second->scratch_area().data();
+  std::promise<void> owned;
+  std::promise<void> other_ready;
+  std::optional<mutex> other_mutex;
+  std::thread owner([&] {
+    EXPECT_EQ(*through_second->wait(1s), wait_status::signalled);
+    owned.set_value();
+    other_ready.get_future().wait();
+    EXPECT_EQ(*other_mutex->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(other_mutex->release());
+  });  // exits owning "m" alone
+  owned.get_future().wait();
+  // The other daemon maps its segment first, so that the client's mapping is
+  // the one to land where the second client's was.
+  private_location other_loc;
+  in_process_daemon other_daemon(other_loc.where, 8, 4096);
+  ASSERT_TRUE(static_cast<bool>(other_daemon));
+  through_second.reset();
+  second = make_error_code(errc::daemon_lost);  // its mapping goes
+  auto other = client::connect(other_loc.options());
+  ASSERT_TRUE(other);
+  auto made = other->create_mutex(false, "m");
+  ASSERT_TRUE(made);
+  EXPECT_EQ(made->handle().index, m().handle().index);
+  other_mutex.emplace(std::move(*made));
+  if (other->scratch_area().data() != first_mapping)
+    std::fprintf(stderr, "note: the other segment was mapped elsewhere this time\n");
+  other_ready.set_value();
+  owner.join();
+  EXPECT_EQ(next_owner_status(), wait_status::abandoned);
+  other_mutex.reset();
+  other = make_error_code(errc::daemon_lost);
 }
 
 TEST(ThreadExitAfterDaemonTest, OwnerThreadExitingAfterItsClientAndDaemonTouchesNothingUnmapped) {

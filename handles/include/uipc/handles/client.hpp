@@ -24,6 +24,7 @@ namespace uipc::handles {
 namespace detail {
 struct session;
 struct mapping;
+struct segment_header;
 struct slot;
 struct wait_set;
 /// A client's async waits and the one thread that sleeps for them (async_wait.cpp).
@@ -113,8 +114,12 @@ class object {
   detail::slot* checked(object_type expected, error_code& failure) const noexcept;
 
   std::shared_ptr<detail::session> session_;
-  /// session_->map, kept by it: the operations reach the segment in one step.
+  // What every operation reads, each one load away from the object (session_
+  // keeps them): the mapping, its segment's header, and this object's slot
+  // (null: no usable handle).
   detail::mapping* map_ = nullptr;
+  detail::segment_header* header_ = nullptr;
+  detail::slot* slot_ = nullptr;
   handle_id handle_;
   object_type type_ = object_type::none;
   bool existed_ = false;
