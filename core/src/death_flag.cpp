@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <condition_variable>
+#include <cstdint>
 #include <mutex>
 #include <system_error>
 #include <thread>
@@ -17,6 +18,7 @@ namespace uipc {
 
 struct death_flag::state {
   std::atomic<std::uint32_t>* word;
+  pid_t armed_by = ::getpid();
   std::mutex mutex;
   std::condition_variable changed;
   bool ready = false;
@@ -25,10 +27,6 @@ struct death_flag::state {
   std::thread holder;
 
   void hold() {
-    // Signals go to the program's own threads, never to this one.
-    sigset_t all;
-    ::sigfillset(&all);
-    ::pthread_sigmask(SIG_BLOCK, &all, nullptr);
     // The thread's list is ours alone: glibc's (for robust mutexes this thread
     // never takes) is put back before the thread ends.
     robust_list_head* libc_head = nullptr;
@@ -38,7 +36,8 @@ struct death_flag::state {
     robust_list_head head{};
     head.list.next = &entry;
     entry.next = &head.list;
-    head.futex_offset = reinterpret_cast<char*>(word) - reinterpret_cast<char*>(&entry);
+    head.futex_offset = static_cast<long>(reinterpret_cast<std::uintptr_t>(word) -
+                                          reinterpret_cast<std::uintptr_t>(&entry));
     head.list_op_pending = nullptr;
     word->store(static_cast<std::uint32_t>(::gettid()) & FUTEX_TID_MASK);
     const long armed = ::syscall(SYS_set_robust_list, &head, sizeof head);
@@ -61,11 +60,19 @@ death_flag::death_flag(std::unique_ptr<state> s) : state_(std::move(s)) {}
 result<std::unique_ptr<death_flag>> death_flag::arm(std::atomic<std::uint32_t>& word) {
   auto s = std::make_unique<state>();
   s->word = &word;
+  // Signals go to the program's own threads, never to this one: it starts
+  // with them all blocked.
+  sigset_t all;
+  sigset_t before;
+  ::sigfillset(&all);
+  ::pthread_sigmask(SIG_BLOCK, &all, &before);
   try {
     s->holder = std::thread([raw = s.get()] { raw->hold(); });
   } catch (const std::system_error& e) {
+    ::pthread_sigmask(SIG_SETMASK, &before, nullptr);
     return error_code(e.code().value(), boost::system::system_category());
   }
+  ::pthread_sigmask(SIG_SETMASK, &before, nullptr);
   {
     std::unique_lock lock(s->mutex);
     s->changed.wait(lock, [&] { return s->ready; });
@@ -78,6 +85,12 @@ result<std::unique_ptr<death_flag>> death_flag::arm(std::atomic<std::uint32_t>& 
 }
 
 death_flag::~death_flag() {
+  if (::getpid() != state_->armed_by) {
+    // A child forked from the process that armed it: the holder is not a
+    // thread of this process, and the word is not this process's to touch.
+    state_->holder.detach();
+    return;
+  }
   {
     std::lock_guard lock(state_->mutex);
     state_->stop = true;

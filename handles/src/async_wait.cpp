@@ -252,7 +252,7 @@ void waiter_core::run() {
       // A daemon killed before it could say so: as a synchronous wait does,
       // tell every process waiting in the segment (the attempts then fail with
       // errc::daemon_lost).
-      if (map_->view.running() && map_->daemon_gone())
+      if (map_->view.running() && (map_->daemon_gone() || map_->kernel_says_gone(false)))
         publish_state(map_->view, daemon_state::stopped);
     }
     lk.lock();

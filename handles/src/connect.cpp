@@ -27,6 +27,17 @@ using steady = std::chrono::steady_clock;
 
 namespace detail {
 
+bool mapping::kernel_says_gone(bool throttled) noexcept {
+  if (throttled) {
+    timespec now{};
+    ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+    const std::int64_t ns = static_cast<std::int64_t>(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
+    if (ns < next_check_ns.load(std::memory_order_relaxed)) return false;
+    next_check_ns.store(ns + 10'000'000, std::memory_order_relaxed);
+  }
+  return daemon_pidfd ? pidfd_exited(daemon_pidfd.get()) : !process_alive(daemon_pid);
+}
+
 // ---- fork ------------------------------------------------------------------------
 //
 // A child made by fork() without exec inherits every client's socket. If it
@@ -152,6 +163,9 @@ result<std::shared_ptr<session>> open_session(const client_options& options,
     return make_error_code(errc::daemon_lost);
   }
   if (view->daemon_died()) return make_error_code(errc::daemon_lost);
+  s->map->daemon_pidfd = open_pidfd(static_cast<pid_t>(info.daemon_pid()));
+  if (!s->map->daemon_pidfd && !process_alive(info.daemon_pid()))
+    return make_error_code(errc::daemon_lost);
   s->map->segment.emplace(std::move(*seg));
   s->map->view = *view;
   s->map->daemon_pid = info.daemon_pid();

@@ -41,12 +41,9 @@ error_code handle_daemon::impl::open() {
   const std::uint64_t epoch = (static_cast<std::uint64_t>(entropy()) << 32) | entropy();
   view = detail::format_segment(segment->data(), segment->size(), options.capacity,
                                 options.scratch_size, epoch);
-  auto flag = death_flag::arm(view.header->death_word);
-  if (!flag) {
-    segment.reset();
-    return flag.error();
-  }
-  death = std::move(*flag);
+  // Without it (no set_robust_list: an emulator, a seccomp filter) the word
+  // stays 0 and clients ask the kernel about us instead (mapping::daemon_gone).
+  if (auto flag = death_flag::arm(view.header->death_word)) death = std::move(*flag);
 
   records.assign(options.capacity, detail::slot_record{});
   record_types.assign(options.capacity, object_type::none);

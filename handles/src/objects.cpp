@@ -105,13 +105,17 @@ detail::slot* object::checked(object_type expected, error_code& failure) const n
     failure = make_error_code(errc::invalid_handle);
     return nullptr;
   }
+  const std::uint32_t death_word = header_->death_word.load(std::memory_order_acquire);
   if (map_->lost.load() ||
       header_->state.load(std::memory_order_acquire) !=
           static_cast<std::uint32_t>(detail::daemon_state::running) ||
-      death_marked(header_->death_word)) [[unlikely]] {
-    (void)map_->usable();  // marks the mapping lost when the daemon died
-    failure = map_->lost_reason();
-    return nullptr;
+      death_word == 0 || (death_word & death_mark) != 0) [[unlikely]] {
+    // Lost, stopped or dead; or a daemon without a death flag, asked about
+    // through the kernel (see mapping::daemon_gone).
+    if (!map_->usable()) {
+      failure = map_->lost_reason();
+      return nullptr;
+    }
   }
   const auto type = static_cast<object_type>(s->type.load(std::memory_order_acquire));
   if (s->generation.load(std::memory_order_acquire) != handle_.generation ||
@@ -162,7 +166,7 @@ error_code mutex::release() const {
   error_code failure;
   detail::slot* s = checked(object_type::mutex, failure);
   if (s == nullptr) return failure;
-  return detail::release_mutex(*s);
+  return detail::release_mutex(*s, handle_.index);
 }
 
 result<std::uint32_t> semaphore::release(std::uint32_t count) const {

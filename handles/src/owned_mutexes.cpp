@@ -122,19 +122,26 @@ class thread_record {
     forget_after_fork(me);
     pin* p = pin_for(v);
     if (p == nullptr || index >= p->slot_count) return;
-    for (const auto& o : owned_)
-      if (o.where == p && o.index == index) return;
+    for (auto& o : owned_) {
+      if (o.where == p && o.index == index) {
+        o.seen_at = &v.slots[index];  // taken again, maybe through another mapping
+        return;
+      }
+    }
     if (owned_.empty()) owner_ = me;
     owned_.push_back({p, index, &v.slots[index]});
   }
 
-  void released(self_id me, const slot& released) {
+  void released(self_id me, const slot& released, std::uint32_t index) {
     forget_after_fork(me);
-    // Found by the address the release used: the pin's is another mapping of
-    // the same line, and a load through it right after the release's store
-    // through ours stalls (the processor sees the alias late).
+    // Found by the address the release used, and its index: the pin's address
+    // is another mapping of the same line, and a load through it right after
+    // the release's store through ours stalls (the processor sees the alias
+    // late). An address alone could be another segment's slot, mapped over
+    // part of where a recorded one was; with the index it is the same table
+    // at the same place, which pin_for() clears when the segment changed.
     for (auto& o : owned_) {
-      if (o.seen_at != &released) continue;
+      if (o.seen_at != &released || o.index != index) continue;
       o = owned_.back();
       owned_.pop_back();
       if (owned_.empty() && views_.size() > 1) let_go();
@@ -194,8 +201,17 @@ class thread_record {
 
   // Drops views (and pins) this thread no longer needs: those owning nothing
   // whose mapping was replaced or whose daemon is gone, and the oldest idle
-  // ones beyond a few.
+  // ones beyond a few. First forgets recorded mutexes the thread no longer
+  // owns though it never released them (the daemon abandoned them when the
+  // process's last session ended, or closed their slot): the releases find
+  // their own entries without looking at the others.
   void let_go() {
+    if (!owned_.empty()) {
+      const std::uint32_t tid = owner_.tid;
+      std::erase_if(owned_, [tid](const owned_mutex& o) {
+        return slot_value(o.where->slots[o.index]) != tid;
+      });
+    }
     constexpr std::size_t most_views = 8;
     std::size_t idle_kept = 0;
     for (auto it = views_.rbegin(); it != views_.rend(); ++it) {
@@ -234,8 +250,8 @@ void note_mutex_owned(const segment_view& v, std::uint32_t index, self_id me) no
   }
 }
 
-void note_mutex_released(self_id me, const slot& released) noexcept {
-  this_thread_record.released(me, released);
+void note_mutex_released(self_id me, const slot& released, std::uint32_t index) noexcept {
+  this_thread_record.released(me, released, index);
 }
 
 std::size_t pinned_segments() noexcept {

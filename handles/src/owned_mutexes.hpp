@@ -31,11 +31,11 @@ namespace uipc::handles::detail {
 /// with its process.
 void note_mutex_owned(const segment_view& v, std::uint32_t index, self_id me) noexcept;
 
-/// After the calling thread, `me`, released mutex `released` (the slot as the
-/// caller's mapping shows it) for the last time: forgets it, and when it was
-/// recorded through another mapping, every recorded mutex the thread no
-/// longer owns.
-void note_mutex_released(self_id me, const slot& released) noexcept;
+/// After the calling thread, `me`, released mutex `index` (`released`: its slot
+/// as the caller's mapping shows it) for the last time: forgets it. When it
+/// was recorded through another mapping (or the index is unknown_index),
+/// forgets every recorded mutex the thread no longer owns instead.
+void note_mutex_released(self_id me, const slot& released, std::uint32_t index) noexcept;
 
 /// How many segments the process has pinned (tests: pins are let go).
 std::size_t pinned_segments() noexcept;

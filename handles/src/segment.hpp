@@ -178,7 +178,10 @@ error_code reset_event(slot& s);
 /// Sets `previous` to the count before the release. errc{} (0) on success:
 /// codes in a register, the facade makes the error_code.
 errc release_semaphore(slot& s, std::uint32_t count, std::uint32_t& previous) noexcept;
-error_code release_mutex(slot& s);
+/// `index`: the slot's index in its table, which finds the thread's record of
+/// the mutex at once (unknown: the record is swept instead).
+inline constexpr std::uint32_t unknown_index = UINT32_MAX;
+error_code release_mutex(slot& s, std::uint32_t index = unknown_index);
 
 /// Abandons mutex `s` if the thread `owner` holds it (whatever its recursion):
 /// the next owner is told, and a waiter is woken. For a thread that exits
@@ -237,8 +240,8 @@ repair_result repair_dead_process(segment_view v, std::int32_t pid,
 /// Publishes the daemon's state and wakes everyone waiting on it; for `stopped`
 /// also every object's waiters, who then fail with errc::daemon_lost.
 void publish_state(segment_view v, daemon_state state);
-/// The value half of a slot's state (for list, and the owned-mutex records at
-/// every release: inline).
+/// The value half of a slot's state (for list, and the owned-mutex records
+/// when they sweep: inline).
 inline std::uint32_t slot_value(const slot& s) noexcept {
   return static_cast<std::uint32_t>(s.state.load());
 }

@@ -25,15 +25,31 @@ struct mapping {
   std::atomic<bool> lost{false};
   /// Set in a child after fork(): the connection is the parent's (lost is set too).
   std::atomic<bool> forked{false};
-  /// Whether the daemon's process has died (a kill -9 publishes no state): one
-  /// load of the segment's death word, so object operations stay free of
-  /// system calls. Marks the mapping lost when it has.
+  /// Readable once the daemon's process is gone (empty where pidfd_open is
+  /// missing: then kill(pid, 0) is asked instead).
+  unique_fd daemon_pidfd;
+  /// CLOCK_MONOTONIC_COARSE ns before which a throttled ask does not ask again.
+  std::atomic<std::int64_t> next_check_ns{0};
+
+  /// Whether the daemon's process has died (a kill -9 publishes no state):
+  /// one load of the segment's death word, so object operations stay free of
+  /// system calls. A daemon that could not arm it (the word is 0: no
+  /// set_robust_list under an emulator or a seccomp filter) is asked about
+  /// through the kernel instead, at most every 10 ms. Marks the mapping lost
+  /// when it has.
   bool daemon_gone() noexcept {
-    if (!view.daemon_died()) [[likely]]
+    const std::uint32_t word = view.header->death_word.load(std::memory_order_acquire);
+    if (word != 0 && (word & death_mark) == 0) [[likely]]
       return false;
+    if (word == 0 && !kernel_says_gone(true)) return false;
     lost.store(true);
     return true;
   }
+  /// Asks the kernel whether the daemon's process is gone (its pidfd, or
+  /// kill(pid, 0)); `throttled`: not again within 10 ms of the last ask. For
+  /// sleepers, once a slice, beside the death word: a word another client
+  /// wrote over would hide the death from the word alone.
+  bool kernel_says_gone(bool throttled) noexcept;
   /// Whether operations may go on: not lost, and the daemon serves and lives.
   bool usable() noexcept { return !lost.load() && view.running() && !daemon_gone(); }
 

@@ -55,7 +55,7 @@ errc release_semaphore(slot& s, std::uint32_t count, std::uint32_t& previous) no
   return {};
 }
 
-error_code release_mutex(slot& s) {
+error_code release_mutex(slot& s, std::uint32_t index) {
   if (static_cast<object_type>(s.type.load(std::memory_order_acquire)) != object_type::mutex) {
     return make_error_code(errc::wrong_type);
   }
@@ -79,7 +79,7 @@ error_code release_mutex(slot& s) {
   }
   if (auto hook = release_step_hook) hook(2);
   notify(s, 1);
-  note_mutex_released(me, s);
+  note_mutex_released(me, s, index);
   return {};
 }
 

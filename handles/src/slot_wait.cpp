@@ -290,8 +290,10 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
       slept_out = std::chrono::nanoseconds(0);
       wakes_since_look = 0;
       // A daemon killed before it could say so (the kernel marked its death
-      // word): whoever notices first tells every process waiting in this segment.
-      if (v.daemon_died()) {
+      // word; the kernel is asked too, once a slice, in case the word was not
+      // armed or was written over): whoever notices first tells every process
+      // waiting in this segment.
+      if (v.daemon_died() || !process_alive(v.header->daemon_pid.load())) {
         publish_state(v, daemon_state::stopped);
         outcome = make_error_code(errc::daemon_lost);
         break;

@@ -527,7 +527,7 @@ TEST_F(ProcessTest, TheFirstOperationAfterTheDaemonDiedReportsItLost) {
   ASSERT_TRUE(e);
   auto s = c->create_semaphore(0, 10, "sem");
   ASSERT_TRUE(s);
-  ASSERT_FALSE(e->signal());  // looked at the daemon just now
+  ASSERT_FALSE(e->signal());  // the daemon lives, and an operation knows it
   ASSERT_EQ(::kill(old_pid, SIGKILL), 0);
   // Every thread ended, not only the main one (a zombie leader can be seen
   // while the others still exit; the kernel marks the word as each ends).

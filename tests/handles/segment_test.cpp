@@ -15,6 +15,7 @@
 #include <memory>
 #include <thread>
 
+#include "session.hpp"
 #include "uipc/core/futex.hpp"
 #include "uipc/core/wait_policy.hpp"
 
@@ -166,6 +167,48 @@ TEST_F(SegmentTest, DeadDaemonIsNoticedByASleepingWaiter) {
   view_.header->death_word.store(death_mark);
   const auto start = std::chrono::steady_clock::now();
   auto r = wait_one(e, object_type::manual_event, 30s);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  EXPECT_EQ(r.error(), make_error_code(errc::daemon_lost));
+  EXPECT_FALSE(view_.running());
+}
+
+TEST_F(SegmentTest, ADaemonWithoutADeathFlagIsAskedAboutThroughTheKernel) {
+  // A daemon that could not arm its death word (no set_robust_list) leaves it
+  // 0: a client then asks the kernel, as it did before there was a word.
+  mapping m;
+  m.view = view_;
+  m.daemon_pid = dead_pid();
+  ASSERT_EQ(view_.header->death_word.load(), 0u);
+  EXPECT_TRUE(m.daemon_gone());
+  EXPECT_TRUE(m.lost.load());
+  EXPECT_FALSE(m.usable());
+
+  mapping alive;
+  alive.view = view_;
+  alive.daemon_pid = ::getpid();
+  EXPECT_FALSE(alive.daemon_gone());
+  EXPECT_TRUE(alive.usable());
+
+  // Armed, the word alone decides on the operations' path; sleepers ask the
+  // kernel as well (a word written over would hide the death).
+  view_.header->death_word.store(12345);
+  mapping armed;
+  armed.view = view_;
+  armed.daemon_pid = dead_pid();
+  EXPECT_FALSE(armed.daemon_gone());
+  EXPECT_TRUE(armed.kernel_says_gone(false));
+  view_.header->death_word.store(12345 | death_mark);
+  EXPECT_TRUE(armed.daemon_gone());
+  EXPECT_FALSE(armed.usable());
+}
+
+TEST_F(SegmentTest, ASleeperAsksTheKernelWhenTheDeathWordSaysNothing) {
+  slot& e = make(1, object_type::manual_event);
+  set_sleep_slice(20ms);
+  view_.header->daemon_pid.store(dead_pid());  // killed, and the word never marked
+  const auto start = std::chrono::steady_clock::now();
+  auto r = wait_one(e, object_type::manual_event, 30s);
+  set_sleep_slice(1s);
   EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
   EXPECT_EQ(r.error(), make_error_code(errc::daemon_lost));
   EXPECT_FALSE(view_.running());

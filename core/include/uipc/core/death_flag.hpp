@@ -5,7 +5,8 @@
 // The mechanism is the one robust pthread mutexes stand on. A thread of ours
 // registers the word with the kernel as a robust futex it holds (its thread id
 // in the word); when that thread ends without letting go, the kernel sets
-// FUTEX_OWNER_DIED in the word and wakes its futex waiters. The thread ends
+// FUTEX_OWNER_DIED in the word (and wakes one futex waiter, if the word's
+// FUTEX_WAITERS bit says there is one: do not count on it). The thread ends
 // only with the process or when the flag is destroyed, which lets go first:
 // so the mark means "the process died", never "it stopped in order" (say that
 // in a word of your own).
@@ -37,7 +38,8 @@ class death_flag {
   /// the thread or of set_robust_list.
   static result<std::unique_ptr<death_flag>> arm(std::atomic<std::uint32_t>& word);
 
-  /// Lets go of the word (it keeps the thread's id, unmarked) and ends the thread.
+  /// Lets go of the word (it keeps the thread's id, unmarked) and ends the
+  /// thread. In a child forked since, leaves both alone.
   ~death_flag();
   death_flag(const death_flag&) = delete;
   death_flag& operator=(const death_flag&) = delete;

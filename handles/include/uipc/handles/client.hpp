@@ -311,8 +311,8 @@ class client {
   }
 
   /// The daemon's pid; whether it is still there (false once its process is
-  /// gone, even killed with SIGKILL and with nobody waiting: checked through a
-  /// pidfd, at most every 10 ms).
+  /// gone, even killed with SIGKILL and with nobody waiting: the daemon's
+  /// death flag in the segment, which the kernel marks as the process dies).
   std::int32_t daemon_pid() const noexcept;
   bool connected() const noexcept;
 
