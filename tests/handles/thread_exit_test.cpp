@@ -277,6 +277,69 @@ TEST_F(ThreadExitTest, AnotherSegmentMappedWhereTheOwnersWasDoesNotConfuseItsRec
   other = make_error_code(errc::daemon_lost);
 }
 
+TEST(ThreadExitAfterDaemonTest, ALiveThreadLetsGoOfAStoppedSegmentWhereItLostAMutex) {
+  // The thread owns a mutex it never releases: its process's last session
+  // ends (the daemon abandons the mutex) and the daemon stops. The thread lives
+  // on and uses another daemon's segment: its record forgets the lost mutex
+  // and lets go of the stopped segment's pin instead of keeping it till exit.
+  private_location loc;
+  private_location next_loc;
+  const auto pins_before = detail::pinned_segments();
+  in_process_daemon daemon(loc.where, 8, 4096);
+  in_process_daemon next_daemon(next_loc.where, 8, 4096);
+  ASSERT_TRUE(static_cast<bool>(daemon));
+  ASSERT_TRUE(static_cast<bool>(next_daemon));
+  std::optional<client> c;
+  std::optional<mutex> m;
+  {
+    auto connected = client::connect(loc.options());
+    ASSERT_TRUE(connected);
+    c.emplace(std::move(*connected));
+    auto created = c->create_mutex();
+    ASSERT_TRUE(created);
+    m.emplace(std::move(*created));
+  }
+  std::optional<client> next;
+  std::optional<mutex> next_m;
+  {
+    auto connected = client::connect(next_loc.options());
+    ASSERT_TRUE(connected);
+    next.emplace(std::move(*connected));
+    auto created = next->create_mutex();
+    ASSERT_TRUE(created);
+    next_m.emplace(std::move(*created));
+  }
+  std::promise<void> owned;
+  std::promise<void> go_on;
+  std::promise<std::size_t> pins_then;
+  std::promise<void> exit_now;
+  std::thread owner([&] {
+    EXPECT_EQ(*m->wait(1s), wait_status::signalled);
+    owned.set_value();
+    go_on.get_future().wait();
+    EXPECT_EQ(*next_m->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(next_m->release());
+    pins_then.set_value(detail::pinned_segments());
+    exit_now.get_future().wait();
+  });
+  owned.get_future().wait();
+  m.reset();
+  c.reset();  // the process's last session there: the daemon abandons the mutex
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while ((*daemon).stats().clients != 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(1ms);
+  daemon.shutdown();
+  go_on.set_value();
+  // The new segment's pin only (it holds nothing there now, but it is the
+  // segment it just used).
+  EXPECT_EQ(pins_then.get_future().get(), pins_before + 1);
+  exit_now.set_value();
+  owner.join();
+  EXPECT_EQ(detail::pinned_segments(), pins_before);
+  next_m.reset();
+  next.reset();
+}
+
 TEST(ThreadExitAfterDaemonTest, OwnerThreadExitingAfterItsClientAndDaemonTouchesNothingUnmapped) {
   private_location loc;
   const auto pins_before = detail::pinned_segments();
