@@ -17,6 +17,7 @@
 
 #include "owned_mutexes.hpp"
 #include "session.hpp"
+#include "slot_state.hpp"
 #include "uipc/handles/client.hpp"
 #include "uipc/proto/handles.pb.h"
 
@@ -99,7 +100,10 @@ handle_id object::detach() noexcept {
 // pointer the object holds (the locked instruction that follows waits for
 // these loads, so their chains are its latency), and the slot comes back in a
 // register (a result<slot*> came back through memory, a store-forwarding stall).
-detail::slot* object::checked(object_type expected, error_code& failure) const noexcept {
+// Flattened into each operation (objects.cpp is its only user): the call and
+// its register saves were a fifth of a semaphore's release and wait.
+[[gnu::always_inline]] inline detail::slot* object::checked(object_type expected,
+                                                            error_code& failure) const noexcept {
   detail::slot* s = slot_;
   if (s == nullptr) [[unlikely]] {
     failure = make_error_code(errc::invalid_handle);

@@ -165,19 +165,13 @@ inline result<slot*> checked_slot(segment_view v, handle_id h, object_type expec
   return &s;
 }
 
-/// What take_now() did. A plain enum, returned in a register: an
-/// optional<wait_status> came back as two stores read as one load, a
-/// store-forwarding stall on every take.
+/// What take_now() (slot_state.hpp) did. A plain enum, returned in a
+/// register: an optional<wait_status> came back as two stores read as one
+/// load, a store-forwarding stall on every take.
 enum class take_outcome : std::uint32_t { busy, signalled, abandoned };
-/// One unit of a single checked object if it is free now (a mutex taken goes
-/// on this thread's record); busy when the caller has to wait for it.
-take_outcome take_now(const segment_view& v, slot& s, object_type type) noexcept;
 
 error_code signal_event(slot& s);
 error_code reset_event(slot& s);
-/// Sets `previous` to the count before the release. errc{} (0) on success:
-/// codes in a register, the facade makes the error_code.
-errc release_semaphore(slot& s, std::uint32_t count, std::uint32_t& previous) noexcept;
 /// `index`: the slot's index in its table, which finds the thread's record of
 /// the mutex at once (unknown: the record is swept instead).
 inline constexpr std::uint32_t unknown_index = UINT32_MAX;

@@ -39,22 +39,6 @@ error_code reset_event(slot& s) {
   }
 }
 
-errc release_semaphore(slot& s, std::uint32_t count, std::uint32_t& previous) noexcept {
-  if (static_cast<object_type>(s.type.load(std::memory_order_acquire)) != object_type::semaphore) {
-    return errc::wrong_type;
-  }
-  if (count == 0) return errc::invalid_argument;
-  const std::uint32_t max = s.max_count.load(std::memory_order_relaxed);
-  for (;;) {
-    std::uint64_t st = await_unlocked(s.state);
-    previous = value_of(st);
-    if (count > max || previous > max - count) return errc::semaphore_limit;
-    if (s.state.compare_exchange_weak(st, make_state(0, previous + count))) break;
-  }
-  notify(s, count > INT_MAX ? INT_MAX : static_cast<int>(count));
-  return {};
-}
-
 error_code release_mutex(slot& s, std::uint32_t index) {
   if (static_cast<object_type>(s.type.load(std::memory_order_acquire)) != object_type::mutex) {
     return make_error_code(errc::wrong_type);

@@ -56,6 +56,49 @@ inline void notify(slot& s, int count) noexcept {
   futex::wake(s.seq, count);
 }
 
+/// Takes one unit of an event or a semaphore, if there is one: a manual event
+/// stays signalled, an auto-reset event is reset, a semaphore's count goes
+/// down by one. Inline: the single-object wait's whole take.
+inline bool take_unit(slot& s, object_type type) noexcept {
+  for (;;) {
+    std::uint64_t st = await_unlocked(s.state);
+    const std::uint32_t value = value_of(st);
+    if (value == 0) return false;
+    if (type == object_type::manual_event) return true;
+    const std::uint32_t after = type == object_type::semaphore ? value - 1 : 0;
+    if (s.state.compare_exchange_weak(st, make_state(0, after))) return true;
+  }
+}
+
+/// Releases `count` units of semaphore `s`; sets `previous` to the count
+/// before. errc{} (0) on success: codes in a register, the facade makes the
+/// error_code. Inline: the facade's release is then one function.
+inline errc release_semaphore(slot& s, std::uint32_t count, std::uint32_t& previous) noexcept {
+  if (static_cast<object_type>(s.type.load(std::memory_order_acquire)) != object_type::semaphore) {
+    return errc::wrong_type;
+  }
+  if (count == 0) return errc::invalid_argument;
+  const std::uint32_t max = s.max_count.load(std::memory_order_relaxed);
+  for (;;) {
+    std::uint64_t st = await_unlocked(s.state);
+    previous = value_of(st);
+    if (count > max || previous > max - count) return errc::semaphore_limit;
+    if (s.state.compare_exchange_weak(st, make_state(0, previous + count))) break;
+  }
+  notify(s, count > INT_MAX ? INT_MAX : static_cast<int>(count));
+  return {};
+}
+
+/// take_now() for a mutex (slot_wait.cpp).
+take_outcome take_mutex_now(const segment_view& v, slot& s) noexcept;
+
+/// One unit of a single checked object if it is free now (a mutex taken goes
+/// on this thread's record); busy when the caller has to wait for it.
+inline take_outcome take_now(const segment_view& v, slot& s, object_type type) noexcept {
+  if (type == object_type::mutex) return take_mutex_now(v, s);
+  return take_unit(s, type) ? take_outcome::signalled : take_outcome::busy;
+}
+
 /// Zombies count as gone: a killed client stays one until its parent reaps it,
 /// and the daemon must not wait on that.
 inline bool process_is_gone(std::uint32_t pid) {

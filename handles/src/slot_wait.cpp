@@ -25,20 +25,9 @@ using steady = std::chrono::steady_clock;
 bool try_take(slot& s, object_type type, const self_id& me, bool& abandoned) noexcept {
   switch (type) {
     case object_type::manual_event:
-      return value_of(await_unlocked(s.state)) != 0;
     case object_type::auto_event:
-      for (;;) {
-        std::uint64_t st = await_unlocked(s.state);
-        if (value_of(st) == 0) return false;
-        if (s.state.compare_exchange_weak(st, make_state(0, 0))) return true;
-      }
     case object_type::semaphore:
-      for (;;) {
-        std::uint64_t st = await_unlocked(s.state);
-        const std::uint32_t count = value_of(st);
-        if (count == 0) return false;
-        if (s.state.compare_exchange_weak(st, make_state(0, count - 1))) return true;
-      }
+      return take_unit(s, type);
     case object_type::mutex:
       for (;;) {
         std::uint64_t st = await_unlocked(s.state);
@@ -168,14 +157,10 @@ bool take_one(const segment_view& v, const wait_target& t, const self_id& me,
 
 }  // namespace
 
-take_outcome take_now(const segment_view& v, slot& s, object_type type) noexcept {
+take_outcome take_mutex_now(const segment_view& v, slot& s) noexcept {
   bool abandoned = false;
-  if (type != object_type::mutex) {  // no owner to name: no identity needed
-    if (!try_take(s, type, self_id{}, abandoned)) return take_outcome::busy;
-    return take_outcome::signalled;
-  }
   const self_id me = self();
-  if (!try_take(s, type, me, abandoned)) return take_outcome::busy;
+  if (!try_take(s, object_type::mutex, me, abandoned)) return take_outcome::busy;
   note_mutex_owned(v, static_cast<std::uint32_t>(&s - v.slots), me);
   return abandoned ? take_outcome::abandoned : take_outcome::signalled;
 }
