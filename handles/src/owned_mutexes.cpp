@@ -13,7 +13,7 @@
 
 namespace uipc::handles::detail {
 
-namespace {
+constinit thread_local hot_entry hot;
 
 // This process's own mapping of one segment's header and table. Written under
 // pin_table::mutex only; a thread holding a reference reads the fixed fields
@@ -27,6 +27,8 @@ struct pin {
   std::uint64_t epoch = 0;  // the daemon's random epoch names the segment
   std::uint32_t refs = 0;   // thread records holding this pin
 };
+
+namespace {
 
 struct pin_table {
   std::mutex mutex;
@@ -113,6 +115,9 @@ class thread_record {
     if (owner_.pid == me.pid) {  // not records a fork copied from the parent's thread
       for (const auto& o : owned_) abandon_if_owned_by(o.where->slots[o.index], me);
     }
+    if (hot.seen_at != nullptr && hot.pid == me.pid)
+      abandon_if_owned_by(hot.where->slots[hot.index], me);
+    hot = hot_entry{};
     owned_.clear();
     for (const auto& v : views_)
       if (v.where != nullptr) drop_pin(v.where);
@@ -120,20 +125,37 @@ class thread_record {
 
   void owned(const segment_view& v, std::uint32_t index, self_id me) {
     forget_after_fork(me);
-    pin* p = pin_for(v);
+    pin* p = pin_for(v, me);
     if (p == nullptr || index >= p->slot_count) return;
+    const slot* at = &v.slots[index];
+    if (hot.seen_at != nullptr && hot.where == p && hot.index == index) {
+      hot.seen_at = at;  // taken again, maybe through another mapping
+      return;
+    }
     for (auto& o : owned_) {
       if (o.where == p && o.index == index) {
-        o.seen_at = &v.slots[index];  // taken again, maybe through another mapping
+        o.seen_at = at;
         return;
       }
     }
+    if (hot.seen_at == nullptr && owned_.empty()) {
+      hot.seen_at = at;
+      hot.where = p;
+      hot.index = index;
+      return;
+    }
     if (owned_.empty()) owner_ = me;
-    owned_.push_back({p, index, &v.slots[index]});
+    owned_.push_back({p, index, at});
+    hot.cold = static_cast<std::uint32_t>(owned_.size());
   }
 
   void released(self_id me, const slot& released, std::uint32_t index) {
     forget_after_fork(me);
+    if (hot.seen_at == &released && hot.index == index) {
+      hot.seen_at = nullptr;
+      if (owned_.empty() && views_.size() > 1) let_go();
+      return;
+    }
     // Found by the address the release used, and its index: the pin's address
     // is another mapping of the same line, and a load through it right after
     // the release's store through ours stalls (the processor sees the alias
@@ -144,6 +166,7 @@ class thread_record {
       if (o.seen_at != &released || o.index != index) continue;
       o = owned_.back();
       owned_.pop_back();
+      hot.cold = static_cast<std::uint32_t>(owned_.size());
       if (owned_.empty() && views_.size() > 1) let_go();
       return;
     }
@@ -153,6 +176,9 @@ class thread_record {
     const std::uint32_t tid = me.tid;
     std::erase_if(
         owned_, [tid](const owned_mutex& o) { return slot_value(o.where->slots[o.index]) != tid; });
+    hot.cold = static_cast<std::uint32_t>(owned_.size());
+    if (hot.seen_at != nullptr && slot_value(hot.where->slots[hot.index]) != tid)
+      hot.seen_at = nullptr;
     // With one view, it is the segment of the mutex just released, whose
     // daemon serves (the release checked it): nothing to let go.
     if (owned_.empty() && views_.size() > 1) let_go();
@@ -175,26 +201,48 @@ class thread_record {
   // After a fork the child's copy lists the parent's thread's mutexes: not ours.
   void forget_after_fork(self_id me) {
     if (!owned_.empty() && owner_.pid != me.pid) owned_.clear();
+    if (hot.pid != me.pid) hot = hot_entry{};  // also the view: the pins are the parent's
+    hot.cold = static_cast<std::uint32_t>(owned_.size());
   }
 
-  pin* pin_for(const segment_view& v) {
+  pin* pin_for(const segment_view& v, self_id me) {
     const std::uint64_t epoch = v.header->epoch.load(std::memory_order_acquire);
     for (auto& k : views_) {
       if (k.client_header != v.header) continue;
-      if (k.epoch == epoch) return k.where;
+      if (k.epoch == epoch) return cached(v, epoch, k.where, me);
       // Another segment was mapped where this one was: the address says
-      // nothing now, nor do the slot addresses recorded through it.
+      // nothing now, nor do the slot addresses recorded through it. The hot
+      // entry moves to the vector, where an entry can be without its address.
       k.client_header = nullptr;
       for (auto& o : owned_)
         if (o.where == k.where) o.seen_at = nullptr;
+      if (hot.seen_at != nullptr && hot.where == k.where) {
+        if (owned_.empty()) owner_ = me;
+        owned_.push_back({hot.where, hot.index, nullptr});  // may throw: the caller catches
+        hot.seen_at = nullptr;
+        hot.cold = static_cast<std::uint32_t>(owned_.size());
+      }
+      if (hot.view_header == v.header) hot.view_header = nullptr;
     }
     let_go();
+    views_.reserve(views_.size() + 1);  // may throw, before the pin is taken
     pin* p = take_pin(v);
     views_.push_back({v.header, epoch, p});
+    return cached(v, epoch, p, me);
+  }
+
+  // Makes `p` (the pin of `v`, or null) the view the hot path tries first.
+  static pin* cached(const segment_view& v, std::uint64_t epoch, pin* p, self_id me) noexcept {
+    hot.view_header = v.header;
+    hot.view_epoch = epoch;
+    hot.view_pin = p;
+    hot.view_slots = p != nullptr ? p->slot_count : 0;
+    hot.pid = me.pid;
     return p;
   }
 
   bool owns_in(const pin* p) const {
+    if (hot.seen_at != nullptr && hot.where == p) return true;
     return std::any_of(owned_.begin(), owned_.end(),
                        [p](const owned_mutex& o) { return o.where == p; });
   }
@@ -206,12 +254,12 @@ class thread_record {
   // process's last session ended, or closed their slot): the releases find
   // their own entries without looking at the others.
   void let_go() {
-    if (!owned_.empty()) {
-      const std::uint32_t tid = owner_.tid;
-      std::erase_if(owned_, [tid](const owned_mutex& o) {
-        return slot_value(o.where->slots[o.index]) != tid;
-      });
-    }
+    const std::uint32_t tid = self().tid;
+    std::erase_if(
+        owned_, [tid](const owned_mutex& o) { return slot_value(o.where->slots[o.index]) != tid; });
+    hot.cold = static_cast<std::uint32_t>(owned_.size());
+    if (hot.seen_at != nullptr && slot_value(hot.where->slots[hot.index]) != tid)
+      hot.seen_at = nullptr;
     constexpr std::size_t most_views = 8;
     std::size_t idle_kept = 0;
     for (auto it = views_.rbegin(); it != views_.rend(); ++it) {
@@ -222,6 +270,8 @@ class thread_record {
                             (k.where != nullptr && segment_finished(*k.where)) ||
                             ++idle_kept > most_views;
       if (!finished) continue;
+      if (hot.view_header == k.client_header || (k.where != nullptr && hot.view_pin == k.where))
+        hot.view_header = nullptr;  // the hot path's view goes with it
       if (k.where != nullptr) drop_pin(k.where);
       k.where = nullptr;
       k.client_header = nullptr;
@@ -241,7 +291,8 @@ thread_local thread_record this_thread_record;
 
 }  // namespace
 
-void note_mutex_owned(const segment_view& v, std::uint32_t index, self_id me) noexcept {
+// The paths through the thread's record, kept out of the inline hot paths.
+void record_owned(const segment_view& v, std::uint32_t index, self_id me) noexcept {
   try {
     this_thread_record.owned(v, index, me);
     // No memory for the record: that mutex is abandoned with its process only.
@@ -250,7 +301,7 @@ void note_mutex_owned(const segment_view& v, std::uint32_t index, self_id me) no
   }
 }
 
-void note_mutex_released(self_id me, const slot& released, std::uint32_t index) noexcept {
+void record_released(self_id me, const slot& released, std::uint32_t index) noexcept {
   this_thread_record.released(me, released, index);
 }
 

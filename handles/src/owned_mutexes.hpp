@@ -24,18 +24,61 @@
 
 namespace uipc::handles::detail {
 
+struct pin;
+
+/// The thread's hot entry: its most recent mutex, recorded without the vectors
+/// of its record (a thread most often owns one mutex at a time), and the view
+/// the record last pinned, so that a take and its release cost a few loads and
+/// stores here, inline. Trivially destructible: the record's destructor (which
+/// every thread that filled this has: only the record sets the view) reads it
+/// at the thread's exit. Written by owned_mutexes.cpp and the inline paths.
+struct hot_entry {
+  const slot* seen_at = nullptr;  ///< the hot mutex's slot, as taken; null: none
+  pin* where = nullptr;           ///< its pin
+  std::uint32_t index = 0;
+  std::uint32_t cold = 0;        ///< entries in the record's vector: the hot path needs none
+  std::int32_t pid = 0;          ///< the process that filled this (a fork copies it)
+  std::uint32_t view_slots = 0;  ///< slots of the view's pin
+  const segment_header* view_header = nullptr;  ///< the view the record last pinned
+  std::uint64_t view_epoch = 0;
+  pin* view_pin = nullptr;  ///< null: none, or not pinnable
+};
+extern constinit thread_local hot_entry hot;
+
+/// The record's paths (owned_mutexes.cpp), when the hot entry cannot serve.
+void record_owned(const segment_view& v, std::uint32_t index, self_id me) noexcept;
+void record_released(self_id me, const slot& released, std::uint32_t index) noexcept;
+
 /// Records that the calling thread, `me` (= self()), owns mutex `index` of the
 /// segment seen through `v` (mapped during the call). A mutex already recorded
 /// is not added twice. Memory that cannot be pinned (not a shared mapping, or
 /// 64 segments pinned already) is not recorded: such a mutex is abandoned only
 /// with its process.
-void note_mutex_owned(const segment_view& v, std::uint32_t index, self_id me) noexcept;
+inline void note_mutex_owned(const segment_view& v, std::uint32_t index, self_id me) noexcept {
+  hot_entry& h = hot;
+  if (h.view_header == v.header && h.view_pin != nullptr && h.seen_at == nullptr && h.cold == 0 &&
+      h.pid == me.pid && index < h.view_slots &&
+      h.view_epoch == v.header->epoch.load(std::memory_order_acquire)) [[likely]] {
+    h.seen_at = &v.slots[index];
+    h.where = h.view_pin;
+    h.index = index;
+    return;
+  }
+  record_owned(v, index, me);
+}
 
 /// After the calling thread, `me`, released mutex `index` (`released`: its slot
 /// as the caller's mapping shows it) for the last time: forgets it. When it
 /// was recorded through another mapping (or the index is unknown_index),
 /// forgets every recorded mutex the thread no longer owns instead.
-void note_mutex_released(self_id me, const slot& released, std::uint32_t index) noexcept;
+inline void note_mutex_released(self_id me, const slot& released, std::uint32_t index) noexcept {
+  hot_entry& h = hot;
+  if (h.seen_at == &released && h.index == index && h.pid == me.pid) [[likely]] {
+    h.seen_at = nullptr;
+    return;
+  }
+  record_released(me, released, index);
+}
 
 /// How many segments the process has pinned (tests: pins are let go).
 std::size_t pinned_segments() noexcept;
