@@ -170,7 +170,7 @@ error_code mutex::release() const {
   error_code failure;
   detail::slot* s = checked(object_type::mutex, failure);
   if (s == nullptr) return failure;
-  return detail::release_mutex(*s, handle_.index);
+  return detail::release_mutex(*s, &map_->view);
 }
 
 result<std::uint32_t> semaphore::release(std::uint32_t count) const {

@@ -15,19 +15,6 @@ namespace uipc::handles::detail {
 
 constinit thread_local hot_entry hot;
 
-// This process's own mapping of one segment's header and table. Written under
-// pin_table::mutex only; a thread holding a reference reads the fixed fields
-// without it (they do not change while refs > 0).
-struct pin {
-  std::byte* base = nullptr;
-  std::size_t length = 0;
-  slot* slots = nullptr;
-  segment_header* header = nullptr;
-  std::uint32_t slot_count = 0;
-  std::uint64_t epoch = 0;  // the daemon's random epoch names the segment
-  std::uint32_t refs = 0;   // thread records holding this pin
-};
-
 namespace {
 
 struct pin_table {
@@ -115,9 +102,10 @@ class thread_record {
     if (owner_.pid == me.pid) {  // not records a fork copied from the parent's thread
       for (const auto& o : owned_) abandon_if_owned_by(o.where->slots[o.index], me);
     }
-    if (hot.seen_at != nullptr && hot.pid == me.pid)
+    if (hot.where != nullptr && hot.pid == me.pid)
       abandon_if_owned_by(hot.where->slots[hot.index], me);
     hot = hot_entry{};
+    hot.pid = -1;  // gone: see hot_entry::pid
     owned_.clear();
     for (const auto& v : views_)
       if (v.where != nullptr) drop_pin(v.where);
@@ -127,68 +115,55 @@ class thread_record {
     forget_after_fork(me);
     pin* p = pin_for(v, me);
     if (p == nullptr || index >= p->slot_count) return;
-    const slot* at = &v.slots[index];
-    if (hot.seen_at != nullptr && hot.where == p && hot.index == index) {
-      hot.seen_at = at;  // taken again, maybe through another mapping
-      return;
-    }
-    for (auto& o : owned_) {
-      if (o.where == p && o.index == index) {
-        o.seen_at = at;
-        return;
-      }
-    }
-    if (hot.seen_at == nullptr && owned_.empty()) {
-      hot.seen_at = at;
+    if (hot.where == p && hot.index == index) return;  // taken again
+    for (const auto& o : owned_)
+      if (o.where == p && o.index == index) return;
+    // The hot entry when it is free, or holds a mutex the thread lost without
+    // releasing it (its slot closed, or abandoned by a repair).
+    if (owned_.empty() &&
+        (hot.where == nullptr || slot_value(hot.where->slots[hot.index]) != me.tid)) {
       hot.where = p;
       hot.index = index;
       return;
     }
     if (owned_.empty()) owner_ = me;
-    owned_.push_back({p, index, at});
-    hot.cold = static_cast<std::uint32_t>(owned_.size());
+    owned_.push_back({p, index});
+    hot.cold_count = static_cast<std::uint32_t>(owned_.size());
   }
 
-  void released(self_id me, const slot& released, std::uint32_t index) {
+  void released(self_id me, const segment_view* v, const slot& released) {
     forget_after_fork(me);
-    if (hot.seen_at == &released && hot.index == index) {
-      hot.seen_at = nullptr;
-      if (owned_.empty() && views_.size() > 1) let_go();
-      return;
+    if (v != nullptr) {
+      // Named by the segment's epoch and the index: nothing read through the
+      // pin, another mapping of the line the release has just stored to (a
+      // load through it right after the store stalls: the alias is seen late).
+      const auto index = static_cast<std::uint32_t>(&released - v->slots);
+      const std::uint64_t epoch = v->header->epoch.load(std::memory_order_relaxed);
+      if (hot.where != nullptr && hot.index == index && hot.where->epoch == epoch) {
+        hot.where = nullptr;
+        after_release(me);
+        return;
+      }
+      for (auto& o : owned_) {
+        if (o.index != index || o.where->epoch != epoch) continue;
+        o = owned_.back();
+        owned_.pop_back();
+        hot.cold_count = static_cast<std::uint32_t>(owned_.size());
+        after_release(me);
+        return;
+      }
     }
-    // Found by the address the release used, and its index: the pin's address
-    // is another mapping of the same line, and a load through it right after
-    // the release's store through ours stalls (the processor sees the alias
-    // late). An address alone could be another segment's slot, mapped over
-    // part of where a recorded one was; with the index it is the same table
-    // at the same place, which pin_for() clears when the segment changed.
-    for (auto& o : owned_) {
-      if (o.seen_at != &released || o.index != index) continue;
-      o = owned_.back();
-      owned_.pop_back();
-      hot.cold = static_cast<std::uint32_t>(owned_.size());
-      if (owned_.empty() && views_.size() > 1) let_go();
-      return;
-    }
-    // Recorded through another client's mapping: ownership is the slot's word;
-    // a recorded mutex someone else holds now (released by us, or abandoned by
-    // a repair and taken) is no longer ours.
-    const std::uint32_t tid = me.tid;
-    std::erase_if(
-        owned_, [tid](const owned_mutex& o) { return slot_value(o.where->slots[o.index]) != tid; });
-    hot.cold = static_cast<std::uint32_t>(owned_.size());
-    if (hot.seen_at != nullptr && slot_value(hot.where->slots[hot.index]) != tid)
-      hot.seen_at = nullptr;
-    // With one view, it is the segment of the mutex just released, whose
-    // daemon serves (the release checked it): nothing to let go.
-    if (owned_.empty() && views_.size() > 1) let_go();
+    // Not found so (no view given, or the header's epoch written over):
+    // ownership is the slot's word; a recorded mutex someone else holds now
+    // (released by us, or abandoned by a repair and taken) is no longer ours.
+    forget_lost(me.tid);
+    after_release(me);
   }
 
  private:
   struct owned_mutex {
     pin* where;
     std::uint32_t index;
-    const slot* seen_at;  ///< the slot in the mapping it was taken through (compared, never read)
   };
   // A client mapping this thread has seen, and the pin of its segment (null: not
   // pinnable). Each entry with a pin holds one reference on it.
@@ -202,7 +177,23 @@ class thread_record {
   void forget_after_fork(self_id me) {
     if (!owned_.empty() && owner_.pid != me.pid) owned_.clear();
     if (hot.pid != me.pid) hot = hot_entry{};  // also the view: the pins are the parent's
-    hot.cold = static_cast<std::uint32_t>(owned_.size());
+    hot.cold_count = static_cast<std::uint32_t>(owned_.size());
+  }
+
+  // Recorded mutexes the thread no longer owns, though it never released them
+  // (a repair abandoned them when the process's last session ended, or their
+  // slot was closed) or released them through an unknown view: forgotten.
+  void forget_lost(std::uint32_t tid) {
+    std::erase_if(
+        owned_, [tid](const owned_mutex& o) { return slot_value(o.where->slots[o.index]) != tid; });
+    hot.cold_count = static_cast<std::uint32_t>(owned_.size());
+    if (hot.where != nullptr && slot_value(hot.where->slots[hot.index]) != tid) hot.where = nullptr;
+  }
+
+  // With one view, it is the segment of the mutex just released, whose daemon
+  // serves (the release checked it): nothing to let go.
+  void after_release(self_id me) {
+    if (owned_.empty() && views_.size() > 1) let_go(me);
   }
 
   pin* pin_for(const segment_view& v, self_id me) {
@@ -211,20 +202,11 @@ class thread_record {
       if (k.client_header != v.header) continue;
       if (k.epoch == epoch) return cached(v, epoch, k.where, me);
       // Another segment was mapped where this one was: the address says
-      // nothing now, nor do the slot addresses recorded through it. The hot
-      // entry moves to the vector, where an entry can be without its address.
+      // nothing now (recorded mutexes are named by epoch and index, not by it).
       k.client_header = nullptr;
-      for (auto& o : owned_)
-        if (o.where == k.where) o.seen_at = nullptr;
-      if (hot.seen_at != nullptr && hot.where == k.where) {
-        if (owned_.empty()) owner_ = me;
-        owned_.push_back({hot.where, hot.index, nullptr});  // may throw: the caller catches
-        hot.seen_at = nullptr;
-        hot.cold = static_cast<std::uint32_t>(owned_.size());
-      }
-      if (hot.view_header == v.header) hot.view_header = nullptr;
+      if (hot.view_header == v.header) forget_view();
     }
-    let_go();
+    let_go(me);
     views_.reserve(views_.size() + 1);  // may throw, before the pin is taken
     pin* p = take_pin(v);
     views_.push_back({v.header, epoch, p});
@@ -232,34 +214,33 @@ class thread_record {
   }
 
   // Makes `p` (the pin of `v`, or null) the view the hot path tries first.
-  static pin* cached(const segment_view& v, std::uint64_t epoch, pin* p, self_id me) noexcept {
+  pin* cached(const segment_view& v, std::uint64_t epoch, pin* p, self_id me) noexcept {
     hot.view_header = v.header;
     hot.view_epoch = epoch;
     hot.view_pin = p;
     hot.view_slots = p != nullptr ? p->slot_count : 0;
     hot.pid = me.pid;
+    hot.many_views = views_.size() > 1;
     return p;
   }
 
+  static void forget_view() noexcept {
+    hot.view_header = nullptr;
+    hot.view_pin = nullptr;
+    hot.view_slots = 0;
+  }
+
   bool owns_in(const pin* p) const {
-    if (hot.seen_at != nullptr && hot.where == p) return true;
+    if (hot.where == p) return true;
     return std::any_of(owned_.begin(), owned_.end(),
                        [p](const owned_mutex& o) { return o.where == p; });
   }
 
   // Drops views (and pins) this thread no longer needs: those owning nothing
   // whose mapping was replaced or whose daemon is gone, and the oldest idle
-  // ones beyond a few. First forgets recorded mutexes the thread no longer
-  // owns though it never released them (the daemon abandoned them when the
-  // process's last session ended, or closed their slot): the releases find
-  // their own entries without looking at the others.
-  void let_go() {
-    const std::uint32_t tid = self().tid;
-    std::erase_if(
-        owned_, [tid](const owned_mutex& o) { return slot_value(o.where->slots[o.index]) != tid; });
-    hot.cold = static_cast<std::uint32_t>(owned_.size());
-    if (hot.seen_at != nullptr && slot_value(hot.where->slots[hot.index]) != tid)
-      hot.seen_at = nullptr;
+  // ones beyond a few; first forgets mutexes it lost (forget_lost).
+  void let_go(self_id me) {
+    forget_lost(me.tid);
     constexpr std::size_t most_views = 8;
     std::size_t idle_kept = 0;
     for (auto it = views_.rbegin(); it != views_.rend(); ++it) {
@@ -271,7 +252,7 @@ class thread_record {
                             ++idle_kept > most_views;
       if (!finished) continue;
       if (hot.view_header == k.client_header || (k.where != nullptr && hot.view_pin == k.where))
-        hot.view_header = nullptr;  // the hot path's view goes with it
+        forget_view();  // the hot path's view goes with it
       if (k.where != nullptr) drop_pin(k.where);
       k.where = nullptr;
       k.client_header = nullptr;
@@ -280,6 +261,7 @@ class thread_record {
     std::erase_if(views_, [](const known_view& k) {
       return k.client_header == nullptr && k.where == nullptr;
     });
+    hot.many_views = views_.size() > 1;
   }
 
   self_id owner_{};  // whose mutexes owned_ lists
@@ -293,6 +275,7 @@ thread_local thread_record this_thread_record;
 
 // The paths through the thread's record, kept out of the inline hot paths.
 void record_owned(const segment_view& v, std::uint32_t index, self_id me) noexcept {
+  if (hot.pid == -1) return;  // the thread's record is gone (its exit is under way)
   try {
     this_thread_record.owned(v, index, me);
     // No memory for the record: that mutex is abandoned with its process only.
@@ -301,8 +284,9 @@ void record_owned(const segment_view& v, std::uint32_t index, self_id me) noexce
   }
 }
 
-void record_released(self_id me, const slot& released, std::uint32_t index) noexcept {
-  this_thread_record.released(me, released, index);
+void record_released(self_id me, const segment_view* v, const slot& released) noexcept {
+  if (hot.pid == -1) return;  // the thread's record is gone (its exit is under way)
+  this_thread_record.released(me, v, released);
 }
 
 std::size_t pinned_segments() noexcept {

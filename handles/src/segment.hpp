@@ -172,10 +172,9 @@ enum class take_outcome : std::uint32_t { busy, signalled, abandoned };
 
 error_code signal_event(slot& s);
 error_code reset_event(slot& s);
-/// `index`: the slot's index in its table, which finds the thread's record of
-/// the mutex at once (unknown: the record is swept instead).
-inline constexpr std::uint32_t unknown_index = UINT32_MAX;
-error_code release_mutex(slot& s, std::uint32_t index = unknown_index);
+/// `v`: the segment `s` is in, as the caller sees it, which finds the thread's
+/// record of the mutex at once (null: the record is swept instead).
+error_code release_mutex(slot& s, const segment_view* v = nullptr);
 
 /// Abandons mutex `s` if the thread `owner` holds it (whatever its recursion):
 /// the next owner is told, and a waiter is woken. For a thread that exits

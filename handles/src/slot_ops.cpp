@@ -39,7 +39,7 @@ error_code reset_event(slot& s) {
   }
 }
 
-error_code release_mutex(slot& s, std::uint32_t index) {
+error_code release_mutex(slot& s, const segment_view* v) {
   if (static_cast<object_type>(s.type.load(std::memory_order_acquire)) != object_type::mutex) {
     return make_error_code(errc::wrong_type);
   }
@@ -63,7 +63,7 @@ error_code release_mutex(slot& s, std::uint32_t index) {
   }
   if (auto hook = release_step_hook) hook(2);
   notify(s, 1);
-  note_mutex_released(me, s, index);
+  note_mutex_released(me, v, s);
   return {};
 }
 

@@ -340,6 +340,55 @@ TEST(ThreadExitAfterDaemonTest, ALiveThreadLetsGoOfAStoppedSegmentWhereItLostAMu
   next.reset();
 }
 
+TEST(ThreadExitAfterDaemonTest, ALiveThreadLetsGoOfAStoppedSegmentItReleasedEverythingIn) {
+  // The thread used a mutex of one daemon, then keeps using one of another;
+  // the first daemon stops. Its segment's pin goes at the thread's next
+  // release, not at its exit, even though that release finds its mutex in
+  // the fast path.
+  private_location loc;
+  private_location next_loc;
+  const auto pins_before = detail::pinned_segments();
+  in_process_daemon daemon(loc.where, 8, 4096);
+  in_process_daemon next_daemon(next_loc.where, 8, 4096);
+  ASSERT_TRUE(static_cast<bool>(daemon));
+  ASSERT_TRUE(static_cast<bool>(next_daemon));
+  auto c = client::connect(loc.options());
+  ASSERT_TRUE(c);
+  auto m = c->create_mutex();
+  ASSERT_TRUE(m);
+  auto next = client::connect(next_loc.options());
+  ASSERT_TRUE(next);
+  auto next_m = next->create_mutex();
+  ASSERT_TRUE(next_m);
+  std::promise<std::size_t> pins_both;
+  std::promise<void> stopped;
+  std::promise<std::size_t> pins_after;
+  std::promise<void> exit_now;
+  std::thread user([&] {
+    EXPECT_EQ(*m->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(m->release());
+    EXPECT_EQ(*next_m->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(next_m->release());
+    pins_both.set_value(detail::pinned_segments());
+    stopped.get_future().wait();
+    EXPECT_EQ(*next_m->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(next_m->release());
+    pins_after.set_value(detail::pinned_segments());
+    exit_now.get_future().wait();
+  });
+  EXPECT_EQ(pins_both.get_future().get(), pins_before + 2);
+  *m = mutex{};
+  c = make_error_code(errc::daemon_lost);
+  daemon.shutdown();
+  stopped.set_value();
+  EXPECT_EQ(pins_after.get_future().get(), pins_before + 1);
+  exit_now.set_value();
+  user.join();
+  EXPECT_EQ(detail::pinned_segments(), pins_before);
+  *next_m = mutex{};
+  next = make_error_code(errc::daemon_lost);
+}
+
 TEST(ThreadExitAfterDaemonTest, OwnerThreadExitingAfterItsClientAndDaemonTouchesNothingUnmapped) {
   private_location loc;
   const auto pins_before = detail::pinned_segments();
