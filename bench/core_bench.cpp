@@ -26,6 +26,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "placement.hpp"
 #include "uipc/core/blocking_connection.hpp"
 #include "uipc/core/buffer_pool.hpp"
 #include "uipc/core/framed.hpp"
@@ -57,6 +58,7 @@ bool read_exact(int fd, char* data, std::size_t size) {
 // The raw peer: a thread echoing `size`-byte messages on `fd` until it closes.
 std::jthread raw_echo_server(int fd, std::size_t size) {
   return std::jthread([fd, size] {
+    bench::place_peer();
     std::string buf(size, '\0');
     while (read_exact(fd, buf.data(), size)) {
       if (::write(fd, buf.data(), size) != static_cast<ssize_t>(size)) return;
@@ -102,7 +104,10 @@ struct framed_echo_pair {
     auto c = connection::adopt(client_ctx, unique_fd(fds[0]));
     if (!server || !c) return;
     echo(*server);
-    server_thread = std::jthread([this] { server_ctx.run(); });
+    server_thread = std::jthread([this] {
+      bench::place_peer();
+      server_ctx.run();
+    });
     client = *c;
   }
   ~framed_echo_pair() {
@@ -148,7 +153,10 @@ void BM_BlockingRoundTrip(benchmark::State& state) {
   if (!server || !client) return state.SkipWithError("adopt");
   echo(*server);
   server->reset();
-  std::jthread server_thread([&] { server_ctx.run(); });
+  std::jthread server_thread([&] {
+    bench::place_peer();
+    server_ctx.run();
+  });
   const std::string payload(size, 'x');
   for (auto _ : state) {
     frame request;
@@ -412,6 +420,7 @@ void turn_ping_pong(benchmark::State& state, Take take, Give give) {
   turn_flag pong;
   std::atomic<bool> stop{false};
   std::thread peer([&] {
+    bench::place_peer();
     for (;;) {
       take(ping);
       if (stop.load()) return;
@@ -441,4 +450,11 @@ BENCHMARK(BM_PolicyWaitPingPong)->Arg(0)->Arg(50)->UseRealTime()->MinTime(0.2);
 
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  uipc::bench::place_self();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

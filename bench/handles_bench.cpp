@@ -57,6 +57,7 @@
 #include <thread>
 #include <vector>
 
+#include "placement.hpp"
 #include "uipc/handles/client.hpp"
 
 namespace {
@@ -64,27 +65,10 @@ namespace {
 using namespace uipc::handles;
 using steady = std::chrono::steady_clock;
 
-enum class placement { free, split, same };
-
-placement chosen_placement() {
-  const char* p = std::getenv("UIPC_BENCH_PLACEMENT");
-  if (p == nullptr) return placement::free;
-  if (std::strcmp(p, "split") == 0) return placement::split;
-  if (std::strcmp(p, "same") == 0) return placement::same;
-  return placement::free;
-}
-
-void pin_to(int cpu) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpu, &set);
-  ::sched_setaffinity(0, sizeof set, &set);
-}
-
-// In a peer (child) process: where the placement puts peers.
-void place_peer() {
-  if (chosen_placement() == placement::split) pin_to(1);
-}
+using uipc::bench::chosen_placement;
+using uipc::bench::pin_to;
+using uipc::bench::place_peer;
+using uipc::bench::placement;
 
 // Runs `f` (which may start a daemon: it inherits our affinity) placed as a peer.
 template <class F>
@@ -729,7 +713,7 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::strcmp(argv[1], "--peer") == 0) return run_peer(argc, argv);
   if (argc >= 2 && std::strcmp(argv[1], "--peer-mutex") == 0) return run_mutex_peer(argc, argv);
   ::signal(SIGPIPE, SIG_IGN);
-  if (chosen_placement() != placement::free) pin_to(0);
+  uipc::bench::place_self();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
