@@ -146,6 +146,10 @@ result<std::shared_ptr<session>> open_session(const client_options& options,
   if (!hello) return hello.error();
   pb::HelloReply info;
   if (!info.ParseFromString(hello->payload)) return make_error_code(errc::bad_request);
+  // Another build's daemon (an upgrade while the old one serves): said before
+  // anything else of its reply is read, and not retried (a successor could not
+  // start while it holds the location).
+  if (info.layout_version() != identity.version) return make_error_code(errc::incompatible_daemon);
   // The segment is the daemon's memfd, passed with the reply; its size must be
   // the layout the daemon announced.
   if (hello->fds.size() != 1 || info.capacity() < 2 || info.capacity() > (1u << 24) ||

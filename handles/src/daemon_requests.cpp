@@ -88,6 +88,7 @@ void handle_daemon::impl::register_requests() {
         out.set_epoch(view.header->epoch.load());
         out.set_capacity(options.capacity);
         out.set_scratch_size(options.scratch_size);
+        out.set_layout_version(detail::identity.version);
         return out;
       }));
 

@@ -35,6 +35,9 @@ constexpr error_description descriptions[] = {
      generic::timed_out},
     {errc::reply_too_large, "handle daemon's reply would exceed its frame limit"},
     {errc::forked_copy, "client inherited through fork(): connect a new one in this process"},
+    {errc::incompatible_daemon,
+     "the handle daemon serving here is another build (segment layout): stop it and connect "
+     "again"},
 };
 
 constexpr module_category category("uipc.handles", descriptions);

@@ -36,6 +36,9 @@ enum class errc {
   daemon_timeout,          ///< the daemon did not answer a request in time (stopped or stuck)
   reply_too_large,         ///< the daemon's reply would exceed its frame limit
   forked_copy,  ///< a client inherited through fork(): only the process that connected uses it
+  /// the daemon serving here lays out its segment otherwise (another build of
+  /// uipc): stop it, or let it go idle, and connect again
+  incompatible_daemon,
 };
 
 /// The category of errc, named "uipc.handles".
