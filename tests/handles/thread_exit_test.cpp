@@ -277,21 +277,19 @@ TEST_F(ThreadExitTest, AnotherSegmentMappedWhereTheOwnersWasDoesNotConfuseItsRec
   other = make_error_code(errc::daemon_lost);
 }
 
-TEST(ThreadExitAfterDaemonTest, ALiveThreadLetsGoOfAStoppedSegmentWhereItLostAMutex) {
-  // The thread owns a mutex it never releases: its process's last session
-  // ends (the daemon abandons the mutex) and the daemon stops. The thread lives
-  // on and uses another daemon's segment: its record forgets the lost mutex
-  // and lets go of the stopped segment's pin instead of keeping it till exit.
-  private_location loc;
-  private_location next_loc;
-  const auto pins_before = detail::pinned_segments();
-  in_process_daemon daemon(loc.where, 8, 4096);
-  in_process_daemon next_daemon(next_loc.where, 8, 4096);
-  ASSERT_TRUE(static_cast<bool>(daemon));
-  ASSERT_TRUE(static_cast<bool>(next_daemon));
-  std::optional<client> c;
-  std::optional<mutex> m;
-  {
+// A thread that uses the segments of two daemons, one after the other: a
+// client and a mutex of each.
+class TwoDaemonsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(static_cast<bool>(daemon_));
+    ASSERT_TRUE(static_cast<bool>(next_daemon_));
+    connect_with_mutex(loc_, c_, m_);
+    connect_with_mutex(next_loc_, next_, next_m_);
+  }
+
+  static void connect_with_mutex(const private_location& loc, std::optional<client>& c,
+                                 std::optional<mutex>& m) {
     auto connected = client::connect(loc.options());
     ASSERT_TRUE(connected);
     c.emplace(std::move(*connected));
@@ -299,94 +297,86 @@ TEST(ThreadExitAfterDaemonTest, ALiveThreadLetsGoOfAStoppedSegmentWhereItLostAMu
     ASSERT_TRUE(created);
     m.emplace(std::move(*created));
   }
-  std::optional<client> next;
-  std::optional<mutex> next_m;
-  {
-    auto connected = client::connect(next_loc.options());
-    ASSERT_TRUE(connected);
-    next.emplace(std::move(*connected));
-    auto created = next->create_mutex();
-    ASSERT_TRUE(created);
-    next_m.emplace(std::move(*created));
+
+  // The first daemon's client goes (the process's last session there), then
+  // the daemon stops.
+  void stop_first() {
+    m_.reset();
+    c_.reset();
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    while ((*daemon_).stats().clients != 0 && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(1ms);
+    daemon_.shutdown();
   }
+
+  private_location loc_;
+  private_location next_loc_;
+  const std::size_t pins_before_ = detail::pinned_segments();
+  in_process_daemon daemon_{loc_.where, 8, 4096};
+  in_process_daemon next_daemon_{next_loc_.where, 8, 4096};
+  std::optional<client> c_;
+  std::optional<mutex> m_;
+  std::optional<client> next_;
+  std::optional<mutex> next_m_;
+};
+
+TEST_F(TwoDaemonsTest, ALiveThreadLetsGoOfAStoppedSegmentWhereItLostAMutex) {
+  // The thread owns a mutex it never releases: its process's last session
+  // ends (the daemon abandons the mutex) and the daemon stops. The thread lives
+  // on and uses another daemon's segment: its record forgets the lost mutex
+  // and lets go of the stopped segment's pin instead of keeping it till exit.
   std::promise<void> owned;
   std::promise<void> go_on;
   std::promise<std::size_t> pins_then;
   std::promise<void> exit_now;
   std::thread owner([&] {
-    EXPECT_EQ(*m->wait(1s), wait_status::signalled);
+    EXPECT_EQ(*m_->wait(1s), wait_status::signalled);
     owned.set_value();
     go_on.get_future().wait();
-    EXPECT_EQ(*next_m->wait(1s), wait_status::signalled);
-    EXPECT_FALSE(next_m->release());
+    EXPECT_EQ(*next_m_->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(next_m_->release());
     pins_then.set_value(detail::pinned_segments());
     exit_now.get_future().wait();
   });
   owned.get_future().wait();
-  m.reset();
-  c.reset();  // the process's last session there: the daemon abandons the mutex
-  const auto until = std::chrono::steady_clock::now() + 5s;
-  while ((*daemon).stats().clients != 0 && std::chrono::steady_clock::now() < until)
-    std::this_thread::sleep_for(1ms);
-  daemon.shutdown();
+  stop_first();  // the daemon abandons the mutex, then stops
   go_on.set_value();
   // The new segment's pin only (it holds nothing there now, but it is the
   // segment it just used).
-  EXPECT_EQ(pins_then.get_future().get(), pins_before + 1);
+  EXPECT_EQ(pins_then.get_future().get(), pins_before_ + 1);
   exit_now.set_value();
   owner.join();
-  EXPECT_EQ(detail::pinned_segments(), pins_before);
-  next_m.reset();
-  next.reset();
+  EXPECT_EQ(detail::pinned_segments(), pins_before_);
 }
 
-TEST(ThreadExitAfterDaemonTest, ALiveThreadLetsGoOfAStoppedSegmentItReleasedEverythingIn) {
+TEST_F(TwoDaemonsTest, ALiveThreadLetsGoOfAStoppedSegmentItReleasedEverythingIn) {
   // The thread used a mutex of one daemon, then keeps using one of another;
   // the first daemon stops. Its segment's pin goes at the thread's next
   // release, not at its exit, even though that release finds its mutex in
   // the fast path.
-  private_location loc;
-  private_location next_loc;
-  const auto pins_before = detail::pinned_segments();
-  in_process_daemon daemon(loc.where, 8, 4096);
-  in_process_daemon next_daemon(next_loc.where, 8, 4096);
-  ASSERT_TRUE(static_cast<bool>(daemon));
-  ASSERT_TRUE(static_cast<bool>(next_daemon));
-  auto c = client::connect(loc.options());
-  ASSERT_TRUE(c);
-  auto m = c->create_mutex();
-  ASSERT_TRUE(m);
-  auto next = client::connect(next_loc.options());
-  ASSERT_TRUE(next);
-  auto next_m = next->create_mutex();
-  ASSERT_TRUE(next_m);
   std::promise<std::size_t> pins_both;
   std::promise<void> stopped;
   std::promise<std::size_t> pins_after;
   std::promise<void> exit_now;
   std::thread user([&] {
-    EXPECT_EQ(*m->wait(1s), wait_status::signalled);
-    EXPECT_FALSE(m->release());
-    EXPECT_EQ(*next_m->wait(1s), wait_status::signalled);
-    EXPECT_FALSE(next_m->release());
+    EXPECT_EQ(*m_->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(m_->release());
+    EXPECT_EQ(*next_m_->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(next_m_->release());
     pins_both.set_value(detail::pinned_segments());
     stopped.get_future().wait();
-    EXPECT_EQ(*next_m->wait(1s), wait_status::signalled);
-    EXPECT_FALSE(next_m->release());
+    EXPECT_EQ(*next_m_->wait(1s), wait_status::signalled);
+    EXPECT_FALSE(next_m_->release());
     pins_after.set_value(detail::pinned_segments());
     exit_now.get_future().wait();
   });
-  EXPECT_EQ(pins_both.get_future().get(), pins_before + 2);
-  *m = mutex{};
-  c = make_error_code(errc::daemon_lost);
-  daemon.shutdown();
+  EXPECT_EQ(pins_both.get_future().get(), pins_before_ + 2);
+  stop_first();
   stopped.set_value();
-  EXPECT_EQ(pins_after.get_future().get(), pins_before + 1);
+  EXPECT_EQ(pins_after.get_future().get(), pins_before_ + 1);
   exit_now.set_value();
   user.join();
-  EXPECT_EQ(detail::pinned_segments(), pins_before);
-  *next_m = mutex{};
-  next = make_error_code(errc::daemon_lost);
+  EXPECT_EQ(detail::pinned_segments(), pins_before_);
 }
 
 TEST(ThreadExitAfterDaemonTest, OwnerThreadExitingAfterItsClientAndDaemonTouchesNothingUnmapped) {
