@@ -109,26 +109,15 @@ handle_id object::detach() noexcept {
     failure = make_error_code(errc::invalid_handle);
     return nullptr;
   }
-  const std::uint32_t death_word = header_->death_word.load(std::memory_order_acquire);
-  if (map_->lost.load() ||
-      header_->state.load(std::memory_order_acquire) !=
-          static_cast<std::uint32_t>(detail::daemon_state::running) ||
-      death_word == 0 || (death_word & death_mark) != 0) [[unlikely]] {
-    // Lost, stopped or dead; or a daemon without a death flag, asked about
-    // through the kernel (see mapping::daemon_gone).
-    if (!map_->usable()) {
-      failure = map_->lost_reason();
-      return nullptr;
-    }
-  }
-  const auto type = static_cast<object_type>(s->type.load(std::memory_order_acquire));
-  if (s->generation.load(std::memory_order_acquire) != handle_.generation ||
-      type == object_type::none) [[unlikely]] {
-    failure = make_error_code(errc::stale_handle);
+  // Lost, stopped or dead; or a daemon without a death flag, asked about
+  // through the kernel: the mapping's full check decides.
+  if ((map_->lost.load() || !detail::daemon_serving(*header_)) && !map_->usable()) [[unlikely]] {
+    failure = map_->lost_reason();
     return nullptr;
   }
-  if (expected != object_type::none && type != expected) [[unlikely]] {
-    failure = make_error_code(errc::wrong_type);
+  if (const errc e = detail::slot_mismatch(*s, handle_.generation, expected); e != errc{})
+      [[unlikely]] {
+    failure = make_error_code(e);
     return nullptr;
   }
   return s;

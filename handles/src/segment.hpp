@@ -149,19 +149,37 @@ inline self_id self() noexcept {
 
 // ---- client side: object operations, no daemon round trip -------------------
 
-/// Finds the slot of `h`: errc::invalid_handle, stale_handle or wrong_type
-/// (`expected` none accepts every live type). Inline: every object operation
-/// starts here.
+/// Whether the daemon of the segment with header `h` serves and lives as its
+/// header says: state running, the death word armed and not marked. False
+/// also for a daemon without a death flag, which only the kernel can vouch
+/// for (see mapping::daemon_gone). Inline: every object operation starts here.
+inline bool daemon_serving(const segment_header& h) noexcept {
+  const std::uint32_t word = h.death_word.load(std::memory_order_acquire);
+  return h.state.load(std::memory_order_acquire) ==
+             static_cast<std::uint32_t>(daemon_state::running) &&
+         word != 0 && (word & death_mark) == 0;
+}
+
+/// Why slot `s` does not hold the live object of `generation` (and type
+/// `expected`; none accepts every live type): errc::stale_handle or
+/// wrong_type; errc{} when it does. Inline: every object operation starts here.
+inline errc slot_mismatch(const slot& s, std::uint32_t generation, object_type expected) noexcept {
+  const auto type = static_cast<object_type>(s.type.load(std::memory_order_acquire));
+  if (s.generation.load(std::memory_order_acquire) != generation || type == object_type::none)
+      [[unlikely]]
+    return errc::stale_handle;
+  if (expected != object_type::none && type != expected) [[unlikely]]
+    return errc::wrong_type;
+  return {};
+}
+
+/// Finds the slot of `h`: errc::invalid_handle, or slot_mismatch()'s error.
 inline result<slot*> checked_slot(segment_view v, handle_id h, object_type expected) {
   if (h.index >= v.capacity() || h.generation == 0) [[unlikely]]
     return make_error_code(errc::invalid_handle);
   slot& s = v.at(h.index);
-  const auto type = static_cast<object_type>(s.type.load(std::memory_order_acquire));
-  if (s.generation.load(std::memory_order_acquire) != h.generation || type == object_type::none)
-      [[unlikely]]
-    return make_error_code(errc::stale_handle);
-  if (expected != object_type::none && type != expected) [[unlikely]]
-    return make_error_code(errc::wrong_type);
+  if (const errc e = slot_mismatch(s, h.generation, expected); e != errc{}) [[unlikely]]
+    return make_error_code(e);
   return &s;
 }
 

@@ -159,9 +159,7 @@ bool take_one(const segment_view& v, const wait_target& t, const self_id& me,
 
 take_outcome take_mutex_now(const segment_view& v, slot& s) noexcept {
   bool abandoned = false;
-  const self_id me = self();
-  if (!try_take(s, object_type::mutex, me, abandoned)) return take_outcome::busy;
-  note_mutex_owned(v, static_cast<std::uint32_t>(&s - v.slots), me);
+  if (!take_one(v, {&s, object_type::mutex, 0}, self(), abandoned)) return take_outcome::busy;
   return abandoned ? take_outcome::abandoned : take_outcome::signalled;
 }
 

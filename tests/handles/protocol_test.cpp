@@ -1,5 +1,7 @@
 // The daemon's protocol under bad input, spoken raw over the core's framed
 // transport: every bad request gets an error reply and changes nothing.
+#include "protocol.hpp"
+
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -9,6 +11,8 @@
 
 #include "handles_support.hpp"
 #include "uipc/core/framed.hpp"
+#include "uipc/core/server.hpp"
+#include "uipc/core/typed.hpp"
 #include "uipc/proto/handles.pb.h"
 
 namespace uipc::handles {
@@ -332,6 +336,41 @@ TEST_F(ProtocolTest, SecondDaemonOnTheSameLocationIsRefused) {
   EXPECT_EQ(second.error(), make_error_code(uipc::errc::address_in_use));
   EXPECT_EQ(snapshot(), before_);
   EXPECT_FALSE(kept_.signal());
+}
+
+TEST(IncompatibleDaemonTest, ADaemonOfAnotherBuildIsReportedNotRetried) {
+  // A daemon of a build with another segment layout serves the location (an
+  // upgrade while the old one runs): its hello says so, and connect() reports
+  // it at once instead of starting a successor that cannot take the location.
+  private_location loc;
+  boost::asio::io_context ctx;
+  request_router router;
+  int hellos = 0;
+  router.on<pb::HelloRequest, pb::HelloReply>(
+      static_cast<std::uint32_t>(detail::request_type::hello),
+      [&](request_context&, const pb::HelloRequest&) -> result<pb::HelloReply> {
+        ++hellos;
+        pb::HelloReply out;
+        out.set_daemon_pid(static_cast<std::int32_t>(::getpid()));
+        out.set_capacity(64);
+        out.set_layout_version(2);  // the layout before the death word
+        return out;
+      });
+  server_options so;
+  so.listen.connection.error_categories = {&handles_category()};
+  auto other_build = server::start(ctx, loc.resolved().socket_path, router, std::move(so));
+  ASSERT_TRUE(other_build) << other_build.error().message();
+  std::thread serving([&] { ctx.run_for(10s); });
+  const auto start = std::chrono::steady_clock::now();
+  auto c = client::connect(loc.options());
+  const auto took = std::chrono::steady_clock::now() - start;
+  ctx.stop();
+  serving.join();
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.error(), make_error_code(errc::incompatible_daemon)) << c.error().message();
+  EXPECT_EQ(hellos, 1);
+  EXPECT_LT(took, 5s);  // no start attempt waited out
+  EXPECT_TRUE(loc.daemon_pids().empty());
 }
 
 }  // namespace

@@ -72,6 +72,16 @@ class ThreadExitTest : public ::testing::Test {
 
   mutex& m() { return *mutex_; }
 
+  // "m" opened through another client of the daemon: a mapping of its own.
+  void open_through_another_client(std::optional<client>& c, std::optional<mutex>& opened) {
+    auto connected = client::connect(loc_.options());
+    ASSERT_TRUE(connected);
+    c.emplace(std::move(*connected));
+    auto m = c->open_mutex("m");
+    ASSERT_TRUE(m);
+    opened.emplace(std::move(*m));
+  }
+
   // The status the next owner (a thread of its own, which releases) gets.
   wait_status next_owner_status() {
     wait_status status = wait_status::timed_out;
@@ -206,14 +216,9 @@ TEST_F(ThreadExitTest, ClientGoneBeforeTheOwnerThreadExitsStillAbandonsIt) {
   // The owner thread took the mutex through a second client, which is closed
   // (its mapping unmapped) before the thread ends: the abandonment goes through
   // the thread's own pin of the segment.
-  auto second = client::connect(loc_.options());
-  ASSERT_TRUE(second);
+  std::optional<client> second;
   std::optional<mutex> through_second;
-  {
-    auto opened = second->open_mutex("m");
-    ASSERT_TRUE(opened);
-    through_second.emplace(std::move(*opened));
-  }
+  ASSERT_NO_FATAL_FAILURE(open_through_another_client(second, through_second));
   std::promise<void> owned;
   std::promise<void> exit_now;
   std::thread owner([&] {
@@ -223,7 +228,7 @@ TEST_F(ThreadExitTest, ClientGoneBeforeTheOwnerThreadExitsStillAbandonsIt) {
   });
   owned.get_future().wait();
   through_second.reset();
-  second = make_error_code(errc::daemon_lost);  // the client and its mapping go
+  second.reset();  // the client and its mapping go
   exit_now.set_value();
   owner.join();
   EXPECT_EQ(next_owner_status(), wait_status::abandoned);
@@ -233,16 +238,12 @@ TEST_F(ThreadExitTest, AnotherSegmentMappedWhereTheOwnersWasDoesNotConfuseItsRec
   // The owner takes "m" through a second client, whose mapping then goes; a
   // client of another daemon maps its segment (same size: most often at the
   // same address), and the owner takes and releases a mutex there, in the
-  // same slot. A release is matched to its record by the address it used, so
-  // an address that now shows another segment must match nothing of the old.
-  auto second = client::connect(loc_.options());
-  ASSERT_TRUE(second);
+  // same slot: the release must forget that mutex only, never the old one
+  // (records name a mutex by its segment's epoch and index, not by where a
+  // mapping shows it).
+  std::optional<client> second;
   std::optional<mutex> through_second;
-  {
-    auto opened = second->open_mutex("m");
-    ASSERT_TRUE(opened);
-    through_second.emplace(std::move(*opened));
-  }
+  ASSERT_NO_FATAL_FAILURE(open_through_another_client(second, through_second));
   const std::byte* first_mapping = second->scratch_area().data();
   std::promise<void> owned;
   std::promise<void> other_ready;
@@ -261,7 +262,7 @@ TEST_F(ThreadExitTest, AnotherSegmentMappedWhereTheOwnersWasDoesNotConfuseItsRec
   in_process_daemon other_daemon(other_loc.where, 8, 4096);
   ASSERT_TRUE(static_cast<bool>(other_daemon));
   through_second.reset();
-  second = make_error_code(errc::daemon_lost);  // its mapping goes
+  second.reset();  // its mapping goes
   auto other = client::connect(other_loc.options());
   ASSERT_TRUE(other);
   auto made = other->create_mutex(false, "m");
