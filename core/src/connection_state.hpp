@@ -26,6 +26,10 @@ namespace uipc {
 
 using connection_strand = boost::asio::strand<boost::asio::io_context::executor_type>;
 
+namespace detail {
+class connection_registry;
+}
+
 /// A stored completion handler plus outstanding work on its executor, as Asio's
 /// own operations keep it: a run() on that executor does not return while the
 /// operation is pending. A handler with no executor of its own runs on the
@@ -62,6 +66,7 @@ struct connection::impl {
 
   connection_strand strand;
   boost::asio::local::stream_protocol::socket socket;
+  detail::connection_registry* registry = nullptr;  // of the context, once registered
   connection_options options;
   peer_credentials peer;
   boost::asio::steady_timer timer;

@@ -353,6 +353,31 @@ TEST(ListenerModeTest, AcceptCompletedJustBeforeTheListenerIsDestroyedIsSafe) {
   ctx.run_for(std::chrono::milliseconds(10));
 }
 
+// A handler a connection stores (a receive, a call, a send in its outbox)
+// that holds the connection itself is destroyed, like Asio's own, with the
+// context that never ran it: no cycle outlives the context.
+TEST(ConnectionLifetimeTest, HandlersNeverRunAreDestroyedWithTheContext) {
+  std::weak_ptr<connection> a_left;
+  std::weak_ptr<connection> b_left;
+  {
+    boost::asio::io_context ctx;
+    auto pair = connection::pair(ctx);
+    ASSERT_TRUE(pair);
+    auto [a, b] = *pair;
+    b->async_receive([b = b](error_code, frame) {});
+    frame request;
+    request.payload = "never answered";
+    b->async_call(std::move(request), [b = b](error_code, frame) {});
+    ctx.poll();
+    ASSERT_EQ(b->stats().calls_in_flight, 1u);
+    b->close();  // posted, never run
+    a_left = a;
+    b_left = b;
+  }
+  EXPECT_TRUE(a_left.expired());
+  EXPECT_TRUE(b_left.expired()) << "handlers holding their connection leaked";
+}
+
 // A stop hook closes a connection whose receive handler runs on the
 // connection's strand: the handler still sees operation_aborted before run()
 // returns (two hops: strand, then the handler's completion).
