@@ -40,7 +40,7 @@ struct connection_access {
 class connection_registry : public asio::execution_context::service {
  public:
   using key_type = connection_registry;
-  static inline asio::execution_context::id id;  // NOLINT: the name Asio looks up
+  static inline asio::execution_context::id id;  // use_service requires it
 
   explicit connection_registry(asio::execution_context& ctx) : service(ctx) {}
 
@@ -62,8 +62,8 @@ class connection_registry : public asio::execution_context::service {
     std::vector<connection::pointer> alive;
     {
       std::lock_guard lock(mutex_);
-      for (auto& [state, weak] : live_) {
-        if (auto c = weak.lock()) alive.push_back(std::move(c));
+      for (auto& entry : live_) {
+        if (auto c = entry.second.lock()) alive.push_back(std::move(c));
       }
     }
     for (auto& c : alive) {
@@ -75,6 +75,7 @@ class connection_registry : public asio::execution_context::service {
       s.calls.clear();
       s.outbox.clear();
       s.outbox_bytes = s.outbox_reply_bytes = 0;
+      s.publish();
     }  // the handlers go here, each connection with its last reference below
   }
 
@@ -86,7 +87,6 @@ class connection_registry : public asio::execution_context::service {
 
 namespace {
 
-using detail::connection_access;
 using detail::connection_registry;
 
 constexpr std::size_t max_iov = 64;

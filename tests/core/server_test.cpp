@@ -489,7 +489,7 @@ TEST_F(ServerTest, StopWaitsForRunningHandlersThenEndsEverySessionOnce) {
   for (const auto& [id, n] : ended_) EXPECT_EQ(n, 1) << id;
 }
 
-// Stopped from another thread, the server posts its sessions' closes; a loop
+// Stopped outside its loop, the server posts its sessions' closes; a loop
 // that stops before they run leaves nothing behind when its context goes.
 TEST(ServerLifetimeTest, AServerStoppedAfterItsLoopLeavesNothingWithTheContext) {
   test::temp_dir dir;
