@@ -88,7 +88,11 @@ death_flag::~death_flag() {
   if (::getpid() != state_->armed_by) {
     // A child forked from the process that armed it: the holder is not a
     // thread of this process, and the word is not this process's to touch.
-    state_->holder.detach();
+    // The copy of the state is left as it is: its condition variable counts
+    // the holder as a waiter, so destroying it would wait for a thread that
+    // is not here, and its std::thread names a thread this process cannot
+    // join or detach.
+    (void)state_.release();  // NOLINT(bugprone-unused-return-value): leaked on purpose
     return;
   }
   {

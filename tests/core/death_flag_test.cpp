@@ -8,7 +8,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <new>
+#include <thread>
 
 namespace uipc {
 namespace {
@@ -85,6 +87,35 @@ TEST_F(DeathFlagTest, ArmedAndLetGoHereLeavesTheWordUnmarked) {
   // Armed again (a daemon restarted on the same memory): held by a new thread.
   auto again = death_flag::arm(*word_);
   ASSERT_TRUE(again);
+  EXPECT_FALSE(death_marked(*word_));
+}
+
+// A program that arms a flag and forks a child that ends by returning from
+// main: the child's copy goes with its destructors, at once, and leaves the
+// parent's flag held.
+TEST_F(DeathFlagTest, AForkedChildDestroysItsCopyAtOnceAndLeavesTheFlagHeld) {
+  auto flag = death_flag::arm(*word_);
+  ASSERT_TRUE(flag) << flag.error().message();
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    flag->reset();
+    ::_exit(0);
+  }
+  int status = 0;
+  bool exited = false;
+  for (int i = 0; i < 1000 && !exited; ++i) {
+    exited = ::waitpid(pid, &status, WNOHANG) == pid;
+    if (!exited) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (!exited) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+  }
+  ASSERT_TRUE(exited) << "destroying the copy hung in the child";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT_FALSE(death_marked(*word_)) << "the child's exit marked the parent's flag";
+  flag->reset();
   EXPECT_FALSE(death_marked(*word_));
 }
 
