@@ -9,7 +9,6 @@
 
 #include "client_core.hpp"
 #include "completion.hpp"
-#include "fork_guard.hpp"
 #include "uipc/core/futex.hpp"
 #include "uipc/core/process.hpp"
 #include "uipc/core/wait_policy.hpp"

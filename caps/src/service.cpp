@@ -100,7 +100,7 @@ error_code service::impl::finish(server_channel& ch, message_id id, detail::entr
 
 error_code service::impl::answer(client_id client, message_id id, std::size_t size,
                                  const std::function<void(std::span<std::byte>)>& fill) {
-  if (epoch != detail::fork_epoch()) return make_error_code(errc::forked_copy);
+  if (epoch != fork_epoch()) return make_error_code(errc::forked_copy);
   auto ch = find(client);
   if (!ch) return make_error_code(errc::disconnected);
   auto offset = begin_reply(*ch, id, size);
@@ -113,11 +113,13 @@ error_code service::impl::answer(client_id client, message_id id, std::size_t si
 
 void service::impl::stop() {
   if (stopped.exchange(true)) return;
-  if (srv) srv->stop();  // ends every session: session_ended for each
-  const eventfd_t one = 1;
-  (void)::eventfd_write(control_bell.get(), one);
+  if (srv) srv->stop();  // ends every session: session_ended for each (not in a forked copy)
   fail_async(make_error_code(errc::stopped));
-  ::unlink(detail::info_path(socket_path).c_str());
+  if (epoch == fork_epoch()) {  // the bell and the point's files are the parent's
+    const eventfd_t one = 1;
+    (void)::eventfd_write(control_bell.get(), one);
+    ::unlink(detail::info_path(socket_path).c_str());
+  }
   name_lock.reset();
 }
 

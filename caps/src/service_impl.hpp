@@ -23,9 +23,9 @@
 #include <utility>
 #include <vector>
 
-#include "fork_guard.hpp"
 #include "server_channel.hpp"
 #include "uipc/caps/service.hpp"
+#include "uipc/core/process.hpp"
 
 namespace uipc::caps {
 
@@ -63,7 +63,7 @@ struct service::impl : std::enable_shared_from_this<impl> {
   std::string socket_path;
   unique_fd name_lock;
   point_info info;
-  std::uint64_t epoch = detail::fork_epoch();
+  std::uint64_t epoch = fork_epoch();
   request_router router;
   std::unique_ptr<server> srv;
   unique_fd epoll;

@@ -151,7 +151,7 @@ bool service::impl::queue_empty() {
 
 result<event> service::impl::receive(clock::time_point deadline, std::span<std::byte>* into,
                                      std::size_t* size, bool wait) {
-  if (epoch != detail::fork_epoch()) return make_error_code(errc::forked_copy);
+  if (epoch != fork_epoch()) return make_error_code(errc::forked_copy);
   std::unique_lock pump(pump_mutex, std::defer_lock);
   if (!pump.try_lock_until(deadline)) return make_error_code(uipc::errc::timed_out);
   auto& policy = wait_policy::this_thread();

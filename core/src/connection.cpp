@@ -197,6 +197,14 @@ class engine {
   // notify::peer first tells the peer why, when that cannot split a frame.
   void fail(error_code ec, salvage keep = salvage::no, notify tell = notify::none) {
     if (!s_.open) return;
+    // A copy a fork gave a child shares the socket with the parent, who still
+    // uses it: the child only closes its descriptor (no frame, no notice, no
+    // shutdown, all of which would reach the parent's peer).
+    const bool forked_copy = s_.epoch != fork_epoch();
+    if (forked_copy) {
+      s_.frames_deferred = 0;
+      tell = notify::none;
+    }
     // Frames a handler queued in this read and not yet written: out first,
     // as they would be had they been written when queued.
     if (s_.frames_deferred > 0 && self_) {
@@ -217,7 +225,7 @@ class engine {
     s_.open = false;
     s_.reason = ec;
     boost::system::error_code ignored;
-    s_.socket.shutdown(stream_socket::shutdown_both, ignored);
+    if (!forked_copy) s_.socket.shutdown(stream_socket::shutdown_both, ignored);
     s_.socket.close(ignored);
     s_.timer.cancel();
     s_.timer_key = connection::impl::timer_none;

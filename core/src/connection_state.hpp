@@ -21,6 +21,7 @@
 
 #include "frame_io.hpp"
 #include "uipc/core/framed.hpp"
+#include "uipc/core/process.hpp"
 
 namespace uipc {
 
@@ -67,6 +68,7 @@ struct connection::impl {
   connection_strand strand;
   boost::asio::local::stream_protocol::socket socket;
   detail::connection_registry* registry = nullptr;  // of the context, once registered
+  std::uint64_t epoch = fork_epoch();               // see engine::fail: a forked child's copy
   connection_options options;
   peer_credentials peer;
   boost::asio::steady_timer timer;

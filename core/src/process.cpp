@@ -3,10 +3,12 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <string_view>
@@ -21,6 +23,17 @@ unique_fd open_pidfd(pid_t pid) noexcept {
 bool pidfd_exited(int pidfd) noexcept {
   pollfd p{pidfd, POLLIN, 0};
   return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR)) != 0;
+}
+
+namespace {
+std::atomic<std::uint64_t> forks_seen{0};
+void count_fork_in_child() noexcept { forks_seen.fetch_add(1, std::memory_order_relaxed); }
+}  // namespace
+
+std::uint64_t fork_epoch() noexcept {
+  static const bool installed = ::pthread_atfork(nullptr, nullptr, count_fork_in_child) == 0;
+  (void)installed;
+  return forks_seen.load(std::memory_order_relaxed);
 }
 
 bool process_alive(std::int32_t pid) noexcept {

@@ -74,6 +74,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
 
   std::atomic<bool> stopped{false};
   std::atomic<std::uint64_t> in_flight{0};
+  const std::uint64_t epoch = fork_epoch();
   std::atomic<std::uint64_t> requests{0};
   std::atomic<std::uint64_t> errors{0};
 
@@ -175,6 +176,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
   }
 
   static unique_fd peer_pidfd(int socket_fd, pid_t pid);
+  void drop_forked_copy();
 
   // A refused peer learns why (an error notice, which closes its end with that
   // reason) instead of seeing a bare hang-up. Never waits: a peer whose buffer
@@ -296,6 +298,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
   }
 
   void stop() {
+    if (epoch != fork_epoch()) return drop_forked_copy();
     std::unordered_map<std::uint64_t, std::shared_ptr<server_session>> ending;
     {
       std::lock_guard lock(mutex);
@@ -323,6 +326,23 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
   }
 };
+
+// The copy a fork gave a child: the sessions, the socket file and whatever the
+// hooks would release are the parent's, and the threads that ran handlers did
+// not follow. The child closes its descriptors and nothing else: no hook runs,
+// no wait. A lock held at the fork by a thread that did not follow stays held:
+// then the copy is left as it is.
+void server::impl::drop_forked_copy() {
+  std::unordered_map<std::uint64_t, std::shared_ptr<server_session>> copies;
+  {
+    std::unique_lock lock(mutex, std::try_to_lock);
+    if (!lock.owns_lock() || stopped.exchange(true)) return;
+    if (accept_socket) accept_socket->close();
+    accept_socket.reset();
+    copies.swap(sessions);
+  }
+  for (auto& [id, s] : copies) s->close();
+}
 
 thread_local const server::impl* server::impl::serving = nullptr;
 

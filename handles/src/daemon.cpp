@@ -148,14 +148,23 @@ void handle_daemon::impl::arm_repair_timer() {
 
 // Publishes "stopped" first (waiters in every process fail with daemon_lost),
 // then stops the server (no new session, handlers finish, every session ends),
-// then unmaps the segment.
+// then unmaps the segment. A forked child's copy only lets go of its own
+// descriptors and mapping (the server kit drops its copy likewise).
 void handle_daemon::impl::stop() {
+  const bool forked_copy = epoch != fork_epoch();
   {
-    std::lock_guard lock(mutex);
+    std::unique_lock lock(mutex, std::defer_lock);
+    if (!forked_copy) {
+      lock.lock();
+    } else if (!lock.try_lock()) {
+      return;  // held at the fork by a thread that did not follow: left as it is
+    }
     if (stopped) return;
     stopped = true;
-    repair_timer.cancel();
-    if (segment) detail::publish_state(view, detail::daemon_state::stopped);
+    if (!forked_copy) {
+      repair_timer.cancel();
+      if (segment) detail::publish_state(view, detail::daemon_state::stopped);
+    }
   }
   if (serving) serving->stop();
   std::lock_guard lock(mutex);

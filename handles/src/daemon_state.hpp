@@ -21,6 +21,7 @@
 #include "protocol.hpp"
 #include "segment.hpp"
 #include "uipc/core/ledger.hpp"
+#include "uipc/core/process.hpp"
 #include "uipc/core/range_allocator.hpp"
 #include "uipc/core/server.hpp"
 #include "uipc/core/shm.hpp"
@@ -51,6 +52,10 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
 
   mutable std::mutex mutex;
   bool stopped = false;
+  // A copy a fork gave a child (fork without exec) serves nothing: the segment
+  // and the sessions are the parent's, and stopping the copy must not tell
+  // the parent's clients the daemon stopped.
+  const std::uint64_t epoch = fork_epoch();
   std::optional<shm_segment> segment;
   detail::segment_view view;
   /// Holds the segment's death word while the daemon serves; let go (and

@@ -7,6 +7,7 @@
 #include <future>
 
 #include "caps_support.hpp"
+#include "uipc/caps/point.hpp"
 
 namespace uipc::caps::test {
 namespace {
@@ -433,6 +434,30 @@ TEST_F(Messages, ForkedCopiesAnswerAClearError) {
   auto r = (*c)->call("from the parent", in(5s));
   ASSERT_TRUE(r);
   EXPECT_EQ(r->copy(), "from the parent");
+}
+
+TEST_F(Messages, AServiceCopyStoppedInAForkedChildLeavesThePointServing) {
+  auto svc = serve("forked.service");
+  ASSERT_TRUE(svc);
+  responder echo(**svc);
+  auto c = connect("forked.service");
+  ASSERT_TRUE(c);
+  ASSERT_TRUE((*c)->call("before", in(5s)));
+  const int status = in_child([&] {
+    loop_.ctx().notify_fork(boost::asio::execution_context::fork_child);  // as Asio asks
+    (*svc)->stop();  // as a child returning from main would, through the destructor
+    return 0;
+  });
+  EXPECT_EQ(status, 0);
+  auto r = (*c)->call("from the parent", in(5s));
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(r->copy(), "from the parent");
+  auto points = list_points(dir_.path());
+  ASSERT_TRUE(points);
+  EXPECT_EQ(points->size(), 1u) << "the child's copy removed the point's registration";
+  auto again = connect("forked.service");
+  ASSERT_TRUE(again) << again.error().message();
+  EXPECT_TRUE((*again)->call("a new client", in(5s)));
 }
 
 }  // namespace

@@ -516,6 +516,38 @@ TEST(ServerLifetimeTest, AServerStoppedAfterItsLoopLeavesNothingWithTheContext) 
   EXPECT_TRUE(session_left.expired()) << "the session outlived its context";
 }
 
+// A program serving on a server that forks: the child's copy, stopped there
+// (and its loop run, as a child that goes on with Asio does after
+// notify_fork), closes the child's descriptors and nothing else. The
+// parent's socket file, sessions and hooks are untouched.
+TEST_F(ServerTest, ACopyStoppedInAForkedChildLeavesTheParentServing) {
+  start();
+  auto a = client();
+  ASSERT_TRUE(typed_call<StringValue>(a, echo_type, StringValue{}, soon()));
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ctx_.notify_fork(boost::asio::execution_context::fork_child);
+    server_->stop();
+    server_.reset();
+    ctx_.restart();
+    ctx_.poll();  // what the copy posted runs, in the child
+    ::_exit(sessions_ended() == 0 ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the child's copy ended the parent's sessions";
+  StringValue hello;
+  hello.set_value("still here");
+  auto r = typed_call<StringValue>(a, echo_type, hello, soon());
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(r->value(), "ereh llits");
+  auto b = blocking_connection::connect(path_);
+  EXPECT_TRUE(b) << "the socket file went with the child's copy";
+  EXPECT_EQ(sessions_ended(), 0u);
+}
+
 TEST_F(ServerTest, ReplyOverTheFrameLimitIsAnsweredWithTheRoutersError) {
   router_.on<StringValue, StringValue>(9, [](request_context&, const StringValue&) {
     StringValue big;

@@ -86,6 +86,47 @@ TEST_F(ForkTest, AForkedChildNeitherUsesNorKeepsItsParentsConnection) {
   ::close(release[1]);  // C exits
 }
 
+// A program that serves handles and forks (a worker, say) whose child ends
+// by returning from main: the child's copy of the daemon is stopped and
+// destroyed there. The parent's daemon serves on: its clients are not told
+// it stopped, its socket file stays, its sessions stay open.
+TEST_F(ForkTest, ADaemonsCopyStoppedInAForkedChildLeavesTheParentServing) {
+  test::in_process_daemon daemon(loc.where);
+  auto mine = client::connect(loc.options(5s));
+  ASSERT_TRUE(mine) << mine.error().message();
+  auto ev = mine->create_event(event_reset::manual, false, "made-before-the-fork");
+  ASSERT_TRUE(ev) << ev.error().message();
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // As Asio asks of a child that goes on with an inherited io_context (its
+    // epoll set is the parent's until then).
+    daemon.context().notify_fork(boost::asio::execution_context::fork_child);
+    daemon->stop();  // as its destructor would
+    ::_exit(ok);
+  }
+  int status = 0;
+  const bool exited =
+      test::poll_until([&] { return ::waitpid(child, &status, WNOHANG) == child; }, 10s, 2ms);
+  if (!exited) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, &status, 0);
+  }
+  ASSERT_TRUE(exited) << "stopping the copy hung in the child";
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), ok);
+
+  EXPECT_FALSE(ev->signal()) << "the parent's clients were told the daemon stopped";
+  auto w = ev->wait(0ns);
+  ASSERT_TRUE(w) << w.error().message();
+  EXPECT_EQ(*w, wait_status::signalled);
+  EXPECT_TRUE(mine->list()) << "the parent's session was shut down";
+  auto other = client::connect(loc.options(5s));
+  ASSERT_TRUE(other) << other.error().message();
+  EXPECT_TRUE(other->open("made-before-the-fork")) << "a new client reached another daemon";
+  EXPECT_EQ(daemon->stats().clients, 2u);
+}
+
 TEST_F(ForkTest, AStartedDaemonRunsInTheRootDirectoryWithAPrivateUmask) {
   // Started from a directory that must not stay pinned, with a lax umask.
   test::private_location elsewhere;

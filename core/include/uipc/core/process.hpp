@@ -21,4 +21,12 @@ bool pidfd_exited(int pidfd) noexcept;
 /// /proc state). Racy against pid reuse: prefer a pidfd where one can be had.
 bool process_alive(std::int32_t pid) noexcept;
 
+/// How many fork()s (without exec) this process is from the one that first
+/// asked: a pthread_atfork child handler, installed by the first call, counts
+/// them. An object that records it when it is made can tell the copy a fork
+/// gave a child: such a copy must leave alone what the parent still uses (no
+/// shutdown of shared sockets, no removal of its files, no write to its
+/// shared memory). Lock-free; cheap enough for every call.
+std::uint64_t fork_epoch() noexcept;
+
 }  // namespace uipc

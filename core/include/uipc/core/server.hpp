@@ -126,7 +126,9 @@ struct server_options {
 /// Lifetime: the io_context and the router must outlive the server. stop()
 /// (or the destructor) stops in order: stop accepting (the socket file goes),
 /// wait for handlers running on other threads to finish, close every session
-/// and end it (on_session_end), then return.
+/// and end it (on_session_end), then return. A copy a fork() gave a child is
+/// the parent's server: stopped there it only closes the child's descriptors
+/// (no hook, no wait, the socket file stays).
 class server {
  public:
   /// Binds `path` (see listener::bind: address_in_use when a live server holds it)
