@@ -227,6 +227,7 @@ void service::start_receive(receive_handler handler) {
     impl_->async_waiters.push_back(std::move(handler));
   }
   if (impl_->stopped.load()) return impl_->fail_async(make_error_code(errc::stopped));
+  if (impl_->epoch != fork_epoch()) return impl_->fail_async(make_error_code(errc::forked_copy));
   asio::post(impl_->ctx, [self = impl_] { self->serve_async(); });
 }
 
@@ -242,6 +243,7 @@ error_code service::reply_in_place(client_id client, message_id id, std::size_t 
 }
 
 error_code service::reject(client_id client, message_id id, errc ec) {
+  if (impl_->epoch != fork_epoch()) return make_error_code(errc::forked_copy);
   auto ch = impl_->find(client);
   if (!ch) return make_error_code(errc::disconnected);
   using state = detail::server_channel::message_state;

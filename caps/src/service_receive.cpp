@@ -186,6 +186,9 @@ result<event> service::impl::receive(clock::time_point deadline, std::span<std::
 // ---- async receivers ---------------------------------------------------------
 
 void service::impl::serve_async() {
+  // A forked child's copy (its loop run after notify_fork, with the waits the
+  // parent had armed) must not drain the parent's rings and bells.
+  if (epoch != fork_epoch()) return fail_async(make_error_code(errc::forked_copy));
   for (;;) {
     {
       std::lock_guard lock(async_mutex);

@@ -432,6 +432,10 @@ class engine {
         auto& s = detail::connection_access::state(*self);
         s.read_waiting = false;
         if (ec == asio::error::operation_aborted || !s.open) return;
+        if (s.epoch != fork_epoch()) {  // a wait the parent armed, run by a forked child
+          engine(s, self).fail(asio::error::operation_aborted);
+          return;
+        }
         then(engine(s, self, context::reactor), ec, n);
       };
     };
@@ -458,13 +462,15 @@ class engine {
   void wait_writable() {
     s_.write_waiting = true;
     // Strong: unsent frames keep the connection until they are written.
-    s_.socket.async_wait(stream_socket::wait_write,
-                         asio::bind_executor(s_.strand, [self = self_](error_code ec) {
-                           auto& s = detail::connection_access::state(*self);
-                           s.write_waiting = false;
-                           if (ec || !s.open) return;
-                           engine(s, self).write();
-                         }));
+    s_.socket.async_wait(
+        stream_socket::wait_write, asio::bind_executor(s_.strand, [self = self_](error_code ec) {
+          auto& s = detail::connection_access::state(*self);
+          s.write_waiting = false;
+          if (ec || !s.open) return;
+          if (s.epoch != fork_epoch())  // the parent's frames are the parent's to send
+            return engine(s, self).fail(asio::error::operation_aborted);
+          engine(s, self).write();
+        }));
   }
 
   // One timer serves both limits: the first frame after connecting, and the
@@ -688,6 +694,12 @@ void connection::start_receive(frame_handler handler) {
 }
 
 void connection::close() {
+  // A forked child's copy closes its descriptor now: the child has one thread
+  // (no strand to wait for), and its loop may never run again.
+  if (impl_->epoch != fork_epoch()) {
+    engine(*impl_, shared_from_this()).fail(asio::error::operation_aborted);
+    return;
+  }
   asio::dispatch(impl_->strand, [self = shared_from_this()] {
     engine(*self->impl_, self).fail(asio::error::operation_aborted);
   });

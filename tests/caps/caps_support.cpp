@@ -17,6 +17,16 @@ loop_thread::loop_thread() : work_(ctx_.get_executor()), thread_([this] { ctx_.r
 // dropped with the io_context would leave the connection and the handler that
 // holds it holding each other (a leak ASan reports). Bounded: a loop still
 // busy after 2 s is stopped hard.
+void loop_thread::pause() {
+  ctx_.stop();
+  thread_.join();
+}
+
+void loop_thread::resume() {
+  ctx_.restart();
+  thread_ = std::thread([this] { ctx_.run(); });
+}
+
 loop_thread::~loop_thread() {
   work_.reset();
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
@@ -139,9 +149,7 @@ int in_child(const std::function<int()>& body) {
     }
     ::_exit(status);
   }
-  int status = 0;
-  ::waitpid(child, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return uipc::test::wait_exit(child, std::chrono::seconds(10));
 }
 
 }  // namespace uipc::caps::test

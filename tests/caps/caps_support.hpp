@@ -33,6 +33,10 @@ class loop_thread {
   loop_thread();
   ~loop_thread();
   boost::asio::io_context& ctx() { return ctx_; }
+  /// Stops the thread (so that none of it is inside Asio at a fork), and
+  /// starts it again.
+  void pause();
+  void resume();
 
  private:
   boost::asio::io_context ctx_;

@@ -443,11 +443,13 @@ TEST_F(Messages, AServiceCopyStoppedInAForkedChildLeavesThePointServing) {
   auto c = connect("forked.service");
   ASSERT_TRUE(c);
   ASSERT_TRUE((*c)->call("before", in(5s)));
+  loop_.pause();  // no thread inside Asio at the fork
   const int status = in_child([&] {
     loop_.ctx().notify_fork(boost::asio::execution_context::fork_child);  // as Asio asks
     (*svc)->stop();  // as a child returning from main would, through the destructor
     return 0;
   });
+  loop_.resume();
   EXPECT_EQ(status, 0);
   auto r = (*c)->call("from the parent", in(5s));
   ASSERT_TRUE(r) << r.error().message();

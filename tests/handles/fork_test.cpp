@@ -89,32 +89,43 @@ TEST_F(ForkTest, AForkedChildNeitherUsesNorKeepsItsParentsConnection) {
 // A program that serves handles and forks (a worker, say) whose child ends
 // by returning from main: the child's copy of the daemon is stopped and
 // destroyed there. The parent's daemon serves on: its clients are not told
-// it stopped, its socket file stays, its sessions stay open.
+// it stopped, its socket file stays, its sessions stay open. The daemon's
+// loop is paused across the fork (no thread of it inside Asio then).
 TEST_F(ForkTest, ADaemonsCopyStoppedInAForkedChildLeavesTheParentServing) {
-  test::in_process_daemon daemon(loc.where);
+  boost::asio::io_context ctx;
+  auto work = boost::asio::make_work_guard(ctx);
+  daemon_options o;
+  o.where = loc.where;
+  auto daemon = handle_daemon::start(ctx, std::move(o));
+  ASSERT_TRUE(daemon) << daemon.error().message();
+  std::thread loop([&] { ctx.run(); });
+  struct joiner {
+    boost::asio::io_context& ctx;
+    std::thread& thread;
+    ~joiner() {
+      ctx.stop();
+      if (thread.joinable()) thread.join();
+    }
+  } join_loop{ctx, loop};
   auto mine = client::connect(loc.options(5s));
   ASSERT_TRUE(mine) << mine.error().message();
   auto ev = mine->create_event(event_reset::manual, false, "made-before-the-fork");
   ASSERT_TRUE(ev) << ev.error().message();
+  ctx.stop();
+  loop.join();
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
     // As Asio asks of a child that goes on with an inherited io_context (its
     // epoll set is the parent's until then).
-    daemon.context().notify_fork(boost::asio::execution_context::fork_child);
-    daemon->stop();  // as its destructor would
+    ctx.notify_fork(boost::asio::execution_context::fork_child);
+    (*daemon)->stop();  // as its destructor would
     ::_exit(ok);
   }
-  int status = 0;
-  const bool exited =
-      test::poll_until([&] { return ::waitpid(child, &status, WNOHANG) == child; }, 10s, 2ms);
-  if (!exited) {
-    ::kill(child, SIGKILL);
-    ::waitpid(child, &status, 0);
-  }
-  ASSERT_TRUE(exited) << "stopping the copy hung in the child";
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), ok);
+  const int status = uipc::test::wait_exit(child, 10s);
+  ctx.restart();
+  loop = std::thread([&] { ctx.run(); });
+  EXPECT_EQ(status, ok) << "-1: stopping the copy hung in the child";
 
   EXPECT_FALSE(ev->signal()) << "the parent's clients were told the daemon stopped";
   auto w = ev->wait(0ns);
@@ -122,9 +133,10 @@ TEST_F(ForkTest, ADaemonsCopyStoppedInAForkedChildLeavesTheParentServing) {
   EXPECT_EQ(*w, wait_status::signalled);
   EXPECT_TRUE(mine->list()) << "the parent's session was shut down";
   auto other = client::connect(loc.options(5s));
-  ASSERT_TRUE(other) << other.error().message();
-  EXPECT_TRUE(other->open("made-before-the-fork")) << "a new client reached another daemon";
-  EXPECT_EQ(daemon->stats().clients, 2u);
+  EXPECT_TRUE(other) << other.error().message();
+  if (other)
+    EXPECT_TRUE(other->open("made-before-the-fork")) << "a new client reached another daemon";
+  EXPECT_EQ((*daemon)->stats().clients, other ? 2u : 1u);
 }
 
 TEST_F(ForkTest, AStartedDaemonRunsInTheRootDirectoryWithAPrivateUmask) {

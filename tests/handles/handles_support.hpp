@@ -112,7 +112,6 @@ class in_process_daemon {
     daemon_.reset();
   }
 
-  boost::asio::io_context& context() { return loop_.context(); }
   handle_daemon& operator*() { return *daemon_; }
   handle_daemon* operator->() { return daemon_.get(); }
   explicit operator bool() const { return daemon_ != nullptr; }
