@@ -410,10 +410,15 @@ class engine {
     }
   }
 
-  // Waits for bytes without Asio's async_wait(wait_read), which re-arms epoll
-  // (EPOLL_CTL_MOD) for every wait. A receive is started speculatively instead,
-  // and once one has seen the socket run dry, the next goes straight to the
-  // edge-triggered wait with no system call at all.
+  // Waits for bytes with a receive, which Asio first tries at once
+  // (speculatively): a try that finds the socket empty costs one recv that
+  // fails with EAGAIN, then the edge-triggered wait. (Asio tries again after
+  // every readiness event; only a receive of 0 bytes stops it, so the try is
+  // paid once per wait.) async_wait(wait_read) would re-arm epoll
+  // (EPOLL_CTL_MOD) instead: one system call either way for the receive that
+  // reads, but for the peek below the successful peek is a second recv before
+  // recvmsg, which a wait would save (per wake-up: peek EAGAIN + epoll_wait +
+  // peek + recvmsg against epoll_ctl + epoll_wait + recvmsg). Untried.
   //  - A peer that may send descriptors: the receive only peeks, so that
   //    recvmsg can take the bytes with their SCM_RIGHTS.
   //  - A peer that may not (peer_sends_fds false): the receive reads into
