@@ -410,20 +410,19 @@ class engine {
     }
   }
 
-  // Waits for bytes with a receive, which Asio first tries at once
-  // (speculatively): a try that finds the socket empty costs one recv that
-  // fails with EAGAIN, then the edge-triggered wait. (Asio tries again after
-  // every readiness event; only a receive of 0 bytes stops it, so the try is
-  // paid once per wait.) async_wait(wait_read) would re-arm epoll
-  // (EPOLL_CTL_MOD) instead: one system call either way for the receive that
-  // reads, but for the peek below the successful peek is a second recv before
-  // recvmsg, which a wait would save (per wake-up: peek EAGAIN + epoll_wait +
-  // peek + recvmsg against epoll_ctl + epoll_wait + recvmsg). Untried.
-  //  - A peer that may send descriptors: the receive only peeks, so that
-  //    recvmsg can take the bytes with their SCM_RIGHTS.
+  // Waits for bytes. Asio tries a receive at once (speculatively) and again
+  // after every readiness event (only a 0-byte receive stops it), so a wait
+  // by receive costs a recv that fails with EAGAIN each time the socket is
+  // empty; async_wait(wait_read) costs an EPOLL_CTL_MOD instead.
+  //  - A peer that may send descriptors: an async_wait, then read()'s
+  //    recvmsg takes the bytes with their SCM_RIGHTS. (A peek here cost an
+  //    EAGAIN peek, then a second recv before the recvmsg: per wake-up peek +
+  //    epoll_wait + peek + recvmsg, now epoll_ctl + epoll_wait + recvmsg.)
   //  - A peer that may not (peer_sends_fds false): the receive reads into
-  //    the reader's free space itself, saving the recvmsg. Descriptors sent
-  //    anyway are dropped by the kernel and the frame announcing them fails.
+  //    the reader's free space itself, saving the recvmsg (a failing recv and
+  //    a reading one, the same count as a wait and a recvmsg). Descriptors
+  //    sent anyway are dropped by the kernel and the frame announcing them
+  //    fails.
   // The free space stays put while the receive is pending: nothing touches
   // the reader until it completes (read_waiting keeps read() out).
   void wait_readable() {
@@ -445,7 +444,7 @@ class engine {
       };
     };
     // A connection that has received nothing yet holds no buffer: its first
-    // wait peeks, so an idle session costs none (see frame_reader::initial_size).
+    // wait only waits, so an idle session costs none (see frame_reader::initial_size).
     if (!s_.options.peer_sends_fds && s_.reader.has_buffer()) {
       const auto room = s_.reader.space(s_.options.max_frame_size);
       s_.socket.async_receive(
@@ -456,12 +455,11 @@ class engine {
                               })));
       return;
     }
-    s_.socket.async_receive(
-        asio::buffer(s_.peek_buffer), stream_socket::message_peek,
-        asio::bind_executor(s_.strand, resume([](engine e, error_code, std::size_t) {
-                              // EOF and socket errors are read() to find, as recvmsg reports them.
-                              e.read();
-                            })));
+    s_.socket.async_wait(stream_socket::wait_read,
+                         asio::bind_executor(s_.strand, [resume](error_code ec) {
+                           // EOF and socket errors are read() to find, as recvmsg reports them.
+                           resume([](engine e, error_code, std::size_t) { e.read(); })(ec, 0);
+                         }));
   }
 
   void wait_writable() {

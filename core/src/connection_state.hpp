@@ -86,8 +86,7 @@ struct connection::impl {
   connection_stats counters;
 
   detail::frame_reader reader;
-  bool read_waiting = false;           // a peek for readability is pending
-  std::array<char, 64> peek_buffer{};  // what the peek copies, never looked at
+  bool read_waiting = false;  // a wait (or receive) for readability is pending
   bool in_read = false;
   bool any_frame_received = false;
 

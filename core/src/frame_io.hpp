@@ -28,7 +28,7 @@ inline constexpr std::size_t max_fds_per_message = 64;
 class frame_reader {
  public:
   /// The buffer's size once the first byte is due: an idle connection costs
-  /// no buffer at all (when it waits with a peek), and a small one otherwise.
+  /// no buffer at all (it waits without one), and a small one otherwise.
   /// It grows with the frames that need more, and goes back to this size when
   /// it is empty and larger than `shrink_above`.
   static constexpr std::size_t initial_size = 4 * 1024;
