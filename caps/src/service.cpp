@@ -60,13 +60,10 @@ result<std::uint64_t> service::impl::begin_reply(server_channel& ch, message_id 
     }
     if (attempt > 0) return make_error_code(errc::no_buffers);
     lock.unlock();
-    // Disposals the client published free blocks: read them, then try again.
-    std::vector<event> events;
-    std::lock_guard read_lock(ch.read_mutex);
-    if (!ch.read_closed && ch.drain(events) && !events.empty()) {
-      std::lock_guard qlock(queue_mutex);
-      for (auto& e : events) queue.push_back(std::move(e));
-    }
+    // Disposals the client published free blocks: read them (as a receiver
+    // does: events queued and counted, a violation ends the client), then try
+    // again.
+    (void)drain(ch.shared_from_this());
   }
 }
 

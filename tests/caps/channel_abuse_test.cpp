@@ -165,6 +165,38 @@ TEST_F(ChannelAbuse, ADisposeOfAMessageNeverAnswered) {
   expect_dropped(bad);
 }
 
+// A reply that finds the client's reply arena full reads the client's ring
+// for disposals that free blocks: what it finds there is judged as any read
+// is, and a broken entry ends the client (it was consumed and forgotten).
+TEST_F(ChannelAbuse, ABrokenEntryFoundWhileAReplyWaitsForSpaceEndsTheClient) {
+  auto bad = raw_client::connect(path_);
+  constexpr std::size_t whole_arena = std::size_t{4} << 20;  // service_options' default
+  std::promise<void> asked;
+  std::promise<void> published;
+  auto published_done = published.get_future();
+  echo_ = std::make_unique<responder>(*svc_, [&](service& svc, const event& e) {
+    if (e.id == 1) {  // fills the reply arena: the client never disposes
+      (void)svc.reply_in_place(e.client, e.id, whole_arena, [](std::span<std::byte> out) {
+        std::memset(out.data(), 'r', out.size());
+      });
+      return;
+    }
+    asked.set_value();
+    (void)published_done.wait_for(5s);
+    (void)svc.reply(e.client, e.id, bytes("no room"));
+  });
+  auto asked_done = asked.get_future();
+  bad.put({static_cast<std::uint32_t>(entry_kind::request), 0, 1, 0, whole_arena});
+  bad.put({static_cast<std::uint32_t>(entry_kind::request), 0, 2, 0, 8});
+  bad.ring();
+  EXPECT_EQ(asked_done.wait_for(5s), std::future_status::ready);
+  bad.put({static_cast<std::uint32_t>(entry_kind::dispose), 0, 42, 0, 0});  // never answered
+  published.set_value();
+  EXPECT_EQ(bad.hung_up_because(), make_error_code(errc::protocol_violation));
+  EXPECT_GE(svc_->stats().protocol_violations, 1u);
+  echo_.reset();  // its answer refers to this test's promises
+}
+
 TEST_F(ChannelAbuse, AnUnknownEntryKind) {
   auto bad = raw_client::connect(path_);
   bad.put({99, 0, 1, 0, 0});
