@@ -23,7 +23,6 @@ client_core::client_core(asio::io_context& c, client_options o, blocking_connect
                          shm_segment seg, channel_layout l, unique_fd server_b, unique_fd client_b)
     : ctx(c),
       options(o),
-      epoch(fork_epoch()),
       ctrl(std::move(control)),
       server(ctrl.peer()),
       server_pidfd(open_pidfd(server.pid)),
@@ -41,7 +40,7 @@ client_core::client_core(asio::io_context& c, client_options o, blocking_connect
       pidfd_desc(c) {}
 
 error_code client_core::usable() const {
-  if (epoch != fork_epoch()) return make_error_code(errc::forked_copy);
+  if (fork.forked_copy()) return make_error_code(errc::forked_copy);
   return closed;
 }
 
@@ -318,7 +317,7 @@ result<bool> client_core::abort(message_id id, error_code outcome) {
 
 void client_core::dispose(message_id id) noexcept {
   std::lock_guard lock(mutex);
-  if (closed || epoch != fork_epoch()) return;
+  if (closed || fork.forked_copy()) return;
   // Not rung: the server reads it with the next request, or when it needs the space.
   if (!push({static_cast<std::uint32_t>(entry_kind::dispose), 0, id, 0, 0})) {
     fail_all(make_error_code(errc::protocol_violation));

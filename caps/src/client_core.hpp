@@ -15,6 +15,7 @@
 #include "channel.hpp"
 #include "uipc/caps/client.hpp"
 #include "uipc/core/blocking_connection.hpp"
+#include "uipc/core/process.hpp"
 #include "uipc/core/range_allocator.hpp"
 #include "uipc/core/shm.hpp"
 
@@ -65,7 +66,7 @@ struct client_core : std::enable_shared_from_this<client_core> {
 
   boost::asio::io_context& ctx;
   client_options options;
-  std::uint64_t epoch;
+  fork_guard fork;
   blocking_connection ctrl;
   peer_credentials server;
   unique_fd server_pidfd;

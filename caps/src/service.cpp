@@ -97,7 +97,7 @@ error_code service::impl::finish(server_channel& ch, message_id id, detail::entr
 
 error_code service::impl::answer(client_id client, message_id id, std::size_t size,
                                  const std::function<void(std::span<std::byte>)>& fill) {
-  if (epoch != fork_epoch()) return make_error_code(errc::forked_copy);
+  if (fork.forked_copy()) return make_error_code(errc::forked_copy);
   auto ch = find(client);
   if (!ch) return make_error_code(errc::disconnected);
   auto offset = begin_reply(*ch, id, size);
@@ -112,7 +112,7 @@ void service::impl::stop() {
   if (stopped.exchange(true)) return;
   if (srv) srv->stop();  // ends every session: session_ended for each (not in a forked copy)
   fail_async(make_error_code(errc::stopped));
-  if (epoch == fork_epoch()) {  // the bell and the point's files are the parent's
+  if (!fork.forked_copy()) {  // the bell and the point's files are the parent's
     const eventfd_t one = 1;
     (void)::eventfd_write(control_bell.get(), one);
     ::unlink(detail::info_path(socket_path).c_str());
@@ -224,7 +224,7 @@ void service::start_receive(receive_handler handler) {
     impl_->async_waiters.push_back(std::move(handler));
   }
   if (impl_->stopped.load()) return impl_->fail_async(make_error_code(errc::stopped));
-  if (impl_->epoch != fork_epoch()) return impl_->fail_async(make_error_code(errc::forked_copy));
+  if (impl_->fork.forked_copy()) return impl_->fail_async(make_error_code(errc::forked_copy));
   asio::post(impl_->ctx, [self = impl_] { self->serve_async(); });
 }
 
@@ -240,7 +240,7 @@ error_code service::reply_in_place(client_id client, message_id id, std::size_t 
 }
 
 error_code service::reject(client_id client, message_id id, errc ec) {
-  if (impl_->epoch != fork_epoch()) return make_error_code(errc::forked_copy);
+  if (impl_->fork.forked_copy()) return make_error_code(errc::forked_copy);
   auto ch = impl_->find(client);
   if (!ch) return make_error_code(errc::disconnected);
   using state = detail::server_channel::message_state;

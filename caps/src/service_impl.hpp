@@ -63,7 +63,7 @@ struct service::impl : std::enable_shared_from_this<impl> {
   std::string socket_path;
   unique_fd name_lock;
   point_info info;
-  std::uint64_t epoch = fork_epoch();
+  fork_guard fork;
   request_router router;
   std::unique_ptr<server> srv;
   unique_fd epoll;

@@ -151,7 +151,7 @@ bool service::impl::queue_empty() {
 
 result<event> service::impl::receive(clock::time_point deadline, std::span<std::byte>* into,
                                      std::size_t* size, bool wait) {
-  if (epoch != fork_epoch()) return make_error_code(errc::forked_copy);
+  if (fork.forked_copy()) return make_error_code(errc::forked_copy);
   std::unique_lock pump(pump_mutex, std::defer_lock);
   if (!pump.try_lock_until(deadline)) return make_error_code(uipc::errc::timed_out);
   auto& policy = wait_policy::this_thread();
@@ -188,7 +188,7 @@ result<event> service::impl::receive(clock::time_point deadline, std::span<std::
 void service::impl::serve_async() {
   // A forked child's copy (its loop run after notify_fork, with the waits the
   // parent had armed) must not drain the parent's rings and bells.
-  if (epoch != fork_epoch()) return fail_async(make_error_code(errc::forked_copy));
+  if (fork.forked_copy()) return fail_async(make_error_code(errc::forked_copy));
   for (;;) {
     {
       std::lock_guard lock(async_mutex);

@@ -200,7 +200,7 @@ class engine {
     // A copy a fork gave a child shares the socket with the parent, who still
     // uses it: the child only closes its descriptor (no frame, no notice, no
     // shutdown, all of which would reach the parent's peer).
-    const bool forked_copy = s_.epoch != fork_epoch();
+    const bool forked_copy = s_.fork.forked_copy();
     if (forked_copy) {
       s_.frames_deferred = 0;
       tell = notify::none;
@@ -436,7 +436,7 @@ class engine {
         auto& s = detail::connection_access::state(*self);
         s.read_waiting = false;
         if (ec == asio::error::operation_aborted || !s.open) return;
-        if (s.epoch != fork_epoch()) {  // a wait the parent armed, run by a forked child
+        if (s.fork.forked_copy()) {  // a wait the parent armed, run by a forked child
           engine(s, self).fail(asio::error::operation_aborted);
           return;
         }
@@ -470,7 +470,7 @@ class engine {
           auto& s = detail::connection_access::state(*self);
           s.write_waiting = false;
           if (ec || !s.open) return;
-          if (s.epoch != fork_epoch())  // the parent's frames are the parent's to send
+          if (s.fork.forked_copy())  // the parent's frames are the parent's to send
             return engine(s, self).fail(asio::error::operation_aborted);
           engine(s, self).write();
         }));
@@ -699,7 +699,7 @@ void connection::start_receive(frame_handler handler) {
 void connection::close() {
   // A forked child's copy closes its descriptor now: the child has one thread
   // (no strand to wait for), and its loop may never run again.
-  if (impl_->epoch != fork_epoch()) {
+  if (impl_->fork.forked_copy()) {
     engine(*impl_, shared_from_this()).fail(asio::error::operation_aborted);
     return;
   }

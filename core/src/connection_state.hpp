@@ -68,7 +68,7 @@ struct connection::impl {
   connection_strand strand;
   boost::asio::local::stream_protocol::socket socket;
   detail::connection_registry* registry = nullptr;  // of the context, once registered
-  std::uint64_t epoch = fork_epoch();               // see engine::fail: a forked child's copy
+  fork_guard fork;                                  // see engine::fail: a forked child's copy
   connection_options options;
   peer_credentials peer;
   boost::asio::steady_timer timer;

@@ -100,7 +100,7 @@ struct listener::impl {
   dev_t socket_device = 0;
   bool owns_file = true;  // false: the service manager's socket, left in place
   bool closed = false;
-  std::uint64_t epoch = fork_epoch();  // a forked child's copy leaves the file alone
+  fork_guard fork;  // a forked child's copy leaves the file alone
 };
 
 result<std::unique_ptr<listener>> listener::bind(asio::io_context& ctx, const std::string& path,
@@ -186,7 +186,7 @@ void listener::close() {
   // Remove the socket file only if it is still ours, then the lock (which
   // removes its file while still holding it).
   struct stat st {};
-  if (impl_->owns_file && impl_->epoch == fork_epoch() && ::lstat(impl_->path.c_str(), &st) == 0 &&
+  if (impl_->owns_file && !impl_->fork.forked_copy() && ::lstat(impl_->path.c_str(), &st) == 0 &&
       st.st_ino == impl_->socket_inode && st.st_dev == impl_->socket_device) {
     ::unlink(impl_->path.c_str());
   }

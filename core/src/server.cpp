@@ -74,7 +74,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
 
   std::atomic<bool> stopped{false};
   std::atomic<std::uint64_t> in_flight{0};
-  const std::uint64_t fork_generation = fork_epoch();  // see drop_forked_copy
+  fork_guard fork;  // see drop_forked_copy
   std::atomic<std::uint64_t> requests{0};
   std::atomic<std::uint64_t> errors{0};
 
@@ -93,8 +93,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
 
   void accepted(error_code ec, unique_fd fd) {
     if (ec == asio::error::operation_aborted) return;
-    if (fork_generation != fork_epoch())
-      return;  // an accept the parent armed, run by a forked child
+    if (fork.forked_copy()) return;  // an accept the parent armed, run by a forked child
     if (ec) {
       std::lock_guard lock(mutex);
       if (stopped || !accept_socket) return;
@@ -231,7 +230,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
 
   // False once the server stops: the session is being ended by stop().
   bool serve(server_session& s, const frame& f) {
-    if (fork_generation != fork_epoch()) return false;  // the parent's request (drop_forked_copy)
+    if (fork.forked_copy()) return false;  // the parent's request (drop_forked_copy)
     in_flight.fetch_add(1);
     if (stopped.load()) {
       in_flight.fetch_sub(1);
@@ -256,7 +255,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
   void end(server_session& s, error_code reason) {
     // A forked child's copy ending (its inherited read closed it): the session
     // is the parent's, and so is what the hook would release.
-    if (fork_generation != fork_epoch()) return;
+    if (fork.forked_copy()) return;
     bool trim = false;
     {
       std::lock_guard lock(mutex);
@@ -304,7 +303,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
   }
 
   void stop() {
-    if (fork_generation != fork_epoch()) return drop_forked_copy();
+    if (fork.forked_copy()) return drop_forked_copy();
     std::unordered_map<std::uint64_t, std::shared_ptr<server_session>> ending;
     {
       std::lock_guard lock(mutex);

@@ -151,7 +151,7 @@ void handle_daemon::impl::arm_repair_timer() {
 // then unmaps the segment. A forked child's copy only lets go of its own
 // descriptors and mapping (the server kit drops its copy likewise).
 void handle_daemon::impl::stop() {
-  const bool forked_copy = fork_generation != fork_epoch();
+  const bool forked_copy = fork.forked_copy();
   {
     std::unique_lock lock(mutex, std::defer_lock);
     if (!forked_copy) {

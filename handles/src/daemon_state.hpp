@@ -55,7 +55,7 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
   // A copy a fork gave a child (fork without exec) serves nothing: the segment
   // and the sessions are the parent's, and stopping the copy must not tell
   // the parent's clients the daemon stopped.
-  const std::uint64_t fork_generation = fork_epoch();
+  fork_guard fork;
   std::optional<shm_segment> segment;
   detail::segment_view view;
   /// Holds the segment's death word while the daemon serves; let go (and

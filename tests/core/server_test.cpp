@@ -489,33 +489,6 @@ TEST_F(ServerTest, StopWaitsForRunningHandlersThenEndsEverySessionOnce) {
   for (const auto& [id, n] : ended_) EXPECT_EQ(n, 1) << id;
 }
 
-// Stopped outside its loop, the server posts its sessions' closes; a loop
-// that stops before they run leaves nothing behind when its context goes.
-TEST(ServerLifetimeTest, AServerStoppedAfterItsLoopLeavesNothingWithTheContext) {
-  test::temp_dir dir;
-  request_router router;
-  std::weak_ptr<server_session> session_left;
-  std::atomic<bool> started{false};
-  {
-    boost::asio::io_context ctx;
-    server_options o;
-    o.on_session_start = [&](const std::shared_ptr<server_session>& s) {
-      session_left = s;
-      started = true;
-    };
-    auto srv = server::start(ctx, dir.file("s.sock"), router, std::move(o));
-    ASSERT_TRUE(srv) << srv.error().message();
-    auto client = blocking_connection::connect(dir.file("s.sock"));
-    ASSERT_TRUE(client) << client.error().message();
-    for (int i = 0; i < 1000 && !started; ++i) ctx.run_for(std::chrono::milliseconds(5));
-    ASSERT_TRUE(started.load());
-    ctx.poll();  // the session's receive is waiting
-    (*srv)->stop();
-    srv->reset();
-  }
-  EXPECT_TRUE(session_left.expired()) << "the session outlived its context";
-}
-
 // A program serving on a server that forks. The child goes on with Asio
 // (notify_fork, then its loop) while the parent's client sends a request: the
 // child's copy takes nothing (the parent serves the request), and stopping

@@ -29,4 +29,15 @@ bool process_alive(std::int32_t pid) noexcept;
 /// shared memory). Lock-free; cheap enough for every call.
 std::uint64_t fork_epoch() noexcept;
 
+/// What an object that must tell a forked child's copy of itself keeps: the
+/// fork epoch it was made in.
+class fork_guard {
+ public:
+  /// True in a child made by fork() since this object was made.
+  bool forked_copy() const noexcept { return made_in_ != fork_epoch(); }
+
+ private:
+  std::uint64_t made_in_ = fork_epoch();
+};
+
 }  // namespace uipc
