@@ -6,6 +6,7 @@
 #include <boost/asio/post.hpp>
 #include <climits>
 #include <cstring>
+#include <new>
 
 #include "client_core.hpp"
 #include "completion.hpp"
@@ -37,7 +38,24 @@ client_core::client_core(asio::io_context& c, client_options o, blocking_connect
       from_server(&shared->to_client),
       request_space(l.request_arena_size, payload_alignment),
       bell_desc(c),
-      pidfd_desc(c) {}
+      pidfd_desc(c),
+      registration(c, *this) {}
+
+void client_core::drop_handlers() noexcept {
+  // Destroyed after the lock (declared before it): a handler may own the client.
+  std::vector<client::call_handler> handlers;
+  std::vector<std::function<void()>> collected;
+  std::lock_guard lock(mutex);
+  collected.swap(completions);
+  try {
+    handlers.reserve(calls.size());
+    for (auto& entry : calls) {
+      if (entry.second.handler) handlers.emplace_back(std::move(entry.second.handler));
+    }
+  } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch)
+    // The reserve failed: the calls keep their handlers (a leak at worst).
+  }
+}
 
 error_code client_core::usable() const {
   if (fork.forked_copy()) return make_error_code(errc::forked_copy);

@@ -15,18 +15,27 @@
 #include "channel.hpp"
 #include "uipc/caps/client.hpp"
 #include "uipc/core/blocking_connection.hpp"
+#include "uipc/core/handler_store.hpp"
 #include "uipc/core/process.hpp"
 #include "uipc/core/range_allocator.hpp"
 #include "uipc/core/shm.hpp"
 
 namespace uipc::caps::detail {
 
-struct client_core : std::enable_shared_from_this<client_core> {
+struct client_core final : std::enable_shared_from_this<client_core>, handler_store {
   using clock = std::chrono::steady_clock;
 
   client_core(boost::asio::io_context& ctx, client_options options, blocking_connection ctrl,
               shm_segment segment, channel_layout layout, unique_fd server_bell,
               unique_fd client_bell);
+  client_core(const client_core&) = delete;
+  client_core& operator=(const client_core&) = delete;
+  ~client_core() = default;
+
+  /// The context is going with async calls never completed: their handlers,
+  /// and the completions collected and not yet run, go with it (see
+  /// handler_store.hpp).
+  void drop_handlers() noexcept override;
 
   // ---- calls (the public operations) ----
   result<message_id> send(std::size_t size, const std::function<void(std::span<std::byte>)>& fill,
@@ -99,6 +108,8 @@ struct client_core : std::enable_shared_from_this<client_core> {
   std::size_t async_waiting = 0;
   bool bell_armed = false;
   bool pidfd_armed = false;
+
+  handler_registration registration;  // last: see handler_registration
 };
 
 }  // namespace uipc::caps::detail

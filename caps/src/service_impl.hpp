@@ -25,6 +25,7 @@
 
 #include "server_channel.hpp"
 #include "uipc/caps/service.hpp"
+#include "uipc/core/handler_store.hpp"
 #include "uipc/core/process.hpp"
 
 namespace uipc::caps {
@@ -53,9 +54,12 @@ inline frame error_notice(error_code ec) {
 
 using detail::server_channel;
 
-struct service::impl : std::enable_shared_from_this<impl> {
+struct service::impl final : std::enable_shared_from_this<impl>, handler_store {
   impl(boost::asio::io_context& c, service_options o)
-      : ctx(c), options(std::move(o)), epoll_desc(c) {}
+      : ctx(c), options(std::move(o)), epoll_desc(c), registration(c, *this) {}
+  impl(const impl&) = delete;
+  impl& operator=(const impl&) = delete;
+  ~impl() = default;
 
   boost::asio::io_context& ctx;
   service_options options;
@@ -197,6 +201,16 @@ struct service::impl : std::enable_shared_from_this<impl> {
   error_code answer(client_id client, message_id id, std::size_t size,
                     const std::function<void(std::span<std::byte>)>& fill);
   void stop();
+
+  // The context is going with async receives never completed: they go with
+  // it (see handler_store.hpp).
+  void drop_handlers() noexcept override {
+    std::deque<receive_handler> dropped;
+    std::lock_guard lock(async_mutex);
+    dropped.swap(async_waiters);
+  }
+
+  handler_registration registration;  // last: see handler_registration
 };
 
 }  // namespace uipc::caps

@@ -5,7 +5,9 @@
 #include <array>
 #include <boost/asio/append.hpp>
 #include <boost/asio/error.hpp>
+#include <boost/asio/execution/context.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/query.hpp>
 #include <cassert>
 #include <limits>
 #include <new>
@@ -67,7 +69,8 @@ buffer_pool::buffer_pool(asio::any_io_executor executor, std::size_t buffer_size
       count_(count),
       storage_(std::move(storage)),
       next_(std::move(next)),
-      head_(count == 0 ? empty_ : 0) {
+      head_(count == 0 ? empty_ : 0),
+      registration_(asio::query(executor_, asio::execution::context), *this) {
   for (std::uint32_t i = 0; i < count; ++i) next_[i].store(i + 1 == count ? empty_ : i + 1);
 }
 
@@ -225,6 +228,13 @@ void buffer_pool::cancel() {
     waiting_.fetch_sub(aborted.size());
   }
   for (auto& handler : aborted) complete(std::move(handler), asio::error::operation_aborted, {});
+}
+
+void buffer_pool::drop_handlers() noexcept {
+  std::deque<handler_type> dropped;
+  std::lock_guard lock(waiters_mutex_);
+  dropped.swap(waiters_);
+  waiting_.fetch_sub(dropped.size());
 }
 
 void buffer_pool::complete(handler_type handler, error_code ec, pooled_buffer buffer) {

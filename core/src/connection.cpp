@@ -30,64 +30,9 @@ struct connection_access {
   static connection::impl& state(connection& c) noexcept { return *c.impl_; }
 };
 
-// Every connection of an io_context, so that the handlers a connection stores
-// itself (receivers, calls, sends in its outbox) share the fate of the handlers
-// Asio stores: when the context is destroyed with them never run, they are
-// destroyed too. Otherwise a handler that holds what holds the connection (a
-// server's receive handler holds the session, which holds the connection) is a
-// cycle that outlives the context — as when a server is stopped from another
-// thread and the loop stops before the posted closes run.
-class connection_registry : public asio::execution_context::service {
- public:
-  using key_type = connection_registry;
-  static inline asio::execution_context::id id;  // use_service requires it
-
-  explicit connection_registry(asio::execution_context& ctx) : service(ctx) {}
-
-  void add(connection::impl* s, std::weak_ptr<connection> c) {
-    std::lock_guard lock(mutex_);
-    live_.emplace(s, std::move(c));
-  }
-  void remove(connection::impl* s) {
-    std::lock_guard lock(mutex_);
-    live_.erase(s);
-  }
-
- private:
-  // The context is being destroyed: no thread runs it, so the strands' state
-  // may be touched here. Registered after the socket service, the registry
-  // shuts down before the reactor and the scheduler, which are still whole
-  // while the handlers (and perhaps connections) go.
-  void shutdown() override {
-    std::vector<connection::pointer> alive;
-    {
-      std::lock_guard lock(mutex_);
-      for (auto& entry : live_) {
-        if (auto c = entry.second.lock()) alive.push_back(std::move(c));
-      }
-    }
-    for (auto& c : alive) {
-      auto& s = connection_access::state(*c);
-      auto receivers = std::move(s.receivers);
-      auto calls = std::move(s.calls);
-      auto outbox = std::move(s.outbox);
-      s.receivers.clear();
-      s.calls.clear();
-      s.outbox.clear();
-      s.outbox_bytes = s.outbox_reply_bytes = 0;
-      s.publish();
-    }  // the handlers go here, each connection with its last reference below
-  }
-
-  std::mutex mutex_;
-  std::unordered_map<connection::impl*, std::weak_ptr<connection>> live_;
-};
-
 }  // namespace detail
 
 namespace {
-
-using detail::connection_registry;
 
 constexpr std::size_t max_iov = 64;
 
@@ -527,7 +472,6 @@ connection::~connection() {
   // The last reference went while the connection was open: nothing can wait
   // on it any more, but handlers it holds (calls in flight) still complete.
   engine(*impl_, nullptr).fail(asio::error::operation_aborted);
-  if (impl_->registry) impl_->registry->remove(impl_.get());
 }
 
 result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd fd,
@@ -548,8 +492,6 @@ result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd f
   state->peer = *cred;
   auto c = pointer(new connection(
       std::move(state)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
-  c->impl_->registry = &asio::use_service<connection_registry>(ctx);
-  c->impl_->registry->add(c->impl_.get(), c);
   asio::dispatch(c->impl_->strand, [self = c] { engine(*self->impl_, self).read(); });
   return c;
 }

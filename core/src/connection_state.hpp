@@ -21,15 +21,12 @@
 
 #include "frame_io.hpp"
 #include "uipc/core/framed.hpp"
+#include "uipc/core/handler_store.hpp"
 #include "uipc/core/process.hpp"
 
 namespace uipc {
 
 using connection_strand = boost::asio::strand<boost::asio::io_context::executor_type>;
-
-namespace detail {
-class connection_registry;
-}
 
 /// A stored completion handler plus outstanding work on its executor, as Asio's
 /// own operations keep it: a run() on that executor does not return while the
@@ -57,18 +54,21 @@ struct outgoing_frame {
   bool is_reply = false;
 };
 
-struct connection::impl {
+struct connection::impl final : handler_store {
   impl(boost::asio::io_context& ctx, boost::asio::local::stream_protocol::socket s,
        connection_options o)
       : strand(boost::asio::make_strand(ctx)),
         socket(std::move(s)),
         options(std::move(o)),
-        timer(strand) {}
+        timer(strand),
+        registration(ctx, *this) {}
+  impl(const impl&) = delete;
+  impl& operator=(const impl&) = delete;
+  ~impl() = default;
 
   connection_strand strand;
   boost::asio::local::stream_protocol::socket socket;
-  detail::connection_registry* registry = nullptr;  // of the context, once registered
-  fork_guard fork;                                  // see engine::fail: a forked child's copy
+  fork_guard fork;  // see engine::fail: a forked child's copy
   connection_options options;
   peer_credentials peer;
   boost::asio::steady_timer timer;
@@ -133,6 +133,24 @@ struct connection::impl {
     published = counters;
     published_reason = reason;
   }
+
+  // The handlers the connection stores itself (receivers, calls, sends in the
+  // outbox) go with the context, as Asio's own do: a server's receive handler
+  // holds the session, which holds the connection, a cycle otherwise (as when
+  // a server is stopped from another thread and the loop stops before the
+  // posted closes run). No thread runs the strand now.
+  void drop_handlers() noexcept override {
+    auto dropped_receivers = std::move(receivers);
+    auto dropped_calls = std::move(calls);
+    auto dropped_outbox = std::move(outbox);
+    receivers.clear();
+    calls.clear();
+    outbox.clear();
+    outbox_bytes = outbox_reply_bytes = 0;
+    publish();
+  }  // the handlers go here, perhaps with the connection: nothing touches it after
+
+  handler_registration registration;  // last: it ends before anything drop_handlers touches
 };
 
 }  // namespace uipc

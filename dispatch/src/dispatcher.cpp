@@ -184,7 +184,11 @@ std::size_t id_key_hash::operator()(const id_key& k) const noexcept {
 
 engine::engine(asio::io_context& ctx, const dispatcher_options& options,
                std::unique_ptr<buffer_pool> pool)
-    : ctx_(ctx), options_(options), pool_(std::move(pool)), timer_(ctx) {}
+    : ctx_(ctx),
+      options_(options),
+      pool_(std::move(pool)),
+      timer_(ctx),
+      registration_(ctx, *this) {}
 
 engine::~engine() {
   // Every buffer is back by now: queues were emptied in close(), events keep the

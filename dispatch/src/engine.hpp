@@ -19,6 +19,7 @@
 
 #include "exclusive.hpp"
 #include "uipc/core/buffer_pool.hpp"
+#include "uipc/core/handler_store.hpp"
 #include "uipc/dispatch/dispatcher.hpp"
 
 namespace uipc::dispatch::detail {
@@ -259,11 +260,18 @@ struct send_results {
 /// bad_alloc there would leave a socket marked receiving and never armed).
 using sockets_to_arm = boost::container::static_vector<socket_state*, 64>;
 
-class engine : public std::enable_shared_from_this<engine> {
+class engine final : public std::enable_shared_from_this<engine>, handler_store {
  public:
   engine(boost::asio::io_context& ctx, const dispatcher_options& options,
          std::unique_ptr<buffer_pool> pool);
   ~engine();
+  engine(const engine&) = delete;
+  engine& operator=(const engine&) = delete;
+
+  /// The context is going with handlers stored here never run: the parties'
+  /// receives, the sends queued on the sockets, the port waiters (see
+  /// handler_store.hpp).
+  void drop_handlers() noexcept override;
 
   result<void> open(const udp::endpoint& local);
   void set_port_range(std::uint16_t first, std::uint16_t last, std::uint32_t recent) {
@@ -464,6 +472,8 @@ class engine : public std::enable_shared_from_this<engine> {
       send_errors_{0}, dropped_no_memory_{0}, exclusive_received_{0},
       exclusive_dropped_unmatched_{0}, exclusive_port_redraws_{0}, exclusive_socket_errors_{0},
       exclusive_no_port_{0}, exclusive_reused_{0};
+
+  handler_registration registration_;  // last: see handler_registration
 };
 
 // Shared by the dispatcher's source files (dispatcher, parties, receive, send).

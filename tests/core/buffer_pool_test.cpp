@@ -4,7 +4,11 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -419,6 +423,28 @@ TEST(BufferPoolTest, CreateRefusesBadArgumentsWithAnErrorNotAnException) {
   ASSERT_TRUE(none);
   EXPECT_EQ((*none)->capacity(), 0u);
   EXPECT_FALSE((*none)->try_acquire());
+}
+
+// A waiter the context never completed goes with the context, as Asio's own
+// operations do, even one that owns the pool it waits on.
+boost::asio::awaitable<void> acquire_owning(std::unique_ptr<buffer_pool> pool,
+                                            std::shared_ptr<int> marker) {
+  co_await pool->async_acquire(boost::asio::as_tuple(boost::asio::use_awaitable));
+  (void)marker;
+}
+
+TEST(BufferPoolLifetimeTest, AWaiterThatOwnsItsPoolGoesWithTheContext) {
+  std::weak_ptr<int> alive;
+  {
+    boost::asio::io_context ctx;
+    auto marker = std::make_shared<int>(1);
+    alive = marker;
+    boost::asio::co_spawn(ctx, acquire_owning(make_pool(ctx, 64, 0), std::move(marker)),
+                          boost::asio::detached);
+    ctx.poll();  // the wait starts: a pool of no buffers is always dry
+    EXPECT_FALSE(alive.expired());
+  }
+  EXPECT_TRUE(alive.expired()) << "the coroutine (and the pool it owns) outlived its context";
 }
 
 }  // namespace

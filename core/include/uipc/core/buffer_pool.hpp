@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "uipc/core/error.hpp"
+#include "uipc/core/handler_store.hpp"
 
 namespace uipc {
 
@@ -72,7 +73,10 @@ class pooled_buffer {
 ///
 /// Threading: every member may be called from any thread. Acquire and release
 /// are lock-free unless someone waits.
-class buffer_pool {
+///
+/// When the executor's context is destroyed with waiters never completed,
+/// they are destroyed with it (handler_store.hpp), as Asio's own operations are.
+class buffer_pool final : handler_store {
  public:
   /// A pool of `count` buffers of `buffer_size` bytes each, allocated now (zero
   /// buffers is a pool that is always dry); waiters complete on `executor`
@@ -156,6 +160,9 @@ class buffer_pool {
   std::atomic<std::size_t> waiting_{0};
   std::mutex waiters_mutex_;
   std::deque<handler_type> waiters_;
+  handler_registration registration_;  // last: see handler_registration
+
+  void drop_handlers() noexcept override;
 };
 
 }  // namespace uipc

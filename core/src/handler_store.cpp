@@ -1,0 +1,77 @@
+// The registry of handler stores, one per io_context (see handler_store.hpp).
+#include "uipc/core/handler_store.hpp"
+
+#include <boost/asio/io_context.hpp>
+// After io_context.hpp: the reactor header alone does not compile.
+#include <boost/asio/detail/reactor.hpp>
+#include <mutex>
+#include <unordered_set>
+
+namespace uipc::detail {
+
+namespace asio = boost::asio;
+
+// An execution_context service: the context shuts its services down in the
+// reverse order of their creation, before it destroys any. The registry is
+// created after the reactor (see handler_registration), so it shuts down
+// before the reactor and the scheduler, which are still whole while the
+// stores' handlers (and perhaps the stores, and their sockets) go.
+class handler_registry : public asio::execution_context::service {
+ public:
+  using key_type = handler_registry;
+  static inline asio::execution_context::id id;  // use_service requires it
+
+  explicit handler_registry(asio::execution_context& ctx) : service(ctx) {}
+
+  void add(handler_store* s) {
+    std::lock_guard lock(mutex_);
+    stores_.insert(s);
+  }
+  void remove(handler_store* s) noexcept {
+    std::lock_guard lock(mutex_);
+    stores_.erase(s);
+  }
+
+ private:
+  // One store at a time, taken off the set before it drops its handlers: their
+  // destruction may destroy it, or other stores (which leave the set as they
+  // go), so nothing here holds a store across a drop.
+  void shutdown() override {
+    for (;;) {
+      handler_store* s = nullptr;
+      {
+        std::lock_guard lock(mutex_);
+        if (stores_.empty()) return;
+        auto it = stores_.begin();
+        s = *it;
+        stores_.erase(it);
+      }
+      s->drop_handlers();
+    }
+  }
+
+  std::mutex mutex_;
+  std::unordered_set<handler_store*> stores_;
+};
+
+}  // namespace uipc::detail
+
+namespace uipc {
+
+handler_registration::handler_registration(boost::asio::execution_context& ctx,
+                                           handler_store& store) {
+  // The reactor first, if nothing made it yet: see handler_registry.
+  boost::asio::use_service<boost::asio::detail::reactor>(ctx);
+  auto& registry = boost::asio::use_service<detail::handler_registry>(ctx);
+  registry.add(&store);
+  registry_ = &registry;
+  store_ = &store;
+}
+
+void handler_registration::reset() noexcept {
+  if (registry_ != nullptr) registry_->remove(store_);
+  registry_ = nullptr;
+  store_ = nullptr;
+}
+
+}  // namespace uipc
