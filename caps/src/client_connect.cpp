@@ -98,6 +98,7 @@ result<std::shared_ptr<detail::client_core>> take_channel(boost::asio::io_contex
   auto core = std::make_shared<detail::client_core>(
       ctx, options, std::move(ctrl), std::move(*segment), layout, std::move(first->fds[1]),
       std::move(first->fds[2]));
+  core->registration.hold(core);
   core->generation = w.generation();
   core->gid = w.gid();
   core->max_in_flight = w.max_in_flight();

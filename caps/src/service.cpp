@@ -138,6 +138,7 @@ result<std::unique_ptr<service>> service::register_point(asio::io_context& ctx,
   detail::reclaim_dead_instances(*dir, name);
 
   auto p = std::make_shared<impl>(ctx, options);
+  p->registration.hold(p);
   p->name = std::string(name);
   p->name_lock = std::move(*lock);
   static std::atomic<std::uint32_t> instances{0};

@@ -5,9 +5,11 @@
 #include <array>
 #include <boost/asio/append.hpp>
 #include <boost/asio/error.hpp>
+#include <boost/asio/execution/bad_executor.hpp>
 #include <boost/asio/execution/context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/query.hpp>
+#include <boost/system/system_error.hpp>
 #include <cassert>
 #include <limits>
 #include <new>
@@ -58,6 +60,10 @@ result<std::unique_ptr<buffer_pool>> buffer_pool::create(asio::any_io_executor e
                                                         std::move(storage), std::move(next)));
   } catch (const std::bad_alloc&) {
     return make_error_code(boost::system::errc::not_enough_memory);
+  } catch (const boost::system::system_error& e) {  // the context's reactor (handler_store.hpp)
+    return e.code();
+  } catch (const asio::execution::bad_executor&) {
+    return make_error_code(boost::system::errc::invalid_argument);
   }
 }
 
@@ -231,10 +237,16 @@ void buffer_pool::cancel() {
 }
 
 void buffer_pool::drop_handlers() noexcept {
-  std::deque<handler_type> dropped;
-  std::lock_guard lock(waiters_mutex_);
-  dropped.swap(waiters_);
-  waiting_.fetch_sub(dropped.size());
+  try {
+    std::deque<handler_type> dropped;  // may allocate: libstdc++'s deque does
+    {
+      std::lock_guard lock(waiters_mutex_);
+      dropped.swap(waiters_);
+      waiting_.fetch_sub(dropped.size());
+    }
+  } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch)
+    // The waiters stay (a leak at worst).
+  }  // the waiters went: nothing of the pool is touched after them
 }
 
 void buffer_pool::complete(handler_type handler, error_code ec, pooled_buffer buffer) {

@@ -492,6 +492,7 @@ result<connection::pointer> connection::adopt(asio::io_context& ctx, unique_fd f
   state->peer = *cred;
   auto c = pointer(new connection(
       std::move(state)));  // NOLINT(cppcoreguidelines-owning-memory): private constructor
+  c->impl_->registration.hold(c);
   asio::dispatch(c->impl_->strand, [self = c] { engine(*self->impl_, self).read(); });
   return c;
 }

@@ -4,8 +4,9 @@
 #include <boost/asio/io_context.hpp>
 // After io_context.hpp: the reactor header alone does not compile.
 #include <boost/asio/detail/reactor.hpp>
+#include <memory>
 #include <mutex>
-#include <unordered_set>
+#include <unordered_map>
 
 namespace uipc::detail {
 
@@ -25,7 +26,14 @@ class handler_registry : public asio::execution_context::service {
 
   void add(handler_store* s) {
     std::lock_guard lock(mutex_);
-    stores_.insert(s);
+    stores_.emplace(s, entry{});
+  }
+  void hold(handler_store* s, std::weak_ptr<const void> owner) noexcept {
+    std::lock_guard lock(mutex_);
+    if (auto it = stores_.find(s); it != stores_.end()) {
+      it->second.owner = std::move(owner);
+      it->second.owned = true;
+    }
   }
   void remove(handler_store* s) noexcept {
     std::lock_guard lock(mutex_);
@@ -33,25 +41,35 @@ class handler_registry : public asio::execution_context::service {
   }
 
  private:
-  // One store at a time, taken off the set before it drops its handlers: their
-  // destruction may destroy it, or other stores (which leave the set as they
-  // go), so nothing here holds a store across a drop.
+  struct entry {
+    std::weak_ptr<const void> owner;
+    bool owned = false;
+  };
+
+  // One store at a time, taken off the map before it drops its handlers: their
+  // destruction may destroy it, or other stores (which leave the map as they
+  // go), so nothing here holds a store's address across a drop. A store with
+  // an owner is held through the drop (see handler_registration::hold).
   void shutdown() override {
     for (;;) {
       handler_store* s = nullptr;
+      entry e;
       {
         std::lock_guard lock(mutex_);
         if (stores_.empty()) return;
         auto it = stores_.begin();
-        s = *it;
+        s = it->first;
+        e = std::move(it->second);
         stores_.erase(it);
       }
+      const std::shared_ptr<const void> held = e.owner.lock();
+      if (e.owned && !held) continue;  // going already: its destructor ends its work
       s->drop_handlers();
-    }
+    }  // `held` goes last, perhaps with the store
   }
 
   std::mutex mutex_;
-  std::unordered_set<handler_store*> stores_;
+  std::unordered_map<handler_store*, entry> stores_;
 };
 
 }  // namespace uipc::detail
@@ -66,6 +84,10 @@ handler_registration::handler_registration(boost::asio::execution_context& ctx,
   registry.add(&store);
   registry_ = &registry;
   store_ = &store;
+}
+
+void handler_registration::hold(std::weak_ptr<const void> owner) noexcept {
+  if (registry_ != nullptr) registry_->hold(store_, std::move(owner));
 }
 
 void handler_registration::reset() noexcept {

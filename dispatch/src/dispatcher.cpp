@@ -413,6 +413,7 @@ result<ref_ptr<dispatcher>> dispatcher::create(asio::io_context& context,
   if (!pool) return make_error_code(errc::bad_options);
   try {
     auto e = std::make_shared<detail::engine>(context, options, std::move(*pool));
+    e->hold_registration();
     e->set_port_range(first_port, last_port, recent_ports);
     if (auto opened = e->open(local); !opened) return opened.error();
     return ref_ptr<dispatcher>(new dispatcher(

@@ -272,6 +272,8 @@ class engine final : public std::enable_shared_from_this<engine>, handler_store 
   /// receives, the sends queued on the sockets, the port waiters (see
   /// handler_store.hpp).
   void drop_handlers() noexcept override;
+  /// Once a shared_ptr owns the engine (see handler_registration::hold).
+  void hold_registration() noexcept { registration_.hold(weak_from_this()); }
 
   result<void> open(const udp::endpoint& local);
   void set_port_range(std::uint16_t first, std::uint16_t last, std::uint32_t recent) {

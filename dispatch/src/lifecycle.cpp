@@ -5,6 +5,7 @@
 #include <boost/asio/post.hpp>
 #include <deque>
 #include <memory>
+#include <new>
 
 #include "engine.hpp"
 
@@ -19,25 +20,33 @@ namespace detail {
 void engine::drop_handlers() noexcept {
   // Moved out under the locks, destroyed after them (at the end of this
   // function, in reverse order): a handler may own a response or a listener,
-  // whose detach comes back here, or the last reference on this engine.
-  std::vector<receive_handler> receives;
-  std::deque<std::unique_ptr<port_waiter>> port_waiters;
-  std::vector<fifo<outgoing>> sends;
+  // whose detach comes back here. The registry holds the engine meanwhile.
   try {
-    std::lock_guard lock(mutex_);
-    const auto take = [&](party* p) {
-      if (!p->waiter_) return;
-      receives.emplace_back();
-      receives.back().swap(p->waiter_);
-      p->waiter_loop_executor_ = false;
-    };
-    for (auto& entry : responses_) take(entry.second);
-    for (party* p : exclusive_) take(p);
-    for (party* p : listeners_) take(p);
-    port_waiters.swap(port_waiters_);
+    std::vector<receive_handler> receives;
+    std::deque<std::unique_ptr<port_waiter>> port_waiters;
+    std::vector<fifo<outgoing>> sends;
+    sends.reserve(sockets_.size());
+    {
+      std::lock_guard lock(mutex_);
+      const auto take = [&](party* p) {
+        if (!p->waiter_) return;
+        receives.emplace_back();
+        receives.back().swap(p->waiter_);
+        p->waiter_loop_executor_ = false;
+      };
+      for (auto& entry : responses_) take(entry.second);
+      for (party* p : exclusive_) take(p);
+      for (party* p : listeners_) take(p);
+      port_waiters.swap(port_waiters_);
+    }
+    // Not under mutex_: a socket's io_mutex comes first where both are taken.
     for (auto& s : sockets_) {
       std::lock_guard io(s->io_mutex);
-      sends.emplace_back().swap(s->send_queue);
+      sends.emplace_back().swap(s->send_queue);  // reserved: no allocation
+    }
+    // The buffers back to the pool before their sends' handlers go.
+    for (auto& queue : sends) {
+      for (outgoing& out : queue) out.buffer.reset();
     }
   } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch)
     // What was taken goes; the rest stays with the engine (a leak at worst).

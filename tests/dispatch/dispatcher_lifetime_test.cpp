@@ -48,32 +48,32 @@ class DispatcherLifetimeTest : public ::testing::Test {
 };
 
 TEST_F(DispatcherLifetimeTest, AResponseOnTheSharedSocket) {
-  expect_gone_with_the_context({}, [](auto& ctx, ref_ptr<dispatcher> d, udp::endpoint peer,
-                                      std::shared_ptr<int> marker) {
-    auto r = d->add_response(peer);
-    ASSERT_TRUE(r);
-    asio::co_spawn(ctx, receive_owning(std::move(*r), std::move(marker)), asio::detached);
-  });
+  expect_gone_with_the_context(
+      {}, [](auto& ctx, ref_ptr<dispatcher> d, udp::endpoint peer, std::shared_ptr<int> marker) {
+        auto r = d->add_response(peer);
+        ASSERT_TRUE(r);
+        asio::co_spawn(ctx, receive_owning(std::move(*r), std::move(marker)), asio::detached);
+      });
 }
 
 TEST_F(DispatcherLifetimeTest, AResponseOnAnExclusivePort) {
-  expect_gone_with_the_context({}, [](auto& ctx, ref_ptr<dispatcher> d, udp::endpoint peer,
-                                      std::shared_ptr<int> marker) {
-    response_options o;
-    o.ports = port_mode::exclusive;
-    auto r = d->add_response(peer, o);
-    ASSERT_TRUE(r) << r.error().message();
-    asio::co_spawn(ctx, receive_owning(std::move(*r), std::move(marker)), asio::detached);
-  });
+  expect_gone_with_the_context(
+      {}, [](auto& ctx, ref_ptr<dispatcher> d, udp::endpoint peer, std::shared_ptr<int> marker) {
+        response_options o;
+        o.ports = port_mode::exclusive;
+        auto r = d->add_response(peer, o);
+        ASSERT_TRUE(r) << r.error().message();
+        asio::co_spawn(ctx, receive_owning(std::move(*r), std::move(marker)), asio::detached);
+      });
 }
 
 TEST_F(DispatcherLifetimeTest, AListener) {
-  expect_gone_with_the_context({}, [](auto& ctx, ref_ptr<dispatcher> d, udp::endpoint,
-                                      std::shared_ptr<int> marker) {
-    auto l = d->add_listener();
-    ASSERT_TRUE(l);
-    asio::co_spawn(ctx, receive_owning(std::move(*l), std::move(marker)), asio::detached);
-  });
+  expect_gone_with_the_context(
+      {}, [](auto& ctx, ref_ptr<dispatcher> d, udp::endpoint, std::shared_ptr<int> marker) {
+        auto l = d->add_listener();
+        ASSERT_TRUE(l);
+        asio::co_spawn(ctx, receive_owning(std::move(*l), std::move(marker)), asio::detached);
+      });
 }
 
 TEST_F(DispatcherLifetimeTest, AWaiterForAnExclusivePort) {

@@ -75,7 +75,8 @@ class pooled_buffer {
 /// are lock-free unless someone waits.
 ///
 /// When the executor's context is destroyed with waiters never completed,
-/// they are destroyed with it (handler_store.hpp), as Asio's own operations are.
+/// they are destroyed with it (handler_store.hpp), as Asio's own operations
+/// are; so the context must outlive the pool.
 class buffer_pool final : handler_store {
  public:
   /// A pool of `count` buffers of `buffer_size` bytes each, allocated now (zero
@@ -83,7 +84,9 @@ class buffer_pool final : handler_store {
   /// unless their handler has an executor of its own. Not movable (lent buffers
   /// point to it), hence the unique_ptr. Errors, and nothing thrown:
   /// boost::system::errc::invalid_argument for a zero `buffer_size` or a size
-  /// in all that overflows; not_enough_memory when the allocation fails.
+  /// in all that overflows, or an empty executor; not_enough_memory when the
+  /// allocation fails; the system's error when the context cannot start its
+  /// reactor (no descriptor left).
   static result<std::unique_ptr<buffer_pool>> create(boost::asio::any_io_executor executor,
                                                      std::size_t buffer_size, std::uint32_t count);
   ~buffer_pool();

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <boost/asio/execution_context.hpp>
+#include <memory>
 
 namespace uipc {
 
@@ -41,11 +42,19 @@ class handler_store {
 class handler_registration {
  public:
   handler_registration() noexcept = default;
-  /// May throw std::bad_alloc (the registry's first use, the entry).
+  /// May throw std::bad_alloc (the registry's first use, the entry), and
+  /// boost::system::system_error when the context cannot make its reactor
+  /// (no descriptor left).
   handler_registration(boost::asio::execution_context& ctx, handler_store& store);
   ~handler_registration() { reset(); }
   handler_registration(const handler_registration&) = delete;
   handler_registration& operator=(const handler_registration&) = delete;
+
+  /// What keeps the store alive (a shared_ptr's weak twin), once there is one:
+  /// the shutdown then holds it while the store drops its handlers, so that
+  /// no other thread's last release destroys the store meanwhile, and skips a
+  /// store whose owner is already going (its own destructor ends its work).
+  void hold(std::weak_ptr<const void> owner) noexcept;
 
   /// Ends the registration now (idempotent).
   void reset() noexcept;
