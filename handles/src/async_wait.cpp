@@ -97,11 +97,15 @@ void async_wait_op::retry(const std::shared_ptr<async_wait_op>& self) {
   op.finish(ec, r);
 }
 
-void async_wait_op::finish(error_code ec, wait_result r) {
+void async_wait_op::end() noexcept {
   done = true;
   unregister();
   if (admitted) core->forget(*this);
   if (cancel_slot.is_connected()) cancel_slot.clear();
+}
+
+void async_wait_op::finish(error_code ec, wait_result r) {
+  end();
   // Work stays counted until the handler has run.
   auto work = std::move(executor);
   auto h = std::move(handler);
@@ -111,6 +115,19 @@ void async_wait_op::finish(error_code ec, wait_result r) {
   } else if (auto* many = std::get_if<many_handler>(&h)) {
     std::move (*many)(ec, r);
   }
+}
+
+void async_wait_op::drop_handlers() noexcept {
+  // No thread runs the context; the waiter thread may be about to hand the wait
+  // to its executor: after withdraw() it never will.
+  if (core) core->withdraw(*this);
+  if (done) return;
+  end();
+  // Destroyed at the end, the handler first: it may own the client (and this
+  // wait's last holder but the registry's).
+  auto work = std::move(executor);
+  auto h = std::move(handler);
+  handler = std::monostate{};
 }
 
 // ---- the waiter thread ----------------------------------------------------------
@@ -159,7 +176,7 @@ error_code waiter_core::admit(async_wait_op& op) {
   return {};
 }
 
-void waiter_core::forget(async_wait_op& op) {
+void waiter_core::forget(async_wait_op& op) noexcept {
   std::lock_guard lk(m_);
   op.admitted = false;
   for (auto* w : op.words) {
@@ -186,6 +203,20 @@ void waiter_core::poke() noexcept {
     control_.fetch_add(1, std::memory_order_seq_cst);
   }
   futex::wake(control_, INT_MAX);
+}
+
+void waiter_core::withdraw(async_wait_op& op) noexcept {
+  std::unique_lock lk(m_);
+  op.withdrawn = true;
+  auto it =
+      std::find_if(armed_.begin(), armed_.end(), [&op](const auto& a) { return a.get() == &op; });
+  std::shared_ptr<async_wait_op> ours;
+  if (it != armed_.end()) {
+    ours = std::move(*it);  // released after the lock: it may be the last
+    armed_.erase(it);
+  }
+  if (!on_waiter_thread()) handed_.wait(lk, [&] { return handing_ != &op; });
+  lk.unlock();
 }
 
 void waiter_core::stop() {
@@ -235,10 +266,18 @@ void waiter_core::run() {
       ++it;
     }
     if (!due.empty()) {
+      for (auto& op : due) {
+        if (op->withdrawn) continue;  // its context went: its executor with it
+        handing_ = op.get();
+        lk.unlock();
+        // An inline executor runs the attempt (and the handler) right here.
+        op->executor.execute([op] { async_wait_op::retry(op); });
+        lk.lock();
+        handing_ = nullptr;
+        handed_.notify_all();
+      }
       lk.unlock();
-      // An inline executor runs the attempt (and the handler) right here.
-      for (auto& op : due) op->executor.execute([op] { async_wait_op::retry(op); });
-      due.clear();
+      due.clear();  // perhaps the last holders: destroyed without our lock
       lk.lock();
       continue;
     }
@@ -290,26 +329,27 @@ void adopt(detail::async_wait_op& op, Handler& h) {
 }  // namespace
 
 void client::start_async_wait(const object& o, std::chrono::nanoseconds timeout,
-                              async_wait_handler handler) {
+                              boost::asio::execution_context* context, async_wait_handler handler) {
   auto op = std::make_shared<detail::async_wait_op>();
   adopt(*op, handler);
   op->handler = std::move(handler);
   op->single = true;
   const object* set[] = {&o};
-  start_async(set, false, timeout, std::move(op));
+  start_async(set, false, timeout, context, std::move(op));
 }
 
 void client::start_async_wait_many(std::span<const object* const> objects, bool all,
                                    std::chrono::nanoseconds timeout,
+                                   boost::asio::execution_context* context,
                                    async_wait_many_handler handler) {
   auto op = std::make_shared<detail::async_wait_op>();
   adopt(*op, handler);
   op->handler = std::move(handler);
-  start_async(objects, all, timeout, std::move(op));
+  start_async(objects, all, timeout, context, std::move(op));
 }
 
 void client::start_async(std::span<const object* const> objects, bool all,
-                         std::chrono::nanoseconds timeout,
+                         std::chrono::nanoseconds timeout, boost::asio::execution_context* context,
                          std::shared_ptr<detail::async_wait_op> op) {
   op->all = all;
   if (timeout.count() >= 0) {
@@ -333,6 +373,16 @@ void client::start_async(std::span<const object* const> objects, bool all,
     return {};
   };
   error_code ec = check();
+  if (context != nullptr) {
+    try {
+      op->registration.emplace(*context, *op);
+      op->registration->hold(op);
+    } catch (const boost::system::system_error& e) {  // no descriptor for the context's reactor
+      if (!ec) ec = e.code();
+    } catch (const std::bad_alloc&) {
+      if (!ec) ec = make_error_code(boost::system::errc::not_enough_memory);
+    }
+  }
   if (!async_waiter_) async_waiter_ = detail::make_async_waiter();  // a moved-from client
   {
     std::lock_guard lk(async_waiter_->m);

@@ -20,6 +20,12 @@
 // wake-one wakes everybody on the slot while it watches: the thread may be
 // woken for a wait that then takes nothing (a wait-all, a cancelled one), and a
 // synchronous sleeper must not lose that wake.
+//
+// Lifetime: a wait whose handler has an executor with a context of its own (an
+// io_context, a thread_pool) is registered with that context as a
+// handler_store. When the context is destroyed with the wait pending, the wait
+// is taken off the thread (which then never touches its executor) and its
+// handler destroyed unrun, with whatever it owns (the client, perhaps).
 #pragma once
 
 #include <linux/futex.h>
@@ -31,14 +37,17 @@
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/container/static_vector.hpp>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <variant>
 #include <vector>
 
 #include "segment.hpp"
+#include "uipc/core/handler_store.hpp"
 #include "uipc/handles/client.hpp"
 
 namespace uipc::handles::detail {
@@ -48,8 +57,9 @@ class waiter_core;
 
 /// One pending async wait. Threading: retry() runs on the handler's executor and
 /// never twice at once (only the waiter thread dispatches it, once per arming);
-/// `cancelled` is the one field written from elsewhere (the cancellation slot).
-struct async_wait_op {
+/// `cancelled` is the one field written from elsewhere (the cancellation slot),
+/// and drop_handlers() runs when no thread runs the executor's context.
+struct async_wait_op final : handler_store {
   using one_handler = boost::asio::any_completion_handler<void(error_code, wait_status)>;
   using many_handler = boost::asio::any_completion_handler<void(error_code, wait_result)>;
 
@@ -60,6 +70,8 @@ struct async_wait_op {
 
   /// One attempt on the handler's executor: completes the handler, or re-arms.
   static void retry(const std::shared_ptr<async_wait_op>& self);
+  /// The executor's context goes: off the thread, and the handler destroyed unrun.
+  void drop_handlers() noexcept override;
 
   std::shared_ptr<mapping> map;  ///< keeps the slots mapped
   std::shared_ptr<waiter_core> core;
@@ -77,15 +89,20 @@ struct async_wait_op {
   bool registered = false;  ///< counted in the slots' sleeper counts
   bool admitted = false;    ///< counted in the core's watched words
   bool done = false;
-  bool now = true;  ///< armed for an attempt at once, not for a change
+  bool now = true;         ///< armed for an attempt at once, not for a change
+  bool withdrawn = false;  ///< under the core's lock: the thread leaves it alone
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
   error_code preset;  ///< complete with this at the first attempt
   std::atomic<bool> cancelled{false};
   std::variant<std::monostate, one_handler, many_handler> handler;
   boost::asio::any_completion_executor executor;
   boost::asio::cancellation_slot cancel_slot;
+  /// With the executor's context, when it has one of its own (last: it ends first).
+  std::optional<handler_registration> registration;
 
  private:
+  /// Done: off the slots' sleeper counts, the watched words and the slot.
+  void end() noexcept;
   void finish(error_code ec, wait_result r);
   void unregister() noexcept;
 };
@@ -101,12 +118,16 @@ class waiter_core : public std::enable_shared_from_this<waiter_core> {
   /// its slots; errc::invalid_argument over max_async_wait_objects words.
   error_code admit(async_wait_op& op);
   /// Undoes admit's word count.
-  void forget(async_wait_op& op);
+  void forget(async_wait_op& op) noexcept;
   /// Hands `op` to the thread (for an attempt at once if op->now); false once
   /// the client is going.
   bool arm(std::shared_ptr<async_wait_op> op);
   /// Makes the thread look at its waits again (a cancel).
   void poke() noexcept;
+  /// Takes `op` off the thread for good: out of the armed waits, and, if the
+  /// thread is handing it to its executor right now, once that is done (unless
+  /// called on the thread itself, by that very hand-over).
+  void withdraw(async_wait_op& op) noexcept;
   /// Sends every wait to its executor to complete with operation_aborted and
   /// ends the thread (joined, unless called on it).
   void stop();
@@ -120,6 +141,8 @@ class waiter_core : public std::enable_shared_from_this<waiter_core> {
   std::mutex m_;
   std::vector<std::shared_ptr<async_wait_op>> armed_;                      // under m_
   std::vector<std::pair<std::atomic<std::uint32_t>*, unsigned>> watched_;  // under m_
+  const async_wait_op* handing_ = nullptr;  ///< under m_: being given to its executor
+  std::condition_variable handed_;          ///< handing_ went back to null
   std::atomic<std::uint32_t> control_{0};
   std::atomic<bool> stopping_{false};
   std::thread thread_;

@@ -406,6 +406,62 @@ TEST_F(AsyncWaitTest, UseFutureAndUseAwaitableTokensComplete) {
   EXPECT_EQ(in_coroutine->status, wait_status::signalled);
 }
 
+TEST_F(AsyncWaitTest, AWaitPendingWhenItsContextGoesIsDroppedUnrunAndTakesNothing) {
+  auto e = c().create_event(event_reset::automatic);
+  ASSERT_TRUE(e);
+  std::weak_ptr<int> alive;
+  bool ran = false;
+  {
+    asio::io_context other;
+    auto marker = std::make_shared<int>(1);
+    alive = marker;
+    c().async_wait(
+        *e, infinite,
+        asio::bind_executor(other, [marker, &ran](error_code, wait_status) { ran = true; }));
+    other.run_for(20ms);  // armed on the waiter thread; nothing signals
+    EXPECT_FALSE(ran);
+  }
+  EXPECT_FALSE(ran);
+  EXPECT_TRUE(alive.expired()) << "the handler outlived its context";
+  // The waiter thread no longer watches it: a signal now would otherwise hand it
+  // to the destroyed context's executor.
+  ASSERT_FALSE(e->signal());
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(*e->wait(0ns), wait_status::signalled) << "the dropped wait took the signal";
+  // The client and its thread serve on.
+  outcome<wait_status> got;
+  c().async_wait(*e, 10s, got.handler(io));
+  ASSERT_FALSE(e->signal());
+  ASSERT_TRUE(run_until([&] { return got.calls > 0; }));
+  EXPECT_EQ(got.value, wait_status::signalled);
+}
+
+asio::awaitable<void> wait_owning(client c, event e, std::shared_ptr<int> marker) {
+  co_await c.async_wait(e, infinite, asio::use_awaitable);
+  (void)marker;
+}
+
+TEST_F(AsyncWaitTest, ACoroutineThatOwnsTheClientItWaitsThroughGoesWithTheContext) {
+  std::weak_ptr<int> alive;
+  std::size_t with_waiter = 0;
+  {
+    asio::io_context other;
+    auto mine = client::connect(loc.options());
+    ASSERT_TRUE(mine) << mine.error().message();
+    auto e = mine->create_event(event_reset::manual);
+    ASSERT_TRUE(e);
+    auto marker = std::make_shared<int>(1);
+    alive = marker;
+    asio::co_spawn(other, wait_owning(std::move(*mine), std::move(*e), std::move(marker)),
+                   asio::detached);
+    other.run_for(20ms);  // the wait is pending; the client's waiter thread runs
+    EXPECT_FALSE(alive.expired()) << "the coroutine ended: nothing was tested";
+    with_waiter = thread_count();
+  }
+  EXPECT_TRUE(alive.expired()) << "the coroutine (and the client) outlived its context";
+  EXPECT_EQ(thread_count(), with_waiter - 1) << "the client's waiter thread is still there";
+}
+
 TEST_F(AsyncWaitTest, MutexWithoutAHandlerExecutorIsRefusedAndNotTaken) {
   // A plain callback (Asio's system executor; use_future alike) runs on the
   // client's waiter thread, where a mutex could be taken but never released.

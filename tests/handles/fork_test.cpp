@@ -134,8 +134,9 @@ TEST_F(ForkTest, ADaemonsCopyStoppedInAForkedChildLeavesTheParentServing) {
   EXPECT_TRUE(mine->list()) << "the parent's session was shut down";
   auto other = client::connect(loc.options(5s));
   EXPECT_TRUE(other) << other.error().message();
-  if (other)
+  if (other) {
     EXPECT_TRUE(other->open("made-before-the-fork")) << "a new client reached another daemon";
+  }
   EXPECT_EQ((*daemon)->stats().clients, other ? 2u : 1u);
 }
 

@@ -3,7 +3,12 @@
 #pragma once
 
 #include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/execution/context.hpp>
+#include <boost/asio/execution_context.hpp>
+#include <boost/asio/query.hpp>
+#include <boost/asio/system_context.hpp>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -12,6 +17,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "uipc/core/error.hpp"
@@ -36,6 +42,27 @@ struct async_waiter_deleter {
 };
 using async_waiter_ptr = std::unique_ptr<async_waiter, async_waiter_deleter>;
 async_waiter_ptr make_async_waiter();
+
+/// The context of `handler`'s associated executor, where the executor can say:
+/// a wait pending when that context is destroyed goes with it (see
+/// uipc/core/handler_store.hpp), its handler destroyed unrun. Null for Asio's
+/// system context (plain callbacks, use_future), which lives as long as the
+/// program.
+template <class Handler>
+boost::asio::execution_context* handler_context(const Handler& handler) noexcept {
+  using executor = boost::asio::associated_executor_t<Handler>;
+  if constexpr (boost::asio::can_query_v<const executor&, boost::asio::execution::context_t>) {
+    auto& context = boost::asio::query(boost::asio::get_associated_executor(handler),
+                                       boost::asio::execution::context);
+    if constexpr (std::is_same_v<std::decay_t<decltype(context)>, boost::asio::system_context>) {
+      return nullptr;
+    } else {
+      return &context;
+    }
+  } else {
+    return nullptr;
+  }
+}
 }  // namespace detail
 
 /// A timeout that never passes.
@@ -274,7 +301,11 @@ class client {
   /// with boost::asio::error::operation_aborted and takes nothing; a cancel that
   /// arrives after the take has lost, and the wait completes as signalled.
   /// Destroying (or assigning to) the client completes every pending async wait
-  /// with operation_aborted; their executors must outlive that. Errors as
+  /// with operation_aborted. A wait whose executor's context (an io_context, a
+  /// thread_pool) is destroyed first goes with that context, its handler
+  /// destroyed unrun, as Asio's own operations are (a coroutine that owns the
+  /// client it waits through goes too); an executor that cannot name its
+  /// context must outlive the waits. Errors as
   /// object::wait (errc::daemon_lost within about a second of the daemon's
   /// death, stale_handle when the object's slot is closed under the wait), and
   /// errc::invalid_argument when the client's pending async waits would watch
@@ -284,7 +315,8 @@ class client {
   auto async_wait(const object& o, std::chrono::nanoseconds timeout, Token&& token) {
     return boost::asio::async_initiate<Token, void(error_code, wait_status)>(
         [this](auto handler, const object* target, std::chrono::nanoseconds t) {
-          start_async_wait(*target, t, async_wait_handler(std::move(handler)));
+          auto* context = detail::handler_context(handler);
+          start_async_wait(*target, t, context, async_wait_handler(std::move(handler)));
         },
         token, &o, timeout);
   }
@@ -295,7 +327,9 @@ class client {
                       Token&& token) {
     return boost::asio::async_initiate<Token, void(error_code, wait_result)>(
         [this](auto handler, std::span<const object* const> set, std::chrono::nanoseconds t) {
-          start_async_wait_many(set, false, t, async_wait_many_handler(std::move(handler)));
+          auto* context = detail::handler_context(handler);
+          start_async_wait_many(set, false, t, context,
+                                async_wait_many_handler(std::move(handler)));
         },
         token, objects, timeout);
   }
@@ -305,7 +339,8 @@ class client {
                       Token&& token) {
     return boost::asio::async_initiate<Token, void(error_code, wait_result)>(
         [this](auto handler, std::span<const object* const> set, std::chrono::nanoseconds t) {
-          start_async_wait_many(set, true, t, async_wait_many_handler(std::move(handler)));
+          auto* context = detail::handler_context(handler);
+          start_async_wait_many(set, true, t, context, async_wait_many_handler(std::move(handler)));
         },
         token, objects, timeout);
   }
@@ -331,12 +366,16 @@ class client {
   using async_wait_handler = boost::asio::any_completion_handler<void(error_code, wait_status)>;
   using async_wait_many_handler =
       boost::asio::any_completion_handler<void(error_code, wait_result)>;
+  /// `context`: the handler's executor's, where it has one (detail::handler_context).
   void start_async_wait(const object& o, std::chrono::nanoseconds timeout,
-                        async_wait_handler handler);
+                        boost::asio::execution_context* context, async_wait_handler handler);
   void start_async_wait_many(std::span<const object* const> objects, bool all,
-                             std::chrono::nanoseconds timeout, async_wait_many_handler handler);
+                             std::chrono::nanoseconds timeout,
+                             boost::asio::execution_context* context,
+                             async_wait_many_handler handler);
   void start_async(std::span<const object* const> objects, bool all,
-                   std::chrono::nanoseconds timeout, std::shared_ptr<detail::async_wait_op> op);
+                   std::chrono::nanoseconds timeout, boost::asio::execution_context* context,
+                   std::shared_ptr<detail::async_wait_op> op);
 
   std::shared_ptr<detail::session> session_;
   /// Declared last, so destroyed first: pending async waits end before the session.
