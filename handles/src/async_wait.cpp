@@ -121,6 +121,7 @@ void async_wait_op::drop_handlers() noexcept {
   // No thread runs the context; the waiter thread may be about to hand the wait
   // to its executor: after withdraw() it never will.
   if (core) core->withdraw(*this);
+  registration.reset();  // the context is going: nothing to keep
   if (done) return;
   end();
   // Destroyed at the end, the handler first: it may own the client (and this
@@ -248,7 +249,10 @@ void waiter_core::run() {
     vec[n++] = {&control_, control_.load(std::memory_order_seq_cst)};
     for (auto it = armed_.begin(); it != armed_.end();) {
       async_wait_op& op = **it;
-      bool go = stopping || !running || op.now || op.cancelled.load() || now >= op.deadline;
+      // A withdrawn wait armed again by an attempt that ran inline during its
+      // withdrawal leaves too (unhanded: see below).
+      bool go = stopping || !running || op.now || op.cancelled.load() || op.withdrawn ||
+                now >= op.deadline;
       for (std::size_t i = 0; !go && i < op.targets.size(); ++i)
         go = op.targets[i].s->seq.load(std::memory_order_seq_cst) != op.seen[i];
       if (go) {

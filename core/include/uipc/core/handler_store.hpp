@@ -37,8 +37,8 @@ class handler_store {
 /// A store's registration with its context: the context's shutdown calls the
 /// store's drop_handlers() once, unless the registration ended before. Make it
 /// the store's last member, so that it ends before anything drop_handlers()
-/// touches. The context must outlive it (as it must outlive the store's
-/// sockets and timers anyway).
+/// touches. It may end after its context is gone (a store released late by
+/// another thread): it then does nothing.
 class handler_registration {
  public:
   handler_registration() noexcept = default;

@@ -18,12 +18,18 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "uipc/core/error.hpp"
 #include "uipc/handles/daemon.hpp"
 #include "uipc/handles/error.hpp"
 #include "uipc/handles/types.hpp"
+
+namespace boost::asio::detail {
+template <typename T, typename Blocking>
+class promise_executor;  // use_future's (see handles::detail::on_system_context)
+}  // namespace boost::asio::detail
 
 namespace uipc::handles {
 
@@ -43,24 +49,32 @@ struct async_waiter_deleter {
 using async_waiter_ptr = std::unique_ptr<async_waiter, async_waiter_deleter>;
 async_waiter_ptr make_async_waiter();
 
+/// Whether an executor runs on Asio's system context, told by its type: asking
+/// the system executor its context makes that context (a pool of threads).
+template <class Executor>
+struct on_system_context
+    : std::is_same<std::decay_t<decltype(boost::asio::query(std::declval<const Executor&>(),
+                                                            boost::asio::execution::context))>,
+                   boost::asio::system_context> {};
+/// use_future's executor says "execution_context&" and means the system one.
+template <class T, class Blocking>
+struct on_system_context<boost::asio::detail::promise_executor<T, Blocking>> : std::true_type {};
+
 /// The context of `handler`'s associated executor, where the executor can say:
 /// a wait pending when that context is destroyed goes with it (see
 /// uipc/core/handler_store.hpp), its handler destroyed unrun. Null for Asio's
 /// system context (plain callbacks, use_future), which lives as long as the
 /// program.
 template <class Handler>
-boost::asio::execution_context* handler_context(const Handler& handler) noexcept {
+boost::asio::execution_context* handler_context(const Handler& handler) {
   using executor = boost::asio::associated_executor_t<Handler>;
-  if constexpr (boost::asio::can_query_v<const executor&, boost::asio::execution::context_t>) {
-    auto& context = boost::asio::query(boost::asio::get_associated_executor(handler),
-                                       boost::asio::execution::context);
-    if constexpr (std::is_same_v<std::decay_t<decltype(context)>, boost::asio::system_context>) {
-      return nullptr;
-    } else {
-      return &context;
-    }
-  } else {
+  if constexpr (!boost::asio::can_query_v<const executor&, boost::asio::execution::context_t>) {
     return nullptr;
+  } else if constexpr (on_system_context<executor>::value) {
+    return nullptr;
+  } else {
+    return &boost::asio::query(boost::asio::get_associated_executor(handler),
+                               boost::asio::execution::context);
   }
 }
 }  // namespace detail
@@ -305,7 +319,8 @@ class client {
   /// thread_pool) is destroyed first goes with that context, its handler
   /// destroyed unrun, as Asio's own operations are (a coroutine that owns the
   /// client it waits through goes too); an executor that cannot name its
-  /// context must outlive the waits. Errors as
+  /// context must outlive the waits, and so must one that blocks in execute
+  /// (blocking.always). Errors as
   /// object::wait (errc::daemon_lost within about a second of the daemon's
   /// death, stale_handle when the object's slot is closed under the wait), and
   /// errc::invalid_argument when the client's pending async waits would watch
