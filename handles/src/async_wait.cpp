@@ -50,9 +50,12 @@ struct cancel_handler {
 // ---- one wait -------------------------------------------------------------------
 
 async_wait_op::~async_wait_op() {
-  // A wait whose executor dropped it (an io_context destroyed with it queued)
-  // still leaves the slots' sleeper counts as it found them.
+  // A wait whose executor dropped it (an io_context destroyed with it queued),
+  // or whose start failed half-way (out of memory), still leaves the slots'
+  // sleeper counts and the thread's watched words as it found them. Never
+  // released under the core's lock (see waiter_core), so forget() may take it.
   unregister();
+  if (admitted && core) core->forget(*this);
 }
 
 void async_wait_op::unregister() noexcept {
@@ -156,6 +159,7 @@ error_code waiter_core::admit(async_wait_op& op) {
     }
     if (watched_.size() + fresh > max_async_wait_objects)
       return make_error_code(errc::invalid_argument);
+    watched_.reserve(watched_.size() + fresh);  // may throw; nothing below does
     for (auto* w : op.words) {
       auto it = std::find_if(watched_.begin(), watched_.end(),
                              [w](const auto& e) { return e.first == w; });

@@ -108,7 +108,8 @@ struct async_wait_op final : handler_store {
 };
 
 /// The waiter thread of one client and the waits it watches.
-/// Threading: every member from any thread; the thread itself runs run().
+/// Threading: every member from any thread; the thread itself runs run(). A
+/// wait's last reference is never released under m_ (its destructor takes it).
 class waiter_core : public std::enable_shared_from_this<waiter_core> {
  public:
   explicit waiter_core(std::shared_ptr<mapping> map) : map_(std::move(map)) {}
