@@ -38,6 +38,7 @@ class handler_registry {
 
   void retain() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
   void release() noexcept {
+    // NOLINTNEXTLINE(cppcoreguidelines-owning-memory): counted; the last holder frees it
     if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
@@ -85,6 +86,7 @@ class handler_registry_service : public asio::execution_context::service {
   static inline asio::execution_context::id id;  // use_service requires it
 
   explicit handler_registry_service(asio::execution_context& ctx)
+      // NOLINTNEXTLINE(cppcoreguidelines-owning-memory): counted (see release())
       : service(ctx), registry_(new handler_registry) {}
   ~handler_registry_service() override { registry_->release(); }
   handler_registry_service(const handler_registry_service&) = delete;

@@ -124,7 +124,7 @@ void async_wait_op::drop_handlers() noexcept {
   // No thread runs the context; the waiter thread may be about to hand the wait
   // to its executor: after withdraw() it never will.
   if (core) core->withdraw(*this);
-  registration.reset();  // the context is going: nothing to keep
+  registration.reset();  // ends the registration (the optional's reset): the context is going
   if (done) return;
   end();
   // Destroyed at the end, the handler first: it may own the client (and this
@@ -159,7 +159,7 @@ error_code waiter_core::admit(async_wait_op& op) {
     }
     if (watched_.size() + fresh > max_async_wait_objects)
       return make_error_code(errc::invalid_argument);
-    watched_.reserve(watched_.size() + fresh);  // may throw; nothing below does
+    watched_.reserve(max_async_wait_objects);  // may throw (once); nothing below does
     for (auto* w : op.words) {
       auto it = std::find_if(watched_.begin(), watched_.end(),
                              [w](const auto& e) { return e.first == w; });

@@ -548,7 +548,7 @@ TEST_F(AsyncWaitTest, PlainCallbacksAndFuturesStartNoThreadButTheClientsWaiter) 
   ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
   EXPECT_FALSE(callback.get());
   EXPECT_EQ(future.get(), wait_status::signalled);
-  EXPECT_EQ(thread_count(), with_waiter);
+  EXPECT_LE(thread_count(), with_waiter) << "a thread pool was made for them";
 }
 
 TEST_F(AsyncWaitTest, MutexWithoutAHandlerExecutorIsRefusedAndNotTaken) {

@@ -408,7 +408,8 @@ struct dispatcher_options {
   std::chrono::milliseconds port_lifetime{1000};
 };
 
-/// Counters since creation, and the current state.
+/// Counters since creation, and the current state, each read on its own: while
+/// buffers come back, one may show as free and still, for a moment, as lent.
 struct dispatcher_stats {
   std::uint64_t received = 0;             ///< datagrams read from the socket(s)
   std::uint64_t sent = 0;                 ///< datagrams sent
