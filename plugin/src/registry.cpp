@@ -15,10 +15,47 @@ using event_list = std::vector<std::pair<std::string, int>>;
 
 }  // namespace
 
+namespace {
+
+std::uint64_t load64(const char* p) noexcept {
+  std::uint64_t w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+
+std::uint64_t load32(const char* p) noexcept {
+  std::uint32_t w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+
+}  // namespace
+
+// Eight bytes a step, one multiply each (a byte-wise FNV-1a paid a dependent
+// multiply per byte: most of a call by name). The last 1 to 8 bytes are read
+// with overlapping loads, never past the name. After each multiply the high
+// half is folded into the low one, whose bits index the table.
 std::size_t hash_name(std::string_view name) noexcept {
-  std::uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a: names are short, this is a few ns
-  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
-  return static_cast<std::size_t>(h ^ (h >> 29));
+  constexpr std::uint64_t k = 0x9e3779b97f4a7c15ull;
+  const char* p = name.data();
+  std::size_t n = name.size();
+  std::uint64_t h = (n + 1) * k;
+  auto mix = [&h](std::uint64_t w) {
+    h = (h ^ w) * k;
+    h ^= h >> 32;
+  };
+  for (; n > 8; p += 8, n -= 8) mix(load64(p));
+  if (n == 8) {
+    mix(load64(p));
+  } else if (n >= 4) {
+    mix(load32(p) << 32 | load32(p + n - 4));
+  } else if (n > 0) {
+    const auto byte = [p](std::size_t i) {
+      return std::uint64_t{static_cast<unsigned char>(p[i])};
+    };
+    mix(byte(0) << 16 | byte(n / 2) << 8 | byte(n - 1));
+  }
+  return static_cast<std::size_t>(h);
 }
 
 uipc_plugin_service_ref* name_table::find(std::string_view name, std::size_t hash) const noexcept {
