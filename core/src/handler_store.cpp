@@ -1,14 +1,14 @@
 // The registry of handler stores, one per io_context (see handler_store.hpp).
 #include "uipc/core/handler_store.hpp"
 
-#include <boost/asio/io_context.hpp>
-// After io_context.hpp: the reactor header alone does not compile.
 #include <atomic>
-#include <boost/asio/detail/reactor.hpp>
+#include <boost/asio/io_context.hpp>
 #include <cstddef>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
+// After io_context.hpp: the reactor header alone does not compile.
+#include <boost/asio/detail/reactor.hpp>
 
 namespace uipc::detail {
 

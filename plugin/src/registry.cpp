@@ -13,10 +13,6 @@ namespace {
 
 using event_list = std::vector<std::pair<std::string, int>>;
 
-}  // namespace
-
-namespace {
-
 std::uint64_t load64(const char* p) noexcept {
   std::uint64_t w;
   std::memcpy(&w, p, sizeof w);

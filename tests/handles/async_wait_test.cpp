@@ -97,6 +97,15 @@ class AsyncWaitTest : public ::testing::Test {
     return true;
   }
 
+  /// The client still completes a wait on `e` (not signalled now) on the loop.
+  void expect_serves_on(const event& e) {
+    outcome<wait_status> got;
+    c().async_wait(e, 10s, got.handler(io));
+    ASSERT_FALSE(e.signal());
+    ASSERT_TRUE(run_until([&] { return got.calls > 0; }));
+    EXPECT_EQ(got.value, wait_status::signalled);
+  }
+
   /// The semaphore's count as the daemon's list shows it.
   std::uint32_t value_of(const object& o) {
     auto all = c().list();
@@ -439,12 +448,7 @@ TEST_F(AsyncWaitTest, AWaitPendingWhenItsContextGoesIsDroppedUnrunAndTakesNothin
   ASSERT_FALSE(e->signal());
   std::this_thread::sleep_for(50ms);
   EXPECT_EQ(*e->wait(0ns), wait_status::signalled) << "the dropped wait took the signal";
-  // The client and its thread serve on.
-  outcome<wait_status> got;
-  c().async_wait(*e, 10s, got.handler(io));
-  ASSERT_FALSE(e->signal());
-  ASSERT_TRUE(run_until([&] { return got.calls > 0; }));
-  EXPECT_EQ(got.value, wait_status::signalled);
+  expect_serves_on(*e);  // the client and its thread
 }
 
 TEST_F(AsyncWaitTest, WaitsHandedOverWhileTheirContextGoesAreDroppedAllTheSame) {
@@ -470,13 +474,8 @@ TEST_F(AsyncWaitTest, WaitsHandedOverWhileTheirContextGoesAreDroppedAllTheSame) 
     }  // never run after the signal: every handler goes unrun
     for (const auto& a : alive) EXPECT_TRUE(a.expired()) << "round " << round;
   }
-  // The client serves on.
   ASSERT_FALSE(e->reset());
-  outcome<wait_status> got;
-  c().async_wait(*e, 10s, got.handler(io));
-  ASSERT_FALSE(e->signal());
-  ASSERT_TRUE(run_until([&] { return got.calls > 0; }));
-  EXPECT_EQ(got.value, wait_status::signalled);
+  expect_serves_on(*e);
 }
 
 TEST_F(AsyncWaitTest, AHandlerThatOwnsItsClientIsDestroyedWithTheContext) {
