@@ -7,6 +7,8 @@
 //   BM_RawUdsRoundTrip/64, /1048576 — the same exchange over a Unix stream socket
 //   BM_CapsPipelined/64             — 64-byte messages, 64 in flight (items/s = messages/s)
 //   BM_CapsCallWithClients/64/N     — the call with N-1 more clients connected and idle
+//   BM_CapsCallOneThread/64         — one thread plays both sides: the software path alone,
+//                                     no cross-CPU transfer (CPU time per call)
 // The server is a child process (fork); placement is the caller's: run under
 // `taskset -c 0` for one CPU, `taskset -c 0,1` (or unpinned) for two.
 #include <benchmark/benchmark.h>
@@ -18,11 +20,13 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -216,6 +220,51 @@ void BM_CapsPipelined(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()));
 }
 BENCHMARK(BM_CapsPipelined)->Arg(64)->UseRealTime();
+
+// The software path of a 64-byte call, with no cross-CPU transfer: one thread
+// plays both sides (send, receive, reply, wait, dispose) on one channel.
+void BM_CapsCallOneThread(benchmark::State& state) {
+  const auto size = static_cast<std::size_t>(state.range(0));
+  boost::asio::io_context ctx;
+  caps::service_options so;
+  so.directory = bench_directory();
+  so.request_arena = 64 << 10;
+  so.reply_arena = 64 << 10;
+  const std::string name = unique_name("one");
+  auto svc = caps::service::register_point(ctx, name, so);
+  if (!svc) return state.SkipWithError(svc.error().message().c_str());
+  auto work = boost::asio::make_work_guard(ctx);
+  std::jthread loop([&] { ctx.run(); });
+  struct stopper {
+    boost::asio::io_context& ctx;
+    ~stopper() { ctx.stop(); }
+  } stop_loop{ctx};  // before the thread's join
+  auto c = caps::client::connect(ctx, address_of(name));
+  if (!c) return state.SkipWithError(c.error().message().c_str());
+  std::vector<std::byte> msg(size, std::byte{'o'});
+  const auto deadline = clock_type::now() + std::chrono::minutes(1);  // no clock read per call
+  const auto next = [&](caps::event_kind kind) -> std::optional<caps::event> {
+    for (;;) {
+      auto e = (*svc)->receive(deadline);
+      if (!e) return std::nullopt;
+      if (e->kind == kind) return std::move(*e);
+    }
+  };
+  for (auto _ : state) {
+    auto id = (*c)->send(msg);
+    if (!id) return state.SkipWithError(id.error().message().c_str());
+    auto e = next(caps::event_kind::request);
+    if (!e) return state.SkipWithError("no request");
+    (void)(*svc)->reply(e->client, e->id, e->view());
+    auto r = (*c)->wait(*id);
+    if (!r) return state.SkipWithError(r.error().message().c_str());
+    benchmark::DoNotOptimize(r->view()[0]);
+    r = caps::reply{};
+    if (!next(caps::event_kind::dispose)) return state.SkipWithError("dispose");
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()));
+}
+BENCHMARK(BM_CapsCallOneThread)->Arg(64);
 
 // ---- the floor and the socket ----------------------------------------------------
 

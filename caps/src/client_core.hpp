@@ -5,11 +5,10 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/unordered/unordered_flat_map.hpp>
 #include <deque>
 #include <functional>
-#include <memory_resource>
 #include <mutex>
-#include <unordered_map>
 #include <vector>
 
 #include "channel.hpp"
@@ -96,9 +95,8 @@ struct client_core final : std::enable_shared_from_this<client_core>, handler_st
   range_allocator request_space;  // the request arena: private books of a shared region
   std::deque<entry> backlog;      ///< disposals and aborts waiting for ring space
   std::uint64_t next_id = 1;
-  std::pmr::unsynchronized_pool_resource calls_pool;  // no malloc per call once warm
-  std::pmr::unordered_map<message_id, call> calls{&calls_pool};
-  std::size_t in_flight = 0;  ///< calls the server has not finished
+  boost::unordered_flat_map<message_id, call> calls;  // open addressing: no malloc per call
+  std::size_t in_flight = 0;                          ///< calls the server has not finished
   error_code closed;
   std::vector<std::function<void()>> completions;
 

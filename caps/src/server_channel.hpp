@@ -3,11 +3,10 @@
 #pragma once
 
 #include <atomic>
+#include <boost/unordered/unordered_flat_map.hpp>
 #include <cstdint>
 #include <memory>
-#include <memory_resource>
 #include <mutex>
-#include <unordered_map>
 #include <vector>
 
 #include "channel.hpp"
@@ -60,8 +59,8 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   std::mutex state_mutex;
   ring_writer to_client;
   range_allocator reply_space;  // the reply arena: private books of a shared region
-  std::pmr::unsynchronized_pool_resource messages_pool;  // no malloc per message once warm
-  std::pmr::unordered_map<message_id, message> messages{&messages_pool};
+  boost::unordered_flat_map<message_id, message>
+      messages;                // open addressing: no malloc per message
   std::uint32_t awaiting = 0;  ///< messages not yet answered (delivered, replying, withdrawn)
   bool closed = false;
 

@@ -8,22 +8,25 @@ namespace uipc {
 
 range_allocator::range_allocator(std::uint64_t size, std::uint64_t alignment)
     : alignment_(alignment), size_(size & ~(alignment - 1)) {
-  if (size_ > 0) free_.emplace(0, size_);
+  if (size_ > 0) free_.emplace(size_, 0);
 }
 
 std::optional<std::uint64_t> range_allocator::allocate(std::uint64_t length) {
   if (length > size_) return std::nullopt;
   const std::uint64_t need =
       std::max<std::uint64_t>(alignment_, (length + alignment_ - 1) & ~(alignment_ - 1));
+  // In order of their ends is in order of their starts: the ranges are disjoint.
   for (auto it = free_.begin(); it != free_.end(); ++it) {
-    if (it->second < need) continue;
-    const std::uint64_t offset = it->first;
-    const std::uint64_t rest = it->second - need;
-    free_.erase(it);
-    if (rest > 0) free_.emplace(offset + need, rest);
-    taken_.emplace(offset, need);
+    const auto [end, start] = *it;
+    if (end - start < need) continue;
+    if (end - start == need) {
+      free_.erase(it);
+    } else {
+      it->second = start + need;  // the front is taken: the key stays
+    }
+    taken_.emplace(start, need);
     in_use_ += need;
-    return offset;
+    return start;
   }
   return std::nullopt;
 }
@@ -37,24 +40,29 @@ std::optional<std::uint64_t> range_allocator::block_size(std::uint64_t offset) c
 bool range_allocator::free(std::uint64_t offset) {
   const auto t = taken_.find(offset);
   if (t == taken_.end()) return false;
-  std::uint64_t start = offset;
-  std::uint64_t length = t->second;
+  const std::uint64_t start = offset;
+  const std::uint64_t end = offset + t->second;
+  in_use_ -= t->second;
   taken_.erase(t);
-  in_use_ -= length;
-  auto next = free_.lower_bound(start);
-  if (next != free_.end() && start + length == next->first) {
-    length += next->second;
-    next = free_.erase(next);
-  }
-  if (next != free_.begin()) {
-    auto prev = std::prev(next);
-    if (prev->first + prev->second == start) {
-      start = prev->first;
-      length += prev->second;
+  // The range after the block (the first ending beyond it) and the one before
+  // (ending where the block starts).
+  const auto next = free_.upper_bound(end);
+  const bool joins_next = next != free_.end() && next->second == end;
+  const auto prev = free_.find(start);
+  if (joins_next) {
+    if (prev != free_.end()) {
+      next->second = prev->second;  // all three become one
       free_.erase(prev);
+    } else {
+      next->second = start;
     }
+  } else if (prev != free_.end()) {
+    auto node = free_.extract(prev);  // the range grows at its end: a new key, the same node
+    node.key() = end;
+    free_.insert(next, std::move(node));
+  } else {
+    free_.emplace_hint(next, end, start);
   }
-  free_.emplace(start, length);
   return true;
 }
 

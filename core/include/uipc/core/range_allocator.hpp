@@ -4,11 +4,11 @@
 // nothing it writes there can corrupt the books.
 #pragma once
 
+#include <boost/unordered/unordered_flat_map.hpp>
 #include <cstdint>
 #include <map>
 #include <memory_resource>
 #include <optional>
-#include <unordered_map>
 
 namespace uipc {
 
@@ -38,10 +38,14 @@ class range_allocator {
   std::uint64_t alignment_;
   std::uint64_t size_;
   std::uint64_t in_use_ = 0;
-  // Nodes come from a pool of the allocator's own: no malloc per block once warm.
+  // Free ranges keyed by their end: a block taken from a range's front, or
+  // given back just before a range, moves the range's start and leaves the
+  // tree alone (the steady state of a channel: one block in use and given
+  // back, no node made or unlinked). Nodes come from a pool of the
+  // allocator's own: no malloc per block once warm.
   std::pmr::unsynchronized_pool_resource pool_;
-  std::pmr::map<std::uint64_t, std::uint64_t> free_{&pool_};             // offset -> length
-  std::pmr::unordered_map<std::uint64_t, std::uint64_t> taken_{&pool_};  // offset -> length
+  std::pmr::map<std::uint64_t, std::uint64_t> free_{&pool_};       // end -> start
+  boost::unordered_flat_map<std::uint64_t, std::uint64_t> taken_;  // offset -> length
 };
 
 }  // namespace uipc
