@@ -109,6 +109,7 @@ void client_core::finish_async(std::uint64_t id, call& c) {
   c.delivered = true;
   --async_waiting;
   auto handler = std::move(c.handler);
+  completions_waiting.store(true, std::memory_order_relaxed);  // the mutex orders it
   if (c.error || !c.has_reply) {
     const auto ec = c.error ? c.error : make_error_code(errc::protocol_violation);
     completions.emplace_back([this, h = std::make_shared<client::call_handler>(std::move(handler)),
@@ -214,10 +215,13 @@ void client_core::wait_for_news(clock::time_point deadline) {
 }
 
 void client_core::run_completions() {
+  // Most calls collect none: they take no lock. Whoever collects runs them.
+  if (!completions_waiting.load(std::memory_order_acquire)) return;
   std::vector<std::function<void()>> ready;
   {
     std::lock_guard lock(mutex);
     ready.swap(completions);
+    completions_waiting.store(false, std::memory_order_relaxed);
   }
   for (auto& f : ready) f();
 }

@@ -3,6 +3,7 @@
 // or runs user code while holding it.
 #pragma once
 
+#include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/unordered/unordered_flat_map.hpp>
@@ -99,6 +100,7 @@ struct client_core final : std::enable_shared_from_this<client_core>, handler_st
   std::size_t in_flight = 0;                          ///< calls the server has not finished
   error_code closed;
   std::vector<std::function<void()>> completions;
+  std::atomic<bool> completions_waiting{false};  ///< !completions.empty(), read without the mutex
 
   // Async listening: the client doorbell and the server's pidfd on the loop.
   boost::asio::posix::stream_descriptor bell_desc;

@@ -59,8 +59,8 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   std::mutex state_mutex;
   ring_writer to_client;
   range_allocator reply_space;  // the reply arena: private books of a shared region
-  boost::unordered_flat_map<message_id, message>
-      messages;                // open addressing: no malloc per message
+  using message_table = boost::unordered_flat_map<message_id, message>;
+  message_table messages;      // open addressing: no malloc per message
   std::uint32_t awaiting = 0;  ///< messages not yet answered (delivered, replying, withdrawn)
   bool closed = false;
 

@@ -37,7 +37,7 @@ std::string event::copy() const { return {reinterpret_cast<const char*>(data_), 
 // ---- answers -------------------------------------------------------------------
 
 result<std::uint64_t> service::impl::begin_reply(server_channel& ch, message_id id,
-                                                 std::size_t size) {
+                                                 std::size_t size, const std::byte* copy_from) {
   for (int attempt = 0;; ++attempt) {
     std::unique_lock lock(ch.state_mutex);
     if (ch.closed) return make_error_code(errc::disconnected);
@@ -56,6 +56,12 @@ result<std::uint64_t> service::impl::begin_reply(server_channel& ch, message_id 
       m->second.state = server_channel::message_state::replying;
       m->second.reply_offset = *offset;
       m->second.has_block = true;
+      if (copy_from == nullptr) return *offset;
+      // Our own copy, not user code: the reply is published under this lock.
+      if (size > 0) std::memcpy(ch.reply_arena + *offset, copy_from, size);
+      if (auto ec = publish(ch, m, detail::entry_kind::reply, 0, *offset, size)) return ec;
+      lock.unlock();
+      ch.wake_client();
       return *offset;
     }
     if (attempt > 0) return make_error_code(errc::no_buffers);
@@ -67,6 +73,28 @@ result<std::uint64_t> service::impl::begin_reply(server_channel& ch, message_id 
   }
 }
 
+error_code service::impl::publish(server_channel& ch, server_channel::message_table::iterator m,
+                                  detail::entry_kind kind, std::uint32_t status,
+                                  std::uint64_t offset, std::uint64_t length) {
+  const auto free = ch.to_client.free_entries();
+  if (!free || *free == 0) {
+    if (m->second.has_block) ch.reply_space.free(m->second.reply_offset);
+    m->second.has_block = false;
+    if (m->second.state == server_channel::message_state::replying) {
+      m->second.state = server_channel::message_state::delivered;
+    }
+    return make_error_code(free ? errc::no_buffers : errc::protocol_violation);
+  }
+  ch.to_client.put({static_cast<std::uint32_t>(kind), status, m->first, offset, length});
+  --ch.awaiting;
+  if (kind == detail::entry_kind::reply) {
+    m->second.state = server_channel::message_state::replied;
+  } else {
+    ch.messages.erase(m);
+  }
+  return {};
+}
+
 error_code service::impl::finish(server_channel& ch, message_id id, detail::entry_kind kind,
                                  std::uint32_t status, std::uint64_t offset, std::uint64_t length) {
   {
@@ -74,38 +102,26 @@ error_code service::impl::finish(server_channel& ch, message_id id, detail::entr
     if (ch.closed) return make_error_code(errc::disconnected);
     auto m = ch.messages.find(id);
     if (m == ch.messages.end()) return make_error_code(errc::unknown_message);
-    const auto free = ch.to_client.free_entries();
-    if (!free || *free == 0) {
-      if (m->second.has_block) ch.reply_space.free(m->second.reply_offset);
-      m->second.has_block = false;
-      if (m->second.state == server_channel::message_state::replying) {
-        m->second.state = server_channel::message_state::delivered;
-      }
-      return make_error_code(free ? errc::no_buffers : errc::protocol_violation);
-    }
-    ch.to_client.put({static_cast<std::uint32_t>(kind), status, id, offset, length});
-    --ch.awaiting;
-    if (kind == detail::entry_kind::reply) {
-      m->second.state = server_channel::message_state::replied;
-    } else {
-      ch.messages.erase(m);
-    }
+    if (auto ec = publish(ch, m, kind, status, offset, length)) return ec;
   }
   ch.wake_client();
   return {};
 }
 
 error_code service::impl::answer(client_id client, message_id id, std::size_t size,
-                                 const std::function<void(std::span<std::byte>)>& fill) {
+                                 const std::function<void(std::span<std::byte>)>& fill,
+                                 const std::byte* copy_from) {
   if (fork.forked_copy()) return make_error_code(errc::forked_copy);
   auto ch = find(client);
   if (!ch) return make_error_code(errc::disconnected);
-  auto offset = begin_reply(*ch, id, size);
+  auto offset = begin_reply(*ch, id, size, copy_from);
   if (!offset) return offset.error();
-  fill(std::span(ch->reply_arena + *offset, size));
-  auto ec = finish(*ch, id, detail::entry_kind::reply, 0, *offset, size);
-  if (!ec) counters.replies.fetch_add(1, std::memory_order_relaxed);
-  return ec;
+  if (copy_from == nullptr) {
+    fill(std::span(ch->reply_arena + *offset, size));
+    if (auto ec = finish(*ch, id, detail::entry_kind::reply, 0, *offset, size)) return ec;
+  }
+  counters.replies.fetch_add(1, std::memory_order_relaxed);
+  return {};
 }
 
 void service::impl::stop() {
@@ -230,14 +246,13 @@ void service::start_receive(receive_handler handler) {
 }
 
 error_code service::reply(client_id client, message_id id, std::span<const std::byte> bytes) {
-  return impl_->answer(client, id, bytes.size(), [bytes](std::span<std::byte> out) {
-    if (!bytes.empty()) std::memcpy(out.data(), bytes.data(), bytes.size());
-  });
+  static const std::byte nothing{};
+  return impl_->answer(client, id, bytes.size(), {}, bytes.empty() ? &nothing : bytes.data());
 }
 
 error_code service::reply_in_place(client_id client, message_id id, std::size_t size,
                                    const std::function<void(std::span<std::byte>)>& fill) {
-  return impl_->answer(client, id, size, fill);
+  return impl_->answer(client, id, size, fill, nullptr);
 }
 
 error_code service::reject(client_id client, message_id id, errc ec) {

@@ -121,6 +121,7 @@ void service::impl::push_events(std::vector<event> events) {
   {
     std::lock_guard lock(queue_mutex);
     for (auto& e : events) queue.push_back(std::move(e));
+    queued.store(queue.size(), std::memory_order_release);
   }
   const eventfd_t one = 1;
   (void)::eventfd_write(control_bell.get(), one);

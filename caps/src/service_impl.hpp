@@ -80,38 +80,43 @@ struct service::impl final : std::enable_shared_from_this<impl>, handler_store {
 
   std::mutex queue_mutex;
   std::deque<event> queue;
+  std::atomic<std::size_t> queued{0};  // queue.size(), written under queue_mutex: read without it
 
-  // Receivers take turns. A flag under a plain mutex, not std::timed_mutex:
-  // its timed lock (pthread_mutex_clocklock) is invisible to ThreadSanitizer.
+  // Receivers take turns: an atomic flag, taken and given back without a
+  // system call or a lock of its own; a receiver that must wait for its turn
+  // sleeps on a condition variable (not std::timed_mutex: its timed lock,
+  // pthread_mutex_clocklock, is invisible to ThreadSanitizer).
   class turn {
    public:
-    bool try_lock() {
-      std::lock_guard lock(mutex_);
-      return !std::exchange(taken_, true);
-    }
+    bool try_lock() noexcept { return !taken_.exchange(true, std::memory_order_acquire); }
     bool try_lock_until(clock::time_point deadline) {
+      if (try_lock()) return true;
       std::unique_lock lock(mutex_);
-      const auto free = [this] { return !taken_; };
+      // Counted before the look: an unlock that misses the count is seen by
+      // the look (both sequentially consistent), one that sees it notifies.
+      waiting_.fetch_add(1, std::memory_order_seq_cst);
+      const auto take = [this] { return try_lock(); };
+      bool taken = true;
       if (deadline == clock::time_point::max()) {
-        freed_.wait(lock, free);  // a wait_until(max) would overflow converting clocks
-      } else if (!freed_.wait_until(lock, deadline, free)) {
-        return false;
+        freed_.wait(lock, take);  // a wait_until(max) would overflow converting clocks
+      } else {
+        taken = freed_.wait_until(lock, deadline, take);
       }
-      taken_ = true;
-      return true;
+      waiting_.fetch_sub(1, std::memory_order_seq_cst);
+      return taken;
     }
     void unlock() {
-      {
-        std::lock_guard lock(mutex_);
-        taken_ = false;
-      }
+      taken_.store(false, std::memory_order_seq_cst);
+      if (waiting_.load(std::memory_order_seq_cst) == 0) return;
+      { std::lock_guard lock(mutex_); }  // a waiter between its look and its sleep is asleep now
       freed_.notify_one();
     }
 
    private:
+    std::atomic<bool> taken_{false};
+    std::atomic<std::uint32_t> waiting_{0};
     std::mutex mutex_;
     std::condition_variable freed_;
-    bool taken_ = false;
   };
   turn pump_mutex;
   std::vector<std::shared_ptr<server_channel>> hot;
@@ -193,14 +198,25 @@ struct service::impl final : std::enable_shared_from_this<impl>, handler_store {
   // ---- answers -------------------------------------------------------------------
 
   // Takes request `id` of `ch` for answering, with a reply block of `size`.
-  result<std::uint64_t> begin_reply(server_channel& ch, message_id id, std::size_t size);
+  // With `copy_from`, also copies `size` bytes from it into the block and
+  // publishes the reply (one lock): the answer is complete when it returns.
+  result<std::uint64_t> begin_reply(server_channel& ch, message_id id, std::size_t size,
+                                    const std::byte* copy_from = nullptr);
 
   // Publishes the outcome of `id` to the client: a reply, aborted or failed.
   error_code finish(server_channel& ch, message_id id, detail::entry_kind kind,
                     std::uint32_t status, std::uint64_t offset, std::uint64_t length);
+  // finish() with ch.state_mutex held and the message found; the caller wakes
+  // the client (wake_client) after the lock when it returns no error.
+  error_code publish(server_channel& ch, server_channel::message_table::iterator m,
+                     detail::entry_kind kind, std::uint32_t status, std::uint64_t offset,
+                     std::uint64_t length);
 
+  // A reply of `size` bytes, written by `fill` (user code, no lock held) or
+  // copied from `copy_from` (then `fill` is not called).
   error_code answer(client_id client, message_id id, std::size_t size,
-                    const std::function<void(std::span<std::byte>)>& fill);
+                    const std::function<void(std::span<std::byte>)>& fill,
+                    const std::byte* copy_from);
   void stop();
 
   // The context is going with async receives never completed: they go with
