@@ -98,16 +98,16 @@ class server_process {
       const auto in = e->view();
       switch (how) {
         case answer::copy_back:
-          (void)(*svc)->reply(e->client, e->id, in);
+          (void)(*svc)->reply(*e, in);
           break;
         case answer::in_place_header:
-          (void)(*svc)->reply_in_place(e->client, e->id, in.size(), [&](std::span<std::byte> out) {
+          (void)(*svc)->reply_in_place(*e, in.size(), [&](std::span<std::byte> out) {
             std::memcpy(out.data(), in.data(), std::min<std::size_t>(16, in.size()));
           });
           break;
         case answer::copy_out_and_in:
           scratch.assign(in.begin(), in.end());
-          (void)(*svc)->reply(e->client, e->id, scratch);
+          (void)(*svc)->reply(*e, scratch);
           break;
       }
     }
@@ -255,7 +255,7 @@ void BM_CapsCallOneThread(benchmark::State& state) {
     if (!id) return state.SkipWithError(id.error().message().c_str());
     auto e = next(caps::event_kind::request);
     if (!e) return state.SkipWithError("no request");
-    (void)(*svc)->reply(e->client, e->id, e->view());
+    (void)(*svc)->reply(*e, e->view());
     auto r = (*c)->wait(*id);
     if (!r) return state.SkipWithError(r.error().message().c_str());
     benchmark::DoNotOptimize(r->view()[0]);

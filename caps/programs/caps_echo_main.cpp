@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
     auto e = (*svc)->receive();
     if (!e) break;  // stopped
     if (e->kind != uipc::caps::event_kind::request) continue;
-    (void)(*svc)->reply(e->client, e->id, e->view());
+    (void)(*svc)->reply(*e, e->view());
   }
   ctx.stop();
   loop.join();

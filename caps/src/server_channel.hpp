@@ -33,6 +33,7 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   void wake_client() noexcept;
 
   std::shared_ptr<server_session> session;
+  const void* owner = nullptr;  ///< the service::impl it belongs to (answers by event check it)
   shm_segment segment;
   channel_layout layout;
   channel_shared* shared;

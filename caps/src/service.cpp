@@ -114,14 +114,45 @@ error_code service::impl::answer(client_id client, message_id id, std::size_t si
   if (fork.forked_copy()) return make_error_code(errc::forked_copy);
   auto ch = find(client);
   if (!ch) return make_error_code(errc::disconnected);
-  auto offset = begin_reply(*ch, id, size, copy_from);
+  return answer_on(*ch, id, size, fill, copy_from);
+}
+
+error_code service::impl::answer_on(server_channel& ch, message_id id, std::size_t size,
+                                    const std::function<void(std::span<std::byte>)>& fill,
+                                    const std::byte* copy_from) {
+  auto offset = begin_reply(ch, id, size, copy_from);
   if (!offset) return offset.error();
   if (copy_from == nullptr) {
-    fill(std::span(ch->reply_arena + *offset, size));
-    if (auto ec = finish(*ch, id, detail::entry_kind::reply, 0, *offset, size)) return ec;
+    fill(std::span(ch.reply_arena + *offset, size));
+    if (auto ec = finish(ch, id, detail::entry_kind::reply, 0, *offset, size)) return ec;
   }
   counters.replies.fetch_add(1, std::memory_order_relaxed);
   return {};
+}
+
+server_channel* service::impl::channel_of(const event& request) const noexcept {
+  const auto* ch = request.channel_.get();
+  if (request.kind != event_kind::request || ch == nullptr || ch->owner != this) return nullptr;
+  return request.channel_.get();
+}
+
+error_code service::impl::reject_on(server_channel& ch, message_id id, errc ec) {
+  using state = server_channel::message_state;
+  bool withdrawn = false;
+  {
+    std::lock_guard lock(ch.state_mutex);
+    auto m = ch.messages.find(id);
+    if (m == ch.messages.end() || m->second.state == state::replied ||
+        m->second.state == state::replying) {
+      return make_error_code(errc::unknown_message);
+    }
+    withdrawn = m->second.state == state::withdrawn;
+  }
+  if (withdrawn) {
+    (void)finish(ch, id, detail::entry_kind::aborted, 0, 0, 0);
+    return make_error_code(errc::withdrawn);
+  }
+  return finish(ch, id, detail::entry_kind::failed, static_cast<std::uint32_t>(ec), 0, 0);
 }
 
 void service::impl::stop() {
@@ -259,22 +290,31 @@ error_code service::reject(client_id client, message_id id, errc ec) {
   if (impl_->fork.forked_copy()) return make_error_code(errc::forked_copy);
   auto ch = impl_->find(client);
   if (!ch) return make_error_code(errc::disconnected);
-  using state = detail::server_channel::message_state;
-  bool withdrawn = false;
-  {
-    std::lock_guard lock(ch->state_mutex);
-    auto m = ch->messages.find(id);
-    if (m == ch->messages.end() || m->second.state == state::replied ||
-        m->second.state == state::replying) {
-      return make_error_code(errc::unknown_message);
-    }
-    withdrawn = m->second.state == state::withdrawn;
-  }
-  if (withdrawn) {
-    (void)impl_->finish(*ch, id, detail::entry_kind::aborted, 0, 0, 0);
-    return make_error_code(errc::withdrawn);
-  }
-  return impl_->finish(*ch, id, detail::entry_kind::failed, static_cast<std::uint32_t>(ec), 0, 0);
+  return impl_->reject_on(*ch, id, ec);
+}
+
+error_code service::reply(const event& request, std::span<const std::byte> bytes) {
+  if (impl_->fork.forked_copy()) return make_error_code(errc::forked_copy);
+  auto* ch = impl_->channel_of(request);
+  if (ch == nullptr) return make_error_code(errc::unknown_message);
+  static const std::byte nothing{};
+  return impl_->answer_on(*ch, request.id, bytes.size(), {},
+                          bytes.empty() ? &nothing : bytes.data());
+}
+
+error_code service::reply_in_place(const event& request, std::size_t size,
+                                   const std::function<void(std::span<std::byte>)>& fill) {
+  if (impl_->fork.forked_copy()) return make_error_code(errc::forked_copy);
+  auto* ch = impl_->channel_of(request);
+  if (ch == nullptr) return make_error_code(errc::unknown_message);
+  return impl_->answer_on(*ch, request.id, size, fill, nullptr);
+}
+
+error_code service::reject(const event& request, errc ec) {
+  if (impl_->fork.forked_copy()) return make_error_code(errc::forked_copy);
+  auto* ch = impl_->channel_of(request);
+  if (ch == nullptr) return make_error_code(errc::unknown_message);
+  return impl_->reject_on(*ch, request.id, ec);
 }
 
 void service::disconnect(client_id client) {

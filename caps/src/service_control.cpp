@@ -59,6 +59,7 @@ result<std::shared_ptr<server_channel>> service::impl::open_channel(
   auto ch =
       std::make_shared<server_channel>(session, std::move(*segment), layout, options.max_in_flight,
                                        std::move(server_bell), std::move(client_bell));
+  ch->owner = this;
   proto::caps::Welcome w;
   w.set_version(detail::channel_version);
   w.set_generation(info.generation);

@@ -217,6 +217,12 @@ struct service::impl final : std::enable_shared_from_this<impl>, handler_store {
   error_code answer(client_id client, message_id id, std::size_t size,
                     const std::function<void(std::span<std::byte>)>& fill,
                     const std::byte* copy_from);
+  error_code answer_on(server_channel& ch, message_id id, std::size_t size,
+                       const std::function<void(std::span<std::byte>)>& fill,
+                       const std::byte* copy_from);
+  error_code reject_on(server_channel& ch, message_id id, errc ec);
+  // The channel of a request event of this service; null for anything else.
+  server_channel* channel_of(const event& request) const noexcept;
   void stop();
 
   // The context is going with async receives never completed: they go with

@@ -114,7 +114,7 @@ void server::impl::serve_echo() {
     if (e.kind == uipc::caps::event_kind::request) {
       const auto began = clock::now();
       // Echoed, never read: the bytes go back as they are.
-      (void)echo.service->reply(e.client, e.id, e.view());
+      (void)echo.service->reply(e, e.view());
       echo.latency.record(clock::now() - began);
     } else if (e.kind == uipc::caps::event_kind::connected ||
                e.kind == uipc::caps::event_kind::disconnected) {

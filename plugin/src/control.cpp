@@ -147,8 +147,8 @@ struct control::impl {
         reply = control_answer(h, request, options.call_timeout);
       }
       requests.fetch_add(1, std::memory_order_relaxed);
-      if (service->reply(e->client, e->id, reply) == caps::errc::message_too_large)
-        (void)service->reply(e->client, e->id, error_reply("reply too large for the channel"));
+      if (service->reply(*e, reply) == caps::errc::message_too_large)
+        (void)service->reply(*e, error_reply("reply too large for the channel"));
     }
   }
 };

@@ -48,14 +48,14 @@ void answer_call(caps::service& svc, const caps::event& e, host_impl& host,
       status = r.error().category() == plugin_category() ? r.error().value()
                                                          : UIPC_PLUGIN_E_PLUGIN_FAILED;
   }
-  auto sent = svc.reply_in_place(
-      e.client, e.id, proto::reply_header + answer.size(), [&](std::span<std::byte> b) {
+  auto sent =
+      svc.reply_in_place(e, proto::reply_header + answer.size(), [&](std::span<std::byte> b) {
         proto::put_header(b, status, value);
         if (!answer.empty())
           std::memcpy(b.data() + proto::reply_header, answer.data(), answer.size());
       });
   if (sent == caps::errc::message_too_large) {
-    (void)svc.reply_in_place(e.client, e.id, proto::reply_header, [&](std::span<std::byte> b) {
+    (void)svc.reply_in_place(e, proto::reply_header, [&](std::span<std::byte> b) {
       proto::put_header(b, UIPC_PLUGIN_E_NO_MEMORY, 0);
     });
   }
@@ -75,12 +75,12 @@ void serve_protocol(caps::service& svc, host_impl& host, const protocol_rules& r
     const std::string request = e->copy();  // the channel is the client's to write: copy first
     auto parsed = proto::parse(std::as_bytes(std::span(request.data(), request.size())));
     if (!parsed) {
-      (void)svc.reject(e->client, e->id, caps::errc::protocol_violation);
+      (void)svc.reject(*e, caps::errc::protocol_violation);
       continue;
     }
     switch (parsed->kind) {
       case proto::list:
-        (void)svc.reply(e->client, e->id, rules.describe());
+        (void)svc.reply(*e, rules.describe());
         break;
       case proto::watch:
         rules.changes->watch(svc, e->client, e->id, proto::get_version(parsed->payload));

@@ -4,6 +4,7 @@
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/post.hpp>
+#include <cstring>
 #include <future>
 
 #include "caps_support.hpp"
@@ -61,6 +62,56 @@ TEST_F(Messages, ReplyToAnUnknownIdOrClientIsRefused) {
   auto r = (*c)->call("still fine", in(5s));
   ASSERT_TRUE(r);
   EXPECT_EQ(r->copy(), "still fine");
+}
+
+TEST_F(Messages, AnswersGivenTheRequestEvent) {
+  auto svc = serve("by.event");
+  auto other = serve("by.event.other");
+  ASSERT_TRUE(svc && other);
+  auto c = connect("by.event");
+  ASSERT_TRUE(c);
+  const event hello = next_event(**svc, event_kind::connected);
+  EXPECT_EQ((*svc)->reply(hello, "x"), make_error_code(errc::unknown_message)) << "not a request";
+  EXPECT_EQ((*svc)->reply(event{}, "x"), make_error_code(errc::unknown_message));
+
+  auto pending = std::async(std::launch::async, [&] { return (*c)->call("ping", in(5s)); });
+  const event req = next_event(**svc, event_kind::request);
+  EXPECT_EQ((*other)->reply(req, "forged"), make_error_code(errc::unknown_message))
+      << "another service's request";
+  EXPECT_EQ((*other)->reject(req, errc::no_buffers), make_error_code(errc::unknown_message));
+  ASSERT_FALSE((*svc)->reply(req, "pong"));
+  auto r = pending.get();
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(r->copy(), "pong");
+  EXPECT_EQ((*svc)->reply(req, "again"), make_error_code(errc::unknown_message)) << "answered once";
+  EXPECT_EQ((*svc)->reject(req, errc::no_buffers), make_error_code(errc::unknown_message));
+  r->release();
+  const event done = next_event(**svc, event_kind::dispose);
+  EXPECT_EQ(done.id, req.id);
+
+  // In place, and a rejection.
+  pending = std::async(std::launch::async, [&] { return (*c)->call("fill", in(5s)); });
+  const event fill = next_event(**svc, event_kind::request);
+  ASSERT_FALSE((*svc)->reply_in_place(
+      fill, 3, [](std::span<std::byte> out) { std::memcpy(out.data(), "abc", 3); }));
+  r = pending.get();
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->copy(), "abc");
+  r->release();
+  pending = std::async(std::launch::async, [&] { return (*c)->call("no", in(5s)); });
+  const event no = next_event(**svc, event_kind::request);
+  ASSERT_FALSE((*svc)->reject(no, errc::no_buffers));
+  r = pending.get();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), make_error_code(errc::no_buffers));
+
+  // The client gone: its request's channel is closed.
+  pending = std::async(std::launch::async, [&] { return (*c)->call("last", in(5s)); });
+  const event last = next_event(**svc, event_kind::request);
+  (*svc)->disconnect(last.client);
+  (void)next_event(**svc, event_kind::disconnected);
+  EXPECT_EQ((*svc)->reply(last, "late"), make_error_code(errc::disconnected));
+  EXPECT_FALSE(pending.get());
 }
 
 TEST_F(Messages, RejectFailsTheCallWithTheCode) {

@@ -157,6 +157,17 @@ class service {
   /// when it is a caps code, errc::unknown_message's kin otherwise).
   error_code reject(client_id client, message_id id, errc ec);
 
+  /// The same answers given the request event this service received: no
+  /// lookup of the client (the event holds its channel), so a little faster.
+  /// An event of another kind, or of another service, is errc::unknown_message.
+  error_code reply(const event& request, std::span<const std::byte> bytes);
+  error_code reply(const event& request, std::string_view bytes) {
+    return reply(request, std::as_bytes(std::span(bytes.data(), bytes.size())));
+  }
+  error_code reply_in_place(const event& request, std::size_t size,
+                            const std::function<void(std::span<std::byte>)>& fill);
+  error_code reject(const event& request, errc ec);
+
   /// Ends a client's connection (its calls fail with errc::disconnected).
   void disconnect(client_id client);
   /// Unregisters and ends everything; see the class comment. Idempotent.
