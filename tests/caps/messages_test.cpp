@@ -451,6 +451,58 @@ TEST_F(Messages, OneReceiverOnTwoThreadsTakesEachEventOnce) {
   EXPECT_EQ(server.disconnected.load(), clients * sessions);
 }
 
+// Blocking receivers on several threads take turns at the pump: each event
+// goes to one of them, and one waiting for its turn still keeps its deadline.
+TEST_F(Messages, BlockingReceiversOnThreeThreadsTakeTurns) {
+  auto svc = serve("turns");
+  ASSERT_TRUE(svc);
+  {
+    // One receiver holds the pump (asleep on the bells, nothing to read):
+    // another's short receive times out on time instead of waiting for it.
+    auto holder = std::async(std::launch::async, [&] { return (*svc)->receive(in(600ms)); });
+    std::this_thread::sleep_for(50ms);
+    const auto start = clock::now();
+    auto short_one = (*svc)->receive(in(100ms));
+    const auto took = clock::now() - start;
+    EXPECT_EQ(short_one.error(), make_error_code(uipc::errc::timed_out));
+    EXPECT_GE(took, 90ms);
+    EXPECT_LT(took, 450ms) << "waited for the other receiver's deadline";
+    EXPECT_EQ(holder.get().error(), make_error_code(uipc::errc::timed_out));
+  }
+  constexpr int clients = 3, calls = 400;
+  std::atomic<bool> done{false};
+  std::atomic<int> requests{0};
+  std::vector<std::thread> receivers;
+  for (int t = 0; t < 3; ++t)
+    receivers.emplace_back([&] {
+      while (!done.load()) {
+        auto e = (*svc)->receive(in(20ms));
+        if (!e || e->kind != event_kind::request) continue;
+        ++requests;
+        if (auto ec = (*svc)->reply(*e, e->view())) ADD_FAILURE() << ec.message();
+      }
+    });
+  std::atomic<int> answered{0};
+  std::vector<std::thread> callers;
+  for (int t = 0; t < clients; ++t)
+    callers.emplace_back([&, t] {
+      auto c = connect("turns");
+      if (!c) return ADD_FAILURE() << "connect: " << c.error().message();
+      for (int i = 0; i < calls; ++i) {
+        const std::string text = std::to_string(t) + "." + std::to_string(i);
+        auto r = (*c)->call(text, in(5s));
+        if (!r) return ADD_FAILURE() << "call " << text << ": " << r.error().message();
+        if (r->copy() == text) ++answered;
+      }
+    });
+  for (auto& t : callers) t.join();
+  done = true;
+  for (auto& t : receivers) t.join();
+  EXPECT_EQ(answered.load(), clients * calls);
+  EXPECT_EQ(requests.load(), clients * calls) << "each request once";
+  EXPECT_EQ((*svc)->stats().replies, static_cast<std::uint64_t>(clients * calls));
+}
+
 TEST_F(Messages, AsyncCallCancellationAborts) {
   auto svc = serve("async.cancel");
   ASSERT_TRUE(svc);
