@@ -69,7 +69,12 @@ result<std::uint64_t> service::impl::begin_reply(server_channel& ch, message_id 
     // Disposals the client published free blocks: read them (as a receiver
     // does: events queued and counted, a violation ends the client), then try
     // again.
-    (void)drain(ch.shared_from_this());
+    if (drain(ch.shared_from_this()) > 0) {
+      // Queued outside the receiver's sweep: a receiver asleep on the bells
+      // must look at the queue.
+      const eventfd_t one = 1;
+      (void)::eventfd_write(control_bell.get(), one);
+    }
   }
 }
 

@@ -93,9 +93,10 @@ struct service::impl final : std::enable_shared_from_this<impl>, handler_store {
       if (try_lock()) return true;
       std::unique_lock lock(mutex_);
       // Counted before the look: an unlock that misses the count is seen by
-      // the look (both sequentially consistent), one that sees it notifies.
+      // the look (both sequentially consistent: the look's exchange too), one
+      // that sees it notifies.
       waiting_.fetch_add(1, std::memory_order_seq_cst);
-      const auto take = [this] { return try_lock(); };
+      const auto take = [this] { return !taken_.exchange(true, std::memory_order_seq_cst); };
       bool taken = true;
       if (deadline == clock::time_point::max()) {
         freed_.wait(lock, take);  // a wait_until(max) would overflow converting clocks

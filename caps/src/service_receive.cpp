@@ -131,8 +131,9 @@ bool service::impl::any_hot_ready() const noexcept {
 }
 
 result<event> service::impl::pop(std::span<std::byte>* into, std::size_t* size) {
-  // Most looks find it empty: they take no lock. An event pushed meanwhile is
-  // found by the next look (a receiver's sweep, or the bell it rang).
+  // Most looks find it empty: they take no lock. Whoever pushes an event
+  // outside the receiver's own sweep rings the control bell after it
+  // (push_events, an answer's drain), so a receiver about to sleep wakes.
   if (queued.load(std::memory_order_acquire) == 0) return make_error_code(uipc::errc::timed_out);
   std::lock_guard lock(queue_mutex);
   if (queue.empty()) return make_error_code(uipc::errc::timed_out);

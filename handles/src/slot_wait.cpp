@@ -234,26 +234,30 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
 
   // Spin while the signaller may run on another CPU, then give the CPU away
   // once in case it shares ours (the policy learns which pays on this thread).
-  // The spin looks after every pause, with loads: it tries a take (a compare-
-  // exchange, which pulls the slot's line from its owner) only when a slot
-  // says it may succeed, or changed under us. A wait on a mutex looks every
-  // 16th pause only: one that pounced on every release took the mutex from a
-  // owner about to take it again three times as often (BM_Mutex_Contended:
-  // 5 % of takes handed over, 15 % with every pause; 1.7x the time a take).
+  // The spin looks with loads: it tries a take (a compare-exchange, which
+  // pulls the slot's line from its owner) only when the slots say it may
+  // succeed (a wait-all: every slot), or one changed under us. A wait on a
+  // mutex looks every 16th pause, not every one: one that pounced on every
+  // release took the mutex from an owner about to take it again three times
+  // as often (BM_Mutex_Contended: 5 % of takes handed over, 15 % looking at
+  // every pause; 1.7x the time a take).
   const bool on_a_mutex = std::any_of(targets.begin(), targets.end(), [](const wait_target& t) {
     return t.type == object_type::mutex;
   });
-  unsigned looks = 0;
   const auto worth_a_try = [&] {
-    if (on_a_mutex && (++looks & 15) != 0) return false;
+    bool every = true, some = false;
     for (const auto& t : targets) {
+      if (!still_valid(t)) return true;  // reported by the attempt
       const std::uint64_t st = t.s->state.load(std::memory_order_relaxed);
-      if (locker_of(st) != 0 || available(t.type, value_of(st), me) || !still_valid(t)) return true;
+      const bool may = locker_of(st) != 0 || available(t.type, value_of(st), me);
+      every = every && may;
+      some = some || may;
     }
-    return false;
+    return all ? every : some;
   };
-  if (policy.spin_then_yield(spin, budget, start, deadline,
-                             [&] { return worth_a_try() && attempt(); }))
+  if (policy.spin_then_yield(
+          spin, budget, start, deadline, [&] { return worth_a_try() && attempt(); },
+          on_a_mutex ? 16 : 1))
     return *outcome;
 
   // Registered as a sleeper before reading seq and retrying: a waker changes the

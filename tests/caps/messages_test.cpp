@@ -473,15 +473,27 @@ TEST_F(Messages, BlockingReceiversOnThreeThreadsTakeTurns) {
   std::atomic<bool> done{false};
   std::atomic<int> requests{0};
   std::vector<std::thread> receivers;
-  for (int t = 0; t < 3; ++t)
+  const auto answer = [&](result<event>& e) {
+    if (!e || e->kind != event_kind::request) return;
+    ++requests;
+    if (auto ec = (*svc)->reply(*e, e->view())) ADD_FAILURE() << ec.message();
+  };
+  for (int t = 0; t < 2; ++t)
     receivers.emplace_back([&] {
       while (!done.load()) {
         auto e = (*svc)->receive(in(20ms));
-        if (!e || e->kind != event_kind::request) continue;
-        ++requests;
-        if (auto ec = (*svc)->reply(*e, e->view())) ADD_FAILURE() << ec.message();
+        answer(e);
       }
     });
+  // And one with no deadline at all: a turn handed over and never noticed
+  // would leave it asleep (the service's stop ends it, below).
+  auto forever = std::async(std::launch::async, [&] {
+    for (;;) {
+      auto e = (*svc)->receive();
+      if (!e && e.error() == make_error_code(errc::stopped)) return;
+      answer(e);
+    }
+  });
   std::atomic<int> answered{0};
   std::vector<std::thread> callers;
   for (int t = 0; t < clients; ++t)
@@ -501,6 +513,8 @@ TEST_F(Messages, BlockingReceiversOnThreeThreadsTakeTurns) {
   EXPECT_EQ(answered.load(), clients * calls);
   EXPECT_EQ(requests.load(), clients * calls) << "each request once";
   EXPECT_EQ((*svc)->stats().replies, static_cast<std::uint64_t>(clients * calls));
+  (*svc)->stop();
+  ASSERT_EQ(forever.wait_for(5s), std::future_status::ready) << "a receiver never woke";
 }
 
 TEST_F(Messages, AsyncCallCancellationAborts) {

@@ -386,6 +386,32 @@ TEST(WaitPolicyTest, SpinThenYieldSpinsItsBudgetThenYieldsOnceAndHalves) {
   EXPECT_EQ(calls, 0);
 }
 
+TEST(WaitPolicyTest, LookEveryNthPauseWhileSpinningButAlwaysAfterTheYield) {
+  wait_policy p;
+  const auto b = p.spin_budget(50ms);
+  int calls = 0;
+  EXPECT_TRUE(p.spin_then_yield(
+      50ms, b, steady::now(), steady::time_point::max(),
+      [&] {
+        ++calls;
+        return true;
+      },
+      16));
+  EXPECT_EQ(calls, 1) << "the first look comes after 16 pauses, and succeeds";
+  // No spin: the look after the yield is never skipped, whatever the cadence.
+  wait_policy q;
+  calls = 0;
+  EXPECT_TRUE(q.spin_then_yield(
+      50ms, 0ns, {}, steady::time_point::max(),
+      [&] {
+        ++calls;
+        return true;
+      },
+      16));
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(q.yields_to_skip(), 0u) << "the yield paid: nothing to skip";
+}
+
 TEST(WaitPolicyTest, SpinCutShortByTheDeadlineTeachesNothing) {
   wait_policy p;
   const auto b = p.spin_budget(50ms);

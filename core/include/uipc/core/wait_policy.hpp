@@ -69,13 +69,16 @@ class wait_policy {
 
   /// Everything before the sleep, with the feedback: spins for `budget` (from
   /// spin_budget(limit)) counted from `start`, never past `deadline`, calling
-  /// `ready()` after every pause; then, if due, yields once and calls
-  /// `ready()` again. Returns true as soon as `ready()` does (the caller has its
-  /// outcome); false when the caller should sleep. `start` is needed only when
-  /// the budget is positive (the caller has read the clock for it already).
+  /// `ready()` after every `look_every` pauses (1: every pause); then, if due,
+  /// yields once and calls `ready()` again. Returns true as soon as `ready()`
+  /// does (the caller has its outcome); false when the caller should sleep.
+  /// `start` is needed only when the budget is positive (the caller has read
+  /// the clock for it already). A `ready()` that takes something (a
+  /// compare-exchange) where others contend may want a larger `look_every`.
   template <class Ready>
   bool spin_then_yield(std::chrono::nanoseconds limit, std::chrono::nanoseconds budget,
-                       clock::time_point start, clock::time_point deadline, Ready&& ready);
+                       clock::time_point start, clock::time_point deadline, Ready&& ready,
+                       unsigned look_every = 1);
 
   /// The current budget (-1 before the first spin_budget()) and yield skip state,
   /// for tests.
@@ -92,15 +95,16 @@ class wait_policy {
 template <class Ready>
 bool wait_policy::spin_then_yield(std::chrono::nanoseconds limit, std::chrono::nanoseconds budget,
                                   clock::time_point start, clock::time_point deadline,
-                                  Ready&& ready) {
+                                  Ready&& ready, unsigned look_every) {
   if (budget.count() > 0) {
     const auto spin_until = start + budget < deadline ? start + budget : deadline;
-    // ready() after every pause: a pause costs 30 ns on some machines, and
-    // looking only every 16th added up to half a microsecond to each hand-off.
-    // The clock (a vDSO call of about the same cost) every 16th.
+    // ready() after every pause by default: a pause costs 30 ns on some
+    // machines, and looking only every 16th added up to half a microsecond to
+    // each hand-off. The clock (a vDSO call of about the same cost) every 16th.
+    const unsigned every = look_every == 0 ? 1 : look_every;
     for (unsigned round = 1;; ++round) {
       cpu_relax();
-      if (ready()) {
+      if (round % every == 0 && ready()) {
         spin_ended(limit, true);
         return true;
       }
