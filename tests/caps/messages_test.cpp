@@ -312,6 +312,46 @@ TEST_F(Messages, AClientThatNeverReleasesRepliesIsBoundedByItsArena) {
   ASSERT_TRUE(r) << r.error().message();
 }
 
+// An answer short of reply space reads the client's disposals itself; the
+// disposal events it queues must wake a receiver asleep on the doorbells
+// (the client does not ring for a disposal).
+TEST_F(Messages, DisposalsReadByAnAnswerWakeASleepingReceiver) {
+  auto o = options();
+  o.reply_arena = 64 << 10;
+  auto svc = serve("short.space", o);
+  ASSERT_TRUE(svc);
+  auto c = connect("short.space");
+  ASSERT_TRUE(c);
+  (void)next_event(**svc, event_kind::connected);
+  // Sixteen replies of 4 KiB fill the arena; the client keeps them.
+  std::vector<reply> kept;
+  for (int i = 0; i < 16; ++i) {
+    auto pending = std::async(std::launch::async, [&] { return (*c)->call("give", in(5s)); });
+    const event req = next_event(**svc, event_kind::request);
+    ASSERT_FALSE((*svc)->reply(req, std::string(4096, 'r')));
+    auto r = pending.get();
+    ASSERT_TRUE(r) << r.error().message();
+    kept.push_back(std::move(*r));
+  }
+  auto last = (*c)->send(bytes("last"));
+  ASSERT_TRUE(last);
+  const event req = next_event(**svc, event_kind::request);
+  // A receiver goes to sleep on the bells (nothing to read, channels cooled).
+  auto receiving = std::async(std::launch::async, [&] { return (*svc)->receive(in(10s)); });
+  std::this_thread::sleep_for(200ms);
+  kept.clear();  // sixteen disposals, published without a ring
+  // The answer finds no space, reads the disposals, and answers.
+  ASSERT_FALSE((*svc)->reply(req, std::string(4096, 'l')));
+  ASSERT_EQ(receiving.wait_for(2s), std::future_status::ready)
+      << "the queued disposals did not wake the receiver";
+  auto e = receiving.get();
+  ASSERT_TRUE(e) << e.error().message();
+  EXPECT_EQ(e->kind, event_kind::dispose);
+  auto r = (*c)->wait(*last, in(5s));
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(r->size(), 4096u);
+}
+
 TEST_F(Messages, AsyncCallsAndAsyncReceive) {
   auto svc = serve("async");
   ASSERT_TRUE(svc);
