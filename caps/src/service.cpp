@@ -113,15 +113,6 @@ error_code service::impl::finish(server_channel& ch, message_id id, detail::entr
   return {};
 }
 
-error_code service::impl::answer(client_id client, message_id id, std::size_t size,
-                                 const std::function<void(std::span<std::byte>)>& fill,
-                                 const std::byte* copy_from) {
-  if (fork.forked_copy()) return make_error_code(errc::forked_copy);
-  auto ch = find(client);
-  if (!ch) return make_error_code(errc::disconnected);
-  return answer_on(*ch, id, size, fill, copy_from);
-}
-
 error_code service::impl::answer_on(server_channel& ch, message_id id, std::size_t size,
                                     const std::function<void(std::span<std::byte>)>& fill,
                                     const std::byte* copy_from) {
@@ -135,10 +126,25 @@ error_code service::impl::answer_on(server_channel& ch, message_id id, std::size
   return {};
 }
 
-server_channel* service::impl::channel_of(const event& request) const noexcept {
-  const auto* ch = request.channel_.get();
-  if (request.kind != event_kind::request || ch == nullptr || ch->owner != this) return nullptr;
-  return request.channel_.get();
+error_code service::impl::reply_bytes(server_channel& ch, message_id id,
+                                      std::span<const std::byte> bytes) {
+  static const std::byte nothing{};  // copy_from is never null for a copy, even of nothing
+  return answer_on(ch, id, bytes.size(), {}, bytes.empty() ? &nothing : bytes.data());
+}
+
+result<std::shared_ptr<server_channel>> service::impl::channel_for(client_id client) const {
+  if (fork.forked_copy()) return make_error_code(errc::forked_copy);
+  auto ch = find(client);
+  if (!ch) return make_error_code(errc::disconnected);
+  return ch;
+}
+
+result<server_channel*> service::impl::channel_of(const event& request) const {
+  if (fork.forked_copy()) return make_error_code(errc::forked_copy);
+  server_channel* ch = request.channel_.get();
+  if (request.kind != event_kind::request || ch == nullptr || ch->owner != this)
+    return make_error_code(errc::unknown_message);
+  return ch;
 }
 
 error_code service::impl::reject_on(server_channel& ch, message_id id, errc ec) {
@@ -282,44 +288,35 @@ void service::start_receive(receive_handler handler) {
 }
 
 error_code service::reply(client_id client, message_id id, std::span<const std::byte> bytes) {
-  static const std::byte nothing{};
-  return impl_->answer(client, id, bytes.size(), {}, bytes.empty() ? &nothing : bytes.data());
+  auto ch = impl_->channel_for(client);
+  return ch ? impl_->reply_bytes(**ch, id, bytes) : ch.error();
 }
 
 error_code service::reply_in_place(client_id client, message_id id, std::size_t size,
                                    const std::function<void(std::span<std::byte>)>& fill) {
-  return impl_->answer(client, id, size, fill, nullptr);
+  auto ch = impl_->channel_for(client);
+  return ch ? impl_->answer_on(**ch, id, size, fill, nullptr) : ch.error();
 }
 
 error_code service::reject(client_id client, message_id id, errc ec) {
-  if (impl_->fork.forked_copy()) return make_error_code(errc::forked_copy);
-  auto ch = impl_->find(client);
-  if (!ch) return make_error_code(errc::disconnected);
-  return impl_->reject_on(*ch, id, ec);
+  auto ch = impl_->channel_for(client);
+  return ch ? impl_->reject_on(**ch, id, ec) : ch.error();
 }
 
 error_code service::reply(const event& request, std::span<const std::byte> bytes) {
-  if (impl_->fork.forked_copy()) return make_error_code(errc::forked_copy);
-  auto* ch = impl_->channel_of(request);
-  if (ch == nullptr) return make_error_code(errc::unknown_message);
-  static const std::byte nothing{};
-  return impl_->answer_on(*ch, request.id, bytes.size(), {},
-                          bytes.empty() ? &nothing : bytes.data());
+  auto ch = impl_->channel_of(request);
+  return ch ? impl_->reply_bytes(**ch, request.id, bytes) : ch.error();
 }
 
 error_code service::reply_in_place(const event& request, std::size_t size,
                                    const std::function<void(std::span<std::byte>)>& fill) {
-  if (impl_->fork.forked_copy()) return make_error_code(errc::forked_copy);
-  auto* ch = impl_->channel_of(request);
-  if (ch == nullptr) return make_error_code(errc::unknown_message);
-  return impl_->answer_on(*ch, request.id, size, fill, nullptr);
+  auto ch = impl_->channel_of(request);
+  return ch ? impl_->answer_on(**ch, request.id, size, fill, nullptr) : ch.error();
 }
 
 error_code service::reject(const event& request, errc ec) {
-  if (impl_->fork.forked_copy()) return make_error_code(errc::forked_copy);
-  auto* ch = impl_->channel_of(request);
-  if (ch == nullptr) return make_error_code(errc::unknown_message);
-  return impl_->reject_on(*ch, request.id, ec);
+  auto ch = impl_->channel_of(request);
+  return ch ? impl_->reject_on(**ch, request.id, ec) : ch.error();
 }
 
 void service::disconnect(client_id client) {

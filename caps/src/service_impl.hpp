@@ -215,15 +215,16 @@ struct service::impl final : std::enable_shared_from_this<impl>, handler_store {
 
   // A reply of `size` bytes, written by `fill` (user code, no lock held) or
   // copied from `copy_from` (then `fill` is not called).
-  error_code answer(client_id client, message_id id, std::size_t size,
-                    const std::function<void(std::span<std::byte>)>& fill,
-                    const std::byte* copy_from);
   error_code answer_on(server_channel& ch, message_id id, std::size_t size,
                        const std::function<void(std::span<std::byte>)>& fill,
                        const std::byte* copy_from);
+  error_code reply_bytes(server_channel& ch, message_id id, std::span<const std::byte> bytes);
   error_code reject_on(server_channel& ch, message_id id, errc ec);
-  // The channel of a request event of this service; null for anything else.
-  server_channel* channel_of(const event& request) const noexcept;
+  // The channel an answer goes to: of a client (disconnected if gone), or of a
+  // request event of this service (unknown_message for anything else);
+  // forked_copy in a forked child.
+  result<std::shared_ptr<server_channel>> channel_for(client_id client) const;
+  result<server_channel*> channel_of(const event& request) const;
   void stop();
 
   // The context is going with async receives never completed: they go with

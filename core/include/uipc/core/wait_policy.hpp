@@ -102,11 +102,15 @@ bool wait_policy::spin_then_yield(std::chrono::nanoseconds limit, std::chrono::n
     // machines, and looking only every 16th added up to half a microsecond to
     // each hand-off. The clock (a vDSO call of about the same cost) every 16th.
     const unsigned every = look_every == 0 ? 1 : look_every;
+    unsigned to_look = every;
     for (unsigned round = 1;; ++round) {
       cpu_relax();
-      if (round % every == 0 && ready()) {
-        spin_ended(limit, true);
-        return true;
+      if (--to_look == 0) {
+        to_look = every;
+        if (ready()) {
+          spin_ended(limit, true);
+          return true;
+        }
       }
       if ((round & 15) == 0 && clock::now() >= spin_until) break;
     }
