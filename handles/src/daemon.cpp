@@ -29,6 +29,7 @@ error_code handle_daemon::impl::open() {
   if (options.capacity < 2 || options.capacity > (1u << 24))
     return make_error_code(errc::invalid_argument);
   if (options.scratch_size > (std::size_t{1} << 32)) return make_error_code(errc::invalid_argument);
+  if (options.max_references == 0) return make_error_code(errc::invalid_argument);
 
   // Anonymous (a sealed memfd), handed to each client in the hello reply: no
   // name another uid could take first, no size another process could change
@@ -111,6 +112,7 @@ void handle_daemon::impl::session_ended(const server_session& s) {
     sessions_per_pid.erase(it);
     repair_locked(pid);
   }
+  greeted.erase(s.id());
   for (const auto& [index, count] : handle_refs.release_all(s.id())) drop_refs(index, count);
   for (const auto& [offset, count] : scratch_refs.release_all(s.id())) {
     (void)count;

@@ -71,18 +71,24 @@ void handle_daemon::impl::register_requests() {
     out.set_existed(existed);
     return out;
   };
-  auto add_ref = [this](std::uint64_t session, std::uint32_t index) {
+  // Every count is bounded: one that wrapped would free an object its other
+  // holders still use (a session's own count never exceeds the object's).
+  auto add_ref = [this](std::uint64_t session, std::uint32_t index) -> error_code {
+    if (records[index].refs >= options.max_references) return fail(errc::too_many_references);
     ++records[index].refs;
     detail::set_refcount(view, index, records[index].refs);
     handle_refs.acquire(session, index);
+    return {};
   };
 
   router.on<pb::HelloRequest, pb::HelloReply>(
       type_of(request_type::hello),
       locked([this](request_context& ctx, const pb::HelloRequest&) -> result<pb::HelloReply> {
+        if (greeted.contains(ctx.session.id())) return fail(errc::already_greeted);
         unique_fd memfd(::fcntl(segment->fd(), F_DUPFD_CLOEXEC, 0));
         if (!memfd) return error_code(errno, boost::system::system_category());
         ctx.reply_fds.push_back(std::move(memfd));
+        greeted.insert(ctx.session.id());
         pb::HelloReply out;
         out.set_daemon_pid(static_cast<std::int32_t>(::getpid()));
         out.set_epoch(view.header->epoch.load());
@@ -125,7 +131,7 @@ void handle_daemon::impl::register_requests() {
             if (!in.name().empty()) {
               if (auto it = names.find(in.name()); it != names.end()) {
                 if (records[it->second].type != type) return fail(errc::name_in_use);
-                add_ref(ctx.session.id(), it->second);
+                if (error_code e = add_ref(ctx.session.id(), it->second)) return e;
                 return handle_reply(it->second, true);
               }
             }
@@ -140,7 +146,7 @@ void handle_daemon::impl::register_requests() {
             init.name = r.name;
             detail::publish_slot(view, index, r.generation, init);
             if (!r.name.empty()) names.emplace(r.name, index);
-            add_ref(ctx.session.id(), index);
+            (void)add_ref(ctx.session.id(), index);  // a new object: its first reference
             return handle_reply(index, false);
           }));
 
@@ -158,7 +164,7 @@ void handle_daemon::impl::register_requests() {
           if (!checked) return checked.error();
           index = *checked;
         }
-        add_ref(ctx.session.id(), index);
+        if (error_code e = add_ref(ctx.session.id(), index)) return e;
         return handle_reply(index, true);
       }));
 

@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "protocol.hpp"
@@ -77,6 +78,9 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
 
   // Sessions open per process: a process's mutexes are abandoned when its last goes.
   std::unordered_map<std::int32_t, std::uint32_t> sessions_per_pid;
+  // Sessions that said hello: one each, since every hello pins a descriptor of
+  // the segment in its reply until the client reads it.
+  std::unordered_set<std::uint64_t> greeted;
   ledger<std::uint64_t, std::uint32_t> handle_refs;
   ledger<std::uint64_t, std::uint64_t> scratch_refs;
   std::uint64_t abandoned_total = 0;

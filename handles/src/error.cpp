@@ -38,6 +38,8 @@ constexpr error_description descriptions[] = {
     {errc::incompatible_daemon,
      "the handle daemon serving here is another build (segment layout): stop it and connect "
      "again"},
+    {errc::too_many_references, "the object has as many references as the daemon allows"},
+    {errc::already_greeted, "this connection said hello already"},
 };
 
 constexpr module_category category("uipc.handles", descriptions);

@@ -90,11 +90,13 @@ struct private_location {
 class in_process_daemon {
  public:
   explicit in_process_daemon(const location& where, std::uint32_t capacity = 64,
-                             std::size_t scratch = 4096) {
+                             std::size_t scratch = 4096,
+                             std::uint32_t max_references = daemon_options{}.max_references) {
     daemon_options o;
     o.where = where;
     o.capacity = capacity;
     o.scratch_size = scratch;
+    o.max_references = max_references;
     auto d = handle_daemon::start(loop_.context(), std::move(o));
     if (!d) {
       ADD_FAILURE() << "daemon did not start: " << d.error().message();

@@ -93,8 +93,21 @@ class ProtocolTest : public ::testing::Test {
     return call(type, m.SerializeAsString()).first;
   }
 
+  // Closes the raw connection: everything it held goes with it, and the table
+  // is as the well-behaved client left it.
+  void close_and_expect_the_table_as_before() {
+    conn_->close();
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    while (daemon_->stats().clients != 1 && std::chrono::steady_clock::now() < until) {
+      ctx_.restart();
+      ctx_.run_for(1ms);
+    }
+    EXPECT_EQ(snapshot(false) + " 2", before_);
+  }
+
+  static constexpr std::uint32_t max_references = 6;
   private_location loc_;
-  in_process_daemon daemon_{loc_.where, 4, 1024};
+  in_process_daemon daemon_{loc_.where, 4, 1024, max_references};
   boost::asio::io_context ctx_;
   connection::pointer conn_;
   std::optional<client> other_;
@@ -192,6 +205,57 @@ TEST_F(ProtocolTest, CloseWithoutAReferenceIsRefused) {
   EXPECT_EQ(call_error(4, close), make_error_code(errc::not_held));
   EXPECT_EQ(snapshot(), before_);
   EXPECT_FALSE(kept_.signal());
+}
+
+TEST_F(ProtocolTest, ReferencesStopAtTheDaemonsLimit) {
+  // No count may wrap: a session that could open an object 2^32 times would
+  // bring its count back to zero and free it under its other holders.
+  pb::OpenRequest open;
+  open.mutable_handle()->set_index(kept_.handle().index);
+  open.mutable_handle()->set_generation(kept_.handle().generation);
+  for (std::uint32_t refs = 1; refs < max_references; ++refs) ASSERT_FALSE(call_error(3, open));
+  EXPECT_EQ(call_error(3, open), make_error_code(errc::too_many_references));
+  pb::CreateRequest by_name;  // a create of the name is an open too
+  by_name.set_type(pb::MANUAL_EVENT);
+  by_name.set_name("kept");
+  EXPECT_EQ(call_error(2, by_name), make_error_code(errc::too_many_references));
+  auto list = other_->list();
+  ASSERT_TRUE(list);
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ(list->front().refcount, max_references);
+  // One closed, one more fits.
+  pb::CloseRequest close;
+  *close.mutable_handle() = open.handle();
+  EXPECT_FALSE(call_error(4, close));
+  EXPECT_FALSE(call_error(2, by_name));
+  EXPECT_EQ(call_error(3, open), make_error_code(errc::too_many_references));
+  // The refusals took nothing: this connection's references go with it, and
+  // the object is the other client's again, alive.
+  close_and_expect_the_table_as_before();
+  EXPECT_FALSE(kept_.signal());
+}
+
+TEST_F(ProtocolTest, ASecondHelloIsRefused) {
+  // Each hello's reply carries a descriptor of the segment: a client repeating
+  // it without reading would pin the daemon's descriptors, every client's limit.
+  auto [first, reply] = call(1, "");
+  EXPECT_FALSE(first) << first.message();
+  EXPECT_EQ(reply.fds.size(), 1u);
+  for (int i = 0; i < 3; ++i) {
+    auto [again, refused] = call(1, "");
+    EXPECT_EQ(again, make_error_code(errc::already_greeted));
+    EXPECT_TRUE(refused.fds.empty());
+  }
+  EXPECT_TRUE(conn_->is_open());
+  EXPECT_EQ(snapshot(), before_);
+  // Another connection still gets its hello.
+  connection_options co;
+  co.error_categories = {&handles_category()};
+  auto other = connection::connect(ctx_, loc_.resolved().socket_path, co);
+  ASSERT_TRUE(other);
+  std::swap(conn_, *other);
+  EXPECT_FALSE(call(1, "").first);
+  (*other)->close();
 }
 
 TEST_F(ProtocolTest, ScratchFreeOfAnUnallocatedOffsetIsRefused) {
@@ -300,13 +364,7 @@ TEST_F(ProtocolTest, RandomRequestsLeaveTheTableAsItWasOnceTheirSenderLeaves) {
   }
   EXPECT_FALSE(kept_.signal());  // the other client's object still works
   EXPECT_FALSE(kept_.reset());
-  conn_->close();
-  const auto until = std::chrono::steady_clock::now() + 5s;
-  while (daemon_->stats().clients != 1 && std::chrono::steady_clock::now() < until) {
-    ctx_.restart();
-    ctx_.run_for(1ms);
-  }
-  EXPECT_EQ(snapshot(false) + " 2", before_);
+  close_and_expect_the_table_as_before();
 }
 
 TEST_F(ProtocolTest, ListAndStatsDescribeTheTable) {

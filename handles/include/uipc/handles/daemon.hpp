@@ -24,6 +24,10 @@ struct daemon_options {
   std::uint32_t capacity = 1024;
   /// Bytes of the scratch area.
   std::size_t scratch_size = 256 * 1024;
+  /// References one object may have, across every client (each create by
+  /// name or open adds one); one more is refused with errc::too_many_references,
+  /// so no count can wrap and free an object its other holders still use.
+  std::uint32_t max_references = 0xffff'ffffu - 1;
   /// With on_idle: how long the daemon waits, once its last client left (or after
   /// it started, if none comes), before it calls on_idle.
   std::chrono::milliseconds linger{0};

@@ -39,6 +39,8 @@ enum class errc {
   /// the daemon serving here lays out its segment otherwise (another build of
   /// uipc): stop it, or let it go idle, and connect again
   incompatible_daemon,
+  too_many_references,  ///< the object holds daemon_options::max_references already
+  already_greeted,      ///< a second hello on one connection (each would pin a descriptor)
 };
 
 /// The category of errc, named "uipc.handles".
