@@ -161,6 +161,8 @@ error_code host::unload(std::string_view name) {
     std::lock_guard lock(impl_->registry_mutex);
     auto it = impl_->plugins.find(name);
     if (it == impl_->plugins.end()) return errc::plugin_not_found;
+    // A reload under way holds the serving build as its `old`: it retires it.
+    if (impl_->loading.count(name)) return errc::duplicate_plugin;
     record = it->second;
     for (const auto& service : std::set<std::string, std::less<>>(record->services))
       impl_->unregister(*record, service, events, out);

@@ -177,6 +177,12 @@ struct host_impl {
   // -- lifecycle (lifecycle.cpp)
   result<std::string> load(std::shared_ptr<plugin_record> record,
                            const std::shared_ptr<plugin_record>& old);
+  /// Reserves `record`'s name in `loading` (registry_mutex held): a load, a
+  /// reload or an unload of the name waits for nothing and is refused meanwhile.
+  /// A reload's `old` must still be the serving build: two reloads read the
+  /// same one, and the second would retire it twice and drop the first's build
+  /// unretired. Empty text: reserved; otherwise why not.
+  std::string reserve(plugin_record& record, const std::shared_ptr<plugin_record>& old);
   /// Publishes a loaded build's staged services (its name reserved in `loading`);
   /// for a reload, takes over `old`'s names and retires it.
   result<std::string> commit(std::shared_ptr<plugin_record> record,

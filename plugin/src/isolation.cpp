@@ -461,18 +461,24 @@ result<std::string> load_isolated(host_impl& host, const std::filesystem::path& 
   record->info.flags = served->flags;
   auto* raw_link = link.get();
   record->isolated = std::move(link);
+  // The log is user code: written once the registry is let go.
+  std::string why_not;
+  std::vector<std::string> not_staged;
   {
     std::lock_guard lock(host.registry_mutex);
-    if ((!old && host.plugins.count(record->name)) || host.loading.count(record->name))
-      return errc::duplicate_plugin;
-    host.loading.insert(record->name);
-    record->predecessor = old.get();
-    record->generation = old ? old->generation + 1 : 0;
-    for (auto& [name, entry] : raw_link->entries_for(*served)) {
-      if (int s = host.stage(*record, name, entry); s != UIPC_PLUGIN_OK)
-        host.log(1, record->name + ": service " + name + " not registered here: " + status_text(s));
+    why_not = host.reserve(*record, old);
+    if (why_not.empty()) {
+      for (auto& [name, entry] : raw_link->entries_for(*served)) {
+        if (int s = host.stage(*record, name, entry); s != UIPC_PLUGIN_OK)
+          not_staged.push_back("service " + name + " not registered here: " + status_text(s));
+      }
     }
   }
+  if (!why_not.empty()) {
+    host.log(0, "isolated load of " + record->path + " refused: " + why_not);
+    return errc::duplicate_plugin;
+  }
+  for (const auto& line : not_staged) host.log(1, record->name + ": " + line);
   // Held across the start of the watcher: an unload racing this load may
   // retire the build at once.
   const std::shared_ptr<plugin_record> keep = record;

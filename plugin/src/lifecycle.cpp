@@ -163,13 +163,8 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record,
 
   {
     std::lock_guard lock(registry_mutex);
-    if (!old && (plugins.count(record->name) || loading.count(record->name)))
-      return fail(errc::duplicate_plugin, record->name + " is loaded");
-    if (old && loading.count(record->name))
-      return fail(errc::duplicate_plugin, record->name + " is being loaded");
-    loading.insert(record->name);
-    record->predecessor = old.get();
-    record->generation = old ? old->generation + 1 : 0;
+    if (std::string why_not = reserve(*record, old); !why_not.empty())
+      return fail(errc::duplicate_plugin, why_not);
   }
   auto unreserve = [&] {
     std::lock_guard lock(registry_mutex);
@@ -197,6 +192,18 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record,
   }
 
   return commit(std::move(record), old);
+}
+
+std::string host_impl::reserve(plugin_record& record, const std::shared_ptr<plugin_record>& old) {
+  if (loading.count(record.name)) return record.name + " is being loaded, reloaded or unloaded";
+  auto serving = plugins.find(record.name);
+  if (!old && serving != plugins.end()) return record.name + " is loaded";
+  if (old && (serving == plugins.end() || serving->second != old))
+    return record.name + " was reloaded or unloaded meanwhile";
+  loading.insert(record.name);
+  record.predecessor = old.get();
+  record.generation = old ? old->generation + 1 : 0;
+  return {};
 }
 
 result<std::string> host_impl::commit(std::shared_ptr<plugin_record> record,

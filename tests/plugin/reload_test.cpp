@@ -131,5 +131,87 @@ TEST(Reload, ManyReloadsUnderLoadLeaveMemoryFlatAndNoOldCodeMapped) {
       << "RSS grew from " << rss_before << " to " << rss_after << " KiB";
 }
 
+TEST(Reload, ConcurrentReloadsEachRetireTheBuildTheyReplaced) {
+  // Two reloads read the same serving build; the second used to reserve the
+  // name after the first committed, retire that old build a second time and
+  // drop the first's build unretired (its services published, the record
+  // freed). Each reload now either replaces the build serving when it began
+  // or is refused, so the generations count the reloads that succeeded.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  constexpr int rounds = 40;
+#else
+  constexpr int rounds = 150;
+#endif
+  logged_host h;
+  ASSERT_TRUE(h.h->load(variants + "/variant_v1.so"));
+  auto ref = h.h->resolve("version").value();
+  std::atomic<int> succeeded{0}, refused{0}, other{0};
+  auto reloader = [&](const char* build) {
+    for (int i = 0; i < rounds; ++i) {
+      const error_code e = h.h->reload("variant", variants + build);
+      if (!e)
+        ++succeeded;
+      else if (e == errc::duplicate_plugin)
+        ++refused;
+      else
+        ++other;
+    }
+  };
+  std::atomic<bool> stop{false};
+  std::atomic<long> bad{0};
+  std::thread caller([&] {
+    auto c = h.h->new_context().value();
+    while (!stop) {
+      auto r = c.call(ref, nullptr);
+      if (!r || (*r != 1 && *r != 2)) ++bad;
+    }
+  });
+  std::thread a(reloader, "/variant_v1.so");
+  std::thread b(reloader, "/variant_v2.so");
+  a.join();
+  b.join();
+  stop = true;
+  caller.join();
+  EXPECT_EQ(other.load(), 0) << h.log();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_GT(succeeded.load(), 0);
+  EXPECT_EQ(succeeded + refused, 2 * rounds);
+  const auto plugins = h.h->plugins();
+  ASSERT_EQ(plugins.size(), 1u);
+  EXPECT_EQ(plugins[0].generation, static_cast<std::uint64_t>(succeeded.load()));
+  EXPECT_EQ(h.h->stats().reloads, static_cast<std::uint64_t>(succeeded.load()));
+  ASSERT_FALSE(h.h->quiesce(10s));
+  EXPECT_EQ(mapped_plugin_objects(), 1);  // every replaced build retired and unmapped
+}
+
+TEST(Reload, AnUnloadWhileAReloadIsUnderWayIsRefused) {
+  logged_host h;
+  ASSERT_TRUE(h.h->load(variants + "/variant_v1.so"));
+  // A reload whose new build is slow to Init holds the name meanwhile; the
+  // build says when it is inside Init.
+  const std::string mark = ::testing::TempDir() + "uipc-slow-init-" + std::to_string(::getpid());
+  std::remove(mark.c_str());
+  ASSERT_EQ(::setenv("UIPC_TEST_SLOW_INIT_MARK", mark.c_str(), 1), 0);
+  auto reload = std::async(std::launch::async, [&] {
+    return h.h->reload("variant", variants + "/variant_slow_init.so");
+  });
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (::access(mark.c_str(), F_OK) != 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(1ms);
+  ASSERT_EQ(::access(mark.c_str(), F_OK), 0) << "the new build's Init never ran";
+  EXPECT_EQ(h.h->unload("variant"), errc::duplicate_plugin);
+  EXPECT_EQ(h.h->reload("variant"), errc::duplicate_plugin);
+  EXPECT_FALSE(reload.get()) << h.log();
+  auto plugins = h.h->plugins();
+  ASSERT_EQ(plugins.size(), 1u);
+  EXPECT_EQ(plugins[0].generation, 1u);
+  EXPECT_FALSE(h.h->unload("variant"));
+  EXPECT_TRUE(h.h->plugins().empty());
+  ASSERT_FALSE(h.h->quiesce(5s));
+  EXPECT_EQ(mapped_plugin_objects(), 0);
+  ::unsetenv("UIPC_TEST_SLOW_INIT_MARK");
+  std::remove(mark.c_str());
+}
+
 }  // namespace
 }  // namespace uipc::plugin

@@ -154,6 +154,13 @@ std::string events_seen;
 }
 
 int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
+#ifdef VARIANT_SLOW_INIT
+  // Says it is inside Init (a file named by the test), then takes its time.
+  if (const char* mark = std::getenv("UIPC_TEST_SLOW_INIT_MARK")) {
+    if (std::FILE* f = std::fopen(mark, "w")) std::fclose(f);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+#endif
 #ifdef VARIANT_INIT_FAILS
   (void)ctx;
   (void)api;

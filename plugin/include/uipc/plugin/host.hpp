@@ -193,10 +193,13 @@ class host {
   /// Replaces plug-in `name` with a new build (default: the file it was
   /// loaded from). New calls go to the new build at once; calls in flight
   /// finish in the old one, which then gets Shutdown and is unloaded. When
-  /// the new build fails to load or init, the old one serves on.
+  /// the new build fails to load or init, the old one serves on. One load,
+  /// reload or unload of a name at a time: another meanwhile, or a reload of
+  /// a build that another reload replaced since, gets errc::duplicate_plugin.
   error_code reload(std::string_view name, const std::filesystem::path& shared_object = {});
   /// Unpublishes plug-in `name`'s services; Shutdown and unload follow once
-  /// its calls have ended. Errors: plugin_not_found.
+  /// its calls have ended. Errors: plugin_not_found; duplicate_plugin while a
+  /// reload of it is under way.
   error_code unload(std::string_view name);
 
   /// A context for a request.
