@@ -33,7 +33,8 @@ int usage(int status) {
                "                          [--host-point HOST] [--call-timeout MS] PLUGIN.so\n"
                "Runs one plug-in for a uipc plug-in host, serving its bytes services on the caps\n"
                "point NAME (of this user; DIR: the rendezvous directory). With --parent, ends\n"
-               "when that process (the host) does. With --host-point, the plug-in calls the\n"
+               "when that process (the host) does, serves it alone, and follows HOST only\n"
+               "when that process serves it. With --host-point, the plug-in calls the\n"
                "host's bytes services through the host's point HOST as if they were here,\n"
                "each call given MS milliseconds (default 5000).\n"
                "N threads serve calls (default 2); calls that nest through the host (this\n"
@@ -102,7 +103,7 @@ std::string describe(uipc::plugin::host& h) {
 // Connects to the host's point and relays what it serves into `h` (before the
 // plug-in loads: its Init may call them). False when the host cannot be reached.
 bool follow_host(uipc::plugin::host& h, detail::remote_services& remote, const std::string& point,
-                 const std::string& dir) {
+                 const std::string& dir, long parent) {
   uipc::caps::client_options copts;
   copts.wait_for_point = std::chrono::seconds(1);  // registered before we were started
   const uipc::caps::point_address address{point, ::getuid(), std::nullopt, dir};
@@ -110,6 +111,13 @@ bool follow_host(uipc::plugin::host& h, detail::remote_services& remote, const s
   if (!client) {
     std::fprintf(stderr, "uipc-plugin-runner: cannot reach the host at %s: %s\n", point.c_str(),
                  client.error().message().c_str());
+    return false;
+  }
+  // Another process of the user may serve a point of that name: only the host
+  // that started us is followed.
+  if (parent > 0 && (*client)->server().pid != parent) {
+    std::fprintf(stderr, "uipc-plugin-runner: %s is served by pid %d, not by the host (pid %ld)\n",
+                 point.c_str(), static_cast<int>((*client)->server().pid), parent);
     return false;
   }
   auto listed = remote.list(**client);
@@ -183,7 +191,7 @@ int main(int argc, char** argv) {
     remote = std::make_unique<detail::remote_services>((*h)->impl(), "the host",
                                                        std::chrono::milliseconds(call_timeout_ms),
                                                        std::chrono::seconds(5));
-    if (!follow_host(**h, *remote, host_point, dir)) return 3;
+    if (!follow_host(**h, *remote, host_point, dir, parent)) return 3;
   }
   auto loaded = (*h)->load(plugin);
   if (loaded) loaded_name = *loaded;
@@ -210,7 +218,13 @@ int main(int argc, char** argv) {
   boost::asio::signal_set signals(io, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code, int) { (*svc)->stop(); });
   std::thread loop([&] { io.run(); });
-  const detail::protocol_rules rules{[&] { return describe(**h); }, {}, served_here, &watch_state};
+  // With a parent, the point serves the host alone: another process of the
+  // user that connects is refused before any request of it is served.
+  std::function<bool(const uipc::peer_identity&)> only_the_host;
+  if (parent > 0)
+    only_the_host = [parent](const uipc::peer_identity& p) { return p.pid == parent; };
+  const detail::protocol_rules rules{[&] { return describe(**h); }, only_the_host, served_here,
+                                     &watch_state};
   detail::worker_set workers(threads, threads + 16,
                              [&] { detail::serve_protocol(**svc, (*h)->impl(), rules); });
   workers.start();

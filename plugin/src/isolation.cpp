@@ -226,8 +226,10 @@ class runner_link final : public isolation {
     while (!client && client.error() == caps::errc::not_registered && clock::now() < give_up) {
       int status = 0;
       if (::waitpid(pid, &status, WNOHANG) == pid) {
-        std::lock_guard lock(mutex_);
-        pid_ = 0;
+        {
+          std::lock_guard lock(mutex_);
+          pid_ = 0;
+        }
         const bool refused =
             WIFEXITED(status) && WEXITSTATUS(status) == 1;  // the runner's "did not load"
         host_.log(0, path_ + ": the runner ended before serving (" +
@@ -239,6 +241,14 @@ class runner_link final : public isolation {
       client = caps::client::connect(remote_.io(), address, copts);
     }
     if (!client) return client.error();
+    // The point's name is no secret: another process of the user may have
+    // taken it first. Only the runner started here is served through.
+    if ((*client)->server().pid != pid) {
+      host_.log(0, path_ + ": " + point + " is served by pid " +
+                       std::to_string((*client)->server().pid) + ", not by the runner (pid " +
+                       std::to_string(pid) + ")");
+      return errc::unavailable;
+    }
     auto out = remote_.list(**client);
     if (!out) return out.error();
     remote_.connect(std::shared_ptr<caps::client>(std::move(*client)), address);
@@ -324,30 +334,43 @@ class runner_link final : public isolation {
     }
     first.set_value(std::move(started));  // load_isolated starts the watcher once it serves
     std::deque<clock::time_point> recent;
+    // The back-off doubles from first_backoff up to crash_window, and starts
+    // over once a runner served a whole window without a crash.
+    const std::chrono::milliseconds longest =
+        std::max<std::chrono::milliseconds>(options_.first_backoff, options_.crash_window);
     std::chrono::milliseconds backoff = options_.first_backoff;
+    auto wait_backoff = [&] {  // false: stopped meanwhile
+      std::unique_lock lock(mutex_);
+      const bool stopped = wake_.wait_for(lock, backoff, [&] { return stopping_; });
+      backoff = std::min(backoff * 2, longest);
+      return !stopped;
+    };
     for (;;) {
       std::string why;
       if (wait_for_exit(why)) break;  // stopped by the host
       remote_.join_watcher();         // its call failed with the runner
       const auto now = clock::now();
-      recent.push_back(now);
       while (!recent.empty() && now - recent.front() > options_.crash_window) recent.pop_front();
+      if (recent.empty()) backoff = options_.first_backoff;
+      recent.push_back(now);
+      bool given_up = false;
+      std::string said;  // the log is user code: written with no lock of ours held
       {
-        std::unique_lock lock(mutex_);
+        std::lock_guard lock(mutex_);
         ++crashes_;
         last_error_ = why;
         if (recent.size() >= options_.max_crashes) {
           state_ = "stopped";
           last_error_ = why + "; " + std::to_string(recent.size()) + " crashes, not restarted";
-          host_.log(0, path_ + ": " + last_error_);
-          break;
+          said = last_error_;
+          given_up = true;
+        } else {
+          state_ = "restarting";
+          said = why + "; restarting in " + std::to_string(backoff.count()) + " ms";
         }
-        state_ = "restarting";
-        host_.log(
-            1, path_ + ": " + why + "; restarting in " + std::to_string(backoff.count()) + " ms");
-        if (wake_.wait_for(lock, backoff, [&] { return stopping_; })) break;
       }
-      backoff *= 2;
+      host_.log(given_up ? 0 : 1, path_ + ": " + said);
+      if (given_up || !wait_backoff()) break;
       for (;;) {
         auto again = launch();
         if (again) {
@@ -357,21 +380,22 @@ class runner_link final : public isolation {
           break;
         }
         kill_and_reap();
-        std::unique_lock lock(mutex_);
-        ++crashes_;
-        last_error_ = "restart failed: " + again.error().message();
         recent.push_back(clock::now());
-        if (recent.size() >= options_.max_crashes || stopping_) {
-          state_ = "stopped";
-          host_.log(0, path_ + ": " + last_error_ + "; not restarted");
-          end_supervising_locked();
+        std::string failed;
+        {
+          std::lock_guard lock(mutex_);
+          ++crashes_;
+          last_error_ = "restart failed: " + again.error().message();
+          if (recent.size() >= options_.max_crashes || stopping_) {
+            state_ = "stopped";
+            failed = last_error_;
+          }
+        }
+        if (!failed.empty()) host_.log(0, path_ + ": " + failed + "; not restarted");
+        if (!failed.empty() || !wait_backoff()) {
+          end_supervising();
           return;
         }
-        if (wake_.wait_for(lock, backoff, [&] { return stopping_; })) {
-          end_supervising_locked();
-          return;
-        }
-        backoff *= 2;
       }
       {
         std::lock_guard lock(mutex_);

@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <functional>
 #include <mutex>
+#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -568,6 +569,53 @@ TEST_F(Isolation, OnlyItsRunnerMayCallThroughTheHostsPoint) {
   EXPECT_EQ(calls.load(), 0) << "and its call ran nothing";
   EXPECT_EQ(call_text(*h.h, "forward", via("upper", "")), "X") << "the runner still is";
   EXPECT_EQ(calls.load(), 1);
+}
+
+TEST_F(Isolation, OnlyItsHostMayCallTheRunnersPoint) {
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto points = caps::list_points(dir_);
+  ASSERT_TRUE(points);
+  auto it = std::find_if(points->begin(), points->end(),
+                         [](auto& p) { return p.name.rfind("uipc.runner.", 0) == 0; });
+  ASSERT_NE(it, points->end());
+  // Another process of the user sends a well-formed call of "echo" (op 2, a
+  // 4-byte name, then the payload) straight to the runner: refused, unserved.
+  const std::string command = std::string(UIPC_TEST_UIPCCTL_PATH) + " caps --dir " + dir_ +
+                              " call " + it->name +
+                              " \"$(printf '\\002\\004echox')\" --timeout 2000 >/dev/null 2>&1";
+  const int exit_status = std::system(command.c_str());
+  ASSERT_TRUE(WIFEXITED(exit_status));
+  EXPECT_NE(WEXITSTATUS(exit_status), 0) << "the runner served a process that is not its host";
+  EXPECT_TRUE(echo_answers(*h.h, 5s)) << "the host still is served\n" << h.log();
+  EXPECT_EQ(status(*h.h, "variant").crashes, 0u);
+}
+
+TEST_F(Isolation, TheBackoffStartsOverAfterAWindowWithoutACrash) {
+  options_.first_backoff = 50ms;
+  options_.crash_window = 1s;
+  options_.max_crashes = 10;
+  logged_host h;
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto crash_and_return = [&] {
+    auto ctx = h.h->new_context().value();
+    EXPECT_EQ(ctx.call_bytes("crash", test::bytes("now")).error(), errc::unavailable);
+    EXPECT_TRUE(echo_answers(*h.h, 10s)) << h.log();
+  };
+  crash_and_return();
+  crash_and_return();                   // within the window: doubled
+  std::this_thread::sleep_for(1200ms);  // a whole window without a crash
+  crash_and_return();                   // from the start again
+  std::vector<std::string> waits;
+  std::istringstream lines(h.log());
+  for (std::string line; std::getline(lines, line);) {
+    const auto at = line.find("restarting in ");
+    if (at != std::string::npos) waits.push_back(line.substr(at + 14));
+  }
+  ASSERT_EQ(waits.size(), 3u) << h.log();
+  EXPECT_EQ(waits[0], "50 ms");
+  EXPECT_EQ(waits[1], "100 ms");
+  EXPECT_EQ(waits[2], "50 ms");
 }
 
 TEST_F(Isolation, TheIsolatedPluginsShutdownMayStillCallTheHost) {

@@ -78,7 +78,9 @@ struct isolation_options {
   std::chrono::milliseconds start_timeout{std::chrono::seconds(5)};
   /// The deadline of a call whose context has none.
   std::chrono::milliseconds call_timeout{std::chrono::seconds(5)};
-  /// The wait before the first restart after a crash; doubled per crash.
+  /// The wait before the first restart after a crash; doubled per crash up to
+  /// crash_window, and back to this once a runner served a whole crash_window
+  /// without a crash.
   std::chrono::milliseconds first_backoff{100};
   /// This many crashes within `crash_window` stop the plug-in for good.
   std::uint32_t max_crashes = 5;
