@@ -2,11 +2,12 @@
 // (its list of services and its call replies). The input is one reply as
 // the runner's channel holds it, read both ways: as the answer to `list` and
 // as the answer to `call`. Checked beyond "no
-// crash": a listing accepted names a plug-in by the rules and services whose
-// names carry no TAB or line break; a call reply accepted has a status of
+// crash": a listing accepted names a plug-in and its services by the rules,
+// each service once and at most max_listed_services of them; a call reply accepted has a status of
 // the ABI and exactly the bytes after its header.
 #include <cstdint>
 #include <cstring>
+#include <set>
 #include <span>
 #include <string_view>
 
@@ -20,9 +21,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (auto listing = proto::parse_listing(text)) {
     UIPC_FUZZ_CHECK(!listing->plugin.empty() && listing->plugin.size() <= proto::max_name);
     UIPC_FUZZ_CHECK(listing->plugin.find_first_of("\t\n/ ") == std::string_view::npos);
+    // Services by the host's rules, each once, and bounded in number: a
+    // listing costs the host a registry slot per name.
+    UIPC_FUZZ_CHECK(listing->services.size() <= proto::max_listed_services);
+    std::set<std::string_view> seen;
     for (const auto& [name, flags] : listing->services) {
-      UIPC_FUZZ_CHECK(!name.empty() && name.size() <= proto::max_name);
-      UIPC_FUZZ_CHECK(name.find_first_of("\t\n") == std::string_view::npos);
+      UIPC_FUZZ_CHECK(uipc::plugin::detail::valid_service_name(name));
+      UIPC_FUZZ_CHECK(seen.insert(name).second);
     }
   }
   const auto bytes = std::as_bytes(std::span(data, size));

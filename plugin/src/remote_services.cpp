@@ -69,12 +69,16 @@ std::vector<relayed_service> remote_services::entries_for(const proto::listing& 
     service_entry entry;
     if (flags & UIPC_PLUGIN_SERVICE_BYTES) {
       std::lock_guard lock(proxies_mutex_);
-      auto it = std::find_if(proxies_.begin(), proxies_.end(),
-                             [&](const auto& p) { return p->name() == name; });
-      proxy& p = it != proxies_.end()
-                     ? **it
-                     : *proxies_.emplace_back(std::make_unique<proxy>(*this, name));
-      entry.data = static_cast<isolation_proxy*>(&p);
+      proxy* p = nullptr;
+      if (auto it = proxy_index_.find(name); it != proxy_index_.end()) {
+        p = it->second;
+      } else if (proxies_.size() < max_proxies) {
+        p = proxies_.emplace_back(std::make_unique<proxy>(*this, name)).get();
+        proxy_index_.emplace(p->name(), p);
+      } else {
+        continue;  // a side that keeps listing new names: the rest go unpublished
+      }
+      entry.data = static_cast<isolation_proxy*>(p);
       entry.flags = UIPC_PLUGIN_SERVICE_BYTES | isolated_service;
     } else {
       entry.flags = remote_pointer_service;
@@ -124,6 +128,8 @@ void remote_services::watch(plugin_record& record, const caps::point_address& ad
   auto connected = caps::client::connect(io_, address, copts);
   if (!connected) return;  // the other side went already: a restart watches again
   std::shared_ptr<caps::client> client(std::move(*connected));
+  constexpr auto watch_pace = std::chrono::milliseconds(10);
+  auto round_started = clock::now();
   for (;;) {
     {
       std::lock_guard lock(mutex_);
@@ -148,6 +154,10 @@ void remote_services::watch(plugin_record& record, const caps::point_address& ad
       watch_id_.reset();
     }
     if (!changed) break;  // the other side went, or stop_watching()
+    // At most one listing per pace: a side answering every watch at once
+    // would have this thread relist, republish and notify without a pause.
+    std::this_thread::sleep_until(round_started + watch_pace);
+    round_started = clock::now();
     auto now = list(*client);
     if (!now) break;
     listed = std::move(*now);

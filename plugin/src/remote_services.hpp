@@ -13,7 +13,9 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "host_impl.hpp"
@@ -70,8 +72,12 @@ class remote_services {
   const std::chrono::milliseconds call_timeout_, list_timeout_;
   boost::asio::io_context io_;
 
+  // Every name the other side ever listed has its proxy for the link's life
+  // (published entries point at them), so their number is bounded too.
+  static constexpr std::size_t max_proxies = runner_protocol::max_listed_services;
   mutable std::mutex proxies_mutex_;
   std::deque<std::unique_ptr<proxy>> proxies_;  // stable: registered entries point at them
+  std::unordered_map<std::string_view, proxy*> proxy_index_;  // keys: the proxies' names
 
   mutable std::mutex mutex_;
   std::shared_ptr<caps::client> client_;

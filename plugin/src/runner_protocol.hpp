@@ -15,6 +15,7 @@
 // Each side treats every reply as untrusted: sizes checked, bytes copied.
 #pragma once
 
+#include <algorithm>
 #include <charconv>
 #include <cstdint>
 #include <cstring>
@@ -33,6 +34,9 @@ namespace uipc::plugin::detail::runner_protocol {
 enum op : std::uint8_t { list = 1, call = 2, watch = 3 };
 inline constexpr std::size_t reply_header = 12;
 inline constexpr std::size_t max_name = max_name_length;
+/// Services one listing may name: the other side is untrusted, and each name
+/// it lists costs the host a slot of its registry (max_services, host-wide).
+inline constexpr std::size_t max_listed_services = 1024;
 
 struct request {
   op kind;
@@ -77,8 +81,9 @@ struct listing {
 /// Parses the answer to `list`: one "plugin" line and any number of
 /// "service" lines, three TAB-separated fields each, the flags in decimal.
 /// nullopt for anything else (a line of another kind, a missing or second
-/// plugin line, a plug-in name that breaks the rules, a flags field that is
-/// not a number). Service names are checked where they are registered.
+/// plugin line, a plug-in name or a service name that breaks the rules, a
+/// service named twice, more than max_listed_services, a flags field that is
+/// not a number).
 inline std::optional<listing> parse_listing(std::string_view text) {
   listing out;
   bool have_plugin = false;
@@ -106,13 +111,19 @@ inline std::optional<listing> parse_listing(std::string_view text) {
       if (vec != std::errc() || vend != name.data() + name.size() || name.empty())
         return std::nullopt;
     } else if (kind == "service") {
-      if (name.empty() || name.size() > max_name) return std::nullopt;
+      if (!valid_service_name(name) || out.services.size() == max_listed_services)
+        return std::nullopt;
       out.services.emplace_back(std::string(name), flags);
     } else {
       return std::nullopt;
     }
   }
   if (!have_plugin) return std::nullopt;
+  std::vector<std::string_view> names;
+  names.reserve(out.services.size());
+  for (const auto& [name, flags] : out.services) names.push_back(name);
+  std::sort(names.begin(), names.end());
+  if (std::adjacent_find(names.begin(), names.end()) != names.end()) return std::nullopt;
   return out;
 }
 
