@@ -84,6 +84,7 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
   ledger<std::uint64_t, std::uint32_t> handle_refs;
   ledger<std::uint64_t, std::uint64_t> scratch_refs;
   std::uint64_t abandoned_total = 0;
+  std::uint64_t unheld_closes = 0;  // closes without a reference: warned about sparingly
 
   // daemon.cpp
   error_code open();

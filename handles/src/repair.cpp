@@ -30,7 +30,11 @@ repair_result repair_dead_process(segment_view v, std::int32_t pid,
       const std::uint32_t locker = locker_of(st);
       if (locker == 0) break;
       if (locker != dead && locker != daemon && !process_is_gone(locker)) {
-        out.incomplete = true;
+        // Only a mutex the dead process may own needs a look under that lock,
+        // later. Any other slot holds nothing of the dead process: were it
+        // retried, one lock that never goes (a client may write any word)
+        // would keep every repair pending.
+        if (type == object_type::mutex && s.owner_pid.load() == pid) out.incomplete = true;
         break;
       }
       if (s.state.compare_exchange_strong(st, make_state(0, value_of(st)))) {

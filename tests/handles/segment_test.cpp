@@ -360,6 +360,24 @@ TEST_F(SegmentTest, RepairNeverWaitsForALockALiveProcessHolds) {
   EXPECT_EQ(second.abandoned, 1u);
 }
 
+TEST_F(SegmentTest, ALockThatNeverGoesOnAnotherObjectLeavesNoRepairPending) {
+  // A live process holds (or a client wrote) locks on an event and on a mutex
+  // of another owner: nothing of the dead process is there, so its repair is
+  // complete, and the words are not touched.
+  const auto dead = dead_pid();
+  const std::int32_t live = ::getppid();
+  slot& e = make(1, object_type::auto_event);
+  e.state.store(locked_by(live, 1));
+  slot& m = make(2, object_type::mutex);
+  m.owner_pid.store(live);
+  m.state.store(locked_by(live, 777));
+  const auto r = repair(dead);
+  EXPECT_FALSE(r.incomplete);
+  EXPECT_EQ(r.abandoned, 0u);
+  EXPECT_EQ(e.state.load(), locked_by(live, 1));
+  EXPECT_EQ(m.state.load(), locked_by(live, 777));
+}
+
 TEST_F(SegmentTest, RepairUsesTheDaemonsCapacityAndTypesNotTheSegments) {
   const auto dead = dead_pid();
   slot& m = make(1, object_type::mutex);
