@@ -14,7 +14,9 @@
 //   "reload"          the configuration and the plug-ins, as SIGHUP does
 // Requests are untrusted: each is copied before it is read, anything else
 // gets an error, and those that may block (reload, call) run on the admin
-// thread so the loop never waits for a plug-in's Init.
+// thread so the loop never waits for a plug-in's Init; at most
+// max_admin_queued of them wait for it, each with its copy of the request,
+// and one more is answered "busy" at once.
 #include <boost/asio/post.hpp>
 
 #include "server_impl.hpp"
@@ -25,6 +27,7 @@ namespace uipcd {
 namespace {
 
 constexpr std::size_t max_request = std::size_t{1} << 20;
+constexpr std::uint32_t max_admin_queued = 16;
 
 std::string error_reply(std::string_view why) {
   std::string out = "error\t";
@@ -185,14 +188,23 @@ void server::impl::serve_control() {
           answer(handles_table());
         } else if (verb == "points" && bare) {
           answer(points_table(cfg.caps_directory));
+        } else if ((verb == "reload" || verb == "call") &&
+                   admin_queued.fetch_add(1) >= max_admin_queued) {
+          admin_queued.fetch_sub(1);
+          answer(error_reply("busy: " + std::to_string(max_admin_queued) +
+                             " reloads and calls are waiting already; try again"));
         } else if (verb == "reload" && bare) {
           boost::asio::post(admin, [this, answer] {
             const std::string why = reload_all();
+            admin_queued.fetch_sub(1);
             answer(why.empty() ? "ok\n" : error_reply(why));
           });
         } else if (verb == "reload" || verb == "call") {  // may wait for a plug-in: not on the loop
           boost::asio::post(admin, [this, answer, request = std::move(request)] {
-            answer(uipc::plugin::control_answer(*host, request, std::chrono::seconds(5)));
+            const std::string reply =
+                uipc::plugin::control_answer(*host, request, std::chrono::seconds(5));
+            admin_queued.fetch_sub(1);
+            answer(reply);
           });
         } else if ((verb == "plugins" || verb == "services") && bare) {
           answer(uipc::plugin::control_answer(*host, request, std::chrono::seconds(5)));

@@ -88,6 +88,7 @@ struct server::impl {
   own_point echo;
   std::unique_ptr<metrics_server> metrics;
   boost::asio::thread_pool admin{1};  // reloads and blocking control requests, one at a time
+  std::atomic<std::uint32_t> admin_queued{0};  // control requests posted to it, not yet answered
   boost::asio::signal_set signals;
   boost::asio::steady_timer drain_timer;
   std::atomic<bool> draining{false};

@@ -161,11 +161,12 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record,
     return fail(errc::invalid_name,
                 "the new build calls itself " + record->name + ", not " + old->name);
 
+  std::string why_not;  // fail() logs, which is user code: after the registry is let go
   {
     std::lock_guard lock(registry_mutex);
-    if (std::string why_not = reserve(*record, old); !why_not.empty())
-      return fail(errc::duplicate_plugin, why_not);
+    why_not = reserve(*record, old);
   }
+  if (!why_not.empty()) return fail(errc::duplicate_plugin, why_not);
   auto unreserve = [&] {
     std::lock_guard lock(registry_mutex);
     loading.erase(record->name);

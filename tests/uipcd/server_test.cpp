@@ -530,6 +530,46 @@ TEST_F(Uipcd, UipcctlGivesAClearErrorForAStoppedOrUnresponsiveServer) {
   EXPECT_EQ(status, 3) << out;
 }
 
+TEST_F(Uipcd, AFloodOfReloadsIsAnsweredBusyBeyondTheAdminQueue) {
+  // Reloads and calls wait for the admin thread, each holding its request: a
+  // client sending them without end would grow that queue without bound.
+  auto d = start();
+  boost::asio::io_context io;
+  uipc::caps::point_address a{"uipc.control", ::geteuid(), std::nullopt, dir_.path()};
+  auto c = uipc::caps::client::connect(io, a);
+  ASSERT_TRUE(c) << c.error().message();
+  const std::string reload = "reload";
+  std::vector<uipc::caps::message_id> sent;
+  constexpr int flood = 120;  // within the channel's 128 in flight
+  for (int i = 0; i < flood; ++i) {
+    auto id = (*c)->send(std::as_bytes(std::span(reload.data(), reload.size())));
+    ASSERT_TRUE(id) << id.error().message();
+    sent.push_back(*id);
+  }
+  int ok = 0, busy = 0, other = 0;
+  for (auto id : sent) {
+    auto r = (*c)->wait(id, clock::now() + 60s);
+    ASSERT_TRUE(r) << r.error().message();
+    const std::string text = r->copy();
+    if (text == "ok\n")
+      ++ok;
+    else if (text.rfind("error\tbusy: ", 0) == 0)
+      ++busy;
+    else
+      ++other;
+  }
+  EXPECT_EQ(other, 0);
+  EXPECT_GT(busy, 0);
+  EXPECT_GT(ok, 0);
+  EXPECT_EQ(ok + busy, flood);
+  // It serves on, and a reload is taken again once the queue went down.
+  auto again = (*c)->call(reload, clock::now() + 30s);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->copy(), "ok\n");
+  EXPECT_EQ(ctl("status").first, 0);
+  EXPECT_EQ(d->stop(15s), 0) << d->errors();
+}
+
 TEST_F(Uipcd, SigtermWithCallsInFlightAnswersEachOrFailsItClearly) {
   auto d = start();
   auto load = query_load(1000000, 16);
