@@ -91,7 +91,7 @@ void handle_daemon::impl::register_requests() {
         greeted.insert(ctx.session.id());
         pb::HelloReply out;
         out.set_daemon_pid(static_cast<std::int32_t>(::getpid()));
-        out.set_epoch(view.header->epoch.load());
+        out.set_epoch(view.epoch);  // ours: a client may have written the header's
         out.set_capacity(options.capacity);
         out.set_scratch_size(options.scratch_size);
         out.set_layout_version(detail::identity.version);

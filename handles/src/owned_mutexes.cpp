@@ -39,7 +39,7 @@ pin_table& table() {
 // A pin of the segment `v` shows, taken or made; null when the memory cannot be
 // mapped twice (a private mapping: tests' heap segments) or the table is full.
 pin* take_pin(const segment_view& v) noexcept {
-  const std::uint64_t epoch = v.header->epoch.load(std::memory_order_acquire);
+  const std::uint64_t epoch = v.epoch;
   auto& t = table();
   std::lock_guard lock(t.mutex);
   pin* unused = nullptr;
@@ -138,7 +138,7 @@ class thread_record {
       // pin, another mapping of the line the release has just stored to (a
       // load through it right after the store stalls: the alias is seen late).
       const auto index = static_cast<std::uint32_t>(&released - v->slots);
-      const std::uint64_t epoch = v->header->epoch.load(std::memory_order_relaxed);
+      const std::uint64_t epoch = v->epoch;
       if (hot.where != nullptr && hot.index == index && hot.where->epoch == epoch) {
         hot.where = nullptr;
         after_release(me);
@@ -197,7 +197,7 @@ class thread_record {
   }
 
   pin* pin_for(const segment_view& v, self_id me) {
-    const std::uint64_t epoch = v.header->epoch.load(std::memory_order_acquire);
+    const std::uint64_t epoch = v.epoch;
     for (auto& k : views_) {
       if (k.client_header != v.header) continue;
       if (k.epoch == epoch) return cached(v, epoch, k.where, me);

@@ -64,7 +64,9 @@ segment_view format_segment(void* data, std::size_t size, std::uint32_t capacity
   h->daemon_pid.store(static_cast<std::int32_t>(::getpid()));
   h->epoch.store(epoch);
   h->state.store(static_cast<std::uint32_t>(daemon_state::starting), std::memory_order_release);
-  return {h, slots, base + h->scratch_offset, capacity, scratch_size};
+  return {h,        slots,        base + h->scratch_offset,
+          capacity, scratch_size, static_cast<std::int32_t>(::getpid()),
+          epoch};
 }
 
 result<segment_view> attach_segment(void* data, std::size_t size, std::uint32_t capacity,
@@ -82,8 +84,14 @@ result<segment_view> attach_segment(void* data, std::size_t size, std::uint32_t 
       scratch_at > size - scratch_size) {
     return make_error_code(uipc::errc::bad_segment);
   }
-  return segment_view{h, reinterpret_cast<slot*>(base + table), base + scratch_at, capacity,
-                      scratch_size};
+  // The header's word, read once; a client's connect puts the hello's in its place.
+  return segment_view{h,
+                      reinterpret_cast<slot*>(base + table),
+                      base + scratch_at,
+                      capacity,
+                      scratch_size,
+                      h->daemon_pid.load(),
+                      h->epoch.load()};
 }
 
 self_id refresh_self() noexcept {

@@ -105,6 +105,10 @@ struct segment_view {
   std::byte* scratch = nullptr;
   std::uint32_t slot_count = 0;
   std::uint64_t scratch_bytes = 0;
+  /// The daemon's pid and the segment's epoch as the daemon said them (its
+  /// hello), kept here: any client may write the header's copies.
+  std::int32_t daemon_pid = 0;
+  std::uint64_t epoch = 0;
 
   std::uint32_t capacity() const noexcept { return slot_count; }
   std::uint64_t scratch_size() const noexcept { return scratch_bytes; }

@@ -300,7 +300,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
       // word; the kernel is asked too, once a slice, in case the word was not
       // armed or was written over): whoever notices first tells every process
       // waiting in this segment.
-      if (v.daemon_died() || !process_alive(v.header->daemon_pid.load())) {
+      if (v.daemon_died() || !process_alive(v.daemon_pid)) {
         publish_state(v, daemon_state::stopped);
         outcome = make_error_code(errc::daemon_lost);
         break;

@@ -202,10 +202,23 @@ TEST_F(SegmentTest, ADaemonWithoutADeathFlagIsAskedAboutThroughTheKernel) {
   EXPECT_FALSE(armed.usable());
 }
 
+TEST_F(SegmentTest, AClientWritingTheHeadersDaemonPidStopsNoWaiter) {
+  // The header's pid is any client's to write; a sleeper asks the kernel
+  // about the daemon it was told of in the hello.
+  slot& e = make(1, object_type::manual_event);
+  set_sleep_slice(20ms);
+  view_.header->daemon_pid.store(dead_pid());
+  auto r = wait_one(e, object_type::manual_event, 200ms);
+  set_sleep_slice(1s);
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(r->status, wait_status::timed_out);
+  EXPECT_TRUE(view_.running());
+}
+
 TEST_F(SegmentTest, ASleeperAsksTheKernelWhenTheDeathWordSaysNothing) {
   slot& e = make(1, object_type::manual_event);
   set_sleep_slice(20ms);
-  view_.header->daemon_pid.store(dead_pid());  // killed, and the word never marked
+  view_.daemon_pid = dead_pid();  // the daemon this client knows: killed, the word never marked
   const auto start = std::chrono::steady_clock::now();
   auto r = wait_one(e, object_type::manual_event, 30s);
   set_sleep_slice(1s);
