@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "uipc/caps/service.hpp"
+#include "uipc/core/server.hpp"
 
 namespace {
 
@@ -26,6 +27,8 @@ int usage(int status) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Every client holds descriptors here: the soft limit of 1024 is not ours to keep.
+  (void)uipc::raise_descriptor_limit();
   std::string name;
   uipc::caps::service_options options;
   for (int i = 1; i < argc; ++i) {

@@ -11,6 +11,7 @@
 
 #include <malloc.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -402,6 +403,17 @@ std::vector<std::shared_ptr<server_session>> server::sessions() const {
   all.reserve(impl_->sessions.size());
   for (const auto& [id, s] : impl_->sessions) all.push_back(s);
   return all;
+}
+
+std::uint64_t raise_descriptor_limit() noexcept {
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) return 0;
+  if (lim.rlim_cur < lim.rlim_max) {
+    rlimit raised = lim;
+    raised.rlim_cur = lim.rlim_max;
+    if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) lim = raised;
+  }
+  return lim.rlim_cur;
 }
 
 }  // namespace uipc

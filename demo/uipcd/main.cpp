@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "server.hpp"
+#include "uipc/core/server.hpp"
 #include "uipc/core/socket_activation.hpp"
 
 namespace {
@@ -40,6 +41,8 @@ int usage(int status) {
 int main(int argc, char** argv) {
   // Before any thread or plug-in process: see uipc::adopt_passed_sockets().
   uipc::adopt_passed_sockets();
+  // Every client holds descriptors here: the soft limit of 1024 is not ours to keep.
+  (void)uipc::raise_descriptor_limit();
   uipcd::config_source source;
   bool print = false;
   const std::pair<std::string_view, const char*> shorthands[] = {

@@ -14,6 +14,7 @@
 
 #include "uipc/core/event_loop.hpp"
 #include "uipc/core/framed.hpp"
+#include "uipc/core/server.hpp"
 #include "uipc/handles/daemon.hpp"
 
 namespace {
@@ -49,6 +50,8 @@ bool parse_number(std::string_view text, Int& out) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Every client holds descriptors here: the soft limit of 1024 is not ours to keep.
+  (void)uipc::raise_descriptor_limit();
   uipc::handles::daemon_options options;
   bool idle_exit = true;
   long long linger_ms = 1000;

@@ -12,6 +12,7 @@
 #include <system_error>
 #include <vector>
 
+#include "uipc/core/server.hpp"
 #include "uipc/plugin/control.hpp"
 #include "uipc/plugin/host.hpp"
 
@@ -56,6 +57,8 @@ std::vector<fs::path> expand(const fs::path& arg) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Every client holds descriptors here: the soft limit of 1024 is not ours to keep.
+  (void)uipc::raise_descriptor_limit();
   uipc::plugin::control_options control_options;
   std::vector<std::pair<fs::path, bool>> plugins;  // path, isolated
   for (int i = 1; i < argc; ++i) {

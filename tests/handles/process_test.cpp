@@ -7,12 +7,14 @@
 #include <grp.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
 #include <fstream>
 #include <map>
 #include <set>
+#include <sstream>
 #include <utility>
 
 #include "handles_support.hpp"
@@ -59,6 +61,37 @@ TEST_F(ProcessTest, FirstClientStartsTheDaemonWhichLeavesWithTheLast) {
   }
   EXPECT_TRUE(test::wait_process_gone(pid));
   EXPECT_TRUE(loc.wait_until_clean());
+}
+
+// "Max open files  SOFT  HARD  files" of /proc/PID/limits.
+std::pair<std::string, std::string> open_files_limits(std::int32_t pid) {
+  std::ifstream limits("/proc/" + std::to_string(pid) + "/limits");
+  for (std::string line; std::getline(limits, line);) {
+    if (line.rfind("Max open files", 0) != 0) continue;
+    std::istringstream fields(line.substr(14));
+    std::string soft, hard;
+    fields >> soft >> hard;
+    return {soft, hard};
+  }
+  return {"?", "?"};
+}
+
+TEST_F(ProcessTest, TheDaemonRaisesItsDescriptorLimitToTheHardOne) {
+  // Each client costs the daemon a socket and a pidfd: a soft limit of 1024
+  // would let a few hundred clients refuse everyone else. Started with a low
+  // soft limit (the client's own, inherited), it serves with the hard one.
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  if (saved.rlim_max <= 512) GTEST_SKIP() << "hard limit " << saved.rlim_max;
+  rlimit low = saved;
+  low.rlim_cur = 512;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  auto c = client::connect(loc.options());
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  ASSERT_TRUE(c) << c.error().message();
+  const auto [soft, hard] = open_files_limits(c->daemon_pid());
+  EXPECT_NE(soft, "512");
+  EXPECT_EQ(soft, hard);
 }
 
 TEST_F(ProcessTest, WithoutAutostartNoDaemonIsUnavailable) {

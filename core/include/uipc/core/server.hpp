@@ -39,6 +39,13 @@ struct peer_identity {
 /// Fails closed: without credentials there is no identity.
 result<peer_identity> read_peer_identity(int socket_fd);
 
+/// Raises this process's soft limit of open descriptors to its hard limit and
+/// returns the soft limit now. For a server's main: each client costs it a
+/// socket and a pidfd, and a soft limit of 1024 (systemd's default, kept for
+/// select(), which an epoll loop does not use) lets a few hundred clients
+/// refuse everyone else.
+std::uint64_t raise_descriptor_limit() noexcept;
+
 /// One accepted, admitted connection of a server.
 ///
 /// Threading: every member may be called from any thread. Lifetime: held by
