@@ -15,8 +15,8 @@
 // Requests are untrusted: each is copied before it is read, anything else
 // gets an error, and those that may block (reload, call) run on the admin
 // thread so the loop never waits for a plug-in's Init; at most
-// max_admin_queued of them wait for it, each with its copy of the request,
-// and one more is answered "busy" at once.
+// max_admin_queued of them are queued or running there, each with its copy
+// of the request, and one more is answered "busy" at once.
 #include <boost/asio/post.hpp>
 
 #include "server_impl.hpp"
@@ -192,7 +192,7 @@ void server::impl::serve_control() {
                    admin_queued.fetch_add(1) >= max_admin_queued) {
           admin_queued.fetch_sub(1);
           answer(error_reply("busy: " + std::to_string(max_admin_queued) +
-                             " reloads and calls are waiting already; try again"));
+                             " reloads and calls are queued or running; try again"));
         } else if (verb == "reload" && bare) {
           boost::asio::post(admin, [this, answer] {
             const std::string why = reload_all();

@@ -76,8 +76,8 @@ void record_released(self_id me, const segment_view* v, const slot& released) no
 inline void note_mutex_owned(const segment_view& v, std::uint32_t index, self_id me) noexcept {
   hot_entry& h = hot;
   if (h.view_header == v.header && h.view_pin != nullptr && h.where == nullptr &&
-      h.cold_count == 0 && h.pid == me.pid && index < h.view_slots &&
-      h.view_epoch == v.header->epoch.load(std::memory_order_acquire)) [[likely]] {
+      h.cold_count == 0 && h.pid == me.pid && index < h.view_slots && h.view_epoch == v.epoch)
+      [[likely]] {
     h.where = h.view_pin;
     h.index = index;
     return;
@@ -92,7 +92,7 @@ inline void note_mutex_released(self_id me, const segment_view* v, const slot& r
   hot_entry& h = hot;
   if (v != nullptr && h.where != nullptr && !h.many_views && h.pid == me.pid) [[likely]] {
     const auto index = static_cast<std::uint32_t>(&released - v->slots);
-    if (h.index == index && h.where->epoch == v->header->epoch.load(std::memory_order_relaxed)) {
+    if (h.index == index && h.where->epoch == v->epoch) {
       h.where = nullptr;
       return;
     }

@@ -333,9 +333,13 @@ class runner_link final : public isolation {
       return;
     }
     first.set_value(std::move(started));  // load_isolated starts the watcher once it serves
-    std::deque<clock::time_point> recent;
-    // The back-off doubles from first_backoff up to crash_window, and starts
-    // over once a runner served a whole window without a crash.
+    // Crashes since a runner last served a whole crash_window: max_crashes of
+    // them stop the plug-in. The back-off doubles from first_backoff up to
+    // crash_window and starts over with them. (Counted by time window, a
+    // back-off as long as the window would itself start both over, and a
+    // runner that dies at every start would be restarted for ever.)
+    std::size_t recent = 0;
+    auto serving_since = clock::now();
     const std::chrono::milliseconds longest =
         std::max<std::chrono::milliseconds>(options_.first_backoff, options_.crash_window);
     std::chrono::milliseconds backoff = options_.first_backoff;
@@ -349,19 +353,20 @@ class runner_link final : public isolation {
       std::string why;
       if (wait_for_exit(why)) break;  // stopped by the host
       remote_.join_watcher();         // its call failed with the runner
-      const auto now = clock::now();
-      while (!recent.empty() && now - recent.front() > options_.crash_window) recent.pop_front();
-      if (recent.empty()) backoff = options_.first_backoff;
-      recent.push_back(now);
+      if (clock::now() - serving_since >= options_.crash_window) {
+        recent = 0;
+        backoff = options_.first_backoff;
+      }
+      ++recent;
       bool given_up = false;
       std::string said;  // the log is user code: written with no lock of ours held
       {
         std::lock_guard lock(mutex_);
         ++crashes_;
         last_error_ = why;
-        if (recent.size() >= options_.max_crashes) {
+        if (recent >= options_.max_crashes) {
           state_ = "stopped";
-          last_error_ = why + "; " + std::to_string(recent.size()) + " crashes, not restarted";
+          last_error_ = why + "; " + std::to_string(recent) + " crashes, not restarted";
           said = last_error_;
           given_up = true;
         } else {
@@ -374,19 +379,20 @@ class runner_link final : public isolation {
       for (;;) {
         auto again = launch();
         if (again) {
+          serving_since = clock::now();
           // The new process may serve other services than the last one did.
           std::lock_guard lock(mutex_);
           if (record_ != nullptr && !stopping_) remote_.start_watching(*record_, std::move(*again));
           break;
         }
         kill_and_reap();
-        recent.push_back(clock::now());
+        ++recent;
         std::string failed;
         {
           std::lock_guard lock(mutex_);
           ++crashes_;
           last_error_ = "restart failed: " + again.error().message();
-          if (recent.size() >= options_.max_crashes || stopping_) {
+          if (recent >= options_.max_crashes || stopping_) {
             state_ = "stopped";
             failed = last_error_;
           }
@@ -502,12 +508,13 @@ result<std::string> load_isolated(host_impl& host, const std::filesystem::path& 
     host.log(0, "isolated load of " + record->path + " refused: " + why_not);
     return errc::duplicate_plugin;
   }
-  for (const auto& line : not_staged) host.log(1, record->name + ": " + line);
   // Held across the start of the watcher: an unload racing this load may
   // retire the build at once.
   const std::shared_ptr<plugin_record> keep = record;
   auto committed = host.commit(std::move(record), old);
   if (committed) raw_link->start_watching(*keep, std::move(*served));
+  // After the commit: the log (user code) may throw, and the name is free again.
+  for (const auto& line : not_staged) host.log(1, keep->name + ": " + line);
   return committed;
 }
 

@@ -196,7 +196,7 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record,
 }
 
 std::string host_impl::reserve(plugin_record& record, const std::shared_ptr<plugin_record>& old) {
-  if (loading.count(record.name)) return record.name + " is being loaded, reloaded or unloaded";
+  if (loading.count(record.name)) return record.name + " is being loaded or reloaded";
   auto serving = plugins.find(record.name);
   if (!old && serving != plugins.end()) return record.name + " is loaded";
   if (old && (serving == plugins.end() || serving->second != old))

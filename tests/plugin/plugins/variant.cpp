@@ -159,7 +159,7 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
   if (const char* mark = std::getenv("UIPC_TEST_SLOW_INIT_MARK")) {
     if (std::FILE* f = std::fopen(mark, "w")) std::fclose(f);
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::this_thread::sleep_for(std::chrono::seconds(1));
 #endif
 #ifdef VARIANT_INIT_FAILS
   (void)ctx;

@@ -43,7 +43,8 @@ result<peer_identity> read_peer_identity(int socket_fd);
 /// returns the soft limit now. For a server's main: each client costs it a
 /// socket and a pidfd, and a soft limit of 1024 (systemd's default, kept for
 /// select(), which an epoll loop does not use) lets a few hundred clients
-/// refuse everyone else.
+/// refuse everyone else. Children inherit the raised limit: one that uses
+/// select() must lower it again (uipc's own runners do not use it).
 std::uint64_t raise_descriptor_limit() noexcept;
 
 /// One accepted, admitted connection of a server.

@@ -82,7 +82,8 @@ struct isolation_options {
   /// crash_window, and back to this once a runner served a whole crash_window
   /// without a crash.
   std::chrono::milliseconds first_backoff{100};
-  /// This many crashes within `crash_window` stop the plug-in for good.
+  /// This many crashes with no crash_window of service between them stop the
+  /// plug-in for good.
   std::uint32_t max_crashes = 5;
   std::chrono::seconds crash_window{60};
   /// Called each time the plug-in's process was restarted after a crash and
@@ -187,7 +188,8 @@ class host {
   /// cross: a pointer service is listed, and calling it gives
   /// service_not_compatible. When the process dies, calls fail with
   /// errc::unavailable and it is restarted with back-off; after
-  /// options.max_crashes crashes in options.crash_window it stays stopped
+  /// options.max_crashes crashes with no options.crash_window of service
+  /// between them it stays stopped
   /// (plugins() says why). Errors: as load(), and those of starting the
   /// runner (program_not_found of core, errc::timed_out).
   result<std::string> load_isolated(const std::filesystem::path& shared_object,
