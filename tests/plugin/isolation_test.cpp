@@ -74,6 +74,17 @@ class Isolation : public ::testing::Test {
         points->begin(), points->end(), [&](auto& p) { return p.name.rfind(prefix, 0) == 0; }));
   }
 
+  // The name of a live point of the test's directory beginning with `prefix`,
+  // or empty.
+  std::string point_named(const std::string& prefix) {
+    auto points = caps::list_points(dir_);
+    EXPECT_TRUE(points);
+    if (!points) return {};
+    for (const auto& p : *points)
+      if (p.name.rfind(prefix, 0) == 0) return p.name;
+    return {};
+  }
+
   std::string dir_;
   isolation_options options_;
 };
@@ -555,13 +566,10 @@ TEST_F(Isolation, OnlyItsRunnerMayCallThroughTheHostsPoint) {
   logged_host h;
   ASSERT_TRUE(h.h->load(side.p.entry()));
   ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
-  auto points = caps::list_points(dir_);
-  ASSERT_TRUE(points);
-  auto it = std::find_if(points->begin(), points->end(),
-                         [](auto& p) { return p.name.rfind("uipc.host.", 0) == 0; });
-  ASSERT_NE(it, points->end());
+  const std::string point = point_named("uipc.host.");
+  ASSERT_FALSE(point.empty());
   boost::asio::io_context io;
-  auto stranger = caps::client::connect(io, {it->name, ::getuid(), std::nullopt, dir_});
+  auto stranger = caps::client::connect(io, {point, ::getuid(), std::nullopt, dir_});
   ASSERT_TRUE(stranger) << stranger.error().message();
   const std::string call_upper = std::string("\x02\x05upper", 7) + "x";
   auto reply = (*stranger)->call(call_upper, std::chrono::steady_clock::now() + 5s);
@@ -574,15 +582,12 @@ TEST_F(Isolation, OnlyItsRunnerMayCallThroughTheHostsPoint) {
 TEST_F(Isolation, OnlyItsHostMayCallTheRunnersPoint) {
   logged_host h;
   ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
-  auto points = caps::list_points(dir_);
-  ASSERT_TRUE(points);
-  auto it = std::find_if(points->begin(), points->end(),
-                         [](auto& p) { return p.name.rfind("uipc.runner.", 0) == 0; });
-  ASSERT_NE(it, points->end());
+  const std::string point = point_named("uipc.runner.");
+  ASSERT_FALSE(point.empty());
   // Another process of the user sends a well-formed call of "echo" (op 2, a
   // 4-byte name, then the payload) straight to the runner: refused, unserved.
   const std::string command = std::string(UIPC_TEST_UIPCCTL_PATH) + " caps --dir " + dir_ +
-                              " call " + it->name +
+                              " call " + point +
                               " \"$(printf '\\002\\004echox')\" --timeout 2000 >/dev/null 2>&1";
   const int exit_status = std::system(command.c_str());
   ASSERT_TRUE(WIFEXITED(exit_status));
