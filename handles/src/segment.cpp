@@ -25,7 +25,8 @@ namespace uipc::handles::detail {
 std::atomic<std::uint32_t> fork_generation{0};
 constinit thread_local cached_self this_thread_self;
 
-std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state) noexcept {
+std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state,
+                                    lock_patience until) noexcept {
   for (unsigned spins = 0;; ++spins) {
     std::uint64_t s = state.load(std::memory_order_seq_cst);
     if (locker_of(s) == 0) return s;
@@ -33,6 +34,9 @@ std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state) noexcept 
       cpu_relax();
       continue;
     }
+    // Past the spin, a lock is no longer a few instructions away from its end:
+    // the clock is worth reading.
+    if (until != lock_patience::max() && lock_clock::now() >= until) return s;
     yield_cpu();
     if (spins % 1024 == 0 && process_is_gone(locker_of(s))) {
       state.compare_exchange_strong(s, make_state(0, value_of(s)));

@@ -3,6 +3,7 @@
 // who may write which field).
 #pragma once
 
+#include <chrono>
 #include <climits>
 #include <cstdint>
 
@@ -20,20 +21,33 @@ constexpr std::uint32_t locker_of(std::uint64_t s) noexcept {
   return static_cast<std::uint32_t>(s >> 32);
 }
 
-/// Waits out a transaction lock that stays (its holder is slow or dead; see
-/// await_unlocked).
-std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state) noexcept;
+/// How long a caller waits out another process's transaction lock on a slot:
+/// until a time point; `lock_patience::max()` for ever (operations with no
+/// timeout), `lock_patience::min()` a short spin only (a try, or a wait whose
+/// deadline is now).
+using lock_clock = std::chrono::steady_clock;
+using lock_patience = lock_clock::time_point;
+
+/// Waits out a transaction lock that stays (its holder is slow, stopped, dead
+/// or hostile; see await_unlocked) until `until`. Returns the state, still
+/// locked when it gave up.
+std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state,
+                                    lock_patience until) noexcept;
 
 /// Returns the slot's state once no transaction lock is held. Locks are held for
 /// a few instructions, so one that stays is one whose holder died: the daemon
 /// repairs it when the holder's socket closes, and whoever spins here (a peer,
 /// or the daemon repairing another dead client) undoes it as soon as it sees
 /// the holder gone. Restoring the value stored beside the lock is the undo:
-/// a transaction writes its new value only when it unlocks.
-inline std::uint64_t await_unlocked(std::atomic<std::uint64_t>& state) noexcept {
+/// a transaction writes its new value only when it unlocks. A live process can
+/// write a lock word that stays too (any client may write the segment): a
+/// caller with a deadline gets the locked state back at `until`, and takes
+/// nothing.
+inline std::uint64_t await_unlocked(std::atomic<std::uint64_t>& state,
+                                    lock_patience until = lock_patience::max()) noexcept {
   const std::uint64_t s = state.load(std::memory_order_seq_cst);
   if (locker_of(s) == 0) return s;
-  return await_unlocked_slowly(state);
+  return await_unlocked_slowly(state, until);
 }
 
 /// After a change that may satisfy waiters (a seq_cst store or read-modify-write
@@ -58,12 +72,13 @@ inline void notify(slot& s, int count) noexcept {
 
 /// Takes one unit of an event or a semaphore, if there is one: a manual event
 /// stays signalled, an auto-reset event is reset, a semaphore's count goes
-/// down by one. Inline: the single-object wait's whole take.
-inline bool take_unit(slot& s, object_type type) noexcept {
+/// down by one. Inline: the single-object wait's whole take. Nothing is taken
+/// when a transaction lock outlasts `until`.
+inline bool take_unit(slot& s, object_type type, lock_patience until) noexcept {
   for (;;) {
-    std::uint64_t st = await_unlocked(s.state);
+    std::uint64_t st = await_unlocked(s.state, until);
     const std::uint32_t value = value_of(st);
-    if (value == 0) return false;
+    if (value == 0 || locker_of(st) != 0) return false;
     if (type == object_type::manual_event) return true;
     const std::uint32_t after = type == object_type::semaphore ? value - 1 : 0;
     if (s.state.compare_exchange_weak(st, make_state(0, after))) return true;
@@ -93,10 +108,11 @@ inline errc release_semaphore(slot& s, std::uint32_t count, std::uint32_t& previ
 take_outcome take_mutex_now(const segment_view& v, slot& s) noexcept;
 
 /// One unit of a single checked object if it is free now (a mutex taken goes
-/// on this thread's record); busy when the caller has to wait for it.
+/// on this thread's record); busy when the caller has to wait for it, or for a
+/// transaction lock that stays (wait() waits that out up to its deadline).
 inline take_outcome take_now(const segment_view& v, slot& s, object_type type) noexcept {
   if (type == object_type::mutex) return take_mutex_now(v, s);
-  return take_unit(s, type) ? take_outcome::signalled : take_outcome::busy;
+  return take_unit(s, type, lock_patience::min()) ? take_outcome::signalled : take_outcome::busy;
 }
 
 /// Zombies count as gone: a killed client stays one until its parent reaps it,

@@ -20,17 +20,19 @@ namespace {
 
 using steady = std::chrono::steady_clock;
 
-// Takes one unit of a single object. Sets `abandoned` for a mutex whose last
-// owner died.
-bool try_take(slot& s, object_type type, const self_id& me, bool& abandoned) noexcept {
+// Takes one unit of a single object, waiting out a transaction lock up to
+// `until`. Sets `abandoned` for a mutex whose last owner died.
+bool try_take(slot& s, object_type type, const self_id& me, bool& abandoned,
+              lock_patience until) noexcept {
   switch (type) {
     case object_type::manual_event:
     case object_type::auto_event:
     case object_type::semaphore:
-      return take_unit(s, type);
+      return take_unit(s, type, until);
     case object_type::mutex:
       for (;;) {
-        std::uint64_t st = await_unlocked(s.state);
+        std::uint64_t st = await_unlocked(s.state, until);
+        if (locker_of(st) != 0) return false;
         const std::uint32_t owner = value_of(st);
         if (owner == me.tid) {  // recursion: only the owner touches the count
           s.recursion.fetch_add(1);
@@ -73,14 +75,20 @@ bool available(object_type type, std::uint32_t value, const self_id& me) noexcep
 // Wait-all: locks every slot (in the caller's index order, so two wait-alls never
 // deadlock), takes all of them only if all are available, and unlocks. Nothing
 // is consumed, and no other process sees a partial take, unless all can be taken.
-std::optional<wait_result> try_take_all(std::span<const wait_target> targets,
-                                        const self_id& me) noexcept {
+// A slot whose transaction lock outlasts `until` fails the try: the slots
+// locked so far are unlocked unchanged.
+std::optional<wait_result> try_take_all(std::span<const wait_target> targets, const self_id& me,
+                                        lock_patience until) noexcept {
   std::array<std::uint32_t, max_wait_objects> before{};
   const auto locker = static_cast<std::uint32_t>(me.pid);
   for (std::size_t i = 0; i < targets.size(); ++i) {
     auto& st = targets[i].s->state;
     for (;;) {
-      std::uint64_t s = await_unlocked(st);
+      std::uint64_t s = await_unlocked(st, until);
+      if (locker_of(s) != 0) {
+        for (std::size_t j = 0; j < i; ++j) targets[j].s->state.store(make_state(0, before[j]));
+        return std::nullopt;
+      }
       if (st.compare_exchange_weak(s, make_state(locker, value_of(s)))) {
         before[i] = value_of(s);
         break;
@@ -148,9 +156,9 @@ std::uint32_t index_in(const segment_view& v, const wait_target& t) noexcept {
 }
 
 // Takes one unit of `t` for a wait-any; a mutex taken goes on this thread's record.
-bool take_one(const segment_view& v, const wait_target& t, const self_id& me,
-              bool& abandoned) noexcept {
-  if (!try_take(*t.s, t.type, me, abandoned)) return false;
+bool take_one(const segment_view& v, const wait_target& t, const self_id& me, bool& abandoned,
+              lock_patience until) noexcept {
+  if (!try_take(*t.s, t.type, me, abandoned, until)) return false;
   if (t.type == object_type::mutex) note_mutex_owned(v, index_in(v, t), me);
   return true;
 }
@@ -159,7 +167,8 @@ bool take_one(const segment_view& v, const wait_target& t, const self_id& me,
 
 take_outcome take_mutex_now(const segment_view& v, slot& s) noexcept {
   bool abandoned = false;
-  if (!take_one(v, {&s, object_type::mutex, 0}, self(), abandoned)) return take_outcome::busy;
+  if (!take_one(v, {&s, object_type::mutex, 0}, self(), abandoned, lock_patience::min()))
+    return take_outcome::busy;
   return abandoned ? take_outcome::abandoned : take_outcome::signalled;
 }
 
@@ -179,13 +188,30 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
 
   // The common case first, returned straight: one object, available now. (Through
   // the general attempt below, the outcome went through memory and back, a
-  // store-forwarding stall that was most of an uncontended take.)
+  // store-forwarding stall that was most of an uncontended take.) A lock that
+  // stays is waited out below, up to the deadline.
   if (targets.size() == 1 && !all) {
     const wait_target& t = targets[0];
     if (!still_valid(t)) return make_error_code(errc::stale_handle);
     bool abandoned = false;
-    if (take_one(v, t, me, abandoned))
+    if (take_one(v, t, me, abandoned, lock_patience::min()))
       return wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, 0};
+  }
+
+  // The clock is read only for a deadline or a spin: a wait forever that does
+  // not spin (one CPU: the budget fell to zero) reads none, and learns that a
+  // second has passed from its sleep timing out instead. A try (timeout 0)
+  // reads none either.
+  steady::time_point start{};
+  steady::time_point deadline = steady::time_point::max();
+  if (!forever) {
+    deadline = steady::time_point::min();
+    if (timeout.count() > 0) {
+      start = steady::now();
+      // Saturated: start + a huge timeout would overflow into the past.
+      deadline =
+          timeout < steady::time_point::max() - start ? start + timeout : steady::time_point::max();
+    }
   }
 
   // The outcome of a try: taken (a wait_result), failed (stale_handle), or not yet.
@@ -198,7 +224,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
       }
     }
     if (all) {
-      auto r = try_take_all(targets, me);
+      auto r = try_take_all(targets, me, deadline);
       if (!r) return false;
       for (const auto& t : targets)
         if (t.type == object_type::mutex) note_mutex_owned(v, index_in(v, t), me);
@@ -207,7 +233,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     }
     for (std::size_t i = 0; i < targets.size(); ++i) {
       bool abandoned = false;
-      if (take_one(v, targets[i], me, abandoned)) {
+      if (take_one(v, targets[i], me, abandoned, deadline)) {
         outcome = wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, i};
         return true;
       }
@@ -219,18 +245,9 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
   if (!v.running()) return make_error_code(errc::daemon_lost);
   if (!forever && timeout.count() == 0) return wait_result{wait_status::timed_out, 0};
 
-  // The clock is read only for a deadline or a spin: a wait forever that does
-  // not spin (one CPU: the budget fell to zero) reads none, and learns that a
-  // second has passed from its sleep timing out instead.
   wait_policy& policy = wait_policy::this_thread();
   const std::chrono::nanoseconds budget = policy.spin_budget(spin);
-  steady::time_point start{};
-  steady::time_point deadline = steady::time_point::max();
-  if (!forever || budget.count() > 0) {
-    start = steady::now();
-    // Saturated: start + a huge timeout would overflow into the past.
-    if (!forever && timeout < steady::time_point::max() - start) deadline = start + timeout;
-  }
+  if (forever && budget.count() > 0) start = steady::now();
 
   // Spin while the signaller may run on another CPU, then give the CPU away
   // once in case it shares ours (the policy learns which pays on this thread).

@@ -11,11 +11,14 @@
 #include <array>
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <future>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include "session.hpp"
+#include "slot_state.hpp"
 #include "uipc/core/futex.hpp"
 #include "uipc/core/wait_policy.hpp"
 
@@ -389,6 +392,76 @@ TEST_F(SegmentTest, ALockThatNeverGoesOnAnotherObjectLeavesNoRepairPending) {
   EXPECT_EQ(r.abandoned, 0u);
   EXPECT_EQ(e.state.load(), locked_by(live, 1));
   EXPECT_EQ(m.state.load(), locked_by(live, 777));
+}
+
+// A live process's lock word that stays (any client may write one): a timed
+// wait ends at its deadline with nothing taken, and a wait-all unlocks what it
+// had locked. `unstick` lets a wait that hung finish before the test fails.
+template <class F>
+auto within_5s(F f, const std::function<void()>& unstick) -> std::optional<decltype(f())> {
+  auto pass = std::async(std::launch::async, std::move(f));
+  if (pass.wait_for(5s) == std::future_status::ready) return pass.get();
+  unstick();
+  pass.wait();
+  return std::nullopt;
+}
+
+TEST_F(SegmentTest, ALockWordThatStaysEndsATimedWaitAtItsDeadline) {
+  const std::int32_t live = ::getppid();
+  for (const object_type type :
+       {object_type::semaphore, object_type::auto_event, object_type::mutex}) {
+    SCOPED_TRACE(static_cast<int>(type));
+    const std::uint32_t value = type == object_type::mutex ? 0 : 1;
+    slot& s = make(1, type, value, 5);
+    s.state.store(locked_by(live, value));
+    const auto tried =
+        within_5s([&] { return take_now(view_, s, type); }, [&] { s.state.store(value); });
+    ASSERT_TRUE(tried) << "a try outlasted 5 s";
+    EXPECT_EQ(*tried, take_outcome::busy);
+    for (const auto timeout : {0ns, std::chrono::nanoseconds(50ms)}) {
+      const auto start = std::chrono::steady_clock::now();
+      auto r = within_5s([&] { return wait_one(s, type, timeout); }, [&] { s.state.store(value); });
+      ASSERT_TRUE(r) << "a wait of " << timeout.count() << " ns outlasted 5 s";
+      ASSERT_TRUE(*r) << r->error().message();
+      EXPECT_EQ((*r)->status, wait_status::timed_out);
+      EXPECT_GE(std::chrono::steady_clock::now() - start, timeout);
+    }
+    EXPECT_EQ(s.state.load(), locked_by(live, value));  // a live process's: not touched
+    s.state.store(value);                               // it unlocks: the unit is there
+    auto r = wait_one(s, type, 0ns);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, wait_status::signalled);
+    if (type == object_type::mutex) {
+      EXPECT_FALSE(release_mutex(s));
+    }
+  }
+}
+
+TEST_F(SegmentTest, AWaitAllBlockedByALockWordUnlocksWhatItLocked) {
+  const std::int32_t live = ::getppid();
+  slot& a = make(1, object_type::manual_event, 1);
+  slot& b = make(2, object_type::semaphore, 2, 5);
+  slot& c = make(3, object_type::auto_event, 1);
+  c.state.store(locked_by(live, 1));
+  const wait_target all[] = {{&a, object_type::manual_event, 1},
+                             {&b, object_type::semaphore, 1},
+                             {&c, object_type::auto_event, 1}};
+  for (const auto timeout : {0ns, std::chrono::nanoseconds(50ms)}) {
+    auto r =
+        within_5s([&] { return wait(view_, all, true, timeout, 0ns); }, [&] { c.state.store(1); });
+    ASSERT_TRUE(r) << "a wait-all of " << timeout.count() << " ns outlasted 5 s";
+    ASSERT_TRUE(*r) << r->error().message();
+    EXPECT_EQ((*r)->status, wait_status::timed_out);
+    EXPECT_EQ(a.state.load(), 1u);  // unlocked, nothing taken
+    EXPECT_EQ(b.state.load(), 2u);
+    EXPECT_EQ(c.state.load(), locked_by(live, 1));
+  }
+  c.state.store(1);
+  auto r = wait(view_, all, true, 0ns, 0ns);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, wait_status::signalled);
+  EXPECT_EQ(b.state.load(), 1u);
+  EXPECT_EQ(c.state.load(), 0u);
 }
 
 TEST_F(SegmentTest, RepairUsesTheDaemonsCapacityAndTypesNotTheSegments) {
