@@ -9,7 +9,6 @@
 // Checked beyond "no crash": every reply handed over is a view inside the
 // reply arena, each call ends at most once, and the calls in flight never
 // exceed the limit.
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 
 #include <boost/asio/error.hpp>
@@ -20,6 +19,7 @@
 #include <cstring>
 #include <memory>
 
+#include "bell.hpp"
 #include "caps_ring.hpp"
 #include "client_core.hpp"
 #include "uipc/core/blocking_connection.hpp"
@@ -32,8 +32,6 @@ using uipc::shm_segment;
 using uipc::unique_fd;
 
 constexpr std::uint32_t max_in_flight = 8;
-
-unique_fd bell() { return unique_fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)); }
 
 }  // namespace
 
@@ -56,9 +54,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   unique_fd server_end(pair[1]);
   auto ctrl = blocking_connection::adopt(unique_fd(pair[0]));
   if (!ctrl) std::abort();
+  auto bells = detail::make_bell_pair();  // the server's end goes with this input
+  if (!bells) std::abort();
   auto core =
       std::make_shared<detail::client_core>(ctx, uipc::caps::client_options{}, std::move(*ctrl),
-                                            std::move(*segment), layout, bell(), bell());
+                                            std::move(*segment), layout, std::move(bells->ours));
   core->max_in_flight = max_in_flight;
 
   const auto now = std::chrono::steady_clock::now();

@@ -16,7 +16,8 @@
 namespace uipc::caps::detail {
 
 inline constexpr std::uint64_t channel_magic = 0x7569706363617073;  // "uipccaps"
-inline constexpr std::uint32_t channel_version = 2;  ///< 2: entries carry their sequence, no tail
+/// 2: entries carry their sequence, no tail; 3: one doorbell socket pair (bell.hpp)
+inline constexpr std::uint32_t channel_version = 3;
 /// Entries per ring: room for a request, an abort and a dispose of every
 /// message in flight at the largest limit.
 inline constexpr std::uint32_t ring_entries = 512;

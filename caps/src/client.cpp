@@ -1,5 +1,4 @@
 // Calls: send, wait, abort and dispose on the client's channel.
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <boost/asio/associated_cancellation_slot.hpp>
@@ -8,6 +7,7 @@
 #include <cstring>
 #include <new>
 
+#include "bell.hpp"
 #include "client_core.hpp"
 #include "completion.hpp"
 #include "uipc/core/futex.hpp"
@@ -21,7 +21,7 @@ namespace asio = boost::asio;
 namespace detail {
 
 client_core::client_core(asio::io_context& c, client_options o, blocking_connection control,
-                         shm_segment seg, channel_layout l, unique_fd server_b, unique_fd client_b)
+                         shm_segment seg, channel_layout l, unique_fd b)
     : ctx(c),
       options(o),
       ctrl(std::move(control)),
@@ -32,8 +32,7 @@ client_core::client_core(asio::io_context& c, client_options o, blocking_connect
       shared(static_cast<channel_shared*>(segment.data())),
       request_arena(static_cast<std::byte*>(segment.data()) + l.request_arena_offset),
       reply_arena(static_cast<const std::byte*>(segment.data()) + l.reply_arena_offset),
-      server_bell(std::move(server_b)),
-      client_bell(std::move(client_b)),
+      bell(std::move(b)),
       to_server(&shared->to_server),
       from_server(&shared->to_client),
       request_space(l.request_arena_size, payload_alignment),
@@ -89,10 +88,7 @@ void client_core::flush_backlog() {
 void client_core::ring_server() {
   // Pairs with the server's store of server_watching and its re-check of our ring.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (shared->server_watching.load(std::memory_order_seq_cst) == 0) {
-    const eventfd_t one = 1;
-    (void)::eventfd_write(server_bell.get(), one);
-  }
+  if (shared->server_watching.load(std::memory_order_seq_cst) == 0) ring_bell(bell.get());
 }
 
 reply client_core::make_reply(std::uint64_t id, const call& c) {
@@ -354,8 +350,7 @@ void client_core::listen() {
   if (!bell_armed) {
     bell_armed = true;
     bell_desc.async_wait(asio::posix::stream_descriptor::wait_read, [self](error_code ec) {
-      eventfd_t value;
-      (void)::eventfd_read(self->client_bell.get(), &value);
+      clear_bell(self->bell.get());
       {
         std::unique_lock lock(self->mutex);
         self->bell_armed = false;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <random>
 
+#include "bell.hpp"
 #include "client_core.hpp"
 #include "points_dir.hpp"
 #include "uipc/proto/caps.pb.h"
@@ -73,9 +74,9 @@ result<std::shared_ptr<detail::client_core>> take_channel(boost::asio::io_contex
   if (!first) return first.error();
   proto::caps::Welcome w;
   if (first->kind != frame_kind::notice || first->type != proto::caps::WELCOME ||
-      first->fds.size() != 3 || !w.ParseFromString(first->payload) ||
-      w.version() != detail::channel_version || w.max_in_flight() == 0 ||
-      w.max_in_flight() > detail::max_in_flight_limit ||
+      first->fds.size() != 2 || !detail::is_bell(first->fds[1].get()) ||
+      !w.ParseFromString(first->payload) || w.version() != detail::channel_version ||
+      w.max_in_flight() == 0 || w.max_in_flight() > detail::max_in_flight_limit ||
       w.request_arena() > (std::uint64_t{1} << 32) || w.reply_arena() > (std::uint64_t{1} << 32)) {
     return make_error_code(errc::protocol_violation);
   }
@@ -96,14 +97,13 @@ result<std::shared_ptr<detail::client_core>> take_channel(boost::asio::io_contex
   hello.payload = proto::caps::Hello().SerializeAsString();
   if (auto ec = ctrl.send(std::move(hello), deadline)) return ec;
   auto core = std::make_shared<detail::client_core>(
-      ctx, options, std::move(ctrl), std::move(*segment), layout, std::move(first->fds[1]),
-      std::move(first->fds[2]));
+      ctx, options, std::move(ctrl), std::move(*segment), layout, std::move(first->fds[1]));
   core->registration.hold(core);
   core->generation = w.generation();
   core->gid = w.gid();
   core->max_in_flight = w.max_in_flight();
   boost::system::error_code ec;
-  core->bell_desc.assign(::fcntl(core->client_bell.get(), F_DUPFD_CLOEXEC, 0), ec);
+  core->bell_desc.assign(::fcntl(core->bell.get(), F_DUPFD_CLOEXEC, 0), ec);
   if (ec) return ec;
   if (core->server_pidfd)
     core->pidfd_desc.assign(::fcntl(core->server_pidfd.get(), F_DUPFD_CLOEXEC, 0), ec);

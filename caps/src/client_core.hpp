@@ -26,8 +26,7 @@ struct client_core final : std::enable_shared_from_this<client_core>, handler_st
   using clock = std::chrono::steady_clock;
 
   client_core(boost::asio::io_context& ctx, client_options options, blocking_connection ctrl,
-              shm_segment segment, channel_layout layout, unique_fd server_bell,
-              unique_fd client_bell);
+              shm_segment segment, channel_layout layout, unique_fd bell);
   client_core(const client_core&) = delete;
   client_core& operator=(const client_core&) = delete;
   ~client_core() = default;
@@ -84,8 +83,7 @@ struct client_core final : std::enable_shared_from_this<client_core>, handler_st
   channel_shared* shared;
   std::byte* request_arena;
   const std::byte* reply_arena;
-  unique_fd server_bell;
-  unique_fd client_bell;
+  unique_fd bell;  ///< our end of the doorbells (bell.hpp)
   std::uint64_t generation = 0;
   gid_t gid = 0;
   std::uint32_t max_in_flight = 1;

@@ -23,7 +23,8 @@ bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
-// The instance sockets in `dir` whose name part passes `keep`.
+// The instance sockets in `dir` whose name part passes `keep`. Another user's
+// directory holds what that user put there: only sockets count.
 template <class Keep>
 std::vector<std::string> list_sockets(const std::string& dir, Keep keep) {
   std::vector<std::string> out;
@@ -34,6 +35,12 @@ std::vector<std::string> list_sockets(const std::string& dir, Keep keep) {
     const auto at = file.find('@');
     if (at == std::string_view::npos || !ends_with(file, ".sock")) continue;
     if (!keep(file.substr(0, at))) continue;
+    if (e->d_type != DT_SOCK) {
+      struct stat st {};
+      if (e->d_type != DT_UNKNOWN ||
+          ::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISSOCK(st.st_mode))
+        continue;
+    }
     out.push_back(dir + "/" + std::string(file));
   }
   ::closedir(d);
@@ -122,15 +129,23 @@ error_code write_info(const point_info& info) {
                               static_cast<int>(info.pid), info.generation, info.clients);
   unique_fd fd(::open(aside.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644));
   if (!fd) return last_error();
-  if (::write(fd.get(), text, static_cast<std::size_t>(n)) != n) return last_error();
+  error_code failed;
+  if (::write(fd.get(), text, static_cast<std::size_t>(n)) != n) failed = last_error();
   fd.reset();
-  if (::rename(aside.c_str(), path.c_str()) != 0) return last_error();
-  return {};
+  if (!failed && ::rename(aside.c_str(), path.c_str()) != 0) failed = last_error();
+  if (failed) ::unlink(aside.c_str());  // nobody else would remove it
+  return failed;
 }
 
 std::optional<point_info> read_info(const std::string& socket_path, uid_t uid) {
-  unique_fd fd(::open(info_path(socket_path).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  // Whatever its owner put there: without O_NONBLOCK a FIFO would hold every
+  // lister's open for ever. A small regular file of that user, or nothing.
+  unique_fd fd(
+      ::open(info_path(socket_path).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK));
   if (!fd) return std::nullopt;
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != uid || st.st_size >= 256)
+    return std::nullopt;
   char text[256] = {};
   const ssize_t n = ::read(fd.get(), text, sizeof text - 1);
   if (n <= 0) return std::nullopt;

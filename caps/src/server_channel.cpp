@@ -1,14 +1,15 @@
 #include "server_channel.hpp"
 
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <climits>
 
+#include "bell.hpp"
+
 namespace uipc::caps::detail {
 
 server_channel::server_channel(std::shared_ptr<server_session> s, shm_segment seg, channel_layout l,
-                               std::uint32_t max, unique_fd server_b, unique_fd client_b)
+                               std::uint32_t max, unique_fd b)
     : session(std::move(s)),
       segment(std::move(seg)),
       layout(l),
@@ -16,8 +17,7 @@ server_channel::server_channel(std::shared_ptr<server_session> s, shm_segment se
       request_arena(static_cast<std::byte*>(segment.data()) + l.request_arena_offset),
       reply_arena(static_cast<std::byte*>(segment.data()) + l.reply_arena_offset),
       max_in_flight(max),
-      server_bell(std::move(server_b)),
-      client_bell(std::move(client_b)),
+      bell(std::move(b)),
       from_client(&shared->to_server),
       to_client(&shared->to_client),
       reply_space(l.reply_arena_size, payload_alignment) {}
@@ -87,10 +87,7 @@ void server_channel::wake_client() noexcept {
   shared->reply_seq.fetch_add(1, std::memory_order_seq_cst);
   if (shared->client_sleepers.load(std::memory_order_seq_cst) != 0)
     futex::wake(shared->reply_seq, INT_MAX);
-  if (shared->client_listening.load(std::memory_order_seq_cst) != 0) {
-    const eventfd_t one = 1;
-    (void)::eventfd_write(client_bell.get(), one);
-  }
+  if (shared->client_listening.load(std::memory_order_seq_cst) != 0) ring_bell(bell.get());
 }
 
 }  // namespace uipc::caps::detail

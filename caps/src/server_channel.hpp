@@ -18,7 +18,7 @@ namespace uipc::caps::detail {
 
 struct server_channel : std::enable_shared_from_this<server_channel> {
   server_channel(std::shared_ptr<server_session> s, shm_segment seg, channel_layout layout,
-                 std::uint32_t max_in_flight, unique_fd server_bell, unique_fd client_bell);
+                 std::uint32_t max_in_flight, unique_fd bell);
 
   client_id id() const noexcept { return session->id(); }
 
@@ -40,8 +40,9 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   std::byte* request_arena;
   std::byte* reply_arena;
   std::uint32_t max_in_flight;
-  unique_fd server_bell;  ///< the client writes it when we do not watch: we read
-  unique_fd client_bell;  ///< we write it when the client listens on its loop
+  /// Our end of the doorbells (bell.hpp): the client rings it when we do not
+  /// watch; we ring it when the client listens on its loop.
+  unique_fd bell;
 
   enum class message_state : std::uint8_t { delivered, replying, replied, withdrawn };
   struct message {

@@ -3,6 +3,7 @@
 // when it ends, the published point information.
 #include <sys/epoll.h>
 
+#include "bell.hpp"
 #include "points_dir.hpp"
 #include "service_impl.hpp"
 #include "uipc/proto/caps.pb.h"
@@ -11,7 +12,6 @@ namespace uipc::caps {
 
 using detail::duplicate;
 using detail::error_notice;
-using detail::make_eventfd;
 using detail::system_error;
 
 error_code service::impl::admit(const peer_identity& peer) {
@@ -42,7 +42,7 @@ void service::impl::session_started(const std::shared_ptr<server_session>& sessi
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = session->id();
-  ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, (*ch)->server_bell.get(), &ev);
+  ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, (*ch)->bell.get(), &ev);
 }
 
 result<std::shared_ptr<server_channel>> service::impl::open_channel(
@@ -51,14 +51,12 @@ result<std::shared_ptr<server_channel>> service::impl::open_channel(
   auto segment =
       shm_segment::create_anonymous(layout.total, {detail::channel_magic, detail::channel_version});
   if (!segment) return segment.error();
-  unique_fd server_bell = make_eventfd(), client_bell = make_eventfd();
-  if (!server_bell || !client_bell) return system_error();
-  unique_fd memfd = duplicate(segment->fd()), server_bell_copy = duplicate(server_bell.get()),
-            client_bell_copy = duplicate(client_bell.get());
-  if (!memfd || !server_bell_copy || !client_bell_copy) return system_error();
-  auto ch =
-      std::make_shared<server_channel>(session, std::move(*segment), layout, options.max_in_flight,
-                                       std::move(server_bell), std::move(client_bell));
+  auto bells = detail::make_bell_pair();
+  if (!bells) return bells.error();
+  unique_fd memfd = duplicate(segment->fd());
+  if (!memfd) return system_error();
+  auto ch = std::make_shared<server_channel>(session, std::move(*segment), layout,
+                                             options.max_in_flight, std::move(bells->ours));
   ch->owner = this;
   proto::caps::Welcome w;
   w.set_version(detail::channel_version);
@@ -75,8 +73,7 @@ result<std::shared_ptr<server_channel>> service::impl::open_channel(
   f.type = proto::caps::WELCOME;
   f.payload = w.SerializeAsString();
   f.fds.push_back(std::move(memfd));
-  f.fds.push_back(std::move(server_bell_copy));
-  f.fds.push_back(std::move(client_bell_copy));
+  f.fds.push_back(std::move(bells->theirs));
   if (auto ec = session->send(std::move(f))) return ec;
   return ch;
 }
@@ -90,7 +87,7 @@ void service::impl::session_ended(server_session& session) {
     ch = std::move(it->second);
     channels.erase(it);
   }
-  ::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, ch->server_bell.get(), nullptr);
+  ::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, ch->bell.get(), nullptr);
   std::vector<event> events;
   {
     std::lock_guard read_lock(ch->read_mutex);  // after any drain in progress

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <optional>
 
+#include "bell.hpp"
 #include "completion.hpp"
 #include "service_impl.hpp"
 #include "uipc/core/wait_policy.hpp"
@@ -99,7 +100,7 @@ std::size_t service::impl::poll_bells(int timeout_ms) {
     }
     auto ch = find(ready[i].data.u64);
     if (!ch) continue;
-    clear_eventfd(ch->server_bell.get());
+    detail::clear_bell(ch->bell.get());
     if (timeout_ms != 0) counters.doorbells.fetch_add(1, std::memory_order_relaxed);
     make_hot(ch);
     found += drain(ch);
@@ -158,11 +159,15 @@ result<event> service::impl::receive(clock::time_point deadline, std::span<std::
   std::unique_lock pump(pump_mutex, std::defer_lock);
   if (!pump.try_lock_until(deadline)) return make_error_code(uipc::errc::timed_out);
   auto& policy = wait_policy::this_thread();
-  for (;;) {
+  for (bool again = false;; again = true) {
     auto e = pop(into, size);
     // Once stopped, only errc::stopped: not the events the stop itself queued.
     if (stopped.load()) return make_error_code(errc::stopped);
     if (e || e.error() != make_error_code(uipc::errc::timed_out)) return e;
+    // A pass that found no event: a client writing entries that make none (an
+    // abort of nothing, say) keeps the loop going round, never asleep.
+    if (again && deadline != clock::time_point::max() && clock::now() >= deadline)
+      return make_error_code(uipc::errc::timed_out);
     // A receiver that waits reads the bells before it sleeps, after its spin.
     if (sweep(!wait || hot.empty()) > 0) continue;
     if (!wait) return make_error_code(uipc::errc::timed_out);

@@ -13,6 +13,7 @@
 #include <optional>
 #include <random>
 
+#include "bell.hpp"
 #include "caps_support.hpp"
 #include "channel.hpp"
 #include "points_dir.hpp"
@@ -32,7 +33,7 @@ struct raw_client {
   blocking_connection ctrl;
   shm_segment segment;
   detail::channel_shared* shared;
-  unique_fd server_bell;
+  unique_fd bell;          // its end of the doorbells
   std::uint32_t next = 0;  // the position of the next entry
 
   static raw_client connect(const std::string& socket_path) {
@@ -42,7 +43,7 @@ struct raw_client {
     EXPECT_TRUE(c);
     auto welcome = c->receive(in(5s));
     EXPECT_TRUE(welcome);
-    EXPECT_EQ(welcome->fds.size(), 3u);
+    EXPECT_EQ(welcome->fds.size(), 2u);
     auto seg = shm_segment::open_fd(std::move(welcome->fds[0]),
                                     {detail::channel_magic, detail::channel_version});
     EXPECT_TRUE(seg);
@@ -66,8 +67,8 @@ struct raw_client {
     ++next;
   }
   void ring() {
-    const eventfd_t one = 1;
-    (void)::write(server_bell.get(), &one, sizeof one);
+    const char one = 1;
+    (void)::send(bell.get(), &one, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
   }
   // What the server said when it hung up (the error notice), or success if it did not.
   error_code hung_up_because() {
@@ -123,6 +124,60 @@ TEST_F(ChannelAbuse, AnEntryOutOfSequenceIsNotTaken) {
   bad.put({static_cast<std::uint32_t>(entry_kind::dispose), 0, 1, 0, 0});
   bad.ring();
   expect_dropped(bad);
+}
+
+// The doorbells are a socket pair, and the client's end is its own: making it
+// blocking, never reading it and flooding ours stalls no reply of the server.
+// (As eventfds, passed copies shared one open file description: a client that
+// cleared O_NONBLOCK and filled the counter made the server's next ring block
+// for ever, in reply() or on a loop thread.)
+TEST_F(ChannelAbuse, AClientThatBlocksItsBellAndNeverReadsItStallsNoReply) {
+  {
+    auto bad = raw_client::connect(path_);
+    ASSERT_EQ(::fcntl(bad.bell.get(), F_SETFL, 0), 0);
+    for (int i = 0; i < 64; ++i) {
+      const char x = 'x';
+      (void)::send(bad.bell.get(), &x, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    }
+    bad.shared->client_listening.store(1);  // "ring me for every reply"
+    constexpr std::uint64_t calls = 40;     // far more than its end's queue holds
+    for (std::uint64_t id = 1; id <= calls; ++id)
+      bad.put({static_cast<std::uint32_t>(entry_kind::request), 0, id, (id - 1) * 64, 8});
+    bad.ring();
+    for (int i = 0; i < 5000 && svc_->stats().replies < calls; ++i)
+      std::this_thread::sleep_for(1ms);
+    EXPECT_GE(svc_->stats().replies, calls);
+    auto r = good_->call("unharmed", in(5s));
+    ASSERT_TRUE(r) << r.error().message();
+    EXPECT_EQ(r->copy(), "unharmed");
+  }  // gone: the server's teardown rings nobody and waits for nothing
+  for (int i = 0; i < 5000 && svc_->stats().clients != 1; ++i) std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(svc_->stats().clients, 1u);
+}
+
+// Entries that make no event (aborts of nothing) written without a pause keep
+// the receiver's loop busy: its deadline still ends it.
+TEST_F(ChannelAbuse, AStreamOfEntriesThatMakeNoEventEndsNoDeadlineLater) {
+  echo_.reset();  // this test receives itself
+  auto bad = raw_client::connect(path_);
+  while (svc_->receive(in(50ms))) {
+  }  // the connected events
+  std::atomic<bool> writing{true};
+  std::thread writer([&] {
+    const auto until = std::chrono::steady_clock::now() + 10s;  // bounded, whatever happens
+    for (std::uint32_t i = 0; writing.load() && std::chrono::steady_clock::now() < until; ++i) {
+      bad.put({static_cast<std::uint32_t>(entry_kind::abort), 0, 999, 0, 0});
+      if (i % 64 == 0) bad.ring();
+    }
+  });
+  const auto start = std::chrono::steady_clock::now();
+  auto r = svc_->receive(in(200ms));
+  const auto took = std::chrono::steady_clock::now() - start;
+  writing = false;
+  writer.join();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error(), make_error_code(uipc::errc::timed_out));
+  EXPECT_LT(took, 2s);
 }
 
 TEST_F(ChannelAbuse, APayloadOutsideTheArena) {
@@ -298,8 +353,14 @@ class hostile_server {
     f.type = proto::caps::WELCOME;
     f.payload = w.SerializeAsString();
     f.fds.emplace_back(::fcntl(segment_->fd(), F_DUPFD_CLOEXEC, 0));
-    f.fds.emplace_back(::eventfd(0, EFD_CLOEXEC));
-    f.fds.emplace_back(::eventfd(0, EFD_CLOEXEC));
+    if (eventfd_bell_) {
+      f.fds.emplace_back(::eventfd(0, EFD_CLOEXEC));  // what the first protocol passed
+    } else {
+      auto bells = detail::make_bell_pair();
+      ASSERT_TRUE(bells);
+      bell_ = std::move(bells->ours);
+      f.fds.push_back(std::move(bells->theirs));
+    }
     ASSERT_FALSE(conn_->send(std::move(f), in(5s)));
   }
 
@@ -326,6 +387,9 @@ class hostile_server {
     futex::wake(shared_->reply_seq, INT_MAX);
   }
   detail::channel_shared* shared() { return shared_; }
+  /// Passes an eventfd as the doorbell, which a client must refuse: an open
+  /// file description it would share with us.
+  void pass_an_eventfd_bell() { eventfd_bell_ = true; }
 
  private:
   std::string path_;
@@ -333,6 +397,8 @@ class hostile_server {
   std::optional<blocking_connection> conn_;
   std::optional<shm_segment> segment_;
   detail::channel_shared* shared_ = nullptr;
+  bool eventfd_bell_ = false;
+  unique_fd bell_;
 };
 
 class HostileServer : public caps_test {
@@ -355,6 +421,18 @@ class HostileServer : public caps_test {
     return r.error();
   }
 };
+
+// A doorbell the client would share an open file description of (an eventfd:
+// the server could make the client's ring block) is refused at connect.
+TEST_F(HostileServer, ADoorbellThatIsNotADatagramSocketIsRefused) {
+  hostile_server bad(dir_.path(), "hostile");
+  bad.pass_an_eventfd_bell();
+  auto connecting = std::async(std::launch::async, [&] { return connect("hostile"); });
+  bad.welcome();
+  auto c = connecting.get();
+  ASSERT_FALSE(c);
+  EXPECT_EQ(c.error(), make_error_code(errc::protocol_violation));
+}
 
 TEST_F(HostileServer, AReplyOutsideTheArena) {
   const auto ec = call_answered_by([](hostile_server& s, std::uint64_t id) {

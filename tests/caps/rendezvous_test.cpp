@@ -1,12 +1,17 @@
 // Registering, finding and watching points: names, exclusivity, shared names,
 // leftovers of killed servers, waiting for a point, access by credentials.
+#include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <fstream>
 #include <future>
 #include <set>
 
@@ -174,6 +179,58 @@ TEST_F(Rendezvous, ListAndWatchPoints) {
   }
   EXPECT_TRUE(gone);
   EXPECT_TRUE(list_points(dir_.path())->empty());
+}
+
+// A user's directory holds whatever that user put there: a FIFO where an
+// information file belongs (an open would wait for a writer for ever), or a
+// plain file where a socket belongs, hangs no lister and no watcher, and is
+// not listed.
+TEST_F(Rendezvous, AFifoOrAPlainFileInThePointsDirectoryHangsNoLister) {
+  auto svc = serve("real", options());
+  ASSERT_TRUE(svc);
+  auto dir = points_directory(::geteuid(), dir_.path());
+  ASSERT_TRUE(dir);
+  // A socket file whose information file is a FIFO.
+  const std::string trap = *dir + "/trap@1.0";
+  const int bound = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s.sock", trap.c_str());
+  ASSERT_EQ(::bind(bound, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::mkfifo((trap + ".info").c_str(), 0600), 0);
+  // A plain file where the socket belongs, beside another FIFO.
+  const std::string plain = *dir + "/plain@1.0";
+  ASSERT_TRUE(std::ofstream(plain + ".sock").good());
+  ASSERT_EQ(::mkfifo((plain + ".info").c_str(), 0600), 0);
+
+  auto listed = std::async(std::launch::async, [&] { return list_points(dir_.path()); });
+  auto watched = std::async(std::launch::async, [&]() -> result<point_event> {
+    auto watch = point_watch::open(dir_.path());
+    if (!watch) return watch.error();
+    return watch->next(in(100ms));
+  });
+  const bool done = listed.wait_for(5s) == std::future_status::ready &&
+                    watched.wait_for(5s) == std::future_status::ready;
+  if (!done) {
+    // Let the opens finish (a writer comes and goes on each FIFO), then fail.
+    const auto stuck = [](auto& f) { return f.wait_for(10ms) != std::future_status::ready; };
+    while (stuck(listed) || stuck(watched)) {
+      for (const auto& fifo : {trap + ".info", plain + ".info"}) {
+        const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);
+        if (w >= 0) ::close(w);
+      }
+    }
+    ::close(bound);
+    FAIL() << "a lister or a watcher waited on a FIFO";
+  }
+  auto list = listed.get();
+  ASSERT_TRUE(list) << list.error().message();
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ(list->front().name, "real");
+  auto first = watched.get();
+  ASSERT_TRUE(first) << first.error().message();
+  EXPECT_EQ(first->point.name, "real");
+  ::close(bound);
 }
 
 TEST_F(Rendezvous, AWatchSeesAKilledServerGo) {
