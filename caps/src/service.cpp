@@ -47,6 +47,9 @@ result<std::uint64_t> service::impl::begin_reply(server_channel& ch, message_id 
       return make_error_code(errc::unknown_message);
     }
     if (m->second.state == server_channel::message_state::withdrawn) {
+      // With a block, another thread's answer is being written into it: its
+      // reply ends the message (the client disposes of it unseen).
+      if (m->second.has_block) return make_error_code(errc::withdrawn);
       lock.unlock();
       finish(ch, id, detail::entry_kind::aborted, 0, 0, 0);
       return make_error_code(errc::withdrawn);
@@ -119,11 +122,35 @@ error_code service::impl::answer_on(server_channel& ch, message_id id, std::size
   auto offset = begin_reply(ch, id, size, copy_from);
   if (!offset) return offset.error();
   if (copy_from == nullptr) {
-    fill(std::span(ch.reply_arena + *offset, size));
+    try {
+      fill(std::span(ch.reply_arena + *offset, size));
+    } catch (...) {
+      give_up_reply(ch, id, *offset);
+      throw;
+    }
     if (auto ec = finish(ch, id, detail::entry_kind::reply, 0, *offset, size)) return ec;
   }
   counters.replies.fetch_add(1, std::memory_order_relaxed);
   return {};
+}
+
+void service::impl::give_up_reply(server_channel& ch, message_id id, std::uint64_t offset) {
+  using state = server_channel::message_state;
+  {
+    std::lock_guard lock(ch.state_mutex);
+    auto m = ch.messages.find(id);
+    if (m == ch.messages.end() || !m->second.has_block || m->second.reply_offset != offset) return;
+    ch.reply_space.free(offset);
+    m->second.has_block = false;
+    if (m->second.state == state::replying) {
+      m->second.state = state::delivered;  // to be answered again, or rejected
+      return;
+    }
+    if (m->second.state != state::withdrawn || ch.closed) return;
+    // Withdrawn while we filled: nobody else ends it now.
+    if (publish(ch, m, detail::entry_kind::aborted, 0, 0, 0)) return;
+  }
+  ch.wake_client();
 }
 
 error_code service::impl::reply_bytes(server_channel& ch, message_id id,
@@ -158,6 +185,8 @@ error_code service::impl::reject_on(server_channel& ch, message_id id, errc ec) 
       return make_error_code(errc::unknown_message);
     }
     withdrawn = m->second.state == state::withdrawn;
+    // Being answered by another thread: its reply ends the message.
+    if (withdrawn && m->second.has_block) return make_error_code(errc::withdrawn);
   }
   if (withdrawn) {
     (void)finish(ch, id, detail::entry_kind::aborted, 0, 0, 0);

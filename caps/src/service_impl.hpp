@@ -218,6 +218,9 @@ struct service::impl final : std::enable_shared_from_this<impl>, handler_store {
   error_code answer_on(server_channel& ch, message_id id, std::size_t size,
                        const std::function<void(std::span<std::byte>)>& fill,
                        const std::byte* copy_from);
+  // `fill` threw: the block at `offset` goes back, and the message can be
+  // answered again (or, withdrawn meanwhile, is aborted).
+  void give_up_reply(server_channel& ch, message_id id, std::uint64_t offset);
   error_code reply_bytes(server_channel& ch, message_id id, std::span<const std::byte> bytes);
   error_code reject_on(server_channel& ch, message_id id, errc ec);
   // The channel an answer goes to: of a client (disconnected if gone), or of a

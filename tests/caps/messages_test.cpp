@@ -6,6 +6,7 @@
 #include <boost/asio/post.hpp>
 #include <cstring>
 #include <future>
+#include <stdexcept>
 
 #include "caps_support.hpp"
 #include "uipc/caps/point.hpp"
@@ -229,6 +230,72 @@ TEST_F(Messages, AbortWithdrawsAndGivesOneOutcome) {
   ASSERT_TRUE(r);
   EXPECT_EQ(r->copy(), "quick");
   EXPECT_EQ((*c)->abort(987654).error(), make_error_code(errc::unknown_message));
+}
+
+// A call withdrawn while one thread writes its reply in place: a reject from
+// another thread (the withdrawn event's answer) must not end the message under
+// the writer, whose reply then ends it; the client disposes of that reply
+// unseen, and the whole reply arena is free again.
+TEST_F(Messages, AWithdrawalWhileAReplyIsWrittenInPlaceLosesNoReplySpace) {
+  auto o = options();
+  o.reply_arena = 64 << 10;
+  auto svc = serve("withdrawn.midway", o);
+  ASSERT_TRUE(svc);
+  auto c = connect("withdrawn.midway");
+  ASSERT_TRUE(c);
+  auto id = (*c)->send(bytes("slow"));
+  ASSERT_TRUE(id);
+  const event req = next_event(**svc, event_kind::request);
+  std::promise<void> filling, go_on;
+  auto writer = std::async(std::launch::async, [&] {
+    return (*svc)->reply_in_place(req, 4096, [&](std::span<std::byte> out) {
+      std::memset(out.data(), 'r', out.size());
+      filling.set_value();
+      (void)go_on.get_future().wait_for(5s);
+    });
+  });
+  ASSERT_EQ(filling.get_future().wait_for(5s), std::future_status::ready);
+  auto aborted = (*c)->abort(*id);
+  ASSERT_TRUE(aborted);
+  EXPECT_TRUE(*aborted);
+  const event gone = next_event(**svc, event_kind::withdrawn);
+  EXPECT_EQ(gone.id, req.id);
+  EXPECT_EQ((*svc)->reject(req, errc::no_buffers), make_error_code(errc::withdrawn));
+  go_on.set_value();
+  EXPECT_FALSE(writer.get());  // its reply ended the message
+  for (int i = 0; i < 500 && (*c)->in_flight() != 0; ++i) std::this_thread::sleep_for(1ms);
+  EXPECT_EQ((*c)->in_flight(), 0u);
+  (void)next_event(**svc, event_kind::dispose);  // the client's, of the reply it never saw
+  responder whole(**svc, [](service& s, const event& e) {
+    (void)s.reply_in_place(e.client, e.id, 64 << 10, [](std::span<std::byte> out) {
+      std::memset(out.data(), 'w', out.size());
+    });
+  });
+  auto r = (*c)->call("all of it", in(5s));
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(r->size(), std::size_t{64} << 10);
+}
+
+// A fill that throws gives its block back: the request can be answered again.
+TEST_F(Messages, AFillThatThrowsGivesItsReplySpaceBack) {
+  auto o = options();
+  o.reply_arena = 64 << 10;
+  auto svc = serve("throwing.fill", o);
+  ASSERT_TRUE(svc);
+  auto c = connect("throwing.fill");
+  ASSERT_TRUE(c);
+  auto id = (*c)->send(bytes("once more"));
+  ASSERT_TRUE(id);
+  const event req = next_event(**svc, event_kind::request);
+  EXPECT_THROW((void)(*svc)->reply_in_place(
+                   req, 64 << 10,
+                   [](std::span<std::byte>) { throw std::runtime_error("user code failed"); }),
+               std::runtime_error);
+  EXPECT_FALSE((*svc)->reply_in_place(
+      req, 64 << 10, [](std::span<std::byte> out) { std::memset(out.data(), 'a', out.size()); }));
+  auto r = (*c)->wait(*id, in(5s));
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_EQ(r->size(), std::size_t{64} << 10);
 }
 
 TEST_F(Messages, ACallPastItsDeadlineIsAbortedAndTimesOut) {
