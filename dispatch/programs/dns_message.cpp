@@ -396,12 +396,17 @@ bool reply_matches(std::span<const std::byte> reply, std::string_view name, std:
 std::string random_case(std::string_view name) {
   if (!name.empty() && name.back() == '.') name.remove_suffix(1);
   std::string out(name);
-  std::array<std::uint8_t, 32> bits{};  // 256 letters' worth; names are at most 253 bytes
-  ::arc4random_buf(bits.data(), bits.size());
+  // One bit per byte, drawn 256 at a time: a name may come from a file before
+  // anything checked its length (dns_query's --0x20), so it may be longer
+  // than the 253 bytes a query carries.
+  std::array<std::uint8_t, 32> bits{};
+  constexpr std::size_t per_draw = bits.size() * 8;
   for (std::size_t i = 0; i < out.size(); ++i) {
+    if (i % per_draw == 0) ::arc4random_buf(bits.data(), bits.size());
     const auto c = static_cast<unsigned char>(out[i]);
     if (std::isalpha(c) == 0) continue;
-    const bool upper = (bits[i / 8] >> (i % 8) & 1) != 0;
+    const std::size_t bit = i % per_draw;
+    const bool upper = (bits[bit / 8] >> (bit % 8) & 1) != 0;
     out[i] = static_cast<char>(upper ? std::toupper(c) : std::tolower(c));
   }
   return out;

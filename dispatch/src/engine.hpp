@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <unordered_map>
 #include <vector>
 
@@ -379,10 +380,18 @@ class engine final : public std::enable_shared_from_this<engine>, handler_store 
   void arm_exclusive_set_locked();
   void on_exclusive_set_ready(error_code ec, std::uint64_t wait);
   void read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer);
-  /// One datagram read on an exclusive socket: checked, queued for its
-  /// response or dropped (then the buffer goes back).
-  void deliver_exclusive(exclusive_socket& xs, pooled_buffer buffer, std::size_t size,
-                         bool truncated, const sockaddr_storage& from);
+  /// Reads `xs` again in a turn of its own (posted): edge-triggered, it reports
+  /// nothing new for the datagrams already waiting in it.
+  void post_read_exclusive(const std::shared_ptr<exclusive_socket>& xs);
+  /// The datagrams one read took from an exclusive socket (`buffers[i]`, as
+  /// `headers[i]` and `from[i]` describe it): checked and queued for the
+  /// response under one lock, or dropped (their buffers go back); then the
+  /// response's handler runs, which may throw.
+  void deliver_exclusive(exclusive_socket& xs, std::span<pooled_buffer> buffers,
+                         const mmsghdr* headers, const sockaddr_storage* from);
+  /// Buffers an exclusive read took from the pool came back unqueued: a shared
+  /// socket that found the pool dry meanwhile has stopped, and waits for them.
+  void exclusive_buffers_back();
   void deliver_exclusive_locked(exclusive_socket& xs, queued_message& m, bool truncated,
                                 const sockaddr_storage& from, completions& out);
   void fail_transaction(exclusive_socket& xs, error_code ec);
@@ -468,6 +477,11 @@ class engine final : public std::enable_shared_from_this<engine>, handler_store 
   // Buffers taken by receive batches and not yet classified (counted before
   // they are taken): the pool is not "dry with nothing lent" while any are out.
   std::atomic<std::size_t> in_batch_{0};
+  // A shared socket may have stopped on a dry pool: set (under mutex_) before
+  // restart_locked looks at the pool again, cleared once it stopped no socket
+  // for that. Read without the lock by exclusive reads that gave buffers back
+  // (exclusive_buffers_back), so that they restart only when it may help.
+  std::atomic<bool> stopped_on_dry_pool_{false};
 
   std::atomic<std::uint64_t> received_{0}, sent_{0}, dropped_short_{0}, dropped_no_listener_{0},
       dropped_unmatched_{0}, dropped_queue_full_{0}, no_buffer_events_{0}, timeouts_{0},

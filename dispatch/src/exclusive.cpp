@@ -78,8 +78,15 @@ error_code engine::reserve_exclusive_locked(socket_list& closing) {
   }
   if (exclusive_reserved_ >= options_.exclusive_sockets) {
     // At the limit: a kept socket, a possible saving, gives its place to a
-    // transaction that needs one now.
+    // transaction that needs one now. keep_exclusive_locked leaves no empty
+    // list; one is skipped all the same rather than trusted (back() on it
+    // would be undefined).
     auto it = kept_.begin();
+    while (it != kept_.end() && it->second.empty()) it = kept_.erase(it);
+    if (it == kept_.end()) {  // kept_count_ was wrong: no socket to take the place of
+      exclusive_no_port_.fetch_add(1, std::memory_order_relaxed);
+      return make_error_code(errc::no_free_port);
+    }
     closing.push_back(std::move(it->second.back()));  // room: take_kept_locked leaves one
     it->second.pop_back();
     if (it->second.empty()) kept_.erase(it);
@@ -177,9 +184,14 @@ bool engine::keep_exclusive_locked(party& p, const std::shared_ptr<exclusive_soc
       !port_waiters_.empty() || xs->uses >= options_.port_uses ||
       std::chrono::steady_clock::now() - xs->opened >= options_.port_lifetime)
     return false;
+  auto it = kept_.end();
   try {
-    kept_[p.key_.peer].push_back(xs);
+    it = kept_.try_emplace(p.key_.peer).first;
+    it->second.push_back(xs);
   } catch (const std::bad_alloc&) {
+    // No empty list stays behind: reserve_exclusive_locked takes a socket
+    // from the first list it finds.
+    if (it != kept_.end() && it->second.empty()) kept_.erase(it);
     return false;
   }
   ++kept_count_;

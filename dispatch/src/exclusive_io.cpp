@@ -5,12 +5,14 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/container/static_vector.hpp>
 #include <cerrno>
 #include <cstring>
 #include <new>
+#include <span>
 
 #include "engine.hpp"
 
@@ -130,15 +132,46 @@ void engine::on_exclusive_set_ready(error_code ec, std::uint64_t wait) {
     exclusive_set_busy_ = true;         // one reader of the set at a time: replies stay in order
   }
   using ready_list = boost::container::static_vector<std::shared_ptr<exclusive_socket>, 64>;
+  ready_list ready;  // before the scope below, which reads it while unwinding
+  // Ends this thread's turn as the set's reader, however the turn ends. A
+  // reply handler runs inline (read_exclusive delivers) and may throw through
+  // io_context::run to the application, which may run the loop again: the set
+  // must then still be waited on (no exclusive reply would ever be read
+  // again), and the sockets found ready but not read yet get a turn of their
+  // own (edge-triggered, they would report nothing new). The socket being
+  // read when the throw came posts its own (read_exclusive).
+  struct reader_scope {
+    reader_scope(engine& e, ready_list& r) noexcept : self(e), ready(r) {}
+    reader_scope(const reader_scope&) = delete;
+    reader_scope& operator=(const reader_scope&) = delete;
+    engine& self;
+    ready_list& ready;
+    std::size_t next = 0;  // ready's first socket not read yet
+    ~reader_scope() {
+      try {
+        for (std::size_t i = next; i < ready.size(); ++i) self.post_read_exclusive(ready[i]);
+      } catch (...) {  // NOLINT(bugprone-empty-catch): no memory to post, while unwinding
+        // Those sockets are read at their next datagram's edge.
+      }
+      std::lock_guard lock(self.slots_mutex_);
+      self.exclusive_set_busy_ = false;
+      if (!self.exclusive_set_ || self.exclusive_set_armed_) return;
+      try {
+        // Waits again (at once ready when events remain: asio's wait re-checks).
+        self.arm_exclusive_set_locked();
+      } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch)
+        // As in activate_exclusive: read at the next arming; until then the
+        // transactions' timeouts stand.
+      }
+    }
+  } scope(*this, ready);
   bool more = true;
   for (int round = 0; round < 16 && more; ++round) {
-    ready_list ready;
+    ready.clear();
+    scope.next = 0;
     {
       std::lock_guard lock(slots_mutex_);
-      if (!exclusive_set_ || stopping_.load(std::memory_order_relaxed)) {
-        exclusive_set_busy_ = false;
-        return;
-      }
+      if (!exclusive_set_ || stopping_.load(std::memory_order_relaxed)) return;
       std::array<epoll_event, 64> events;
       const int n = ::epoll_wait(exclusive_set_->native_handle(), events.data(),
                                  static_cast<int>(events.size()), 0);
@@ -152,20 +185,32 @@ void engine::on_exclusive_set_ready(error_code ec, std::uint64_t wait) {
       }
       more = n == static_cast<int>(events.size());
     }
-    for (auto& xs : ready) read_exclusive(xs, pooled_buffer{});
+    while (scope.next < ready.size()) {
+      // Counted as read before it is: one whose read throws posts its own turn.
+      const std::shared_ptr<exclusive_socket>& xs = ready[scope.next++];
+      read_exclusive(xs, pooled_buffer{});
+    }
   }
-  // Waits again (at once ready when events remain: asio's wait re-checks).
-  std::lock_guard lock(slots_mutex_);
-  exclusive_set_busy_ = false;
-  if (exclusive_set_ && !exclusive_set_armed_) arm_exclusive_set_locked();
 }
 
 // ---------------------------------------------------------------- reading
 
 void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer) {
+  pooled_buffer second;
+  // Buffers taken but not filled go back at once, and may be what a shared
+  // socket stopped on the dry pool waits for.
+  const auto give_back = [&] {
+    const bool held = buffer || second;
+    buffer.reset();
+    second.reset();
+    if (held) exclusive_buffers_back();
+  };
   // Usually one datagram (the reply); bounded per wake-up like the shared socket.
   for (int round = 0; round < 16; ++round) {
-    if (stopping_.load(std::memory_order_relaxed)) return;  // no more reads after shutdown
+    if (stopping_.load(std::memory_order_relaxed)) {  // no more reads after shutdown
+      give_back();
+      return;
+    }
     if (!buffer) buffer = pool_->try_acquire();
     if (!buffer) {
       // The pool is dry: read when a buffer comes back (the datagram waits in
@@ -178,7 +223,7 @@ void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_
     // Two at a time: a read that fills only the first shows the socket
     // drained (edge-triggered: the next datagram is a new edge) without a
     // second read that fails with EAGAIN, which would cost a system call per reply.
-    pooled_buffer second = pool_->try_acquire();
+    if (!second) second = pool_->try_acquire();
     std::array<sockaddr_storage, 2> from{};
     std::array<iovec, 2> iov{iovec{buffer.data(), buffer.size()},
                              iovec{second ? second.data() : nullptr, second ? second.size() : 0}};
@@ -190,59 +235,103 @@ void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_
       h[i].msg_hdr.msg_iovlen = 1;
     }
     const int want = second ? 2 : 1;
-    int got;
+    int got = -1;
     int err = 0;
+    bool closed;
     {
       std::lock_guard io(xs->io_mutex);
-      if (xs->closed) return;
-      got = ::recvmmsg(xs->fd, h.data(), static_cast<unsigned>(want), MSG_DONTWAIT, nullptr);
-      if (got < 0) err = errno;
+      closed = xs->closed;
+      if (!closed) {
+        got = ::recvmmsg(xs->fd, h.data(), static_cast<unsigned>(want), MSG_DONTWAIT, nullptr);
+        if (got < 0) err = errno;
+      }
+    }
+    if (closed) {
+      give_back();
+      return;
     }
     if (got < 0) {
       if (err == EINTR) continue;
+      give_back();
       if (err == EAGAIN || err == EWOULDBLOCK) return;  // drained: the next datagram is a new edge
       // ECONNREFUSED, EHOSTUNREACH, ...: the peer's ICMP error, reported on this
       // connected socket alone. This transaction fails; nothing else does (a
       // kept socket with no transaction is spoiled: it closes instead of serving).
-      buffer.reset();
-      second.reset();
       fail_transaction(*xs, errno_code(err));
       return;
     }
-    deliver_exclusive(*xs, std::move(buffer), h[0].msg_len,
-                      (h[0].msg_hdr.msg_flags & MSG_TRUNC) != 0, from[0]);
-    if (got == 2) {
-      deliver_exclusive(*xs, std::move(second), h[1].msg_len,
-                        (h[1].msg_hdr.msg_flags & MSG_TRUNC) != 0, from[1]);
+    std::array<pooled_buffer, 2> filled{std::move(buffer), std::move(second)};
+    if (got < want) {
+      // One read, one datagram: the second buffer goes back unfilled.
+      second = std::move(filled[1]);
+      give_back();
     }
-    second.reset();
+    try {
+      deliver_exclusive(*xs, std::span(filled).first(static_cast<std::size_t>(got)), h.data(),
+                        from.data());
+    } catch (...) {
+      // A handler threw: the datagrams still waiting (a full read may have
+      // left some) are read in a turn of their own, as below.
+      try {
+        if (got == want) post_read_exclusive(xs);
+      } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch): the handler's goes on
+        // Read at the socket's next datagram's edge.
+      }
+      throw;
+    }
     if (got < want) return;  // drained
   }
   // Bounded per turn: the rest is read in a turn of its own (no new edge would
   // come for datagrams already waiting).
-  buffer.reset();
+  give_back();
+  post_read_exclusive(xs);
+}
+
+void engine::post_read_exclusive(const std::shared_ptr<exclusive_socket>& xs) {
   asio::post(ctx_, [self = shared_from_this(), xs] { self->read_exclusive(xs, pooled_buffer{}); });
 }
 
-void engine::deliver_exclusive(exclusive_socket& xs, pooled_buffer buffer, std::size_t size,
-                               bool truncated, const sockaddr_storage& from) {
-  exclusive_received_.fetch_add(1, std::memory_order_relaxed);
-  received_.fetch_add(1, std::memory_order_relaxed);
-  queued_message m{std::move(buffer), size, xs.peer, 0, 0};
+void engine::exclusive_buffers_back() {
+  // Pairs with the fence in restart_locked: the buffers went back before it,
+  // the flag is read after it.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (stopped_on_dry_pool_.load(std::memory_order_relaxed)) restart(false);
+}
+
+void engine::deliver_exclusive(exclusive_socket& xs, std::span<pooled_buffer> buffers,
+                               const mmsghdr* headers, const sockaddr_storage* from) {
+  exclusive_received_.fetch_add(buffers.size(), std::memory_order_relaxed);
+  received_.fetch_add(buffers.size(), std::memory_order_relaxed);
   completions out;
+  bool dropped = false;
   {
+    // Both datagrams of a read are queued before any handler runs: one that
+    // throws loses neither.
     std::lock_guard lock(mutex_);
-    try {
-      deliver_exclusive_locked(xs, m, truncated, from, out);
-    } catch (const std::bad_alloc&) {
-      dropped_no_memory_.fetch_add(1, std::memory_order_relaxed);
+    for (std::size_t i = 0; i < buffers.size(); ++i) {
+      queued_message m{std::move(buffers[i]), headers[i].msg_len, xs.peer, 0, 0};
+      try {
+        deliver_exclusive_locked(xs, m, (headers[i].msg_hdr.msg_flags & MSG_TRUNC) != 0, from[i],
+                                 out);
+      } catch (const std::bad_alloc&) {
+        dropped_no_memory_.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (m.buffer) {
+        buffers[i] = std::move(m.buffer);  // dropped: given back once unlocked
+        dropped = true;
+      }
     }
   }
-  const bool dropped = static_cast<bool>(m.buffer);
-  m.buffer.reset();  // not under the lock: the pool may serve a waiter
+  if (dropped) {
+    for (pooled_buffer& b : buffers) b.reset();  // not under the lock: the pool may serve a waiter
+    try {
+      exclusive_buffers_back();        // before the handlers run: one may throw
+    } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch)
+      // The handlers below run all the same; a stopped shared socket restarts
+      // at the next buffer that comes back.
+    }
+  }
   run_completions(out);
-  // A buffer given back may be what a shared socket stopped on the dry pool waits for.
-  if (dropped) restart_if_needed(true);
 }
 
 // Checks a datagram read on an exclusive socket once, then queues it for its

@@ -135,6 +135,11 @@ void engine::on_timer() {
 
 void engine::fail_locked(error_code reason, completions& out) {
   if (shutting_down_) return;
+  // Room for every party's event before anything changes: collect_locked then
+  // never allocates below, and a bad_alloc leaves the dispatcher as it was
+  // (a later shutdown gives every party its event), not shut down with the
+  // events of the parties not yet collected lost.
+  out.reserve(out.size() + responses_.size() + listeners_.size() + exclusive_.size());
   shutting_down_ = true;
   stopping_.store(true, std::memory_order_relaxed);
   reason_ = reason;

@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <atomic>
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/dispatch.hpp>
@@ -33,14 +34,30 @@ void engine::restart_locked(sockets_to_arm& to_arm, completions& out) {
   if (idle_sockets_.load(std::memory_order_relaxed) == 0) return;
   for (auto& s : sockets_) {
     if (s->receiving) continue;
-    if (closed_ || shutting_down_ || receiving_stopped_.load(std::memory_order_relaxed)) return;
-    if (responses_.empty() && listeners_.empty()) return;  // no one attached
+    // Stopped for a reason that no buffer coming back changes: whatever
+    // changes it restarts us (an attach, for one).
+    if (closed_ || shutting_down_ || receiving_stopped_.load(std::memory_order_relaxed) ||
+        (responses_.empty() && listeners_.empty())) {  // no one attached
+      stopped_on_dry_pool_.store(false, std::memory_order_relaxed);
+      return;
+    }
+    if (pool_->available() == 0) {
+      // Flagged before the pool is looked at again. An exclusive read gives
+      // its buffers back, then looks at the flag (exclusive_buffers_back):
+      // with a fence on each side, either it sees the flag or we see its
+      // buffers, so a stop on buffers it held only for a moment is undone.
+      stopped_on_dry_pool_.store(true, std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+    }
     if (pool_->available() == 0) {
       if (lent_buffers_ > 0) return;  // wait for a lent buffer to come back
       // Another socket's batch holds buffers it has not classified yet: they
       // come back (or get queued) at that batch's end, which restarts us.
       if (in_batch_.load(std::memory_order_seq_cst) > 0) return;
-      if (!responses_.empty()) return;  // replies queued for responses hold them: wait
+      // Replies queued for responses hold them, on the shared socket or on
+      // exclusive ports: wait (they drain when the responses receive, or
+      // detach), with no error event for listeners that are not the cause.
+      if (!responses_.empty() || !exclusive_.empty()) return;
       // Only listeners, and queued queries hold every buffer: tell one of them.
       party* p = listeners_[error_event_turn_++ % listeners_.size()];
       if (!p->pending_) {
@@ -60,6 +77,7 @@ void engine::restart_locked(sockets_to_arm& to_arm, completions& out) {
     idle_sockets_.fetch_sub(1, std::memory_order_relaxed);
     to_arm.push_back(s.get());
   }
+  stopped_on_dry_pool_.store(false, std::memory_order_relaxed);  // every idle socket is armed
 }
 
 // `from_loop`: called from one of our completions, where a handler may run at

@@ -1,6 +1,7 @@
 // Exclusive ports under bad input and faults: replies from the wrong port or
 // address, another transaction's ID, late replies, ICMP errors, the range and
-// the socket set exhausted, shutdown with exclusive sockets open.
+// the socket set exhausted, shutdown with exclusive sockets open, a reply
+// handler that throws.
 #include "exclusive_support.hpp"
 
 namespace uipc::dispatch {
@@ -286,6 +287,58 @@ TEST_F(DispatcherTest, ShutdownWithExclusiveSocketsOpenGivesEachPartyOneEvent) {
   ctx_.restart();
   EXPECT_EQ(ctx_.poll(), 0u);
   EXPECT_TRUE(ctx_.stopped());
+}
+
+// A reply handler on an exclusive port that throws (through io_context::run
+// to the application, which runs the loop again) leaves the exclusive ports
+// working: their sockets are still read, and the next transaction is answered.
+TEST_F(DispatcherTest, AnExclusiveReplyHandlerThatThrowsDoesNotStopLaterExclusiveReplies) {
+  auto d = make();
+  auto server = peer();
+  // Echoes one query back to its exclusive port as the reply.
+  const auto answer = [&] {
+    udp::endpoint client;
+    auto query = read(server, &client);
+    ASSERT_EQ(query.size(), 13u);
+    query[2] = std::byte{0x80};
+    server.send_to(asio::buffer(query), client);
+  };
+  auto first = d->add_response(server.local_endpoint(), exclusive_options(std::chrono::seconds(2)));
+  ASSERT_TRUE(first) << first.error().message();
+  bool thrown = false;
+  first->async_receive([&](error_code ec, event ev) {
+    EXPECT_FALSE(ec) << ec.message();
+    ev.release();
+    thrown = true;
+    throw std::runtime_error("handler failed");
+  });
+  ASSERT_TRUE(first->send(message(first->id(), false, 1)));
+  answer();
+  bool caught = false;
+  for (int i = 0; i < 400 && !thrown; ++i) {
+    try {
+      ctx_.run_for(std::chrono::milliseconds(5));
+    } catch (const std::runtime_error&) {
+      caught = true;
+    }
+    if (ctx_.stopped()) ctx_.restart();
+  }
+  ASSERT_TRUE(thrown);
+  EXPECT_TRUE(caught) << "the handler's exception did not reach io_context::run";
+  ctx_.restart();
+
+  auto second =
+      d->add_response(server.local_endpoint(), exclusive_options(std::chrono::milliseconds(500)));
+  ASSERT_TRUE(second) << second.error().message();
+  std::optional<received> got;
+  receive_into(*second, got);
+  ASSERT_TRUE(second->send(message(second->id(), false, 2)));
+  answer();
+  ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+  ASSERT_FALSE(got->ec) << got->ec.message();  // not timed_out: the reply was read
+  EXPECT_EQ(got->ev.kind(), event_kind::message);
+  EXPECT_EQ(tag_of(got->ev), 2);
+  EXPECT_EQ(d->stats().timeouts, 0u);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // Kept exclusive ports (dispatcher_options::port_uses, port_lifetime): a port
 // whose transaction ended well carries the next response to the same peer,
 // with another ID; anything else closes it. Uses, lifetime, the socket limit,
-// waiting callers, a second datagram, the loop, shutdown.
+// waiting callers, a second datagram, the loop, shutdown, no memory to keep one.
+#include "alloc_fault.hpp"
 #include "exclusive_support.hpp"
 
 namespace uipc::dispatch {
@@ -166,6 +167,45 @@ TEST_F(KeptPortTest, AtTheSocketLimitAKeptPortGivesWay) {
   EXPECT_EQ(st.exclusive_kept, 0u);
   EXPECT_EQ(st.exclusive_open, 1u);
   EXPECT_EQ(st.exclusive_no_port, 0u);
+}
+
+// Keeping a port that runs out of memory (at any of its allocations) closes
+// it instead, and leaves nothing behind: at the socket limit a kept port still
+// gives way to a new transaction (an empty list of kept ports for the failed
+// peer had it take back() of an empty vector).
+TEST_F(KeptPortTest, KeepingAPortThatRunsOutOfMemoryClosesItAndLeavesNoTrace) {
+  int failures = 0;
+  for (int k = 1; k <= 4; ++k) {
+    dispatcher_options o;
+    o.exclusive_sockets = 2;
+    auto d = make(o);
+    auto kept_peer = peer();
+    auto failing_peer = peer();
+    transact(d, kept_peer).detach();
+    ASSERT_EQ(d->stats().exclusive_kept, 1u);
+    auto r = transact(d, failing_peer);
+    test::alloc_fail_countdown() = k;
+    r.detach();  // would keep its port: the k-th allocation fails
+    const bool failed = test::alloc_fail_countdown() == 0;
+    test::alloc_fail_countdown() = 0;
+    if (failed) ++failures;
+    auto st = d->stats();
+    EXPECT_EQ(st.exclusive_kept, failed ? 1u : 2u) << "allocation " << k;
+    EXPECT_EQ(st.exclusive_open, failed ? 1u : 2u) << "allocation " << k;
+    // Two new transactions to other peers: at the limit, each takes a kept
+    // port's place.
+    auto busy_peer = peer();
+    auto new_peer = peer();
+    auto busy = d->add_response(busy_peer.local_endpoint(), exclusive_options());
+    ASSERT_TRUE(busy) << busy.error().message() << ", allocation " << k;
+    auto fresh = d->add_response(new_peer.local_endpoint(), exclusive_options());
+    ASSERT_TRUE(fresh) << fresh.error().message() << ", allocation " << k;
+    st = d->stats();
+    EXPECT_EQ(st.exclusive_kept, 0u) << "allocation " << k;
+    EXPECT_EQ(st.exclusive_open, 2u) << "allocation " << k;
+    EXPECT_EQ(st.exclusive_no_port, 0u) << "allocation " << k;
+  }
+  EXPECT_GE(failures, 2);  // the map's node and the list's element, at least
 }
 
 TEST_F(KeptPortTest, ACallerWaitingForAPortIsServedBeforeOneIsKept) {

@@ -161,5 +161,42 @@ TEST_F(DispatcherTest, DetachThatFreesQueuedBuffersRestartsTheReceiver) {
   EXPECT_EQ(d->stats().buffers_in_use, 0u);
 }
 
+// Replies queued for an exclusive response hold the pool as a shared
+// response's do: the shared socket just stops, with no no_buffers event for
+// the listeners (they are not the cause), and starts again once the response
+// lets the buffers go.
+TEST_F(DispatcherTest, DryPoolWithRepliesQueuedOnAnExclusivePortJustWaits) {
+  dispatcher_options o;
+  o.buffers = 4;
+  o.max_receives = 2;
+  auto d = make(o);
+  auto server = peer();
+  auto l = d->add_listener();
+  auto r = d->add_response(server.local_endpoint(),
+                           response_options{std::chrono::milliseconds(0), port_mode::exclusive});
+  ASSERT_TRUE(l && r);
+  std::optional<received> got;
+  receive_into(*l, got);
+  // Four replies the response never asks for: they hold the whole pool.
+  const udp::endpoint exclusive_port(server.local_endpoint().address(), r->local_port());
+  for (std::uint8_t i = 0; i < 4; ++i) send(server, message(r->id(), true, i), exclusive_port);
+  ASSERT_TRUE(run_until(ctx_, [&] { return d->stats().exclusive_received == 4; }));
+  ctx_.poll();
+  EXPECT_EQ(d->stats().buffers_in_use, 4u);
+  EXPECT_EQ(d->stats().receiving_sockets, 1u);
+  // A query wakes the shared socket, which finds the pool dry and stops.
+  auto client = peer();
+  send(client, message(7, false, 7), d->local_endpoint());
+  ASSERT_TRUE(run_until(ctx_, [&] { return d->stats().receiving_sockets == 0; }));
+  ctx_.run_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(d->stats().no_buffer_events, 0u);
+  ASSERT_FALSE(got.has_value()) << "the listener was given " << got->ec.message();
+  r->detach();  // its queued replies give their buffers back
+  ASSERT_TRUE(run_until(ctx_, [&] { return got.has_value(); }));
+  ASSERT_FALSE(got->ec) << got->ec.message();
+  EXPECT_EQ(tag_of(got->ev), 7);
+  EXPECT_EQ(d->stats().no_buffer_events, 0u);
+}
+
 }  // namespace
 }  // namespace uipc::dispatch

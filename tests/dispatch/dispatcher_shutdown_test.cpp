@@ -1,8 +1,31 @@
 // The dispatcher's failsafe shutdown and its lifetime.
+#include <boost/asio/bind_allocator.hpp>
+#include <cstdlib>
+
+#include "alloc_fault.hpp"
 #include "dispatch_support.hpp"
 
 namespace uipc::dispatch {
 namespace {
+
+/// Allocates with malloc, not operator new: a completion whose handler carries
+/// it is posted without an allocation that the fault injection counts.
+template <class T>
+struct malloc_allocator {
+  using value_type = T;
+  malloc_allocator() noexcept = default;
+  template <class U>
+  malloc_allocator(const malloc_allocator<U>& /*other*/) noexcept {}  // NOLINT: rebinding
+  T* allocate(std::size_t n) {
+    if (void* p = std::malloc(n * sizeof(T))) return static_cast<T*>(p);
+    throw std::bad_alloc();
+  }
+  void deallocate(T* p, std::size_t /*n*/) noexcept { std::free(p); }
+  template <class U>
+  bool operator==(const malloc_allocator<U>& /*other*/) const noexcept {
+    return true;
+  }
+};
 
 // ---------------------------------------------------------------- failsafe shutdown
 
@@ -95,6 +118,52 @@ TEST_F(DispatcherTest, ExplicitShutdownDeliversShutdownEventsAndLeavesNoWorkOnTh
   EXPECT_TRUE(ctx_.stopped());
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1));
   EXPECT_EQ(d->stats().receiving_sockets, 0u);
+}
+
+// A shutdown() that runs out of memory, at any allocation of its own, changes
+// nothing (a later one gives every party its event) or shuts down with every
+// waiting party's event on its way: never shut down halfway, with the events
+// of the parties it had not reached lost.
+TEST_F(DispatcherTest, ShutdownThatRunsOutOfMemoryLosesNoPartysShutdownEvent) {
+  int failures = 0;
+  for (int k = 1; k <= 8; ++k) {
+    auto d = make();
+    auto server = peer();
+    auto r = d->add_response(server.local_endpoint());
+    auto l = d->add_listener();
+    auto other = d->add_listener();
+    ASSERT_TRUE(r && l && other);
+    std::vector<received> events;
+    // Posting the events allocates through the handlers' allocator: only the
+    // dispatcher's own allocations meet the injected failure.
+    const auto record = [&] {
+      return asio::bind_allocator(malloc_allocator<void>(), [&](error_code ec, event ev) {
+        events.push_back(received{ec, std::move(ev)});
+      });
+    };
+    r->async_receive(record());
+    l->async_receive(record());
+    other->async_receive(record());
+    ctx_.poll();
+    test::alloc_fail_countdown() = k;
+    bool threw = false;
+    try {
+      d->shutdown();
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    test::alloc_fail_countdown() = 0;
+    if (threw) {
+      ++failures;
+      EXPECT_FALSE(d->stats().shutting_down) << "allocation " << k << ": shut down halfway";
+      d->shutdown();
+    }
+    ASSERT_TRUE(run_until(
+        ctx_, [&] { return events.size() == 3; }, std::chrono::seconds(2)))
+        << "allocation " << k << ": " << events.size() << " of 3 events";
+    for (const auto& e : events) EXPECT_EQ(e.ev.kind(), event_kind::shutdown) << "allocation " << k;
+  }
+  EXPECT_GT(failures, 0);
 }
 
 // ---------------------------------------------------------------- lifetime
