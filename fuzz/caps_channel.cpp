@@ -35,7 +35,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (!segment) std::abort();
   auto session = std::make_shared<server_session>(1, peer_identity{}, unique_fd{}, nullptr);
   auto ch = std::make_shared<detail::server_channel>(session, std::move(*segment), layout,
-                                                     max_in_flight, unique_fd{}, unique_fd{});
+                                                     max_in_flight, unique_fd{});
   uipc::fuzz::write_hostile_ring(ch->shared->to_server, data, size);
 
   std::vector<event> out;

@@ -69,6 +69,19 @@ struct server_channel : std::enable_shared_from_this<server_channel> {
   // The receiver's own (under the service's pump lock).
   bool hot = false;
   std::uint32_t idle_sweeps = 0;
+
+  /// Counts this channel among its service's live ones until it is destroyed:
+  /// an ended client's channel lives on (its memfd mapped, its bell open)
+  /// while events of it wait in the queue.
+  struct census_entry {
+    std::shared_ptr<std::atomic<std::size_t>> count;
+    census_entry() = default;
+    census_entry(const census_entry&) = delete;
+    census_entry& operator=(const census_entry&) = delete;
+    ~census_entry() {
+      if (count) count->fetch_sub(1, std::memory_order_relaxed);
+    }
+  } counted;
 };
 
 }  // namespace uipc::caps::detail

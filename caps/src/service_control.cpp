@@ -18,9 +18,14 @@ error_code service::impl::admit(const peer_identity& peer) {
   bool ok = peer.uid == info.uid;
   if (options.who == access::group) ok = ok || peer.in_group(info.gid);
   if (options.who == access::world) ok = true;
-  if (ok) return {};
-  counters.refusals.fetch_add(1, std::memory_order_relaxed);
-  return make_error_code(uipc::errc::permission_denied);
+  if (!ok) {
+    counters.refusals.fetch_add(1, std::memory_order_relaxed);
+    return make_error_code(uipc::errc::permission_denied);
+  }
+  // Ended clients whose events the application has not received yet count.
+  if (channels_alive->load(std::memory_order_relaxed) >= options.max_clients)
+    return make_error_code(errc::no_buffers);
+  return {};
 }
 
 void service::impl::session_started(const std::shared_ptr<server_session>& session) {
@@ -57,6 +62,8 @@ result<std::shared_ptr<server_channel>> service::impl::open_channel(
   if (!memfd) return system_error();
   auto ch = std::make_shared<server_channel>(session, std::move(*segment), layout,
                                              options.max_in_flight, std::move(bells->ours));
+  ch->counted.count = channels_alive;
+  channels_alive->fetch_add(1, std::memory_order_relaxed);
   ch->owner = this;
   proto::caps::Welcome w;
   w.set_version(detail::channel_version);
@@ -100,9 +107,30 @@ void service::impl::session_ended(server_session& session) {
   }
   ch->shared->server_closed.store(1, std::memory_order_seq_cst);
   ch->wake_client();
+  // A client that came and went without a message, its connected event still
+  // unreceived, is not reported at all: the channel goes now, not when the
+  // application gets round to the queue.
+  if (events.empty() && withdraw_unseen_arrival(*ch)) {
+    (void)publish_info();
+    return;
+  }
   events.push_back(ch->make_event(event_kind::disconnected));
   (void)publish_info();
   push_events(std::move(events));
+}
+
+bool service::impl::withdraw_unseen_arrival(const server_channel& ch) {
+  std::lock_guard lock(queue_mutex);
+  auto arrival = queue.end();
+  for (auto it = queue.begin(); it != queue.end(); ++it) {
+    if (it->channel_.get() != &ch) continue;
+    if (it->kind != event_kind::connected || arrival != queue.end()) return false;
+    arrival = it;
+  }
+  if (arrival == queue.end()) return false;
+  queue.erase(arrival);
+  queued.store(queue.size(), std::memory_order_release);
+  return true;
 }
 
 error_code service::impl::publish_info() {

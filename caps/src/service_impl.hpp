@@ -77,6 +77,11 @@ struct service::impl final : std::enable_shared_from_this<impl>, handler_store {
 
   mutable std::mutex channels_mutex;
   std::unordered_map<client_id, std::shared_ptr<server_channel>> channels;
+  /// Channels not yet destroyed, connected or not: admission counts these
+  /// against max_clients, so clients that come and go while the application
+  /// does not receive cannot pin descriptors without bound.
+  std::shared_ptr<std::atomic<std::size_t>> channels_alive =
+      std::make_shared<std::atomic<std::size_t>>(0);
 
   std::mutex queue_mutex;
   std::deque<event> queue;
@@ -150,6 +155,9 @@ struct service::impl final : std::enable_shared_from_this<impl>, handler_store {
 
   // Queues events from a loop thread and wakes the receiver.
   void push_events(std::vector<event> events);
+  // Removes the queued connected event of `ch` if it is the only event of
+  // `ch` in the queue; whether it did.
+  bool withdraw_unseen_arrival(const server_channel& ch);
 
   // A client that broke the channel protocol loses its connection.
   void violation(const std::shared_ptr<server_channel>& ch);

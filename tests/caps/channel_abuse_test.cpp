@@ -180,6 +180,64 @@ TEST_F(ChannelAbuse, AStreamOfEntriesThatMakeNoEventEndsNoDeadlineLater) {
   EXPECT_LT(took, 2s);
 }
 
+// Clients that come and go while the application receives nothing pin no
+// descriptors: a client that never sent a message is not reported at all.
+TEST_F(ChannelAbuse, ClientsComingAndGoingUnreceivedPinNoDescriptors) {
+  echo_.reset();  // nobody receives
+  while (svc_->receive(in(50ms))) {
+  }
+  const std::size_t before = uipc::test::open_fd_count();
+  for (int i = 0; i < 200; ++i) {
+    auto c = connect("abused");
+    ASSERT_TRUE(c) << c.error().message();
+  }
+  for (int i = 0; i < 2000 && svc_->stats().clients != 1; ++i) std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(svc_->stats().clients, 1u);
+  EXPECT_LE(uipc::test::open_fd_count(), before + 8);
+  auto nothing = svc_->receive(in(50ms));
+  ASSERT_FALSE(nothing) << "an unseen client was reported";
+  EXPECT_EQ(nothing.error(), make_error_code(uipc::errc::timed_out));
+}
+
+// Ended clients whose events wait unreceived count against max_clients: past
+// it, a new client is refused at once; once the events are received, served.
+TEST_F(ChannelAbuse, EndedClientsWithUnreceivedEventsCountAgainstMaxClients) {
+  echo_.reset();
+  good_.reset();
+  auto o = options();
+  o.max_clients = 3;
+  auto small = serve("small", o);
+  ASSERT_TRUE(small);
+  {
+    std::vector<std::unique_ptr<client>> clients;
+    for (int i = 0; i < 3; ++i) {
+      auto c = connect("small");
+      ASSERT_TRUE(c) << c.error().message();
+      ASSERT_TRUE((*c)->send(bytes("unanswered")));
+      clients.push_back(std::move(*c));
+    }
+    // Received and never answered: each client's end queues a dispose event.
+    int requests = 0;
+    for (int i = 0; i < 20 && requests < 3; ++i) {
+      auto e = (*small)->receive(in(1s));
+      ASSERT_TRUE(e) << e.error().message();
+      if (e->kind == event_kind::request) ++requests;
+    }
+    ASSERT_EQ(requests, 3);
+  }
+  for (int i = 0; i < 2000 && (*small)->stats().clients != 0; ++i) std::this_thread::sleep_for(1ms);
+  auto refused = connect("small");
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error(), make_error_code(errc::no_buffers));
+  int disconnected = 0;
+  while (auto e = (*small)->receive(in(200ms))) {
+    if (e->kind == event_kind::disconnected) ++disconnected;
+  }
+  EXPECT_EQ(disconnected, 3);
+  auto served = connect("small");
+  ASSERT_TRUE(served) << served.error().message();
+}
+
 TEST_F(ChannelAbuse, APayloadOutsideTheArena) {
   auto bad = raw_client::connect(path_);
   bad.put({static_cast<std::uint32_t>(entry_kind::request), 0, 1, ~std::uint64_t{0} - 10, 100});

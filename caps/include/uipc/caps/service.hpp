@@ -48,7 +48,10 @@ struct service_options {
   /// Most time receive() spins on active channels before it sleeps; the
   /// actual spin adapts to whether spinning pays (wait_policy). Zero: never spin.
   std::chrono::nanoseconds max_spin{std::chrono::microseconds(50)};
-  /// Most connected clients.
+  /// Most clients: connected ones, and ended ones whose events the
+  /// application has not received yet (their channels live until then). One
+  /// more is refused with errc::no_buffers. A client that ended without a
+  /// message before its connected event was received is not reported at all.
   std::size_t max_clients = 16384;
 };
 
