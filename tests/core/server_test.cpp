@@ -61,6 +61,7 @@ class ServerTest : public ::testing::Test {
   ServerTest() {
     router_.on<StringValue, StringValue>(
         echo_type, [this](request_context& ctx, const StringValue& in) {
+          handled_at_echo_ = handled_.load();
           ++handled_;
           last_peer_pid_ = ctx.session.peer().pid;
           StringValue out;
@@ -144,6 +145,7 @@ class ServerTest : public ::testing::Test {
   std::thread thread_;
 
   std::atomic<int> handled_{0};
+  std::atomic<int> handled_at_echo_{0};
   std::atomic<pid_t> last_peer_pid_{0};
   std::atomic<bool> slow_started_{false};
   std::atomic<bool> slow_finished_{false};
@@ -165,6 +167,59 @@ TEST_F(ServerTest, TypedRequestIsServedAndAnswered) {
   EXPECT_EQ(last_peer_pid_.load(), ::getpid());
   EXPECT_EQ(server_->stats().requests, 1u);
   EXPECT_EQ(server_->stats().errors, 0u);
+}
+
+// A client with a long backlog of frames gets a fair share of the loop
+// thread, not all of it: another client's call, waiting behind it, is
+// answered long before the backlog is through (reading pauses while the
+// frames read wait for their handlers, which take turns with every other
+// connection's).
+TEST_F(ServerTest, AClientWithALongBacklogStarvesNoOtherClient) {
+  start();  // one loop thread
+  // The loop held while the backlog is written.
+  std::promise<void> holding, release;
+  boost::asio::post(ctx_, [&, go = release.get_future()] {
+    holding.set_value();
+    go.wait();
+  });
+  holding.get_future().wait();
+  unique_fd hog = raw_connect(path_);
+  ASSERT_TRUE(hog);
+  const int four_mib = 4 << 20;
+  ::setsockopt(hog.get(), SOL_SOCKET, SO_SNDBUF, &four_mib, sizeof four_mib);
+  proto::Envelope env;
+  env.set_kind(proto::Envelope::NOTICE);
+  env.set_type(count_type);
+  UInt32Value one;
+  one.set_value(1);
+  env.set_payload(one.SerializeAsString());
+  const std::string frame = test::envelope_bytes(env);
+  std::string block;
+  while (block.size() < 4096) block += frame;
+  std::size_t sent = 0;
+  for (int i = 0; i < 4096; ++i) {  // bounded: the socket's buffer ends it first
+    const ssize_t n = ::send(hog.get(), block.data(), block.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += static_cast<std::size_t>(n);
+    if (static_cast<std::size_t>(n) < block.size()) break;
+  }
+  const std::size_t notices = sent / frame.size();
+  ASSERT_GT(notices, 20'000u);
+  release.set_value();  // the hog is read first, then another client calls
+  ASSERT_TRUE(wait_for([&] { return handled_.load() > 1000; }));
+  auto other = client();
+  auto answered = std::async(std::launch::async, [&] {
+    StringValue in;
+    in.set_value("still here");
+    return typed_call<StringValue>(other, echo_type, in,
+                                   clock_type::now() + std::chrono::seconds(30));
+  });
+  auto out = answered.get();
+  ASSERT_TRUE(out) << out.error().message();
+  EXPECT_EQ(out->value(), "ereh llits");
+  EXPECT_LT(static_cast<std::size_t>(handled_at_echo_.load()), notices / 2)
+      << "the call waited for " << handled_at_echo_.load() << " of " << notices << " notices";
+  ASSERT_TRUE(wait_for([&] { return static_cast<std::size_t>(handled_.load()) > notices; }));
 }
 
 TEST_F(ServerTest, AsyncTypedCallParsesTheReply) {
