@@ -310,7 +310,10 @@ class engine {
       if (!held_back || !s_.open || s_.read_paused()) break;
     }
     if (!s_.open) return;
-    if (!s_.read_paused() && s_.reader.has_unclaimed_fds(s_.options.max_fds_per_frame)) {
+    // A peer that may not send descriptors is owed none, even by a frame
+    // still arriving.
+    const std::size_t owed = s_.options.peer_sends_fds ? s_.options.max_fds_per_frame : 0;
+    if (!s_.read_paused() && s_.reader.has_unclaimed_fds(owed)) {
       fail(make_error_code(errc::bad_frame), salvage::no, notify::peer);
     }
   }

@@ -370,6 +370,7 @@ result<std::unique_ptr<server>> server::start(asio::io_context& ctx, const std::
   auto p = std::make_shared<impl>(ctx, router, std::move(options));
   p->session_options = p->options.listen.connection;
   p->session_options.first_frame_timeout = p->options.first_frame_timeout;
+  p->session_options.partial_frame_timeout = p->options.partial_frame_timeout;
   auto bound = listener::bind(ctx, path, p->options.listen);
   if (!bound) return bound.error();
   p->path = path;

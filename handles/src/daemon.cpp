@@ -57,7 +57,7 @@ error_code handle_daemon::impl::open() {
   server_options so;
   so.listen.mode = 0600;
   so.listen.connection.max_frame_size = detail::max_request_frame;
-  so.listen.connection.partial_frame_timeout = std::chrono::seconds(5);
+  so.partial_frame_timeout = std::chrono::seconds(5);
   so.listen.connection.error_categories = {&handles_category()};
   // No request carries descriptors: a client that sends one is dropped, and
   // the connection may read without the control buffer (one system call

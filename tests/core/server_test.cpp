@@ -496,6 +496,66 @@ TEST_F(ServerTest, SilentConnectionIsClosedAfterTheFirstFrameDeadline) {
   EXPECT_EQ(reasons_.begin()->second, errc::timed_out);
 }
 
+// A frame begun and never finished closes the session at the server's
+// partial-frame deadline (on by default), whatever came before it.
+TEST_F(ServerTest, AFrameBegunAndNeverFinishedClosesTheSession) {
+  EXPECT_GT(server_options{}.partial_frame_timeout.count(), 0);
+  server_options o;
+  o.partial_frame_timeout = std::chrono::milliseconds(100);
+  start(std::move(o));
+  auto fd = raw_connect(path_);
+  ASSERT_TRUE(fd);
+  proto::Envelope env;
+  env.set_kind(proto::Envelope::NOTICE);
+  env.set_type(count_type);
+  UInt32Value one;
+  one.set_value(1);
+  env.set_payload(one.SerializeAsString());
+  const std::string whole = test::envelope_bytes(env);
+  const std::string begun = test::prefix(1 << 20) + "abc";  // announces 1 MiB, sends 3 bytes
+  ASSERT_EQ(::send(fd.get(), whole.data(), whole.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(whole.size()));
+  ASSERT_EQ(::send(fd.get(), begun.data(), begun.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(begun.size()));
+  EXPECT_TRUE(closed_by_peer(fd.get()));
+  ASSERT_TRUE(wait_for([&] { return sessions_ended() == 1; }));
+  std::lock_guard lock(mutex_);
+  EXPECT_EQ(reasons_.begin()->second, errc::timed_out);
+}
+
+// Descriptors from a peer that may not send any are not kept, even beside a
+// frame still arriving.
+TEST_F(ServerTest, DescriptorsFromAPeerThatMayNotSendAnyCloseTheSession) {
+  server_options o;
+  o.listen.connection.peer_sends_fds = false;
+  start(std::move(o));
+  const std::size_t fds_before = test::open_fd_count();
+  auto fd = raw_connect(path_);
+  ASSERT_TRUE(fd);
+  std::string bytes = test::prefix(64);  // a frame begun
+  int passed[4];
+  for (int& p : passed) p = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  char control[CMSG_SPACE(sizeof passed)] = {};
+  iovec iov{bytes.data(), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof passed);
+  std::memcpy(CMSG_DATA(c), passed, sizeof passed);
+  ASSERT_EQ(::sendmsg(fd.get(), &msg, MSG_NOSIGNAL), static_cast<ssize_t>(bytes.size()));
+  for (int p : passed) ::close(p);
+  EXPECT_TRUE(closed_by_peer(fd.get()));
+  ASSERT_TRUE(wait_for([&] { return sessions_ended() == 1; }));
+  fd.reset();
+  EXPECT_TRUE(wait_for([&] { return test::open_fd_count() <= fds_before; }))
+      << "the peer's descriptors were kept";
+}
+
 TEST_F(ServerTest, IdleServerStopsAcceptingThenCallsOnIdle) {
   std::atomic<int> idle{0};
   server_options o;

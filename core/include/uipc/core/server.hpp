@@ -98,6 +98,10 @@ struct server_options {
   /// A connection that has not sent one whole frame this long after it was
   /// accepted is closed (errc::timed_out); it holds nothing meanwhile.
   std::chrono::milliseconds first_frame_timeout{10'000};
+  /// A frame begun must be finished within this, or the session is closed
+  /// (errc::timed_out): a peer that stops halfway through a large frame holds
+  /// its buffer (and any descriptors sent with it) no longer.
+  std::chrono::milliseconds partial_frame_timeout{10'000};
   /// Decides whether a peer may connect, before any of its frames is read:
   /// return an error to refuse (the connection is closed unread). Empty: the
   /// peer must run as the server's effective uid. Runs on a loop thread with
