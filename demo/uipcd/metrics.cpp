@@ -1,6 +1,7 @@
 // uipcd's metrics endpoint on Boost.Beast.
 #include "metrics.hpp"
 
+#include <algorithm>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
@@ -11,6 +12,8 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <unordered_map>
+#include <utility>
 
 namespace uipcd {
 
@@ -19,17 +22,45 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 using tcp = asio::ip::tcp;
 
+namespace {
+
+// A counter's family ends in "_total", once ("clients_total" stays itself).
+std::string with_total(const std::string& name) {
+  constexpr std::string_view suffix = "_total";
+  const bool has = name.size() >= suffix.size() &&
+                   name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return has ? name : name + std::string(suffix);
+}
+
+}  // namespace
+
 std::string prometheus_text(const std::vector<figure>& rows) {
-  // Rows of one family are adjacent in collect(); TYPE comes once per family.
+  // The text format wants each family's samples together under one TYPE line;
+  // collect() interleaves the families of several points (a row per figure
+  // per point), so the rows are grouped by family, in order of first sight.
+  const auto is_duration = [](const figure& r) {
+    return r.name.size() > 3 && r.name.compare(r.name.size() - 3, 3, "_ns") == 0;
+  };
+  std::vector<std::string> families(rows.size());
+  std::unordered_map<std::string, std::size_t> first_seen;
+  std::vector<std::pair<std::size_t, std::size_t>> order;  // (family's first row, row)
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    const figure& r = rows[i];
+    families[i] = "uipc_" + r.module + "_" +
+                  (is_duration(r) ? r.name.substr(0, r.name.size() - 3) + "_seconds"
+                   : r.counter    ? with_total(r.name)
+                                  : r.name);
+    order.emplace_back(first_seen.try_emplace(families[i], i).first->second, i);
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
   std::string out;
   std::string family_done;
   char number[64];
-  for (const auto& r : rows) {
-    const bool duration = r.name.size() > 3 && r.name.compare(r.name.size() - 3, 3, "_ns") == 0;
-    const std::string family = "uipc_" + r.module + "_" +
-                               (duration    ? r.name.substr(0, r.name.size() - 3) + "_seconds"
-                                : r.counter ? r.name + "_total"
-                                            : r.name);
+  for (const auto& [first, i] : order) {
+    const figure& r = rows[i];
+    const bool duration = is_duration(r);
+    const std::string& family = families[i];
     if (family != family_done) {
       out += "# TYPE " + family + (duration ? " summary\n" : r.counter ? " counter\n" : " gauge\n");
       family_done = family;

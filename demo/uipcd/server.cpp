@@ -356,7 +356,12 @@ void server::impl::begin_drain(int signal) {
   // Queries that arrive from now on stay unread (their clients retry or time
   // out, as with any server that stops); every one read so far is answered.
   if (dispatcher) dispatcher->stop_receiving();
-  drain_step(clock::now() + cfg.drain);
+  std::chrono::milliseconds drain;
+  {
+    std::lock_guard lock(status_mutex);  // a reload on the admin thread may be changing it
+    drain = cfg.drain;
+  }
+  drain_step(clock::now() + drain);
 }
 
 // Every 2 ms: done once no query is being answered or waits in the queue, or

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -245,6 +246,21 @@ TEST_F(Uipcd, ServesEveryModuleAndUipcctlSeesThem) {
   EXPECT_NE(body.find("uipc_dns_latency_seconds{quantile=\"0.99\"}"), std::string::npos) << body;
   EXPECT_NE(body.find("uipc_caps_requests_total{point=\"uipc.echo\"} 1\n"), std::string::npos)
       << body;
+  // Each family once, its samples together (two caps points interleaved them).
+  std::set<std::string> families_seen;
+  std::string current;
+  std::istringstream lines(body.substr(body.find("\r\n\r\n") + 4));
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("# TYPE ", 0) == 0) {
+      current = line.substr(7, line.find(' ', 7) - 7);
+      EXPECT_TRUE(families_seen.insert(current).second) << "TYPE twice: " << current;
+    } else if (!line.empty() && line[0] != '#') {
+      EXPECT_EQ(line.substr(0, line.find_first_of("{ ")), current) << line;
+    }
+  }
+  EXPECT_NE(body.find("uipc_caps_requests_total{point=\"uipc.control\"}"), std::string::npos)
+      << body;
+  EXPECT_EQ(body.find("_total_total"), std::string::npos) << body;
   EXPECT_EQ(http_get(metrics.substr(0, metrics.find('/')), "/other").rfind("HTTP/1.1 404", 0), 0u);
 
   ev = uipc::handles::event();  // the event and client go before the daemon
