@@ -277,7 +277,13 @@ class engine {
   }
 
   // Reads, without waiting, what the peer sent before it went (for fail's salvage).
+  // Not while the reactor's own receive is pending (wait_readable, a peer that
+  // sends no descriptors): it owns the reader's free space until it completes,
+  // maybe on another thread, and a read here would write the same bytes (or,
+  // growing the buffer, free them under it). Its completion finds the
+  // connection closed; what it read is lost, as a close mid-read loses it.
   void read_parting_words() {
+    if (s_.read_waiting && !s_.options.peer_sends_fds) return;
     for (int round = 0; round < 16; ++round) {
       bool fds_complete = true;
       bool drained = false;

@@ -79,9 +79,33 @@ struct server::impl : std::enable_shared_from_this<impl> {
   std::atomic<std::uint64_t> requests{0};
   std::atomic<std::uint64_t> errors{0};
 
-  // The server whose handler this thread is running, if any: stop() from a
-  // handler must not wait for itself.
+  // The server whose handler or hook this thread is running, if any, and how
+  // many of them deep: stop() from one must not wait for itself.
   static thread_local const impl* serving;
+  static thread_local std::uint64_t serving_depth;
+
+  // A request handler or a session hook running on this thread, counted in
+  // in_flight (raised by the caller, where it checked `stopped`) until it ends:
+  // stop() returns only once none runs.
+  class running {
+   public:
+    explicit running(impl& s) noexcept : s_(s), outer_(serving), outer_depth_(serving_depth) {
+      serving_depth = serving == &s ? serving_depth + 1 : 1;
+      serving = &s;
+    }
+    running(const running&) = delete;
+    running& operator=(const running&) = delete;
+    ~running() {
+      serving = outer_;
+      serving_depth = outer_depth_;
+      s_.in_flight.fetch_sub(1);
+    }
+
+   private:
+    impl& s_;
+    const impl* outer_;
+    std::uint64_t outer_depth_;
+  };
 
   // ---- accepting ---------------------------------------------------------------
 
@@ -151,9 +175,11 @@ struct server::impl : std::enable_shared_from_this<impl> {
                                                  std::move(*conn));
       ++counters.sessions_total;
       ++starting;
+      in_flight.fetch_add(1);  // under the lock stop() sets `stopped` under
       ++idle_epoch;
       idle_timer.cancel();
     }
+    running hooks(*this);
     // The session joins the table only after its start hook, so its end hook
     // can never run first: until receive() nothing can end it but stop(),
     // which cannot see it yet — so if the server stopped meanwhile, we end it.
@@ -237,8 +263,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
       in_flight.fetch_sub(1);
       return false;
     }
-    const impl* outer = serving;
-    serving = this;
+    running handler(*this);
     bool failed = false;
     std::optional<frame> reply = router.serve(s, f, failed);
     requests.fetch_add(1, std::memory_order_relaxed);
@@ -247,8 +272,6 @@ struct server::impl : std::enable_shared_from_this<impl> {
     // answer, or it waits for one until its deadline.
     if (reply && s.conn()->send(std::move(*reply)) == errc::frame_too_large)
       (void)s.conn()->send(make_error_reply(f, router.errors().reply_too_large));
-    serving = outer;
-    in_flight.fetch_sub(1);
     return true;
   }
 
@@ -263,6 +286,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
       auto it = sessions.find(s.id());
       if (it == sessions.end()) return;
       sessions.erase(it);
+      in_flight.fetch_add(1);  // its hook below: stop() waits for it
       if (is_protocol_error(reason)) ++counters.protocol_errors;
       if (sessions.empty() && !stopped) arm_idle_timer(options.linger);
       // Many sessions came and went: give their memory back to the system
@@ -275,6 +299,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
         ended_since_trim = 0;
       }
     }
+    running hook(*this);
     s.close();
     if (options.on_session_end) options.on_session_end(s, reason);
     if (trim) ::malloc_trim(0);
@@ -314,14 +339,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
       if (accept_socket) accept_socket->close();
       accept_socket.reset();
     }
-    // Handlers already running on other threads finish first; new ones see `stopped`.
-    const std::uint64_t own = serving == this ? 1 : 0;
-    for (int spins = 0; in_flight.load() > own; ++spins) {
-      if (spins < 64)
-        std::this_thread::yield();
-      else
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
+    // Handlers and hooks already running on other threads finish first (a
+    // session starting ends itself, seeing `stopped`); new ones see `stopped`.
+    await_running();
     {
       std::lock_guard lock(mutex);
       ending.swap(sessions);
@@ -329,6 +349,18 @@ struct server::impl : std::enable_shared_from_this<impl> {
     for (auto& [id, s] : ending) {
       s->close();
       if (options.on_session_end) options.on_session_end(*s, make_error_code(errc::shutting_down));
+    }
+    // Sessions another thread took out of the table before the swap: their hooks.
+    await_running();
+  }
+
+  void await_running() const {
+    const std::uint64_t own = serving == this ? serving_depth : 0;
+    for (int spins = 0; in_flight.load() > own; ++spins) {
+      if (spins < 64)
+        std::this_thread::yield();
+      else
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
   }
 };
@@ -351,6 +383,7 @@ void server::impl::drop_forked_copy() {
 }
 
 thread_local const server::impl* server::impl::serving = nullptr;
+thread_local std::uint64_t server::impl::serving_depth = 0;
 
 // SO_PEERPIDFD names the process that connected, even if its pid has been
 // reused since; pidfd_open of the pid is the fallback on kernels before 6.5.

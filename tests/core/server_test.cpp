@@ -610,6 +610,39 @@ TEST_F(ServerTest, StopWaitsForRunningHandlersThenEndsEverySessionOnce) {
 // the copy there closes the child's descriptors and nothing else — the
 // parent's socket file, sessions and hooks are untouched. The parent's loop
 // is paused across the fork, so no thread of it holds Asio's locks then.
+// stop() returns only once no session hook runs: a session still in its
+// start hook (not yet among the sessions stop() ends) ends itself first.
+TEST_F(ServerTest, StopWaitsForASessionStillInItsStartHook) {
+  std::promise<void> entered, release;
+  std::shared_future<void> go = release.get_future().share();
+  std::atomic<bool> stop_returned{false};
+  std::atomic<bool> end_after_stop{false};
+  std::atomic<int> ends{0};
+  server_options o;
+  o.on_session_start = [&, go](const std::shared_ptr<server_session>&) {
+    entered.set_value();
+    (void)go.wait_for(std::chrono::seconds(10));
+  };
+  o.on_session_end = [&](server_session&, error_code) {
+    ++ends;
+    if (stop_returned.load()) end_after_stop = true;
+  };
+  start(std::move(o));
+  auto fd = raw_connect(path_);
+  ASSERT_TRUE(fd);
+  ASSERT_EQ(entered.get_future().wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  auto stopping = std::async(std::launch::async, [&] {
+    server_->stop();
+    stop_returned = true;
+  });
+  EXPECT_EQ(stopping.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout)
+      << "stop() returned while a start hook ran";
+  release.set_value();
+  stopping.get();
+  EXPECT_EQ(ends.load(), 1);
+  EXPECT_FALSE(end_after_stop.load());
+}
+
 TEST_F(ServerTest, ACopyInAForkedChildTakesNothingAndStoppedLeavesTheParentServing) {
   start();
   auto a = client();
