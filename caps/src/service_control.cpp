@@ -155,9 +155,12 @@ void service::impl::push_events(std::vector<event> events) {
 
 void service::impl::violation(const std::shared_ptr<server_channel>& ch) {
   counters.violations.fetch_add(1, std::memory_order_relaxed);
+  // The notice goes if the client's socket takes it now; the close does not
+  // wait for it (a client that stopped reading would keep its session, its
+  // channel and its queued replies for ever).
   auto conn = ch->session->conn();
-  conn->async_send(error_notice(make_error_code(errc::protocol_violation)),
-                   [conn](error_code) { conn->close(); });
+  (void)conn->send(error_notice(make_error_code(errc::protocol_violation)));
+  conn->close();
 }
 
 std::shared_ptr<server_channel> service::impl::find(client_id client) const {

@@ -238,6 +238,29 @@ TEST_F(ChannelAbuse, EndedClientsWithUnreceivedEventsCountAgainstMaxClients) {
   ASSERT_TRUE(served) << served.error().message();
 }
 
+// A client that stopped reading its socket (its replies pile up unread) is
+// still dropped when it breaks the channel: the close does not wait for the
+// error notice to go out.
+TEST_F(ChannelAbuse, AClientThatStopsReadingIsDroppedForAViolationAllTheSame) {
+  auto bad = raw_client::connect(path_);
+  const std::string hello = proto::caps::Hello().SerializeAsString();
+  for (std::uint64_t i = 1; i <= 50'000; ++i) {  // far more replies than its socket holds
+    frame f;
+    f.kind = frame_kind::request;
+    f.type = proto::caps::HELLO;
+    f.payload = hello;
+    f.correlation_id = i;
+    if (bad.ctrl.send(std::move(f), in(1s))) break;
+  }
+  bad.put({static_cast<std::uint32_t>(entry_kind::dispose), 0, 42, 0, 0});  // never answered
+  bad.ring();
+  for (int i = 0; i < 5000 && svc_->stats().clients != 1; ++i) std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(svc_->stats().clients, 1u);
+  EXPECT_GE(svc_->stats().protocol_violations, 1u);
+  auto r = good_->call("unharmed", in(5s));
+  ASSERT_TRUE(r) << r.error().message();
+}
+
 TEST_F(ChannelAbuse, APayloadOutsideTheArena) {
   auto bad = raw_client::connect(path_);
   bad.put({static_cast<std::uint32_t>(entry_kind::request), 0, 1, ~std::uint64_t{0} - 10, 100});
