@@ -5,13 +5,13 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <cstdio>
 #include <map>
 #include <mutex>
-#include <set>
 #include <unordered_map>
 #include <utility>
 
@@ -95,19 +95,24 @@ class connection;
 
 struct metrics_server::impl : std::enable_shared_from_this<impl> {
   impl(asio::io_context& context, std::function<std::string()> r)
-      : io(context), acceptor(asio::make_strand(context)), render(std::move(r)) {}
+      : io(context),
+        acceptor(asio::make_strand(context)),
+        pause(acceptor.get_executor()),
+        render(std::move(r)) {}
 
   asio::io_context& io;
   tcp::acceptor acceptor;
+  asio::steady_timer pause;  // after a failed accept (no descriptors, say)
   std::function<std::string()> render;
-  std::mutex mutex;  // guards `open` and `stopped`
-  std::set<std::shared_ptr<connection>> open;
+  std::mutex mutex;  // guards `open`, `next_id` and `stopped`
+  std::map<std::uint64_t, std::shared_ptr<connection>> open;  // by age: the oldest first
+  std::uint64_t next_id = 0;
   bool stopped = false;
 
   void accept();
-  void closed(const std::shared_ptr<connection>& c) {
+  void closed(std::uint64_t id) {
     std::lock_guard lock(mutex);
-    open.erase(c);
+    open.erase(id);
   }
 };
 
@@ -115,8 +120,8 @@ namespace {
 
 class connection : public std::enable_shared_from_this<connection> {
  public:
-  connection(tcp::socket s, std::shared_ptr<metrics_server::impl> server)
-      : stream_(std::move(s)), server_(std::move(server)) {}
+  connection(tcp::socket s, std::shared_ptr<metrics_server::impl> server, std::uint64_t id)
+      : stream_(std::move(s)), server_(std::move(server)), id_(id) {}
 
   void start() {
     parser_.emplace();
@@ -169,7 +174,7 @@ class connection : public std::enable_shared_from_this<connection> {
     beast::error_code ignored;
     stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
     stream_.close();
-    server_->closed(shared_from_this());
+    server_->closed(id_);
   }
 
   beast::tcp_stream stream_;
@@ -177,6 +182,7 @@ class connection : public std::enable_shared_from_this<connection> {
   std::optional<http::request_parser<http::empty_body>> parser_;
   http::response<http::string_body> response_;
   std::shared_ptr<metrics_server::impl> server_;
+  std::uint64_t id_;
 };
 
 }  // namespace
@@ -185,17 +191,35 @@ void metrics_server::impl::accept() {
   acceptor.async_accept(asio::make_strand(io),
                         [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
                           if (ec == asio::error::operation_aborted) return;
-                          std::shared_ptr<connection> c;
+                          if (ec) {
+                            // No descriptor (EMFILE), no memory: the connection stays in the
+                            // backlog, and accepting again at once would fail again, for ever,
+                            // on a loop thread. Pause first.
+                            std::lock_guard lock(self->mutex);
+                            if (self->stopped) return;
+                            self->pause.expires_after(std::chrono::milliseconds(100));
+                            self->pause.async_wait([self](beast::error_code wait) {
+                              if (!wait) self->accept();
+                            });
+                            return;
+                          }
+                          std::shared_ptr<connection> c, evicted;
                           {
                             std::lock_guard lock(self->mutex);
                             if (self->stopped) return;
-                            if (!ec && self->open.size() < max_connections) {
-                              c = std::make_shared<connection>(std::move(s), self);
-                              self->open.insert(c);
+                            // Full: the oldest goes, not the newest. Connections anyone on the
+                            // host can open and leave silent (up to the 5 s read deadline each,
+                            // again and again) must not shut every scraper out.
+                            if (self->open.size() >= max_connections) {
+                              evicted = std::move(self->open.begin()->second);
+                              self->open.erase(self->open.begin());
                             }
+                            const std::uint64_t id = self->next_id++;
+                            c = std::make_shared<connection>(std::move(s), self, id);
+                            self->open.emplace(id, c);
                           }
-                          if (c)
-                            c->start();  // else: too many at once, this one is closed unanswered
+                          if (evicted) evicted->close();
+                          c->start();
                           self->accept();
                         });
 }
@@ -235,7 +259,7 @@ metrics_server::metrics_server(std::shared_ptr<impl> p) : impl_(std::move(p)) {}
 metrics_server::~metrics_server() { stop(); }
 
 void metrics_server::stop() {
-  std::set<std::shared_ptr<connection>> open;
+  std::map<std::uint64_t, std::shared_ptr<connection>> open;
   {
     std::lock_guard lock(impl_->mutex);
     if (impl_->stopped) return;
@@ -245,8 +269,9 @@ void metrics_server::stop() {
   asio::post(impl_->acceptor.get_executor(), [p = impl_] {
     boost::system::error_code ignored;
     p->acceptor.close(ignored);
+    p->pause.cancel();
   });
-  for (const auto& c : open) c->close();
+  for (const auto& [id, c] : open) c->close();
 }
 
 std::string metrics_server::address() const {

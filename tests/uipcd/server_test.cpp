@@ -15,6 +15,7 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "../test_support.hpp"
 #include "dns_message.hpp"
@@ -262,6 +263,27 @@ TEST_F(Uipcd, ServesEveryModuleAndUipcctlSeesThem) {
       << body;
   EXPECT_EQ(body.find("_total_total"), std::string::npos) << body;
   EXPECT_EQ(http_get(metrics.substr(0, metrics.find('/')), "/other").rfind("HTTP/1.1 404", 0), 0u);
+
+  // Connections left silent, as many as the endpoint keeps: a scrape is still
+  // answered (the oldest silent one goes).
+  {
+    const std::string hostport = metrics.substr(0, metrics.find('/'));
+    const auto colon = hostport.rfind(':');
+    sockaddr_in to{};
+    to.sin_family = AF_INET;
+    to.sin_port = htons(static_cast<std::uint16_t>(std::stoi(hostport.substr(colon + 1))));
+    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    std::vector<int> silent;
+    for (int i = 0; i < 64; ++i) {
+      const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&to), sizeof to), 0);
+      silent.push_back(fd);
+    }
+    std::this_thread::sleep_for(100ms);  // all accepted
+    EXPECT_EQ(http_get(hostport, "/metrics").rfind("HTTP/1.1 200 OK\r\n", 0), 0u)
+        << "a scrape was shut out by silent connections";
+    for (const int fd : silent) ::close(fd);
+  }
 
   ev = uipc::handles::event();  // the event and client go before the daemon
   hc.reset();
