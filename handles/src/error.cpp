@@ -40,6 +40,9 @@ constexpr error_description descriptions[] = {
      "again"},
     {errc::too_many_references, "the object has as many references as the daemon allows"},
     {errc::already_greeted, "this connection said hello already"},
+    {errc::object_locked,
+     "another process holds the object's lock (stopped, or writing the shared segment)",
+     condition::timed_out},
 };
 
 constexpr module_category category("uipc.handles", descriptions);

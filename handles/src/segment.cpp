@@ -27,6 +27,7 @@ constinit thread_local cached_self this_thread_self;
 
 std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state,
                                     lock_patience until) noexcept {
+  if (until == lock_bounded) until = lock_clock::now() + lock_wait_limit;
   for (unsigned spins = 0;; ++spins) {
     std::uint64_t s = state.load(std::memory_order_seq_cst);
     if (locker_of(s) == 0) return s;
@@ -36,7 +37,14 @@ std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state,
     }
     // Past the spin, a lock is no longer a few instructions away from its end:
     // the clock is worth reading.
-    if (until != lock_patience::max() && lock_clock::now() >= until) return s;
+    if (until != lock_patience::max() && lock_clock::now() >= until) {
+      // Giving up: a holder that died is undone now rather than left to the
+      // daemon's repair (the next try finds the slot free).
+      if (!process_is_gone(locker_of(s))) return s;
+      if (state.compare_exchange_strong(s, make_state(0, value_of(s))))
+        return make_state(0, value_of(s));
+      continue;
+    }
     yield_cpu();
     if (spins % 1024 == 0 && process_is_gone(locker_of(s))) {
       state.compare_exchange_strong(s, make_state(0, value_of(s)));

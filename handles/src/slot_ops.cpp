@@ -21,6 +21,7 @@ error_code signal_event(slot& s) {
     return make_error_code(errc::wrong_type);
   for (;;) {
     std::uint64_t st = await_unlocked(s.state);
+    if (locker_of(st) != 0) return make_error_code(errc::object_locked);
     if (value_of(st) != 0) return {};  // already signalled: nothing to wake
     if (s.state.compare_exchange_weak(st, make_state(0, 1))) break;
   }
@@ -34,6 +35,7 @@ error_code reset_event(slot& s) {
     return make_error_code(errc::wrong_type);
   for (;;) {
     std::uint64_t st = await_unlocked(s.state);
+    if (locker_of(st) != 0) return make_error_code(errc::object_locked);
     if (value_of(st) == 0) return {};
     if (s.state.compare_exchange_weak(st, make_state(0, 0))) return {};
   }
@@ -44,7 +46,9 @@ error_code release_mutex(slot& s, const segment_view* v) {
     return make_error_code(errc::wrong_type);
   }
   const self_id me = self();
-  if (value_of(await_unlocked(s.state)) != me.tid) return make_error_code(errc::not_owner);
+  const std::uint64_t now = await_unlocked(s.state);
+  if (locker_of(now) != 0) return make_error_code(errc::object_locked);
+  if (value_of(now) != me.tid) return make_error_code(errc::not_owner);
   // Only the owner writes the count while it owns the mutex.
   const std::uint32_t depth = s.recursion.load(std::memory_order_relaxed);
   if (depth > 1) {
@@ -59,6 +63,11 @@ error_code release_mutex(slot& s, const segment_view* v) {
   if (auto hook = release_step_hook) hook(1);
   for (;;) {
     std::uint64_t st = await_unlocked(s.state);
+    // Re-read: a client may have written the word since the check above.
+    if (locker_of(st) != 0 || value_of(st) != me.tid) {
+      if (value_of(st) == me.tid) s.recursion.store(1, std::memory_order_relaxed);  // still ours
+      return make_error_code(locker_of(st) != 0 ? errc::object_locked : errc::not_owner);
+    }
     if (s.state.compare_exchange_weak(st, make_state(0, 0))) break;
   }
   if (auto hook = release_step_hook) hook(2);
@@ -72,6 +81,7 @@ bool abandon_if_owned_by(slot& s, self_id owner) noexcept {
     return false;
   for (;;) {
     std::uint64_t st = await_unlocked(s.state);
+    if (locker_of(st) != 0) return false;  // the waiters' own look frees it later
     // The tid is the owner: no other live thread has it (one pid namespace), so
     // a value of our tid is a mutex of ours, whichever generation of the slot.
     if (value_of(st) != owner.tid) return false;

@@ -22,11 +22,17 @@ constexpr std::uint32_t locker_of(std::uint64_t s) noexcept {
 }
 
 /// How long a caller waits out another process's transaction lock on a slot:
-/// until a time point; `lock_patience::max()` for ever (operations with no
-/// timeout), `lock_patience::min()` a short spin only (a try, or a wait whose
-/// deadline is now).
+/// until a time point; `lock_patience::min()` a short spin only (every take:
+/// a wait sleeps between tries instead), `lock_bounded` lock_wait_limit from
+/// when the wait begins (the operations with no timeout: signal, reset,
+/// release), `lock_patience::max()` for ever.
 using lock_clock = std::chrono::steady_clock;
 using lock_patience = lock_clock::time_point;
+inline constexpr lock_patience lock_bounded{};
+/// A lock is held for a few instructions; one held this long is a stopped
+/// process's, or a word a client wrote: the operation fails with
+/// errc::object_locked rather than wait on.
+inline constexpr std::chrono::seconds lock_wait_limit{1};
 
 /// Waits out a transaction lock that stays (its holder is slow, stopped, dead
 /// or hostile; see await_unlocked) until `until`. Returns the state, still
@@ -44,7 +50,7 @@ std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state,
 /// caller with a deadline gets the locked state back at `until`, and takes
 /// nothing.
 inline std::uint64_t await_unlocked(std::atomic<std::uint64_t>& state,
-                                    lock_patience until = lock_patience::max()) noexcept {
+                                    lock_patience until = lock_bounded) noexcept {
   const std::uint64_t s = state.load(std::memory_order_seq_cst);
   if (locker_of(s) == 0) return s;
   return await_unlocked_slowly(state, until);
@@ -96,6 +102,7 @@ inline errc release_semaphore(slot& s, std::uint32_t count, std::uint32_t& previ
   const std::uint32_t max = s.max_count.load(std::memory_order_relaxed);
   for (;;) {
     std::uint64_t st = await_unlocked(s.state);
+    if (locker_of(st) != 0) return errc::object_locked;
     previous = value_of(st);
     if (count > max || previous > max - count) return errc::semaphore_limit;
     if (s.state.compare_exchange_weak(st, make_state(0, previous + count))) break;

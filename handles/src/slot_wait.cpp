@@ -189,29 +189,13 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
   // The common case first, returned straight: one object, available now. (Through
   // the general attempt below, the outcome went through memory and back, a
   // store-forwarding stall that was most of an uncontended take.) A lock that
-  // stays is waited out below, up to the deadline.
+  // stays is slept on below, up to the deadline.
   if (targets.size() == 1 && !all) {
     const wait_target& t = targets[0];
     if (!still_valid(t)) return make_error_code(errc::stale_handle);
     bool abandoned = false;
     if (take_one(v, t, me, abandoned, lock_patience::min()))
       return wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, 0};
-  }
-
-  // The clock is read only for a deadline or a spin: a wait forever that does
-  // not spin (one CPU: the budget fell to zero) reads none, and learns that a
-  // second has passed from its sleep timing out instead. A try (timeout 0)
-  // reads none either.
-  steady::time_point start{};
-  steady::time_point deadline = steady::time_point::max();
-  if (!forever) {
-    deadline = steady::time_point::min();
-    if (timeout.count() > 0) {
-      start = steady::now();
-      // Saturated: start + a huge timeout would overflow into the past.
-      deadline =
-          timeout < steady::time_point::max() - start ? start + timeout : steady::time_point::max();
-    }
   }
 
   // The outcome of a try: taken (a wait_result), failed (stale_handle), or not yet.
@@ -223,8 +207,11 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
         return true;
       }
     }
+    // Every try spins a moment at most on a transaction lock: a lock that
+    // stays is slept on between tries (below), so a wait-all never holds its
+    // other slots locked meanwhile, and a wait-any looks at its other targets.
     if (all) {
-      auto r = try_take_all(targets, me, deadline);
+      auto r = try_take_all(targets, me, lock_patience::min());
       if (!r) return false;
       for (const auto& t : targets)
         if (t.type == object_type::mutex) note_mutex_owned(v, index_in(v, t), me);
@@ -233,7 +220,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     }
     for (std::size_t i = 0; i < targets.size(); ++i) {
       bool abandoned = false;
-      if (take_one(v, targets[i], me, abandoned, deadline)) {
+      if (take_one(v, targets[i], me, abandoned, lock_patience::min())) {
         outcome = wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, i};
         return true;
       }
@@ -245,9 +232,18 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
   if (!v.running()) return make_error_code(errc::daemon_lost);
   if (!forever && timeout.count() == 0) return wait_result{wait_status::timed_out, 0};
 
+  // The clock is read only for a deadline or a spin: a wait forever that does
+  // not spin (one CPU: the budget fell to zero) reads none, and learns that a
+  // second has passed from its sleep timing out instead.
   wait_policy& policy = wait_policy::this_thread();
   const std::chrono::nanoseconds budget = policy.spin_budget(spin);
-  if (forever && budget.count() > 0) start = steady::now();
+  steady::time_point start{};
+  steady::time_point deadline = steady::time_point::max();
+  if (!forever || budget.count() > 0) {
+    start = steady::now();
+    // Saturated: start + a huge timeout would overflow into the past.
+    if (!forever && timeout < steady::time_point::max() - start) deadline = start + timeout;
+  }
 
   // Spin while the signaller may run on another CPU, then give the CPU away
   // once in case it shares ours (the policy learns which pays on this thread).
@@ -297,6 +293,9 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
   // still notices a dead daemon.
   std::chrono::nanoseconds slept_out{0};
   unsigned wakes_since_look = 0;
+  // A transaction lock that stays wakes nobody when it goes: while one holds
+  // a target, sleeps are short, growing to the slice.
+  std::chrono::nanoseconds lock_backoff{50'000};
   for (;;) {
     for (std::size_t i = 0; i < targets.size(); ++i)
       words[i] = {&targets[i].s->seq, targets[i].s->seq.load(std::memory_order_seq_cst)};
@@ -332,6 +331,15 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     // before any client noticed) is seen after a slice. One object: FUTEX_WAIT;
     // several: futex_waitv, or the core's fallback where the kernel lacks it.
     std::chrono::nanoseconds slice = slice_length;
+    const bool locked = std::any_of(targets.begin(), targets.end(), [](const wait_target& t) {
+      return locker_of(t.s->state.load(std::memory_order_relaxed)) != 0;
+    });
+    if (locked) {
+      slice = std::min(slice, lock_backoff);
+      lock_backoff = std::min<std::chrono::nanoseconds>(lock_backoff * 2, slice_length);
+    } else {
+      lock_backoff = std::chrono::nanoseconds(50'000);
+    }
     if (!forever) slice = std::min<std::chrono::nanoseconds>(deadline - now, slice);
     const auto woke = futex::wait_any(std::span(words.data(), targets.size()), slice);
     if (woke && *woke == futex::wake_reason::timed_out) {

@@ -464,6 +464,74 @@ TEST_F(SegmentTest, AWaitAllBlockedByALockWordUnlocksWhatItLocked) {
   EXPECT_EQ(c.state.load(), 0u);
 }
 
+// A wait-all that meets a lock word that stays does not hold its other slots
+// locked meanwhile: a waiter on one of them is served.
+TEST_F(SegmentTest, AWaitAllBlockedByALockWordHoldsNoOtherSlotMeanwhile) {
+  const std::int32_t live = ::getppid();
+  slot& a = make(1, object_type::manual_event, 1);
+  slot& c = make(2, object_type::auto_event, 1);
+  c.state.store(locked_by(live, 1));
+  const wait_target all[] = {{&a, object_type::manual_event, 1}, {&c, object_type::auto_event, 1}};
+  auto blocked = std::async(std::launch::async, [&] { return wait(view_, all, true, 2s, 0ns); });
+  std::this_thread::sleep_for(50ms);
+  auto r = within_5s([&] { return wait_one(a, object_type::manual_event, 100ms); },
+                     [&] { c.state.store(1); });
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(*r) << r->error().message();
+  EXPECT_EQ((*r)->status, wait_status::signalled);
+  c.state.store(1);  // the lock goes: the wait-all takes both
+  auto both = blocked.get();
+  ASSERT_TRUE(both) << both.error().message();
+  EXPECT_EQ(both->status, wait_status::signalled);
+  EXPECT_EQ(c.state.load(), 0u);
+}
+
+// A wait-any looks past a target whose lock word stays, and takes another.
+TEST_F(SegmentTest, AWaitAnyTakesAnotherTargetBesideALockWordThatStays) {
+  const std::int32_t live = ::getppid();
+  slot& locked = make(1, object_type::auto_event, 0);
+  slot& ready = make(2, object_type::manual_event, 1);
+  locked.state.store(locked_by(live, 0));
+  const wait_target any[] = {{&locked, object_type::auto_event, 1},
+                             {&ready, object_type::manual_event, 1}};
+  auto r =
+      within_5s([&] { return wait(view_, any, false, -1ns, 0ns); }, [&] { locked.state.store(1); });
+  ASSERT_TRUE(r) << "a wait for ever did not look past the locked target";
+  ASSERT_TRUE(*r) << r->error().message();
+  EXPECT_EQ((*r)->index, 1u);
+  locked.state.store(0);
+}
+
+// Signal, reset and release give up on a lock word that stays, with a clear
+// error, instead of waiting for ever (on a loop thread, say).
+TEST_F(SegmentTest, OperationsWithoutATimeoutGiveUpOnALockWordThatStays) {
+  const std::int32_t live = ::getppid();
+  slot& e = make(1, object_type::auto_event, 0);
+  slot& s = make(2, object_type::semaphore, 1, 5);
+  e.state.store(locked_by(live, 0));
+  s.state.store(locked_by(live, 1));
+  const auto unstick = [&] {
+    e.state.store(0);
+    s.state.store(1);
+  };
+  auto signalled = within_5s([&] { return signal_event(e); }, unstick);
+  ASSERT_TRUE(signalled) << "signal waited for ever";
+  EXPECT_EQ(*signalled, make_error_code(errc::object_locked));
+  auto reset = within_5s([&] { return reset_event(e); }, unstick);
+  ASSERT_TRUE(reset);
+  EXPECT_EQ(*reset, make_error_code(errc::object_locked));
+  auto released = within_5s(
+      [&] {
+        std::uint32_t previous = 0;
+        return release_semaphore(s, 1, previous);
+      },
+      unstick);
+  ASSERT_TRUE(released);
+  EXPECT_EQ(*released, errc::object_locked);
+  EXPECT_EQ(e.state.load(), locked_by(live, 0));  // nothing changed
+  EXPECT_EQ(s.state.load(), locked_by(live, 1));
+}
+
 TEST_F(SegmentTest, RepairUsesTheDaemonsCapacityAndTypesNotTheSegments) {
   const auto dead = dead_pid();
   slot& m = make(1, object_type::mutex);

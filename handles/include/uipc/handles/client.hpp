@@ -166,7 +166,11 @@ class object {
   bool existed_ = false;
 };
 
-/// A manual- or auto-reset event.
+/// A manual- or auto-reset event. Signal, reset and release (here, on mutex
+/// and semaphore) change a word in shared memory under a lock other processes
+/// hold for a few instructions; one held for a second (a process stopped
+/// there, or a client writing the shared segment) fails them with
+/// errc::object_locked, nothing changed.
 class event : public object {
  public:
   event() = default;

@@ -41,6 +41,9 @@ enum class errc {
   incompatible_daemon,
   too_many_references,  ///< the object holds daemon_options::max_references already
   already_greeted,      ///< a second hello on one connection (each would pin a descriptor)
+  /// another process held the object's transaction lock (a few instructions
+  /// long) for a second: stopped there, or a client wrote the shared word
+  object_locked,
 };
 
 /// The category of errc, named "uipc.handles".
