@@ -379,9 +379,16 @@ class engine final : public std::enable_shared_from_this<engine>, handler_store 
   void unwatch_exclusive(exclusive_socket& xs) noexcept;
   void arm_exclusive_set_locked();
   void on_exclusive_set_ready(error_code ec, std::uint64_t wait);
+  /// A readiness notice of `xs`: reads it, unless a read owns its reads
+  /// already (exclusive_socket::reading), which then reads once more.
+  void notify_exclusive(const std::shared_ptr<exclusive_socket>& xs);
+  /// notify_exclusive in a turn of its own (posted).
+  void post_notify_exclusive(const std::shared_ptr<exclusive_socket>& xs);
+  /// Reads `xs`, for the owner of its reads, which it hands on or gives up.
   void read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer);
-  /// Reads `xs` again in a turn of its own (posted): edge-triggered, it reports
-  /// nothing new for the datagrams already waiting in it.
+  /// Reads `xs` again in a turn of its own (posted), which owns its reads from
+  /// then on: edge-triggered, it reports nothing new for the datagrams
+  /// already waiting in it.
   void post_read_exclusive(const std::shared_ptr<exclusive_socket>& xs);
   /// The datagrams one read took from an exclusive socket (`buffers[i]`, as
   /// `headers[i]` and `from[i]` describe it): checked and queued for the

@@ -29,6 +29,13 @@ struct exclusive_socket {
   std::mutex io_mutex;  // every call on the descriptor, and closing it
   int fd = -1;          // under io_mutex
   bool closed = false;  // under io_mutex
+  // One reader at a time, so that replies stay in order: a read running,
+  // posted, or waiting for a pool buffer owns the socket's reads until it
+  // finds the socket drained; a readiness notice meanwhile only sets
+  // read_again, and the owner reads once more before it lets go
+  // (edge-triggered, the notice's datagram brings no later edge). Under io_mutex.
+  bool reading = false;
+  bool read_again = false;
   std::uint16_t port = 0;
   udp::endpoint peer;
   std::uint32_t slot = 0;        // in the engine's epoll slots (under its slots mutex)

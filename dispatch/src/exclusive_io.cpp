@@ -137,7 +137,7 @@ void engine::on_exclusive_set_ready(error_code ec, std::uint64_t wait) {
   // reply handler runs inline (read_exclusive delivers) and may throw through
   // io_context::run to the application, which may run the loop again: the set
   // must then still be waited on (no exclusive reply would ever be read
-  // again), and the sockets found ready but not read yet get a turn of their
+  // again), and the sockets found ready but not read yet get a notice of their
   // own (edge-triggered, they would report nothing new). The socket being
   // read when the throw came posts its own (read_exclusive).
   struct reader_scope {
@@ -149,7 +149,7 @@ void engine::on_exclusive_set_ready(error_code ec, std::uint64_t wait) {
     std::size_t next = 0;  // ready's first socket not read yet
     ~reader_scope() {
       try {
-        for (std::size_t i = next; i < ready.size(); ++i) self.post_read_exclusive(ready[i]);
+        for (std::size_t i = next; i < ready.size(); ++i) self.post_notify_exclusive(ready[i]);
       } catch (...) {  // NOLINT(bugprone-empty-catch): no memory to post, while unwinding
         // Those sockets are read at their next datagram's edge.
       }
@@ -188,14 +188,77 @@ void engine::on_exclusive_set_ready(error_code ec, std::uint64_t wait) {
     while (scope.next < ready.size()) {
       // Counted as read before it is: one whose read throws posts its own turn.
       const std::shared_ptr<exclusive_socket>& xs = ready[scope.next++];
-      read_exclusive(xs, pooled_buffer{});
+      notify_exclusive(xs);
     }
   }
 }
 
 // ---------------------------------------------------------------- reading
 
+namespace {
+
+// The ownership of a socket's reads (exclusive_socket::reading) that a
+// read_exclusive call holds: handed on (to a read posted or waiting for a
+// buffer), given up at a drained socket, or else given up on the way out (a
+// shutdown, a closed socket, a throw that could not post a turn).
+class read_turn {
+ public:
+  explicit read_turn(exclusive_socket& xs) noexcept : xs_(xs) {}
+  read_turn(const read_turn&) = delete;
+  read_turn& operator=(const read_turn&) = delete;
+  ~read_turn() {
+    if (!held_) return;
+    std::lock_guard io(xs_.io_mutex);
+    xs_.reading = false;
+    xs_.read_again = false;
+  }
+  /// A read posted, or waiting for a buffer, owns the reads now.
+  void handed_on() noexcept { held_ = false; }
+  /// Under io_mutex, at a read that found the socket drained (or failed): the
+  /// next datagram is a new edge, whose notice finds no owner.
+  void end_locked() noexcept {
+    xs_.reading = false;
+    held_ = false;
+  }
+  /// The socket was drained at the last read, whose datagrams are delivered
+  /// since: gives up the reads, unless a notice came meanwhile (false: its
+  /// datagram may have come after that read, and no new edge will tell).
+  bool end() {
+    std::lock_guard io(xs_.io_mutex);
+    if (xs_.read_again) return false;
+    end_locked();
+    return true;
+  }
+
+ private:
+  exclusive_socket& xs_;
+  bool held_ = true;
+};
+
+}  // namespace
+
+void engine::notify_exclusive(const std::shared_ptr<exclusive_socket>& xs) {
+  {
+    std::lock_guard io(xs->io_mutex);
+    if (xs->reading) {
+      // A read runs, is posted, or waits for a buffer: a second one could
+      // deliver this socket's datagrams out of order (or wait for a buffer
+      // too, one more waiter per datagram). The owner reads once more.
+      xs->read_again = true;
+      return;
+    }
+    xs->reading = true;
+    xs->read_again = false;
+  }
+  read_exclusive(xs, pooled_buffer{});
+}
+
+void engine::post_notify_exclusive(const std::shared_ptr<exclusive_socket>& xs) {
+  asio::post(ctx_, [self = shared_from_this(), xs] { self->notify_exclusive(xs); });
+}
+
 void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_buffer buffer) {
+  read_turn turn(*xs);
   pooled_buffer second;
   // Buffers taken but not filled go back at once, and may be what a shared
   // socket stopped on the dry pool waits for.
@@ -214,10 +277,16 @@ void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_
     if (!buffer) buffer = pool_->try_acquire();
     if (!buffer) {
       // The pool is dry: read when a buffer comes back (the datagram waits in
-      // the socket meanwhile), as the shared socket does.
+      // the socket meanwhile), as the shared socket does. The waiter owns the
+      // reads: the notices meanwhile add no waiter of their own.
       pool_->async_acquire([self = shared_from_this(), xs](error_code ec, pooled_buffer b) {
-        if (!ec) self->read_exclusive(xs, std::move(b));
+        if (!ec) {
+          self->read_exclusive(xs, std::move(b));
+        } else {
+          read_turn aborted(*xs);  // the pool's waiters were cancelled (a shutdown)
+        }
       });
+      turn.handed_on();
       return;
     }
     // Two at a time: a read that fills only the first shows the socket
@@ -242,8 +311,10 @@ void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_
       std::lock_guard io(xs->io_mutex);
       closed = xs->closed;
       if (!closed) {
+        xs->read_again = false;  // this read sees the datagrams of the notices so far
         got = ::recvmmsg(xs->fd, h.data(), static_cast<unsigned>(want), MSG_DONTWAIT, nullptr);
         if (got < 0) err = errno;
+        if (got < 0 && err != EINTR) turn.end_locked();  // drained, or an error ends the read
       }
     }
     if (closed) {
@@ -271,20 +342,25 @@ void engine::read_exclusive(const std::shared_ptr<exclusive_socket>& xs, pooled_
                         from.data());
     } catch (...) {
       // A handler threw: the datagrams still waiting (a full read may have
-      // left some) are read in a turn of their own, as below.
+      // left some, or a notice came since) are read in a turn of their own,
+      // as below.
       try {
-        if (got == want) post_read_exclusive(xs);
+        if (got == want || !turn.end()) {
+          post_read_exclusive(xs);
+          turn.handed_on();
+        }
       } catch (const std::bad_alloc&) {  // NOLINT(bugprone-empty-catch): the handler's goes on
-        // Read at the socket's next datagram's edge.
+        // Read at the socket's next datagram's edge (the turn gives up the reads).
       }
       throw;
     }
-    if (got < want) return;  // drained
+    if (got < want && turn.end()) return;  // drained, and no notice since: the reads end
   }
   // Bounded per turn: the rest is read in a turn of its own (no new edge would
   // come for datagrams already waiting).
   give_back();
   post_read_exclusive(xs);
+  turn.handed_on();
 }
 
 void engine::post_read_exclusive(const std::shared_ptr<exclusive_socket>& xs) {

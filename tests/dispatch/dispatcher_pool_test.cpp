@@ -198,5 +198,64 @@ TEST_F(DispatcherTest, DryPoolWithRepliesQueuedOnAnExclusivePortJustWaits) {
   EXPECT_EQ(d->stats().no_buffer_events, 0u);
 }
 
+// An exclusive socket that finds the pool dry waits for a buffer with one
+// read, and the replies that come meanwhile add no waiting read of their own:
+// a second one would read the socket while the first one's read still
+// delivers (on another loop thread, its replies could overtake the first's).
+TEST_F(DispatcherTest, DryPoolLeavesAnExclusiveSocketOneReadAtATime) {
+  dispatcher_options o;
+  o.buffers = 2;
+  auto d = make(o);
+  auto server = peer();
+  auto holder0 = d->add_response(server.local_endpoint());
+  auto holder1 = d->add_response(server.local_endpoint());
+  auto r = d->add_response(server.local_endpoint(),
+                           response_options{std::chrono::milliseconds(0), port_mode::exclusive});
+  ASSERT_TRUE(holder0 && holder1 && r);
+  // A reply to each shared response, lent to the test: the whole pool.
+  send(server, message(holder0->id(), true, 0), d->local_endpoint());
+  send(server, message(holder1->id(), true, 1), d->local_endpoint());
+  until_received(d, 2);
+  std::optional<received> held0, held1;
+  receive_into(*holder0, held0);
+  receive_into(*holder1, held1);
+  ASSERT_TRUE(run_until(ctx_, [&] { return held0 && held1; }));
+  ASSERT_EQ(d->stats().buffers_in_use, 2u);
+  const auto run_for = [&](std::chrono::milliseconds t) {
+    const auto until = std::chrono::steady_clock::now() + t;
+    run_until(ctx_, [&] { return std::chrono::steady_clock::now() >= until; });
+  };
+  // The exclusive reply finds the pool dry, and the next one comes while it waits.
+  const udp::endpoint to(server.local_endpoint().address(), r->local_port());
+  send(server, message(r->id(), true, 2), to);
+  run_for(std::chrono::milliseconds(20));
+  send(server, message(r->id(), true, 3), to);
+  run_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(d->stats().exclusive_received, 0u);
+  // The first buffer back wakes the read, whose delivery runs the handler
+  // inline; there the second buffer comes back and the loop runs, as another
+  // loop thread would: no other read of the socket may take the next reply.
+  std::vector<int> tags;
+  std::optional<std::uint64_t> read_meanwhile;
+  r->async_receive([&](error_code ec, event ev) {
+    EXPECT_FALSE(ec) << ec.message();
+    if (ec) return;
+    tags.push_back(tag_of(ev));
+    held1->ev.release();
+    ctx_.poll();
+    read_meanwhile = d->stats().exclusive_received;
+  });
+  held0->ev.release();
+  ASSERT_TRUE(run_until(ctx_, [&] { return read_meanwhile.has_value(); }));
+  EXPECT_EQ(*read_meanwhile, 1u) << "the socket was read while its read delivered";
+  std::optional<received> next;
+  receive_into(*r, next);
+  ASSERT_TRUE(run_until(ctx_, [&] { return next.has_value(); }));
+  ASSERT_FALSE(next->ec) << next->ec.message();
+  tags.push_back(tag_of(next->ev));
+  EXPECT_EQ(tags, (std::vector<int>{2, 3}));
+  EXPECT_EQ(d->stats().exclusive_received, 2u);
+}
+
 }  // namespace
 }  // namespace uipc::dispatch
