@@ -150,23 +150,9 @@ TEST_F(FramedBadInputTest, TooManyDescriptorsIsRefusedAndTheyAreClosed) {
   proto::Envelope env;
   env.set_kind(proto::Envelope::NOTICE);
   env.set_fd_count(3);
-  std::string bytes = envelope_bytes(env);
-  int passed[3];
-  for (int& fd : passed) fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-  char control[CMSG_SPACE(sizeof passed)] = {};
-  iovec iov{bytes.data(), bytes.size()};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof passed);
-  std::memcpy(CMSG_DATA(c), passed, sizeof passed);
-  ASSERT_EQ(::sendmsg(peer.raw.get(), &msg, 0), static_cast<ssize_t>(bytes.size()));
-  for (int fd : passed) ::close(fd);
+  const std::string bytes = envelope_bytes(env);
+  ASSERT_EQ(test::send_with_descriptors(peer.raw.get(), bytes, 3),
+            static_cast<ssize_t>(bytes.size()));
   EXPECT_EQ(wait_closed(peer.conn), make_error_code(errc::too_many_fds));
   EXPECT_LE(test::open_fd_count(), fds_before) << "received descriptors leaked";
 }

@@ -138,22 +138,8 @@ TEST_F(FramedEdgeTest, UnannouncedDescriptorsAreBadFrameAndClosed) {
   auto& end = in_got->end;
   proto::Envelope env;
   env.set_kind(proto::Envelope::NOTICE);  // fd_count stays 0
-  std::string bytes = envelope_bytes(env);
-  int passed = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-  char control[CMSG_SPACE(sizeof(int))] = {};
-  iovec iov{bytes.data(), bytes.size()};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
-  cmsghdr* cm = CMSG_FIRSTHDR(&msg);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sizeof(int));
-  std::memcpy(CMSG_DATA(cm), &passed, sizeof passed);
-  ASSERT_EQ(::sendmsg(raw.get(), &msg, 0), static_cast<ssize_t>(bytes.size()));
-  ::close(passed);
+  const std::string bytes = envelope_bytes(env);
+  ASSERT_EQ(test::send_with_descriptors(raw.get(), bytes, 1), static_cast<ssize_t>(bytes.size()));
   ASSERT_TRUE(run_until(ctx_, [&] { return static_cast<bool>(end); }));
   EXPECT_EQ(end, make_error_code(errc::bad_frame));
   got.clear();  // the TearDown check proves the stray descriptor was closed

@@ -2,6 +2,7 @@
 // is a raw socket, and the bytes of a frame.
 #pragma once
 
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -9,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "uipc/core/framed.hpp"
 #include "uipc/proto/envelope.pb.h"
@@ -40,6 +42,29 @@ inline raw_peer make_raw_peer(boost::asio::io_context& ctx, connection_options o
   auto c = connection::adopt(ctx, unique_fd(fds[0]), std::move(options));
   if (!c) std::abort();
   return {*c, unique_fd(fds[1])};
+}
+
+/// Sends `bytes` on `fd` with `count` fresh descriptors (of /dev/null) in one
+/// SCM_RIGHTS message, as a peer would pass them; closes its own copies.
+/// sendmsg's result.
+inline ssize_t send_with_descriptors(int fd, std::string bytes, std::size_t count) {
+  std::vector<int> passed(count);
+  for (int& p : passed) p = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * count));
+  iovec iov{bytes.data(), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int) * count);
+  std::memcpy(CMSG_DATA(c), passed.data(), sizeof(int) * count);
+  const ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+  for (int p : passed) ::close(p);
+  return n;
 }
 
 /// A raw socket connected to the listener at `path` with a blocking connect

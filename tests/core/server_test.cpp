@@ -42,6 +42,17 @@ constexpr std::uint32_t slow_type = 3;
 
 clock_type::time_point soon() { return clock_type::now() + std::chrono::seconds(5); }
 
+// The bytes of a whole frame: a count notice adding 1.
+std::string count_notice() {
+  proto::Envelope env;
+  env.set_kind(proto::Envelope::NOTICE);
+  env.set_type(count_type);
+  UInt32Value one;
+  one.set_value(1);
+  env.set_payload(one.SerializeAsString());
+  return test::envelope_bytes(env);
+}
+
 // Whether the peer closed `fd` within a few seconds (EOF or reset; an error
 // notice may come first).
 bool closed_by_peer(int fd) {
@@ -187,13 +198,7 @@ TEST_F(ServerTest, AClientWithALongBacklogStarvesNoOtherClient) {
   ASSERT_TRUE(hog);
   const int four_mib = 4 << 20;
   ::setsockopt(hog.get(), SOL_SOCKET, SO_SNDBUF, &four_mib, sizeof four_mib);
-  proto::Envelope env;
-  env.set_kind(proto::Envelope::NOTICE);
-  env.set_type(count_type);
-  UInt32Value one;
-  one.set_value(1);
-  env.set_payload(one.SerializeAsString());
-  const std::string frame = test::envelope_bytes(env);
+  const std::string frame = count_notice();
   std::string block;
   while (block.size() < 4096) block += frame;
   std::size_t sent = 0;
@@ -505,13 +510,7 @@ TEST_F(ServerTest, AFrameBegunAndNeverFinishedClosesTheSession) {
   start(std::move(o));
   auto fd = raw_connect(path_);
   ASSERT_TRUE(fd);
-  proto::Envelope env;
-  env.set_kind(proto::Envelope::NOTICE);
-  env.set_type(count_type);
-  UInt32Value one;
-  one.set_value(1);
-  env.set_payload(one.SerializeAsString());
-  const std::string whole = test::envelope_bytes(env);
+  const std::string whole = count_notice();
   const std::string begun = test::prefix(1 << 20) + "abc";  // announces 1 MiB, sends 3 bytes
   ASSERT_EQ(::send(fd.get(), whole.data(), whole.size(), MSG_NOSIGNAL),
             static_cast<ssize_t>(whole.size()));
@@ -532,23 +531,8 @@ TEST_F(ServerTest, DescriptorsFromAPeerThatMayNotSendAnyCloseTheSession) {
   const std::size_t fds_before = test::open_fd_count();
   auto fd = raw_connect(path_);
   ASSERT_TRUE(fd);
-  std::string bytes = test::prefix(64);  // a frame begun
-  int passed[4];
-  for (int& p : passed) p = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-  char control[CMSG_SPACE(sizeof passed)] = {};
-  iovec iov{bytes.data(), bytes.size()};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof passed);
-  std::memcpy(CMSG_DATA(c), passed, sizeof passed);
-  ASSERT_EQ(::sendmsg(fd.get(), &msg, MSG_NOSIGNAL), static_cast<ssize_t>(bytes.size()));
-  for (int p : passed) ::close(p);
+  const std::string begun = test::prefix(64);  // a frame begun, with 4 descriptors
+  ASSERT_EQ(test::send_with_descriptors(fd.get(), begun, 4), static_cast<ssize_t>(begun.size()));
   EXPECT_TRUE(closed_by_peer(fd.get()));
   ASSERT_TRUE(wait_for([&] { return sessions_ended() == 1; }));
   fd.reset();
