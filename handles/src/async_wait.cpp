@@ -15,6 +15,7 @@
 #include <climits>
 
 #include "session.hpp"
+#include "slot_state.hpp"
 #include "uipc/core/futex.hpp"
 
 namespace uipc::handles {
@@ -28,6 +29,8 @@ using steady = std::chrono::steady_clock;
 /// How often the thread looks whether the daemon still lives while nothing
 /// wakes it (the synchronous waits' sleep slice).
 constexpr std::chrono::seconds daemon_look_interval{1};
+/// After an attempt that met a transaction lock (a few instructions long).
+constexpr std::chrono::microseconds lock_retry_interval{200};
 /// futex_waitv's limit: the control word and max_async_wait_objects others.
 constexpr std::size_t max_words = max_async_wait_objects + 1;
 static_assert(max_words == 128);
@@ -90,8 +93,13 @@ void async_wait_op::retry(const std::shared_ptr<async_wait_op>& self) {
         ec = taken.error();
       } else if (taken->status != wait_status::timed_out) {
         r = {taken->status, op.positions[taken->index]};
-      } else if (steady::now() < op.deadline) {
+      } else if (const auto now = steady::now(); now < op.deadline) {
         op.now = false;
+        const bool locked =
+            std::any_of(op.targets.begin(), op.targets.end(), [](const wait_target& t) {
+              return locker_of(t.s->state.load(std::memory_order_relaxed)) != 0;
+            });
+        op.lock_retry = locked ? now + lock_retry_interval : steady::time_point::max();
         if (op.core->arm(self)) return;
         ec = boost::asio::error::operation_aborted;  // the client went meanwhile
       }
@@ -256,7 +264,7 @@ void waiter_core::run() {
       // A withdrawn wait armed again by an attempt that ran inline during its
       // withdrawal leaves too (unhanded: see below).
       bool go = stopping || !running || op.now || op.cancelled.load() || op.withdrawn ||
-                now >= op.deadline;
+                now >= op.deadline || now >= op.lock_retry;
       for (std::size_t i = 0; !go && i < op.targets.size(); ++i)
         go = op.targets[i].s->seq.load(std::memory_order_seq_cst) != op.seen[i];
       if (go) {
@@ -264,7 +272,7 @@ void waiter_core::run() {
         it = armed_.erase(it);
         continue;
       }
-      until = std::min(until, op.deadline);
+      until = std::min({until, op.deadline, op.lock_retry});
       for (std::size_t i = 0; i < op.targets.size(); ++i) {
         const std::atomic<std::uint32_t>* word = &op.targets[i].s->seq;
         if (std::none_of(vec.begin() + 1, vec.begin() + static_cast<std::ptrdiff_t>(n),
@@ -294,15 +302,22 @@ void waiter_core::run() {
     // The core's wait (futex_waitv, or its fallback where the kernel refuses
     // it); a refused call is the fallback's business, an EINTR a wake like any.
     (void)futex::wait_any_until(std::span<const futex::watch>(vec.data(), n), until);
-    if (map_ && steady::now() - last_look >= daemon_look_interval) {
+    bool look = false;
+    if (steady::now() - last_look >= daemon_look_interval) {
+      look = true;
       last_look = steady::now();
       // A daemon killed before it could say so: as a synchronous wait does,
       // tell every process waiting in the segment (the attempts then fail with
       // errc::daemon_lost).
-      if (map_->view.running() && (map_->daemon_gone() || map_->kernel_says_gone(false)))
+      if (map_ && map_->view.running() && (map_->daemon_gone() || map_->kernel_says_gone(false)))
         publish_state(map_->view, daemon_state::stopped);
     }
     lk.lock();
+    // Every armed wait is tried once a look, as a synchronous sleeper retries
+    // each slice: a signal whose bump a client suppressed (any client may
+    // write a slot's sleeper count) still completes it.
+    if (look)
+      for (auto& op : armed_) op->now = true;
   }
 }
 

@@ -92,6 +92,9 @@ struct async_wait_op final : handler_store {
   bool now = true;         ///< armed for an attempt at once, not for a change
   bool withdrawn = false;  ///< under the core's lock: the thread leaves it alone
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  /// The last attempt met a target's transaction lock, whose end bumps no
+  /// futex word: tried again at this time.
+  std::chrono::steady_clock::time_point lock_retry = std::chrono::steady_clock::time_point::max();
   error_code preset;  ///< complete with this at the first attempt
   std::atomic<bool> cancelled{false};
   std::variant<std::monostate, one_handler, many_handler> handler;

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "handles_support.hpp"
+#include "segment.hpp"
 
 namespace uipc::handles {
 namespace {
@@ -163,6 +164,30 @@ TEST_F(AsyncWaitTest, EventSignalledByAnotherThreadCompletesWhileTheLoopKeepsRun
   // as a sleeper, so the signal's wake reaches it).
   EXPECT_LT(got.at - signalled_at, 500ms);
   EXPECT_EQ(*e->wait(0ns), wait_status::timed_out);  // the async wait took it
+}
+
+// Any client may write a slot's sleeper count: one that zeroes it makes a
+// signal skip the bump that wakes sleepers. A pending async wait is tried
+// again at the waiter thread's next look all the same, as a synchronous
+// sleeper is after its slice.
+TEST_F(AsyncWaitTest, ASignalWhoseWakeAClientSuppressedStillCompletesTheWait) {
+  auto e = c().create_event(event_reset::manual);
+  ASSERT_TRUE(e);
+  outcome<wait_status> got;
+  c().async_wait(*e, infinite, got.handler(io));
+  io.restart();
+  io.run_for(50ms);  // armed: the thread sleeps on the slot's word
+  ASSERT_EQ(got.calls, 0);
+  // The slot, found from the scratch area that follows the table (capacity 1024).
+  auto* table_end = reinterpret_cast<detail::slot*>(c().scratch_area().data());
+  detail::slot& s = *(table_end - (client_options{}.daemon_capacity - e->handle().index));
+  ASSERT_GT(s.waiters.load(), 0u) << "not the slot of the event";
+  s.waiters.store(0);  // what a hostile client writes
+  ASSERT_FALSE(e->signal());
+  const auto signalled_at = steady::now();
+  ASSERT_TRUE(run_until([&] { return got.calls > 0; }, 5s)) << "the wait never completed";
+  EXPECT_EQ(got.value, wait_status::signalled);
+  EXPECT_LT(got.at - signalled_at, 3s);
 }
 
 TEST_F(AsyncWaitTest, EventSignalledByAnotherProcessCompletesTheWait) {
