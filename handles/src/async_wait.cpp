@@ -316,8 +316,17 @@ void waiter_core::run() {
     // Every armed wait is tried once a look, as a synchronous sleeper retries
     // each slice: a signal whose bump a client suppressed (any client may
     // write a slot's sleeper count) still completes it.
-    if (look)
-      for (auto& op : armed_) op->now = true;
+    // A mutex whose owning thread vanished without abandoning it (its record
+    // lost, say: a client may write the value word it checks) is freed here,
+    // as a synchronous sleeper's look frees it.
+    if (look) {
+      for (auto& op : armed_) {
+        op->now = true;
+        if (!op->has_mutex) continue;
+        for (const auto& t : op->targets)
+          if (t.type == object_type::mutex) (void)abandon_if_owner_vanished(*t.s);
+      }
+    }
   }
 }
 

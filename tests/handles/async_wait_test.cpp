@@ -190,6 +190,26 @@ TEST_F(AsyncWaitTest, ASignalWhoseWakeAClientSuppressedStillCompletesTheWait) {
   EXPECT_LT(got.at - signalled_at, 3s);
 }
 
+// A mutex whose owning thread is gone without abandoning it (here: the
+// slot's words written so, as a client may) completes a pending async wait
+// abandoned at the waiter thread's next look.
+TEST_F(AsyncWaitTest, AMutexOfAVanishedThreadCompletesAPendingWaitAbandoned) {
+  auto m = c().create_mutex(false);
+  ASSERT_TRUE(m);
+  std::uint32_t gone_tid = 0;
+  std::thread([&] { gone_tid = static_cast<std::uint32_t>(::gettid()); }).join();
+  auto* table_end = reinterpret_cast<detail::slot*>(c().scratch_area().data());
+  detail::slot& s = *(table_end - (client_options{}.daemon_capacity - m->handle().index));
+  s.owner_pid.store(::getpid());
+  s.recursion.store(1);
+  s.state.store(gone_tid);  // owned by a thread that is gone
+  outcome<wait_status> got;
+  c().async_wait(*m, infinite, got.handler(io));
+  ASSERT_TRUE(run_until([&] { return got.calls > 0; }, 5s)) << "the wait never completed";
+  EXPECT_EQ(got.value, wait_status::abandoned);
+  EXPECT_FALSE(m->release());  // the loop thread owns it now
+}
+
 TEST_F(AsyncWaitTest, EventSignalledByAnotherProcessCompletesTheWait) {
   auto e = c().create_event(event_reset::automatic, false, "ev");
   ASSERT_TRUE(e);
