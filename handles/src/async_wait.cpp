@@ -87,6 +87,7 @@ void async_wait_op::retry(const std::shared_ptr<async_wait_op>& self) {
       // thread will sleep on, and futex_waitv returns at once.
       for (std::size_t i = 0; i < op.targets.size(); ++i)
         op.seen[i] = op.targets[i].s->seq.load(std::memory_order_seq_cst);
+      met_transaction_lock = false;
       auto taken = wait(op.map->view, std::span(op.targets.data(), op.targets.size()), op.all,
                         std::chrono::nanoseconds(0), std::chrono::nanoseconds(0));
       if (!taken) {
@@ -95,11 +96,17 @@ void async_wait_op::retry(const std::shared_ptr<async_wait_op>& self) {
         r = {taken->status, op.positions[taken->index]};
       } else if (const auto now = steady::now(); now < op.deadline) {
         op.now = false;
-        const bool locked =
-            std::any_of(op.targets.begin(), op.targets.end(), [](const wait_target& t) {
-              return locker_of(t.s->state.load(std::memory_order_relaxed)) != 0;
-            });
-        op.lock_retry = locked ? now + lock_retry_interval : steady::time_point::max();
+        // A try that met a lock is tried again soon (its end bumps no futex
+        // word), then less often while locks keep meeting it.
+        if (met_transaction_lock) {
+          op.lock_backoff = std::min<std::chrono::nanoseconds>(
+              op.lock_backoff.count() == 0 ? lock_retry_interval : op.lock_backoff * 2,
+              daemon_look_interval);
+          op.lock_retry = now + op.lock_backoff;
+        } else {
+          op.lock_backoff = {};
+          op.lock_retry = steady::time_point::max();
+        }
         if (op.core->arm(self)) return;
         ec = boost::asio::error::operation_aborted;  // the client went meanwhile
       }

@@ -95,7 +95,8 @@ struct async_wait_op final : handler_store {
   /// The last attempt met a target's transaction lock, whose end bumps no
   /// futex word: tried again at this time.
   std::chrono::steady_clock::time_point lock_retry = std::chrono::steady_clock::time_point::max();
-  error_code preset;  ///< complete with this at the first attempt
+  std::chrono::nanoseconds lock_backoff{0};  ///< the last retry's delay; 0: no lock met
+  error_code preset;                         ///< complete with this at the first attempt
   std::atomic<bool> cancelled{false};
   std::variant<std::monostate, one_handler, many_handler> handler;
   boost::asio::any_completion_executor executor;

@@ -25,8 +25,12 @@ namespace uipc::handles::detail {
 std::atomic<std::uint32_t> fork_generation{0};
 constinit thread_local cached_self this_thread_self;
 
+constinit thread_local bool met_transaction_lock = false;
+
 std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state,
                                     lock_patience until) noexcept {
+  const bool brief = until == lock_patience::min();
+  if (brief) until = lock_clock::now() + lock_try_patience;
   if (until == lock_bounded) until = lock_clock::now() + lock_wait_limit;
   for (unsigned spins = 0;; ++spins) {
     std::uint64_t s = state.load(std::memory_order_seq_cst);
@@ -38,6 +42,10 @@ std::uint64_t await_unlocked_slowly(std::atomic<std::uint64_t>& state,
     // Past the spin, a lock is no longer a few instructions away from its end:
     // the clock is worth reading.
     if (until != lock_patience::max() && lock_clock::now() >= until) {
+      if (brief) {  // the take's caller sleeps a moment and tries again
+        met_transaction_lock = true;
+        return s;
+      }
       // Giving up: a holder that died is undone now rather than left to the
       // daemon's repair (the next try finds the slot free).
       if (!process_is_gone(locker_of(s))) return s;

@@ -22,10 +22,10 @@ constexpr std::uint32_t locker_of(std::uint64_t s) noexcept {
 }
 
 /// How long a caller waits out another process's transaction lock on a slot:
-/// until a time point; `lock_patience::min()` a short spin only (every take:
-/// a wait sleeps between tries instead), `lock_bounded` lock_wait_limit from
-/// when the wait begins (the operations with no timeout: signal, reset,
-/// release), `lock_patience::max()` for ever.
+/// until a time point; `lock_patience::min()` a moment (lock_try_patience:
+/// every take, whose wait sleeps between tries instead), `lock_bounded`
+/// lock_wait_limit from when the wait begins (the operations with no timeout:
+/// signal, reset, release), `lock_patience::max()` for ever.
 using lock_clock = std::chrono::steady_clock;
 using lock_patience = lock_clock::time_point;
 inline constexpr lock_patience lock_bounded{};
@@ -33,6 +33,13 @@ inline constexpr lock_patience lock_bounded{};
 /// process's, or a word a client wrote: the operation fails with
 /// errc::object_locked rather than wait on.
 inline constexpr std::chrono::seconds lock_wait_limit{1};
+/// A take's patience: far longer than a lock is held (a few instructions, or a
+/// wait-all's compare-exchange per slot), far shorter than a sleep.
+inline constexpr std::chrono::microseconds lock_try_patience{50};
+/// Set when a take gave up on a lock (lock_patience::min()): the caller that
+/// tried sleeps briefly, not on the futex word, which a lock's end does not
+/// bump. The caller clears it before its tries.
+extern constinit thread_local bool met_transaction_lock;
 
 /// Waits out a transaction lock that stays (its holder is slow, stopped, dead
 /// or hostile; see await_unlocked) until `until`. Returns the state, still

@@ -201,6 +201,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
   // The outcome of a try: taken (a wait_result), failed (stale_handle), or not yet.
   std::optional<result<wait_result>> outcome;
   auto attempt = [&]() -> bool {
+    met_transaction_lock = false;
     for (const auto& t : targets) {
       if (!still_valid(t)) {
         outcome = make_error_code(errc::stale_handle);
@@ -331,10 +332,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     // before any client noticed) is seen after a slice. One object: FUTEX_WAIT;
     // several: futex_waitv, or the core's fallback where the kernel lacks it.
     std::chrono::nanoseconds slice = slice_length;
-    const bool locked = std::any_of(targets.begin(), targets.end(), [](const wait_target& t) {
-      return locker_of(t.s->state.load(std::memory_order_relaxed)) != 0;
-    });
-    if (locked) {
+    if (met_transaction_lock) {  // what the last try met, not a look now: the lock may be gone
       slice = std::min(slice, lock_backoff);
       lock_backoff = std::min<std::chrono::nanoseconds>(lock_backoff * 2, slice_length);
     } else {
