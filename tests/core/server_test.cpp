@@ -588,12 +588,6 @@ TEST_F(ServerTest, StopWaitsForRunningHandlersThenEndsEverySessionOnce) {
   for (const auto& [id, n] : ended_) EXPECT_EQ(n, 1) << id;
 }
 
-// A program serving on a server that forks. The child goes on with Asio
-// (notify_fork, then its loop) while the parent's client sends a request: the
-// child's copy takes nothing (the parent serves the request), and stopping
-// the copy there closes the child's descriptors and nothing else — the
-// parent's socket file, sessions and hooks are untouched. The parent's loop
-// is paused across the fork, so no thread of it holds Asio's locks then.
 // stop() returns only once no session hook runs: a session still in its
 // start hook (not yet among the sessions stop() ends) ends itself first.
 TEST_F(ServerTest, StopWaitsForASessionStillInItsStartHook) {
@@ -627,6 +621,12 @@ TEST_F(ServerTest, StopWaitsForASessionStillInItsStartHook) {
   EXPECT_FALSE(end_after_stop.load());
 }
 
+// A program serving on a server that forks. The child goes on with Asio
+// (notify_fork, then its loop) while the parent's client sends a request: the
+// child's copy takes nothing (the parent serves the request), and stopping
+// the copy there closes the child's descriptors and nothing else — the
+// parent's socket file, sessions and hooks are untouched. The parent's loop
+// is paused across the fork, so no thread of it holds Asio's locks then.
 TEST_F(ServerTest, ACopyInAForkedChildTakesNothingAndStoppedLeavesTheParentServing) {
   start();
   auto a = client();

@@ -100,7 +100,8 @@ struct server_options {
   std::chrono::milliseconds first_frame_timeout{10'000};
   /// A frame begun must be finished within this, or the session is closed
   /// (errc::timed_out): a peer that stops halfway through a large frame holds
-  /// its buffer (and any descriptors sent with it) no longer.
+  /// its buffer (and any descriptors sent with it) no longer. This, not
+  /// listen.connection's, is what the sessions use (as first_frame_timeout).
   std::chrono::milliseconds partial_frame_timeout{10'000};
   /// Decides whether a peer may connect, before any of its frames is read:
   /// return an error to refuse (the connection is closed unread). Empty: the
