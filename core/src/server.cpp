@@ -79,33 +79,23 @@ struct server::impl : std::enable_shared_from_this<impl> {
   std::atomic<std::uint64_t> requests{0};
   std::atomic<std::uint64_t> errors{0};
 
-  // The server whose handler or hook this thread is running, if any, and how
-  // many of them deep: stop() from one must not wait for itself.
-  static thread_local const impl* serving;
-  static thread_local std::uint64_t serving_depth;
-
   // A request handler or a session hook running on this thread, counted in
   // in_flight (raised by the caller, where it checked `stopped`) until it ends:
-  // stop() returns only once none runs.
-  class running {
-   public:
-    explicit running(impl& s) noexcept : s_(s), outer_(serving), outer_depth_(serving_depth) {
-      serving_depth = serving == &s ? serving_depth + 1 : 1;
-      serving = &s;
-    }
+  // stop() returns only once none runs. The frames of this thread form a
+  // chain (handlers of one server may call into another's and back): stop()
+  // from one of them does not wait for the ones below it on its own thread.
+  struct running {
+    explicit running(impl& s) noexcept : server(s), below(innermost) { innermost = this; }
     running(const running&) = delete;
     running& operator=(const running&) = delete;
     ~running() {
-      serving = outer_;
-      serving_depth = outer_depth_;
-      s_.in_flight.fetch_sub(1);
+      innermost = below;
+      server.in_flight.fetch_sub(1);
     }
-
-   private:
-    impl& s_;
-    const impl* outer_;
-    std::uint64_t outer_depth_;
+    impl& server;
+    const running* below;
   };
+  static thread_local const running* innermost;
 
   // ---- accepting ---------------------------------------------------------------
 
@@ -355,7 +345,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
   }
 
   void await_running() const {
-    const std::uint64_t own = serving == this ? serving_depth : 0;
+    std::uint64_t own = 0;  // this thread's own frames of this server
+    for (const running* r = innermost; r != nullptr; r = r->below) own += &r->server == this;
     for (int spins = 0; in_flight.load() > own; ++spins) {
       if (spins < 64)
         std::this_thread::yield();
@@ -382,8 +373,7 @@ void server::impl::drop_forked_copy() {
   for (auto& [id, s] : copies) s->close();
 }
 
-thread_local const server::impl* server::impl::serving = nullptr;
-thread_local std::uint64_t server::impl::serving_depth = 0;
+thread_local const server::impl::running* server::impl::innermost = nullptr;
 
 // SO_PEERPIDFD names the process that connected, even if its pid has been
 // reused since; pidfd_open of the pid is the fallback on kernels before 6.5.
