@@ -15,6 +15,7 @@
 
 #include <sys/socket.h>
 
+#include <array>
 #include <cerrno>
 
 #include "uipc/core/error.hpp"
@@ -47,13 +48,20 @@ inline void ring_bell(int fd) noexcept {
   (void)::send(fd, &one, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
-/// Empties our end (the queue holds a few datagrams at most; a peer that keeps
-/// sending leaves it readable, and the next look empties it again).
+/// Empties our end in one system call (the queue holds net.unix.max_dgram_qlen
+/// datagrams, 10 by default; a peer that keeps sending leaves it readable, and
+/// the next look empties it again).
 inline void clear_bell(int fd) noexcept {
-  char bytes[16];
-  for (int i = 0; i < 32; ++i) {
-    if (::recv(fd, bytes, sizeof bytes, MSG_DONTWAIT) < 0) return;
+  constexpr unsigned batch = 32;
+  std::array<char, batch> bytes;
+  std::array<iovec, batch> iov;
+  std::array<mmsghdr, batch> msgs{};
+  for (unsigned i = 0; i < batch; ++i) {
+    iov[i] = {&bytes[i], 1};
+    msgs[i].msg_hdr.msg_iov = &iov[i];
+    msgs[i].msg_hdr.msg_iovlen = 1;
   }
+  (void)::recvmmsg(fd, msgs.data(), batch, MSG_DONTWAIT, nullptr);
 }
 
 }  // namespace uipc::caps::detail
