@@ -86,10 +86,10 @@ inline void notify(slot& s, int count) noexcept {
 /// Takes one unit of an event or a semaphore, if there is one: a manual event
 /// stays signalled, an auto-reset event is reset, a semaphore's count goes
 /// down by one. Inline: the single-object wait's whole take. Nothing is taken
-/// when a transaction lock outlasts `until`.
-inline bool take_unit(slot& s, object_type type, lock_patience until) noexcept {
+/// when a transaction lock outlasts a take's patience (lock_patience::min()).
+inline bool take_unit(slot& s, object_type type) noexcept {
   for (;;) {
-    std::uint64_t st = await_unlocked(s.state, until);
+    std::uint64_t st = await_unlocked(s.state, lock_patience::min());
     const std::uint32_t value = value_of(st);
     if (value == 0 || locker_of(st) != 0) return false;
     if (type == object_type::manual_event) return true;
@@ -126,7 +126,7 @@ take_outcome take_mutex_now(const segment_view& v, slot& s) noexcept;
 /// transaction lock that stays (wait() waits that out up to its deadline).
 inline take_outcome take_now(const segment_view& v, slot& s, object_type type) noexcept {
   if (type == object_type::mutex) return take_mutex_now(v, s);
-  return take_unit(s, type, lock_patience::min()) ? take_outcome::signalled : take_outcome::busy;
+  return take_unit(s, type) ? take_outcome::signalled : take_outcome::busy;
 }
 
 /// Zombies count as gone: a killed client stays one until its parent reaps it,

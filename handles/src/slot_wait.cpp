@@ -20,18 +20,18 @@ namespace {
 
 using steady = std::chrono::steady_clock;
 
-// Takes one unit of a single object, waiting out a transaction lock up to
-// `until`. Sets `abandoned` for a mutex whose last owner died.
-bool try_take(slot& s, object_type type, const self_id& me, bool& abandoned,
-              lock_patience until) noexcept {
+// Takes one unit of a single object, waiting out a transaction lock for a
+// take's patience (lock_patience::min()). Sets `abandoned` for a mutex whose
+// last owner died.
+bool try_take(slot& s, object_type type, const self_id& me, bool& abandoned) noexcept {
   switch (type) {
     case object_type::manual_event:
     case object_type::auto_event:
     case object_type::semaphore:
-      return take_unit(s, type, until);
+      return take_unit(s, type);
     case object_type::mutex:
       for (;;) {
-        std::uint64_t st = await_unlocked(s.state, until);
+        std::uint64_t st = await_unlocked(s.state, lock_patience::min());
         if (locker_of(st) != 0) return false;
         const std::uint32_t owner = value_of(st);
         if (owner == me.tid) {  // recursion: only the owner touches the count
@@ -75,16 +75,16 @@ bool available(object_type type, std::uint32_t value, const self_id& me) noexcep
 // Wait-all: locks every slot (in the caller's index order, so two wait-alls never
 // deadlock), takes all of them only if all are available, and unlocks. Nothing
 // is consumed, and no other process sees a partial take, unless all can be taken.
-// A slot whose transaction lock outlasts `until` fails the try: the slots
-// locked so far are unlocked unchanged.
-std::optional<wait_result> try_take_all(std::span<const wait_target> targets, const self_id& me,
-                                        lock_patience until) noexcept {
+// A slot whose transaction lock outlasts a take's patience fails the try: the
+// slots locked so far are unlocked unchanged.
+std::optional<wait_result> try_take_all(std::span<const wait_target> targets,
+                                        const self_id& me) noexcept {
   std::array<std::uint32_t, max_wait_objects> before{};
   const auto locker = static_cast<std::uint32_t>(me.pid);
   for (std::size_t i = 0; i < targets.size(); ++i) {
     auto& st = targets[i].s->state;
     for (;;) {
-      std::uint64_t s = await_unlocked(st, until);
+      std::uint64_t s = await_unlocked(st, lock_patience::min());
       if (locker_of(s) != 0) {
         for (std::size_t j = 0; j < i; ++j) targets[j].s->state.store(make_state(0, before[j]));
         return std::nullopt;
@@ -156,9 +156,9 @@ std::uint32_t index_in(const segment_view& v, const wait_target& t) noexcept {
 }
 
 // Takes one unit of `t` for a wait-any; a mutex taken goes on this thread's record.
-bool take_one(const segment_view& v, const wait_target& t, const self_id& me, bool& abandoned,
-              lock_patience until) noexcept {
-  if (!try_take(*t.s, t.type, me, abandoned, until)) return false;
+bool take_one(const segment_view& v, const wait_target& t, const self_id& me,
+              bool& abandoned) noexcept {
+  if (!try_take(*t.s, t.type, me, abandoned)) return false;
   if (t.type == object_type::mutex) note_mutex_owned(v, index_in(v, t), me);
   return true;
 }
@@ -167,8 +167,7 @@ bool take_one(const segment_view& v, const wait_target& t, const self_id& me, bo
 
 take_outcome take_mutex_now(const segment_view& v, slot& s) noexcept {
   bool abandoned = false;
-  if (!take_one(v, {&s, object_type::mutex, 0}, self(), abandoned, lock_patience::min()))
-    return take_outcome::busy;
+  if (!take_one(v, {&s, object_type::mutex, 0}, self(), abandoned)) return take_outcome::busy;
   return abandoned ? take_outcome::abandoned : take_outcome::signalled;
 }
 
@@ -194,7 +193,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     const wait_target& t = targets[0];
     if (!still_valid(t)) return make_error_code(errc::stale_handle);
     bool abandoned = false;
-    if (take_one(v, t, me, abandoned, lock_patience::min()))
+    if (take_one(v, t, me, abandoned))
       return wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, 0};
   }
 
@@ -212,7 +211,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     // stays is slept on between tries (below), so a wait-all never holds its
     // other slots locked meanwhile, and a wait-any looks at its other targets.
     if (all) {
-      auto r = try_take_all(targets, me, lock_patience::min());
+      auto r = try_take_all(targets, me);
       if (!r) return false;
       for (const auto& t : targets)
         if (t.type == object_type::mutex) note_mutex_owned(v, index_in(v, t), me);
@@ -221,7 +220,7 @@ result<wait_result> wait(segment_view v, std::span<const wait_target> targets, b
     }
     for (std::size_t i = 0; i < targets.size(); ++i) {
       bool abandoned = false;
-      if (take_one(v, targets[i], me, abandoned, lock_patience::min())) {
+      if (take_one(v, targets[i], me, abandoned)) {
         outcome = wait_result{abandoned ? wait_status::abandoned : wait_status::signalled, i};
         return true;
       }
