@@ -20,6 +20,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <condition_variable>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -74,6 +75,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
   server_stats counters;     // sessions and requests fields unused: see below
 
   std::atomic<bool> stopped{false};
+  bool stopping = false;    // a stop() is under way (mutex)
+  std::thread::id stopper;  // the thread running it (mutex)
+  std::condition_variable stop_done;
   std::atomic<std::uint64_t> in_flight{0};
   fork_guard fork;  // see drop_forked_copy
   std::atomic<std::uint64_t> requests{0};
@@ -322,8 +326,18 @@ struct server::impl : std::enable_shared_from_this<impl> {
     if (fork.forked_copy()) return drop_forked_copy();
     std::unordered_map<std::uint64_t, std::shared_ptr<server_session>> ending;
     {
-      std::lock_guard lock(mutex);
-      if (stopped.exchange(true)) return;
+      std::unique_lock lock(mutex);
+      if (stopped.exchange(true)) {
+        // Stopped or stopping: a later caller returns once the first is done,
+        // as the first does. Except where that would wait for itself: the
+        // stopping thread (a hook of this stop) and a handler or hook of this
+        // server (the first stop waits for it).
+        if (stopper == std::this_thread::get_id() || own_frames() > 0) return;
+        stop_done.wait(lock, [this] { return !stopping; });
+        return;
+      }
+      stopping = true;
+      stopper = std::this_thread::get_id();
       accept_timer.cancel();
       idle_timer.cancel();
       if (accept_socket) accept_socket->close();
@@ -342,11 +356,23 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
     // Sessions another thread took out of the table before the swap: their hooks.
     await_running();
+    {
+      std::lock_guard lock(mutex);
+      stopping = false;
+      stopper = {};
+    }
+    stop_done.notify_all();
+  }
+
+  // This thread's own frames of this server (handlers and hooks running).
+  std::uint64_t own_frames() const {
+    std::uint64_t own = 0;
+    for (const running* r = innermost; r != nullptr; r = r->below) own += &r->server == this;
+    return own;
   }
 
   void await_running() const {
-    std::uint64_t own = 0;  // this thread's own frames of this server
-    for (const running* r = innermost; r != nullptr; r = r->below) own += &r->server == this;
+    const std::uint64_t own = own_frames();
     for (int spins = 0; in_flight.load() > own; ++spins) {
       if (spins < 64)
         std::this_thread::yield();

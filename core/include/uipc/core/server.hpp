@@ -154,8 +154,10 @@ class server {
   server(const server&) = delete;
   server& operator=(const server&) = delete;
 
-  /// Ordered stop (see the class comment). Idempotent; may be called from a
-  /// handler or hook (it then does not wait for the calling handler).
+  /// Ordered stop (see the class comment). Idempotent: a call while another
+  /// thread's stop() is under way returns once that one is done. May be
+  /// called from a handler or hook (it then does not wait for the calling
+  /// handler, nor for a stop() that waits for it).
   void stop();
 
   server_stats stats() const;
