@@ -12,7 +12,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -113,8 +115,10 @@ result<std::string> search_path(const std::string& name, search_state& state) {
 // ---- detached start -------------------------------------------------------------
 
 struct spawn_message {
-  int kind;  // 1: the daemon's pid (with its pidfd when there is one); 2: exec failed with errno
-             // `value`
+  // On the hand-off socket, from the middle process: 1, the daemon's pid (with
+  // its pidfd when there is one); 3, the read end of the report socket. On the
+  // report socket, from the daemon's process: 2, exec failed with errno `value`.
+  int kind;
   int value;
 };
 
@@ -137,8 +141,9 @@ void send_message(int fd, spawn_message m, int pass_fd) {
   }
 }
 
-// Returns 0 at the end, -1 on error, 1 with a message (and `fd` set when one came).
-int receive_message(int fd, spawn_message& m, unique_fd& passed) {
+// Returns 0 at the end, -1 on error (EAGAIN: none yet, with MSG_DONTWAIT in
+// `flags`), 1 with a message (and `fd` set when one came).
+int receive_message(int fd, spawn_message& m, unique_fd& passed, int flags = 0) {
   iovec iov{&m, sizeof m};
   msghdr msg{};
   msg.msg_iov = &iov;
@@ -148,7 +153,7 @@ int receive_message(int fd, spawn_message& m, unique_fd& passed) {
   msg.msg_controllen = sizeof control;
   ssize_t n = 0;
   do {
-    n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+    n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | flags);
   } while (n < 0 && errno == EINTR);
   if (n <= 0) return static_cast<int>(n);
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
@@ -236,7 +241,8 @@ result<std::string> find_program(const program_search& search, start_report* rep
 
 result<started_daemon> spawn_detached(const std::string& program,
                                       const std::vector<std::string>& arguments, bool keep_stderr,
-                                      start_report* report) {
+                                      start_report* report,
+                                      std::chrono::steady_clock::time_point deadline) {
   if (report != nullptr) report->program = program;
   std::vector<std::string> args{program};
   args.insert(args.end(), arguments.begin(), arguments.end());
@@ -245,54 +251,86 @@ result<started_daemon> spawn_detached(const std::string& program,
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
 
-  // A socket rather than a pipe: the middle process passes the daemon's pidfd,
+  // Sockets rather than pipes: the middle process passes the daemon's pidfd,
   // taken while the daemon is still its child (its pid cannot be reused yet).
+  // Two of them. The hand-off socket is made here, so a child that another
+  // thread of ours forks meanwhile (fork without exec: CLOEXEC does not close
+  // it there) may keep a copy of its write end for ever; it carries the middle
+  // process's two messages, read once that process is gone, never to its end. The report socket,
+  // read until the daemon's exec closes its end, is made in the middle process, which has one
+  // thread: nobody else holds a copy.
   int ends[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, ends) != 0) return last_error();
-  unique_fd read_end(ends[0]);
-  unique_fd write_end(ends[1]);
+  unique_fd handoff(ends[0]);
+  unique_fd handoff_write(ends[1]);
   const pid_t child = ::fork();
   if (child < 0) return last_error();
   if (child == 0) {
     ::setsid();
+    int reports[2];
+    if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, reports) != 0) ::_exit(1);
     const pid_t daemon = ::fork();
     if (daemon < 0) ::_exit(1);
     if (daemon > 0) {
       const int pidfd = open_pidfd(daemon).release();
-      send_message(write_end.get(), spawn_message{1, daemon}, pidfd);
+      send_message(handoff_write.get(), spawn_message{1, daemon}, pidfd);
+      send_message(handoff_write.get(), spawn_message{3, 0}, reports[0]);
       ::_exit(0);
     }
-    exec_daemon(write_end.get(), args[0].c_str(), argv.data(), keep_stderr);
+    exec_daemon(reports[1], args[0].c_str(), argv.data(), keep_stderr);
   }
-  write_end.reset();
+  handoff_write.reset();
   int status = 0;
   while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
   }
 
-  // Until every writer is gone: the daemon's pid, then (only if exec failed) its errno.
+  // The middle process is gone: what it sent is queued, or nothing will come.
   started_daemon started;
-  int exec_errno = 0;
+  unique_fd reports;
   for (;;) {
     spawn_message m{};
     unique_fd passed;
-    if (receive_message(read_end.get(), m, passed) <= 0) break;
+    if (receive_message(handoff.get(), m, passed, MSG_DONTWAIT) <= 0) break;
     if (m.kind == 1) {
       started.pid = m.value;
       started.pidfd = std::move(passed);
     }
-    if (m.kind == 2) exec_errno = m.value;
+    if (m.kind == 3) reports = std::move(passed);
   }
   if (report != nullptr) report->pid = started.pid;
+  if (started.pid <= 0 || !reports) {
+    if (report != nullptr) report->outcome = "the starting process failed before the daemon ran";
+    return error_code(ECHILD, boost::system::system_category());
+  }
+
+  // Until the daemon's exec closes its end (or its exec failed, said so and
+  // exited). A daemon that has not got that far by the deadline (an exec
+  // stuck on a hung file system, say) counts as started: the caller watches
+  // its pidfd, which reports a later death, and gives up at the same deadline.
+  int exec_errno = 0;
+  for (;;) {
+    int wait_ms = -1;
+    if (deadline != std::chrono::steady_clock::time_point::max()) {
+      const auto left =
+          std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) break;
+      wait_ms = static_cast<int>(std::min<std::int64_t>(left.count(), INT_MAX));
+    }
+    pollfd p{reports.get(), POLLIN, 0};
+    const int ready = ::poll(&p, 1, wait_ms);
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready <= 0) break;
+    spawn_message m{};
+    unique_fd passed;
+    if (receive_message(reports.get(), m, passed) <= 0) break;
+    if (m.kind == 2) exec_errno = m.value;
+  }
   if (exec_errno != 0) {
     if (report != nullptr)
       report->outcome = std::string("exec failed: ") + std::strerror(exec_errno);
     return make_error_code(exec_errno == ENOENT && ::access(program.c_str(), F_OK) != 0
                                ? errc::program_not_found
                                : errc::program_not_executable);
-  }
-  if (started.pid <= 0) {
-    if (report != nullptr) report->outcome = "the starting process failed before the daemon ran";
-    return error_code(ECHILD, boost::system::system_category());
   }
   return started;
 }
@@ -318,7 +356,7 @@ error_code reach_or_start(const server_start& how, const reach_function& reach,
 
   auto program = find_program(how.program, report);
   if (!program) return program.error();
-  auto daemon = spawn_detached(*program, how.arguments, how.keep_stderr, report);
+  auto daemon = spawn_detached(*program, how.arguments, how.keep_stderr, report, deadline);
   if (!daemon) return daemon.error();
 
   // Ask until it answers (a socket left by a killed daemon refuses connections

@@ -37,7 +37,8 @@ ssize_t frame_reader::receive(int fd, int flags, std::size_t max_frame_size, boo
     }
   }
   make_room(max_frame_size);
-  std::array<char, CMSG_SPACE(sizeof(int) * max_fds_per_message)> control{};
+  // Aligned: CMSG_FIRSTHDR hands the buffer back as a cmsghdr*.
+  alignas(cmsghdr) std::array<char, CMSG_SPACE(sizeof(int) * max_fds_per_message)> control{};
   iovec iov{buffer_.data() + end_, buffer_.size() - end_};
   msghdr msg{};
   msg.msg_iov = &iov;
@@ -124,7 +125,7 @@ ssize_t send_with_fds(int fd, std::span<const iovec> iov, std::span<const unique
   msghdr msg{};
   msg.msg_iov = const_cast<iovec*>(iov.data());  // NOLINT: sendmsg does not write it
   msg.msg_iovlen = iov.size();
-  std::array<char, CMSG_SPACE(sizeof(int) * max_fds_per_message)> control{};
+  alignas(cmsghdr) std::array<char, CMSG_SPACE(sizeof(int) * max_fds_per_message)> control{};
   if (!fds.empty()) {
     msg.msg_control = control.data();
     msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());

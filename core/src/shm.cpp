@@ -204,15 +204,18 @@ result<shm_segment> shm_segment::open(const std::string& name, segment_identity 
 }
 
 result<shm_segment> shm_segment::open_fd(unique_fd fd, segment_identity id, std::size_t max_size) {
+  // Refuse a segment whose owner could still shrink it under us. The seals
+  // first, the size after: read the other way round, a sender could shrink
+  // the memfd between the two and then seal it, and the mapping of the size
+  // read first would fault (SIGBUS) past the new end.
+  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) return make_error_code(errc::bad_segment);
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return system_error(errno);
   const auto total = static_cast<std::size_t>(st.st_size);
   if (total < header_size || total - header_size > std::min(max_size, max_segment_size)) {
     return make_error_code(errc::bad_segment);
   }
-  // Refuse a segment whose owner could still shrink it under us.
-  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
-  if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) return make_error_code(errc::bad_segment);
   void* base = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   if (base == MAP_FAILED) return system_error(errno);
   auto p = std::make_unique<impl>();

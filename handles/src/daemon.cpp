@@ -1,6 +1,7 @@
 // handle_daemon: startup, sessions and their release, repairs of dead processes, stop.
 // The state and its locking are described in daemon_state.hpp; the request
 // handlers are in daemon_requests.cpp.
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -110,7 +111,7 @@ void handle_daemon::impl::session_ended(const server_session& s) {
   auto it = sessions_per_pid.find(pid);
   if (it != sessions_per_pid.end() && --it->second == 0) {
     sessions_per_pid.erase(it);
-    repair_locked(pid);
+    repair_locked(pid, s.pidfd());
   }
   greeted.erase(s.id());
   for (const auto& [index, count] : handle_refs.release_all(s.id())) drop_refs(index, count);
@@ -121,13 +122,21 @@ void handle_daemon::impl::session_ended(const server_session& s) {
 }
 
 // Never waits for a slot lock: a live process holding one (stopped, say)
-// would hold the daemon too. What is left is retried on a timer.
-void handle_daemon::impl::repair_locked(std::int32_t pid) {
-  const auto r = detail::repair_dead_process(view, pid, record_types);
+// would hold the daemon too. What is left is retried on a timer. The process's
+// own locks are undone only once its pidfd (or, without one, the kernel asked
+// by pid) says it has exited: its last session can end while it still runs
+// (dropped for bad frames or silence), or just before its exit completes.
+void handle_daemon::impl::repair_locked(std::int32_t pid, int pidfd) {
+  const bool exited = pidfd >= 0 && pidfd_exited(pidfd);
+  const auto r = detail::repair_dead_process(view, pid, record_types, exited);
   abandoned_total += r.abandoned;
   if (!r.incomplete) return;
-  if (std::find(pending_repairs.begin(), pending_repairs.end(), pid) == pending_repairs.end())
-    pending_repairs.push_back(pid);
+  const bool listed = std::any_of(pending_repairs.begin(), pending_repairs.end(),
+                                  [pid](const pending_repair& p) { return p.pid == pid; });
+  if (!listed) {
+    unique_fd copy(pidfd >= 0 ? ::fcntl(pidfd, F_DUPFD_CLOEXEC, 0) : -1);
+    pending_repairs.push_back({pid, std::move(copy)});
+  }
   arm_repair_timer();
 }
 
@@ -139,11 +148,11 @@ void handle_daemon::impl::arm_repair_timer() {
     std::lock_guard lock(self->mutex);
     self->repair_timer_armed = false;
     if (ec || self->stopped) return;
-    auto pids = std::move(self->pending_repairs);
+    auto pending = std::move(self->pending_repairs);
     self->pending_repairs.clear();
     // A process that connected again under a reused pid is not dead.
-    for (const std::int32_t pid : pids) {
-      if (!self->sessions_per_pid.contains(pid)) self->repair_locked(pid);
+    for (const pending_repair& p : pending) {
+      if (!self->sessions_per_pid.contains(p.pid)) self->repair_locked(p.pid, p.pidfd.get());
     }
   });
 }

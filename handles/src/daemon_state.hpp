@@ -64,10 +64,17 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
   std::unique_ptr<death_flag> death;
   std::unique_ptr<server> serving;  // set once open() succeeded; stopped and kept by stop()
 
-  // Repairs of dead processes that met a slot locked by a live process: retried
-  // on this timer rather than waited for under the mutex.
+  // Repairs of dead processes that met a slot locked by a live process (or by
+  // the process itself before it was seen gone): retried on this timer rather
+  // than waited for under the mutex. The pidfd (a copy of the last session's;
+  // empty without one) tells when the process has exited, whatever its pid
+  // names by then.
+  struct pending_repair {
+    std::int32_t pid;
+    unique_fd pidfd;
+  };
   boost::asio::steady_timer repair_timer;
-  std::vector<std::int32_t> pending_repairs;
+  std::vector<pending_repair> pending_repairs;
   bool repair_timer_armed = false;
 
   std::vector<detail::slot_record> records;
@@ -90,7 +97,8 @@ struct handle_daemon::impl : std::enable_shared_from_this<impl> {
   error_code open();
   void session_started(const server_session& s);
   void session_ended(const server_session& s);
-  void repair_locked(std::int32_t pid);
+  /// `pidfd`: the process's (-1: none), asked whether it has exited.
+  void repair_locked(std::int32_t pid, int pidfd);
   void arm_repair_timer();
   void stop();
   daemon_stats stats_locked() const;

@@ -179,5 +179,6 @@ void publish_state(segment_view v, daemon_state state) {
 }
 
 void (*release_step_hook)(int step) = nullptr;
+void (*take_step_hook)(int step) = nullptr;
 
 }  // namespace uipc::handles::detail

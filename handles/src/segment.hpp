@@ -83,7 +83,10 @@ struct alignas(64) slot {
   std::atomic<std::uint32_t> multi_waiters;
   std::atomic<std::int32_t> owner_pid;   ///< mutex: the owner's process, written under the lock
   std::atomic<std::uint32_t> recursion;  ///< mutex: written by the owner (or under the lock)
-  std::atomic<std::uint32_t> abandoned;  ///< mutex: the daemon sets it, the next owner clears it
+  /// mutex: set by whoever abandons it (the daemon's repair, a thread's exit,
+  /// a waiter that found the owning thread gone); cleared by the next owner
+  /// after its commit, so a taker that dies before it leaves the flag set.
+  std::atomic<std::uint32_t> abandoned;
   std::uint32_t name_length;
   char name[max_name_length + 1];
 };
@@ -245,13 +248,19 @@ struct repair_result {
   /// finish there; run it again later (it never waits for a lock).
   bool incomplete = false;
 };
-/// Repairs what the dead process `pid` left: transaction locks it held are undone,
-/// mutexes it owned are abandoned and their waiters woken. `types` is the
-/// daemon's own record of each slot's type (index i: slot i; what the segment
-/// says is not trusted). Never spins on a lock another live process holds:
-/// such a slot is skipped and the result says so. Idempotent.
+/// Repairs what the process `pid` left when its last session ended: mutexes it
+/// owned are abandoned and their waiters woken, and transaction locks it held
+/// are undone once it is gone — `exited` when its pidfd said so, else the
+/// kernel is asked by pid (a process whose session was dropped may live on,
+/// and its lock is a transaction in progress: the result is then incomplete).
+/// `types` is the daemon's own record of each slot's type (index i: slot i;
+/// what the segment says is not trusted). Never spins on a lock another live
+/// process holds: such a slot is skipped and the result says so. A lock held
+/// by the daemon's own pid is never undone (the repair's own locks end before
+/// it returns: one seen here is a client thread of the daemon's process).
+/// Idempotent.
 repair_result repair_dead_process(segment_view v, std::int32_t pid,
-                                  std::span<const object_type> types);
+                                  std::span<const object_type> types, bool exited);
 /// Publishes the daemon's state and wakes everyone waiting on it; for `stopped`
 /// also every object's waiters, who then fail with errc::daemon_lost.
 void publish_state(segment_view v, daemon_state state);
@@ -264,6 +273,10 @@ inline std::uint32_t slot_value(const slot& s) noexcept {
 /// Test hooks (null in production). `release_step` is called between the steps
 /// of release_mutex, so a test can kill the process there.
 extern void (*release_step_hook)(int step);
+/// Called (step 1) by a take of an abandoned mutex under the slot's lock,
+/// before the take commits, so a test can kill the taker there. Only on that
+/// path: an ordinary take pays nothing for it.
+extern void (*take_step_hook)(int step);
 /// The longest a wait sleeps before it looks whether the daemon (and, for a
 /// mutex, the owning thread) still lives; 1 s. Tests lengthen it to prove that
 /// a wake comes from the event itself, not from a later look.

@@ -46,9 +46,17 @@ bool try_take(slot& s, object_type type, const self_id& me, bool& abandoned) noe
         // (A death before it leaves the lock to the repair, which restores
         // the free mutex: a stale owner_pid beside value 0 means nothing.)
         abandoned = s.abandoned.load(std::memory_order_relaxed) != 0;
-        if (abandoned) s.abandoned.store(0, std::memory_order_relaxed);
         s.owner_pid.store(me.pid, std::memory_order_relaxed);
         s.recursion.store(1, std::memory_order_relaxed);
+        if (abandoned) [[unlikely]] {
+          if (auto hook = take_step_hook) hook(1);
+          // The flag goes only once the mutex is ours: a death before the
+          // commit gives the mutex back still abandoned (the repair restores
+          // the state word alone), and one after it abandons it again.
+          s.state.store(make_state(0, me.tid), std::memory_order_release);
+          s.abandoned.store(0, std::memory_order_relaxed);
+          return true;
+        }
         s.state.store(make_state(0, me.tid), std::memory_order_release);
         return true;
       }
@@ -119,6 +127,7 @@ std::optional<wait_result> try_take_all(std::span<const wait_target> targets,
   for (std::size_t i = 0; i < targets.size(); ++i) {
     slot& s = *targets[i].s;
     std::uint32_t after = before[i];
+    bool was_abandoned = false;
     switch (targets[i].type) {
       case object_type::auto_event:
         after = 0;
@@ -130,8 +139,11 @@ std::optional<wait_result> try_take_all(std::span<const wait_target> targets,
         if (before[i] == me.tid) {
           s.recursion.fetch_add(1);
         } else {
-          if (s.abandoned.exchange(0) != 0 && r.status != wait_status::abandoned)
-            r = {wait_status::abandoned, i};
+          was_abandoned = s.abandoned.load() != 0;
+          if (was_abandoned) {
+            if (r.status != wait_status::abandoned) r = {wait_status::abandoned, i};
+            if (auto hook = take_step_hook) hook(1);
+          }
           s.owner_pid.store(me.pid);
           s.recursion.store(1);
           after = me.tid;
@@ -141,6 +153,8 @@ std::optional<wait_result> try_take_all(std::span<const wait_target> targets,
         break;
     }
     s.state.store(make_state(0, after));
+    // As in try_take: the abandoned flag goes once the mutex is ours.
+    if (was_abandoned) s.abandoned.store(0);
   }
   return r;
 }

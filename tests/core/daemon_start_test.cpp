@@ -9,10 +9,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -174,6 +177,56 @@ TEST(DaemonStartTest, ADetachedDaemonIsNobodysChildAndRunsInRootWithATightUmask)
   int status = 0;
   EXPECT_EQ(::waitpid(started->pid, &status, WNOHANG), -1);
   EXPECT_EQ(errno, ECHILD);
+}
+
+TEST(DaemonStartTest, ADetachedStartIsNotHeldUpByChildrenAnotherThreadForks) {
+  // Another thread of the caller forks (without exec) while the start runs:
+  // a child that inherits the report socket's write end and keeps it (it
+  // pauses) must not keep the start waiting for the end of its reports.
+  temp_dir dir;
+  write_script(dir.file("d"), "exit 0");
+  std::atomic<bool> stop{false};
+  std::mutex children_mutex;
+  std::vector<pid_t> children;
+  std::thread forker([&] {
+    while (!stop.load() && children.size() < 150) {
+      const pid_t c = ::fork();
+      if (c == 0) {
+        ::pause();
+        ::_exit(0);
+      }
+      if (c > 0) {
+        std::lock_guard lock(children_mutex);
+        children.push_back(c);
+      }
+    }
+  });
+  const auto end_children = [&] {
+    stop.store(true);
+    forker.join();
+    std::lock_guard lock(children_mutex);
+    for (const pid_t c : children) ::kill(c, SIGKILL);
+    for (const pid_t c : children) ::waitpid(c, nullptr, 0);
+  };
+  auto starts = std::async(std::launch::async, [&] {
+    steady::duration slowest{};
+    for (int i = 0; i < 40 && !stop.load(); ++i) {
+      const auto begin = steady::now();
+      auto started = spawn_detached(dir.file("d"), {});
+      if (!started) return std::optional<steady::duration>{};
+      slowest = std::max(slowest, steady::now() - begin);
+    }
+    return std::optional<steady::duration>{slowest};
+  });
+  if (starts.wait_for(20s) != std::future_status::ready) {
+    end_children();  // lets a start held by them return
+    starts.wait();
+    FAIL() << "a start waited for children another thread forked";
+  }
+  end_children();
+  const auto slowest = starts.get();
+  ASSERT_TRUE(slowest) << "a start failed";
+  EXPECT_LT(*slowest, 5s);
 }
 
 // ---- racing starters ------------------------------------------------------------

@@ -5,12 +5,36 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <string>
+
+namespace {
+// A sender racing open_fd: when fstat(2) is called on this descriptor (once),
+// the memfd is shrunk to 4096 bytes and sealed right after the size was read,
+// as a hostile sender could do between the receiver's two looks.
+std::atomic<int> shrink_after_fstat{-1};
+}  // namespace
+
+// Interposed on libc's fstat for the whole test binary: the kernel's fstat,
+// plus the race above when armed. (glibc >= 2.33 exports fstat itself; the
+// kernel's struct stat is glibc's on x86-64 and on the 64-bit generic ABI.)
+extern "C" int fstat(int fd, struct stat* st) {
+  const long r = ::syscall(SYS_fstat, fd, st);
+  int armed = fd;
+  if (r == 0 && shrink_after_fstat.compare_exchange_strong(armed, -1)) {
+    const int saved = errno;
+    (void)::ftruncate(fd, 4096);
+    (void)::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    errno = saved;
+  }
+  return r == 0 ? 0 : -1;
+}
 
 namespace uipc {
 namespace {
@@ -178,6 +202,32 @@ TEST(ShmTest, AnonymousSegmentTravelsAsADescriptor) {
   EXPECT_STREQ(static_cast<const char*>(opened->data()), "by descriptor");
   EXPECT_EQ(opened->size(), 1u << 16);
   EXPECT_EQ(::ftruncate(created->fd(), 10), -1) << "sealed against shrinking";
+}
+
+TEST(ShmTest, ADescriptorShrunkAndSealedWhileItIsOpenedIsNeverMappedPastItsEnd) {
+  // A valid segment in a memfd its sender has not sealed yet.
+  auto model = shm_segment::create_anonymous(1 << 16, test_id);
+  ASSERT_TRUE(model);
+  struct stat st {};
+  ASSERT_EQ(::fstat(model->fd(), &st), 0);
+  std::string bytes(static_cast<std::size_t>(st.st_size), '\0');
+  ASSERT_EQ(::pread(model->fd(), bytes.data(), bytes.size(), 0), st.st_size);
+  const int fd = ::memfd_create("racing-sender", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::write(fd, bytes.data(), bytes.size()), st.st_size);
+  unique_fd check(::dup(fd));
+  // The sender shrinks and seals it between the receiver's look at the size
+  // and its look at the seals: a mapping of the old size would SIGBUS past
+  // the new end. Refused, or mapped within the file, are both right.
+  shrink_after_fstat.store(fd);
+  auto opened = shm_segment::open_fd(unique_fd(fd), test_id);
+  shrink_after_fstat.store(-1);
+  ASSERT_EQ(::fstat(check.get(), &st), 0);
+  if (opened) {
+    EXPECT_LE(opened->size(), static_cast<std::size_t>(st.st_size)) << "mapped past the end";
+  } else {
+    EXPECT_EQ(opened.error(), make_error_code(errc::bad_segment));
+  }
 }
 
 TEST(ShmTest, UnsealedDescriptorIsRefused) {

@@ -72,7 +72,10 @@ class SegmentTest : public ::testing::Test {
   struct free_deleter {
     void operator()(std::byte* p) const { std::free(p); }
   };
-  repair_result repair(std::int32_t pid) { return repair_dead_process(view_, pid, types_); }
+  // The kernel is asked whether `pid` is gone (a daemon without the process's pidfd).
+  repair_result repair(std::int32_t pid) {
+    return repair_dead_process(view_, pid, types_, /*exited=*/false);
+  }
 
   std::array<object_type, capacity> types_{};  // the daemon's own record of each slot
   std::size_t bytes_ = 0;
@@ -266,7 +269,7 @@ TEST(SegmentDeathTest, DeathAtAnyStepOfAReleaseLeavesTheMutexUsable) {
     ASSERT_EQ(::waitpid(child, &status, 0), child);
     ASSERT_TRUE(WIFEXITED(status));
     ASSERT_EQ(WEXITSTATUS(status), 0) << "step " << step;
-    const auto repaired = repair_dead_process(v, child, types);
+    const auto repaired = repair_dead_process(v, child, types, /*exited=*/true);
     EXPECT_FALSE(repaired.incomplete);
     const wait_target t{&m, object_type::mutex, 1};
     auto r = wait(v, std::span(&t, 1), false, 0ns, 0ns);
@@ -392,6 +395,85 @@ TEST_F(SegmentTest, ALockThatNeverGoesOnAnotherObjectLeavesNoRepairPending) {
   EXPECT_EQ(r.abandoned, 0u);
   EXPECT_EQ(e.state.load(), locked_by(live, 1));
   EXPECT_EQ(m.state.load(), locked_by(live, 777));
+}
+
+TEST_F(SegmentTest, RepairNeverUndoesALockOfTheDaemonsOwnProcess) {
+  // The daemon runs in a process with clients of its own (uipcd embeds it):
+  // a thread of this process is taking the mutex, its lock held, while the
+  // daemon repairs another client that died. Undone, the taker's commit would
+  // make a second owner beside whoever took the mutex after the undo.
+  const auto dead = dead_pid();
+  slot& m = make(1, object_type::mutex);
+  m.state.store(locked_by(::getpid(), 0));
+  const auto r = repair(dead);
+  EXPECT_FALSE(r.incomplete);  // nothing of the dead process is there
+  EXPECT_EQ(m.state.load(), locked_by(::getpid(), 0));
+}
+
+TEST_F(SegmentTest, RepairOfALiveProcessWhoseLastSessionEndedLeavesItsLocks) {
+  // A live process's last session ended (dropped for a protocol error, say)
+  // while one of its threads holds a slot's lock: that lock is a transaction
+  // in progress, not a corpse's. The repair comes back for it later.
+  const std::int32_t live = ::getppid();
+  slot& m = make(1, object_type::mutex);
+  m.state.store(locked_by(live, 0));
+  m.owner_pid.store(live);
+  slot& e = make(2, object_type::auto_event);
+  e.state.store(locked_by(live, 1));
+  const auto r = repair(live);
+  EXPECT_TRUE(r.incomplete);
+  EXPECT_EQ(m.state.load(), locked_by(live, 0));
+  EXPECT_EQ(e.state.load(), locked_by(live, 1));
+}
+
+// Test hook: ends the process at a mutex take's step.
+int take_death_step = 0;
+void die_at_take_step(int step) {
+  if (step == take_death_step) ::_exit(0);
+}
+
+TEST(SegmentDeathTest, ATakerOfAnAbandonedMutexThatDiesBeforeItsCommitLeavesItAbandoned) {
+  // The last owner died holding the mutex (abandoned). The next taker locks
+  // it, reads the flag, and dies before its commit: the repair gives the mutex
+  // back free, and its next owner must still learn that the data it guards
+  // may be inconsistent.
+  constexpr std::uint32_t slots = 2;
+  const std::size_t bytes = segment_bytes(slots, 64);
+  void* memory = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(memory, MAP_FAILED);
+  segment_view v = format_segment(memory, bytes, slots, 64, 1);
+  publish_state(v, daemon_state::running);
+  std::array<object_type, slots> types{object_type::none, object_type::mutex};
+  object_init init;
+  init.type = object_type::mutex;
+  publish_slot(v, 1, 1, init);
+  slot& m = v.at(1);
+  take_death_step = 1;
+  for (const bool all : {false, true}) {
+    m.abandoned.store(1);
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      take_step_hook = &die_at_take_step;
+      const wait_target t{&m, object_type::mutex, 1};
+      (void)wait(v, std::span(&t, 1), all, 0ns, 0ns);
+      ::_exit(3);  // the hook did not fire
+    }
+    const char* how = all ? "wait-all" : "wait-any";
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status));
+    ASSERT_EQ(WEXITSTATUS(status), 0) << how;
+    EXPECT_FALSE(repair_dead_process(v, child, types, /*exited=*/true).incomplete);
+    EXPECT_EQ(m.state.load(), 0u) << how;  // unlocked and free
+    const wait_target t{&m, object_type::mutex, 1};
+    auto r = wait(v, std::span(&t, 1), all, 0ns, 0ns);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, wait_status::abandoned) << how;
+    EXPECT_EQ(m.abandoned.load(), 0u);  // told once
+    EXPECT_FALSE(release_mutex(m));
+  }
+  ::munmap(memory, bytes);
 }
 
 // A live process's lock word that stays (any client may write one): a timed

@@ -64,13 +64,18 @@ struct started_daemon {
 /// fork, setsid, fork again (the daemon is nobody's child, so nobody has to
 /// reap it), then exec in "/", with umask 077, every signal unblocked,
 /// standard streams on /dev/null (stderr kept when `keep_stderr`), and no
-/// descriptor of the caller. Safe in a multithreaded caller.
+/// descriptor of the caller. Safe in a multithreaded caller, also one whose
+/// other threads fork meanwhile (their children's copies of our descriptors
+/// hold nothing up). Returns once the daemon has exec'd or its exec failed;
+/// a daemon still short of its exec at `deadline` counts as started (its
+/// pidfd reports a later death).
 /// Errors: errc::program_not_executable (exec refused it; the errno is in the
 /// report's outcome), errc::program_not_found (gone since it was found), or
-/// the system error of pipe/fork.
-result<started_daemon> spawn_detached(const std::string& program,
-                                      const std::vector<std::string>& arguments,
-                                      bool keep_stderr = false, start_report* report = nullptr);
+/// the system error of socketpair/fork.
+result<started_daemon> spawn_detached(
+    const std::string& program, const std::vector<std::string>& arguments, bool keep_stderr = false,
+    start_report* report = nullptr,
+    std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max());
 
 /// How to start a server when none answers.
 struct server_start {
