@@ -3,6 +3,8 @@
 #include <poll.h>
 
 #include <cstring>
+#include <new>
+#include <utility>
 
 #include "call_path.hpp"
 #include "context_use.hpp"
@@ -12,14 +14,19 @@ namespace uipc::plugin::detail {
 namespace {
 
 // What a context ran before a call switched it to the callee; restored after.
+// The yield state is the frame's own: a callee's blocking_begin/blocking_end
+// pair neither sees nor ends the window of a caller that called it from
+// inside one (and takes no baton but the callee's).
 struct caller_frame {
   plugin_record* running;
   bool held_baton;
+  plugin_record* yielded;
 };
 
 // Yield point: the caller's cooperative plug-in lets another thread in.
 caller_frame yield(uipc_plugin_context* ctx) noexcept {
-  caller_frame frame{ctx->running, ctx->holds_baton};
+  caller_frame frame{ctx->running, ctx->holds_baton, ctx->yielded};
+  ctx->yielded = nullptr;
   if (frame.held_baton) {
     ctx->holds_baton = false;
     frame.running->turn.give_back();
@@ -31,6 +38,7 @@ caller_frame yield(uipc_plugin_context* ctx) noexcept {
 // its own code is on this thread's stack and must get back in).
 void resume(uipc_plugin_context* ctx, caller_frame frame) noexcept {
   ctx->running = frame.running;
+  ctx->yielded = frame.yielded;
   if (frame.held_baton) {
     frame.running->turn.take(uipc_plugin_context::clock::time_point::max());
     ctx->holds_baton = true;
@@ -57,6 +65,7 @@ int host_impl::run(uipc_plugin_context* ctx, const service_entry& entry, void* a
   // The common case first: a preemptive callee, and a caller holding no baton.
   if (!callee.cooperative && !ctx->holds_baton) [[likely]] {
     plugin_record* caller = ctx->running;
+    plugin_record* caller_yielded = std::exchange(ctx->yielded, nullptr);
     ctx->running = &callee;
     int status = UIPC_PLUGIN_OK;
     try {
@@ -66,6 +75,7 @@ int host_impl::run(uipc_plugin_context* ctx, const service_entry& entry, void* a
       ++ctx->failed;
     }
     ctx->running = caller;
+    ctx->yielded = caller_yielded;
     return status;
   }
   caller_frame frame = yield(ctx);
@@ -98,6 +108,19 @@ int host_impl::call(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slo
     return UIPC_PLUGIN_E_CONTEXT_BUSY;
   read_section section;
   const service_entry* entry = slot->entry.load(std::memory_order_acquire);
+  if (!entry) [[unlikely]]
+    return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
+  return run(ctx, *entry, arg, out);
+}
+
+int host_impl::call_named(uipc_plugin_context* ctx, std::string_view name, void* arg,
+                          std::uint64_t* out) {
+  context_use use(ctx);
+  if (use.busy()) [[unlikely]]
+    return UIPC_PLUGIN_E_CONTEXT_BUSY;
+  read_section section;  // an unresolved slot is used inside the section it was found in
+  const uipc_plugin_service_ref* slot = find_slot(name);
+  const service_entry* entry = slot ? slot->entry.load(std::memory_order_acquire) : nullptr;
   if (!entry) [[unlikely]]
     return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
   return run(ctx, *entry, arg, out);
@@ -148,14 +171,9 @@ int api_resolve_service(uipc_plugin_context* ctx, const char* name,
   if (!ctx || !name || !out) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   context_use use(ctx);
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
-  auto slot = ctx->host->find_slot(name);
-  if (!slot) {
-    std::lock_guard lock(ctx->host->registry_mutex);
-    auto made = ctx->host->slot_for(name);
-    if (!made) return made.error().value();
-    slot = *made;
-  }
-  *out = slot;
+  auto slot = ctx->host->resolve(name);
+  if (!slot) return slot.error().value();
+  *out = *slot;
   return UIPC_PLUGIN_OK;
 }
 
@@ -168,14 +186,8 @@ int api_call_resolved(uipc_plugin_context* ctx, const uipc_plugin_service_ref* r
 
 int api_call_service(uipc_plugin_context* ctx, const char* name, void* arg, std::uint64_t* out) {
   if (!ctx || !name) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
-  const uipc_plugin_service_ref* slot;
-  {
-    read_section section;  // the name table may be replaced meanwhile
-    slot = ctx->host->find_slot(name);
-  }
-  if (!slot) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
   std::uint64_t ignored;
-  return call_fast(ctx, slot, arg, out ? out : &ignored);
+  return call_fast_named(ctx, name, arg, out ? out : &ignored);
 }
 
 int api_list_services(uipc_plugin_context* ctx, char** out, std::size_t* length) {
@@ -242,11 +254,44 @@ int api_pool_destroy_sub(uipc_plugin_pool* p) {
   return parent->destroy_sub(pool_of(p));
 }
 
+// A cleanup of a plug-in build's code on a pool of a context the build does
+// not own: the build stays mapped until it has run (plugin_record::
+// cleanups_pending). The record outlives it: the reaper keeps it till then.
+struct owned_cleanup {
+  void (*fn)(void*);
+  void* data;
+  plugin_record* by;
+};
+
+void run_owned_cleanup(void* p) {
+  auto* cleanup = static_cast<owned_cleanup*>(p);
+  cleanup->fn(cleanup->data);
+  plugin_record* by = cleanup->by;
+  delete cleanup;
+  // Release: the reaper that sees zero unmaps the code that just ran. `by`
+  // may be gone once this is done.
+  by->cleanups_pending.fetch_sub(1, std::memory_order_release);
+}
+
 int api_pool_cleanup(uipc_plugin_pool* p, void (*fn)(void*), void* data) {
   if (!p || !fn) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
-  context_use use(context_of(pool_of(p)));
+  auto* ctx = context_of(pool_of(p));
+  context_use use(ctx);
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
-  return pool_of(p)->add_cleanup(fn, data);
+  // Whose code `fn` is: the plug-in running with this context, else the one
+  // whose thread it is. Its own contexts are released before it is unmapped,
+  // and the host's code needs nothing.
+  plugin_record* by = ctx->running ? ctx->running : ctx->owner;
+  if (!by || by == ctx->owner) return pool_of(p)->add_cleanup(fn, data);
+  auto* cleanup = new (std::nothrow) owned_cleanup{fn, data, by};
+  if (!cleanup) return UIPC_PLUGIN_E_NO_MEMORY;
+  by->cleanups_pending.fetch_add(1, std::memory_order_relaxed);
+  const int status = pool_of(p)->add_cleanup(run_owned_cleanup, cleanup);
+  if (status != UIPC_PLUGIN_OK) {
+    by->cleanups_pending.fetch_sub(1, std::memory_order_relaxed);
+    delete cleanup;
+  }
+  return status;
 }
 
 int api_context_new(uipc_plugin_context* parent, uipc_plugin_context** out) {
@@ -262,11 +307,23 @@ int api_context_new(uipc_plugin_context* parent, uipc_plugin_context** out) {
 }
 
 int api_context_dispose(uipc_plugin_context* ctx) {
-  if (!ctx || !ctx->owner)
-    return UIPC_PLUGIN_E_INVALID_ARGUMENT;  // request contexts end with their request
-  {
-    context_use use(ctx);
-    if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
+  if (!ctx) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
+  // The mark for good: no other thread uses the context while it ends (end_context
+  // clears it). Held by this thread, it is a callback further up the stack:
+  // the context is in use by a call, which would go on with it ended.
+  const std::uintptr_t me = thread_token();
+  std::uintptr_t current = 0;
+  if (!ctx->user.compare_exchange_strong(current, me, std::memory_order_acquire,
+                                         std::memory_order_acquire)) {
+    if (current == me)
+      ctx->host->log(1, "context_dispose refused: the context is in use by a call on this thread");
+    return UIPC_PLUGIN_E_CONTEXT_BUSY;
+  }
+  // Ended already (disposed, or released with its plug-in), or a request's
+  // (ended with its request): nothing of the plug-in's to dispose.
+  if (!ctx->live.load(std::memory_order_relaxed) || !ctx->owner) {
+    ctx->user.store(0, std::memory_order_release);
+    return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   }
   ctx->host->end_context(ctx);
   return UIPC_PLUGIN_OK;
@@ -278,7 +335,7 @@ int api_blocking_begin(uipc_plugin_context* ctx) {
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
   if (ctx->holds_baton) {
     ctx->holds_baton = false;
-    ctx->yielded = true;
+    ctx->yielded = ctx->running;
     ctx->running->turn.give_back();
   }
   return UIPC_PLUGIN_OK;
@@ -288,9 +345,9 @@ int api_blocking_end(uipc_plugin_context* ctx) {
   if (!ctx) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   context_use use(ctx);
   if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
-  if (ctx->yielded) {  // only what blocking_begin gave back is taken again
-    ctx->yielded = false;
-    ctx->running->turn.take(uipc_plugin_context::clock::time_point::max());
+  // Only what this frame's blocking_begin gave back is taken again.
+  if (plugin_record* given_back = std::exchange(ctx->yielded, nullptr)) {
+    given_back->turn.take(uipc_plugin_context::clock::time_point::max());
     ctx->holds_baton = true;
   }
   return UIPC_PLUGIN_OK;
@@ -298,13 +355,17 @@ int api_blocking_end(uipc_plugin_context* ctx) {
 
 int api_wait_fd(uipc_plugin_context* ctx, int fd, short events, int timeout_ms, short* revents) {
   if (!ctx || fd < 0) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
-  api_blocking_begin(ctx);
+  context_use use(ctx);
+  if (use.busy()) return UIPC_PLUGIN_E_CONTEXT_BUSY;
+  // A yield point that puts back exactly what it changed: inside a
+  // blocking_begin window it takes no baton back.
+  const caller_frame frame = yield(ctx);
   pollfd p{fd, events, 0};
   int n;
   do {
     n = ::poll(&p, 1, timeout_ms);
   } while (n < 0 && errno == EINTR);
-  api_blocking_end(ctx);
+  resume(ctx, frame);
   if (n < 0) return UIPC_PLUGIN_E_INVALID_ARGUMENT;
   if (revents) *revents = n == 0 ? 0 : p.revents;
   return UIPC_PLUGIN_OK;

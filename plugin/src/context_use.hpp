@@ -1,6 +1,10 @@
 // Detects a context used by two threads at once: each callback marks the
 // context with its thread for its duration (nested callbacks of the same
 // thread pass through), and a second thread finds the mark and is refused.
+// A load and a store, not a compare-exchange: a locked instruction on every
+// callback (every pool allocation) would cost more than the check is worth.
+// Two threads entering within the same few nanoseconds can both pass; a
+// context shared between threads is caught (plugin/README.md, Threading).
 #pragma once
 
 #include <atomic>

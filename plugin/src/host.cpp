@@ -46,14 +46,8 @@ result<std::uint64_t> context::call(const service_ref& ref, void* arg) {
 
 result<std::uint64_t> context::call(std::string_view name, void* arg) {
   if (!ctx_) return errc::invalid_argument;
-  const uipc_plugin_service_ref* slot;
-  {
-    detail::read_section section;
-    slot = ctx_->host->find_slot(name);
-  }
-  if (!slot) return errc::service_not_found;
   std::uint64_t out = 0;
-  if (int status = detail::call_fast(ctx_, slot, arg, &out); status != UIPC_PLUGIN_OK)
+  if (int status = detail::call_fast_named(ctx_, name, arg, &out); status != UIPC_PLUGIN_OK)
     return status_code(status);
   return out;
 }
@@ -70,19 +64,15 @@ namespace detail {
 result<std::span<const std::byte>> call_bytes(uipc_plugin_context* ctx, std::string_view name,
                                               std::span<const std::byte> request,
                                               std::uint64_t* value, const bytes_filter& callable) {
-  const uipc_plugin_service_ref* slot;
-  {
-    read_section section;
-    slot = ctx->host->find_slot(name);
-  }
-  if (!slot) return errc::service_not_found;
   uipc_plugin_bytes_call call{
       sizeof(uipc_plugin_bytes_call), 0, request.data(), request.size(), nullptr, 0};
   int status;
   {
     context_use use(ctx);
     if (use.busy()) return errc::context_busy;
-    read_section section;
+    read_section section;  // the slot is used inside the section it was found in
+    const uipc_plugin_service_ref* slot = ctx->host->find_slot(name);
+    if (!slot) return errc::service_not_found;
     const service_entry* entry = slot->entry.load(std::memory_order_acquire);
     if (!entry || (callable && !callable(*entry))) return errc::service_not_found;
     if (!(entry->flags & UIPC_PLUGIN_SERVICE_BYTES)) return errc::service_not_compatible;
@@ -185,12 +175,7 @@ result<context> host::new_context() {
 }
 
 result<service_ref> host::resolve(std::string_view name) {
-  {
-    detail::read_section section;
-    if (auto* slot = impl_->find_slot(name)) return service_ref(slot);
-  }
-  std::lock_guard lock(impl_->registry_mutex);
-  auto slot = impl_->slot_for(name);
+  auto slot = impl_->resolve(name);
   if (!slot) return slot.error();
   return service_ref(*slot);
 }

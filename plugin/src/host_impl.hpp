@@ -1,7 +1,7 @@
-// The host's insides: plug-in records, the service registry (slots that live
-// as long as the host, entries published through an atomic pointer and retired
-// through grace periods), contexts, and the reaper that shuts down and unmaps
-// what was unloaded once its calls have ended.
+// The host's insides: plug-in records, the service registry (a slot per name
+// known, entries published through an atomic pointer, both retired through
+// grace periods), contexts, and the reaper that shuts down and unmaps what was
+// unloaded once its calls have ended and its cleanups have run.
 #pragma once
 
 #include <atomic>
@@ -74,6 +74,12 @@ struct plugin_record {
   std::vector<std::pair<uipc_plugin_service_ref*, service_entry>> staged;  // registered during init
   std::set<uipc_plugin_context*> own_contexts;                             // out-of-context ones
 
+  // Cleanups of this build's code registered on pools of contexts it does not
+  // own, not run yet: it stays mapped, and its Shutdown waits too (but at the
+  // host's end), until they have run. Those on its own contexts run before it
+  // is unmapped anyway (they are released first).
+  std::atomic<std::size_t> cleanups_pending{0};
+
   std::unique_ptr<isolation> isolated;  // null for an in-process plug-in
   ~plugin_record();
 };
@@ -93,8 +99,14 @@ std::size_t hash_name(std::string_view name) noexcept;
 struct retired {
   grace_period grace;
   std::vector<std::unique_ptr<service_entry>> entries;
-  std::unique_ptr<name_table> table;
+  std::vector<std::unique_ptr<name_table>> tables;
+  std::vector<std::unique_ptr<uipc_plugin_service_ref>> slots;  // of names no longer known
   std::shared_ptr<plugin_record> plugin;
+  bool shut_down = false;  // the plug-in's Shutdown ran: only its unmapping waits
+
+  bool empty() const noexcept {
+    return entries.empty() && tables.empty() && slots.empty() && !plugin;
+  }
 };
 
 struct host_impl {
@@ -105,7 +117,11 @@ struct host_impl {
   pool_cache chunks;
 
   // The registry. `registry_mutex` guards everything below it; it is never
-  // held while plug-in code runs.
+  // held while plug-in code runs. A name has a slot while it is registered,
+  // staged or resolved (resolved: for the host's life); an unresolved slot
+  // goes when its name is unregistered (forget_if_unused), so names that come
+  // and go do not use max_services up. Hence a slot found by name is used
+  // inside the read section it was found in; only a resolved one outlives it.
   mutable std::mutex registry_mutex;
   std::deque<std::unique_ptr<uipc_plugin_service_ref>> slots;  // stable addresses
   std::atomic<const name_table*> names{nullptr};
@@ -115,9 +131,13 @@ struct host_impl {
   std::vector<std::string> load_order;
   std::size_t registered = 0;
 
-  // Contexts: recycled, with their pools.
+  // Contexts: recycled, with their pools. Those that were ever a plug-in's
+  // own (the ones context_dispose takes) are never freed and are reused
+  // oldest first, after a quarantine: a dispose of one already disposed finds
+  // a context, not freed memory, and most likely one still free.
   std::mutex contexts_mutex;
   std::vector<uipc_plugin_context*> free_contexts;
+  std::deque<uipc_plugin_context*> free_own_contexts;
   std::size_t contexts_alive = 0;
 
   // Told of every change of the registry: runners watching this host's services.
@@ -137,8 +157,18 @@ struct host_impl {
   std::thread reaper;
 
   // -- registry (registry.cpp)
+  /// The slot of `name`, or null. Use it inside the caller's read section only
+  /// (unless resolved): an unused one is freed after the grace period.
   uipc_plugin_service_ref* find_slot(std::string_view name) const noexcept;
   result<uipc_plugin_service_ref*> slot_for(std::string_view name);  // registry_mutex held
+  /// slot_for, the slot then kept for the host's life (a service_ref holds it).
+  result<uipc_plugin_service_ref*> resolve(std::string_view name);
+  /// Publishes a new name table of `slots`; the old one goes to `out`
+  /// (registry_mutex held).
+  void publish_names(retired& out);
+  /// Drops `slot` (to `out`) when no registration, staging or resolution
+  /// holds it (registry_mutex held).
+  void forget_if_unused(uipc_plugin_service_ref* slot, retired& out);
   int register_service(uipc_plugin_context* ctx, const char* name, uipc_plugin_service_fn fn,
                        void* data, std::uint32_t flags);
   /// Stages a service of a plug-in being loaded (registry_mutex held): published by commit().
@@ -166,6 +196,8 @@ struct host_impl {
   // -- calls (calls.cpp)
   int call(uipc_plugin_context* ctx, const uipc_plugin_service_ref* slot, void* arg,
            std::uint64_t* out);
+  /// call() by name, looked up inside the call's read section.
+  int call_named(uipc_plugin_context* ctx, std::string_view name, void* arg, std::uint64_t* out);
   int run(uipc_plugin_context* ctx, const service_entry& entry, void* arg, std::uint64_t* out);
   /// Runs `body` as plug-in `target`'s code on `ctx` (baton, yield of the caller's).
   int enter(uipc_plugin_context* ctx, plugin_record& target, const std::function<void()>& body);
@@ -173,6 +205,8 @@ struct host_impl {
   // -- contexts (contexts.cpp)
   result<uipc_plugin_context*> make_context(plugin_record* owner);
   void end_context(uipc_plugin_context* ctx);
+  /// Ends the contexts `p` made and did not dispose, with a warning naming `when`.
+  void release_own_contexts(plugin_record& p, std::string_view when);
 
   // -- lifecycle (lifecycle.cpp)
   result<std::string> load(std::shared_ptr<plugin_record> record,
@@ -189,7 +223,13 @@ struct host_impl {
                              const std::shared_ptr<plugin_record>& old);
   void retire(retired item);
   void reap_loop();
-  void finish(retired& item);
+  /// Whether `item` may be finished now: its calls have ended, and its
+  /// plug-in's cleanups have run (Shutdown waits for them but at the host's
+  /// end; the unmapping always does).
+  bool finishable(const retired& item) const;
+  /// Frees `item`; for a plug-in, runs Shutdown and unmaps it. False when
+  /// only the unmapping is left, waiting for cleanups: `item` stays pending.
+  bool finish(retired& item);
   void log(int level, std::string_view text) const;
 };
 
@@ -207,8 +247,10 @@ struct uipc_plugin_service_ref {
   std::string name;
   std::size_t hash = 0;
   std::atomic<uipc::plugin::detail::service_entry*> entry{nullptr};
-  // Guarded by the registry mutex: the plug-in initialising with this name staged.
+  // Guarded by the registry mutex: the plug-in initialising with this name staged,
+  // and whether a service_ref was given out (the slot then stays).
   uipc::plugin::detail::plugin_record* staged_by = nullptr;
+  bool pinned = false;
 };
 
 struct uipc_plugin_context {
@@ -220,9 +262,13 @@ struct uipc_plugin_context {
   uipc::plugin::pool memory;
   uipc::plugin::detail::plugin_record* running = nullptr;  // whose code runs with this context now
   bool holds_baton = false;  // the running (cooperative) plug-in's baton
-  bool yielded = false;      // gave it back in blocking_begin
+  // Whose baton blocking_begin gave back in the running call frame (blocking_end
+  // takes it again); a call saves and clears it for the callee, and restores it.
+  uipc::plugin::detail::plugin_record* yielded = nullptr;
   uipc::plugin::detail::plugin_record* owner = nullptr;  // out-of-context: the plug-in that made it
-  std::atomic<std::uintptr_t> user{0};                   // the thread using it now
+  std::atomic<bool> live{false};        // made and not ended (context_dispose checks)
+  bool kept = false;                    // was a plug-in's own once: never freed (see host_impl)
+  std::atomic<std::uintptr_t> user{0};  // the thread using it now
   clock::time_point deadline = clock::time_point::max();
   std::uint64_t calls = 0;
   std::uint64_t failed = 0;

@@ -168,10 +168,20 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record,
   }
   if (!why_not.empty()) return fail(errc::duplicate_plugin, why_not);
   auto unreserve = [&] {
-    std::lock_guard lock(registry_mutex);
-    loading.erase(record->name);
-    for (auto& [slot, entry] : record->staged) slot->staged_by = nullptr;
-    record->staged.clear();
+    retired forgotten;  // slots made for names only this build staged
+    {
+      std::lock_guard lock(registry_mutex);
+      loading.erase(record->name);
+      for (auto& [slot, entry] : record->staged) {
+        slot->staged_by = nullptr;
+        forget_if_unused(slot, forgotten);
+      }
+      record->staged.clear();
+    }
+    if (!forgotten.empty()) {
+      forgotten.grace = grace_period::begin();
+      retire(std::move(forgotten));
+    }
   };
 
   // Init, on this thread, inside the plug-in.
@@ -187,6 +197,10 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record,
   end_context(ctx);
   if (entered != UIPC_PLUGIN_OK || init_status != 0) {
     unreserve();
+    // Contexts Init made go now, their cleanups run while the code is mapped.
+    // Its code cannot have left a cleanup in a context it does not own: none
+    // of its services was published, so it ran only with contexts of its own.
+    release_own_contexts(*record, "by a failed Init");
     return fail(
         entered != UIPC_PLUGIN_OK ? errc::plugin_failed : errc::init_failed,
         entered != UIPC_PLUGIN_OK ? "init threw" : "init returned " + std::to_string(init_status));
@@ -246,7 +260,7 @@ result<std::string> host_impl::commit(std::shared_ptr<plugin_record> record,
     out.grace = grace_period::begin();
     retire(std::move(out));
     reloads.fetch_add(1, std::memory_order_relaxed);
-  } else if (!out.entries.empty()) {
+  } else if (!out.empty()) {
     out.grace = grace_period::begin();
     retire(std::move(out));
   }
@@ -264,38 +278,46 @@ void host_impl::retire(retired item) {
   reap_wake.notify_one();
 }
 
-void host_impl::finish(retired& item) {
+bool host_impl::finishable(const retired& item) const {
+  if (!item.grace.over()) return false;
+  if (!item.plugin) return true;
+  // A context that outlives the build's calls may hold a cleanup of its code
+  // (pool_cleanup, run when the context ends): Shutdown waits for it, so that
+  // Shutdown stays the plug-in's last call, and so does the unmapping. At the
+  // host's end Shutdown waits no more: a context one plug-in's Shutdown would
+  // end may hold another's cleanup, the other way round too.
+  const bool cleaned = item.plugin->cleanups_pending.load(std::memory_order_acquire) == 0;
+  return cleaned || (!item.shut_down && stopping.load(std::memory_order_relaxed));
+}
+
+bool host_impl::finish(retired& item) {
   item.entries.clear();
-  item.table.reset();
-  if (!item.plugin) return;
+  item.tables.clear();
+  item.slots.clear();
+  if (!item.plugin) return true;
   plugin_record& p = *item.plugin;
-  // Shutdown: no call of its services runs or can start now.
-  if (p.info.shutdown) {
-    auto made = make_context(&p);
-    if (made) {
-      enter(*made, p, [&] { p.info.shutdown(*made); });
-      end_context(*made);
+  if (!item.shut_down) {
+    item.shut_down = true;
+    // Shutdown: no call of its services runs or can start now.
+    if (p.info.shutdown) {
+      auto made = make_context(&p);
+      if (made) {
+        enter(*made, p, [&] { p.info.shutdown(*made); });
+        end_context(*made);
+      }
     }
+    // Contexts its threads forgot: their pools go back now.
+    release_own_contexts(p, "at shutdown");
   }
-  // Contexts its threads forgot: their pools go back now.
-  std::set<uipc_plugin_context*> leftovers;
-  {
-    std::lock_guard lock(registry_mutex);
-    leftovers.swap(p.own_contexts);
-  }
-  if (!leftovers.empty())
-    log(1, p.name + ": " + std::to_string(leftovers.size()) +
-               " context(s) not disposed at shutdown; released");
-  for (auto* ctx : leftovers) {
-    ctx->owner = nullptr;
-    end_context(ctx);
-  }
+  // Acquire: the cleanups' code ran before their count reached zero.
+  if (p.cleanups_pending.load(std::memory_order_acquire) != 0) return false;
   if (p.library) {
     close_library(p.library);
     p.library = nullptr;
     p.image.reset();
   }
   item.plugin.reset();
+  return true;
 }
 
 void host_impl::reap_loop() {
@@ -309,7 +331,7 @@ void host_impl::reap_loop() {
     // Finish, in order, everything whose calls have ended.
     std::deque<retired> ready;
     for (auto it = pending.begin(); it != pending.end();) {
-      if (it->grace.over()) {
+      if (finishable(*it)) {
         ready.push_back(std::move(*it));
         ++finishing;
         it = pending.erase(it);
@@ -319,10 +341,13 @@ void host_impl::reap_loop() {
     }
     if (!ready.empty()) {
       lock.unlock();
-      for (auto& item : ready) finish(item);  // plug-in code: none of our locks held
+      std::deque<retired> waiting;  // shut down; unmapped once their cleanups ran
+      for (auto& item : ready)      // plug-in code: none of our locks held
+        if (!finish(item)) waiting.push_back(std::move(item));
       lock.lock();
       finishing -= ready.size();
       ready.clear();
+      for (auto& item : waiting) pending.push_back(std::move(item));
       reap_done.notify_all();
       continue;
     }
@@ -342,6 +367,7 @@ host_impl::~host_impl() {
   reap_wake.notify_one();
   reaper.join();
   for (auto* ctx : free_contexts) delete ctx;
+  for (auto* ctx : free_own_contexts) delete ctx;
   for (auto& slot : slots) delete slot->entry.load(std::memory_order_relaxed);
 }
 

@@ -132,6 +132,11 @@ bool pool::charge(std::size_t bytes) noexcept {
   return true;
 }
 
+void pool::uncharge(std::size_t bytes) noexcept {
+  root().live_ -= bytes;
+  if (parent_) in_use_ -= bytes;
+}
+
 void pool::refund(std::size_t bytes) noexcept {
   pool& r = root();
   r.peak_ = std::max(r.peak_, r.live_);
@@ -156,11 +161,18 @@ std::size_t pool::peak() const noexcept {
 
 int pool::carve(std::size_t capacity, void** out) noexcept {
   const std::size_t need = sizeof(block_header) + capacity;
+  // Charged before a new chunk is begun: a block the limit refuses leaves the
+  // pool as it was, the room left in its chunk included (where the last block
+  // carved grows in place).
+  if (!charge(capacity)) return UIPC_PLUGIN_E_MEMORY_LIMIT;
   if (static_cast<std::size_t>(end_ - top_) < need) {
     chunk* c = std::exchange(kept_, nullptr);  // counted in reserved_ already
     if (!c) {
       c = cache_.take(1);
-      if (!c) return UIPC_PLUGIN_E_NO_MEMORY;
+      if (!c) {
+        uncharge(capacity);
+        return UIPC_PLUGIN_E_NO_MEMORY;
+      }
       reserved_ += pool_cache::chunk_size;
     }
     c->prev = nullptr;
@@ -169,7 +181,6 @@ int pool::carve(std::size_t capacity, void** out) noexcept {
     top_ = reinterpret_cast<char*>(c + 1);
     end_ = reinterpret_cast<char*>(c) + pool_cache::chunk_size;
   }
-  if (!charge(capacity)) return UIPC_PLUGIN_E_MEMORY_LIMIT;
   auto* h = reinterpret_cast<block_header*>(top_);
   h->capacity = capacity;
   h->tag = reinterpret_cast<std::uintptr_t>(this);
@@ -186,7 +197,7 @@ int pool::allocate_large(std::size_t size, void** out) noexcept {
   if (!charge(capacity)) return UIPC_PLUGIN_E_MEMORY_LIMIT;
   chunk* c = cache_.take(units);
   if (!c) {
-    refund(capacity);
+    uncharge(capacity);  // never live: no peak to note
     return UIPC_PLUGIN_E_NO_MEMORY;
   }
   c->prev = nullptr;

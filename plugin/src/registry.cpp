@@ -68,6 +68,24 @@ uipc_plugin_service_ref* host_impl::find_slot(std::string_view name) const noexc
   return table ? table->find(name, hash_name(name)) : nullptr;
 }
 
+void host_impl::publish_names(retired& out) {
+  // A new table with room to spare (at most half full), published whole.
+  auto table = std::make_unique<name_table>();
+  std::size_t size = 16;
+  while (size < 2 * slots.size()) size *= 2;
+  table->buckets.assign(size, nullptr);
+  for (auto& s : slots)
+    for (std::size_t i = s->hash & (size - 1);; i = (i + 1) & (size - 1))
+      if (!table->buckets[i]) {
+        table->buckets[i] = s.get();
+        break;
+      }
+  table->count = slots.size();
+  names.store(table.get(), std::memory_order_release);
+  if (names_owner) out.tables.push_back(std::move(names_owner));
+  names_owner = std::move(table);
+}
+
 result<uipc_plugin_service_ref*> host_impl::slot_for(std::string_view name) {
   if (!valid_service_name(name)) return errc::invalid_name;
   const std::size_t hash = hash_name(name);
@@ -77,33 +95,30 @@ result<uipc_plugin_service_ref*> host_impl::slot_for(std::string_view name) {
   auto slot = std::make_unique<uipc_plugin_service_ref>();
   slot->name = std::string(name);
   slot->hash = hash;
-  // A new table with room to spare (at most half full), published whole.
-  auto table = std::make_unique<name_table>();
-  std::size_t size = 16;
-  while (size < 2 * (slots.size() + 1)) size *= 2;
-  table->buckets.assign(size, nullptr);
-  auto insert = [&](uipc_plugin_service_ref* s) {
-    for (std::size_t i = s->hash & (size - 1);; i = (i + 1) & (size - 1))
-      if (!table->buckets[i]) {
-        table->buckets[i] = s;
-        break;
-      }
-  };
-  for (auto& s : slots) insert(s.get());
-  insert(slot.get());
-  table->count = slots.size() + 1;
   slots.push_back(std::move(slot));
-  names.store(table.get(), std::memory_order_release);
-  if (names_owner) {
-    retired old;
-    old.table = std::move(names_owner);
+  retired old;
+  publish_names(old);
+  if (!old.empty()) {
     old.grace = grace_period::begin();
-    names_owner = std::move(table);
     retire(std::move(old));
-  } else {
-    names_owner = std::move(table);
   }
   return slots.back().get();
+}
+
+result<uipc_plugin_service_ref*> host_impl::resolve(std::string_view name) {
+  std::lock_guard lock(registry_mutex);
+  auto slot = slot_for(name);
+  if (slot) (*slot)->pinned = true;
+  return slot;
+}
+
+void host_impl::forget_if_unused(uipc_plugin_service_ref* slot, retired& out) {
+  if (slot->pinned || slot->staged_by || slot->entry.load(std::memory_order_relaxed)) return;
+  auto it = std::find_if(slots.begin(), slots.end(), [&](auto& s) { return s.get() == slot; });
+  if (it == slots.end()) return;
+  out.slots.push_back(std::move(*it));
+  slots.erase(it);
+  publish_names(out);  // without it; a call that found it ends before it is freed
 }
 
 int host_impl::stage(plugin_record& owner, std::string_view name, service_entry entry) {
@@ -136,6 +151,7 @@ int host_impl::unregister(plugin_record& owner, std::string_view name, event_lis
   --registered;
   out.entries.emplace_back(current);
   events.emplace_back(slot->name, UIPC_PLUGIN_SERVICE_REMOVED);
+  forget_if_unused(slot, out);
   return UIPC_PLUGIN_OK;
 }
 
@@ -181,7 +197,7 @@ void host_impl::relay(plugin_record& owner, const std::vector<relayed_service>& 
         refused.push_back(s.name);
     }
   }
-  if (!old.entries.empty()) {
+  if (!old.empty()) {
     old.grace = grace_period::begin();
     retire(std::move(old));
   }
@@ -202,6 +218,7 @@ int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name,
 
   event_list events;
   retired old;
+  int status;
   {
     std::lock_guard lock(registry_mutex);
     if (stopping.load(std::memory_order_relaxed)) return UIPC_PLUGIN_E_STOPPED;
@@ -211,23 +228,23 @@ int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name,
       auto& staged = owner->staged;
       auto it = std::find_if(staged.begin(), staged.end(),
                              [&](auto& s) { return s.first->name == name; });
-      if (!fn) {
-        if (it == staged.end()) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
-        it->first->staged_by = nullptr;
-        staged.erase(it);
-        return UIPC_PLUGIN_OK;
-      }
-      return stage(*owner, name, service_entry{fn, data, flags, owner});
+      if (fn) return stage(*owner, name, service_entry{fn, data, flags, owner});
+      if (it == staged.end()) return UIPC_PLUGIN_E_SERVICE_NOT_FOUND;
+      uipc_plugin_service_ref* slot = it->first;
+      slot->staged_by = nullptr;
+      staged.erase(it);
+      forget_if_unused(slot, old);
+      status = UIPC_PLUGIN_OK;
+    } else {
+      status = fn ? publish(*owner, name, service_entry{fn, data, flags, owner}, events, old)
+                  : unregister(*owner, name, events, old);
     }
-    const int status =
-        fn ? publish(*owner, name, service_entry{fn, data, flags, owner}, events, old)
-           : unregister(*owner, name, events, old);
-    if (status != UIPC_PLUGIN_OK) return status;
   }
-  if (!old.entries.empty()) {
+  if (!old.empty()) {
     old.grace = grace_period::begin();
     retire(std::move(old));
   }
+  if (status != UIPC_PLUGIN_OK) return status;
   notify(ctx, owner, events);
   return UIPC_PLUGIN_OK;
 }

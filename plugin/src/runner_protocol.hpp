@@ -35,7 +35,8 @@ enum op : std::uint8_t { list = 1, call = 2, watch = 3 };
 inline constexpr std::size_t reply_header = 12;
 inline constexpr std::size_t max_name = max_name_length;
 /// Services one listing may name: the other side is untrusted, and each name
-/// it lists costs the host a slot of its registry (max_services, host-wide).
+/// it lists costs the host a slot of its registry while listed (max_services,
+/// host-wide).
 inline constexpr std::size_t max_listed_services = 1024;
 
 struct request {

@@ -339,6 +339,81 @@ TEST_F(Host, ContextsForgottenByAPluginAreReleasedAtItsShutdown) {
   EXPECT_NE(h.log().find("not disposed"), std::string::npos);
 }
 
+TEST_F(Host, AFailingInitReleasesTheContextsItMade) {
+  logged_host h;
+  fake_plugin p;
+  p.name = "made_then_failed";
+  bool cleaned = false;
+  p.init = [&](uipc_plugin_context* c) {
+    uipc_plugin_context* own = nullptr;
+    if (p.api->context_new(c, &own) != UIPC_PLUGIN_OK) return 1;
+    p.api->pool_cleanup(
+        p.api->context_pool(own), [](void* flag) { *static_cast<bool*>(flag) = true; }, &cleaned);
+    return 5;
+  };
+  EXPECT_EQ(h.h->load(p.entry()).error(), errc::init_failed);
+  EXPECT_EQ(h.h->stats().contexts_alive, 0u);
+  EXPECT_TRUE(cleaned) << "the context's pool was never released";
+}
+
+TEST_F(Host, AContextDisposedTwiceIsRefusedAndTheContextMadeMeanwhileLivesOn) {
+  logged_host h;
+  fake_plugin p;
+  p.name = "twice";
+  int first = -1, second = -1, used_after = -1, last = -1;
+  p.init = [&](uipc_plugin_context* c) {
+    uipc_plugin_context *one = nullptr, *two = nullptr;
+    if (p.api->context_new(c, &one) != UIPC_PLUGIN_OK) return 1;
+    first = p.api->context_dispose(one);
+    if (p.api->context_new(c, &two) != UIPC_PLUGIN_OK) return 1;
+    second = p.api->context_dispose(one);  // the mistake: `one` is gone
+    void* block = nullptr;
+    used_after = p.api->pool_alloc(p.api->context_pool(two), 16, &block);
+    last = p.api->context_dispose(two);
+    return 0;
+  };
+  ASSERT_TRUE(h.h->load(p.entry()));
+  EXPECT_EQ(first, UIPC_PLUGIN_OK);
+  EXPECT_EQ(second, UIPC_PLUGIN_E_INVALID_ARGUMENT);
+  EXPECT_EQ(used_after, UIPC_PLUGIN_OK);
+  EXPECT_EQ(last, UIPC_PLUGIN_OK) << "the second dispose ended the other context";
+  EXPECT_EQ(h.h->stats().contexts_alive, 0u);
+}
+
+TEST_F(Host, AContextInUseByACallOfThisThreadCannotBeDisposed) {
+  logged_host h;
+  fake_plugin p;
+  p.name = "disposer";
+  p.flags = UIPC_PLUGIN_PREEMPTIVE;
+  int in_init = -1, in_call = -1, after = -1;
+  p.init = [&](uipc_plugin_context* c) {
+    in_init = p.api->context_dispose(c);  // Init's own context, in use by Init
+    p.serve(c, "dispose mine", [&](uipc_plugin_context* cc, void*) {
+      in_call = p.api->context_dispose(cc);
+      return 0u;
+    });
+    return p.serve(c, "try", [&](uipc_plugin_context* cc, void*) {
+      uipc_plugin_context* own = nullptr;
+      if (p.api->context_new(cc, &own) != UIPC_PLUGIN_OK) return 1u;
+      std::uint64_t ignored = 0;
+      p.api->call_service(own, "dispose mine", nullptr, &ignored);
+      void* block = nullptr;
+      const int alloc = p.api->pool_alloc(p.api->context_pool(own), 16, &block);
+      after = p.api->context_dispose(own);
+      return alloc == UIPC_PLUGIN_OK ? 0u : 2u;
+    });
+  };
+  ASSERT_TRUE(h.h->load(p.entry()));
+  EXPECT_EQ(in_init, UIPC_PLUGIN_E_CONTEXT_BUSY);
+  {
+    auto ctx = h.h->new_context().value();
+    EXPECT_EQ(ctx.call("try", nullptr).value(), 0u);
+  }
+  EXPECT_EQ(in_call, UIPC_PLUGIN_E_CONTEXT_BUSY);
+  EXPECT_EQ(after, UIPC_PLUGIN_OK);
+  EXPECT_EQ(h.h->stats().contexts_alive, 0u);
+}
+
 TEST_F(Host, RequestContextsCannotBeDisposedByAPluginAndBadArgumentsAreRefused) {
   logged_host h;
   auto ctx = h.h->new_context().value();

@@ -168,6 +168,37 @@ TEST_F(Isolation, ServicesRegisteredOrDroppedAfterInitAreFollowed) {
   ASSERT_TRUE(uipc::test::eventually([&] { return listed(*h.h, "late three"); }, 10s)) << h.log();
 }
 
+TEST_F(Isolation, NamesAnIsolatedPluginAddsAndDropsDoNotUseUpTheHostsServiceSlots) {
+  // The variant serves 14 names; 6 more fit. It adds and drops many more
+  // than that over time: each dropped name's slot must come back.
+  test::fake_plugin local;  // loaded at the end; outlives the host
+  host_options host_opts;
+  host_opts.max_services = 20;
+  logged_host h(host_opts);
+  ASSERT_TRUE(h.h->load_isolated(variants + "/variant_v1.so", options_)) << h.log();
+  auto ctx = h.h->new_context().value();
+  for (int i = 0; i < 30; ++i) {
+    const std::string name = "late " + std::to_string(i);
+    std::uint64_t code = 99;
+    ASSERT_TRUE(ctx.call_bytes("add", test::bytes(name), &code));
+    ASSERT_EQ(code, static_cast<std::uint64_t>(UIPC_PLUGIN_OK));
+    ASSERT_TRUE(uipc::test::eventually([&] { return listed(*h.h, name); }, 10s))
+        << name << " never published here\n"
+        << h.log();
+    ASSERT_TRUE(ctx.call_bytes("drop", test::bytes(name), &code));
+    ASSERT_TRUE(uipc::test::eventually([&] { return !listed(*h.h, name); }, 10s)) << h.log();
+  }
+  // The host's own names, and an in-process plug-in's, still get slots.
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(h.h->resolve("host name " + std::to_string(i))) << i;
+  local.name = "local";
+  local.init = [&](uipc_plugin_context* c) {
+    return local.serve(c, "local one", [](auto*, void*) { return 1u; });
+  };
+  ASSERT_TRUE(h.h->load(local.entry())) << h.log();
+  EXPECT_EQ(ctx.call("local one", nullptr).value(), 1u);
+  EXPECT_EQ(h.h->resolve("one too many").error(), errc::too_many);
+}
+
 // on_restart: called once per restart, once the new runner serves (a call
 // from inside it is answered), and never for the first start.
 TEST_F(Isolation, OnRestartIsCalledOncePerRestartWhenTheNewRunnerServes) {

@@ -91,6 +91,30 @@ TEST(Pool, AFailedReallocationLeavesTheOldBlockIntact) {
   EXPECT_EQ(p.free(b), UIPC_PLUGIN_OK);  // still ours, still live
 }
 
+TEST(Pool, ARefusedAllocationLeavesThePoolAsItWas) {
+  // The first chunk nearly full, the limit nearly reached: a block that needs
+  // a new chunk is refused by the limit, and must not have switched chunks
+  // first (which abandoned the room left, where the last block grows).
+  pool_cache cache;
+  pool p(cache, 64 << 10);
+  for (int i = 0; i < 3; ++i) must_allocate(p, 16 << 10);
+  void* last = must_allocate(p, 1000);  // carved last: grows in place
+  const std::size_t reserved = p.bytes_reserved();
+  const std::size_t in_use = p.bytes_in_use();
+  const std::size_t held = cache.bytes_held();
+  void* refused = nullptr;
+  EXPECT_EQ(p.allocate(16 << 10, &refused), UIPC_PLUGIN_E_MEMORY_LIMIT);
+  EXPECT_EQ(p.reallocate(last, 16 << 10, &refused), UIPC_PLUGIN_E_MEMORY_LIMIT);
+  EXPECT_EQ(refused, nullptr);
+  EXPECT_EQ(p.bytes_reserved(), reserved);
+  EXPECT_EQ(p.bytes_in_use(), in_use);
+  EXPECT_EQ(cache.bytes_held(), held);
+  void* grown = nullptr;
+  ASSERT_EQ(p.reallocate(last, 2000, &grown), UIPC_PLUGIN_OK);
+  EXPECT_EQ(grown, last) << "the last block no longer grows in place";
+  EXPECT_EQ(p.bytes_reserved(), reserved);
+}
+
 TEST(Pool, ForeignAndDoubleFreesAreRefusedAndChangeNothing) {
   pool_cache cache;
   pool a(cache), b(cache);

@@ -8,6 +8,7 @@
 
 #include <fstream>
 #include <future>
+#include <mutex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -72,6 +73,55 @@ TEST(Reload, NewCallsGoToTheNewBuildAndCallsInFlightFinishInTheOld) {
   ASSERT_FALSE(h.h->quiesce(5s));
   EXPECT_EQ(mapped_plugin_objects(), 1);  // the old one is unmapped
   ::close(fd);
+}
+
+TEST(Reload, ABuildStaysUntilTheCleanupsItLeftInALiveContextHaveRun) {
+  // A service of v1 registers a cleanup (v1's code) on the caller's pool; the
+  // context outlives the call and the reload. The old build must get neither
+  // Shutdown nor unmapped before that context ends and its cleanup ran.
+  struct forget_fakes {
+    ~forget_fakes() { test::forget_fake_plugins(); }
+  } forget;
+  test::fake_plugin recorder;  // serves "farewell", which the variant's Shutdown calls
+  recorder.name = "recorder";
+  recorder.flags = UIPC_PLUGIN_PREEMPTIVE;
+  std::mutex mutex;
+  std::vector<int> cleanup_seen_at_shutdown;
+  int set_by_cleanup = 0;
+  logged_host h;  // after what its plug-ins use: it ends first
+  recorder.init = [&](uipc_plugin_context* c) {
+    return recorder.serve(
+        c, "farewell",
+        [&](auto*, void*) {
+          std::lock_guard lock(mutex);
+          cleanup_seen_at_shutdown.push_back(set_by_cleanup);
+          return 0u;
+        },
+        UIPC_PLUGIN_SERVICE_BYTES);
+  };
+  ASSERT_TRUE(h.h->load(recorder.entry()));
+  ASSERT_TRUE(h.h->load(variants + "/variant_v1.so"));
+  {
+    auto ctx = h.h->new_context().value();
+    ASSERT_EQ(ctx.call("defer", &set_by_cleanup).value(), 0u);
+    ASSERT_FALSE(h.h->reload("variant", variants + "/variant_v2.so")) << h.log();
+    EXPECT_EQ(ctx.call("version", nullptr).value(), 2u);
+    EXPECT_EQ(h.h->quiesce(200ms), errc::timed_out) << "the old build went with a cleanup pending";
+    EXPECT_EQ(h.h->stats().retired_pending, 1u);
+    EXPECT_EQ(mapped_plugin_objects(), 2);
+    {
+      std::lock_guard lock(mutex);
+      EXPECT_TRUE(cleanup_seen_at_shutdown.empty()) << "Shutdown ran before the cleanup";
+    }
+    EXPECT_EQ(set_by_cleanup, 0);
+  }  // the context ends: v1's cleanup runs
+  EXPECT_EQ(set_by_cleanup, 1);
+  ASSERT_FALSE(h.h->quiesce(5s));
+  EXPECT_EQ(mapped_plugin_objects(), 1);
+  {
+    std::lock_guard lock(mutex);
+    EXPECT_EQ(cleanup_seen_at_shutdown, std::vector<int>{1});
+  }
 }
 
 TEST(Reload, ABrokenNewBuildLeavesTheOldOneServing) {

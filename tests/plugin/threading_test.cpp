@@ -209,6 +209,66 @@ TEST_F(Threading, ABusyCooperativePluginCostsACallerItsDeadlineOnly) {
   EXPECT_EQ(ctx.call("quick", nullptr).value(), 1u);
 }
 
+// Cooperative A gives its baton back (blocking_begin) and, in that window,
+// calls B, whose own blocking_begin/blocking_end must neither end A's window
+// nor take B's baton for A. After A's blocking_end, A is exclusive again: a
+// second thread calling A waits, and gives up at its deadline.
+void stays_exclusive_after_a_call_in_a_blocking_window(std::uint32_t b_flags) {
+  fake_plugin a, b;
+  a.name = "a";
+  b.name = "b";
+  b.flags = b_flags;
+  std::atomic<bool> after_end{false}, release{false};
+  b.init = [&](uipc_plugin_context* c) {
+    return b.serve(c, "b waits", [&](uipc_plugin_context* cc, void*) {
+      const int begun = b.api->blocking_begin(cc);
+      const int ended = b.api->blocking_end(cc);
+      return static_cast<std::uint64_t>(begun | ended);
+    });
+  };
+  a.init = [&](uipc_plugin_context* c) {
+    a.serve(c, "a quick", [](auto*, void*) { return 1u; });
+    return a.serve(c, "a window", [&](uipc_plugin_context* cc, void*) {
+      a.api->blocking_begin(cc);
+      std::uint64_t r = 0;
+      const int s = a.api->call_service(cc, "b waits", nullptr, &r);
+      a.api->blocking_end(cc);
+      after_end = true;
+      uipc::test::eventually([&] { return release.load(); }, 20s);  // inside A, exclusive
+      return s == UIPC_PLUGIN_OK ? r : 1000u + s;
+    });
+  };
+  logged_host h;
+  ASSERT_TRUE(h.h->load(a.entry()));
+  ASSERT_TRUE(h.h->load(b.entry()));
+  auto first = std::async(std::launch::async,
+                          [&] { return h.h->new_context().value().call("a window", nullptr); });
+  ASSERT_TRUE(uipc::test::eventually([&] { return after_end.load(); }, 10s))
+      << "the first call never got past its blocking window";
+  auto ctx = h.h->new_context().value();
+  ctx.set_deadline(std::chrono::steady_clock::now() + 100ms);
+  auto second = ctx.call("a quick", nullptr);
+  release = true;
+  EXPECT_FALSE(second) << "a second thread got into A while the first is inside";
+  if (!second) {
+    EXPECT_EQ(second.error(), errc::timed_out);
+  }
+  ASSERT_EQ(first.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(first.get().value(), 0u);
+  // Both batons are free again.
+  ctx.set_deadline(std::chrono::steady_clock::now() + 5s);
+  EXPECT_EQ(ctx.call("a quick", nullptr).value(), 1u);
+  EXPECT_EQ(ctx.call("b waits", nullptr).value(), 0u);
+}
+
+TEST_F(Threading, ACooperativePluginStaysExclusiveAfterCallingAPreemptiveOneInABlockingWindow) {
+  stays_exclusive_after_a_call_in_a_blocking_window(UIPC_PLUGIN_PREEMPTIVE);
+}
+
+TEST_F(Threading, ACooperativePluginStaysExclusiveAfterCallingACooperativeOneInABlockingWindow) {
+  stays_exclusive_after_a_call_in_a_blocking_window(0);
+}
+
 TEST_F(Threading, AContextUsedByTwoThreadsAtOnceIsRefused) {
   fake_plugin p;
   p.name = "sharer";

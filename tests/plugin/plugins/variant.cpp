@@ -44,6 +44,15 @@ const uipc_plugin_host_api* host;
   return VARIANT_VERSION;
 }
 
+// "defer": arg points to an int, which a cleanup of the caller's context sets
+// to the build's version when the context ends: this build's code, run then.
+[[maybe_unused]] void set_version(void* version_out) {
+  *static_cast<int*>(version_out) = VARIANT_VERSION;
+}
+[[maybe_unused]] std::uint64_t defer(uipc_plugin_context* ctx, void*, void* arg) {
+  return static_cast<std::uint64_t>(host->pool_cleanup(host->context_pool(ctx), set_version, arg));
+}
+
 // "crash" (bytes): takes the process down.
 [[maybe_unused]] std::uint64_t crash(uipc_plugin_context*, void*, void*) { std::abort(); }
 
@@ -177,6 +186,7 @@ int init(uipc_plugin_context* ctx, const uipc_plugin_host_api* api) {
     {"version", version, 0},
     {"block", block, 0},
     {"throws", throws, 0},
+    {"defer", defer, 0},
     {"echo", echo, bytes},
     {"crash", crash, bytes},
     {"hang", hang, bytes},

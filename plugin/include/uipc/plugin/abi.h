@@ -132,12 +132,17 @@ typedef struct uipc_plugin_host_api {
   int (*pool_free)(uipc_plugin_pool* pool, void* block);
   int (*pool_create_sub)(uipc_plugin_pool* parent, uipc_plugin_pool** out);
   int (*pool_destroy_sub)(uipc_plugin_pool* pool);
-  /* Cleanups run in reverse order of registration when the pool is released. */
+  /* Cleanups run in reverse order of registration when the pool is released.
+   * A cleanup a plug-in registers on a context it did not make keeps it
+   * loaded, its Shutdown waiting too, until the cleanup has run. */
   int (*pool_cleanup)(uipc_plugin_pool* pool, void (*fn)(void* data), void* data);
 
   /* Out-of-context contexts for a plug-in's own threads. context_new is
    * thread-safe; `parent` is a context of the plug-in (so the host knows
-   * whose thread it is). A context is used by one thread at a time. */
+   * whose thread it is). A context is used by one thread at a time.
+   * context_dispose refuses a context in use by a call (also of this thread:
+   * UIPC_PLUGIN_E_CONTEXT_BUSY), one disposed already and a request's
+   * (UIPC_PLUGIN_E_INVALID_ARGUMENT). */
   int (*context_new)(uipc_plugin_context* parent, uipc_plugin_context** out);
   int (*context_dispose)(uipc_plugin_context* ctx);
 

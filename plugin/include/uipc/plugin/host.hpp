@@ -29,7 +29,9 @@ struct host_impl;
 struct host_options {
   /// Most memory one context's pool (with its sub-pools) may hold; 0: no limit.
   std::size_t request_memory_limit = std::size_t{64} << 20;
-  /// Most services registered at once (names are kept for the host's life).
+  /// Most service names known at once: registered, staged by an Init, or
+  /// resolved (a resolved name keeps its slot for the host's life; another
+  /// gives it back when it is unregistered).
   std::size_t max_services = 4096;
   /// Most contexts alive at once.
   std::size_t max_contexts = 65536;
@@ -208,7 +210,8 @@ class host {
 
   /// A context for a request.
   result<context> new_context();
-  /// Resolves a service name (need not be registered yet).
+  /// Resolves a service name (need not be registered yet); the name keeps its
+  /// slot for the host's life (max_services). Errors: invalid_name, too_many.
   result<service_ref> resolve(std::string_view name);
 
   /// The registered services' names, TAB-delimited, sorted.
@@ -219,7 +222,9 @@ class host {
   host_stats stats() const;
 
   /// Waits until every unloaded or replaced build has been shut down and
-  /// unmapped, at most `timeout`; errc::timed_out while a call still runs in one.
+  /// unmapped, at most `timeout`; errc::timed_out while a call still runs in
+  /// one, or a context still holds a pool cleanup of its code (registered on
+  /// a context the build does not own: both wait for that context's end).
   error_code quiesce(std::chrono::milliseconds timeout);
 
   /// The C ABI callbacks (what plug-ins get at Init).

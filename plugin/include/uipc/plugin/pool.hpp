@@ -77,7 +77,8 @@ class pool {
   pool& operator=(const pool&) = delete;
 
   /// A block of at least `size` bytes (0 gives a unique block). Errors:
-  /// UIPC_PLUGIN_E_MEMORY_LIMIT, UIPC_PLUGIN_E_NO_MEMORY, INVALID_ARGUMENT.
+  /// UIPC_PLUGIN_E_MEMORY_LIMIT, UIPC_PLUGIN_E_NO_MEMORY, INVALID_ARGUMENT;
+  /// a refused allocation leaves the pool as it was.
   /// Inline for small blocks of a root pool within its limit and its chunk.
   [[gnu::always_inline]] int allocate(std::size_t size, void** out) noexcept {
     const std::size_t capacity = size <= 16 ? 16 : (size + 15) & ~std::size_t{15};
@@ -168,7 +169,8 @@ class pool {
   int carve(std::size_t capacity, void** out) noexcept;
   int allocate_large(std::size_t size, void** out) noexcept;
   bool charge(std::size_t bytes) noexcept;
-  void refund(std::size_t bytes) noexcept;
+  void uncharge(std::size_t bytes) noexcept;  // a charge undone: the block never was
+  void refund(std::size_t bytes) noexcept;    // a live block freed: its peak noted
   int check(void* block, detail::block_header*& header) noexcept;
 
   pool_cache& cache_;
