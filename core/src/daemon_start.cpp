@@ -313,13 +313,13 @@ result<started_daemon> spawn_detached(const std::string& program,
     if (deadline != std::chrono::steady_clock::time_point::max()) {
       const auto left =
           std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) break;
-      wait_ms = static_cast<int>(std::min<std::int64_t>(left.count(), INT_MAX));
+      // Past it: one look without waiting, for a report already there.
+      wait_ms = static_cast<int>(std::clamp<std::int64_t>(left.count(), 0, INT_MAX));
     }
     pollfd p{reports.get(), POLLIN, 0};
     const int ready = ::poll(&p, 1, wait_ms);
     if (ready < 0 && errno == EINTR) continue;
-    if (ready <= 0) break;
+    if (ready <= 0) break;  // an error, or the deadline
     spawn_message m{};
     unique_fd passed;
     if (receive_message(reports.get(), m, passed) <= 0) break;

@@ -324,15 +324,17 @@ struct server::impl : std::enable_shared_from_this<impl> {
 
   void stop() {
     if (fork.forked_copy()) return drop_forked_copy();
+    const auto keep = shared_from_this();  // a caller waiting below outlives ~server's call
     std::unordered_map<std::uint64_t, std::shared_ptr<server_session>> ending;
     {
       std::unique_lock lock(mutex);
       if (stopped.exchange(true)) {
         // Stopped or stopping: a later caller returns once the first is done,
-        // as the first does. Except where that would wait for itself: the
-        // stopping thread (a hook of this stop) and a handler or hook of this
-        // server (the first stop waits for it).
-        if (stopper == std::this_thread::get_id() || own_frames() > 0) return;
+        // as the first does. Except where waiting could wait for itself: on
+        // the stopping thread (a hook of this stop), and inside any server's
+        // handler or hook (the first stop may wait for it, directly or
+        // through another server's stop).
+        if (stopper == std::this_thread::get_id() || innermost != nullptr) return;
         stop_done.wait(lock, [this] { return !stopping; });
         return;
       }
@@ -343,6 +345,18 @@ struct server::impl : std::enable_shared_from_this<impl> {
       if (accept_socket) accept_socket->close();
       accept_socket.reset();
     }
+    // Whatever a hook throws, the callers waiting for this stop are let go.
+    struct done_guard {
+      impl& server;
+      ~done_guard() {
+        {
+          std::lock_guard lock(server.mutex);
+          server.stopping = false;
+          server.stopper = {};
+        }
+        server.stop_done.notify_all();
+      }
+    } done{*this};
     // Handlers and hooks already running on other threads finish first (a
     // session starting ends itself, seeing `stopped`); new ones see `stopped`.
     await_running();
@@ -356,12 +370,6 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
     // Sessions another thread took out of the table before the swap: their hooks.
     await_running();
-    {
-      std::lock_guard lock(mutex);
-      stopping = false;
-      stopper = {};
-    }
-    stop_done.notify_all();
   }
 
   // This thread's own frames of this server (handlers and hooks running).

@@ -98,20 +98,10 @@ result<frame> session::call(request_type type, std::string payload,
   if (reply) return reply;
   const error_code ec = reply.error();
   if (conn->is_open()) {
-    if (ec != uipc::errc::timed_out) return ec;  // the daemon's answer, or refused before it went
     // A daemon that does not answer (stopped, stuck): the call is given up, a
-    // late reply will be dropped. A request that makes something the reply
-    // names (a reference, a block, a mutex owned by the calling thread) may
-    // still be served, for a client that would never learn of it; nothing
-    // could undo it. So the session goes: the daemon releases all it holds
-    // (that included) once it gets to the end of this connection, and the
-    // client is lost, as after the daemon's death.
-    if (type == request_type::create || type == request_type::open ||
-        type == request_type::scratch_store) {
-      map->lost.store(true);
-      conn->close();
-    }
-    return make_error_code(errc::daemon_timeout);
+    // late reply will be dropped.
+    if (ec == uipc::errc::timed_out) return make_error_code(errc::daemon_timeout);
+    return ec;  // the daemon's answer, or a request refused before it went
   }
   map->lost.store(true);
   return make_error_code(errc::daemon_lost);

@@ -82,10 +82,7 @@ struct session {
   /// Sends one request and blocks for its reply. Errors of the daemon come back
   /// as they are; a broken connection is errc::daemon_lost.
   /// Gives up at `deadline` (default: now + options.call_timeout) with
-  /// errc::daemon_timeout. The connection stays open (a late reply is
-  /// dropped), except after a create, open or scratch store: what the daemon
-  /// may still do for those could not be undone, so the session is closed
-  /// (the daemon then releases everything of it) and marked lost.
+  /// errc::daemon_timeout; the connection stays open (a late reply is dropped).
   result<frame> call(request_type type, std::string payload,
                      std::optional<std::chrono::steady_clock::time_point> deadline = {});
   /// call() with typed messages; a reply that does not parse is uipc::errc::bad_reply.

@@ -261,12 +261,19 @@ struct owned_cleanup {
   void (*fn)(void*);
   void* data;
   plugin_record* by;
+  uipc_plugin_context* ctx;  // whose pool holds it
 };
 
 void run_owned_cleanup(void* p) {
   auto* cleanup = static_cast<owned_cleanup*>(p);
-  cleanup->fn(cleanup->data);
   plugin_record* by = cleanup->by;
+  // Run as `by`'s code: a cleanup it registers from here (the ABI allows it)
+  // is counted on `by` too, before this one's count goes, so the build is not
+  // unmapped between the two. The context is ending: this thread alone has it.
+  plugin_record* const was = cleanup->ctx->running;
+  cleanup->ctx->running = by;
+  cleanup->fn(cleanup->data);
+  cleanup->ctx->running = was;
   delete cleanup;
   // Release: the reaper that sees zero unmaps the code that just ran. `by`
   // may be gone once this is done.
@@ -283,7 +290,7 @@ int api_pool_cleanup(uipc_plugin_pool* p, void (*fn)(void*), void* data) {
   // and the host's code needs nothing.
   plugin_record* by = ctx->running ? ctx->running : ctx->owner;
   if (!by || by == ctx->owner) return pool_of(p)->add_cleanup(fn, data);
-  auto* cleanup = new (std::nothrow) owned_cleanup{fn, data, by};
+  auto* cleanup = new (std::nothrow) owned_cleanup{fn, data, by, ctx};
   if (!cleanup) return UIPC_PLUGIN_E_NO_MEMORY;
   by->cleanups_pending.fetch_add(1, std::memory_order_relaxed);
   const int status = pool_of(p)->add_cleanup(run_owned_cleanup, cleanup);

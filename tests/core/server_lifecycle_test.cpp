@@ -120,8 +120,10 @@ TEST_F(ServerTest, ASecondStopReturnsOnlyOnceTheFirstIsDone) {
   });
   ASSERT_TRUE(wait_for([&] { return slow_started_.load(); }));
   auto first = std::async(std::launch::async, [&] { server_->stop(); });
-  // Time for the first to get to its wait for the handler (300 ms long).
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  // The first is under way once the socket file is gone; it then waits for
+  // the handler (300 ms long).
+  ASSERT_TRUE(wait_for([&] { return ::access(path_.c_str(), F_OK) != 0; }));
+  ASSERT_FALSE(slow_finished_.load()) << "the handler ended before the second stop() was called";
   server_->stop();
   EXPECT_TRUE(slow_finished_.load()) << "the second stop() returned while a handler ran";
   EXPECT_EQ(sessions_ended(), 1u) << "the second stop() returned before the sessions ended";

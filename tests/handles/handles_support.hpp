@@ -9,7 +9,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <boost/asio/post.hpp>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -113,12 +112,6 @@ class in_process_daemon {
     loop_.stop();
     if (thread_.joinable()) thread_.join();
     daemon_.reset();
-  }
-
-  /// Keeps the daemon's one loop thread busy for `how_long` (from now on, soon):
-  /// requests wait, as with a stuck daemon.
-  void stall(std::chrono::milliseconds how_long) {
-    boost::asio::post(loop_.context(), [how_long] { std::this_thread::sleep_for(how_long); });
   }
 
   handle_daemon& operator*() { return *daemon_; }

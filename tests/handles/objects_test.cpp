@@ -374,46 +374,6 @@ TEST_F(ObjectsTest, ScratchBlocksAreZeroedAndFreed) {
   ASSERT_TRUE(rest);
 }
 
-TEST_F(ObjectsTest, ACallThatTimesOutAfterChangingStateEndsItsClientAndLeavesNothing) {
-  // A create, an open or a scratch store that times out may still be done by
-  // the daemon later, for a client that never learns of it: a mutex created
-  // owned by a thread that never recorded it, a reference nobody closes. So
-  // the client gives up its session, and the daemon releases all it holds.
-  auto made = c().create_semaphore(1, 1, "kept");
-  ASSERT_TRUE(made);
-  for (int call = 0; call < 3; ++call) {
-    auto o = loc_.options();
-    o.call_timeout = 200ms;
-    auto timed = client::connect(o);
-    ASSERT_TRUE(timed) << timed.error().message();
-    (*daemon_).stall(1s);
-    error_code ec;
-    if (call == 0) ec = timed->create_mutex(true, "orphan").error();
-    if (call == 1) ec = timed->open_semaphore("kept").error();
-    if (call == 2) ec = timed->store_scratch(64).error();
-    EXPECT_EQ(ec, make_error_code(errc::daemon_timeout)) << call;
-    EXPECT_FALSE(timed->connected()) << call;
-    EXPECT_EQ(timed->stats().error(), make_error_code(errc::daemon_lost)) << call;
-    // Once the daemon has served it, nothing of it is left: no object, no
-    // second reference, no block (the timed-out client still exists).
-    EXPECT_TRUE(test::poll_until(
-        [&] {
-          auto entries = c().list();
-          const auto s = (*daemon_)->stats();
-          return entries && entries->size() == 1 && (*entries)[0].refcount == 1 &&
-                 s.scratch_in_use == 0 && s.clients == 1;
-        },
-        5s, 5ms))
-        << call;
-  }
-  // The name is free: a new mutex of that name is nobody's.
-  auto again = c().create_mutex(false, "orphan");
-  ASSERT_TRUE(again);
-  EXPECT_FALSE(again->existed());
-  EXPECT_EQ(*again->wait(0ms), wait_status::signalled);
-  EXPECT_FALSE(again->release());
-}
-
 TEST_F(ObjectsTest, DaemonStopFailsWaitsWithDaemonLost) {
   auto e = c().create_event(event_reset::manual);
   ASSERT_TRUE(e);

@@ -155,9 +155,10 @@ class server {
   server& operator=(const server&) = delete;
 
   /// Ordered stop (see the class comment). Idempotent: a call while another
-  /// thread's stop() is under way returns once that one is done. May be
-  /// called from a handler or hook (it then does not wait for the calling
-  /// handler, nor for a stop() that waits for it).
+  /// thread's stop() is under way returns once that one is done, except from
+  /// inside a handler or hook of any server, where it returns at once (the
+  /// first may be waiting for that handler). May be called from a handler or
+  /// hook (it then does not wait for the calling handler).
   void stop();
 
   server_stats stats() const;
