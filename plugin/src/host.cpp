@@ -161,7 +161,6 @@ error_code host::unload(std::string_view name) {
     std::erase(impl_->load_order, record->name);
     out.plugin = record;
   }
-  out.grace = detail::grace_period::begin();
   impl_->retire(std::move(out));
   impl_->notify(nullptr, record.get(), events);
   return {};

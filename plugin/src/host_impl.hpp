@@ -221,6 +221,8 @@ struct host_impl {
   /// for a reload, takes over `old`'s names and retires it.
   result<std::string> commit(std::shared_ptr<plugin_record> record,
                              const std::shared_ptr<plugin_record>& old);
+  /// Hands what the caller has just unpublished to the reaper, its grace
+  /// period begun now; nothing, when there is nothing.
   void retire(retired item);
   void reap_loop();
   /// Whether `item` may be finished now: its calls have ended, and its

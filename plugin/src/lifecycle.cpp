@@ -178,10 +178,7 @@ result<std::string> host_impl::load(std::shared_ptr<plugin_record> record,
       }
       record->staged.clear();
     }
-    if (!forgotten.empty()) {
-      forgotten.grace = grace_period::begin();
-      retire(std::move(forgotten));
-    }
+    retire(std::move(forgotten));
   };
 
   // Init, on this thread, inside the plug-in.
@@ -256,14 +253,8 @@ result<std::string> host_impl::commit(std::shared_ptr<plugin_record> record,
     record->stage = plugin_record::phase::serving;
     plugins[record->name] = record;
   }
-  if (old) {
-    out.grace = grace_period::begin();
-    retire(std::move(out));
-    reloads.fetch_add(1, std::memory_order_relaxed);
-  } else if (!out.empty()) {
-    out.grace = grace_period::begin();
-    retire(std::move(out));
-  }
+  retire(std::move(out));
+  if (old) reloads.fetch_add(1, std::memory_order_relaxed);
   notify(nullptr, record.get(), events);
   log(2, "loaded " + record->name +
              (old ? " (generation " + std::to_string(record->generation) + ")" : ""));
@@ -271,6 +262,8 @@ result<std::string> host_impl::commit(std::shared_ptr<plugin_record> record,
 }
 
 void host_impl::retire(retired item) {
+  if (item.empty()) return;
+  item.grace = grace_period::begin();  // after the unpublishing: see epoch.hpp
   {
     std::lock_guard lock(reap_mutex);
     pending.push_back(std::move(item));

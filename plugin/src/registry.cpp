@@ -98,10 +98,7 @@ result<uipc_plugin_service_ref*> host_impl::slot_for(std::string_view name) {
   slots.push_back(std::move(slot));
   retired old;
   publish_names(old);
-  if (!old.empty()) {
-    old.grace = grace_period::begin();
-    retire(std::move(old));
-  }
+  retire(std::move(old));
   return slots.back().get();
 }
 
@@ -197,10 +194,7 @@ void host_impl::relay(plugin_record& owner, const std::vector<relayed_service>& 
         refused.push_back(s.name);
     }
   }
-  if (!old.empty()) {
-    old.grace = grace_period::begin();
-    retire(std::move(old));
-  }
+  retire(std::move(old));
   for (const auto& name : refused)
     log(1, owner.name + ": service " + name + " not registered here (invalid or taken)");
   notify(nullptr, &owner, events);
@@ -240,10 +234,7 @@ int host_impl::register_service(uipc_plugin_context* ctx, const char* raw_name,
                   : unregister(*owner, name, events, old);
     }
   }
-  if (!old.empty()) {
-    old.grace = grace_period::begin();
-    retire(std::move(old));
-  }
+  retire(std::move(old));
   if (status != UIPC_PLUGIN_OK) return status;
   notify(ctx, owner, events);
   return UIPC_PLUGIN_OK;
