@@ -233,55 +233,6 @@ TEST_F(SegmentTest, ASleeperAsksTheKernelWhenTheDeathWordSaysNothing) {
   EXPECT_FALSE(view_.running());
 }
 
-// The process dies at each step of a mutex release (the test hook _exits there):
-// whichever step, the daemon's repair leaves the mutex free or abandoned, never
-// owned by a tid nobody will release.
-int release_death_step = 0;
-void die_at_release_step(int step) {
-  if (step == release_death_step) ::_exit(0);
-}
-
-TEST(SegmentDeathTest, DeathAtAnyStepOfAReleaseLeavesTheMutexUsable) {
-  constexpr std::uint32_t slots = 2;
-  const std::size_t bytes = segment_bytes(slots, 64);
-  void* memory = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(memory, MAP_FAILED);
-  segment_view v = format_segment(memory, bytes, slots, 64, 1);
-  publish_state(v, daemon_state::running);
-  std::array<object_type, slots> types{object_type::none, object_type::mutex};
-  for (int step = 1; step <= 2; ++step) {
-    object_init init;
-    init.type = object_type::mutex;
-    publish_slot(v, 1, 1, init);
-    slot& m = v.at(1);
-    release_death_step = step;
-    const pid_t child = ::fork();
-    ASSERT_GE(child, 0);
-    if (child == 0) {
-      const wait_target t{&m, object_type::mutex, 1};
-      auto taken = wait(v, std::span(&t, 1), false, 0ns, 0ns);
-      if (!taken || taken->status != wait_status::signalled) ::_exit(2);
-      release_step_hook = &die_at_release_step;
-      (void)release_mutex(m);
-      ::_exit(3);  // the hook did not fire
-    }
-    int status = 0;
-    ASSERT_EQ(::waitpid(child, &status, 0), child);
-    ASSERT_TRUE(WIFEXITED(status));
-    ASSERT_EQ(WEXITSTATUS(status), 0) << "step " << step;
-    const auto repaired = repair_dead_process(v, child, types, /*exited=*/true);
-    EXPECT_FALSE(repaired.incomplete);
-    const wait_target t{&m, object_type::mutex, 1};
-    auto r = wait(v, std::span(&t, 1), false, 0ns, 0ns);
-    ASSERT_TRUE(r);
-    EXPECT_NE(r->status, wait_status::timed_out) << "died at step " << step << ": mutex stuck";
-    if (r->status != wait_status::timed_out) {
-      EXPECT_FALSE(release_mutex(m));
-    }
-  }
-  ::munmap(memory, bytes);
-}
-
 TEST_F(SegmentTest, AutoEventSignalReachesTheSingleWaiterBesideAWaitAll) {
   // The wait-all sleeps first (so a wake-one would pick it), needs a second
   // object that stays unsignalled, and so takes nothing: the wake must still
@@ -424,56 +375,6 @@ TEST_F(SegmentTest, RepairOfALiveProcessWhoseLastSessionEndedLeavesItsLocks) {
   EXPECT_TRUE(r.incomplete);
   EXPECT_EQ(m.state.load(), locked_by(live, 0));
   EXPECT_EQ(e.state.load(), locked_by(live, 1));
-}
-
-// Test hook: ends the process at a mutex take's step.
-int take_death_step = 0;
-void die_at_take_step(int step) {
-  if (step == take_death_step) ::_exit(0);
-}
-
-TEST(SegmentDeathTest, ATakerOfAnAbandonedMutexThatDiesBeforeItsCommitLeavesItAbandoned) {
-  // The last owner died holding the mutex (abandoned). The next taker locks
-  // it, reads the flag, and dies before its commit: the repair gives the mutex
-  // back free, and its next owner must still learn that the data it guards
-  // may be inconsistent.
-  constexpr std::uint32_t slots = 2;
-  const std::size_t bytes = segment_bytes(slots, 64);
-  void* memory = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(memory, MAP_FAILED);
-  segment_view v = format_segment(memory, bytes, slots, 64, 1);
-  publish_state(v, daemon_state::running);
-  std::array<object_type, slots> types{object_type::none, object_type::mutex};
-  object_init init;
-  init.type = object_type::mutex;
-  publish_slot(v, 1, 1, init);
-  slot& m = v.at(1);
-  take_death_step = 1;
-  for (const bool all : {false, true}) {
-    m.abandoned.store(1);
-    const pid_t child = ::fork();
-    ASSERT_GE(child, 0);
-    if (child == 0) {
-      take_step_hook = &die_at_take_step;
-      const wait_target t{&m, object_type::mutex, 1};
-      (void)wait(v, std::span(&t, 1), all, 0ns, 0ns);
-      ::_exit(3);  // the hook did not fire
-    }
-    const char* how = all ? "wait-all" : "wait-any";
-    int status = 0;
-    ASSERT_EQ(::waitpid(child, &status, 0), child);
-    ASSERT_TRUE(WIFEXITED(status));
-    ASSERT_EQ(WEXITSTATUS(status), 0) << how;
-    EXPECT_FALSE(repair_dead_process(v, child, types, /*exited=*/true).incomplete);
-    EXPECT_EQ(m.state.load(), 0u) << how;  // unlocked and free
-    const wait_target t{&m, object_type::mutex, 1};
-    auto r = wait(v, std::span(&t, 1), all, 0ns, 0ns);
-    ASSERT_TRUE(r);
-    EXPECT_EQ(r->status, wait_status::abandoned) << how;
-    EXPECT_EQ(m.abandoned.load(), 0u);  // told once
-    EXPECT_FALSE(release_mutex(m));
-  }
-  ::munmap(memory, bytes);
 }
 
 // A live process's lock word that stays (any client may write one): a timed
